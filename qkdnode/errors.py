@@ -1,0 +1,75 @@
+"""The whole qkdnode exception hierarchy.
+
+Exceptions are for bugs, bad input and security failures. Expected outcomes of the protocol
+(a block aborted on high QBER, a failed verification) are events, not exceptions.
+
+No message built here or by callers may contain secret material: name the field, the size or the
+reason, never the value of a key, a tag or a seed.
+"""
+
+from __future__ import annotations
+
+
+class QkdError(Exception):
+    """Base class of every error qkdnode raises on purpose."""
+
+
+class ConfigError(QkdError):
+    """A configuration value is missing, of the wrong type or out of range.
+
+    The message names the file (when there is one), the dotted key and what was expected.
+    """
+
+    def __init__(self, key: str, expected: str, *, file: str | None = None) -> None:
+        self.key = key
+        self.expected = expected
+        self.file = file
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: expected {expected}")
+
+
+class ProtocolError(QkdError):
+    """The peer (or local caller) broke the protocol: malformed message, wrong state, bad length.
+
+    ``field`` names the offending field when there is one.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class SecurityError(QkdError):
+    """A security check failed. Never swallowed by generic handlers."""
+
+
+class AuthenticationFailed(SecurityError):
+    """A tag or signature did not verify."""
+
+
+class CertificateRejected(SecurityError):
+    """The peer certificate failed chain, validity, key usage or name-pinning checks."""
+
+
+class AuthKeyExhausted(SecurityError):
+    """The authentication-key pool cannot pay for the next tag without breaking its reserve."""
+
+
+class LinkError(QkdError):
+    """A quantum-link backend failed."""
+
+
+class LinkTimeout(LinkError):
+    """The link did not deliver within its timeout."""
+
+
+class LinkLost(LinkError):
+    """The device or the fibre connection went away."""
+
+
+class BadDeviceData(LinkError):
+    """The device (or the fibre peer) sent data that does not parse or is out of range."""
+
+
+class KeyStoreError(QkdError):
+    """The key store is corrupt or an I/O operation failed; the daemon must stop, never retry."""
