@@ -1,0 +1,128 @@
+"""Key store: durability settings, two-phase block life cycle, permissions, failure handling."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qkdnode.errors import KeyStoreError
+from qkdnode.store import BlockState, KeyStore, StagedBlock
+
+
+def _block(block_id: int, rng: np.random.Generator, *, keys: int = 3) -> StagedBlock:
+    return StagedBlock(
+        block_id=block_id,
+        first_pulse_index=block_id * 1000,
+        pulse_count=1000,
+        consumer_keys=[
+            (uuid.UUID(bytes=rng.bytes(16), version=4), rng.bytes(32)) for _ in range(keys)
+        ],
+        key_size_bits=256,
+        auth_pool_material=rng.bytes(64),
+        auth_ledger_state=None,
+    )
+
+
+def test_store_uses_wal_full_sync_secure_delete_and_private_files(tmp_path: Path) -> None:
+    store = KeyStore.open(tmp_path / "store", node_name="alice")
+    store.stage_block(_block(1, np.random.default_rng(1)))
+    db = sqlite3.connect(store.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.close()
+    conn = store._conn
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+    for name in os.listdir(tmp_path / "store"):
+        mode = stat.S_IMODE(os.stat(tmp_path / "store" / name).st_mode)
+        assert mode & 0o077 == 0, f"{name} is readable by others: {oct(mode)}"
+    assert stat.S_IMODE(os.stat(tmp_path / "store").st_mode) == 0o700
+    store.close()
+
+
+def test_staged_keys_are_not_available_until_commit(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    store = KeyStore.open(tmp_path, node_name="bob")
+    block = _block(7, rng)
+    store.stage_block(block)
+    assert store.block_state(7) is BlockState.STAGED
+    assert store.counts().available == 0 and store.counts().staged == 3
+    assert store.committed_keys() == []
+    assert store.staged_block_ids() == [7]
+    store.commit_block(7)
+    store.commit_block(7)  # idempotent, as reconnect reconciliation may repeat it
+    assert store.counts().available == 3
+    assert [k.material for k in store.committed_keys()] == [m for _, m in block.consumer_keys]
+    assert store.auth_pool_material() == [(7, block.auth_pool_material)]
+    store.close()
+
+
+def test_state_survives_reopen_and_drop_erases_material(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    committed, dropped = _block(1, rng), _block(2, rng)
+    store.stage_block(committed)
+    store.stage_block(dropped)
+    store.commit_block(1, auth_ledger_state=b"ledger-v1")
+    store.drop_block(2)
+    store.close()
+
+    reopened = KeyStore.open(tmp_path, node_name="alice")
+    assert reopened.block_state(1) is BlockState.COMMITTED
+    assert reopened.block_state(2) is BlockState.DROPPED
+    assert reopened.load_auth_ledger() == b"ledger-v1"
+    assert len(reopened.committed_keys()) == 3
+    assert reopened.last_block_id() == 2
+    reopened.close()
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    for _, material in dropped.consumer_keys:
+        assert material not in raw
+
+
+def test_store_refuses_another_nodes_directory(tmp_path: Path) -> None:
+    KeyStore.open(tmp_path, node_name="alice").close()
+    with pytest.raises(KeyStoreError, match="belongs to node 'alice'"):
+        KeyStore.open(tmp_path, node_name="bob")
+
+
+def test_invalid_transitions_raise_and_change_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(_block(1, rng))
+    with pytest.raises(KeyStoreError, match="already stored"):
+        store.stage_block(_block(1, rng))
+    store.commit_block(1)
+    with pytest.raises(KeyStoreError, match="cannot be dropped"):
+        store.drop_block(1)
+    assert store.counts().available == 3
+    store.drop_block(5)  # a block never staged here ends dropped, so a late stage is refused
+    with pytest.raises(KeyStoreError, match="already stored"):
+        store.stage_block(_block(5, rng))
+    store.close()
+
+
+def test_write_failure_poisons_the_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store._conn.execute("PRAGMA query_only=ON")  # every later write fails inside SQLite
+    with pytest.raises(KeyStoreError, match="stop the daemon"):
+        store.stage_block(_block(1, rng))
+    with pytest.raises(KeyStoreError, match="closed"):
+        store.counts()
+
+
+def test_repr_of_keys_shows_no_material(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    block = _block(1, rng)
+    assert block.consumer_keys[0][1].hex() not in repr(block)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(block)
+    store.commit_block(1)
+    key = store.committed_keys()[0]
+    assert key.material.hex() not in repr(key) and str(key.material) not in repr(key)
+    store.close()
