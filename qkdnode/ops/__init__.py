@@ -1,0 +1,1 @@
+"""Operations: logging set-up, systemd notification, metrics (I/O shell)."""

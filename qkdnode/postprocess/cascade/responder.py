@@ -1,0 +1,99 @@
+"""Alice's side of Cascade: answers parity queries, nothing else (sans-IO, numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery
+from qkdnode.postprocess.cascade.permutation import MAX_BITS, cascade_permutation, check_seed
+from qkdnode.postprocess.cascade.variants import CascadeVariant
+
+
+def check_frame_bits(bits: NDArray[np.uint8], field: str = "bits") -> NDArray[np.uint8]:
+    """Raise ProtocolError unless ``bits`` is a non-empty 1-D uint8 array of 0/1."""
+    if not isinstance(bits, np.ndarray) or bits.dtype != np.uint8 or bits.ndim != 1:
+        raise ProtocolError("expected a 1-D numpy uint8 array", field=field)
+    if not 1 <= bits.shape[0] <= MAX_BITS:
+        raise ProtocolError(f"length must be in [1, {MAX_BITS}]", field=field)
+    if int(bits.max()) > 1:
+        raise ProtocolError("values must be 0 or 1", field=field)
+    return bits
+
+
+def prefix_parity(bits: NDArray[np.uint8], perm: NDArray[np.int32]) -> NDArray[np.uint8]:
+    """``P[i]`` = parity of ``bits[perm[:i]]``, length n + 1: range [s, e) has parity P[e]^P[s]."""
+    prefix = np.zeros(bits.shape[0] + 1, dtype=np.uint8)
+    np.bitwise_xor.accumulate(bits[perm], out=prefix[1:])
+    return prefix
+
+
+class CascadeResponder:
+    """Answers Bob's parity queries over Alice's frame.
+
+    Needs only the bits, the 32-byte seed and the variant (for the number of passes). Queries
+    must arrive with round_index 0, 1, 2, ...; a malformed or out-of-range query raises
+    ProtocolError(field=...) and changes no state. ``parity_bits_sent`` counts every parity bit
+    of every answer: the disclosure to record in the leakage ledger.
+    """
+
+    def __init__(self, bits: NDArray[np.uint8], *, seed: bytes, variant: CascadeVariant) -> None:
+        self._bits = check_frame_bits(bits).copy()
+        self._seed = check_seed(seed)
+        if not isinstance(variant, CascadeVariant):
+            raise ProtocolError("must be a CascadeVariant", field="variant")
+        self._variant = variant
+        self._prefix: dict[int, NDArray[np.uint8]] = {}
+        self._next_round = 0
+        self.parity_bits_sent = 0
+
+    @property
+    def n_bits(self) -> int:
+        return int(self._bits.shape[0])
+
+    @property
+    def rounds_answered(self) -> int:
+        return self._next_round
+
+    def __repr__(self) -> str:  # never the bits or the seed
+        return (
+            f"CascadeResponder(n_bits={self.n_bits}, variant={self._variant.value}, "
+            f"rounds_answered={self._next_round}, parity_bits_sent={self.parity_bits_sent})"
+        )
+
+    def _pass_prefix(self, pass_index: int) -> NDArray[np.uint8]:
+        prefix = self._prefix.get(pass_index)
+        if prefix is None:
+            perm = cascade_permutation(self._seed, self.n_bits, pass_index)
+            prefix = prefix_parity(self._bits, perm)
+            self._prefix[pass_index] = prefix
+        return prefix
+
+    def answer(self, query: ParityQuery) -> ParityAnswer:
+        """Alice's parities for ``query``; ProtocolError on a wrong round or a bad request."""
+        if not isinstance(query, ParityQuery):
+            raise ProtocolError("expected a ParityQuery", field="query")
+        if query.round_index != self._next_round:
+            raise ProtocolError(
+                f"expected round {self._next_round}, got {query.round_index}", field="round_index"
+            )
+        n = self.n_bits
+        tops, ranges, total = query.validate(n, self._variant.passes)
+        out = np.empty(total, dtype=np.uint8)
+        offset = 0
+        for pass_index, block_size, count in tops.tolist():
+            prefix = self._pass_prefix(pass_index)
+            starts = np.arange(count, dtype=np.int64) * block_size
+            ends = np.minimum(starts + block_size, n)
+            out[offset : offset + count] = prefix[ends] ^ prefix[starts]
+            offset += count
+        if ranges.shape[0]:
+            range_bits = out[offset:]
+            for pass_index in np.unique(ranges[:, 0]).tolist():
+                prefix = self._pass_prefix(pass_index)
+                rows = np.flatnonzero(ranges[:, 0] == pass_index)
+                range_bits[rows] = prefix[ranges[rows, 2]] ^ prefix[ranges[rows, 1]]
+        self._next_round += 1
+        self.parity_bits_sent += total
+        return ParityAnswer.from_bits(round_index=query.round_index, bits=out)

@@ -1,0 +1,733 @@
+"""Per-block distillation as two sans-IO roles, Alice and Bob, exchanging messages.
+
+Each role is fed the peer's messages and answers with a list of its own; neither does I/O. The
+message flow of one block (B = Bob, A = Alice):
+
+1. B -> A  ``SiftAnnouncement``                      (pulse indices and bases of B's detections)
+2. A -> B  ``SiftReply``, ``SampleDisclosure``, ``ReconciliationSeed``
+3. B -> A  ``SampleOutcome``, ``TestBasisDisclosure``
+4. A -> B  ``TestBasisStatistics``  or ``BlockAbort``   (A decides; B re-checks the same decision)
+5. B -> A  ``ParityQuery``  /  A -> B ``ParityAnswer``   (one round trip per Cascade level) ...
+6. B -> A  ``ReconciliationDone``
+7. A -> B  ``VerificationTag``, ``ToeplitzSeed``, ``KeyLength``   (A sizes the key from the ledger)
+8. B -> A  ``VerificationResult``                    (B checks the tag and the length)
+
+Either role ends with a :class:`BlockKey` (identical key bits on both sides) or a
+:class:`~qkdnode.postprocess.events.BlockAborted` event. Expected failures (high QBER, no positive
+key, verification mismatch, a peer abort) are events; a malformed or out-of-order message from the
+peer aborts the block with ``BAD_PEER_MESSAGE`` and a ``BlockAbort`` message naming the field — it
+never raises out of :meth:`receive` and never yields a key.
+
+Every disclosed bit about the key is recorded in the role's :class:`LeakageLedger`; privacy
+amplification is sized from it (leak_EC = distinct parity bits + verification tag bits).
+
+Randomness (sample positions, Cascade seed, verification hash key, Toeplitz seed) is Alice's and
+comes from the injected generator, which the caller must seed from OS entropy for every block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.amplification import ToeplitzSeed, draw_toeplitz_seed, toeplitz_hash
+from qkdnode.postprocess.cascade import (
+    CascadeReconciler,
+    CascadeResponder,
+    CascadeVariant,
+    ParityAnswer,
+    ParityQuery,
+)
+from qkdnode.postprocess.estimation import (
+    SampleDisclosure,
+    SampleOutcome,
+    TestBasisDisclosure,
+    TestBasisStatistics,
+    check_block_not_empty,
+    check_qber,
+    compare_key_sample,
+    confirm_sample_outcome,
+    confirm_test_basis_statistics,
+    count_test_basis_errors,
+    disclose_key_sample,
+    disclose_test_basis,
+    qber_after_reconciliation,
+    qber_estimate_for_reconciliation,
+)
+from qkdnode.postprocess.events import AbortReason, BlockAborted
+from qkdnode.postprocess.finitekey import (
+    DecoyObservation,
+    DecoySettings,
+    SecurityParameters,
+    binary_entropy,
+    lim_key_length,
+    tomamichel_key_length,
+)
+from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.records import Bits, DetectionRecords, EmissionRecords
+from qkdnode.postprocess.sifting import (
+    SiftAnnouncement,
+    SiftedBlock,
+    SiftReply,
+    announce_detections,
+    sift_alice,
+    sift_bob,
+)
+from qkdnode.postprocess.verification import (
+    VerificationMismatch,
+    VerificationTag,
+    make_verification_tag,
+    verify_tag,
+)
+
+RECONCILIATION_SEED_BYTES = 32
+
+
+# ---- messages specific to the pipeline (the stages define the others) ------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconciliationSeed:
+    """Alice's fresh seed for the Cascade permutations of this block (public, not a secret)."""
+
+    seed: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seed, bytes) or len(self.seed) != RECONCILIATION_SEED_BYTES:
+            raise ProtocolError(f"must be {RECONCILIATION_SEED_BYTES} bytes", field="seed")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReconciliationDone:
+    """Bob has no more parity questions; ``errors_corrected`` is the number of bits he flipped."""
+
+    errors_corrected: int
+    parity_bits: int
+
+    def __post_init__(self) -> None:
+        for name in ("errors_corrected", "parity_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ProtocolError("must be an integer >= 0", field=name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyLength:
+    """Alice's final key length; Bob recomputes it from the same public data and must agree."""
+
+    final_key_bits: int
+
+    def __post_init__(self) -> None:
+        value = self.final_key_bits
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProtocolError("must be an integer >= 1", field="final_key_bits")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VerificationResult:
+    """Bob's verdict on Alice's verification tag."""
+
+    ok: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ok, bool):
+            raise ProtocolError("must be a bool", field="ok")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockAbort:
+    """Either side gives up on the block; ``reason`` is an :class:`AbortReason` value."""
+
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or self.reason not in _ABORT_REASONS:
+            raise ProtocolError("unknown abort reason", field="reason")
+        if not isinstance(self.detail, str) or len(self.detail) > 500:
+            raise ProtocolError("must be a string of at most 500 characters", field="detail")
+
+
+_ABORT_REASONS = frozenset(reason.value for reason in AbortReason)
+
+BlockMessage = (
+    SiftAnnouncement
+    | SiftReply
+    | SampleDisclosure
+    | ReconciliationSeed
+    | SampleOutcome
+    | TestBasisDisclosure
+    | TestBasisStatistics
+    | ParityQuery
+    | ParityAnswer
+    | ReconciliationDone
+    | VerificationTag
+    | ToeplitzSeed
+    | KeyLength
+    | VerificationResult
+    | BlockAbort
+)
+
+#: Every message type of the block protocol, by a stable wire name.
+MESSAGE_TYPES: dict[str, type[BlockMessage]] = {
+    "sift_announcement": SiftAnnouncement,
+    "sift_reply": SiftReply,
+    "sample_disclosure": SampleDisclosure,
+    "reconciliation_seed": ReconciliationSeed,
+    "sample_outcome": SampleOutcome,
+    "test_basis_disclosure": TestBasisDisclosure,
+    "test_basis_statistics": TestBasisStatistics,
+    "parity_query": ParityQuery,
+    "parity_answer": ParityAnswer,
+    "reconciliation_done": ReconciliationDone,
+    "verification_tag": VerificationTag,
+    "toeplitz_seed": ToeplitzSeed,
+    "key_length": KeyLength,
+    "verification_result": VerificationResult,
+    "block_abort": BlockAbort,
+}
+
+
+# ---- parameters and results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineParameters:
+    """What both sides must agree on before a block starts (from config and the link).
+
+    ``decoy`` selects the decoy-state bound of Lim et al. 2014; ``None`` selects the
+    single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
+    tolerated QBER Q_tol that sizes the key.
+    """
+
+    cascade_variant: CascadeVariant
+    security: SecurityParameters
+    qber_threshold: float = 0.11
+    sample_bits: int = 1024
+    decoy: DecoySettings | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.qber_threshold < 0.5:
+            raise ValueError("qber_threshold must be in (0, 0.5)")
+        if self.sample_bits < 0:
+            raise ValueError("sample_bits must be >= 0")
+        if self.decoy is None and self.sample_bits == 0:
+            raise ValueError("the single-photon bound needs sample_bits > 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockStatistics:
+    """Public figures of one block (no key material): for logs, metrics and benchmarks."""
+
+    pulse_count: int
+    detections: int
+    sifted_key_bits: int
+    test_bits: int
+    sample_bits: int
+    sample_errors: int
+    test_errors: int
+    reconciled_bits: int
+    errors_corrected: int
+    reconciliation_bits: int
+    verification_bits: int
+    round_trips: int
+    final_key_bits: int
+
+    @property
+    def qber(self) -> float:
+        """QBER of the key basis from the errors actually corrected."""
+        return qber_after_reconciliation(self.errors_corrected, self.reconciled_bits)
+
+    @property
+    def test_qber(self) -> float:
+        return self.test_errors / self.test_bits if self.test_bits else 0.0
+
+    @property
+    def reconciliation_efficiency(self) -> float:
+        """f = disclosed parity bits / (n h(Q)), Q the corrected error fraction (nan if Q = 0)."""
+        entropy = binary_entropy(self.qber) if 0.0 < self.qber < 1.0 else 0.0
+        if entropy == 0.0:
+            return math.nan
+        return self.reconciliation_bits / (self.reconciled_bits * entropy)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockKey:
+    """A block's final secret key (identical on both sides) and its public statistics."""
+
+    key: Bits
+    statistics: BlockStatistics
+
+    def __repr__(self) -> str:
+        return f"BlockKey(final_key_bits={self.key.shape[0]}, statistics={self.statistics!r})"
+
+
+BlockOutcome = BlockKey | BlockAborted
+
+
+# ---- key length: one function for both sides -------------------------------------------------
+
+
+def final_key_length(
+    params: PipelineParameters,
+    *,
+    key_bits: int,
+    key_counts_per_intensity: tuple[int, int, int],
+    statistics: TestBasisStatistics,
+    leak_ec_bits: int,
+) -> int:
+    """The secret key length the finite-key bound allows (0 = none), from public data only."""
+    if params.decoy is None:
+        return tomamichel_key_length(
+            key_bits=key_bits,
+            sample_bits=params.sample_bits,
+            qber_tolerance=params.qber_threshold,
+            leak_ec_bits=leak_ec_bits,
+            security=params.security,
+        )
+    observation = DecoyObservation(
+        key_basis_counts=key_counts_per_intensity,
+        test_basis_counts=statistics.counts,
+        test_basis_errors=statistics.errors,
+    )
+    bound = lim_key_length(
+        observation, params.decoy, leak_ec_bits=leak_ec_bits, security=params.security
+    )
+    return min(bound.length_bits, key_bits)
+
+
+def _estimation_decision(
+    params: PipelineParameters,
+    *,
+    key_bits: int,
+    key_counts: tuple[int, int, int],
+    outcome: SampleOutcome,
+    statistics: TestBasisStatistics,
+) -> BlockAborted | None:
+    """Abort before reconciliation when the QBER is too high or no key can come out of it.
+
+    The positive-key check is optimistic (leak at the Shannon limit, f = 1), so a block is only
+    dropped early when even perfect reconciliation could not give a key.
+    """
+    if (empty := check_block_not_empty(key_bits)) is not None:
+        return empty
+    if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
+        return high
+    test_bits = sum(statistics.counts)
+    if test_bits and (
+        high := check_qber(sum(statistics.errors) / test_bits, params.qber_threshold)
+    ):
+        return high
+    qber = outcome.qber if outcome.sample_bits else sum(statistics.errors) / max(test_bits, 1)
+    shannon_leak = math.ceil(key_bits * binary_entropy(min(qber, 0.5)))
+    length = final_key_length(
+        params,
+        key_bits=key_bits,
+        key_counts_per_intensity=key_counts,
+        statistics=statistics,
+        leak_ec_bits=shannon_leak,
+    )
+    if length <= 0:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail=f"the finite-key bound leaves no key for {key_bits} sifted bits",
+        )
+    return None
+
+
+def _remaining_counts(
+    sifted: SiftedBlock, disclosure: SampleDisclosure
+) -> tuple[tuple[int, int, int], int]:
+    keep = np.ones(sifted.key_length, dtype=bool)
+    keep[disclosure.sample_positions()] = False
+    labels = sifted.key_intensity[keep]
+    counts = np.bincount(labels, minlength=3)
+    return (int(counts[0]), int(counts[1]), int(counts[2])), int(keep.sum())
+
+
+# ---- the roles --------------------------------------------------------------------------------
+
+
+class _Role:
+    """What both roles share: state, ledger, outcome, and turning bad input into an abort."""
+
+    role: Literal["alice", "bob"]
+
+    def __init__(self, params: PipelineParameters) -> None:
+        self.params = params
+        self.ledger = LeakageLedger()
+        self.outcome: BlockOutcome | None = None
+        self._state = "start"
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    def receive(self, messages: Sequence[BlockMessage]) -> list[BlockMessage]:
+        """Feed the peer's messages of one turn; returns this role's reply (maybe empty).
+
+        Never raises for bad peer input: a malformed, unexpected or out-of-order message ends the
+        block with ``BAD_PEER_MESSAGE`` and the reply is a ``BlockAbort`` naming what was wrong.
+        """
+        if self.outcome is not None:
+            return []
+        try:
+            for message in messages:
+                if isinstance(message, BlockAbort):
+                    self.outcome = BlockAborted(
+                        reason=AbortReason.PEER_ABORTED,
+                        detail=f"peer aborted: {message.reason}",
+                    )
+                    return []
+            return self._receive(list(messages))
+        except ProtocolError as exc:
+            return self._abort(AbortReason.BAD_PEER_MESSAGE, f"in state {self._state}: {exc}")
+
+    def _abort(self, reason: AbortReason, detail: str) -> list[BlockMessage]:
+        self.outcome = BlockAborted(reason=reason, detail=detail)
+        self._state = "done"
+        return [BlockAbort(reason=reason.value, detail=detail[:500])]
+
+    def _expect(self, messages: list[BlockMessage], *types: type[BlockMessage]) -> None:
+        got = tuple(type(m) for m in messages)
+        if got != types:
+            names = ", ".join(t.__name__ for t in types)
+            raise ProtocolError(
+                f"expected [{names}], got [{', '.join(t.__name__ for t in got)}]", field="messages"
+            )
+
+    def _receive(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        raise NotImplementedError
+
+
+class AliceBlock(_Role):
+    """Alice's side of one block: answers Bob, owns the block's public randomness."""
+
+    role = "alice"
+
+    def __init__(
+        self, emissions: EmissionRecords, params: PipelineParameters, rng: np.random.Generator
+    ) -> None:
+        super().__init__(params)
+        self._emissions = emissions
+        self._rng = rng
+        self._state = "await_announcement"
+
+    def _receive(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        handler: Callable[[list[BlockMessage]], list[BlockMessage]] = {
+            "await_announcement": self._on_announcement,
+            "await_outcome": self._on_outcome,
+            "reconciling": self._on_reconciliation,
+            "await_result": self._on_result,
+        }.get(self._state, self._unexpected)
+        return handler(messages)
+
+    def _unexpected(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        raise ProtocolError("no message expected", field="messages")
+
+    def _on_announcement(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, SiftAnnouncement)
+        announcement = messages[0]
+        assert isinstance(announcement, SiftAnnouncement)
+        if (
+            announcement.first_pulse_index != self._emissions.first_pulse_index
+            or announcement.pulse_count != self._emissions.pulse_count
+        ):
+            raise ProtocolError("does not match this side's block", field="first_pulse_index")
+        reply, self._sifted = sift_alice(self._emissions, announcement)
+        self._detections = announcement.detection_count
+        sample_bits = min(self.params.sample_bits, self._sifted.key_length // 2)
+        self._disclosure, self._key = disclose_key_sample(
+            self._sifted.key_bits, sample_bits=sample_bits, rng=self._rng, ledger=self.ledger
+        )
+        self._key_counts, _ = _remaining_counts(self._sifted, self._disclosure)
+        self._seed = self._rng.bytes(RECONCILIATION_SEED_BYTES)
+        self._state = "await_outcome"
+        return [reply, self._disclosure, ReconciliationSeed(seed=self._seed)]
+
+    def _on_outcome(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, SampleOutcome, TestBasisDisclosure)
+        outcome, test = messages
+        assert isinstance(outcome, SampleOutcome) and isinstance(test, TestBasisDisclosure)
+        confirm_sample_outcome(self._disclosure, outcome)
+        self._statistics = count_test_basis_errors(self._sifted, test)
+        self._sample_errors = outcome.errors
+        decision = _estimation_decision(
+            self.params,
+            key_bits=int(self._key.shape[0]),
+            key_counts=self._key_counts,
+            outcome=outcome,
+            statistics=self._statistics,
+        )
+        if decision is not None:
+            return self._abort(decision.reason, decision.detail)
+        self._responder = CascadeResponder(
+            self._key, seed=self._seed, variant=self.params.cascade_variant
+        )
+        self._state = "reconciling"
+        return [self._statistics]
+
+    def _on_reconciliation(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        if len(messages) == 1 and isinstance(messages[0], ParityQuery):
+            answer = self._responder.answer(messages[0])
+            self.ledger.record_reconciliation(answer.count)
+            return [answer]
+        self._expect(messages, ReconciliationDone)
+        done = messages[0]
+        assert isinstance(done, ReconciliationDone)
+        if done.parity_bits != self.ledger.reconciliation_bits:
+            raise ProtocolError(
+                f"peer counts {done.parity_bits} parity bits, this side sent "
+                f"{self.ledger.reconciliation_bits}",
+                field="parity_bits",
+            )
+        if done.errors_corrected > self._key.shape[0]:
+            raise ProtocolError("exceeds the key length", field="errors_corrected")
+        self._errors_corrected = done.errors_corrected
+        self._round_trips = self._responder.rounds_answered
+        tag = make_verification_tag(
+            self._key, eps_cor=self.params.security.eps_cor, rng=self._rng, ledger=self.ledger
+        )
+        length = self._key_length()
+        if length <= 0:
+            return self._abort(
+                AbortReason.NO_POSITIVE_KEY,
+                f"leak of {self.ledger.leak_ec_bits} bits leaves no key",
+            )
+        seed_bits = draw_toeplitz_seed(int(self._key.shape[0]), length, self._rng)
+        self._toeplitz = ToeplitzSeed.from_bits(
+            seed_bits, input_bits=int(self._key.shape[0]), output_bits=length
+        )
+        self._state = "await_result"
+        return [tag, self._toeplitz, KeyLength(final_key_bits=length)]
+
+    def _key_length(self) -> int:
+        return final_key_length(
+            self.params,
+            key_bits=int(self._key.shape[0]),
+            key_counts_per_intensity=self._key_counts,
+            statistics=self._statistics,
+            leak_ec_bits=self.ledger.leak_ec_bits,
+        )
+
+    def _on_result(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, VerificationResult)
+        result = messages[0]
+        assert isinstance(result, VerificationResult)
+        self._state = "done"
+        if not result.ok:
+            self.outcome = BlockAborted(
+                reason=AbortReason.VERIFICATION_FAILED, detail="Bob's key failed verification"
+            )
+            return []
+        key = toeplitz_hash(self._key, self._toeplitz.seed_bits(), self._toeplitz.output_bits)
+        self.outcome = BlockKey(key=key, statistics=self._block_statistics(key))
+        return []
+
+    def _block_statistics(self, key: Bits) -> BlockStatistics:
+        return BlockStatistics(
+            pulse_count=self._emissions.pulse_count,
+            detections=self._detections,
+            sifted_key_bits=self._sifted.key_length,
+            test_bits=self._sifted.test_length,
+            sample_bits=self.ledger.estimation_sample_bits,
+            sample_errors=self._sample_errors,
+            test_errors=sum(self._statistics.errors),
+            reconciled_bits=int(self._key.shape[0]),
+            errors_corrected=self._errors_corrected,
+            reconciliation_bits=self.ledger.reconciliation_bits,
+            verification_bits=self.ledger.verification_bits,
+            round_trips=self._round_trips,
+            final_key_bits=int(key.shape[0]),
+        )
+
+
+class BobBlock(_Role):
+    """Bob's side of one block: starts it, asks the Cascade questions, verifies."""
+
+    role = "bob"
+
+    def __init__(self, detections: DetectionRecords, params: PipelineParameters) -> None:
+        super().__init__(params)
+        self._detections = detections
+
+    def start(self) -> list[BlockMessage]:
+        """The block's first message (Bob's detections to sift)."""
+        if self._state != "start":
+            raise RuntimeError("start() called twice")
+        self._state = "await_reply"
+        return [announce_detections(self._detections)]
+
+    def _receive(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        handler: Callable[[list[BlockMessage]], list[BlockMessage]] = {
+            "await_reply": self._on_reply,
+            "await_statistics": self._on_statistics,
+            "reconciling": self._on_answer,
+            "await_confirmation": self._on_confirmation,
+        }.get(self._state, self._unexpected)
+        return handler(messages)
+
+    def _unexpected(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        raise ProtocolError("no message expected", field="messages")
+
+    def _on_reply(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, SiftReply, SampleDisclosure, ReconciliationSeed)
+        reply, disclosure, seed = messages
+        assert isinstance(reply, SiftReply) and isinstance(disclosure, SampleDisclosure)
+        assert isinstance(seed, ReconciliationSeed)
+        self._sifted = sift_bob(self._detections, reply)
+        if disclosure.sample_count > self.params.sample_bits:
+            raise ProtocolError("larger than the agreed sample size", field="sample_count")
+        self._outcome, self._key = compare_key_sample(
+            self._sifted.key_bits, disclosure, ledger=self.ledger
+        )
+        self._key_counts, _ = _remaining_counts(self._sifted, disclosure)
+        self._seed = seed.seed
+        self._state = "await_statistics"
+        return [self._outcome, disclose_test_basis(self._sifted)]
+
+    def _on_statistics(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, TestBasisStatistics)
+        statistics = messages[0]
+        assert isinstance(statistics, TestBasisStatistics)
+        confirm_test_basis_statistics(self._sifted, statistics)
+        self._statistics = statistics
+        decision = _estimation_decision(
+            self.params,
+            key_bits=int(self._key.shape[0]),
+            key_counts=self._key_counts,
+            outcome=self._outcome,
+            statistics=statistics,
+        )
+        if decision is not None:
+            raise ProtocolError(
+                f"peer continued a block this side aborts ({decision.reason.value})",
+                field="test_basis_statistics",
+            )
+        qber = qber_estimate_for_reconciliation(self._outcome.errors, self._outcome.sample_bits)
+        if self._outcome.sample_bits == 0:
+            tested = max(sum(statistics.counts), 1)
+            qber = qber_estimate_for_reconciliation(sum(statistics.errors), tested)
+        self._reconciler = CascadeReconciler(
+            self._key, seed=self._seed, variant=self.params.cascade_variant, qber_estimate=qber
+        )
+        self._state = "reconciling"
+        return self._next_question()
+
+    def _next_question(self) -> list[BlockMessage]:
+        query = self._reconciler.next_query()
+        if query is not None:
+            return [query]
+        self._state = "await_confirmation"
+        return [
+            ReconciliationDone(
+                errors_corrected=self._reconciler.errors_corrected,
+                parity_bits=self.ledger.reconciliation_bits,
+            )
+        ]
+
+    def _on_answer(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, ParityAnswer)
+        answer = messages[0]
+        assert isinstance(answer, ParityAnswer)
+        self._reconciler.receive_answer(answer)
+        self.ledger.record_reconciliation(answer.count)
+        return self._next_question()
+
+    def _on_confirmation(self, messages: list[BlockMessage]) -> list[BlockMessage]:
+        self._expect(messages, VerificationTag, ToeplitzSeed, KeyLength)
+        tag, toeplitz, length = messages
+        assert isinstance(tag, VerificationTag) and isinstance(toeplitz, ToeplitzSeed)
+        assert isinstance(length, KeyLength)
+        corrected = self._reconciler.corrected_bits
+        self._state = "done"
+        try:
+            verify_tag(corrected, tag, eps_cor=self.params.security.eps_cor, ledger=self.ledger)
+        except VerificationMismatch:
+            self.outcome = BlockAborted(
+                reason=AbortReason.VERIFICATION_FAILED,
+                detail="verification tags differ after reconciliation",
+            )
+            return [VerificationResult(ok=False)]
+        expected = final_key_length(
+            self.params,
+            key_bits=int(corrected.shape[0]),
+            key_counts_per_intensity=self._key_counts,
+            statistics=self._statistics,
+            leak_ec_bits=self.ledger.leak_ec_bits,
+        )
+        if length.final_key_bits != expected or toeplitz.output_bits != expected:
+            raise ProtocolError(
+                f"peer sized the key at {length.final_key_bits} bits, this side at {expected}",
+                field="final_key_bits",
+            )
+        if toeplitz.input_bits != corrected.shape[0]:
+            raise ProtocolError("does not match the reconciled key length", field="input_bits")
+        key = toeplitz_hash(corrected, toeplitz.seed_bits(), expected)
+        self.outcome = BlockKey(
+            key=key,
+            statistics=BlockStatistics(
+                pulse_count=self._detections.pulse_count,
+                detections=self._detections.detection_count,
+                sifted_key_bits=self._sifted.key_length,
+                test_bits=self._sifted.test_length,
+                sample_bits=self.ledger.estimation_sample_bits,
+                sample_errors=self._outcome.errors,
+                test_errors=sum(self._statistics.errors),
+                reconciled_bits=int(corrected.shape[0]),
+                errors_corrected=self._reconciler.errors_corrected,
+                reconciliation_bits=self.ledger.reconciliation_bits,
+                verification_bits=self.ledger.verification_bits,
+                round_trips=self._reconciler.round_trips,
+                final_key_bits=expected,
+            ),
+        )
+        return [VerificationResult(ok=True)]
+
+
+# ---- in-process driver ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Transcript:
+    """Every message of a block in order, with its sender (for tests and benchmarks)."""
+
+    messages: list[tuple[Literal["alice", "bob"], BlockMessage]] = field(default_factory=list)
+
+
+def run_block(
+    emissions: EmissionRecords,
+    detections: DetectionRecords,
+    params: PipelineParameters,
+    rng: np.random.Generator,
+    *,
+    transcript: Transcript | None = None,
+    tamper: Callable[[BlockMessage], BlockMessage] | None = None,
+) -> tuple[BlockOutcome, BlockOutcome]:
+    """Run both roles against each other in memory; returns (Alice's, Bob's) outcome.
+
+    ``tamper`` (tests) may replace any message in flight, as a faulty or hostile peer would.
+    """
+    alice = AliceBlock(emissions, params, rng)
+    bob = BobBlock(detections, params)
+    outgoing: list[BlockMessage] = bob.start()
+    sender: _Role = bob
+    receiver: _Role = alice
+    while outgoing or not (alice.finished and bob.finished):
+        if tamper is not None:
+            outgoing = [tamper(m) for m in outgoing]
+        if transcript is not None:
+            transcript.messages.extend((sender.role, m) for m in outgoing)
+        if not outgoing and receiver.finished and not sender.finished:
+            raise RuntimeError(f"{sender.role} is waiting for a peer that has finished")
+        outgoing = receiver.receive(outgoing)
+        sender, receiver = receiver, sender
+        if not outgoing and alice.finished and bob.finished:
+            break
+    assert alice.outcome is not None and bob.outcome is not None
+    return alice.outcome, bob.outcome

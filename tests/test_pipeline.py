@@ -1,0 +1,282 @@
+"""The block pipeline: both roles in memory end with identical keys or the same abort event."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.amplification import ToeplitzSeed
+from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
+from qkdnode.postprocess.estimation import SampleDisclosure
+from qkdnode.postprocess.events import AbortReason, BlockAborted
+from qkdnode.postprocess.finitekey import (
+    DecoySettings,
+    SecurityParameters,
+    tomamichel_key_length,
+)
+from qkdnode.postprocess.pipeline import (
+    BlockKey,
+    BlockMessage,
+    BlockOutcome,
+    KeyLength,
+    PipelineParameters,
+    ReconciliationSeed,
+    Transcript,
+    VerificationResult,
+    run_block,
+)
+from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.verification import VerificationTag
+from tests.blocksim import make_block
+
+SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-12)
+SINGLE_PHOTON = PipelineParameters(
+    cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
+    security=SECURITY,
+    qber_threshold=0.05,
+    sample_bits=2000,
+)
+DECOY = DecoySettings(
+    mu_signal=0.5,
+    mu_decoy=0.15,
+    mu_vacuum=0.0002,
+    p_signal=0.5,
+    p_decoy=0.35,
+    p_vacuum=0.15,
+    p_key_basis=0.5,
+)
+
+
+def _decoy_block(seed: int, qber: float = 0.02) -> tuple[EmissionRecords, DetectionRecords]:
+    transmittance, dark_yield = 0.05, 2e-6
+    detection = tuple(
+        1 - math.exp(-transmittance * mu) + dark_yield
+        for mu in (DECOY.mu_signal, DECOY.mu_decoy, DECOY.mu_vacuum)
+    )
+    return make_block(
+        np.random.default_rng(seed),
+        pulse_count=20_000_000,
+        detection_probability=(detection[0], detection[1], detection[2]),
+        qber=qber,
+        p_key_basis=DECOY.p_key_basis,
+        p_intensity=(DECOY.p_signal, DECOY.p_decoy, DECOY.p_vacuum),
+    )
+
+
+def _single_photon_block(
+    seed: int, qber: float = 0.02, pulses: int = 2_000_000
+) -> tuple[EmissionRecords, DetectionRecords]:
+    return make_block(np.random.default_rng(seed), pulse_count=pulses, qber=qber, vacuum_qber=qber)
+
+
+def _assert_same_key(alice: BlockOutcome, bob: BlockOutcome) -> tuple[BlockKey, BlockKey]:
+    assert isinstance(alice, BlockKey), alice
+    assert isinstance(bob, BlockKey), bob
+    assert alice.key.shape[0] > 0
+    assert np.array_equal(alice.key, bob.key)
+    assert alice.statistics == bob.statistics
+    return alice, bob
+
+
+def _assert_aborted(alice: BlockOutcome, bob: BlockOutcome, reason: AbortReason) -> None:
+    assert isinstance(alice, BlockAborted) and isinstance(bob, BlockAborted), (alice, bob)
+    assert reason in (alice.reason, bob.reason), (alice, bob)
+
+
+@pytest.mark.parametrize("variant", list(CascadeVariant))
+def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
+    variant: CascadeVariant,
+) -> None:
+    emissions, detections = _single_photon_block(1)
+    params = dataclasses.replace(SINGLE_PHOTON, cascade_variant=variant)
+    alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(2)))
+    stats = alice.statistics
+    assert stats.sample_bits == params.sample_bits
+    expected = tomamichel_key_length(
+        key_bits=stats.reconciled_bits,
+        sample_bits=params.sample_bits,
+        qber_tolerance=params.qber_threshold,
+        leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
+        security=SECURITY,
+    )
+    assert stats.final_key_bits == expected == alice.key.shape[0]
+    assert 0.015 < stats.qber < 0.025
+    assert 1.0 < stats.reconciliation_efficiency < 1.3
+
+
+def test_decoy_block_gives_identical_keys() -> None:
+    emissions, detections = _decoy_block(3)
+    params = PipelineParameters(
+        cascade_variant=CascadeVariant.SUBBLOCK_REUSE, security=SECURITY, decoy=DECOY
+    )
+    alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(4)))
+    assert alice.statistics.test_bits > 10_000
+
+
+def test_ledger_equals_the_bits_the_messages_carry() -> None:
+    emissions, detections = _single_photon_block(5, qber=0.04)
+    transcript = Transcript()
+    alice, bob = run_block(
+        emissions, detections, SINGLE_PHOTON, np.random.default_rng(6), transcript=transcript
+    )
+    _assert_same_key(alice, bob)
+    carried_sample = sum(
+        m.sample_count for _, m in transcript.messages if isinstance(m, SampleDisclosure)
+    )
+    carried_parities = sum(
+        m.count for sender, m in transcript.messages if isinstance(m, ParityAnswer)
+    )
+    carried_tag = sum(
+        m.field_bits for _, m in transcript.messages if isinstance(m, VerificationTag)
+    )
+    assert isinstance(alice, BlockKey)
+    stats = alice.statistics
+    assert stats.sample_bits == carried_sample > 0
+    assert stats.reconciliation_bits == carried_parities > 0
+    assert stats.verification_bits == carried_tag > 0
+    # parity answers are the only parities on the wire: Bob's queries carry ranges, not parities
+    assert all(
+        sender == "alice" for sender, m in transcript.messages if isinstance(m, ParityAnswer)
+    )
+
+
+@pytest.mark.parametrize("qber", [0.08, 0.5, 0.7])
+def test_high_qber_aborts_both_sides_without_key(qber: float) -> None:
+    emissions, detections = _single_photon_block(7, qber=qber, pulses=400_000)
+    alice, bob = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(8))
+    _assert_aborted(alice, bob, AbortReason.QBER_ABOVE_THRESHOLD)
+
+
+def test_zero_qber_still_reconciles_and_gives_key() -> None:
+    emissions, detections = _single_photon_block(9, qber=0.0)
+    alice, _ = _assert_same_key(
+        *run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(10))
+    )
+    assert alice.statistics.errors_corrected == 0
+
+
+def test_empty_block_aborts() -> None:
+    emissions, detections = make_block(
+        np.random.default_rng(11), pulse_count=1000, detection_probability=(0.0, 0.0, 0.0)
+    )
+    alice, bob = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(12))
+    _assert_aborted(alice, bob, AbortReason.EMPTY_BLOCK)
+
+
+def test_too_few_bits_for_a_positive_key_aborts_before_reconciliation() -> None:
+    emissions, detections = _single_photon_block(13, pulses=20_000)
+    transcript = Transcript()
+    alice, bob = run_block(
+        emissions, detections, SINGLE_PHOTON, np.random.default_rng(14), transcript=transcript
+    )
+    _assert_aborted(alice, bob, AbortReason.NO_POSITIVE_KEY)
+    assert not any(isinstance(m, ParityAnswer) for _, m in transcript.messages)
+
+
+def test_mismatched_block_ranges_abort_as_bad_peer_message() -> None:
+    emissions, detections = _single_photon_block(15, pulses=100_000)
+    shifted = dataclasses.replace(detections, first_pulse_index=0, pulse_count=99_999)
+    kept = shifted.pulse_index < 99_999
+    shifted = dataclasses.replace(
+        shifted,
+        pulse_index=shifted.pulse_index[kept],
+        basis=shifted.basis[kept],
+        bit=shifted.bit[kept],
+    )
+    alice, bob = run_block(emissions, shifted, SINGLE_PHOTON, np.random.default_rng(16))
+    _assert_aborted(alice, bob, AbortReason.BAD_PEER_MESSAGE)
+    assert isinstance(alice, BlockAborted) and "first_pulse_index" in alice.detail
+
+
+def _tampering(kind: type[BlockMessage], change: dict[str, object]) -> object:
+    def tamper(message: BlockMessage) -> BlockMessage:
+        if isinstance(message, kind):
+            return dataclasses.replace(message, **change)  # type: ignore[arg-type]
+        return message
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "reason"),
+    [
+        (ParityAnswer, {"round_index": 999}, AbortReason.BAD_PEER_MESSAGE),
+        (KeyLength, {"final_key_bits": 1}, AbortReason.BAD_PEER_MESSAGE),
+        (VerificationTag, {"tag": bytes(8)}, AbortReason.VERIFICATION_FAILED),
+        (VerificationResult, {"ok": False}, AbortReason.VERIFICATION_FAILED),
+    ],
+)
+def test_tampered_messages_never_give_a_key(
+    kind: type[BlockMessage], change: dict[str, object], reason: AbortReason
+) -> None:
+    emissions, detections = _single_photon_block(17)
+    alice, bob = run_block(
+        emissions,
+        detections,
+        SINGLE_PHOTON,
+        np.random.default_rng(18),
+        tamper=_tampering(kind, change),  # type: ignore[arg-type]
+    )
+    assert not isinstance(alice, BlockKey) or not isinstance(bob, BlockKey)
+    assert (isinstance(bob, BlockAborted) and bob.reason is reason) or (
+        isinstance(alice, BlockAborted) and alice.reason is reason
+    )
+
+
+def test_wrong_answer_length_and_wrong_message_type_abort() -> None:
+    emissions, detections = _single_photon_block(19)
+
+    def shorten(message: BlockMessage) -> BlockMessage:
+        if isinstance(message, ParityAnswer) and message.count > 8:
+            return ParityAnswer(
+                round_index=message.round_index, count=8, parities=message.parities[:1]
+            )
+        return message
+
+    alice, bob = run_block(
+        emissions, detections, SINGLE_PHOTON, np.random.default_rng(20), tamper=shorten
+    )
+    _assert_aborted(alice, bob, AbortReason.BAD_PEER_MESSAGE)
+
+    def swap(message: BlockMessage) -> BlockMessage:
+        if isinstance(message, ToeplitzSeed):
+            return KeyLength(final_key_bits=5)
+        return message
+
+    alice, bob = run_block(
+        emissions, detections, SINGLE_PHOTON, np.random.default_rng(20), tamper=swap
+    )
+    _assert_aborted(alice, bob, AbortReason.BAD_PEER_MESSAGE)
+
+
+def test_seed_of_the_wrong_size_is_refused() -> None:
+    for size in (0, 16, 33):
+        with pytest.raises(ProtocolError, match="seed"):
+            ReconciliationSeed(seed=bytes(size))
+
+
+@settings(max_examples=12)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    qber=st.sampled_from([0.0, 0.01, 0.03, 0.06, 0.2, 0.5]),
+    pulses=st.sampled_from([1_000, 200_000, 1_000_000]),
+    variant=st.sampled_from(list(CascadeVariant)),
+)
+def test_outcomes_are_equal_keys_or_aborts_on_both_sides(
+    seed: int, qber: float, pulses: int, variant: CascadeVariant
+) -> None:
+    emissions, detections = make_block(
+        np.random.default_rng(seed), pulse_count=pulses, qber=qber, vacuum_qber=qber
+    )
+    params = dataclasses.replace(SINGLE_PHOTON, cascade_variant=variant, sample_bits=500)
+    alice, bob = run_block(emissions, detections, params, np.random.default_rng(seed + 1))
+    if isinstance(alice, BlockKey) or isinstance(bob, BlockKey):
+        _assert_same_key(alice, bob)
+    else:
+        assert alice.reason is bob.reason or AbortReason.PEER_ABORTED in (alice.reason, bob.reason)
