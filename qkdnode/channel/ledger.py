@@ -1,0 +1,224 @@
+"""The authentication-key ledger: every authentication-key bit is deposited and drawn here.
+
+The pool is a stream of one-time key bytes: deposits append to its end, draws consume from its
+front, and a bit once drawn is gone (``consumed_bits`` only grows). Both peers hold a ledger; as
+long as they deposit the same key bytes in the same order and draw the same sizes in the same
+order, they hold the same bits at the same offset. The connection checks this every block by
+exchanging ``fingerprint()`` (a hash of the public counters, never of key bytes) and every
+key-derived handshake by comparing ``deposit_digest`` (a hash chain over deposit sizes and
+marks, never over key bytes). Bits that differ in content show up as failed tags.
+
+Deposit sizes must be the same on both sides although the two peers commit keys at different
+times. So the pool's need is computed against ``mark_consumed_bits``, the offset recorded at the
+block's open (``BlockAuthenticated.ledger_mark_bits``), which both peers reach in the same stream
+order, not against the level at the moment of the call.
+
+The state (``LedgerState``) is what the key store persists; its ``repr`` hides the pool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from qkdnode.errors import AuthKeyExhausted, ProtocolError
+
+_DIGEST_INIT = hashlib.sha256(b"qkdnode-v1 auth-key deposits").digest()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerState:
+    """A persistable snapshot of one ledger. ``pool`` is secret and never shown."""
+
+    pool: bytes = b""
+    consumed_bits: int = 0
+    deposited_bits: int = 0
+    target_bits: int
+    reserve_bits: int
+    tags_issued: int = 0
+    forgery_bound: float = 0.0
+    deposit_digest: bytes = _DIGEST_INIT
+    active: bool = False
+
+    def __repr__(self) -> str:
+        return (
+            f"LedgerState(level_bits={len(self.pool) * 8}, consumed_bits={self.consumed_bits}, "
+            f"deposited_bits={self.deposited_bits}, target_bits={self.target_bits}, "
+            f"reserve_bits={self.reserve_bits}, tags_issued={self.tags_issued}, "
+            f"forgery_bound={self.forgery_bound:.3e}, active={self.active})"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DrawRecord:
+    """One draw, for audit logs and tests: where and how much, never the bits."""
+
+    offset_bits: int
+    nbits: int
+    purpose: str
+
+
+class AuthKeyLedger:
+    """The authentication-key pool of one node, with explicit, persistable state.
+
+    - ``deposit(key, mark_consumed_bits=...)`` takes what the pool needs to return to
+      ``target_bits`` and returns the number of bytes taken from the front of ``key``;
+    - ``draw(nbits, purpose)`` consumes fresh bits, raising ``AuthKeyExhausted`` if the level
+      would fall below ``reserve_bits`` (``allow_reserve=True`` may dig into the reserve but
+      never below zero);
+    - ``peek(offset_bits, nbits)`` reads without consuming (handshake proofs; see connection).
+    Sizes are whole bytes (multiples of 8 bits).
+    """
+
+    __slots__ = ("_state", "observer")
+
+    def __init__(
+        self,
+        *,
+        target_bits: int,
+        reserve_bits: int,
+        state: LedgerState | None = None,
+        observer: Callable[[DrawRecord], None] | None = None,
+    ) -> None:
+        if state is None:
+            state = LedgerState(target_bits=target_bits, reserve_bits=reserve_bits)
+        else:
+            state = replace(state, target_bits=target_bits, reserve_bits=reserve_bits)
+        for name, value in (("target_bits", target_bits), ("reserve_bits", reserve_bits)):
+            if value < 0 or value % 8:
+                raise ValueError(f"{name} must be a non-negative multiple of 8")
+        if reserve_bits > target_bits:
+            raise ValueError("reserve_bits must not exceed target_bits")
+        if state.deposited_bits - state.consumed_bits != len(state.pool) * 8:
+            raise ValueError("ledger state is inconsistent: level != deposited - consumed")
+        self._state = state
+        self.observer = observer
+
+    def __repr__(self) -> str:
+        return f"AuthKeyLedger({self._state!r})"
+
+    # ---- read-only views -----------------------------------------------------------------
+    @property
+    def state(self) -> LedgerState:
+        return self._state
+
+    @property
+    def level_bits(self) -> int:
+        return len(self._state.pool) * 8
+
+    @property
+    def consumed_bits(self) -> int:
+        return self._state.consumed_bits
+
+    @property
+    def tags_issued(self) -> int:
+        return self._state.tags_issued
+
+    @property
+    def forgery_bound(self) -> float:
+        return self._state.forgery_bound
+
+    @property
+    def active(self) -> bool:
+        """True once the link has rotated to key-derived authentication."""
+        return self._state.active
+
+    def can_pay(self, nbits: int, *, allow_reserve: bool = False) -> bool:
+        floor = 0 if allow_reserve else self._state.reserve_bits
+        return self.level_bits - nbits >= floor
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 of the public counters (offset, tag count, forgery bound); no key bits."""
+        s = self._state
+        return hashlib.sha256(
+            b"qkdnode-v1 ledger"
+            + struct.pack(">QQd", s.consumed_bits, s.tags_issued, s.forgery_bound)
+        ).digest()
+
+    # ---- mutations ------------------------------------------------------------------------
+    def deposit(self, key: bytes, *, mark_consumed_bits: int) -> int:
+        """Append to the pool what it needs from ``key``; return the number of bytes taken.
+
+        The need is ``target - (deposited - mark_consumed_bits)``, rounded up to bytes, so both
+        peers take the same amount whenever they deposit the same keys with the same marks.
+        """
+        s = self._state
+        if mark_consumed_bits < 0 or mark_consumed_bits > s.consumed_bits:
+            raise ProtocolError("must be between 0 and the consumed offset", field="mark")
+        need_bits = s.target_bits - (s.deposited_bits - mark_consumed_bits)
+        taken = min(len(key), max(0, -(-need_bits // 8)))
+        digest = hashlib.sha256(
+            s.deposit_digest + struct.pack(">QQ", taken, mark_consumed_bits)
+        ).digest()
+        self._state = replace(
+            s,
+            pool=s.pool + key[:taken],
+            deposited_bits=s.deposited_bits + taken * 8,
+            deposit_digest=digest,
+        )
+        return taken
+
+    def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
+        """Consume ``nbits`` fresh bits; ``AuthKeyExhausted`` (state untouched) if unaffordable."""
+        self._check_size(nbits)
+        if not self.can_pay(nbits, allow_reserve=allow_reserve):
+            raise AuthKeyExhausted(
+                f"{purpose}: needs {nbits} bits, level {self.level_bits}, "
+                f"reserve {self._state.reserve_bits}"
+            )
+        s = self._state
+        nbytes = nbits // 8
+        out = s.pool[:nbytes]
+        self._state = replace(s, pool=s.pool[nbytes:], consumed_bits=s.consumed_bits + nbits)
+        if self.observer is not None:
+            self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=nbits, purpose=purpose))
+        return out
+
+    def peek(self, offset_bits: int, nbits: int) -> bytes:
+        """Read ``nbits`` at absolute ``offset_bits`` (>= consumed) without consuming them."""
+        self._check_size(nbits)
+        s = self._state
+        start = offset_bits - s.consumed_bits
+        if start < 0 or start % 8:
+            raise ProtocolError("offset before the consumed position", field="offset_bits")
+        if (start + nbits) // 8 > len(s.pool):
+            raise AuthKeyExhausted(f"peek: needs {nbits} bits at offset {offset_bits}")
+        return s.pool[start // 8 : (start + nbits) // 8]
+
+    def advance_to(self, offset_bits: int, *, tags_issued: int, forgery_bound: float) -> None:
+        """Burn everything before ``offset_bits`` and raise the counters to at least the given.
+
+        Used once a key-derived handshake has authenticated both sides' public ledger state.
+        """
+        s = self._state
+        skip_bits = offset_bits - s.consumed_bits
+        if skip_bits < 0 or skip_bits % 8 or skip_bits > self.level_bits:
+            raise ProtocolError("cannot advance the ledger there", field="offset_bits")
+        if skip_bits and self.observer is not None:
+            self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=skip_bits, purpose="sync"))
+        self._state = replace(
+            s,
+            pool=s.pool[skip_bits // 8 :],
+            consumed_bits=offset_bits,
+            tags_issued=max(s.tags_issued, tags_issued),
+            forgery_bound=max(s.forgery_bound, forgery_bound),
+        )
+
+    def record_tags(self, count: int, forgery_bound_each: float) -> None:
+        """Account ``count`` one-time tags, each with forgery probability at most the given."""
+        s = self._state
+        self._state = replace(
+            s,
+            tags_issued=s.tags_issued + count,
+            forgery_bound=s.forgery_bound + count * forgery_bound_each,
+        )
+
+    def set_active(self, active: bool) -> None:
+        self._state = replace(self._state, active=active)
+
+    @staticmethod
+    def _check_size(nbits: int) -> None:
+        if nbits <= 0 or nbits % 8:
+            raise ValueError("draw sizes are positive multiples of 8 bits")

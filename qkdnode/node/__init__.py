@@ -1,0 +1,1 @@
+"""The node's trio shell: the peer session (``session``) around the pure channel protocol."""

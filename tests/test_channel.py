@@ -1,0 +1,790 @@
+"""The pure classical-channel protocol: two PeerConnections driven against each other in memory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdnode.channel.auth import (
+    BLOCK_DRAW_BITS,
+    HANDSHAKE_KEY_BITS,
+    ROTATION_KEY_BITS,
+    CertificateCredentials,
+    PskCredentials,
+    Role,
+)
+from qkdnode.channel.connection import (
+    NEED_DATA,
+    BlockAuthenticated,
+    BlockOpened,
+    ChannelConfig,
+    ConnectionState,
+    Event,
+    HandshakeComplete,
+    NeedData,
+    PeerClosed,
+    PeerConnection,
+    PongReceived,
+    PoolExhausted,
+    Rotated,
+)
+from qkdnode.channel.framing import NO_BLOCK, pack_frame, pack_header
+from qkdnode.channel.ledger import AuthKeyLedger, DrawRecord
+from qkdnode.channel.messages import (
+    BlockOpen,
+    CloseReason,
+    Data,
+    FieldSpec,
+    KindRegistry,
+    SessionMode,
+    decode_payload,
+    encode_payload,
+)
+from qkdnode.channel.polyhash import PolyHash, gf_mul, wegman_carter_tag
+from qkdnode.errors import (
+    AuthenticationFailed,
+    AuthKeyExhausted,
+    CertificateRejected,
+    ProtocolError,
+    QkdError,
+)
+from tests.helpers_pki import NOW_S, credentials_pair, make_ca, make_node_certificate
+
+TARGET_BITS = 64 * 1024
+RESERVE_BITS = 4 * 1024
+NAMED_ERRORS = (ProtocolError, AuthenticationFailed, CertificateRejected, AuthKeyExhausted)
+
+
+def make_registry() -> KindRegistry:
+    registry = KindRegistry()
+    registry.register(
+        "cascade_query",
+        {
+            "pass_index": FieldSpec(kind="int", min_value=0, max_value=64),
+            "ranges": FieldSpec(kind="bytes", max_len=1 << 20),
+        },
+    )
+    registry.register(
+        "estimate",
+        {
+            "qber": FieldSpec(kind="float", min_value=0.0, max_value=0.5),
+            "ok": FieldSpec(kind="bool"),
+        },
+    )
+    return registry
+
+
+REGISTRY = make_registry()
+
+
+def seeded_bytes(seed: int) -> Callable[[int], bytes]:
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+# ---- in-memory shuttle (h11's ConnectionPair idea) --------------------------------------------
+
+
+class Pair:
+    """Alice and Bob joined by a fake wire; ``send`` delivers and answers until quiet."""
+
+    def __init__(self, alice: PeerConnection, bob: PeerConnection) -> None:
+        self.alice, self.bob = alice, bob
+        self.events: dict[Role, list[Event]] = {Role.ALICE: [], Role.BOB: []}
+
+    def end(self, role: Role) -> PeerConnection:
+        return self.alice if role is Role.ALICE else self.bob
+
+    def deliver(self, to: Role, data: bytes) -> list[Event]:
+        """Feed ``data`` to ``to``, collect its events, carry any automatic replies across."""
+        conn = self.end(to)
+        conn.receive_data(data)
+        got: list[Event] = []
+        while True:
+            event = conn.next_event(now_s=NOW_S)
+            if isinstance(event, NeedData):
+                break
+            got.append(event)
+        self.events[to].extend(got)
+        reply = conn.data_to_send()
+        if reply:
+            self.deliver(to.peer, reply)
+        return got
+
+    def drain(self, role: Role) -> None:
+        """Collect events a local call queued (e.g. BlockAuthenticated after close_block)."""
+        conn = self.end(role)
+        while not isinstance(event := conn.next_event(now_s=NOW_S), NeedData):
+            self.events[role].append(event)
+
+    def handshake(self) -> None:
+        self.deliver(Role.BOB, self.alice.start_handshake())
+
+    def run_block(self, block_id: int, rounds: int = 2, payload_bytes: int = 24) -> None:
+        self.deliver(Role.BOB, self.alice.open_block(block_id))
+        for i in range(rounds):
+            body: dict[str, int | float | bool | bytes] = {
+                "pass_index": i,
+                "ranges": bytes(payload_bytes),
+            }
+            self.deliver(Role.BOB, self.alice.send_data(block_id, "cascade_query", body))
+            self.deliver(Role.ALICE, self.bob.send_data(block_id, "cascade_query", body))
+        self.deliver(Role.BOB, self.alice.close_block(block_id))
+        self.deliver(Role.ALICE, self.bob.close_block(block_id))
+        self.drain(Role.BOB)
+
+
+def funded_ledger(
+    seed: int = 7, observer: Callable[[DrawRecord], None] | None = None
+) -> AuthKeyLedger:
+    ledger = AuthKeyLedger(target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS, observer=observer)
+    ledger.deposit(np.random.default_rng(seed).bytes(TARGET_BITS // 8), mark_consumed_bits=0)
+    return ledger
+
+
+Creds = CertificateCredentials | PskCredentials
+
+
+def make_creds(mode: str) -> tuple[Creds, Creds]:
+    if mode == "psk":
+        psk = bytes(range(32))
+        return PskCredentials(psk=psk), PskCredentials(psk=psk)
+    alice_c, bob_c, _ = credentials_pair(mode)
+    return alice_c, bob_c
+
+
+def make_pair(
+    mode: str,
+    *,
+    ledgers: tuple[AuthKeyLedger | None, AuthKeyLedger | None] = (None, None),
+    config: ChannelConfig | None = None,
+    creds: tuple[Creds, Creds] | None = None,
+    seed: int = 1,
+) -> Pair:
+    a_cred, b_cred = creds if creds is not None else make_creds(mode)
+    alice = PeerConnection(
+        Role.ALICE,
+        credentials=a_cred,
+        registry=REGISTRY,
+        ledger=ledgers[0],
+        config=config,
+        random_bytes=seeded_bytes(seed),
+    )
+    bob = PeerConnection(
+        Role.BOB,
+        credentials=b_cred,
+        registry=REGISTRY,
+        ledger=ledgers[1],
+        config=config,
+        random_bytes=seeded_bytes(seed + 1000),
+    )
+    return Pair(alice, bob)
+
+
+def snapshot(conn: PeerConnection) -> tuple[object, ...]:
+    ledger = conn.ledger
+    return (
+        conn.send_seq,
+        conn.recv_seq,
+        conn.open_blocks,
+        None if ledger is None else ledger.state,
+    )
+
+
+# ---- Wegman–Carter polynomial hash: known answers from a naive implementation ----------------
+
+
+def naive_gf_mul(a: int, b: int) -> int:
+    """Carry-less schoolbook product, then long division by x^128 + x^7 + x^2 + x + 1."""
+    product = 0
+    for i in range(128):
+        if (b >> i) & 1:
+            product ^= a << i
+    modulus = (1 << 128) | 0x87
+    for degree in range(254, 127, -1):
+        if (product >> degree) & 1:
+            product ^= modulus << (degree - 128)
+    return product
+
+
+def naive_poly_hash(key: bytes, records: list[bytes]) -> bytes:
+    """sum m_i h^(n+1-i) over the padded, length-prefixed records and the length chunk."""
+    data = b""
+    for record in records:
+        data += len(record).to_bytes(8, "big") + record
+        data += bytes(-len(data) % 16)
+    chunks = [int.from_bytes(data[i : i + 16], "big") for i in range(0, len(data), 16)]
+    chunks.append(len(data))
+    h = int.from_bytes(key, "big")
+    total, power = 0, h
+    for chunk in reversed(chunks):
+        total ^= naive_gf_mul(chunk, power)
+        power = naive_gf_mul(power, h)
+    return total.to_bytes(16, "big")
+
+
+def test_polyhash_matches_naive_evaluation() -> None:
+    rng = np.random.default_rng(2024)
+    for _ in range(20):
+        a, b = (int.from_bytes(rng.bytes(16), "big") for _ in range(2))
+        assert gf_mul(a, b) == naive_gf_mul(a, b)
+    for _ in range(10):
+        key = rng.bytes(16)
+        records = [rng.bytes(int(n)) for n in rng.integers(0, 70, size=int(rng.integers(1, 5)))]
+        hasher = PolyHash(key)
+        for record in records:
+            hasher.absorb(record)
+        assert hasher.finish() == naive_poly_hash(key, records)
+        pad = rng.bytes(16)
+        tag = wegman_carter_tag(naive_poly_hash(key, records), pad)
+        assert bytes(x ^ y for x, y in zip(tag, pad, strict=True)) == naive_poly_hash(key, records)
+
+
+def test_polyhash_vectorised_path_matches_naive_on_long_records() -> None:
+    rng = np.random.default_rng(77)
+    key = rng.bytes(16)
+    records = [rng.bytes(5000), rng.bytes(3), rng.bytes(1500)]  # 313 and 94 chunks: numpy lanes
+    hasher = PolyHash(key)
+    for record in records:
+        hasher.absorb(record)
+    assert hasher.chunks > 400
+    assert hasher.finish() == naive_poly_hash(key, records)
+
+
+# ---- ledger ---------------------------------------------------------------------------------
+
+
+def test_ledger_deposit_takes_only_what_reaches_target_and_draw_respects_reserve() -> None:
+    ledger = AuthKeyLedger(target_bits=1024, reserve_bits=256)
+    key = bytes(range(200))
+    assert ledger.deposit(key, mark_consumed_bits=0) == 128  # 1024 bits
+    assert ledger.level_bits == 1024
+    assert ledger.deposit(key, mark_consumed_bits=0) == 0  # already at target
+    first = ledger.draw(512, "t")
+    assert first == key[:64]
+    assert ledger.draw(256, "t") == key[64:96]
+    before = ledger.state
+    with pytest.raises(AuthKeyExhausted):
+        ledger.draw(8, "t")  # would break the 256-bit reserve
+    assert ledger.state == before
+    assert ledger.draw(256, "t", allow_reserve=True) == key[96:128]
+    with pytest.raises(AuthKeyExhausted):
+        ledger.draw(8, "t", allow_reserve=True)
+    assert ledger.level_bits == 0 and ledger.consumed_bits == 1024
+    # the need is measured against the mark, so a late deposit takes the same amount
+    assert ledger.deposit(key, mark_consumed_bits=512) == 64
+    for text in (repr(ledger), repr(ledger.state)):
+        assert key[:8].hex() not in text and "pool=" not in text
+
+
+def test_ledger_fingerprint_tracks_public_counters_only() -> None:
+    one, two = funded_ledger(1), funded_ledger(2)  # different key bytes, same counters
+    assert one.fingerprint() == two.fingerprint()
+    one.draw(256, "x")
+    assert one.fingerprint() != two.fingerprint()
+    two.draw(256, "x")
+    assert one.fingerprint() == two.fingerprint()
+
+
+# ---- messages and framing -------------------------------------------------------------------
+
+
+def test_payload_schema_names_the_bad_field() -> None:
+    good = Data(block_id=3, kind="estimate", body={"qber": 0.02, "ok": True})
+    assert decode_payload(Data, encode_payload(good, REGISTRY), REGISTRY) == good
+    bad_bodies: list[tuple[dict[str, object], str]] = [
+        ({"qber": 0.9, "ok": True}, "body.qber"),
+        ({"qber": 1, "ok": True}, "body.qber"),  # int where float is required
+        ({"qber": 0.1, "ok": 1}, "body.ok"),
+        ({"qber": 0.1}, "body.ok"),
+        ({"qber": 0.1, "ok": True, "extra": 1}, "body.extra"),
+    ]
+    import msgpack
+
+    for body, field in bad_bodies:
+        payload = msgpack.packb({"block_id": 3, "kind": "estimate", "body": body})
+        with pytest.raises(ProtocolError) as info:
+            decode_payload(Data, payload, REGISTRY)
+        assert info.value.field == field
+    payload = msgpack.packb({"block_id": -1, "kind": "estimate", "body": {}})
+    with pytest.raises(ProtocolError, match="block_id"):
+        decode_payload(Data, payload, REGISTRY)
+    payload = msgpack.packb({"block_id": 1, "kind": "nope", "body": {}})
+    with pytest.raises(ProtocolError, match="kind"):
+        decode_payload(Data, payload, REGISTRY)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300)
+def test_payload_decoder_raises_only_protocol_error(blob: bytes) -> None:
+    for cls in (Data, BlockOpen):
+        with contextlib.suppress(ProtocolError):
+            decode_payload(cls, blob, REGISTRY)
+
+
+def _block_stream(pair: Pair) -> list[bytes]:
+    frames = [pair.alice.open_block(0)]
+    frames += [
+        pair.alice.send_data(0, "cascade_query", {"pass_index": i, "ranges": bytes([i]) * 20})
+        for i in range(2)
+    ]
+    frames.append(pair.alice.ping(5))
+    return frames
+
+
+@pytest.mark.parametrize("mode", ["psk", "ed25519"])
+def test_frames_split_at_every_offset_give_the_same_events(mode: str) -> None:
+    creds = make_creds(mode)
+    probe = make_pair(mode, creds=creds)
+    probe.handshake()
+    length = len(b"".join(_block_stream(probe)))
+    for cut in range(length + 1):
+        pair = make_pair(mode, creds=creds)
+        pair.handshake()
+        start = pair.bob.recv_seq
+        frames = _block_stream(pair)
+        stream = b"".join(frames)
+        assert len(stream) == length
+        got: list[Event] = []
+        for part in (stream[:cut], stream[cut:]):
+            if part:
+                pair.bob.receive_data(part)
+            while not isinstance(event := pair.bob.next_event(now_s=NOW_S), NeedData):
+                got.append(event)
+        assert [type(e).__name__ for e in got] == ["BlockOpened", "Data", "Data"]
+        assert pair.bob.recv_seq == start + len(frames)
+        assert pair.bob.data_to_send()  # the pong to Alice's ping
+
+
+# ---- handshakes, rotation, key-derived blocks ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ed25519", "mldsa65", "psk"])
+def test_bootstrap_handshake_then_blocks(mode: str) -> None:
+    pair = make_pair(mode)
+    pair.handshake()
+    expected = SessionMode.PSK if mode == "psk" else SessionMode.CERTIFICATE
+    for role in Role:
+        (event,) = pair.events[role]
+        assert isinstance(event, HandshakeComplete) and event.mode is expected
+        assert pair.end(role).mode is expected
+        assert pair.end(role).state is ConnectionState.ESTABLISHED
+    assert pair.alice.session_id == pair.bob.session_id
+    pair.run_block(0)
+    for role in Role:
+        done = [e for e in pair.events[role] if isinstance(e, BlockAuthenticated)]
+        assert [e.block_id for e in done] == [0] and done[0].mode is expected
+    data = [e for e in pair.events[Role.BOB] if isinstance(e, Data)]
+    assert [d.body["pass_index"] for d in data] == [0, 1]
+    pair.deliver(Role.BOB, pair.alice.ping(9))
+    assert PongReceived(nonce=9) in pair.events[Role.ALICE]
+
+
+def rotated_pair(
+    mode: str = "psk", *, observers: tuple[list[DrawRecord], list[DrawRecord]] | None = None
+) -> Pair:
+    obs_a = observers[0].append if observers else None
+    obs_b = observers[1].append if observers else None
+    pair = make_pair(mode, ledgers=(funded_ledger(observer=obs_a), funded_ledger(observer=obs_b)))
+    pair.handshake()
+    pair.deliver(Role.BOB, pair.alice.announce_rotation())
+    return pair
+
+
+def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
+    draws: tuple[list[DrawRecord], list[DrawRecord]] = ([], [])
+    pair = rotated_pair(observers=draws)
+    for role in Role:
+        assert isinstance(pair.events[role][-1], Rotated)
+        assert pair.end(role).mode is SessionMode.KEY_DERIVED
+    rng = np.random.default_rng(99)
+    assert pair.alice.ledger is not None and pair.bob.ledger is not None
+    for block_id in range(1000):
+        pair.run_block(block_id, rounds=1, payload_bytes=int(rng.integers(0, 64)))
+        done = {
+            role: [e for e in pair.events[role] if isinstance(e, BlockAuthenticated)][-1]
+            for role in Role
+        }
+        assert done[Role.ALICE].block_id == done[Role.BOB].block_id == block_id
+        assert done[Role.ALICE].ledger_mark_bits == done[Role.BOB].ledger_mark_bits
+        assert done[Role.ALICE].auth_bits_spent == BLOCK_DRAW_BITS
+        # both commit the block's key: the pool refills to its target from it
+        key = rng.bytes(256)
+        taken = {
+            role: pair.end(role).ledger.deposit(  # type: ignore[union-attr]
+                key, mark_consumed_bits=done[role].ledger_mark_bits
+            )
+            for role in Role
+        }
+        spent_bits = BLOCK_DRAW_BITS + (ROTATION_KEY_BITS if block_id == 0 else 0)
+        assert taken[Role.ALICE] == taken[Role.BOB] == spent_bits // 8
+        assert pair.alice.ledger.state == pair.bob.ledger.state
+    assert pair.alice.ledger.tags_issued == 2000
+    assert 0 < pair.alice.ledger.forgery_bound < 1e-20
+    # no one-time bit drawn twice: draws tile [0, consumed) without overlap, same on both sides
+    assert draws[0] == draws[1]
+    position = 0
+    for record in draws[0]:
+        assert record.offset_bits == position
+        position += record.nbits
+    assert position == pair.alice.ledger.consumed_bits
+    assert position == ROTATION_KEY_BITS + 1000 * BLOCK_DRAW_BITS
+
+
+def test_later_session_starts_key_derived_and_resyncs_offsets() -> None:
+    pair = rotated_pair()
+    pair.run_block(0)
+    ledgers = (pair.alice.ledger, pair.bob.ledger)
+    assert ledgers[0] is not None and ledgers[1] is not None
+    # a session that died after Alice's BlockOpen left Bob one block behind
+    ledgers[0].draw(BLOCK_DRAW_BITS, "lost block")
+    ledgers[0].record_tags(2, 1e-30)
+    creds = (pair.alice._credentials, pair.bob._credentials)
+    second = make_pair("psk", ledgers=ledgers, creds=creds, seed=5)
+    second.handshake()
+    for role in Role:
+        (event,) = second.events[role]
+        assert isinstance(event, HandshakeComplete) and event.mode is SessionMode.KEY_DERIVED
+    assert ledgers[0].state == ledgers[1].state
+    second.run_block(1)
+    assert ledgers[0].state == ledgers[1].state
+
+
+def test_pool_exhaustion_surfaces_policy_event() -> None:
+    config = ChannelConfig(on_exhausted="halt")
+    small = (
+        AuthKeyLedger(target_bits=4096, reserve_bits=1024),
+        AuthKeyLedger(target_bits=4096, reserve_bits=1024),
+    )
+    for ledger in small:
+        ledger.deposit(bytes(range(256)) * 2, mark_consumed_bits=0)
+    pair = make_pair("psk", ledgers=small, config=config)
+    pair.handshake()
+    pair.deliver(Role.BOB, pair.alice.announce_rotation())
+    pair.run_block(0)
+    pair.run_block(1)
+    before = snapshot(pair.alice)
+    with pytest.raises(AuthKeyExhausted):
+        pair.alice.open_block(2)
+    assert snapshot(pair.alice) == before
+    event = pair.alice.next_event(now_s=NOW_S)
+    assert isinstance(event, PoolExhausted) and event.policy == "halt"
+    assert small[0].level_bits >= small[0].state.reserve_bits
+
+
+# ---- negative tests: the named error, and nothing advanced ----------------------------------
+
+
+def assert_rejected(
+    conn: PeerConnection, data: bytes, error: type[QkdError] | tuple[type[QkdError], ...]
+) -> QkdError:
+    before = snapshot(conn)
+    conn.receive_data(data)
+    with pytest.raises(error) as info:
+        while conn.next_event(now_s=NOW_S) is not NEED_DATA:
+            pass
+    assert snapshot(conn) == before
+    assert conn.state is ConnectionState.ERROR
+    return info.value
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "mldsa65"])
+@pytest.mark.parametrize("flaw", ["wrong_ca", "expired", "wrong_name", "no_signing_usage"])
+def test_bad_certificate_is_rejected(algorithm: str, flaw: str) -> None:
+    alice_c, _, ca = credentials_pair(algorithm)
+    issuer = make_ca(algorithm, "rogue CA") if flaw == "wrong_ca" else ca
+    name = "mallory.qkd.test" if flaw == "wrong_name" else "bob.qkd.test"
+    cert, key = make_node_certificate(
+        issuer,
+        name,
+        algorithm,
+        expired=flaw == "expired",
+        signing_usage=flaw != "no_signing_usage",
+    )
+    bad_bob = CertificateCredentials(
+        certificate_chain=(cert,),
+        private_key=key,
+        trust_anchor=ca.certificate,
+        peer_name="alice.qkd.test",
+    )
+    pair = make_pair(algorithm, creds=(alice_c, bad_bob))
+    pair.bob.receive_data(pair.alice.start_handshake())
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    error = assert_rejected(pair.alice, pair.bob.data_to_send(), CertificateRejected)
+    assert "pool" not in str(error)
+
+
+def test_wrong_psk_is_rejected() -> None:
+    pair = make_pair(
+        "psk", creds=(PskCredentials(psk=bytes(32)), PskCredentials(psk=bytes([1]) * 32))
+    )
+    pair.bob.receive_data(pair.alice.start_handshake())
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    assert_rejected(pair.alice, pair.bob.data_to_send(), AuthenticationFailed)
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
+
+
+def offsets(length: int, every: bool) -> Iterator[int]:
+    if every:
+        yield from range(length)
+    else:  # large ML-DSA frames: every header byte, then a stride
+        yield from range(min(length, 40))
+        yield from range(40, length, 53)
+
+
+@pytest.mark.parametrize(
+    ("mode", "which"),
+    [("psk", 0), ("psk", 1), ("psk", 2), ("ed25519", 0), ("ed25519", 2), ("mldsa65", 1)],
+)
+def test_flipped_handshake_byte_never_completes(mode: str, which: int) -> None:
+    """A flipped byte anywhere in handshake frame ``which`` ends the handshake with an error."""
+    creds = make_creds(mode)
+    probe = make_pair(mode, creds=creds)
+    hello = probe.alice.start_handshake()
+    probe.bob.receive_data(hello)
+    probe.bob.next_event(now_s=NOW_S)
+    reply = probe.bob.data_to_send()
+    sizes = [len(hello), len(reply)]
+    probe.alice.receive_data(reply)
+    probe.alice.next_event(now_s=NOW_S)
+    sizes.append(len(probe.alice.data_to_send()))
+    for offset in offsets(sizes[which], every=mode != "mldsa65"):
+        pair = make_pair(mode, creds=creds, seed=offset)
+        frames = [pair.alice.start_handshake()]
+        if which == 0:
+            frames[0] = flip(frames[0], offset)
+        failed = False
+        try:
+            pair.bob.receive_data(frames[0])
+            pair.bob.next_event(now_s=NOW_S)
+            reply = pair.bob.data_to_send()
+            if which == 1:
+                reply = flip(reply, offset)
+            pair.alice.receive_data(reply)
+            pair.alice.next_event(now_s=NOW_S)
+            finish = pair.alice.data_to_send()
+            if which == 2:
+                finish = flip(finish, offset)
+            pair.bob.receive_data(finish)
+            while pair.bob.next_event(now_s=NOW_S) is not NEED_DATA:
+                pass
+        except NAMED_ERRORS:
+            failed = True
+        # A longer length prefix makes the receiver wait for bytes that never come: the
+        # wrapper's timeout ends that session. Either way, Bob never completes.
+        assert failed or pair.bob.state is not ConnectionState.ESTABLISHED, offset
+        assert (
+            pair.bob.state is not ConnectionState.ESTABLISHED
+            or pair.alice.state is ConnectionState.ESTABLISHED
+        )
+
+
+def established(mode: str) -> Pair:
+    if mode == "key_derived":
+        pair = rotated_pair()
+    else:
+        pair = make_pair(mode)
+        pair.handshake()
+    pair.deliver(Role.BOB, pair.alice.open_block(7))
+    return pair
+
+
+@pytest.mark.parametrize("mode", ["ed25519", "psk", "key_derived"])
+def test_flipped_data_frame_byte_is_rejected_without_state_change(mode: str) -> None:
+    frame_len = len(established(mode).alice.send_data(7, "estimate", {"qber": 0.01, "ok": True}))
+    for offset in range(frame_len):
+        pair = established(mode)
+        frame = pair.alice.send_data(7, "estimate", {"qber": 0.01, "ok": True})
+        before = snapshot(pair.bob)
+        pair.bob.receive_data(flip(frame, offset))
+        try:
+            event = pair.bob.next_event(now_s=NOW_S)
+        except NAMED_ERRORS:
+            assert snapshot(pair.bob) == before
+            continue
+        # only a length prefix grown past the data can leave Bob waiting
+        assert event is NEED_DATA and offset < 4, offset
+        assert snapshot(pair.bob) == before
+
+
+@pytest.mark.parametrize("mode", ["psk", "key_derived"])
+def test_replayed_and_reordered_frames_are_rejected(mode: str) -> None:
+    pair = established(mode)
+    first = pair.alice.send_data(7, "estimate", {"qber": 0.01, "ok": True})
+    second = pair.alice.send_data(7, "estimate", {"qber": 0.02, "ok": False})
+    pair.deliver(Role.BOB, first)
+    error = assert_rejected(pair.bob, first, ProtocolError)  # replay
+    assert isinstance(error, ProtocolError) and error.field == "seq"
+
+    pair = established(mode)
+    first = pair.alice.send_data(7, "estimate", {"qber": 0.01, "ok": True})
+    second = pair.alice.send_data(7, "estimate", {"qber": 0.02, "ok": False})
+    error = assert_rejected(pair.bob, second + first, ProtocolError)  # reorder (a gap)
+    assert isinstance(error, ProtocolError) and error.field == "seq"
+
+
+def test_frame_replayed_into_a_new_session_is_rejected() -> None:
+    creds = make_creds("psk")
+    old = make_pair("psk", creds=creds)
+    old.handshake()
+    recorded = old.alice.open_block(0)
+    new = make_pair("psk", creds=creds, seed=77)
+    new.handshake()
+    assert_rejected(new.bob, recorded, AuthenticationFailed)
+
+
+def test_truncated_oversized_unknown_and_out_of_state_frames() -> None:
+    # truncated: the stream ends inside a frame
+    pair = established("psk")
+    frame = pair.alice.send_data(7, "estimate", {"qber": 0.01, "ok": True})
+    before = snapshot(pair.bob)
+    pair.bob.receive_data(frame[:-5])
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    pair.bob.receive_data(b"")
+    with pytest.raises(ProtocolError, match="length"):
+        pair.bob.next_event(now_s=NOW_S)
+    assert snapshot(pair.bob) == before
+    # a length prefix shorter than header + tag
+    pair = established("psk")
+    error = assert_rejected(pair.bob, (20).to_bytes(4, "big") + bytes(20), ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "length"
+    # oversized length prefix: refused on the first four bytes, nothing buffered after it
+    limit = 1 << 17
+    config = ChannelConfig(max_frame_bytes=limit)
+    pair = make_pair("psk", config=config)
+    pair.handshake()
+    error = assert_rejected(pair.bob, (limit + 1).to_bytes(4, "big"), ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "length"
+    # exactly at the limit is accepted as far as length goes (then waits for the body)
+    pair = make_pair("psk", config=config)
+    pair.handshake()
+    pair.bob.receive_data(limit.to_bytes(4, "big"))
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    # unknown type, correctly tagged
+    pair = established("psk")
+    mac = pair.alice._send_control
+    assert mac is not None
+    header = pack_header(99, pair.alice.send_seq, NO_BLOCK)
+    forged = pack_frame(header, b"\x80", mac.tag(header, b"\x80"))
+    error = assert_rejected(pair.bob, forged, ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "type"
+
+
+def test_message_valid_in_another_state_is_rejected() -> None:
+    # a second BlockOpen for an id already used, and a Finish after the handshake
+    pair = established("psk")
+    mac = pair.alice._send_control
+    assert mac is not None
+    payload = encode_payload(BlockOpen(block_id=7), REGISTRY)
+    header = pack_header(BlockOpen.CODE, pair.alice.send_seq, NO_BLOCK)
+    error = assert_rejected(
+        pair.bob, pack_frame(header, payload, mac.tag(header, payload)), ProtocolError
+    )
+    assert isinstance(error, ProtocolError) and error.field == "block_id"
+    # Bob receiving a HelloReply (Alice's message) while established
+    pair = established("psk")
+    mac = pair.alice._send_control
+    assert mac is not None
+    probe = make_pair("psk")
+    probe.bob.receive_data(probe.alice.start_handshake())
+    probe.bob.next_event(now_s=NOW_S)
+    reply = probe.bob.data_to_send()
+    payload = reply[4 + 17 :]
+    header = pack_header(2, pair.alice.send_seq, NO_BLOCK)
+    error = assert_rejected(
+        pair.bob, pack_frame(header, payload, mac.tag(header, payload)), ProtocolError
+    )
+    assert isinstance(error, ProtocolError) and error.field == "type"
+
+
+def test_ledger_mismatch_refuses_key_derived_session() -> None:
+    pair = rotated_pair()
+    pair.run_block(0)
+    ledgers = (pair.alice.ledger, pair.bob.ledger)
+    assert ledgers[0] is not None and ledgers[1] is not None
+    ledgers[1].deposit(bytes(64), mark_consumed_bits=ledgers[1].consumed_bits)  # rolled/forked
+    second = make_pair("psk", ledgers=ledgers, creds=(PskCredentials(psk=bytes(range(32))),) * 2)
+    error = assert_rejected(second.bob, second.alice.start_handshake(), ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "ledger_deposit_digest"
+    # the policy: re-bootstrap with the PSK, the ledgers untouched
+    third = PeerConnection(
+        Role.ALICE,
+        credentials=PskCredentials(psk=bytes(range(32))),
+        registry=REGISTRY,
+        ledger=ledgers[0],
+        force_bootstrap=True,
+    )
+    bob = PeerConnection(
+        Role.BOB,
+        credentials=PskCredentials(psk=bytes(range(32))),
+        registry=REGISTRY,
+        ledger=ledgers[1],
+    )
+    rebooted = Pair(third, bob)
+    rebooted.handshake()
+    assert third.mode is SessionMode.PSK and bob.mode is SessionMode.PSK
+
+
+def test_close_frame_reports_reason() -> None:
+    pair = established("key_derived")
+    pair.deliver(Role.BOB, pair.alice.close(CloseReason.SHUTDOWN, "bye"))
+    assert pair.events[Role.BOB][-1] == PeerClosed(reason=CloseReason.SHUTDOWN, detail="bye")
+
+
+def test_no_secret_in_reprs() -> None:
+    alice_c, _, _ = credentials_pair("ed25519")
+    psk = PskCredentials(psk=b"\xaa" * 32)
+    pair = established("key_derived")
+    ledger = pair.alice.ledger
+    assert ledger is not None
+    pool_hex = ledger.state.pool[:8].hex()
+    for obj in (alice_c, psk, pair.alice, ledger, ledger.state, pair.alice._blocks[7]):
+        text = repr(obj)
+        assert "aaaaaaaa" not in text and pool_hex not in text
+
+
+def test_pure_channel_modules_import_no_trio_or_socket() -> None:
+    import pkgutil
+
+    import qkdnode.channel
+
+    names = [
+        info.name
+        for info in pkgutil.walk_packages(qkdnode.channel.__path__, prefix="qkdnode.channel.")
+    ]
+    assert {"qkdnode.channel.connection", "qkdnode.channel.auth"} <= set(names)
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}: importlib.import_module(name)\n"
+        "print(','.join(m for m in ('trio', 'socket', 'selectors', 'asyncio') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert out.stdout.strip() == ""
+
+
+def test_block_open_events_and_handshake_key_budget() -> None:
+    pair = rotated_pair()
+    pair.deliver(Role.BOB, pair.alice.open_block(3))
+    assert pair.events[Role.BOB][-1] == BlockOpened(block_id=3)
+    ledger = pair.alice.ledger
+    assert ledger is not None
+    assert ledger.consumed_bits == ROTATION_KEY_BITS + BLOCK_DRAW_BITS
+    assert HANDSHAKE_KEY_BITS == 256

@@ -1,0 +1,138 @@
+"""The trio wrapper: loopback TCP sessions, timeouts, keepalive, backoff and PSK file checks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+import trio.testing
+
+from qkdnode.channel.auth import PskCredentials, Role
+from qkdnode.channel.connection import (
+    BlockAuthenticated,
+    BlockOpened,
+    PeerConnection,
+    PongReceived,
+    Rotated,
+)
+from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.messages import Data, FieldSpec, KindRegistry, SessionMode
+from qkdnode.errors import ConfigError
+from qkdnode.node.session import (
+    PeerSession,
+    SessionConfig,
+    backoff_delays,
+    load_psk_file,
+    open_session,
+    serve_bob,
+)
+
+PSK = PskCredentials(psk=bytes(range(32)))
+
+
+def registry() -> KindRegistry:
+    reg = KindRegistry()
+    reg.register("blob", {"data": FieldSpec(kind="bytes", max_len=1 << 20)})
+    return reg
+
+
+def ledger() -> AuthKeyLedger:
+    led = AuthKeyLedger(target_bits=1 << 16, reserve_bits=1 << 10)
+    led.deposit(np.random.default_rng(3).bytes(1 << 13), mark_consumed_bits=0)
+    return led
+
+
+def conn(role: Role, led: AuthKeyLedger | None = None) -> PeerConnection:
+    return PeerConnection(role, credentials=PSK, registry=registry(), ledger=led)
+
+
+async def test_loopback_tcp_session_rotates_and_authenticates_blocks() -> None:
+    config = SessionConfig(port=0)
+    ledgers = (ledger(), ledger())
+    bob_seen: list[object] = []
+
+    async def bob_handle(session: PeerSession) -> None:
+        async for event in session.events():
+            bob_seen.append(event)
+            if isinstance(event, Data):
+                block_id = event.block_id
+                await session.send(lambda c: c.close_block(block_id))  # noqa: B023
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            serve_bob, config, lambda: conn(Role.BOB, ledgers[1]), bob_handle
+        )
+        port = listeners[0].socket.getsockname()[1]
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with open_session(stream, conn(Role.ALICE, ledgers[0]), config) as alice:
+            assert alice.handshake is not None and alice.handshake.mode is SessionMode.PSK
+            await alice.send(lambda c: c.announce_rotation())
+            assert isinstance(await alice.next_event(), Rotated)
+            for block_id in range(3):
+                await alice.send(lambda c, b=block_id: c.open_block(b))  # type: ignore[misc]
+                await alice.send(
+                    lambda c, b=block_id: c.send_data(b, "blob", {"data": b"x" * 1000})  # type: ignore[misc]
+                )
+                await alice.send(lambda c, b=block_id: c.close_block(b))  # type: ignore[misc]
+                done = await alice.next_event()
+                assert isinstance(done, BlockAuthenticated) and done.mode is SessionMode.KEY_DERIVED
+            assert alice.connection.mode is SessionMode.KEY_DERIVED
+        nursery.cancel_scope.cancel()
+    assert [type(e) for e in bob_seen[:2]] == [Rotated, BlockOpened]
+    assert ledgers[0].state == ledgers[1].state
+
+
+async def test_handshake_timeout_when_peer_is_silent(autojump_clock: trio.abc.Clock) -> None:
+    left, _right = trio.testing.memory_stream_pair()
+    config = SessionConfig(handshake_timeout_s=5.0)
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with open_session(left, conn(Role.ALICE), config):
+            pass
+    assert info.group_contains(trio.TooSlowError)
+
+
+async def test_keepalive_keeps_an_idle_session_alive(autojump_clock: trio.abc.Clock) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    config = SessionConfig(read_timeout_s=3.0, keepalive_interval_s=1.0)
+    pongs: list[PongReceived] = []
+
+    async def bob() -> None:
+        async with open_session(right, conn(Role.BOB), config) as session:
+            async for _ in session.events():
+                pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob)
+        async with open_session(left, conn(Role.ALICE), config) as alice:
+            with trio.move_on_after(20.0):  # far past read_timeout_s: only pings keep it up
+                async for event in alice.events():
+                    if isinstance(event, PongReceived):
+                        pongs.append(event)
+        nursery.cancel_scope.cancel()
+    assert len(pongs) >= 5
+
+
+def test_backoff_is_capped_exponential_with_bounded_jitter() -> None:
+    rng = np.random.default_rng(5)
+    delays = backoff_delays(0.5, 8.0, 0.2, lambda: float(rng.random()))
+    got = [next(delays) for _ in range(10)]
+    bases = [min(8.0, 0.5 * 2**i) for i in range(10)]
+    for delay, base in zip(got, bases, strict=True):
+        assert base * 0.8 <= delay <= base * 1.2
+    assert got[-1] <= 8.0 * 1.2 and got[-1] >= 8.0 * 0.8
+
+
+def test_psk_file_permissions_are_enforced(tmp_path: Path) -> None:
+    path = tmp_path / "psk"
+    path.write_text(bytes(range(32)).hex())
+    os.chmod(path, 0o640)
+    with pytest.raises(ConfigError, match="psk_file"):
+        load_psk_file(path)
+    os.chmod(path, 0o600)
+    assert load_psk_file(path).psk == bytes(range(32))
+    path.write_text("ab")
+    with pytest.raises(ConfigError, match="32 bytes"):
+        load_psk_file(path)
