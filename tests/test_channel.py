@@ -41,6 +41,7 @@ from qkdnode.channel.ledger import AuthKeyLedger, DrawRecord
 from qkdnode.channel.messages import (
     BlockOpen,
     CloseReason,
+    Control,
     Data,
     FieldSpec,
     KindRegistry,
@@ -788,3 +789,36 @@ def test_block_open_events_and_handshake_key_budget() -> None:
     assert ledger is not None
     assert ledger.consumed_bits == ROTATION_KEY_BITS + BLOCK_DRAW_BITS
     assert HANDSHAKE_KEY_BITS == 256
+
+
+@pytest.mark.parametrize("mode", ["psk", "key_derived"])
+def test_control_messages_travel_outside_blocks_and_are_authenticated(mode: str) -> None:
+    pair = make_pair(mode) if mode != "key_derived" else rotated_pair()
+    if mode != "key_derived":
+        pair.handshake()
+    body: dict[str, int | float | bool | bytes] = {"qber": 0.03, "ok": True}
+    got = pair.deliver(Role.ALICE, pair.bob.send_control("estimate", body))
+    assert len(got) == 1 and isinstance(got[0], Control)
+    assert got[0].kind == "estimate" and dict(got[0].body) == body
+    frame = pair.alice.send_control("estimate", body)
+    for offset in range(0, len(frame), 7):
+        before = snapshot(pair.bob)
+        pair.bob.receive_data(flip(frame, offset))
+        try:
+            event = pair.bob.next_event(now_s=NOW_S)
+        except NAMED_ERRORS:
+            assert snapshot(pair.bob) == before
+            pair = make_pair(mode) if mode != "key_derived" else rotated_pair()
+            if mode != "key_derived":
+                pair.handshake()
+            frame = pair.alice.send_control("estimate", body)
+            continue
+        assert event is NEED_DATA and offset < 4, offset
+    with pytest.raises(ProtocolError):
+        pair.alice.send_control("no_such_kind", body)
+
+
+def test_control_message_before_the_handshake_is_refused() -> None:
+    pair = make_pair("psk")
+    with pytest.raises(ProtocolError):
+        pair.alice.send_control("estimate", {"qber": 0.0, "ok": True})

@@ -75,6 +75,7 @@ from qkdnode.channel.messages import (
     BlockOpen,
     Close,
     CloseReason,
+    Control,
     Data,
     Finish,
     Hello,
@@ -225,6 +226,7 @@ Event = (
     | Rotated
     | BlockOpened
     | Data
+    | Control
     | BlockAuthenticated
     | PoolExhausted
     | PongReceived
@@ -481,6 +483,12 @@ class PeerConnection:
         block.send_transcript.absorb(header + payload)
         block.frames_sent += 1
         return self._emit_payload(Data.CODE, payload, block_id, block.send_mac, header=header)
+
+    def send_control(self, kind: str, body: Mapping[str, int | float | bool | bytes]) -> bytes:
+        """A Control frame outside any block (checked against the kind's schema first)."""
+        self._require_state(ConnectionState.ESTABLISHED)
+        message = Control(kind=kind, body=body)
+        return self._emit(message, NO_BLOCK, self._send_control)
 
     def close_block(self, block_id: int) -> bytes:
         """This side is done sending for the block: its transcript tag and ledger fingerprint."""
@@ -758,6 +766,12 @@ class PeerConnection:
         self._advance_recv()
         return self._rotate(message.next_block_id)
 
+    def _on_control(self, message: Message, frame: RawFrame, now_s: float) -> Event | None:
+        assert isinstance(message, Control)
+        self._require_peer(self._state is ConnectionState.ESTABLISHED, message)
+        self._advance_recv()
+        return message
+
     def _on_ping(self, message: Message, frame: RawFrame, now_s: float) -> Event | None:
         assert isinstance(message, Ping)
         self._require_peer(
@@ -788,6 +802,7 @@ class PeerConnection:
         Finish: _on_finish,
         BlockOpen: _on_block_open,
         Data: _on_data,
+        Control: _on_control,
         BlockClose: _on_block_close,
         RotationAnnounce: _on_rotation_announce,
         RotationAck: _on_rotation_ack,

@@ -289,6 +289,21 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Control:
+    """Application message outside any block: node coordination (two-phase commits, limbo
+    reconciliation, key reservations for delivery). Tagged by the frame MAC only; it carries no
+    post-processing data, so it is not part of any block transcript."""
+
+    CODE: ClassVar[int] = 13
+    SCHEMA: ClassVar[Mapping[str, FieldSpec]]
+    kind: str
+    body: Mapping[str, int | float | bool | bytes] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Control(kind={self.kind!r}, fields={sorted(self.body)})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BlockOpen:
     """Alice -> Bob: block ``block_id`` starts; in key-derived mode both sides draw its keys."""
 
@@ -361,6 +376,7 @@ Message = (
     | HelloReply
     | Finish
     | Data
+    | Control
     | BlockOpen
     | BlockClose
     | RotationAnnounce
@@ -405,6 +421,10 @@ Data.SCHEMA = {
     "kind": FieldSpec(kind="str", min_len=1, max_len=MAX_KIND_CHARS),
     "body": FieldSpec(kind="int"),  # placeholder: checked against the KindRegistry instead
 }
+Control.SCHEMA = {
+    "kind": FieldSpec(kind="str", min_len=1, max_len=MAX_KIND_CHARS),
+    "body": FieldSpec(kind="int"),  # placeholder: checked against the KindRegistry instead
+}
 BlockOpen.SCHEMA = {"block_id": u64()}
 BlockClose.SCHEMA = {
     "block_id": u64(),
@@ -428,6 +448,7 @@ MESSAGE_TYPES: Final[dict[int, type[Message]]] = {
         HelloReply,
         Finish,
         Data,
+        Control,
         BlockOpen,
         BlockClose,
         RotationAnnounce,
@@ -458,7 +479,7 @@ def encode_payload(message: Message, registry: KindRegistry) -> bytes:
     """
     values = {name: getattr(message, name) for name in _FIELD_NAMES[type(message)]}
     _check_values(type(message), values, registry)
-    if isinstance(message, Data):
+    if isinstance(message, Data | Control):
         values["body"] = dict(message.body)
     packed: bytes = msgpack.packb(values, use_bin_type=True)
     return packed
@@ -486,10 +507,10 @@ def decode_payload(cls: type[Message], payload: bytes, registry: KindRegistry) -
 
 def _check_values(cls: type[Message], values: dict[str, Any], registry: KindRegistry) -> None:
     for name, spec in cls.SCHEMA.items():
-        if cls is Data and name == "body":
+        if cls in (Data, Control) and name == "body":
             continue
         spec.check(name, values[name])
-    if cls is Data:
+    if cls in (Data, Control):
         body = values["body"]
         if not isinstance(body, Mapping):
             raise ProtocolError("expected a map", field="body")
