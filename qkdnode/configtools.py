@@ -133,6 +133,12 @@ class Table:
         except ValueError:
             raise ConfigError(self.key(name), expected) from None
 
+    def take_rest(self, *, exclude: tuple[str, ...] = ()) -> dict[str, object]:
+        """The raw entries not named in ``exclude``, marked as read: for a parser of its own."""
+        rest = {k: v for k, v in self._data.items() if k not in exclude and k not in self._seen}
+        self._seen.update(rest)
+        return rest
+
     def finish(self) -> None:
         """Refuse keys nobody asked for: they are typos or options of another version."""
         unknown = sorted(set(self._data) - self._seen)

@@ -153,7 +153,6 @@ def _pulses(first: int, count: int) -> bytes:
     ("stream", "reason"),
     [
         (encode_block_start(BlockStart(first_pulse_index=0, pulse_count=999)), "announces"),
-        (encode_block_start(BlockStart(first_pulse_index=5, pulse_count=1000)), "announces"),
         (_pulses(0, 1000), "expected a block start"),
         (
             encode_block_start(BlockStart(first_pulse_index=0, pulse_count=1000)) + _pulses(1, 999),
@@ -177,6 +176,20 @@ async def test_block_boundaries_that_disagree_are_bad_device_data(
 ) -> None:
     bob = await _bob_after_raw_bytes(stream)
     with pytest.raises(BadDeviceData, match=reason):
+        await bob.next_block(1000)
+
+
+async def test_a_new_fibre_connection_follows_the_senders_numbering_then_must_continue() -> None:
+    # after a restart of either end, Bob adopts Alice's pulse index once per connection...
+    bob = await _bob_after_raw_bytes(
+        encode_block_start(BlockStart(first_pulse_index=5000, pulse_count=1000))
+        + _pulses(5000, 1000)
+        + encode_block_start(BlockStart(first_pulse_index=7000, pulse_count=1000))
+    )
+    first = await bob.next_block(1000)
+    assert first.first_pulse_index == 5000
+    # ...and within the connection the next block must start where the last one ended
+    with pytest.raises(BadDeviceData, match="announces"):
         await bob.next_block(1000)
 
 

@@ -25,7 +25,6 @@ def _block(block_id: int, rng: np.random.Generator, *, keys: int = 3) -> StagedB
         ],
         key_size_bits=256,
         auth_pool_material=rng.bytes(64),
-        auth_ledger_state=None,
     )
 
 
@@ -54,11 +53,19 @@ def test_staged_keys_are_not_available_until_commit(tmp_path: Path) -> None:
     assert store.counts().available == 0 and store.counts().staged == 3
     assert store.committed_keys() == []
     assert store.staged_block_ids() == [7]
-    store.commit_block(7)
+    staged = store.staged_material(7)
+    assert staged.pool_material == block.auth_pool_material
+    assert staged.consumer_material == b"".join(m for _, m in block.consumer_keys)
+    assert staged.pool_material.hex() not in repr(staged)
+    store.commit_block(7, auth_ledger_state=b"ledger after deposit")
     store.commit_block(7)  # idempotent, as reconnect reconciliation may repeat it
     assert store.counts().available == 3
     assert [k.material for k in store.committed_keys()] == [m for _, m in block.consumer_keys]
-    assert store.auth_pool_material() == [(7, block.auth_pool_material)]
+    # the pool's share moved into the ledger state at commit: no second copy stays behind
+    assert store._conn.execute("SELECT COUNT(*) FROM auth_pool").fetchone()[0] == 0
+    assert store.load_auth_ledger() == b"ledger after deposit"
+    with pytest.raises(KeyStoreError, match="not staged"):
+        store.staged_material(7)
     store.close()
 
 

@@ -318,6 +318,7 @@ class SimulatedBobLink(_SimulatedEnd):
         self._decoder = FibreDecoder()
         self._receiver = Receiver(self._parameters)
         self._carry = AfterpulseCarry()
+        self._resync = False
 
     async def open(self) -> None:
         fibre = self._fibre
@@ -326,6 +327,10 @@ class SimulatedBobLink(_SimulatedEnd):
         else:
             self._stream = await self._open_with_timeout(fibre)
         self._state = LinkState.OPEN
+        self._decoder = FibreDecoder()  # nothing of an earlier connection carries over
+        # A new fibre connection follows the sender's pulse numbering (Alice owns it; either
+        # end may have restarted); within one connection blocks must follow on exactly.
+        self._resync = True
 
     async def aclose(self) -> None:
         stream, self._stream = self._stream, None
@@ -343,6 +348,9 @@ class SimulatedBobLink(_SimulatedEnd):
             start = await self._next_frame()
             if not isinstance(start, BlockStart):
                 raise self._bad("expected a block start on the fibre")
+            if self._resync and start.pulse_count == pulse_count:
+                first = self._next_pulse_index = start.first_pulse_index
+                self._resync = False
             if start.first_pulse_index != first or start.pulse_count != pulse_count:
                 raise self._bad(
                     f"fibre announces block [{start.first_pulse_index}, "

@@ -244,6 +244,21 @@ class PeerSession:
             await self._stream.aclose()
 
 
+def _describe_errors(group: BaseExceptionGroup[BaseException]) -> list[str]:
+    """The leaf errors of a group as 'Type: message' (messages never carry secrets)."""
+    leaves: list[str] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(f"{type(error).__name__}: {error}"[:300])
+
+    walk(group)
+    return leaves
+
+
 def _wall_clock_s() -> float:
     return time.time()
 
@@ -345,12 +360,14 @@ async def run_alice(
         stream = await dial(config.host, config.port, config, uniform=uniform)
         try:
             async with open_session(stream, make_connection(), config) as session:
+                # an authenticated session resets the backoff: the next failure retries fast
+                delays = backoff_delays(
+                    config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, uniform
+                )
                 await handle(session)
             return
         except* (QkdError, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
-            log.warning(
-                "channel.session_retry", errors=[type(e).__name__ for e in group.exceptions]
-            )
+            log.warning("channel.session_retry", errors=_describe_errors(group))
         await trio.sleep(next(delays))
 
 
@@ -368,9 +385,7 @@ async def serve_bob(
             async with open_session(stream, make_connection(), config) as session:
                 await handle(session)
         except* (QkdError, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
-            log.warning(
-                "channel.session_ended", errors=[type(e).__name__ for e in group.exceptions]
-            )
+            log.warning("channel.session_ended", errors=_describe_errors(group))
 
     await trio.serve_tcp(on_stream, config.port, host=config.host, task_status=task_status)
 

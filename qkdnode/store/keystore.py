@@ -3,6 +3,14 @@
 It holds the distilled blocks, the consumer keys cut from them (UUID key ID, bytes, state) and the
 authentication-key pool with its ledger state. Every key-state change is one transaction.
 
+Delivery (ETSI GS QKD 014, :mod:`qkdnode.delivery`) hands out *delivery keys*: each has its own
+UUID and is cut from one or more stored keys (``KeyPart``: stored key, byte offset, length), so
+sizes other than the stored size are served by concatenating or splitting stored keys. The master
+node reserves stored keys and records the delivery keys (role ``master``); the peer records the
+same layout (role ``slave``). A stored key's material is erased (``secure_delete``) as soon as
+every delivery key cut from it has been delivered on this node: each node's copy only serves its
+own SAE, so it is never needed after that.
+
 Committing a block is two-phase across the two nodes (the protocol lives in the node): each side
 first *stages* the block durably (state ``staged``: nothing of it is deliverable), and only after
 both sides have staged it does each *commit* it (its keys become ``available``). After a crash the
@@ -18,15 +26,15 @@ import enum
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from qkdnode.errors import KeyStoreError
+from qkdnode.errors import KeyStoreError, ProtocolError, SecurityError
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: deliveries and delivery_parts
 DATABASE_NAME: Final = "keys.db"
 
 _SCHEMA: Final = """
@@ -41,6 +49,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     pulse_count       INTEGER NOT NULL,
     secret_bits       INTEGER NOT NULL,
     auth_pool_bits    INTEGER NOT NULL,
+    ledger_mark_bits  INTEGER NOT NULL DEFAULT 0,
     stats             TEXT NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS keys (
@@ -56,6 +65,23 @@ CREATE TABLE IF NOT EXISTS keys (
     UNIQUE (block_id, position)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS keys_by_state ON keys (state, block_id, position);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    role        TEXT NOT NULL CHECK (role IN ('master', 'slave')),
+    state       TEXT NOT NULL CHECK (state IN ('reserved', 'delivered')),
+    master_sae  TEXT NOT NULL,
+    slave_sae   TEXT NOT NULL,
+    size_bits   INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS delivery_parts (
+    delivery_id  TEXT NOT NULL REFERENCES deliveries (delivery_id),
+    seq          INTEGER NOT NULL,
+    key_id       TEXT NOT NULL REFERENCES keys (key_id),
+    offset_bytes INTEGER NOT NULL,
+    length_bytes INTEGER NOT NULL,
+    PRIMARY KEY (delivery_id, seq)
+) STRICT;
+CREATE INDEX IF NOT EXISTS parts_by_key ON delivery_parts (key_id);
 CREATE TABLE IF NOT EXISTS auth_pool (
     block_id INTEGER PRIMARY KEY REFERENCES blocks (block_id),
     material BLOB NOT NULL
@@ -101,8 +127,8 @@ class StagedBlock:
 
     ``consumer_keys`` are the keys consumers may get once the block is committed (IDs agreed with
     the peer); ``auth_pool_material`` is the share of the block taken by the authentication-key
-    pool (never delivered to consumers); ``auth_ledger_state`` is the ledger state after the
-    deposit, persisted atomically with it.
+    pool (never delivered to consumers); ``ledger_mark_bits`` is the ledger offset at the block's
+    open, which fixes the pool's share on both sides (see ``AuthKeyLedger.deposit``).
     """
 
     block_id: int
@@ -111,7 +137,7 @@ class StagedBlock:
     consumer_keys: Sequence[tuple[uuid.UUID, bytes]]
     key_size_bits: int
     auth_pool_material: bytes
-    auth_ledger_state: bytes | None
+    ledger_mark_bits: int = 0
     stats_json: str = "{}"
 
     def __repr__(self) -> str:
@@ -119,6 +145,61 @@ class StagedBlock:
             f"StagedBlock(block_id={self.block_id}, keys={len(self.consumer_keys)}, "
             f"auth_pool_bytes={len(self.auth_pool_material)})"
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StagedMaterial:
+    """The key material of a staged block: the pool's share and the consumer keys, in order."""
+
+    block_id: int
+    pool_material: bytes
+    consumer_material: bytes
+    ledger_mark_bits: int
+
+    def __repr__(self) -> str:
+        return (
+            f"StagedMaterial(block_id={self.block_id}, pool_bytes={len(self.pool_material)}, "
+            f"consumer_bytes={len(self.consumer_material)})"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyPart:
+    """Bytes ``[offset_bytes, offset_bytes + length_bytes)`` of the stored key ``key_id``."""
+
+    key_id: uuid.UUID
+    offset_bytes: int
+    length_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryKey:
+    """A key handed to an SAE: its own ID and the stored-key parts it is the concatenation of."""
+
+    key_id: uuid.UUID
+    size_bits: int
+    parts: tuple[KeyPart, ...]
+
+
+class DeliveryRefused(ProtocolError):
+    """Delivery keys unknown here, already delivered, or of another master SAE (HTTP 400)."""
+
+
+class NotKeyOwner(SecurityError):
+    """The caller is not the slave SAE the delivery keys were reserved for (HTTP 401)."""
+
+
+class ReservationRejected(ProtocolError):
+    """The peer's reservation names stored keys this node cannot reserve now.
+
+    ``burned_key_ids`` are stored keys that can never be reserved here again (already reserved or
+    delivered, or unknown): the master must erase them instead of offering them again. The other
+    keys were only not yet committed here (a commit in flight): the master may retry them later.
+    """
+
+    def __init__(self, message: str, *, burned_key_ids: Sequence[uuid.UUID] = ()) -> None:
+        super().__init__(message, field="keys")
+        self.burned_key_ids = tuple(burned_key_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +327,15 @@ class KeyStore:
             secret_bits = len(block.consumer_keys) * block.key_size_bits
             tx.execute(
                 "INSERT INTO blocks (block_id, state, first_pulse_index, pulse_count,"
-                " secret_bits, auth_pool_bits, stats) VALUES (?, 'staged', ?, ?, ?, ?, ?)",
+                " secret_bits, auth_pool_bits, ledger_mark_bits, stats)"
+                " VALUES (?, 'staged', ?, ?, ?, ?, ?, ?)",
                 (
                     block.block_id,
                     block.first_pulse_index,
                     block.pulse_count,
                     secret_bits,
                     8 * len(block.auth_pool_material),
+                    block.ledger_mark_bits,
                     block.stats_json,
                 ),
             )
@@ -285,6 +368,8 @@ class KeyStore:
             )
             if auth_ledger_state is not None:
                 tx.save_auth_ledger(auth_ledger_state)
+                # the pool's share now lives in the ledger state: keep one copy of the secret
+                tx.execute("DELETE FROM auth_pool WHERE block_id = ?", (block_id,))
 
     def drop_block(self, block_id: int) -> None:
         """Drop a staged block: its key material and pool share are erased (secure_delete)."""
@@ -349,6 +434,257 @@ class KeyStore:
             for key_id, block_id, size_bits, material in rows
         ]
 
+    # ---- delivery (ETSI 014) ----------------------------------------------------------------
+
+    def available_count(self, *, parity: int) -> int:
+        """Number of available keys at block positions of the given parity (0 even, 1 odd)."""
+        rows = self._query(
+            "SELECT COUNT(*) FROM keys WHERE state = 'available' AND position % 2 = ?", (parity,)
+        )
+        return int(rows[0][0])
+
+    def reserve_for_delivery(
+        self,
+        *,
+        parity: int,
+        delivery_ids: Sequence[uuid.UUID],
+        size_bits: int,
+        master_sae: str,
+        slave_sae: str,
+    ) -> list[DeliveryKey] | None:
+        """Reserve stored keys for ``len(delivery_ids)`` delivery keys of ``size_bits`` each.
+
+        Takes the oldest available keys at positions of ``parity`` (the partition that lets both
+        nodes act as master at once), cuts the delivery keys from their concatenation in order
+        (the unused tail of the last stored key is erased when its deliveries are done), marks them
+        ``reserved`` for (master, slave) and records the layout, in one transaction. Returns None,
+        changing nothing, if too few keys are available.
+        """
+        if size_bits <= 0 or size_bits % 8 or not delivery_ids:
+            raise ValueError(
+                "size_bits must be a positive multiple of 8 and delivery_ids non-empty"
+            )
+        size_bytes = size_bits // 8
+        needed_bytes = size_bytes * len(delivery_ids)
+        with self._transaction() as tx:
+            chosen: list[tuple[str, int]] = []
+            total = 0
+            cursor = tx.execute(
+                "SELECT key_id, size_bits FROM keys WHERE state = 'available' AND position % 2 = ?"
+                " ORDER BY block_id, position",
+                (parity,),
+            )
+            for key_id, stored_bits in cursor:
+                chosen.append((key_id, int(stored_bits) // 8))
+                total += int(stored_bits) // 8
+                if total >= needed_bytes:
+                    break
+            cursor.close()
+            if total < needed_bytes:
+                return None
+            layout = _cut(chosen, delivery_ids, size_bytes)
+            tx.executemany(
+                "UPDATE keys SET state = 'reserved', master_sae = ?, slave_sae = ?"
+                " WHERE key_id = ? AND state = 'available'",
+                [(master_sae, slave_sae, key_id) for key_id, _ in chosen],
+            )
+            tx.insert_deliveries(layout, "master", master_sae, slave_sae)
+        return layout
+
+    def record_peer_reservation(
+        self,
+        keys: Sequence[DeliveryKey],
+        *,
+        parity: int,
+        master_sae: str,
+        slave_sae: str,
+    ) -> None:
+        """Durably record, on the slave's node, the delivery keys the peer (master) reserved.
+
+        Every stored key named must be available here at a position of ``parity`` (the master
+        node's partition); parts must lie inside their stored key, not overlap, and add up to the
+        delivery key's size. Raises ProtocolError for a malformed layout and ReservationRejected
+        when stored keys are not available; changes nothing then. Recording the same reservation
+        again is a no-op (a retry after a lost acknowledgement).
+        """
+        if not keys:
+            raise ProtocolError("no keys in reservation", field="keys")
+        delivery_ids = [str(k.key_id) for k in keys]
+        if len(set(delivery_ids)) != len(delivery_ids):
+            raise ProtocolError("repeated delivery key ID", field="keys")
+        stored_ids = sorted({str(p.key_id) for k in keys for p in k.parts})
+        with self._transaction() as tx:
+            existing = tx.select_in(
+                "SELECT delivery_id, role, master_sae, slave_sae FROM deliveries"
+                " WHERE delivery_id IN ({})",
+                delivery_ids,
+            )
+            if existing:
+                if (
+                    len(existing) == len(keys)
+                    and all(row[1:] == ("slave", master_sae, slave_sae) for row in existing)
+                    and self._same_layout(tx, keys)
+                ):
+                    return
+                raise ProtocolError("delivery key ID already in use", field="keys")
+            rows = {
+                row[0]: row[1:]
+                for row in tx.select_in(
+                    "SELECT key_id, position, state, size_bits FROM keys WHERE key_id IN ({})",
+                    stored_ids,
+                )
+            }
+            ranges: dict[str, list[tuple[int, int]]] = {}
+            for key in keys:
+                if key.size_bits <= 0 or key.size_bits % 8 or not key.parts:
+                    raise ProtocolError("bad delivery key size or no parts", field="keys.size_bits")
+                if sum(p.length_bytes for p in key.parts) * 8 != key.size_bits:
+                    raise ProtocolError("parts do not add up to size_bits", field="keys.parts")
+                for part in key.parts:
+                    ranges.setdefault(str(part.key_id), []).append(
+                        (part.offset_bytes, part.length_bytes)
+                    )
+            burned: list[uuid.UUID] = []
+            transient = 0
+            for key_id, spans in ranges.items():
+                row = rows.get(key_id)
+                if row is None:
+                    burned.append(uuid.UUID(key_id))
+                    continue
+                position, state, stored_bits = row
+                if position % 2 != parity:
+                    raise ProtocolError("stored key outside the master's partition", field="keys")
+                end = 0
+                for offset, length in sorted(spans):
+                    if offset < end or length <= 0 or offset + length > stored_bits // 8:
+                        raise ProtocolError(
+                            "part outside its stored key or overlapping", field="keys.parts"
+                        )
+                    end = offset + length
+                if state == "staged":
+                    transient += 1
+                elif state != "available":
+                    burned.append(uuid.UUID(key_id))
+            if burned or transient:
+                raise ReservationRejected(
+                    f"{len(burned)} stored keys used up here, {transient} not committed yet",
+                    burned_key_ids=burned,
+                )
+            tx.executemany(
+                "UPDATE keys SET state = 'reserved', master_sae = ?, slave_sae = ?"
+                " WHERE key_id = ?",
+                [(master_sae, slave_sae, key_id) for key_id in stored_ids],
+            )
+            tx.insert_deliveries(keys, "slave", master_sae, slave_sae)
+
+    @staticmethod
+    def _same_layout(tx: _Tx, keys: Sequence[DeliveryKey]) -> bool:
+        stored = tx.select_in(
+            "SELECT delivery_id, seq, key_id, offset_bytes, length_bytes FROM delivery_parts"
+            " WHERE delivery_id IN ({}) ORDER BY delivery_id, seq",
+            [str(k.key_id) for k in keys],
+        )
+        wanted = sorted(
+            (str(k.key_id), seq, str(p.key_id), p.offset_bytes, p.length_bytes)
+            for k in keys
+            for seq, p in enumerate(k.parts)
+        )
+        return [tuple(row) for row in stored] == wanted
+
+    def release_delivery(
+        self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()
+    ) -> None:
+        """Undo a master-side reservation the peer did not confirm, in one transaction.
+
+        The stored keys become available again, except those in ``burn`` (the peer reports them
+        used up): their material is erased and they are never offered again.
+        """
+        ids = [str(i) for i in delivery_ids]
+        burned = {str(i) for i in burn}
+        with self._transaction() as tx:
+            stored = [
+                row[0]
+                for row in tx.select_in(
+                    "SELECT DISTINCT dp.key_id FROM delivery_parts dp JOIN deliveries d"
+                    " USING (delivery_id) WHERE d.role = 'master' AND d.state = 'reserved'"
+                    " AND dp.delivery_id IN ({})",
+                    ids,
+                )
+            ]
+            tx.execute_in("DELETE FROM delivery_parts WHERE delivery_id IN ({})", ids)
+            tx.execute_in(
+                "DELETE FROM deliveries WHERE role = 'master' AND state = 'reserved'"
+                " AND delivery_id IN ({})",
+                ids,
+            )
+            tx.executemany(
+                "UPDATE keys SET state = 'available', master_sae = NULL, slave_sae = NULL"
+                " WHERE key_id = ? AND state = 'reserved'",
+                [(k,) for k in stored if k not in burned],
+            )
+            tx.executemany(
+                "UPDATE keys SET state = 'delivered', material = NULL WHERE key_id = ?",
+                [(k,) for k in stored if k in burned],
+            )
+
+    def take_delivery(
+        self,
+        delivery_ids: Sequence[uuid.UUID],
+        *,
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+    ) -> list[tuple[uuid.UUID, bytes]]:
+        """Hand out reserved delivery keys exactly once: returns their bytes, in request order.
+
+        All or nothing, in one transaction: every ID must be a ``reserved`` delivery key of this
+        node's ``role`` for ``master_sae`` (else DeliveryRefused) and ``slave_sae`` (else
+        NotKeyOwner). The keys become ``delivered``; a stored key's material is erased once every
+        delivery key cut from it is delivered here.
+        """
+        ids = [str(i) for i in delivery_ids]
+        if len(set(ids)) != len(ids):
+            raise DeliveryRefused("repeated key ID", field="key_IDs")
+        with self._transaction() as tx:
+            rows = {
+                row[0]: row[1:]
+                for row in tx.select_in(
+                    "SELECT delivery_id, role, state, master_sae, slave_sae FROM deliveries"
+                    " WHERE delivery_id IN ({})",
+                    ids,
+                )
+            }
+            for key_id in ids:
+                row = rows.get(key_id)
+                if row is None or row[0] != role or row[1] != "reserved":
+                    raise DeliveryRefused("one or more keys are not found", field="key_IDs")
+            if any(rows[key_id][3] != slave_sae for key_id in ids):
+                raise NotKeyOwner("keys were not issued to this slave SAE")
+            if any(rows[key_id][2] != master_sae for key_id in ids):
+                raise DeliveryRefused("one or more keys are not found", field="key_IDs")
+            pieces: dict[str, list[bytes]] = {key_id: [] for key_id in ids}
+            touched: set[str] = set()
+            for delivery_id, stored_id, offset, length, material in tx.select_in(
+                "SELECT dp.delivery_id, dp.key_id, dp.offset_bytes, dp.length_bytes, k.material"
+                " FROM delivery_parts dp JOIN keys k USING (key_id)"
+                " WHERE dp.delivery_id IN ({}) ORDER BY dp.delivery_id, dp.seq",
+                ids,
+            ):
+                if material is None or len(material) < offset + length:
+                    raise KeyStoreError("delivery key part without stored material")
+                pieces[delivery_id].append(bytes(material[offset : offset + length]))
+                touched.add(stored_id)
+            tx.execute_in(
+                "UPDATE deliveries SET state = 'delivered' WHERE delivery_id IN ({})", ids
+            )
+            tx.execute_in(
+                "UPDATE keys SET state = 'delivered', material = NULL WHERE key_id IN ({})"
+                " AND NOT EXISTS (SELECT 1 FROM delivery_parts dp JOIN deliveries d"
+                " USING (delivery_id) WHERE dp.key_id = keys.key_id AND d.state = 'reserved')",
+                sorted(touched),
+            )
+        return [(uuid.UUID(key_id), b"".join(pieces[key_id])) for key_id in ids]
+
     # ---- authentication-key pool ------------------------------------------------------------
 
     def load_auth_ledger(self) -> bytes | None:
@@ -359,17 +695,77 @@ class KeyStore:
         with self._transaction() as tx:
             tx.save_auth_ledger(state)
 
-    def auth_pool_material(self) -> list[tuple[int, bytes]]:
-        """The pool shares of committed blocks, in block order."""
+    def staged_material(self, block_id: int) -> StagedMaterial:
+        """A staged block's key material, to commit it after a crash (limbo resolution)."""
         rows = self._query(
-            "SELECT p.block_id, p.material FROM auth_pool p JOIN blocks b USING (block_id)"
-            " WHERE b.state = 'committed' ORDER BY p.block_id"
+            "SELECT state, ledger_mark_bits FROM blocks WHERE block_id = ?", (block_id,)
         )
-        return [(block_id, bytes(material)) for block_id, material in rows]
+        if not rows or rows[0][0] != "staged":
+            raise KeyStoreError(f"block {block_id} is not staged")
+        keys = self._query(
+            "SELECT material FROM keys WHERE block_id = ? ORDER BY position", (block_id,)
+        )
+        pool = self._query("SELECT material FROM auth_pool WHERE block_id = ?", (block_id,))
+        return StagedMaterial(
+            block_id=block_id,
+            pool_material=bytes(pool[0][0]) if pool else b"",
+            consumer_material=b"".join(bytes(row[0]) for row in keys),
+            ledger_mark_bits=int(rows[0][1]),
+        )
+
+
+def _cut(
+    stored: Sequence[tuple[str, int]], delivery_ids: Sequence[uuid.UUID], size_bytes: int
+) -> list[DeliveryKey]:
+    """Cut delivery keys of ``size_bytes`` in order from the concatenation of ``stored`` keys."""
+    layout: list[DeliveryKey] = []
+    index, offset = 0, 0
+    for delivery_id in delivery_ids:
+        parts: list[KeyPart] = []
+        remaining = size_bytes
+        while remaining:
+            key_id, stored_bytes = stored[index]
+            take = min(remaining, stored_bytes - offset)
+            parts.append(KeyPart(key_id=uuid.UUID(key_id), offset_bytes=offset, length_bytes=take))
+            remaining -= take
+            offset += take
+            if offset == stored_bytes:
+                index, offset = index + 1, 0
+        layout.append(DeliveryKey(key_id=delivery_id, size_bits=8 * size_bytes, parts=tuple(parts)))
+    return layout
 
 
 class _Tx:
     """The cursor-level view used inside one transaction."""
+
+    def select_in(self, sql: str, values: Sequence[object]) -> list[tuple[Any, ...]]:
+        """Run ``sql`` with its ``IN ({})`` filled with one placeholder per value."""
+        if not values:
+            return []
+        placeholders = ",".join("?" * len(values))
+        return self._db.execute(sql.format(placeholders), values).fetchall()
+
+    def execute_in(self, sql: str, values: Sequence[object]) -> None:
+        if values:
+            self._db.execute(sql.format(",".join("?" * len(values))), values)
+
+    def insert_deliveries(
+        self, keys: Sequence[DeliveryKey], role: str, master_sae: str, slave_sae: str
+    ) -> None:
+        self._db.executemany(
+            "INSERT INTO deliveries (delivery_id, role, state, master_sae, slave_sae, size_bits)"
+            " VALUES (?, ?, 'reserved', ?, ?, ?)",
+            [(str(k.key_id), role, master_sae, slave_sae, k.size_bits) for k in keys],
+        )
+        self._db.executemany(
+            "INSERT INTO delivery_parts (delivery_id, seq, key_id, offset_bytes, length_bytes)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                (str(k.key_id), seq, str(p.key_id), p.offset_bytes, p.length_bytes)
+                for k in keys
+                for seq, p in enumerate(k.parts)
+            ],
+        )
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db

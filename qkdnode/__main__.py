@@ -1,0 +1,5 @@
+"""``python -m qkdnode``: the same as the ``qkdnode`` command."""
+
+from qkdnode.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""The ``qkdnode`` command: run a node, manage its PKI, run the two-node demo, emulate a device.
+
+Exit status: 0 on success (and on a clean stop by SIGTERM/SIGINT), 2 for a configuration error
+(the message names the file, the dotted key and what was expected), 1 for anything fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qkdnode.errors import ConfigError, KeyStoreError, QkdError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from qkdnode.config import load_config
+    from qkdnode.node.daemon import DaemonMustStop, run_daemon
+    from qkdnode.ops.logging import configure_logging, reopen_log_output
+
+    config = load_config(args.config)
+    configure_logging(
+        level=config.logging.level,
+        fmt=config.logging.format,
+        file=config.logging.file,
+        node=config.node.name,
+        peer=config.peer.name,
+    )
+    fatal: list[BaseException] = []
+    try:
+        return trio.run(lambda: run_daemon(config, on_reopen=reopen_log_output))
+    except* (DaemonMustStop, KeyStoreError) as group:
+        fatal.extend(group.exceptions)
+    for error in fatal:
+        print(f"qkdnode: stopping: {error}", file=sys.stderr)
+    return 1
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    from qkdnode import pki
+
+    directory = Path(args.dir)
+    if args.pki_command == "init":
+        files = pki.init_ca(directory, common_name=args.name, algorithm=args.algorithm)
+        print(f"CA certificate {files.certificate}, key {files.private_key} (mode 0600)")
+        return 0
+    out = Path(args.out) if args.out else directory / args.name
+    files = pki.issue_certificate(
+        directory,
+        args.name,
+        out,
+        purpose=args.kind,
+        algorithm=args.algorithm,
+        hosts=tuple(args.host) if args.host else ("localhost", "127.0.0.1"),
+        validity_days=args.days,
+    )
+    print(f"{args.kind} certificate {files.certificate}, key {files.private_key} (mode 0600)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qkdnode.node.demo import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_device_emulator(args: argparse.Namespace, rest: list[str]) -> int:
+    from qkdnode.link.emulator import main as emulator_main
+
+    return emulator_main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qkdnode", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a node from its TOML config")
+    run.add_argument("--config", required=True, help="the node's TOML file")
+
+    pki = commands.add_parser("pki", help="make a CA and certificates for nodes and SAEs")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    init = pki_commands.add_parser("init", help="create a CA (ca.pem, ca.key) in --dir")
+    init.add_argument("--dir", required=True)
+    init.add_argument("--name", default="qkdnode CA")
+    init.add_argument("--algorithm", choices=("ed25519", "ml-dsa-65"), default="ed25519")
+    issue = pki_commands.add_parser("issue", help="issue a node or SAE certificate")
+    issue.add_argument("kind", choices=("node", "sae"))
+    issue.add_argument("name", help="node name or SAE ID (the certificate's CN)")
+    issue.add_argument("--dir", required=True, help="the CA directory")
+    issue.add_argument("--out", help="output prefix (default: DIR/NAME): PREFIX.pem, PREFIX.key")
+    issue.add_argument(
+        "--algorithm",
+        choices=("ed25519", "ml-dsa-65", "ecdsa-p256"),
+        default=None,
+        help="default: ed25519 for nodes, ecdsa-p256 for SAEs",
+    )
+    issue.add_argument("--host", action="append", help="SAN host name or address (repeatable)")
+    issue.add_argument("--days", type=int, default=825)
+
+    demo = commands.add_parser("demo", help="run Alice and Bob on loopback and show keys grow")
+    demo.add_argument("--blocks", type=int, default=6, help="stop after N block attempts")
+    demo.add_argument("--distance-km", type=float, default=25.0)
+    demo.add_argument("--eve", type=float, default=0.0, help="intercept-resend fraction")
+    demo.add_argument("--workdir", help="keep configs, PKI, stores and logs in this directory")
+    demo.add_argument("--keep-running", action="store_true", help="leave the nodes up until Ctrl-C")
+    demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    demo.add_argument("--block-pulses", type=int, default=None, help="pulses per block")
+    demo.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
+
+    commands.add_parser(
+        "device-emulator",
+        help="emulate a serial QKD device on a pseudo-terminal (see --help of the subcommand)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["device-emulator"]:
+        return _cmd_device_emulator(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "pki":
+            return _cmd_pki(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+    except ConfigError as exc:
+        print(f"qkdnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except QkdError as exc:
+        print(f"qkdnode: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

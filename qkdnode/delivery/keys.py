@@ -1,0 +1,222 @@
+"""The key manager: hands out keys of the key store to SAEs, exactly once, in step with the peer.
+
+Partition (both nodes may be master at once): the stored keys of every block are split by their
+position in the block. Keys at positions with ``position % 2 == master_parity`` are handed out by
+enc_keys at this node; the other half only by the peer's enc_keys (the Alice node uses parity 0,
+the Bob node parity 1). The two nodes therefore never reserve the same stored key as master.
+
+enc_keys at the master node, in this order:
+
+1. reserve locally (one durable transaction: stored keys ``reserved`` for (master, slave), the
+   delivery keys and their layout recorded);
+2. ``await peer_reserve(keys, master_sae, slave_sae)``: the peer durably records the same delivery
+   keys (:meth:`KeyManager.record_peer_reservation` there) after checking that every stored key is
+   committed and available on its side; from then on the slave can fetch them;
+3. take the keys (one durable transaction: ``delivered``, material of fully used stored keys
+   erased) and answer.
+
+If step 2 fails the local reservation is released and the request answered 503; when the peer
+reports stored keys already used on its side (a retry after a lost acknowledgement) those are
+erased here instead of being offered again. Erasure happens at delivery on each side: each node's
+copy only serves its own SAE, so waiting for the peer would only keep secrets on disk longer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+
+import structlog
+import trio
+
+from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
+from qkdnode.errors import ProtocolError, SecurityError
+from qkdnode.store.keystore import (
+    DeliveryKey,
+    DeliveryRefused,
+    KeyPart,
+    KeyStore,
+    NotKeyOwner,
+    ReservationRejected,
+)
+
+PeerReserve = Callable[[Sequence[DeliveryKey], str, str], Awaitable[None]]
+"""``peer_reserve(keys, master_sae, slave_sae)``: the peer durably records the reservation, or
+raises (ReservationRejected carried over from the peer when it refuses stored keys)."""
+
+_log = structlog.get_logger(__name__)
+
+
+class KeyManager:
+    """ETSI 014 key operations of one node over its :class:`KeyStore` (one trio task owns it)."""
+
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        master_parity: int,
+        peer_reserve: PeerReserve,
+        peer_timeout_s: float = 5.0,
+        local_saes: Collection[str] | None = None,
+        peer_saes: Collection[str] | None = None,
+        new_key_id: Callable[[], uuid.UUID] = uuid.uuid4,
+    ) -> None:
+        if master_parity not in (0, 1):
+            raise ValueError("master_parity must be 0 or 1")
+        self._store = store
+        self.master_parity = master_parity
+        self._peer_reserve = peer_reserve
+        self._peer_timeout_s = peer_timeout_s
+        self._local_saes = None if local_saes is None else frozenset(local_saes)
+        self._peer_saes = None if peer_saes is None else frozenset(peer_saes)
+        self._new_key_id = new_key_id
+
+    def stored_key_count(self) -> int:
+        """Stored keys this node can hand out as master (its half of the partition)."""
+        return self._store.available_count(parity=self.master_parity)
+
+    async def enc_keys(
+        self, *, master_sae: str, slave_sae: str, number: int, size_bits: int
+    ) -> list[tuple[uuid.UUID, bytes]]:
+        """Reserve here, have the peer record, deliver: the keys for the master SAE.
+
+        Raises ApiError(503) when key material is short or the peer does not confirm.
+        """
+        delivery_ids = [self._new_key_id() for _ in range(number)]
+        layout = self._store.reserve_for_delivery(
+            parity=self.master_parity,
+            delivery_ids=delivery_ids,
+            size_bits=size_bits,
+            master_sae=master_sae,
+            slave_sae=slave_sae,
+        )
+        if layout is None:
+            raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
+        try:
+            with trio.fail_after(self._peer_timeout_s):
+                await self._peer_reserve(layout, master_sae, slave_sae)
+        except ReservationRejected as exc:
+            self._store.release_delivery(delivery_ids, burn=exc.burned_key_ids)
+            _log.warning("peer refused reservation", burned=len(exc.burned_key_ids))
+            raise ApiError(503, "peer KME could not reserve the keys; retry") from None
+        except SecurityError:
+            self._store.release_delivery(delivery_ids)
+            raise
+        except Exception as exc:
+            self._store.release_delivery(delivery_ids)
+            _log.warning("peer reservation failed", error=type(exc).__name__)
+            raise ApiError(503, "peer KME unreachable") from None
+        except BaseException:  # cancelled: never leave keys reserved with nobody to take them
+            self._store.release_delivery(delivery_ids)
+            raise
+        return self._store.take_delivery(
+            delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
+        )
+
+    def dec_keys(
+        self, *, slave_sae: str, master_sae: str, key_ids: Sequence[uuid.UUID]
+    ) -> list[tuple[uuid.UUID, bytes]]:
+        """The keys the master SAE got, for its slave SAE, once. ApiError 400/401 otherwise."""
+        try:
+            return self._store.take_delivery(
+                key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
+            )
+        except DeliveryRefused:
+            raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
+        except NotKeyOwner:
+            raise ApiError(401, MSG_NOT_SLAVE) from None
+
+    def record_peer_reservation(
+        self, keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str
+    ) -> None:
+        """Called on this node when the peer (master) reserved ``keys`` for (master, slave).
+
+        Durable on return. Raises ProtocolError (ReservationRejected when stored keys are not
+        available here) and changes nothing then.
+        """
+        if self._local_saes is not None and slave_sae not in self._local_saes:
+            raise ProtocolError("slave SAE is not attached to this node", field="slave_sae")
+        if self._peer_saes is not None and master_sae not in self._peer_saes:
+            raise ProtocolError("master SAE is not attached to the peer node", field="master_sae")
+        self._store.record_peer_reservation(
+            keys, parity=1 - self.master_parity, master_sae=master_sae, slave_sae=slave_sae
+        )
+
+
+# ---- wire form of a reservation (for the node's authenticated channel) -------------------------
+
+
+def reservation_to_wire(
+    keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str
+) -> dict[str, object]:
+    """A msgpack/JSON-friendly form: UUIDs as 16 bytes, parts as [key_id, offset, length]."""
+    return {
+        "master_sae": master_sae,
+        "slave_sae": slave_sae,
+        "keys": [
+            {
+                "id": key.key_id.bytes,
+                "bits": key.size_bits,
+                "parts": [[p.key_id.bytes, p.offset_bytes, p.length_bytes] for p in key.parts],
+            }
+            for key in keys
+        ],
+    }
+
+
+def reservation_from_wire(
+    message: Mapping[str, object], *, max_keys: int = 1024, max_parts: int = 4096
+) -> tuple[list[DeliveryKey], str, str]:
+    """Parse :func:`reservation_to_wire` output; raises ProtocolError naming the bad field."""
+    master, slave, entries = (
+        message.get("master_sae"),
+        message.get("slave_sae"),
+        message.get("keys"),
+    )
+    if not isinstance(master, str) or not master:
+        raise ProtocolError("expected a non-empty string", field="master_sae")
+    if not isinstance(slave, str) or not slave:
+        raise ProtocolError("expected a non-empty string", field="slave_sae")
+    if not isinstance(entries, list) or not 0 < len(entries) <= max_keys:
+        raise ProtocolError(f"expected a list of 1..{max_keys} keys", field="keys")
+    keys: list[DeliveryKey] = []
+    total_parts = 0
+    for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise ProtocolError("expected a map", field="keys[]")
+        bits, raw_parts = entry.get("bits"), entry.get("parts")
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
+            raise ProtocolError("expected a positive integer", field="keys[].bits")
+        if not isinstance(raw_parts, list) or not raw_parts:
+            raise ProtocolError("expected a non-empty list", field="keys[].parts")
+        total_parts += len(raw_parts)
+        if total_parts > max_parts:
+            raise ProtocolError(f"more than {max_parts} parts", field="keys[].parts")
+        parts = []
+        for raw in raw_parts:
+            if not (isinstance(raw, list | tuple) and len(raw) == 3):
+                raise ProtocolError("expected [key_id, offset, length]", field="keys[].parts[]")
+            key_id, offset, length = raw
+            if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ProtocolError("expected an integer >= 0", field="keys[].parts[].offset")
+            if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+                raise ProtocolError("expected an integer > 0", field="keys[].parts[].length")
+            parts.append(
+                KeyPart(
+                    key_id=_wire_uuid(key_id, "keys[].parts[].key_id"),
+                    offset_bytes=offset,
+                    length_bytes=length,
+                )
+            )
+        keys.append(
+            DeliveryKey(
+                key_id=_wire_uuid(entry.get("id"), "keys[].id"), size_bits=bits, parts=tuple(parts)
+            )
+        )
+    return keys, master, slave
+
+
+def _wire_uuid(value: object, field: str) -> uuid.UUID:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ProtocolError("expected 16 bytes", field=field)
+    return uuid.UUID(bytes=value)

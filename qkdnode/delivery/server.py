@@ -1,0 +1,527 @@
+"""The ETSI GS QKD 014 server: h11 over trio TLS streams with mutual TLS, and a Unix socket.
+
+Thin I/O shell around :mod:`qkdnode.delivery.api` (parsing), :mod:`.fairuse` (quotas) and
+:mod:`.keys` (the key manager). The caller's SAE ID is the CN of its client certificate, verified
+against the SAE CA during the handshake (TLS 1.2 minimum, 1.3 preferred); on the Unix socket it is
+the SAE the socket is configured for, and the socket's file mode is the access control.
+
+Limits against misbehaving clients: at most ``max_connections`` at once (more are closed at
+once), a TLS handshake deadline, one deadline per request covering headers and body (slowloris),
+a header size and a body size limit. Every refusal is a JSON error and ends only that connection.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import ssl
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import h11
+import structlog
+import trio
+
+from qkdnode.configtools import Table, parse_host_port
+from qkdnode.delivery.api import (
+    MSG_UNAUTHORIZED,
+    ApiError,
+    ApiLimits,
+    DecKeysRequest,
+    EncKeysRequest,
+    StatusRequest,
+    authorize,
+    error_body,
+    key_container_body,
+    parse_request,
+    status_body,
+)
+from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
+from qkdnode.delivery.keys import KeyManager
+from qkdnode.errors import ConfigError, KeyStoreError
+
+RECEIVE_BYTES: Final = 16384
+_log = structlog.get_logger(__name__)
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerLimits:
+    max_header_bytes: int = 16384
+    max_body_bytes: int = 65536
+    request_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryConfig:
+    """The ``[delivery]`` table of a node's configuration."""
+
+    listen_host: str
+    listen_port: int
+    certificate: Path
+    private_key: Path
+    sae_ca: Path
+    kme_id: str
+    peer_kme_id: str
+    local_saes: tuple[str, ...]
+    peer_saes: tuple[str, ...]
+    master_parity: int
+    limits: ApiLimits
+    server: ServerLimits = field(default_factory=ServerLimits)
+    max_key_count: int = 1_000_000
+    quota_keys_per_s: float = 1000.0
+    quota_burst_keys: float = 2000.0
+    peer_timeout_s: float = 5.0
+    unix_socket_path: Path | None = None
+    unix_socket_sae: str | None = None
+    unix_socket_mode: int = 0o600
+
+    @classmethod
+    def from_table(cls, table: Table) -> DeliveryConfig:
+        """Read and check the table; raises ConfigError naming the dotted key."""
+        host, port = table.parsed("listen", parse_host_port, "host:port", ("127.0.0.1", 8443))
+        key_size = table.integer("key_size_bits", 256, minimum=8, maximum=65536)
+        if key_size % 8:
+            raise ConfigError(table.key("key_size_bits"), "a multiple of 8")
+        min_size = table.integer("min_key_size_bits", 8, minimum=8, maximum=key_size)
+        max_size = table.integer("max_key_size_bits", 8 * key_size, minimum=key_size)
+        for name, size in (("min_key_size_bits", min_size), ("max_key_size_bits", max_size)):
+            if size % 8:
+                raise ConfigError(table.key(name), "a multiple of 8")
+        limits = ApiLimits(
+            key_size_bits=key_size,
+            min_key_size_bits=min_size,
+            max_key_size_bits=max_size,
+            max_keys_per_request=table.integer(
+                "max_keys_per_request", 128, minimum=1, maximum=4096
+            ),
+        )
+        server = ServerLimits(
+            max_header_bytes=table.integer("max_header_bytes", 16384, minimum=1024),
+            max_body_bytes=table.integer("max_body_bytes", 65536, minimum=1024),
+            request_timeout_s=table.number(
+                "request_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True
+            ),
+            handshake_timeout_s=table.number(
+                "handshake_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True
+            ),
+            max_connections=table.integer("max_connections", 256, minimum=1),
+        )
+        local_saes = table.string_list("local_saes")
+        peer_saes = table.string_list("peer_saes")
+        if not local_saes:
+            raise ConfigError(table.key("local_saes"), "at least one SAE ID")
+        if set(local_saes) & set(peer_saes):
+            raise ConfigError(table.key("peer_saes"), "SAE IDs distinct from local_saes")
+        unix_path = table.optional_string("unix_socket_path")
+        unix_sae = table.optional_string("unix_socket_sae")
+        if (unix_path is None) != (unix_sae is None):
+            raise ConfigError(table.key("unix_socket_sae"), "set together with unix_socket_path")
+        if unix_sae is not None and unix_sae not in local_saes:
+            raise ConfigError(table.key("unix_socket_sae"), "one of local_saes")
+        burst = table.number("quota_burst_keys", 2000.0, minimum=1.0)
+        config = cls(
+            listen_host=host,
+            listen_port=port,
+            certificate=Path(table.string("certificate")),
+            private_key=Path(table.string("private_key")),
+            sae_ca=Path(table.string("sae_ca")),
+            kme_id=table.string("kme_id"),
+            peer_kme_id=table.string("peer_kme_id"),
+            local_saes=local_saes,
+            peer_saes=peer_saes,
+            master_parity=table.integer("master_parity", minimum=0, maximum=1),
+            limits=limits,
+            server=server,
+            max_key_count=table.integer("max_key_count", 1_000_000, minimum=1),
+            quota_keys_per_s=table.number(
+                "quota_keys_per_s", 1000.0, minimum=0.0, exclusive_minimum=True
+            ),
+            quota_burst_keys=burst,
+            peer_timeout_s=table.number("peer_timeout_s", 5.0, minimum=0.0, exclusive_minimum=True),
+            unix_socket_path=None if unix_path is None else Path(unix_path),
+            unix_socket_sae=unix_sae,
+            unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
+        )
+        table.finish()
+        return config
+
+
+def server_ssl_context(certificate: Path, private_key: Path, sae_ca: Path) -> ssl.SSLContext:
+    """Server side of mutual TLS: TLS 1.2 minimum (1.3 preferred), client certificate required."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.load_cert_chain(certificate, private_key)
+    context.load_verify_locations(cafile=sae_ca)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def certificate_sae_id(peer_certificate: object) -> str | None:
+    """The single subject CN of a verified peer certificate (``getpeercert()`` form), or None."""
+    if not isinstance(peer_certificate, dict):
+        return None
+    names = [
+        value
+        for rdn in peer_certificate.get("subject", ())
+        for name, value in rdn
+        if name == "commonName"
+    ]
+    return names[0] if len(names) == 1 and isinstance(names[0], str) and names[0] else None
+
+
+# ---- the application: one request in, one response out ---------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class DeliveryApp:
+    """Authorizes, parses, applies fair use and calls the key manager; never raises ApiError."""
+
+    def __init__(
+        self,
+        *,
+        manager: KeyManager,
+        limits: ApiLimits,
+        kme_id: str,
+        peer_kme_id: str,
+        local_saes: tuple[str, ...],
+        peer_saes: tuple[str, ...],
+        fair_use: FairUse,
+        max_key_count: int,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.manager = manager
+        self.limits = limits
+        self._kme_id, self._peer_kme_id = kme_id, peer_kme_id
+        self._local_saes, self._peer_saes = frozenset(local_saes), frozenset(peer_saes)
+        self._fair_use = fair_use
+        self._max_key_count = max_key_count
+        self._clock = clock
+
+    @classmethod
+    def from_config(cls, config: DeliveryConfig, manager: KeyManager) -> DeliveryApp:
+        return cls(
+            manager=manager,
+            limits=config.limits,
+            kme_id=config.kme_id,
+            peer_kme_id=config.peer_kme_id,
+            local_saes=config.local_saes,
+            peer_saes=config.peer_saes,
+            fair_use=FairUse(
+                FairUsePolicy(
+                    keys_per_s=config.quota_keys_per_s,
+                    burst_keys=config.quota_burst_keys,
+                    key_size_bits=config.limits.key_size_bits,
+                )
+            ),
+            max_key_count=config.max_key_count,
+        )
+
+    async def respond(self, method: str, target: str, body: bytes, caller_sae: str) -> Response:
+        try:
+            if caller_sae not in self._local_saes:
+                raise ApiError(401, MSG_UNAUTHORIZED)
+            request = parse_request(method, target, body, self.limits)
+            authorize(request, caller_sae, local_saes=self._local_saes, peer_saes=self._peer_saes)
+            if isinstance(request, StatusRequest):
+                return Response(200, self._status(caller_sae, request.slave_sae))
+            if isinstance(request, EncKeysRequest):
+                return await self._enc_keys(caller_sae, request)
+            assert isinstance(request, DecKeysRequest)
+            keys = self.manager.dec_keys(
+                slave_sae=caller_sae, master_sae=request.master_sae, key_ids=request.key_ids
+            )
+            return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
+        except ApiError as exc:
+            return Response(exc.status, exc.body())
+        except KeyStoreError as exc:
+            _log.error("key store failure while serving", error=str(exc))
+            return Response(503, error_body("key store failure"))
+
+    def _status(self, master_sae: str, slave_sae: str) -> bytes:
+        return status_body(
+            source_kme_id=self._kme_id,
+            target_kme_id=self._peer_kme_id,
+            master_sae=master_sae,
+            slave_sae=slave_sae,
+            limits=self.limits,
+            stored_key_count=self.manager.stored_key_count(),
+            max_key_count=self._max_key_count,
+        )
+
+    async def _enc_keys(self, master_sae: str, request: EncKeysRequest) -> Response:
+        cost = self._fair_use.cost(number=request.number, size_bits=request.size_bits)
+        try:
+            self._fair_use.acquire(master_sae, cost, now=self._clock())
+        except QuotaExceeded as exc:
+            retry = exc.retry_after_s
+            headers = () if math.isinf(retry) else (("retry-after", str(math.ceil(retry))),)
+            message = (
+                "request larger than this SAE's key quota"
+                if math.isinf(retry)
+                else "key quota of this SAE exceeded; retry later"
+            )
+            return Response(429, error_body(message), headers)
+        try:
+            keys = await self.manager.enc_keys(
+                master_sae=master_sae,
+                slave_sae=request.slave_sae,
+                number=request.number,
+                size_bits=request.size_bits,
+            )
+        except (ApiError, KeyStoreError):
+            self._fair_use.refund(master_sae, cost, now=self._clock())
+            raise
+        return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
+
+
+# ---- HTTP over trio streams -------------------------------------------------------------------
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class DeliveryServer:
+    """Serves a :class:`DeliveryApp` over mutual TLS and, optionally, a Unix socket."""
+
+    def __init__(self, app: DeliveryApp, limits: ServerLimits) -> None:
+        self.app = app
+        self.limits = limits
+        self.active_connections = 0
+        self._too_large = f"request body larger than {limits.max_body_bytes} bytes"
+
+    async def serve_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on host:port (0 = any free port); ``started`` reports the bound address."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()
+        task_status.started((bound[0], bound[1]))
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await self._guarded(stream, lambda: self._tls_connection(stream, ssl_context))
+
+        await trio.serve_listeners(handler, listeners)
+
+    async def serve_unix(
+        self,
+        path: Path,
+        sae_id: str,
+        *,
+        mode: int = 0o600,
+        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The same API on a Unix socket; every connection acts as ``sae_id``.
+
+        The socket is created with ``mode`` (never wider, even for an instant): its file
+        permissions decide who may fetch keys.
+        """
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError("delivery.unix_socket_path", f"a socket path, {path} is a file")
+            path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            await sock.bind(os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(self.limits.max_connections)
+        listener = trio.SocketListener(sock)
+        task_status.started(path)
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await self._guarded(stream, lambda: self._http(stream, sae_id))
+
+        try:
+            await trio.serve_listeners(handler, [listener])
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _guarded(self, stream: trio.abc.Stream, run: Callable[[], Awaitable[None]]) -> None:
+        if self.active_connections >= self.limits.max_connections:
+            await trio.aclose_forcefully(stream)
+            return
+        self.active_connections += 1
+        try:
+            await run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: nothing to answer
+        except Exception as exc:
+            _log.error("delivery connection failed", error=type(exc).__name__)
+        finally:
+            self.active_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _tls_connection(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> None:
+        tls = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+        with trio.move_on_after(self.limits.handshake_timeout_s) as deadline:
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                # no certificate, another CA, expired: refused at the TLS layer
+                _log.info("TLS handshake refused", reason=str(exc.__cause__ or exc)[:200])
+                return
+        if deadline.cancelled_caught:
+            _log.info("TLS handshake timed out")
+            return
+        sae_id = certificate_sae_id(tls.getpeercert())
+        if sae_id is None:
+            _log.info("client certificate without a single CN")
+            return
+        await self._http(tls, sae_id)
+
+    async def _http(self, stream: trio.abc.Stream, sae_id: str) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        while True:
+            outcome: tuple[h11.Request, bytes] | None = None
+            with trio.move_on_after(self.limits.request_timeout_s) as deadline:
+                try:
+                    outcome = await self._read_request(stream, conn)
+                except _Reject as reject:
+                    await self._send(
+                        stream, conn, reject.status, error_body(reject.message), (), close=True
+                    )
+                    return
+                except h11.RemoteProtocolError:
+                    await self._send(
+                        stream, conn, 400, error_body("malformed HTTP request"), (), close=True
+                    )
+                    return
+            if deadline.cancelled_caught:
+                if conn.their_state is not h11.IDLE or conn.trailing_data[0]:
+                    await self._send(
+                        stream, conn, 408, error_body("request timeout"), (), close=True
+                    )
+                return
+            if outcome is None:
+                return
+            request, body = outcome
+            response = await self.app.respond(
+                request.method.decode("ascii", "replace"),
+                request.target.decode("ascii", "replace"),
+                body,
+                sae_id,
+            )
+            if not await self._send(stream, conn, response.status, response.body, response.headers):
+                return
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:
+                return
+            try:
+                conn.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, conn: h11.Connection
+    ) -> tuple[h11.Request, bytes] | None:
+        request: h11.Request | None = None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if conn.they_are_waiting_for_100_continue:
+                    await stream.send_all(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
+                conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+            elif isinstance(event, h11.Request):
+                request = event
+                # h11 bounds only headers that arrive in pieces; bound them all the same
+                header_bytes = len(event.target) + sum(
+                    len(n) + len(v) + 4 for n, v in event.headers
+                )
+                if header_bytes > self.limits.max_header_bytes:
+                    raise _Reject(400, "malformed HTTP request")
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > self.limits.max_body_bytes:
+                        raise _Reject(400, self._too_large)
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.limits.max_body_bytes:
+                    raise _Reject(400, self._too_large)
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, b"".join(chunks)
+            else:  # ConnectionClosed, or PAUSED (cannot happen before EndOfMessage)
+                return None
+
+    async def _send(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        status: int,
+        body: bytes,
+        extra_headers: tuple[tuple[str, str], ...],
+        *,
+        close: bool = False,
+    ) -> bool:
+        """Send one JSON response; False if the connection cannot carry more."""
+        headers = [
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+            *extra_headers,
+        ]
+        if close:
+            headers.append(("connection", "close"))
+        try:
+            data = conn.send(h11.Response(status_code=status, headers=headers))
+            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"")
+            data += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            return False
+        with trio.move_on_after(self.limits.request_timeout_s) as scope:
+            await stream.send_all(data)
+        return not scope.cancelled_caught and not close
+
+
+async def serve_delivery(
+    config: DeliveryConfig,
+    app: DeliveryApp,
+    *,
+    task_status: trio.TaskStatus[tuple[tuple[str, int], Path | None]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the TLS endpoint and, if configured, the Unix socket until cancelled."""
+    server = DeliveryServer(app, config.server)
+    context = server_ssl_context(config.certificate, config.private_key, config.sae_ca)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(
+            server.serve_tls, context, config.listen_host, config.listen_port
+        )
+        unix_path: Path | None = None
+        if config.unix_socket_path is not None and config.unix_socket_sae is not None:
+            unix_path = await nursery.start(
+                partial(server.serve_unix, mode=config.unix_socket_mode),
+                config.unix_socket_path,
+                config.unix_socket_sae,
+            )
+        task_status.started((address, unix_path))

@@ -1,0 +1,579 @@
+"""ETSI 014 delivery over real sockets: two in-process nodes (Alice, Bob) with mutual TLS, the real
+``etsi-qkd-014-client`` and curl as clients, the negative cases of the issue, the Unix socket,
+quotas, and concurrent masters on both nodes never handing out a key twice."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h11
+import numpy as np
+import pytest
+import trio
+from etsi_qkd_014_client import QKD014Client  # type: ignore[import-untyped]
+
+from qkdnode import pki
+from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE, ApiLimits
+from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
+from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
+from qkdnode.delivery.server import DeliveryApp, DeliveryServer, ServerLimits, server_ssl_context
+from qkdnode.store.keystore import DeliveryKey, KeyStore, StagedBlock
+
+LIMITS = ApiLimits(
+    key_size_bits=256, min_key_size_bits=8, max_key_size_bits=2048, max_keys_per_request=64
+)
+SERVER_LIMITS = ServerLimits(
+    max_header_bytes=4096,
+    max_body_bytes=8192,
+    request_timeout_s=1.0,
+    handshake_timeout_s=2.0,
+    max_connections=64,
+)
+
+
+@dataclass
+class Pki:
+    ca: Path
+    alice: pki.IssuedFiles
+    bob: pki.IssuedFiles
+    sae: dict[str, pki.IssuedFiles]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    pki.init_ca(root / "ca")
+    pki.init_ca(root / "other-ca")
+    sae = {
+        name: pki.issue_certificate(root / "ca", name, root / name, purpose="sae")
+        for name in ("sae-a", "sae-a2", "sae-b", "sae-b2", "sae-x")
+    }
+    sae["foreign"] = pki.issue_certificate(
+        root / "other-ca", "sae-a", root / "foreign", purpose="sae"
+    )
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
+    sae["expired"] = pki.issue_certificate(
+        root / "ca",
+        "sae-a",
+        root / "expired",
+        purpose="sae",
+        not_valid_before=past,
+        validity_days=1,
+    )
+    return Pki(
+        ca=root / "ca" / pki.CA_CERT,
+        alice=pki.issue_certificate(root / "ca", "kme-alice", root / "alice", purpose="node"),
+        bob=pki.issue_certificate(root / "ca", "kme-bob", root / "bob", purpose="node"),
+        sae=sae,
+    )
+
+
+@dataclass
+class Node:
+    store: KeyStore
+    manager: KeyManager
+    app: DeliveryApp
+    server: DeliveryServer
+    port: int
+
+
+@dataclass
+class Pair:
+    alice: Node
+    bob: Node
+    blocks: list[StagedBlock]
+    certs: Pki
+
+
+def fill(stores: Sequence[KeyStore], *, seed: int, blocks: int, keys: int) -> list[StagedBlock]:
+    """Stage then commit identical blocks in every store, as the two-phase commit does."""
+    rng = np.random.default_rng(seed)
+    staged = []
+    for block_id in range(1, blocks + 1):
+        block = StagedBlock(
+            block_id=block_id,
+            first_pulse_index=block_id,
+            pulse_count=1,
+            consumer_keys=[
+                (uuid.UUID(bytes=rng.bytes(16), version=4), rng.bytes(32)) for _ in range(keys)
+            ],
+            key_size_bits=256,
+            auth_pool_material=b"",
+        )
+        staged.append(block)
+        for store in stores:
+            store.stage_block(block)
+    for block in staged:
+        for store in stores:
+            store.commit_block(block.block_id)
+    return staged
+
+
+async def start_pair(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    certs: Pki,
+    *,
+    keys: int = 64,
+    quota: FairUsePolicy | None = None,
+    limits: ServerLimits = SERVER_LIMITS,
+) -> Pair:
+    stores = [
+        KeyStore.open(tmp_path / "alice", node_name="alice"),
+        KeyStore.open(tmp_path / "bob", node_name="bob"),
+    ]
+    blocks = fill(stores, seed=42, blocks=2, keys=keys // 2)
+    managers: dict[str, KeyManager] = {}
+    sae_sets = {
+        "alice": ({"sae-a", "sae-a2"}, {"sae-b", "sae-b2"}),
+        "bob": ({"sae-b", "sae-b2"}, {"sae-a", "sae-a2"}),
+    }
+
+    def wired(peer: str) -> object:
+        async def peer_reserve(keys: Sequence[DeliveryKey], master: str, slave: str) -> None:
+            await trio.sleep(0)  # a real channel round trip lets other requests interleave here
+            parsed, m, s = reservation_from_wire(reservation_to_wire(keys, master, slave))
+            managers[peer].record_peer_reservation(parsed, m, s)
+
+        return peer_reserve
+
+    nodes = []
+    for name, store, parity, cert, peer in (
+        ("alice", stores[0], 0, certs.alice, "bob"),
+        ("bob", stores[1], 1, certs.bob, "alice"),
+    ):
+        local, remote = sae_sets[name]
+        managers[name] = KeyManager(
+            store,
+            master_parity=parity,
+            peer_reserve=wired(peer),  # type: ignore[arg-type]
+            local_saes=local,
+            peer_saes=remote,
+        )
+        app = DeliveryApp(
+            manager=managers[name],
+            limits=LIMITS,
+            kme_id=f"kme-{name}",
+            peer_kme_id=f"kme-{peer}",
+            local_saes=tuple(sorted(local)),
+            peer_saes=tuple(sorted(remote)),
+            fair_use=FairUse(
+                quota or FairUsePolicy(keys_per_s=1e6, burst_keys=1e6, key_size_bits=256)
+            ),
+            max_key_count=1000,
+        )
+        server = DeliveryServer(app, limits)
+        context = server_ssl_context(cert.certificate, cert.private_key, certs.ca)
+        _, port = await nursery.start(server.serve_tls, context, "127.0.0.1", 0)
+        nodes.append(Node(store, managers[name], app, server, port))
+    return Pair(nodes[0], nodes[1], blocks, certs)
+
+
+@pytest.fixture
+async def pair(nursery: trio.Nursery, tmp_path: Path, certs: Pki) -> AsyncIterator[Pair]:
+    result = await start_pair(nursery, tmp_path, certs)
+    yield result
+    nursery.cancel_scope.cancel()
+
+
+def client(pair: Pair, node: Node, sae: str) -> QKD014Client:
+    files = pair.certs.sae[sae]
+    return QKD014Client(
+        f"127.0.0.1:{node.port}", str(files.certificate), str(files.private_key), str(pair.certs.ca)
+    )
+
+
+def client_context(certs: Pki, sae: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    if sae is not None:
+        files = certs.sae[sae]
+        context.load_cert_chain(files.certificate, files.private_key)
+    return context
+
+
+async def raw(
+    port: int, context: ssl.SSLContext | None, data: bytes, *, unix: Path | None = None
+) -> tuple[int, dict[str, object]]:
+    """Send raw request bytes; parse one response (status, JSON body) with an h11 client."""
+    stream: trio.abc.Stream
+    if unix is not None:
+        stream = await trio.open_unix_socket(str(unix))
+    else:
+        assert context is not None
+        stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port, ssl_context=context)
+    async with stream:
+        await stream.send_all(data)
+        conn = h11.Connection(h11.CLIENT)
+        conn.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))
+        conn.send(h11.EndOfMessage())
+        status, body = 0, b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        return status, json.loads(body)
+
+
+def http(method: str, target: str, body: bytes = b"", extra: str = "") -> bytes:
+    return (
+        f"{method} {target} HTTP/1.1\r\nhost: localhost\r\ncontent-length: {len(body)}\r\n"
+        f"{extra}connection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def status_ok(pair: Pair, node: Node, sae: str = "sae-a") -> None:
+    """The sanity request that must succeed before and after every negative case."""
+    slave = "sae-b" if node is pair.alice else "sae-a"
+    code, body = await raw(
+        node.port,
+        client_context(pair.certs, sae if node is pair.alice else "sae-b"),
+        http("GET", f"/api/v1/keys/{slave}/status"),
+    )
+    assert code == 200 and body["key_size"] == 256
+
+
+# ---- the real client -------------------------------------------------------------------------
+
+
+async def test_real_client_status_enc_keys_at_alice_dec_keys_at_bob_same_bytes(pair: Pair) -> None:
+    alice_client = client(pair, pair.alice, "sae-a")
+    bob_client = client(pair, pair.bob, "sae-b")
+    code, status = await trio.to_thread.run_sync(alice_client.get_status, "sae-b")
+    assert code == 200
+    assert (status.source_kme_id, status.target_kme_id) == ("kme-alice", "kme-bob")
+    assert (status.master_sae_id, status.slave_sae_id) == ("sae-a", "sae-b")
+    assert status.key_size == 256 and status.stored_key_count == 32
+    assert (status.min_key_size, status.max_key_size, status.max_key_per_request) == (8, 2048, 64)
+
+    code, container = await trio.to_thread.run_sync(alice_client.get_key, "sae-b")  # GET form
+    assert code == 200 and len(container.keys) == 1
+    code, more = await trio.to_thread.run_sync(
+        lambda: alice_client.get_key("sae-b", number=3, size=512)  # POST form
+    )
+    assert code == 200 and len(more.keys) == 3
+    keys = container.keys + more.keys
+    # the first key is stored key 0 of block 1 (position 0: Alice's partition)
+    assert (
+        keys[0].key == __import__("base64").b64encode(pair.blocks[0].consumer_keys[0][1]).decode()
+    )
+
+    for key in keys:
+        code, fetched = await trio.to_thread.run_sync(
+            bob_client.get_key_with_key_IDs, "sae-a", [key.key_id]
+        )
+        assert code == 200
+        assert fetched.keys[0].key_id == key.key_id and fetched.keys[0].key == key.key
+    code, error = await trio.to_thread.run_sync(
+        bob_client.get_key_with_key_IDs, "sae-a", [keys[0].key_id]
+    )
+    assert code == 400 and error.message == MSG_KEYS_NOT_FOUND  # second dec_keys
+    code, status = await trio.to_thread.run_sync(alice_client.get_status, "sae-b")
+    assert status.stored_key_count == 32 - 1 - 6
+
+
+async def test_status_answers_with_an_empty_store(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    pair = await start_pair(nursery, tmp_path, certs, keys=0)
+    code, status = await trio.to_thread.run_sync(
+        client(pair, pair.alice, "sae-a").get_status, "sae-b"
+    )
+    assert code == 200 and status.stored_key_count == 0
+    code, error = await trio.to_thread.run_sync(client(pair, pair.alice, "sae-a").get_key, "sae-b")
+    assert code == 503 and "not enough key material" in error.message
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+async def test_curl_with_client_certificates_against_both_nodes(pair: Pair) -> None:
+    def curl(node: Node, sae: str, path: str, *extra: str) -> list[str]:
+        files = pair.certs.sae[sae]
+        return [
+            "curl",
+            "--silent",
+            "--show-error",
+            "--cert",
+            str(files.certificate),
+            "--key",
+            str(files.private_key),
+            "--cacert",
+            str(pair.certs.ca),
+            *extra,
+            f"https://localhost:{node.port}/api/v1/keys/{path}",
+        ]
+
+    result = await trio.run_process(curl(pair.alice, "sae-a", "sae-b/status"), capture_stdout=True)
+    assert json.loads(result.stdout)["stored_key_count"] == 32
+    result = await trio.run_process(
+        curl(
+            pair.alice,
+            "sae-a",
+            "sae-b/enc_keys",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"number": 2, "size": 128}',
+        ),
+        capture_stdout=True,
+    )
+    keys = json.loads(result.stdout)["keys"]
+    assert len(keys) == 2
+    result = await trio.run_process(
+        curl(pair.bob, "sae-b", f"sae-a/dec_keys?key_ID={keys[0]['key_ID']}"), capture_stdout=True
+    )
+    assert json.loads(result.stdout)["keys"] == keys[:1]
+    result = await trio.run_process(
+        curl(
+            pair.bob,
+            "sae-b",
+            "sae-a/dec_keys",
+            "-d",
+            json.dumps({"key_IDs": [{"key_ID": keys[1]["key_ID"]}]}),
+        ),
+        capture_stdout=True,
+    )
+    assert json.loads(result.stdout)["keys"] == keys[1:]
+
+
+# ---- negative cases: each refused, and the server keeps serving ---------------------------------
+
+
+@pytest.mark.parametrize("who", ["none", "foreign", "expired"])
+async def test_tls_refuses_missing_foreign_and_expired_client_certificates(
+    pair: Pair, who: str
+) -> None:
+    await status_ok(pair, pair.alice)
+    context = client_context(pair.certs, None if who == "none" else who)
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+        await raw(pair.alice.port, context, http("GET", "/api/v1/keys/sae-b/status"))
+    await status_ok(pair, pair.alice)
+
+
+async def test_unknown_sae_gets_401(pair: Pair) -> None:
+    code, body = await raw(
+        pair.alice.port,
+        client_context(pair.certs, "sae-x"),
+        http("GET", "/api/v1/keys/sae-b/status"),
+    )
+    assert code == 401 and isinstance(body["message"], str)
+    # an SAE of the peer node is not an SAE of this node either
+    code, _ = await raw(
+        pair.alice.port,
+        client_context(pair.certs, "sae-b"),
+        http("GET", "/api/v1/keys/sae-a/enc_keys"),
+    )
+    assert code == 401
+    await status_ok(pair, pair.alice)
+
+
+async def test_slave_asking_for_another_saes_key_gets_401_and_the_right_slave_still_can(
+    pair: Pair,
+) -> None:
+    code, container = await trio.to_thread.run_sync(
+        lambda: client(pair, pair.alice, "sae-a").get_key("sae-b2", number=1)  # for sae-b2
+    )
+    assert code == 200
+    key_id = container.keys[0].key_id
+    code, error = await trio.to_thread.run_sync(
+        client(pair, pair.bob, "sae-b").get_key_with_key_IDs, "sae-a", [key_id]
+    )
+    assert code == 401
+    code, error = await trio.to_thread.run_sync(  # right slave, wrong master in the URL
+        client(pair, pair.bob, "sae-b2").get_key_with_key_IDs, "sae-a2", [key_id]
+    )
+    assert code == 400 and error.message == MSG_KEYS_NOT_FOUND
+    code, fetched = await trio.to_thread.run_sync(
+        client(pair, pair.bob, "sae-b2").get_key_with_key_IDs, "sae-a", [key_id]
+    )
+    assert code == 200 and fetched.keys[0].key == container.keys[0].key
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"number": 1,', "request body is not valid JSON"),
+        (b'{"size": 100}', MSG_SIZE_MULTIPLE),
+        (b'{"number": 65}', "number shall be between 1 and max_key_per_request (64)"),
+        (
+            b'{"extension_mandatory": [{"route": "x"}]}',
+            "not all extension_mandatory parameters are supported",
+        ),
+    ],
+)
+async def test_bad_enc_keys_requests_get_400_with_the_spec_message(
+    pair: Pair, body: bytes, message: str
+) -> None:
+    context = client_context(pair.certs, "sae-a")
+    code, answer = await raw(
+        pair.alice.port, context, http("POST", "/api/v1/keys/sae-b/enc_keys", body)
+    )
+    assert (code, answer["message"]) == (400, message)
+    assert pair.alice.manager.stored_key_count() == 32  # nothing reserved
+    await status_ok(pair, pair.alice)
+
+
+async def test_huge_body_and_huge_headers_are_refused(pair: Pair) -> None:
+    context = client_context(pair.certs, "sae-a")
+    big = b'{"x": "' + b"a" * 9000 + b'"}'
+    code, answer = await raw(
+        pair.alice.port, context, http("POST", "/api/v1/keys/sae-b/enc_keys", big)
+    )
+    assert code == 400 and "larger than 8192" in str(answer["message"])
+    chunked = (
+        b"POST /api/v1/keys/sae-b/enc_keys HTTP/1.1\r\nhost: x\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+        + b"".join(b"1000\r\n" + b" " * 4096 + b"\r\n" for _ in range(3))
+    )
+    code, answer = await raw(pair.alice.port, context, chunked)
+    assert code == 400 and "larger than" in str(answer["message"])
+    code, answer = await raw(
+        pair.alice.port,
+        context,
+        http("GET", "/api/v1/keys/sae-b/status", extra="x-pad: " + "p" * 5000 + "\r\n"),
+    )
+    assert code == 400 and answer["message"] == "malformed HTTP request"
+    code, answer = await raw(pair.alice.port, context, b"NOT HTTP AT ALL\r\n\r\n")
+    assert code == 400
+    await status_ok(pair, pair.alice)
+
+
+async def test_slowloris_gets_408_while_others_are_served(pair: Pair) -> None:
+    context = client_context(pair.certs, "sae-a")
+    stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", pair.alice.port, ssl_context=context)
+    async with stream:
+        await stream.send_all(b"GET /api/v1/keys/sae-b/status HTTP/1.1\r\nhost: x\r\n")
+        await status_ok(pair, pair.alice)  # served while the slow client hangs
+        with trio.fail_after(5):
+            data = b""
+            while not data.endswith(b"}"):
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 408")
+    assert json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"message": "request timeout"}
+    # an idle TLS handshake never started is dropped too, without harm
+    tcp = await trio.open_tcp_stream("127.0.0.1", pair.alice.port)
+    async with tcp:
+        await status_ok(pair, pair.alice)
+
+
+async def test_connection_limit_refuses_extra_connections_and_recovers(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    small = ServerLimits(
+        max_body_bytes=4096, request_timeout_s=1.0, handshake_timeout_s=1.0, max_connections=2
+    )
+    pair = await start_pair(nursery, tmp_path, certs, limits=small)
+    idle = [await trio.open_tcp_stream("127.0.0.1", pair.alice.port) for _ in range(2)]
+    await trio.sleep(0.05)
+    assert pair.alice.server.active_connections == 2
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+        await raw(
+            pair.alice.port,
+            client_context(certs, "sae-a"),
+            http("GET", "/api/v1/keys/sae-b/status"),
+        )
+    for stream in idle:
+        await stream.aclose()
+    await trio.sleep(0.05)
+    await status_ok(pair, pair.alice)
+    nursery.cancel_scope.cancel()
+
+
+async def test_quota_stops_a_hog_but_not_other_saes(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    quota = FairUsePolicy(keys_per_s=0.001, burst_keys=4, key_size_bits=256)
+    pair = await start_pair(nursery, tmp_path, certs, quota=quota)
+    hog = client_context(certs, "sae-a")
+    enc = http("POST", "/api/v1/keys/sae-b/enc_keys", b'{"number": 2}')
+    assert (await raw(pair.alice.port, hog, enc))[0] == 200
+    assert (await raw(pair.alice.port, hog, enc))[0] == 200
+    code, body = await raw(pair.alice.port, hog, enc)
+    assert code == 429 and "quota" in str(body["message"])
+    code, body = await raw(pair.alice.port, client_context(certs, "sae-a2"), enc)
+    assert code == 200 and len(body["keys"]) == 2  # type: ignore[arg-type]
+    nursery.cancel_scope.cancel()
+
+
+# ---- Unix socket --------------------------------------------------------------------------------
+
+
+async def test_unix_socket_serves_the_same_api_with_file_permissions(
+    pair: Pair, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    path = tmp_path / "delivery.sock"
+    await nursery.start(pair.alice.server.serve_unix, path, "sae-a")
+    assert path.stat().st_mode & 0o777 == 0o600
+    code, body = await raw(0, None, http("GET", "/api/v1/keys/sae-b/status"), unix=path)
+    assert code == 200 and body["master_SAE_ID"] == "sae-a"
+    code, body = await raw(
+        0, None, http("GET", "/api/v1/keys/sae-b/enc_keys?number=2&size=64"), unix=path
+    )
+    assert code == 200
+    keys = body["keys"]
+    assert isinstance(keys, list) and len(keys) == 2
+    ids = json.dumps({"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}).encode()
+    code, fetched = await raw(
+        pair.bob.port,
+        client_context(pair.certs, "sae-b"),
+        http("POST", "/api/v1/keys/sae-a/dec_keys", ids),
+    )
+    assert code == 200 and fetched["keys"] == keys
+
+
+# ---- both nodes master at once ------------------------------------------------------------------
+
+
+async def test_concurrent_masters_on_both_nodes_never_hand_out_a_key_twice(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    pair = await start_pair(nursery, tmp_path, certs, keys=400)
+    rng = np.random.default_rng(7)
+    results: list[tuple[str, dict[str, object]]] = []
+
+    async def master(node: Node, sae: str, slave: str, number: int, size: int) -> None:
+        body = json.dumps({"number": number, "size": size}).encode()
+        response = await node.app.respond("POST", f"/api/v1/keys/{slave}/enc_keys", body, sae)
+        results.append((sae, json.loads(response.body) | {"status": response.status}))
+
+    async with trio.open_nursery() as inner:
+        for i in range(80):
+            size = int(rng.choice([64, 256, 384]))
+            if i % 2:
+                inner.start_soon(
+                    master, pair.alice, "sae-a", "sae-b", int(rng.integers(1, 4)), size
+                )
+            else:
+                inner.start_soon(master, pair.bob, "sae-b", "sae-a", int(rng.integers(1, 4)), size)
+    delivered = [(sae, k) for sae, r in results if r["status"] == 200 for k in r["keys"]]  # type: ignore[attr-defined]
+    assert len(delivered) > 100
+    ids = [k["key_ID"] for _, k in delivered]
+    materials = [k["key"] for _, k in delivered]
+    assert len(set(ids)) == len(ids)
+    assert len(set(materials)) == len(materials)  # no stored bytes handed out twice
+    # every slave gets exactly the master's bytes, once
+    for sae, key in delivered:
+        node, slave, master_sae = (
+            (pair.bob, "sae-b", "sae-a") if sae == "sae-a" else (pair.alice, "sae-a", "sae-b")
+        )
+        body = json.dumps({"key_IDs": [{"key_ID": key["key_ID"]}]}).encode()
+        response = await node.app.respond(
+            "POST", f"/api/v1/keys/{master_sae}/dec_keys", body, slave
+        )
+        assert response.status == 200 and json.loads(response.body)["keys"] == [key]
+    nursery.cancel_scope.cancel()

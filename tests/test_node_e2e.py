@@ -1,0 +1,125 @@
+"""End to end: two real `qkdnode run` processes on loopback, as an operator runs them.
+
+Each test starts Alice and Bob with the simulated link, follows Alice's JSON log, and checks the
+stores afterwards (read-only). Blocks are small (few seconds each) to keep the default run short.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from qkdnode.node.demo import (
+    DemoLayout,
+    LogFollower,
+    Progress,
+    compare_stores,
+    prepare_workdir,
+    prove_keys_through_api,
+    read_keys,
+    start_node,
+    stop_nodes,
+)
+
+BLOCK_PULSES = 40_000_000
+GRACE_S = 15.0
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> DemoLayout:
+    workdir = tmp_path / "pair"
+    workdir.mkdir(mode=0o700)
+    return prepare_workdir(workdir, distance_km=25.0, block_pulses=BLOCK_PULSES)
+
+
+@pytest.fixture
+def nodes(layout: DemoLayout) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    running = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
+    yield running
+    stop_nodes(list(running.values()))
+
+
+def wait_for(
+    layout: DemoLayout,
+    progress: Progress,
+    follower: LogFollower,
+    done: Callable[[Progress], bool],
+    processes: dict[str, subprocess.Popen[bytes]],
+    timeout_s: float = 120.0,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done(progress):
+        for event in follower.new_events():
+            progress.feed(event)
+        for name, process in processes.items():
+            if process.poll() is not None:
+                stderr = (layout.workdir / f"{name}.stderr").read_text()
+                pytest.fail(f"{name} exited with {process.returncode}: {stderr[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out: {progress}")
+        time.sleep(0.1)
+
+
+def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
+    layout: DemoLayout, nodes: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    progress, follower = Progress(), LogFollower(layout.log("alice"))
+    wait_for(layout, progress, follower, lambda p: p.committed >= 5, nodes)
+    assert "key_derived" in progress.modes_seen, progress.modes_seen
+    assert progress.modes_seen[0] == "certificate"
+    api_match, delivered = prove_keys_through_api(layout)
+    assert api_match and delivered == 8
+
+    started = time.monotonic()
+    codes = stop_nodes([nodes["alice"], nodes["bob"]], timeout_s=GRACE_S + 5)
+    assert codes == [0, 0], codes  # SIGTERM: clean exit
+    assert time.monotonic() - started < GRACE_S + 5
+    match, compared = compare_stores(layout, exact=True)
+    assert match and compared > 100
+    # the log carries node, peer and block on block events; no key material
+    text = layout.log("alice").read_text()
+    for key in list(read_keys(layout.store("alice")).values())[:50]:
+        assert key.hex() not in text
+
+
+def test_intercept_resend_eve_aborts_every_block_and_stores_no_key(tmp_path: Path) -> None:
+    workdir = tmp_path / "eve"
+    workdir.mkdir(mode=0o700)
+    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=BLOCK_PULSES, eve=1.0)
+    running = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
+    try:
+        progress, follower = Progress(), LogFollower(layout.log("alice"))
+        wait_for(layout, progress, follower, lambda p: p.attempts >= 3, running)
+    finally:
+        codes = stop_nodes(list(running.values()))
+    assert codes == [0, 0]
+    assert progress.committed == 0
+    assert set(progress.abort_reasons) == {"qber_above_threshold"}, progress.abort_reasons
+    assert read_keys(layout.store("alice")) == {} and read_keys(layout.store("bob")) == {}
+
+
+def test_kill_9_of_bob_mid_block_then_restart_loses_no_committed_key(
+    layout: DemoLayout, nodes: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    progress, follower = Progress(), LogFollower(layout.log("alice"))
+    wait_for(layout, progress, follower, lambda p: p.committed >= 2, nodes)
+    time.sleep(0.7)  # well inside the next block
+    committed_before = read_keys(layout.store("alice"))
+    os.kill(nodes["bob"].pid, signal.SIGKILL)
+    nodes["bob"].wait(timeout=10)
+    nodes["bob"] = start_node(layout, "bob")
+    target = progress.committed + 2
+    wait_for(layout, progress, follower, lambda p: p.committed >= target, nodes)
+    codes = stop_nodes([nodes["alice"], nodes["bob"]], timeout_s=GRACE_S + 5)
+    assert codes == [0, 0], codes
+    match, _ = compare_stores(layout, exact=True)
+    assert match
+    alice_after = read_keys(layout.store("alice"))
+    for key_id, material in committed_before.items():
+        assert alice_after.get(key_id) == material  # no committed key lost
