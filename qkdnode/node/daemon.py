@@ -418,6 +418,11 @@ class Node:
                 auth_pool_taken_bits=pool_bytes * 8,
                 pool_level_bits=self.ledger.level_bits,
                 keys=keys,
+                key_counts=list(stats.key_counts),
+                test_counts=list(stats.test_counts),
+                test_errors=list(stats.test_errors_per_intensity),
+                reconciled_bits=stats.reconciled_bits,
+                errors_corrected=stats.errors_corrected,
             )
         self.notifier.status(
             f"{self.counters.blocks_committed} blocks committed, "

@@ -237,6 +237,10 @@ class BlockStatistics:
     verification_bits: int
     round_trips: int
     final_key_bits: int
+    # the decoy statistics the key length came from (n_X,k after the sample; n_Z,k; m_Z,k)
+    key_counts: tuple[int, int, int]
+    test_counts: tuple[int, int, int]
+    test_errors_per_intensity: tuple[int, int, int]
 
     @property
     def qber(self) -> float:
@@ -544,6 +548,9 @@ class AliceBlock(_Role):
             verification_bits=self.ledger.verification_bits,
             round_trips=self._round_trips,
             final_key_bits=int(key.shape[0]),
+            key_counts=self._key_counts,
+            test_counts=self._statistics.counts,
+            test_errors_per_intensity=self._statistics.errors,
         )
 
 
@@ -685,6 +692,9 @@ class BobBlock(_Role):
                 verification_bits=self.ledger.verification_bits,
                 round_trips=self._reconciler.round_trips,
                 final_key_bits=expected,
+                key_counts=self._key_counts,
+                test_counts=self._statistics.counts,
+                test_errors_per_intensity=self._statistics.errors,
             ),
         )
         return [VerificationResult(ok=True)]
