@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
 
     commands.add_parser(
+        "status",
+        help="health of a running node (exit 0 healthy, 1 degraded, 3 not answering)",
+        add_help=False,
+    )
+    commands.add_parser(
+        "report", help="PNG plots of a node's history and of the link", add_help=False
+    )
+    commands.add_parser(
         "device-emulator",
         help="emulate a serial QKD device on a pseudo-terminal (see --help of the subcommand)",
         add_help=False,
@@ -121,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["device-emulator"]:
         return _cmd_device_emulator(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["status"]:
+        from qkdnode.ops.status import main as status_main
+
+        return status_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from qkdnode.ops.report import main as report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":

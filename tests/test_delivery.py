@@ -17,7 +17,7 @@ import h11
 import numpy as np
 import pytest
 import trio
-from etsi_qkd_014_client import QKD014Client  # type: ignore[import-untyped]
+from etsi_qkd_014_client import QKD014Client
 
 from qkdnode import pki
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE, ApiLimits

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,11 +68,44 @@ def wait_for(
         time.sleep(0.1)
 
 
+def scrape(layout: DemoLayout, node: str) -> dict[str, float]:
+    """The node's /metrics as {sample name with labels: value}."""
+    with urllib.request.urlopen(layout.metrics_url(node), timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def qkdnode_status(layout: DemoLayout, node: str) -> int:
+    url = layout.metrics_url(node).replace("/metrics", "/status")
+    result = subprocess.run(
+        [sys.executable, "-m", "qkdnode", "status", "--url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.returncode
+
+
 def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     layout: DemoLayout, nodes: dict[str, subprocess.Popen[bytes]]
 ) -> None:
     progress, follower = Progress(), LogFollower(layout.log("alice"))
+    wait_for(layout, progress, follower, lambda p: p.committed >= 2, nodes)
+    early = {node: scrape(layout, node) for node in ("alice", "bob")}
     wait_for(layout, progress, follower, lambda p: p.committed >= 5, nodes)
+    late = {node: scrape(layout, node) for node in ("alice", "bob")}
+    committed = 'qkdnode_blocks_total{outcome="committed"}'
+    for node in ("alice", "bob"):  # the counters move as blocks complete, on both nodes
+        assert late[node][committed] > early[node][committed] >= 1
+        assert late[node]["qkdnode_secret_bits_total"] > early[node]["qkdnode_secret_bits_total"]
+        assert late[node]['qkdnode_auth_mode{mode="key_derived"}'] == 1
+        assert late[node]["qkdnode_peer_connected"] == 1
+    assert qkdnode_status(layout, "alice") == 0
     assert "key_derived" in progress.modes_seen, progress.modes_seen
     assert progress.modes_seen[0] == "certificate"
     api_match, delivered = prove_keys_through_api(layout)
@@ -80,6 +115,7 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     codes = stop_nodes([nodes["alice"], nodes["bob"]], timeout_s=GRACE_S + 5)
     assert codes == [0, 0], codes  # SIGTERM: clean exit
     assert time.monotonic() - started < GRACE_S + 5
+    assert qkdnode_status(layout, "alice") == 3  # a stopped node does not answer
     match, compared = compare_stores(layout, exact=True)
     assert match and compared > 100
     # the log carries node, peer and block on block events; no key material

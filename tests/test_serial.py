@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -28,8 +27,21 @@ from qkdnode.link import LinkState, QuantumLink
 from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.emulator import DeviceEmulator
 from qkdnode.link.interface import LinkStatus
-from qkdnode.link.serial import SerialLink, SerialLinkConfig
-from qkdnode.link.serialproto import AlarmCode
+from qkdnode.link.serial import BlockReader, SerialLink, SerialLinkConfig, open_tty
+from qkdnode.link.serialproto import (
+    Ack,
+    AlarmCode,
+    Command,
+    Configure,
+    DeviceError,
+    DeviceStatus,
+    FrameDecoder,
+    Message,
+    MessageType,
+    Parameters,
+    Received,
+    encode_frame,
+)
 from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import SecurityParameters
 from qkdnode.postprocess.pipeline import BlockKey, PipelineParameters, run_block
@@ -46,7 +58,6 @@ PIPELINE = PipelineParameters(
     sample_bits=2000,
 )
 BLOCK = 1 << 18
-_KEEP = 4
 Pair = tuple[EmissionRecords, DetectionRecords]
 
 
@@ -58,6 +69,7 @@ class Rig:
     bob: SerialLink
     losses: list[tuple[str, LinkStatus]] = field(default_factory=list)
     timeouts: list[str] = field(default_factory=list)
+    skipped: int = 0
 
 
 def fibre_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
@@ -107,51 +119,31 @@ async def rig(tmp_path: Path, seed: int, **overrides: float) -> AsyncIterator[Ri
 
 
 async def aligned_pairs(rig: Rig, count: int, pulse_count: int = BLOCK) -> list[Pair]:
-    """What a daemon does: each end pulls blocks continuously in its own task into a buffer that
-    keeps the newest ``_KEEP`` blocks (a link must never wait for its consumer: the device would
-    back up through the fibre into the other end); blocks are paired by first pulse index, and
-    anything older than a pair is dropped. A lost device is reported, then waited for."""
-    buffers: dict[str, deque[EmissionRecords | DetectionRecords]] = {
-        "alice": deque(maxlen=_KEEP),
-        "bob": deque(maxlen=_KEEP),
-    }
-    changed = trio.Event()
+    """What a daemon does: a ``BlockReader`` per end reads its link continuously; Alice takes
+    her oldest block, Bob takes the block with the same first pulse index (or reports that his
+    side lost it, and both move on)."""
     pairs: list[Pair] = []
-
-    async def produce(link: SerialLink) -> None:
-        nonlocal changed
-        while True:
-            try:
-                block = await link.next_block(pulse_count)
-            except LinkLost:
-                rig.losses.append((link.role, link.status()))
-                continue
-            except LinkTimeout:
-                rig.timeouts.append(link.role)
-                continue
-            buffers[link.role].append(block)
-            changed.set()
-
+    alice = BlockReader(rig.alice, pulse_count)
+    bob = BlockReader(rig.bob, pulse_count)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(produce, rig.alice)
-        nursery.start_soon(produce, rig.bob)
+        await nursery.start(alice.run)
+        await nursery.start(bob.run)
         while len(pairs) < count:
-            alice_starts = {block.first_pulse_index for block in buffers["alice"]}
-            common = [b for b in buffers["bob"] if b.first_pulse_index in alice_starts]
-            if not common:
-                await changed.wait()
-                changed = trio.Event()
+            a = await alice.take()
+            assert isinstance(a, EmissionRecords)
+            b = await bob.take(a.first_pulse_index)
+            if b is None:
+                rig.skipped += 1
                 continue
-            start = common[0].first_pulse_index
-            a = buffers["alice"].popleft()
-            while a.first_pulse_index != start:
-                a = buffers["alice"].popleft()
-            b = buffers["bob"].popleft()
-            while b.first_pulse_index != start:
-                b = buffers["bob"].popleft()
-            assert isinstance(a, EmissionRecords) and isinstance(b, DetectionRecords)
+            assert isinstance(b, DetectionRecords)
             pairs.append((a, b))
         nursery.cancel_scope.cancel()
+    for reader in (alice, bob):
+        for error, status in reader.errors:
+            if isinstance(error, LinkLost):
+                rig.losses.append((status.role, status))
+            else:
+                rig.timeouts.append(status.role)
     return pairs
 
 
@@ -213,6 +205,29 @@ async def test_two_drivers_two_emulators_distil_identical_keys(tmp_path: Path) -
         bob_status = r.bob.status()
         assert bob_status.detections >= sum(b.detection_count for _, b in pairs)
         assert r.alice.status().pulses_sent >= 3 << 19
+
+
+async def test_a_slow_consumer_never_stalls_the_devices(tmp_path: Path) -> None:
+    # Post-processing takes time between blocks; the readers keep the devices flowing and drop
+    # their oldest blocks instead, and the ends still pair blocks by first pulse index.
+    async with rig(tmp_path, seed=8, read_timeout_s=0.5) as r:
+        alice = BlockReader(r.alice, BLOCK, keep_blocks=2)
+        bob = BlockReader(r.bob, BLOCK, keep_blocks=2)
+        pairs: list[Pair] = []
+        async with trio.open_nursery() as nursery:
+            await nursery.start(alice.run)
+            await nursery.start(bob.run)
+            while len(pairs) < 3:
+                a = await alice.take()
+                b = await bob.take(a.first_pulse_index) if a is not None else None
+                if isinstance(a, EmissionRecords) and isinstance(b, DetectionRecords):
+                    pairs.append((a, b))
+                await trio.sleep(0.6)  # longer than the read timeout
+            nursery.cancel_scope.cancel()
+        for pair in pairs:
+            assert_clean(pair)
+        assert alice.dropped_blocks + bob.dropped_blocks > 0
+        assert not alice.errors and not bob.errors  # no timeout, no loss while we slept
 
 
 @pytest.mark.parametrize("dropped", ["alice", "bob"])
@@ -324,6 +339,40 @@ async def test_missing_or_silent_device(tmp_path: Path) -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+async def _ask(
+    stream: trio.lowlevel.FdStream, decoder: FrameDecoder, message: Message, seq: int
+) -> Message:
+    await stream.send_all(encode_frame(message, seq))
+    with trio.fail_after(5):
+        while True:
+            while (event := decoder.next_event()) is not None:
+                if isinstance(event, Received) and getattr(event.message, "ack_seq", None) == seq:
+                    return event.message
+            decoder.receive_data(await stream.receive_some(4096))
+
+
+async def test_emulator_configure_status_and_errors(tmp_path: Path) -> None:
+    async with single_device(tmp_path) as path:
+        stream = trio.lowlevel.FdStream(open_tty(path, 3_000_000))
+        decoder = FrameDecoder()
+        async with stream:
+            settings = (0.6, 0.2, 0.001, 0.5, 0.3, 0.2, 0.7, 2e9)
+            reply = await _ask(stream, decoder, Configure(values=settings), 1)
+            assert isinstance(reply, Parameters)
+            assert reply.values[:8] == settings
+            assert reply.as_dict()["fiber_km"] == PHYSICS.fiber_km
+            # mu_signal must exceed mu_decoy + mu_vacuum (Lim et al. 2014): refused, named.
+            bad = await _ask(stream, decoder, Configure(values=(0.1, *settings[1:])), 2)
+            assert isinstance(bad, DeviceError) and "mu_signal" in bad.text
+            assert isinstance(await _ask(stream, decoder, Command(kind=MessageType.START), 3), Ack)
+            busy = await _ask(stream, decoder, Configure(values=settings), 4)
+            assert isinstance(busy, DeviceError) and busy.code == 3  # wrong_state
+            status = await _ask(stream, decoder, Command(kind=MessageType.GET_STATUS), 5)
+            assert isinstance(status, DeviceStatus) and status.running
+            alien = await _ask(stream, decoder, Ack(ack_seq=0, command=1), 6)
+            assert isinstance(alien, DeviceError) and alien.code == 1  # unknown_command
 
 
 # ---- faults ----------------------------------------------------------------------------------

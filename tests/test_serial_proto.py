@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -407,3 +409,38 @@ def test_detection_blocks_and_discard_before() -> None:
             (index >= block.first_pulse_index) & (index < block.first_pulse_index + 3000)
         ]
         assert np.array_equal(block.pulse_index, expected)
+
+
+def test_protocol_module_is_pure() -> None:
+    code = (
+        "import sys, qkdnode.link.serialproto\n"
+        "print(','.join(m for m in ('trio', 'socket', 'serial', 'termios', 'selectors')"
+        " if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == ""
+
+
+@settings(max_examples=100)
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=40_000), max_size=300),
+    tail=st.integers(min_value=1, max_value=50_000),
+    first=st.integers(min_value=0, max_value=1 << 40),
+)
+def test_any_detection_pattern_round_trips(gaps: list[int], tail: int, first: int) -> None:
+    index = first + np.cumsum(np.asarray(gaps, dtype=np.int64) + 1) - 1
+    span = (int(index[-1]) - first if index.size else 0) + tail
+    rng = np.random.default_rng(len(gaps))
+    basis = rng.integers(0, 2, index.size, dtype=np.uint8)
+    bit = rng.integers(0, 2, index.size, dtype=np.uint8)
+    decoder = FrameDecoder()
+    frames = split_detections(first, span, index.astype(np.int64), basis, bit)
+    decoder.receive_data(b"\xc0" + b"".join(encode_frame(f, i) for i, f in enumerate(frames)))
+    decoded = [m for m in messages_of(drain(decoder)) if isinstance(m, DetectionChunk)]
+    assert len(decoded) == len(frames)
+    assert decoded[0].first_pulse_index == first
+    assert decoded[-1].end_pulse_index == first + span
+    assert np.array_equal(np.concatenate([d.pulse_index for d in decoded]), index)
+    assert np.array_equal(np.concatenate([d.bit for d in decoded]), bit)

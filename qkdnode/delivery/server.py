@@ -214,6 +214,8 @@ class DeliveryApp:
         self._fair_use = fair_use
         self._max_key_count = max_key_count
         self._clock = clock
+        # called with (caller SAE ID, HTTP status) for every answered request (metrics)
+        self.observer: Callable[[str, int], None] | None = None
 
     @classmethod
     def from_config(cls, config: DeliveryConfig, manager: KeyManager) -> DeliveryApp:
@@ -430,6 +432,8 @@ class DeliveryServer:
                 body,
                 sae_id,
             )
+            if self.app.observer is not None:
+                self.app.observer(sae_id, response.status)
             if not await self._send(stream, conn, response.status, response.body, response.headers):
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:

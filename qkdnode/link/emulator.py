@@ -39,7 +39,7 @@ import numpy as np
 import trio
 
 from qkdnode.configtools import parse_host_port
-from qkdnode.errors import BadDeviceData, ConfigError
+from qkdnode.errors import BadDeviceData, ConfigError, LinkError
 from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import FibreDecoder, PulseFrame, encode_pulse_frame
 from qkdnode.link.interface import Role
@@ -579,10 +579,20 @@ def main(argv: list[str]) -> int:
         trio.run(_serve, args)
     except KeyboardInterrupt:
         return 0
-    except (ConfigError, ValueError, OSError) as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"device-emulator: {exc}", file=sys.stderr)
         return 2
+    except (OSError, LinkError, trio.BrokenResourceError, ExceptionGroup) as exc:
+        # The fibre peer went away or the pty failed: say what, without a traceback.
+        print(f"device-emulator: stopped: {_describe(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,9 @@ The protocol (framing, messages, record encoding, block assembly) is pure and li
 - when the device goes away (EOF/EIO) ``next_block`` raises ``LinkLost`` once and marks the link
   FAILED; the next call polls the device path every ``reconnect_interval_s``, re-identifies and
   resumes. The block in progress at the loss is discarded, so no block mixes data from before and
-  after a gap; the ends re-align with ``discard_before(peer_first_pulse_index)``.
+  after a gap; the ends re-align with ``discard_before(peer_first_pulse_index)``;
+- ``BlockReader`` reads a link continuously in the daemon's nursery (a device must never wait for
+  its host) and hands out blocks by first pulse index, for the block protocol to pair them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import errno
 import os
 import termios
+from collections import deque
 from dataclasses import dataclass
 from typing import Final, Self, TypeVar
 
@@ -462,7 +465,6 @@ class SerialLink:
         )
 
     async def _receive(self) -> Received:
-        assert self._stream is not None
         decoder = self._decoder
         while True:
             event = decoder.next_event()
@@ -472,12 +474,19 @@ class SerialLink:
                 log.debug("serial_frame_dropped", reason=event.reason, detail=event.detail)
                 self._raise_alarm(f"{event.reason}_errors")
                 continue
+            stream = self._stream
+            if stream is None:
+                raise LinkError("link closed")
             timeout_s = self._config.read_timeout_s
             data = b""
             with trio.move_on_after(timeout_s) as scope:
                 try:
-                    data = await self._stream.receive_some(_READ_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    data = await stream.receive_some(_READ_BYTES)
+                except trio.ClosedResourceError as exc:
+                    if not self._opened:  # aclose() from another task
+                        raise LinkError("link closed") from exc
+                    raise await self._lost("read failed (closed)") from exc
+                except trio.BrokenResourceError as exc:
                     cause = exc.__cause__
                     if isinstance(cause, OSError) and cause.errno == errno.EIO:
                         raise await self._lost("I/O error (hung up)") from exc
@@ -496,6 +505,14 @@ class SerialLink:
             decoder.receive_data(data)
 
     def _handle_event(self, message: Message) -> None:
+        wrong = DetectionChunk if self._role == "alice" else EmissionChunk
+        if isinstance(message, wrong):
+            # A device that identified as the other role must not mix records into blocks.
+            self._device_errors += 1
+            self._raise_alarm("bad_device_data")
+            log.warning("serial_records_of_wrong_role", record=type(message).__name__)
+            self._assembler.gap()
+            return
         if isinstance(message, EmissionChunk):
             self._pulses += message.pulse_count
             self._assembler.feed(message)
@@ -526,3 +543,65 @@ def _link_parameters(parameters: Parameters) -> LinkParameters:
         raise BadDeviceData("device parameter pulse_rate_hz must be > 0")
     assert tuple(values) == PARAMETER_NAMES
     return LinkParameters(**values)
+
+
+class BlockReader:
+    """Reads a link continuously into a buffer of its newest blocks; pairs are taken by index.
+
+    A serial device must never wait for its host: a device whose line is full stops taking
+    pulses from the fibre, which stops the other device too. So each daemon runs ``run()`` in its
+    nursery for the whole life of the link, and the block protocol takes blocks from here:
+    Alice ``take()``s the oldest block and announces its ``first_pulse_index``; Bob
+    ``take(index)``s the block with that start, or gets ``None`` if his side lost those pulses
+    (then both move on to a later block). Blocks older than what is taken are dropped, and so is
+    the oldest block when more than ``keep_blocks`` wait. ``LinkLost`` and ``LinkTimeout`` are
+    recorded in ``errors`` (with the link's status at that moment) and the link is asked again:
+    the serial driver reconnects by itself.
+    """
+
+    def __init__(self, link: SerialLink, pulse_count: int, *, keep_blocks: int = 4) -> None:
+        if keep_blocks < 1:
+            raise ValueError("keep_blocks must be >= 1")
+        self._link = link
+        self._pulse_count = pulse_count
+        self._blocks: deque[EmissionRecords | DetectionRecords] = deque(maxlen=keep_blocks)
+        self._changed = trio.Event()
+        self.errors: deque[tuple[LinkError, LinkStatus]] = deque(maxlen=100)
+        self.dropped_blocks = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read blocks until cancelled. Other link errors (a wrong device) propagate."""
+        task_status.started()
+        while True:
+            try:
+                block = await self._link.next_block(self._pulse_count)
+            except (LinkLost, LinkTimeout) as exc:
+                self.errors.append((exc, self._link.status()))
+                continue
+            if len(self._blocks) == self._blocks.maxlen:
+                self.dropped_blocks += 1
+            self._blocks.append(block)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    def first_pulse_indices(self) -> tuple[int, ...]:
+        return tuple(block.first_pulse_index for block in self._blocks)
+
+    async def take(
+        self, first_pulse_index: int | None = None
+    ) -> EmissionRecords | DetectionRecords | None:
+        """The oldest buffered block, or the one starting at ``first_pulse_index`` (waiting for
+        it); ``None`` when this side has already moved past that index (it lost those pulses).
+        Buffered blocks older than the one returned are dropped."""
+        if first_pulse_index is not None:
+            self._link.discard_before(first_pulse_index)
+        while True:
+            while self._blocks:
+                block = self._blocks[0]
+                if first_pulse_index is None or block.first_pulse_index == first_pulse_index:
+                    return self._blocks.popleft()
+                if block.first_pulse_index > first_pulse_index:
+                    return None
+                self._blocks.popleft()
+                self.dropped_blocks += 1
+            await self._changed.wait()

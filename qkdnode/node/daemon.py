@@ -83,12 +83,14 @@ from qkdnode.node.session import (
     run_alice,
     serve_bob,
 )
+from qkdnode.ops.metrics import NodeMetrics, serve_metrics
 from qkdnode.ops.systemd import SystemdNotifier, watchdog_interval_s
 from qkdnode.postprocess.cascade import CascadeVariant
-from qkdnode.postprocess.events import BlockAborted
+from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import DecoySettings, SecurityParameters
 from qkdnode.postprocess.pipeline import (
     AliceBlock,
+    BlockAbort,
     BlockKey,
     BlockMessage,
     BlockOutcome,
@@ -226,7 +228,28 @@ class Node:
             observer=lambda _draw: self._persist_ledger(),
         )
         self.credentials = self._load_credentials()
-        self._link_open = False
+        self.metrics = NodeMetrics(
+            node=config.node.name,
+            peer=config.peer.name,
+            role=config.node.role,
+            pool_target_bits=config.auth.pool_target_bits,
+            pool_reserve_bits=config.auth.pool_reserve_bits,
+            saes=(*config.delivery.local_saes, *config.delivery.peer_saes)
+            if config.delivery is not None
+            else (),
+        )
+        self.metrics.add_refresher(lambda m: m.set_store_counts(self.store.counts()))
+        self.metrics.add_refresher(
+            lambda m: m.set_auth_pool(
+                level_bits=self.ledger.level_bits, consumed_bits=self.ledger.consumed_bits
+            )
+        )
+        self.metrics.add_refresher(lambda m: m.set_link_status(self.link.status()))
+        self.blocks: BlockSource = (
+            SerialBlocks(link, config.postprocess.block_pulses)
+            if config.link_backend == "serial"
+            else SimulatedBlocks(link, config.postprocess.block_pulses)
+        )
         self.exchange: Exchange | None = None
         self._reservations: dict[int, _Waiting] = {}
         self._next_request_id = 0
@@ -355,30 +378,7 @@ class Node:
 
     # ---- the quantum link ----------------------------------------------------------------
     async def reset_link(self) -> None:
-        """Close the link at a session start: a new session starts on a new fibre connection,
-        so no pulses sent for a block of a broken session can be taken for the next block."""
-        if self._link_open:
-            self._link_open = False
-            with trio.CancelScope(shield=True):
-                await self.link.aclose()
-
-    async def open_link(self) -> None:
-        if not self._link_open:
-            await self.link.open()
-            self._link_open = True
-            log.info("link.opened", backend=self.config.link_backend)
-
-    async def link_block(self) -> EmissionRecords | DetectionRecords:
-        """The next block's records; on a link failure, close the link (reopened next time)."""
-        await self.open_link()
-        try:
-            return await self.link.next_block(self.config.postprocess.block_pulses)
-        except LinkError as exc:
-            log.warning("link.failed", error=str(exc), error_type=type(exc).__name__)
-            self._link_open = False
-            with trio.CancelScope(shield=True):
-                await self.link.aclose()
-            raise
+        await self.blocks.reset()
 
     # ---- progress -------------------------------------------------------------------------
     def block_done(
@@ -387,6 +387,7 @@ class Node:
         self.last_progress_s = time.monotonic()
         if isinstance(outcome, BlockAborted):
             self.counters.blocks_aborted += 1
+            self.metrics.block_aborted(outcome.reason.value)
             log.info(
                 "block.aborted",
                 block=block_id,
@@ -401,6 +402,15 @@ class Node:
             self.counters.secret_bits += secret
             self.counters.last_qber = stats.qber
             efficiency = stats.reconciliation_efficiency
+            self.metrics.block_committed(
+                qber=stats.qber,
+                sifted_bits=stats.sifted_key_bits,
+                leak_bits=stats.reconciliation_bits + stats.verification_bits,
+                reconciliation_efficiency=efficiency,
+                secret_bits=secret,
+                pool_level_bits=self.ledger.level_bits,
+                mode=self.counters.mode,
+            )
             log.info(
                 "block.committed",
                 block=block_id,
@@ -429,6 +439,113 @@ class Node:
             f"{self.counters.blocks_aborted} aborted, {self.counters.secret_bits} secret bits, "
             f"auth {self.counters.mode}"
         )
+
+
+# ---- block sources: how each side takes the records of the next block ---------------------------
+
+
+class BlockSource:
+    """The link seen block by block. Alice takes a block and announces its first pulse index in
+    the channel block; Bob takes the block with that index, or ``None`` when his side does not
+    have those pulses (the block is then aborted on both sides)."""
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start background work that lives as long as the daemon."""
+
+    async def reset(self) -> None:
+        """A new session starts."""
+
+    async def alice_block(self) -> EmissionRecords:
+        raise NotImplementedError
+
+    async def bob_prefetch(self) -> None:
+        """Bob, as soon as a block opens (before Alice's announcement arrives)."""
+
+    async def bob_block(self, first_pulse_index: int) -> DetectionRecords | None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release the link."""
+
+
+class SimulatedBlocks(BlockSource):
+    """The simulated link: Alice's source emits a block when asked, over a fibre connection that
+    is renewed at every session (so no pulses of a broken session's block can be taken for the
+    next one). Bob must read the fibre before Alice's announcement, or her source would wait."""
+
+    def __init__(self, link: QuantumLink, pulse_count: int) -> None:
+        self._link = link
+        self._pulse_count = pulse_count
+        self._open = False
+        self._prefetched: DetectionRecords | None = None
+
+    async def _records(self) -> EmissionRecords | DetectionRecords:
+        if not self._open:
+            await self._link.open()
+            self._open = True
+            log.info("link.opened", backend="simulated")
+        try:
+            return await self._link.next_block(self._pulse_count)
+        except LinkError as exc:
+            log.warning("link.failed", error=str(exc), error_type=type(exc).__name__)
+            await self.reset()
+            raise
+
+    async def reset(self) -> None:
+        self._prefetched = None
+        if self._open:
+            self._open = False
+            with trio.CancelScope(shield=True):
+                await self._link.aclose()
+
+    async def alice_block(self) -> EmissionRecords:
+        records = await self._records()
+        assert isinstance(records, EmissionRecords)
+        return records
+
+    async def bob_prefetch(self) -> None:
+        records = await self._records()
+        assert isinstance(records, DetectionRecords)
+        self._prefetched = records
+
+    async def bob_block(self, first_pulse_index: int) -> DetectionRecords | None:
+        records, self._prefetched = self._prefetched, None
+        if records is None or records.first_pulse_index != first_pulse_index:
+            return None
+        return records
+
+    async def aclose(self) -> None:
+        await self.reset()
+
+
+class SerialBlocks(BlockSource):
+    """A serial device: read continuously for the daemon's life (a device must never wait for
+    its host), blocks paired by pulse index; the driver reconnects by itself after a gap."""
+
+    def __init__(self, link: QuantumLink, pulse_count: int) -> None:
+        from qkdnode.link.serial import BlockReader, SerialLink
+
+        assert isinstance(link, SerialLink)
+        self._link = link
+        self._reader = BlockReader(link, pulse_count)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await self._link.open()
+        log.info("link.opened", backend="serial", device=str(self._link.identity))
+        await nursery.start(self._reader.run)
+
+    async def alice_block(self) -> EmissionRecords:
+        records = await self._reader.take()
+        assert isinstance(records, EmissionRecords)
+        return records
+
+    async def bob_block(self, first_pulse_index: int) -> DetectionRecords | None:
+        records = await self._reader.take(first_pulse_index)
+        assert records is None or isinstance(records, DetectionRecords)
+        return records
+
+    async def aclose(self) -> None:
+        await self._link.aclose()
 
 
 # ---- the session: turns, sync, commit ----------------------------------------------------------
@@ -471,6 +588,7 @@ class Exchange:
                 continue
             if isinstance(event, Rotated):
                 self.node.counters.mode = event.mode.value
+                self.node.metrics.set_mode(event.mode.value)
                 log.info("auth.mode", mode=event.mode.value, reason="rotated")
                 if return_rotated:
                     return event
@@ -764,9 +882,11 @@ async def with_exchange(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exchange.pump)
         node.exchange = exchange
+        node.metrics.set_peer_connected(True)
         try:
             await work(node, exchange)
         finally:
+            node.metrics.set_peer_connected(False)
             node.exchange = None
             node.fail_reservations("the session with the peer node ended")
         nursery.cancel_scope.cancel()
@@ -797,8 +917,17 @@ async def _alice_blocks(node: Node, exchange: Exchange) -> None:
             raise
         node.in_block = True
         try:
-            records = await node.link_block()
-            assert isinstance(records, EmissionRecords)
+            records = await node.blocks.alice_block()
+            await session.send(
+                _data_frame(
+                    block_id,
+                    "block_info",
+                    {
+                        "first_pulse_index": records.first_pulse_index,
+                        "pulse_count": records.pulse_count,
+                    },
+                )
+            )
             role = AliceBlock(records, node.params, _fresh_rng())
             outcome = await exchange.run_role(block_id, role, [])
             auth = await exchange.close_block(block_id)
@@ -827,14 +956,29 @@ async def _bob_blocks(node: Node, exchange: Exchange) -> None:
         block_id = event.block_id
         node.in_block = True
         try:
-            records = await node.link_block()
-            assert isinstance(records, DetectionRecords)
-            role = BobBlock(records, node.params)
-            outcome = await exchange.run_role(block_id, role, role.start())
+            await node.blocks.bob_prefetch()
+            info = await exchange.next_data(block_id)
+            if info.kind != "block_info":
+                raise ProtocolError("a block starts with its pulse range", field="kind")
+            found = await node.blocks.bob_block(_int(info.body["first_pulse_index"]))
+            outcome: BlockOutcome
+            if found is None:
+                missing = BlockAborted(
+                    reason=AbortReason.LINK_DATA_MISSING,
+                    detail="this side has no detections for the announced pulse range",
+                )
+                await exchange.send_turn(
+                    block_id, [BlockAbort(reason=missing.reason.value, detail=missing.detail)]
+                )
+                outcome = missing
+            else:
+                role = BobBlock(found, node.params)
+                outcome = await exchange.run_role(block_id, role, role.start())
             auth = await exchange.close_block(block_id)
             if isinstance(outcome, BlockKey):
+                assert found is not None
                 await exchange.commit_as_bob(
-                    _Distilled(block_id, records.first_pulse_index, outcome, auth)
+                    _Distilled(block_id, found.first_pulse_index, outcome, auth)
                 )
             else:
                 node.block_done(block_id, outcome, keys=0, pool_bytes=0)
@@ -845,6 +989,7 @@ async def _bob_blocks(node: Node, exchange: Exchange) -> None:
 def _note_mode(node: Node, session: PeerSession) -> None:
     mode = session.connection.mode
     node.counters.mode = mode.value if mode is not None else "none"
+    node.metrics.set_mode(node.counters.mode)
     log.info("auth.mode", mode=node.counters.mode, reason="session established")
 
 
@@ -947,25 +1092,32 @@ async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lamb
             with trio.CancelScope() as serving:
                 nursery.start_soon(_watch_signals, node, serving, on_reopen)
                 nursery.start_soon(_watchdog, node)
+                await node.blocks.start(nursery)
                 if node.role is Role.ALICE:
                     nursery.start_soon(_run_alice, node, session_config)
                 else:
                     await nursery.start(_run_bob, node, session_config)
                 if config.delivery is not None and node.manager is not None:
                     app = DeliveryApp.from_config(config.delivery, node.manager)
+                    app.observer = node.metrics.delivery_request
                     address, unix_path = await nursery.start(serve_delivery, config.delivery, app)
                     log.info(
                         "delivery.listening",
                         url=f"https://{address[0]}:{address[1]}/api/v1/keys/",
                         unix_socket=str(unix_path) if unix_path else None,
                     )
+                if config.metrics_listen is not None:
+                    host, port = await nursery.start(
+                        serve_metrics, node.metrics, *config.metrics_listen
+                    )
+                    log.info("metrics.listening", url=f"http://{host}:{port}/metrics")
                 node.notifier.ready(f"{config.node.name}: serving ({config.node.role})")
                 log.info("daemon.ready")
                 await trio.sleep_forever()
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await link.aclose()
+            await node.blocks.aclose()
         store.close()
         log.info("daemon.stopped", blocks_committed=node.counters.blocks_committed)
     return 0

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from qkdnode import pki
 from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.ops.display import DemoDisplay
 from qkdnode.postprocess.finitekey import (
     DecoySettings,
     SecurityParameters,
@@ -51,6 +52,7 @@ def prepare_workdir(
         peer_port=free_port(),
         fibre_port=free_port(),
         kme_ports={"alice": free_port(), "bob": free_port()},
+        metrics_ports={"alice": free_port(), "bob": free_port()},
     )
     make_pki(layout)
     decoy = decoy_settings_for(distance_km, block_pulses)
@@ -85,9 +87,13 @@ class DemoLayout:
     peer_port: int
     fibre_port: int
     kme_ports: dict[str, int]
+    metrics_ports: dict[str, int]
 
     def kme_url(self, node: str) -> str:
         return f"https://localhost:{self.kme_ports[node]}/api/v1/keys/"
+
+    def metrics_url(self, node: str) -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[node]}/metrics"
 
     @property
     def pki_dir(self) -> Path:
@@ -201,6 +207,9 @@ local_saes = ["{SAE_OF[node]}"]
 peer_saes = ["{SAE_OF[peer]}"]
 # keys at even block positions are handed out by Alice as master, odd ones by Bob
 master_parity = {0 if node == "alice" else 1}
+
+[metrics]
+listen = "127.0.0.1:{layout.metrics_ports[node]}"
 
 [logging]
 level = "info"
@@ -412,56 +421,60 @@ def run_demo(args: argparse.Namespace) -> int:
         block_pulses=args.block_pulses or DEFAULT_BLOCK_PULSES,
         eve=args.eve,
     )
-    print(f"qkdnode demo in {workdir}: Alice and Bob on loopback, {args.distance_km} km", file=out)
     processes = [start_node(layout, "bob"), start_node(layout, "alice")]
     follower = LogFollower(layout.log("alice"))
     progress = Progress()
     deadline = time.monotonic() + args.timeout_s
     failed: str | None = None
-    try:
-        while progress.attempts < args.blocks:
-            for event in follower.new_events():
-                line = progress.feed(event)
-                if line:
-                    print(line, file=out, flush=True)
-            if any(p.poll() is not None for p in processes):
-                failed = "a node exited early; see its .stderr and .log files in " + str(workdir)
-                break
-            if time.monotonic() > deadline:
-                failed = f"timed out after {args.timeout_s} s"
-                break
-            time.sleep(0.2)
-        api_match, api_compared = (False, 0)
-        if failed is None and progress.committed:
-            try:
-                api_match, api_compared = prove_keys_through_api(layout)
-            except (OSError, RuntimeError, ValueError, KeyError) as exc:
-                failed = f"key delivery check failed: {exc}"
-        print(
-            f"delivery API: {api_compared} keys fetched as master and as slave, "
-            f"{'identical' if api_match else 'NOT identical'} on both nodes",
-            file=out,
+    api_match, api_compared = False, 0
+    with DemoDisplay(out, target_blocks=args.blocks) as display:
+        display.message(
+            f"qkdnode demo in {workdir}: Alice and Bob on loopback, {args.distance_km} km"
         )
-        summary = _summary(layout, progress, exact=False, api=(api_match, api_compared))
-        if args.keep_running and failed is None:
-            _print_summary(args, out, summary)
-            print("nodes keep running; Ctrl-C to stop", file=out, flush=True)
-            try:
-                while all(p.poll() is None for p in processes):
-                    for event in follower.new_events():
-                        line = progress.feed(event)
-                        if line:
-                            print(line, file=out, flush=True)
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
-            stop_nodes(processes)
-            return 0
-    finally:
-        codes = stop_nodes(processes)
-    summary = _summary(layout, progress, exact=True, api=(api_match, api_compared))
-    summary["exit_codes"] = {"alice": codes[1], "bob": codes[0]}
-    _print_summary(args, out, summary)
+        for node in ("alice", "bob"):
+            display.message(
+                f"{node}: keys {layout.kme_url(node)}  metrics {layout.metrics_url(node)}"
+            )
+
+        def follow() -> None:
+            for event in follower.new_events():
+                display.update(progress, progress.feed(event))
+
+        try:
+            while progress.attempts < args.blocks:
+                follow()
+                if any(p.poll() is not None for p in processes):
+                    failed = f"a node exited early; see its .stderr and .log files in {workdir}"
+                    break
+                if time.monotonic() > deadline:
+                    failed = f"timed out after {args.timeout_s} s"
+                    break
+                time.sleep(0.2)
+            if failed is None and progress.committed:
+                try:
+                    api_match, api_compared = prove_keys_through_api(layout)
+                except (OSError, RuntimeError, ValueError, KeyError) as exc:
+                    failed = f"key delivery check failed: {exc}"
+                display.message(
+                    f"delivery API: {api_compared} keys fetched as master and as slave, "
+                    f"{'identical' if api_match else 'NOT identical'} on both nodes"
+                )
+            if args.keep_running and failed is None:
+                summary = _summary(layout, progress, exact=False, api=(api_match, api_compared))
+                _print_summary(args, display, summary)
+                display.message("nodes keep running; Ctrl-C to stop")
+                try:
+                    while all(p.poll() is None for p in processes):
+                        follow()
+                        time.sleep(0.5)
+                except KeyboardInterrupt:
+                    pass
+        finally:
+            codes = stop_nodes(processes)
+        summary = _summary(layout, progress, exact=True, api=(api_match, api_compared))
+        summary["exit_codes"] = {"alice": codes[1], "bob": codes[0]}
+        if not args.keep_running or failed is not None:
+            _print_summary(args, display, summary)
     if failed:
         print(f"demo failed: {failed}", file=sys.stderr)
         return 1
@@ -488,14 +501,13 @@ def _summary(
         "keys_delivered_and_compared": api[1],
         "first_commit_s": progress.first_commit_s,
         "kme": {node: layout.kme_url(node) for node in ("alice", "bob")},
+        "metrics": {node: layout.metrics_url(node) for node in ("alice", "bob")},
         "sae": dict(SAE_OF),
     }
 
 
-def _print_summary(args: argparse.Namespace, out: TextIO, summary: dict[str, Any]) -> None:
+def _print_summary(args: argparse.Namespace, display: DemoDisplay, summary: dict[str, Any]) -> None:
     if args.json:
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(summary), flush=True)  # stdout: the one JSON object
         return
-    print("\nsummary", file=out)
-    for name, value in summary.items():
-        print(f"  {name}: {value}", file=out)
+    display.final_table(summary)

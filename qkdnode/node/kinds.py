@@ -75,6 +75,8 @@ _WIRE_KIND: Final = {int: "int", float: "float", bool: "bool", bytes: "bytes", s
 def make_registry() -> KindRegistry:
     """A registry with every node message kind (block data and coordination)."""
     registry = KindRegistry()
+    # Alice's pulse range of the block: Bob takes the records of exactly these pulses
+    registry.register("block_info", {"first_pulse_index": _U64, "pulse_count": _U64})
     registry.register(
         "turn", {"messages": FieldSpec(kind="int", min_value=1, max_value=MAX_TURN_MESSAGES)}
     )

@@ -74,12 +74,18 @@ def redact_secrets(
         if isinstance(value, bytes | bytearray | memoryview):
             event[name] = f"<{len(value)} bytes redacted>"
         elif (
-            not isinstance(value, bool | int | float)  # counts and sizes are public
+            not _numeric(value)  # counts and sizes are public
             and lowered not in _PUBLIC_FIELDS
             and any(word in lowered for word in _SECRET_WORDS)
         ):
             event[name] = "<redacted>"
     return event
+
+
+def _numeric(value: object) -> bool:
+    if isinstance(value, list | tuple):
+        return all(isinstance(item, bool | int | float) for item in value)
+    return isinstance(value, bool | int | float)
 
 
 class _Output:
@@ -94,11 +100,16 @@ class _Output:
         if self.path is None:
             self.stream = sys.stderr
             return
-        old = self.stream
+        old = self.stream if self.stream is not sys.stderr else None
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self.stream = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
-        if old is not sys.stderr:
+        if old is not None:
             old.close()
+
+    def close(self) -> None:
+        if self.path is not None:  # only a file we opened is ours to close
+            self.stream.close()
+            self.stream = sys.stderr
 
     def write(self, line: str) -> None:
         self.stream.write(line + "\n")
@@ -135,6 +146,8 @@ def configure_logging(
 ) -> None:
     """Set up structlog for this process (idempotent: a second call replaces the first)."""
     global _OUTPUT
+    if _OUTPUT is not None:
+        _OUTPUT.close()
     _OUTPUT = _Output(file)
     if fmt == "auto":
         if os.environ.get("JOURNAL_STREAM") and file is None:

@@ -16,6 +16,7 @@ class AbortReason(enum.Enum):
     VERIFICATION_FAILED = "verification_failed"
     PEER_ABORTED = "peer_aborted"
     BAD_PEER_MESSAGE = "bad_peer_message"
+    LINK_DATA_MISSING = "link_data_missing"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -616,10 +616,11 @@ class BobBlock(_Role):
                 f"peer continued a block this side aborts ({decision.reason.value})",
                 field="test_basis_statistics",
             )
-        qber = qber_estimate_for_reconciliation(self._outcome.errors, self._outcome.sample_bits)
-        if self._outcome.sample_bits == 0:
-            tested = max(sum(statistics.counts), 1)
-            qber = qber_estimate_for_reconciliation(sum(statistics.errors), tested)
+        # Cascade's block sizes only need a good guess of Q: pool the key-basis sample with the
+        # disclosed test-basis bits of the signal and decoy classes (vacuum clicks are noise).
+        errors = self._outcome.errors + statistics.errors[0] + statistics.errors[1]
+        tested = self._outcome.sample_bits + statistics.counts[0] + statistics.counts[1]
+        qber = qber_estimate_for_reconciliation(errors, max(tested, 1))
         self._reconciler = CascadeReconciler(
             self._key, seed=self._seed, variant=self.params.cascade_variant, qber_estimate=qber
         )

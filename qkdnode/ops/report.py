@@ -1,0 +1,587 @@
+"""``qkdnode report``: PNG pictures of a node's history and of the simulated link.
+
+Usage::
+
+    qkdnode report --store DIR [--log FILE] --out DIR [--no-distance] [--pulses N]
+
+From the store's ``blocks`` table (committed blocks and their ``stats``) and/or the node's JSON
+log (``block.committed`` / ``block.aborted`` events; journald's ``<6>`` prefix is accepted):
+
+- ``key_rate_qber.png``: secret key rate (secret bits of each block over the time since the
+  previous block) and QBER over time;
+- ``reconciliation_efficiency.png``: f per block (from the log: exact, disclosed parity bits /
+  (n h(Q)) with n the reconciled bits; from the store alone: n = sifted bits, a slight
+  underestimate, labelled as such);
+- ``auth_pool.png``: authentication-key pool level after each block (needs the log);
+- ``keyrate_distance.png``: the simulated link's finite-key rate versus distance next to the
+  analytic finite-key curve and the PLOB bound (see :func:`simulate_keyrate_versus_distance`).
+
+Plots need matplotlib (the optional extra ``plot``); without it ``main`` says so and returns 2.
+Nothing secret is read: only the public ``stats`` columns and log fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sqlite3
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import trio
+
+from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.postprocess.finitekey import (
+    DecoyObservation,
+    DecoySettings,
+    SecurityParameters,
+    binary_entropy,
+    channel_transmittance,
+    decoy_secret_bits_per_pulse,
+    lim_key_length,
+    optimise_decoy_settings,
+    plob_bound_bits_per_pulse,
+)
+
+RECONCILIATION_EFFICIENCY: Final = 1.16
+SECURITY: Final = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
+SIMULATION_BLOCK_PULSES: Final = 1 << 22
+MISSING_MATPLOTLIB: Final = (
+    "qkdnode report: matplotlib is not installed; install the optional extra 'plot' "
+    "(pip install 'qkdnode[plot]') to draw the PNGs"
+)
+
+
+# ---- the node's history ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BlockPoint:
+    """One block of a node's history (public figures only; None where unknown)."""
+
+    block_id: int
+    time_s: float | None
+    committed: bool
+    qber: float | None = None
+    sifted_bits: int | None = None
+    secret_bits: int | None = None
+    reconciliation_efficiency: float | None = None
+    efficiency_exact: bool = False
+    pool_level_bits: int | None = None
+    abort_reason: str | None = None
+
+
+def read_store_history(store_dir: Path) -> list[BlockPoint]:
+    """Committed blocks from the store's ``blocks`` table, opened read-only."""
+    path = store_dir / "keys.db"
+    if not path.exists():
+        raise FileNotFoundError(f"no key store in {store_dir} (expected {path})")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute(
+            "SELECT block_id, secret_bits, stats FROM blocks WHERE state = 'committed'"
+            " ORDER BY block_id"
+        ).fetchall()
+    finally:
+        db.close()
+    points = []
+    for block_id, secret_bits, stats_text in rows:
+        stats = json.loads(stats_text)
+        qber = _float(stats.get("qber"))
+        sifted = _int(stats.get("sifted_key_bits"))
+        leak = _int(stats.get("reconciliation_bits"))
+        efficiency = None
+        if qber is not None and sifted and leak is not None and 0.0 < qber < 0.5:
+            # f = leak / (n h(Q)) (Martinez-Mateo et al., arXiv:1407.3257) with n = sifted
+            # bits: the store does not keep the reconciled length, a few per cent shorter
+            efficiency = leak / (sifted * binary_entropy(qber))
+        points.append(
+            BlockPoint(
+                block_id=int(block_id),
+                time_s=_float(stats.get("time_s")),
+                committed=True,
+                qber=qber,
+                sifted_bits=sifted,
+                secret_bits=int(secret_bits),
+                reconciliation_efficiency=efficiency,
+            )
+        )
+    return points
+
+
+def read_log_history(lines: Iterable[str]) -> list[BlockPoint]:
+    """Blocks from JSON log lines (``block.committed`` and ``block.aborted``); other lines and
+    lines that are not JSON are skipped. A journald priority prefix (``<6>``) is removed."""
+    points = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("<") and ">" in text[:4]:
+            text = text[text.index(">") + 1 :]
+        try:
+            event = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(event, dict) or event.get("event") not in (
+            "block.committed",
+            "block.aborted",
+        ):
+            continue
+        block_id = _int(event.get("block"))
+        if block_id is None:
+            continue
+        committed = event["event"] == "block.committed"
+        efficiency = _float(event.get("reconciliation_efficiency"))
+        points.append(
+            BlockPoint(
+                block_id=block_id,
+                time_s=_timestamp(event.get("timestamp")),
+                committed=committed,
+                qber=_float(event.get("qber")) if committed else None,
+                sifted_bits=_int(event.get("sifted_bits")),
+                secret_bits=_int(event.get("secret_bits")),
+                reconciliation_efficiency=efficiency,
+                efficiency_exact=efficiency is not None,
+                pool_level_bits=_int(event.get("pool_level_bits")),
+                abort_reason=None if committed else str(event.get("reason")),
+            )
+        )
+    return points
+
+
+def merge_history(store: Sequence[BlockPoint], log: Sequence[BlockPoint]) -> list[BlockPoint]:
+    """One point per block: the log's figures where it has them (exact f, pool level), the
+    store's otherwise; sorted by block ID."""
+    merged = {point.block_id: point for point in store}
+    for point in log:
+        known = merged.get(point.block_id)
+        if known is None or not point.committed:
+            merged[point.block_id] = point if known is None else known
+            continue
+        merged[point.block_id] = replace(
+            known,
+            pool_level_bits=point.pool_level_bits,
+            reconciliation_efficiency=(
+                point.reconciliation_efficiency
+                if point.efficiency_exact
+                else known.reconciliation_efficiency
+            ),
+            efficiency_exact=point.efficiency_exact,
+            time_s=known.time_s if known.time_s is not None else point.time_s,
+        )
+    return [merged[block_id] for block_id in sorted(merged)]
+
+
+def key_rates(points: Sequence[BlockPoint]) -> list[tuple[float, float]]:
+    """(time, secret bits/s) per committed block after the first timed one: the block's
+    secret bits over the time since the previous block (committed or aborted) ended."""
+    timed = sorted((p for p in points if p.time_s is not None), key=lambda p: p.time_s or 0.0)
+    rates = []
+    for previous, point in itertools.pairwise(timed):
+        assert point.time_s is not None and previous.time_s is not None
+        elapsed = point.time_s - previous.time_s
+        if point.committed and point.secret_bits is not None and elapsed > 0:
+            rates.append((point.time_s, point.secret_bits / elapsed))
+    return rates
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return None if math.isnan(value) else float(value)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+# ---- the simulated link versus distance --------------------------------------------------------
+
+
+def optimised_settings(
+    base: SimulatedLinkConfig, km: float, pulses: int, initial: DecoySettings | None
+) -> DecoySettings:
+    """Decoy settings maximising the expected finite-key rate at ``km`` for ``pulses``."""
+    eta = channel_transmittance(
+        fiber_km=km,
+        attenuation_db_per_km=base.attenuation_db_per_km,
+        detector_efficiency=base.detector_efficiency,
+        insertion_loss_db=base.insertion_loss_db,
+    )
+    return optimise_decoy_settings(
+        transmittance=eta,
+        dark_count_probability=base.dark_count_probability_per_gate,
+        misalignment_error=base.misalignment_error,
+        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
+        security=SECURITY,
+        pulses=pulses,
+        mu_vacuum=2e-4,
+        afterpulse_probability=base.afterpulse_probability,
+        initial=initial,
+    ).settings
+
+
+def link_config_for(
+    base: SimulatedLinkConfig, km: float, settings: DecoySettings
+) -> SimulatedLinkConfig:
+    return replace(
+        base,
+        fiber_km=km,
+        mu_signal=settings.mu_signal,
+        mu_decoy=settings.mu_decoy,
+        mu_vacuum=settings.mu_vacuum,
+        p_signal=settings.p_signal,
+        p_decoy=settings.p_decoy,
+        p_vacuum=settings.p_vacuum,
+        p_key_basis=settings.p_key_basis,
+    )
+
+
+def _settings_of(config: SimulatedLinkConfig) -> DecoySettings:
+    return DecoySettings(
+        mu_signal=config.mu_signal,
+        mu_decoy=config.mu_decoy,
+        mu_vacuum=config.mu_vacuum,
+        p_signal=config.p_signal,
+        p_decoy=config.p_decoy,
+        p_vacuum=config.p_vacuum,
+        p_key_basis=config.p_key_basis,
+    )
+
+
+async def simulate_counts(
+    config: SimulatedLinkConfig, pulses: int, seed: int
+) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Run the simulated link (Alice -> memory fibre -> Bob) for ``pulses``; rows per intensity
+    class, columns: key-basis sifted, key-basis errors, test-basis sifted, test-basis errors."""
+    from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
+    from qkdnode.postprocess.records import EmissionRecords
+
+    alice_seed, bob_seed = np.random.SeedSequence(seed).spawn(2)
+    send, receive = memory_fibre()
+    alice = SimulatedAliceLink(config, fibre=send, rng=np.random.default_rng(alice_seed))
+    bob = SimulatedBobLink(config, fibre=receive, rng=np.random.default_rng(bob_seed))
+    await alice.open()
+    await bob.open()
+    counts = np.zeros((3, 4), dtype=np.int64)
+    remaining = pulses
+    try:
+        while remaining:
+            size = min(SIMULATION_BLOCK_PULSES, remaining)
+            sent: list[EmissionRecords] = []
+
+            async def emit(size: int = size, sent: list[EmissionRecords] = sent) -> None:
+                sent.append(await alice.next_block(size))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(emit)
+                bob_block = await bob.next_block(size)
+            alice_block = sent[0]
+            offset = bob_block.pulse_index - alice_block.first_pulse_index
+            cls = alice_block.intensity[offset]
+            sifted = alice_block.basis[offset] == bob_block.basis
+            error = alice_block.bit[offset] != bob_block.bit
+            for basis, column in ((0, 0), (1, 2)):
+                mine = sifted & (bob_block.basis == basis)
+                counts[:, column] += np.bincount(cls[mine], minlength=3)
+                counts[:, column + 1] += np.bincount(cls[mine & error], minlength=3)
+            remaining -= size
+    finally:
+        await alice.aclose()
+        await bob.aclose()
+    return counts
+
+
+def finite_key_from_counts(
+    config: SimulatedLinkConfig, counts: np.ndarray[Any, np.dtype[np.int64]], pulses: int
+) -> dict[str, Any]:
+    """The Lim et al. key length (PRA 89, 022307 (2014), Eqs. 1-5, ``finitekey.lim_key_length``)
+    for observed counts, with leak_EC = f n_X h(E_X), f = 1.16."""
+    key_sifted = int(counts[:, 0].sum())
+    key_errors = int(counts[:, 1].sum())
+    observation = DecoyObservation(
+        key_basis_counts=(int(counts[0, 0]), int(counts[1, 0]), int(counts[2, 0])),
+        test_basis_counts=(int(counts[0, 2]), int(counts[1, 2]), int(counts[2, 2])),
+        test_basis_errors=(int(counts[0, 3]), int(counts[1, 3]), int(counts[2, 3])),
+    )
+    qber = key_errors / key_sifted if key_sifted else 0.5
+    leak = math.ceil(RECONCILIATION_EFFICIENCY * key_sifted * binary_entropy(min(qber, 0.5)))
+    bound = lim_key_length(observation, _settings_of(config), leak_ec_bits=leak, security=SECURITY)
+    return {
+        "key_basis_sifted": key_sifted,
+        "key_basis_qber": qber,
+        "key_bits": bound.length_bits,
+        "bits_per_pulse": bound.length_bits / pulses,
+    }
+
+
+def theory_bits_per_pulse(config: SimulatedLinkConfig, km: float, pulses: int) -> float:
+    """Expected finite-key rate of the channel model (``decoy_secret_bits_per_pulse``)."""
+    return decoy_secret_bits_per_pulse(
+        settings=_settings_of(config),
+        fiber_km=km,
+        attenuation_db_per_km=config.attenuation_db_per_km,
+        detector_efficiency=config.detector_efficiency,
+        dark_count_probability=config.dark_count_probability_per_gate,
+        misalignment_error=config.misalignment_error,
+        pulses=pulses,
+        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
+        security=SECURITY,
+        afterpulse_probability=config.afterpulse_probability,
+        insertion_loss_db=config.insertion_loss_db,
+    )
+
+
+def simulate_keyrate_versus_distance(
+    base: SimulatedLinkConfig,
+    *,
+    distances_km: Sequence[float],
+    curve_km: Sequence[float],
+    pulses: int,
+    seed: int = 1000,
+) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """(points, curve): at each of ``distances_km`` the simulated link runs ``pulses`` with the
+    optimised decoy settings and its counts go into the finite-key bound; along ``curve_km``
+    the analytic finite-key rate and the PLOB bound -log2(1 - eta_fibre) (Pirandola et al.,
+    Nat. Commun. 8, 15043 (2017)), eta_fibre = 10^(-alpha L / 10). Deterministic given ``seed``.
+    """
+    points: list[dict[str, Any]] = []
+    settings: DecoySettings | None = None
+    for i, km in enumerate(distances_km):
+        settings = optimised_settings(base, float(km), pulses, settings)
+        config = link_config_for(base, float(km), settings)
+        counts = trio.run(simulate_counts, config, pulses, seed + i)
+        point: dict[str, Any] = {"distance_km": float(km), "pulses": pulses}
+        point |= finite_key_from_counts(config, counts, pulses)
+        point["theory_bits_per_pulse"] = theory_bits_per_pulse(config, float(km), pulses)
+        points.append(point)
+    curve: list[dict[str, float]] = []
+    settings = None
+    for km in curve_km:
+        settings = optimised_settings(base, float(km), pulses, settings)
+        fibre = 10 ** (-base.attenuation_db_per_km * float(km) / 10)
+        curve.append(
+            {
+                "distance_km": float(km),
+                "theory": theory_bits_per_pulse(
+                    link_config_for(base, float(km), settings), float(km), pulses
+                ),
+                "plob": plob_bound_bits_per_pulse(fibre),
+            }
+        )
+    return points, curve
+
+
+# ---- drawing ----------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_keyrate_versus_distance(
+    points: Sequence[dict[str, Any]], curve: Sequence[dict[str, float]], pulses: int, out: Path
+) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    km_line = [c["distance_km"] for c in curve]
+    ax.semilogy(km_line, [c["plob"] for c in curve], "k--", label="PLOB bound −log2(1−η_fibre)")
+    theory = [(c["distance_km"], c["theory"]) for c in curve if c["theory"] > 0]
+    if theory:
+        ax.semilogy(*zip(*theory, strict=True), "C0-", label=f"finite-key theory, N = {pulses:.2e}")
+    positive = [(p["distance_km"], p["bits_per_pulse"]) for p in points if p["bits_per_pulse"] > 0]
+    if positive:
+        ax.semilogy(*zip(*positive, strict=True), "C3o", label="simulated link → Lim et al. bound")
+    floor = min([v for _, v in positive + theory] or [1e-8]) / 10
+    zero = [p["distance_km"] for p in points if p["bits_per_pulse"] <= 0]
+    if zero:
+        ax.plot(zero, [floor] * len(zero), "C3x", label="simulated: no key")
+    ax.set_ylim(bottom=floor / 2)
+    ax.set_xlim(0, max(km_line))
+    ax.set_xlabel("fibre length (km)")
+    ax.set_ylabel("secret bits per pulse")
+    ax.set_title("Decoy-state BB84, simulated link vs finite-key theory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _minutes(points: Sequence[tuple[float, float]], start_s: float) -> list[float]:
+    return [(t - start_s) / 60 for t, _ in points]
+
+
+def plot_history(points: Sequence[BlockPoint], out_dir: Path) -> list[Path]:
+    """Write the history PNGs that the data allows; return their paths."""
+    plt = _pyplot()
+    written: list[Path] = []
+    timed = [p for p in points if p.time_s is not None]
+    start_s = min((p.time_s for p in timed if p.time_s is not None), default=0.0)
+
+    rates = key_rates(points)
+    qbers = [
+        (p.time_s, p.qber)
+        for p in timed
+        if p.committed and p.qber is not None and p.time_s is not None
+    ]
+    aborted = [p.time_s for p in timed if not p.committed and p.time_s is not None]
+    if rates or qbers:
+        fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7.5, 6.0))
+        if rates:
+            top.plot(_minutes(rates, start_s), [r for _, r in rates], "C2o-", ms=4)
+        top.set_ylabel("secret key rate (bit/s)")
+        top.set_title("Secret key rate and QBER per block")
+        top.grid(True, alpha=0.3)
+        if qbers:
+            bottom.plot(
+                [(t - start_s) / 60 for t, _ in qbers],
+                [100 * q for _, q in qbers],
+                "C3o-",
+                ms=4,
+                label="QBER",
+            )
+        if aborted:
+            for t in aborted:
+                bottom.axvline((t - start_s) / 60, color="k", alpha=0.3, lw=0.8)
+            bottom.plot([], [], "k-", alpha=0.3, label="aborted block")
+        bottom.set_ylabel("QBER (%)")
+        bottom.set_xlabel("time since first block (min)")
+        bottom.grid(True, alpha=0.3)
+        bottom.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "key_rate_qber.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    efficiency = [p for p in points if p.committed and p.reconciliation_efficiency is not None]
+    if efficiency:
+        fig, ax = plt.subplots(figsize=(7.5, 4.0))
+        for exact, style, label in (
+            (True, "C0o", "f (log: n = reconciled bits)"),
+            (False, "C1s", "f (store: n = sifted bits, slightly low)"),
+        ):
+            chosen = [p for p in efficiency if p.efficiency_exact is exact]
+            if chosen:
+                ax.plot(
+                    [p.block_id for p in chosen],
+                    [p.reconciliation_efficiency for p in chosen],
+                    style,
+                    label=label,
+                )
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="Slepian–Wolf limit f = 1")
+        ax.set_xlabel("block")
+        ax.set_ylabel("reconciliation efficiency f")
+        ax.set_title("Reconciliation efficiency per block")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "reconciliation_efficiency.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    pool = [p for p in points if p.pool_level_bits is not None]
+    if pool:
+        fig, ax = plt.subplots(figsize=(7.5, 4.0))
+        ax.step([p.block_id for p in pool], [p.pool_level_bits for p in pool], "C4-", where="post")
+        ax.plot([p.block_id for p in pool], [p.pool_level_bits for p in pool], "C4o", ms=4)
+        ax.set_xlabel("block")
+        ax.set_ylabel("pool level (bits)")
+        ax.set_title("Authentication-key pool level after each block")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        written.append(out_dir / "auth_pool.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkdnode report", description="PNG plots of a node's history and of the link."
+    )
+    parser.add_argument("--store", type=Path, help="the node's store directory")
+    parser.add_argument("--log", type=Path, help="the node's JSON log file")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
+    parser.add_argument(
+        "--no-distance", action="store_true", help="skip the key rate versus distance plot"
+    )
+    parser.add_argument(
+        "--pulses", type=int, default=1 << 24, help="simulated pulses per distance (2^24)"
+    )
+    parser.add_argument("--max-km", type=float, default=150.0)
+    parser.add_argument("--step-km", type=float, default=10.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``qkdnode report``: 0 on success, 2 on a usage error or missing matplotlib."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.store is None and args.log is None and args.no_distance:
+        parser.error("nothing to plot: give --store and/or --log, or drop --no-distance")
+    if args.pulses <= 0 or args.step_km <= 0 or args.max_km < 0:
+        parser.error("--pulses and --step-km must be positive, --max-km not negative")
+    try:
+        _pyplot()
+    except ImportError:
+        print(MISSING_MATPLOTLIB, file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        store = read_store_history(args.store) if args.store is not None else []
+        log: list[BlockPoint] = []
+        if args.log is not None:
+            with args.log.open(encoding="utf-8", errors="replace") as handle:
+                log = read_log_history(handle)
+    except (OSError, sqlite3.Error, json.JSONDecodeError) as exc:
+        print(f"qkdnode report: cannot read the history: {exc}", file=sys.stderr)
+        return 2
+    written: list[Path] = []
+    if args.store is not None or args.log is not None:
+        points = merge_history(store, log)
+        if not points:
+            print("qkdnode report: no blocks in the history yet", file=sys.stderr)
+        written += plot_history(points, args.out)
+    if not args.no_distance:
+        distances = list(np.arange(0.0, args.max_km + 1e-9, args.step_km))
+        curve_km = list(np.arange(0.0, args.max_km + 1e-9, min(1.0, args.step_km)))
+        points_km, curve = simulate_keyrate_versus_distance(
+            SimulatedLinkConfig(), distances_km=distances, curve_km=curve_km, pulses=args.pulses
+        )
+        written.append(args.out / "keyrate_distance.png")
+        plot_keyrate_versus_distance(points_km, curve, args.pulses, written[-1])
+        (args.out / "keyrate_distance.json").write_text(
+            json.dumps({"points": points_km, "curve": curve}, indent=2) + "\n"
+        )
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
