@@ -14,11 +14,13 @@ from qkdnode.errors import ConfigError, KeyStoreError, QkdError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import structlog
     import trio
 
     from qkdnode.config import load_config
     from qkdnode.node.daemon import DaemonMustStop, run_daemon
     from qkdnode.ops.logging import configure_logging, reopen_log_output
+    from qkdnode.ops.selftest import run_self_tests
 
     config = load_config(args.config)
     configure_logging(
@@ -28,6 +30,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         node=config.node.name,
         peer=config.peer.name,
     )
+    # known-answer tests of every primitive the node relies on; a failure stops start-up
+    passed = run_self_tests()
+    structlog.get_logger("qkdnode.node").info("daemon.self_tests", passed=passed)
     fatal: list[BaseException] = []
     try:
         return trio.run(lambda: run_daemon(config, on_reopen=reopen_log_output))

@@ -4,18 +4,23 @@
 Usage::
 
     .venv/bin/python scripts/bench_postprocess.py [--quick] [--n LIST] [--qber LIST]
-        [--variant LIST] [--json OUT.json]
+        [--variant LIST] [--frames-10k N] [--frames N] [--json OUT.json]
 
-Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n", "f", "fer",
-"frames", "round_trips", "mbit_s", "peak_mb", ...}``.
+Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n", "f", "f_se",
+"fer", "fer_upper95", "frames", "round_trips", "mbit_s", "alice_ms", "bob_ms", "peak_mb", ...}``.
 
 - ``stage "cascade"``: frames of n uniformly random bits; Bob's copy passes a binary symmetric
   channel of error rate Q, and Bob's ``qber_estimate`` is Q itself. f = parity bits disclosed /
   (n h(Q_actual)) with Q_actual the realised error fraction of each frame, averaged over frames
   (Martinez-Mateo et al., arXiv:1407.3257, Eq. 1); fer = frames with any residual error / frames;
-  round_trips = mean per frame; mbit_s = n * frames / wall seconds of the whole exchange, both
-  roles in this single thread, constructors included; permutations are computed fresh by each
-  role for each frame (no cache: cold).
+  f_se = standard error of that mean (sample std / sqrt(frames)); fer_upper95 = one-sided 95 %
+  Clopper-Pearson upper bound on the FER from (failures, frames) (0 failures in N frames gives
+  1 - 0.05**(1/N) ~ 3/N); round_trips = mean per frame; mbit_s = n * frames / wall seconds of the
+  whole exchange, both roles in this single thread, constructors included; alice_ms / bob_ms =
+  mean per frame of the time spent inside the responder / the reconciler (constructor and every
+  call); permutations are computed fresh by each role for each frame (no cache: cold).
+  ``--frames-10k N`` runs N frames at every n <= 10^4 (FER evidence), ``--frames N`` everywhere
+  else.
 - ``stage "pa"``: ``qkdnode.postprocess.amplification.toeplitz_hash`` on 10^6 and 10^7 input
   bits (output n/2); mbit_s is of input bits. Skipped with a note if the module is missing.
 - ``stage "baseline"``: ``numpy.sort`` of 10^6 random uint32, as Mbit/s of 10^6 "bits", to
@@ -66,13 +71,55 @@ def frames_for(n: int, quick: bool) -> int:
     return 20
 
 
+def fer_upper95(failures: int, frames: int) -> float:
+    """One-sided 95 % Clopper-Pearson upper bound p with P(X <= failures | frames, p) = 0.05."""
+    if failures >= frames:
+        return 1.0
+
+    def cdf(p: float) -> float:
+        return sum(
+            math.comb(frames, k) * p**k * (1.0 - p) ** (frames - k) for k in range(failures + 1)
+        )
+
+    low, high = failures / frames, 1.0
+    for _ in range(60):  # bisection: cdf decreases in p
+        middle = (low + high) / 2
+        low, high = (middle, high) if cdf(middle) > 0.05 else (low, middle)
+    return high
+
+
 def run_cascade_frame(
-    alice: np.ndarray, bob: np.ndarray, seed: bytes, variant: CascadeVariant, qber: float
+    alice: np.ndarray,
+    bob: np.ndarray,
+    seed: bytes,
+    variant: CascadeVariant,
+    qber: float,
+    role_s: list[float] | None = None,
 ) -> tuple[CascadeReconciler, CascadeResponder]:
+    """Both roles to the end; adds [responder seconds, reconciler seconds] to ``role_s``."""
+    clock = time.perf_counter
+    t0 = clock()
     responder = CascadeResponder(alice, seed=seed, variant=variant)
+    t1 = clock()
     reconciler = CascadeReconciler(bob, seed=seed, variant=variant, qber_estimate=qber)
-    while (query := reconciler.next_query()) is not None:
-        reconciler.receive_answer(responder.answer(query))
+    t2 = clock()
+    alice_s, bob_s = t1 - t0, t2 - t1
+    while True:
+        t0 = clock()
+        query = reconciler.next_query()
+        t1 = clock()
+        bob_s += t1 - t0
+        if query is None:
+            break
+        answer = responder.answer(query)
+        t2 = clock()
+        reconciler.receive_answer(answer)
+        t3 = clock()
+        alice_s += t2 - t1
+        bob_s += t3 - t2
+    if role_s is not None:
+        role_s[0] += alice_s
+        role_s[1] += bob_s
     return reconciler, responder
 
 
@@ -82,12 +129,13 @@ def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, see
     residual = 0
     rounds = 0
     wall_s = 0.0
+    role_s = [0.0, 0.0]
     for _ in range(frames):
         alice = rng.integers(0, 2, n, dtype=np.uint8)
         bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
         frame_seed = rng.bytes(32)
         start = time.perf_counter()
-        reconciler, responder = run_cascade_frame(alice, bob, frame_seed, variant, qber)
+        reconciler, responder = run_cascade_frame(alice, bob, frame_seed, variant, qber, role_s)
         wall_s += time.perf_counter() - start
         assert reconciler.parity_bits_received == responder.parity_bits_sent
         q_actual = float(np.count_nonzero(alice ^ bob)) / n
@@ -108,10 +156,18 @@ def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, see
         "qber": qber,
         "n": n,
         "f": round(float(np.mean(efficiencies)), 4) if efficiencies else None,
+        "f_se": (
+            round(float(np.std(efficiencies, ddof=1) / math.sqrt(len(efficiencies))), 4)
+            if len(efficiencies) > 1
+            else None
+        ),
         "fer": residual / frames,
+        "fer_upper95": round(fer_upper95(residual, frames), 6),
         "frames": frames,
         "round_trips": round(rounds / frames, 1),
         "mbit_s": round(n * frames / wall_s / 1e6, 3),
+        "alice_ms": round(role_s[0] / frames * 1e3, 2),
+        "bob_ms": round(role_s[1] / frames * 1e3, 2),
         "peak_mb": round(peak / 1e6, 1),
         "permutation_cache": "cold",
     }
@@ -203,8 +259,11 @@ def print_row(row: Row) -> None:
     if row["stage"] == "cascade":
         print(
             f"{row['stage']:9} {row['variant']:15} Q={row['qber']:<5} n={row['n']:<8} "
-            f"f={row['f']!s:7} FER={row['fer']:<7.4f} ({row['frames']:>3} frames) "
-            f"rt={row['round_trips']:<6} {row['mbit_s']:7.3f} Mbit/s  peak {row['peak_mb']} MB",
+            f"f={row['f']!s:7}±{row['f_se']!s:7} FER={row['fer']:<7.4f} "
+            f"(<{row['fer_upper95']:.1e} @95%, {row['frames']:>4} frames) "
+            f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s "
+            f"(alice {row['alice_ms']} ms, bob {row['bob_ms']} ms /frame) "
+            f"peak {row['peak_mb']} MB",
             flush=True,
         )
     elif "skipped" in row:
@@ -224,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", help="comma-separated frame sizes (default 1e4,1e5,1e6)")
     parser.add_argument("--qber", help="comma-separated error rates (default 0.01,0.02,0.05,0.08)")
     parser.add_argument("--variant", help="comma-separated Cascade variants (default all)")
+    parser.add_argument("--frames-10k", type=int, help="frames per row at n <= 10^4 (FER runs)")
+    parser.add_argument("--frames", type=int, help="frames per row at n > 10^4")
     parser.add_argument("--no-pa", action="store_true", help="skip privacy amplification rows")
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -248,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         for qber in qbers:
             for index, variant in enumerate(variants):
                 frames = frames_for(n, args.quick)
+                if n <= 10**4 and args.frames_10k:
+                    frames = args.frames_10k
+                elif n > 10**4 and args.frames:
+                    frames = args.frames
                 row = bench_cascade(variant, qber, n, frames, seed=n + int(qber * 1e4) + index)
                 rows.append(row)
                 print_row(row)

@@ -21,8 +21,9 @@ from qkdnode.postprocess.cascade import (
     ParityQuery,
     cascade_permutation,
 )
+from qkdnode.postprocess.cascade import permutation as permutation_module
+from qkdnode.postprocess.cascade import reconciler as reconciler_module
 from qkdnode.postprocess.cascade.messages import encode_triples
-from qkdnode.postprocess.cascade.permutation import permutation_keys
 
 ALL_VARIANTS = list(CascadeVariant)
 SEED = bytes(range(32))
@@ -174,9 +175,13 @@ def test_property_small_frames(
 
 
 def _naive_permutation(seed: bytes, n: int, pass_index: int) -> list[int]:
-    """The module docstring's specification, in plain Python integers."""
+    """The module docstring's specification v2, in plain Python integers, written from the text.
+
+    PCG64 XSL-RR (O'Neill 2014) 32-bit draws (low half of each word first), then Fisher-Yates
+    (Durstenfeld) from the top with masked rejection sampling.
+    """
     digest = hashlib.sha256(
-        b"qkdnode/cascade/permutation/v1"
+        b"qkdnode/cascade/permutation/v2"
         + seed
         + struct.pack("<I", pass_index)
         + struct.pack("<Q", n)
@@ -184,15 +189,28 @@ def _naive_permutation(seed: bytes, n: int, pass_index: int) -> list[int]:
     state = int.from_bytes(digest[:16], "little")
     inc = int.from_bytes(digest[16:], "little") | 1
     mask64 = (1 << 64) - 1
-    keys: list[int] = []
-    while len(keys) < n:
-        state = (state * 0x2360ED051FC65DA44385DF649FCCF645 + inc) % (1 << 128)
-        rot = state >> 122
-        x = ((state >> 64) ^ state) & mask64
-        word = ((x >> rot) | (x << (64 - rot))) & mask64
-        keys += [word & 0xFFFFFFFF, word >> 32]
-    keys = keys[:n]
-    return sorted(range(n), key=lambda j: (keys[j], j))
+    draws: list[int] = []
+
+    def draw32() -> int:
+        nonlocal state
+        if not draws:
+            state = (state * 0x2360ED051FC65DA44385DF649FCCF645 + inc) % (1 << 128)
+            rot = state >> 122
+            x = ((state >> 64) ^ state) & mask64
+            word = ((x >> rot) | (x << (64 - rot))) & mask64
+            draws.extend([word >> 32, word & 0xFFFFFFFF])  # popped from the end: low first
+        return draws.pop()
+
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        mask = 1
+        while mask < i:
+            mask = 2 * mask + 1
+        j = draw32() & mask
+        while j > i:
+            j = draw32() & mask
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
 
 
 @pytest.mark.parametrize(("n", "pass_index"), [(1, 0), (2, 1), (7, 3), (1000, 0), (4097, 15)])
@@ -202,14 +220,33 @@ def test_permutation_matches_naive_specification(n: int, pass_index: int) -> Non
     assert perm.tolist() == _naive_permutation(SEED, n, pass_index)
 
 
-def test_permutation_first_elements_at_full_size_and_ties() -> None:
+def test_permutation_at_full_size_matches_specification() -> None:
     n = 200_000
-    naive = _naive_permutation(b"\xa5" * 32, n, 2)
     perm = cascade_permutation(b"\xa5" * 32, n, 2)
-    assert perm[:16].tolist() == naive[:16]
-    assert perm.tolist() == naive  # includes any ties of the 32-bit keys, broken by index
-    keys = permutation_keys(b"\xa5" * 32, n, 2)
-    assert np.all(np.diff(keys[perm].astype(np.int64)) >= 0)
+    assert perm.tolist() == _naive_permutation(b"\xa5" * 32, n, 2)
+
+
+def test_python_fallback_equals_numpy_path() -> None:
+    # The slow path used if numpy's shuffle ever changes must give the same permutation.
+    assert permutation_module.numpy_follows_specification()
+    state, inc = permutation_module.pcg64_state(SEED, 3000, 5)
+    assert permutation_module._python_permutation(state, inc, 3000) == (
+        cascade_permutation(SEED, 3000, 5).tolist()
+    )
+
+
+def test_permutation_is_uniform_on_small_sizes() -> None:
+    # Fisher-Yates with exact rejection: each of the 4! orders equally likely over many seeds
+    # (chi-square, 23 degrees of freedom; 60 is far beyond the 0.9999 quantile, ~50).
+    counts: dict[tuple[int, ...], int] = {}
+    trials = 4800
+    for t in range(trials):
+        key = tuple(cascade_permutation(t.to_bytes(32, "little"), 4, 0).tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 24
+    expected = trials / 24
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 60
 
 
 def test_permutations_differ_by_seed_pass_and_size() -> None:
@@ -230,12 +267,64 @@ def test_variant_parameters_follow_the_papers() -> None:
     assert yan[:3] == (40, 200, 500_000) and len(yan) == 10
     best = CascadeVariant.from_name(CascadeVariant.SUBBLOCK_REUSE.value)
     assert best.sub_block_reuse and not CascadeVariant.YAN.sub_block_reuse
+    # Martinez-Mateo et al. opt. (8): a = log2(1/Q) - 0.5, k1 = 2**ceil(a), k2 = 2**ceil((a+12)/2).
+    # Q = 5 %, n = 10**5: a = 3.82, k1 = 16, k2 = 2**8 (exactly opt. (8)).
+    assert best.block_sizes(0.05, 10**5)[:2] == (16, 256)
+    # Q = 2 %: a = 5.14, k1 = 64. At n = 10**6 k2 is halved (c = 10: 2**ceil(7.57)) and (leak
+    # budget n h(Q) / 500 = 283 bits) the tail is 2 passes of 128 blocks. At n = 10**4 k2 is
+    # 2**ceil(6.57) (c = 8) and the tail is opt. (8)'s 14 passes of n/2.
+    assert best.block_sizes(0.02, 10**6) == (64, 256, 7813, 7813)
+    assert best.block_sizes(0.02, 10**4) == (64, 128) + (5000,) * 14
     with pytest.raises(ProtocolError, match="original") as info:
         CascadeVariant.from_name("turbo")
     assert info.value.field == "variant"
     for bad in (0.0, 0.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="qber_estimate"):
             CascadeVariant.ORIGINAL.block_sizes(bad, 100)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 10**4, 10**5, 10**6, 10**8])
+@pytest.mark.parametrize("qber", [1e-4, 0.01, 0.05, 0.2, 0.45])
+def test_block_sizes_stay_within_the_variant(n: int, qber: float) -> None:
+    for variant in ALL_VARIANTS:
+        sizes = variant.block_sizes(qber, n)
+        assert 1 <= len(sizes) <= variant.passes  # the responder accepts every pass asked
+        assert all(1 <= size <= n for size in sizes)
+    reuse = CascadeVariant.SUBBLOCK_REUSE.block_sizes(qber, n)
+    if n > 1:
+        # Tail passes: 2**b blocks each, and b * T >= 14 (a residual pair survives <= 2**-14).
+        tail = reuse[2:]
+        blocks = -(-n // tail[0])
+        assert len(set(tail)) == 1
+        assert blocks ** len(tail) >= 2**14
+
+
+def test_wide_tail_frame_is_reconciled() -> None:
+    # n = 150 000 at Q = 5 %: a tail of 4 passes of 16 blocks (not opt. (8)'s n/2 passes).
+    rng = np.random.default_rng(21)
+    n, qber = 150_000, 0.05
+    alice, bob, seed = _frame(rng, n, qber)
+    run = _Run(alice, bob, seed, CascadeVariant.SUBBLOCK_REUSE, qber)
+    rec = run.reconciler
+    assert len(rec.block_sizes) == 6 and rec.block_sizes[2] == -(-n // 16)
+    assert rec.passes_active == 6
+    assert np.array_equal(rec.corrected_bits, alice)
+    assert rec.parity_bits_received == run.responder.parity_bits_sent
+    assert rec.parity_bits_received / (n * _entropy(float(np.mean(alice ^ bob)))) < 1.06
+
+
+@pytest.mark.parametrize("count", [1, 5, 32, 33, 400])
+def test_insert_after_matches_numpy_insert(count: int) -> None:
+    rng = np.random.default_rng(count)
+    size = 1000
+    starts = np.sort(rng.choice(10**6, size, replace=False)).astype(np.int64)
+    flags = rng.integers(0, 2, size, dtype=np.uint8)
+    after = np.sort(rng.choice(size, count, replace=False)).astype(np.int64)
+    new_starts = starts[after] + 1
+    new_flags = rng.integers(0, 2, count, dtype=np.uint8)
+    got = reconciler_module._insert_after((starts, flags), after, (new_starts, new_flags))
+    assert got[0].tolist() == np.insert(starts, after + 1, new_starts).tolist()
+    assert got[1].tolist() == np.insert(flags, after + 1, new_flags).tolist()
 
 
 # ------------------------------------------------------------------ malformed input
@@ -297,6 +386,17 @@ def test_responder_answers_a_valid_hand_made_query_correctly() -> None:
     assert answer.count == 6 and answer.bits().tolist() == expected
     # Little-endian bit order: parity i is bit (i % 8) of byte i // 8.
     assert answer.parities[0] == sum(bit << i for i, bit in enumerate(expected))
+
+
+def test_responder_answers_ranges_of_many_passes_in_one_query() -> None:
+    responder, _, alice, seed = _fresh_pair()
+    asked = [(15, 0, 200), (0, 3, 9), (7, 100, 101), (0, 0, 200), (15, 50, 60)]
+    answer = responder.answer(ParityQuery(round_index=0, ranges=_ranges(*asked)))
+    expected = []
+    for pass_index, start, end in asked:
+        permuted = alice[cascade_permutation(seed, 200, pass_index)]
+        expected.append(int(permuted[start:end].sum()) % 2)
+    assert answer.bits().tolist() == expected
 
 
 @pytest.mark.parametrize(

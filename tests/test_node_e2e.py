@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from etsi_qkd_014_client import QKD014Client
 
 from qkdnode.node.demo import (
     DemoLayout,
@@ -91,6 +92,30 @@ def qkdnode_status(layout: DemoLayout, node: str) -> int:
     return result.returncode
 
 
+def real_client_gets_the_same_key_at_both_daemons(layout: DemoLayout) -> None:
+    """The third-party ETSI 014 client: status and a key as master at Alice, the same key by
+    its ID as slave at Bob."""
+    pki_dir = layout.pki_dir
+
+    def client(node: str, sae: str) -> QKD014Client:
+        return QKD014Client(
+            f"localhost:{layout.kme_ports[node]}",
+            str(pki_dir / f"{sae}.pem"),
+            str(pki_dir / f"{sae}.key"),
+            str(pki_dir / "ca.pem"),
+        )
+
+    master, slave = client("alice", "sae-a"), client("bob", "sae-b")
+    code, status = master.get_status("sae-b")
+    assert code == 200 and status.stored_key_count > 0
+    assert (status.master_sae_id, status.slave_sae_id) == ("sae-a", "sae-b")
+    code, container = master.get_key("sae-b", number=2, size=512)
+    assert code == 200 and len(container.keys) == 2
+    for key in container.keys:
+        code, fetched = slave.get_key_with_key_IDs("sae-a", [key.key_id])
+        assert code == 200 and fetched.keys[0].key == key.key
+
+
 def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     layout: DemoLayout, nodes: dict[str, subprocess.Popen[bytes]]
 ) -> None:
@@ -110,6 +135,7 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     assert progress.modes_seen[0] == "certificate"
     api_match, delivered = prove_keys_through_api(layout)
     assert api_match and delivered == 8
+    real_client_gets_the_same_key_at_both_daemons(layout)
 
     started = time.monotonic()
     codes = stop_nodes([nodes["alice"], nodes["bob"]], timeout_s=GRACE_S + 5)

@@ -583,7 +583,10 @@ class Exchange:
     async def next_event(self, *, return_rotated: bool = False) -> object:
         """The next application event; keepalives are skipped, session ends raise."""
         while True:
-            event = await self._queue.receive()
+            try:
+                event = await self._queue.receive()
+            except trio.EndOfChannel:  # the pump stopped: the session is over
+                raise SessionEnded("the session's event stream ended") from None
             if isinstance(event, PongReceived | HandshakeComplete):
                 continue
             if isinstance(event, Rotated):

@@ -421,6 +421,8 @@ def run_demo(args: argparse.Namespace) -> int:
         block_pulses=args.block_pulses or DEFAULT_BLOCK_PULSES,
         eve=args.eve,
     )
+    # a SIGTERM to the demo must still stop both nodes (the finally below)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     processes = [start_node(layout, "bob"), start_node(layout, "alice")]
     follower = LogFollower(layout.log("alice"))
     progress = Progress()

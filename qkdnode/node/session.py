@@ -296,7 +296,11 @@ async def open_session(
         if connection.role is Role.ALICE:
             await session.send(lambda c: c.start_handshake())
         with trio.fail_after(config.handshake_timeout_s):
-            first = await session.next_event()
+            try:
+                first = await session.next_event()
+            except trio.EndOfChannel:
+                # the reader refused the first frames and ended the session
+                raise ProtocolError("session ended before the handshake", field="stream") from None
         if not isinstance(first, HandshakeComplete):
             raise ProtocolError(f"session ended before the handshake ({type(first).__name__})")
         session.handshake = first

@@ -286,8 +286,13 @@ class KeyStore:
         return self._db
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Tx]:
-        """One durable transaction; any SQLite error poisons the store and raises KeyStoreError."""
+    def _transaction(self, *, erases: bool = False) -> Iterator[_Tx]:
+        """One durable transaction; any SQLite error poisons the store and raises KeyStoreError.
+
+        ``erases``: the transaction deletes or overwrites key material. ``secure_delete`` zeroes
+        the freed pages of the database, but the WAL still holds earlier copies of them, so the
+        WAL is checkpointed into the database and truncated right after the commit.
+        """
         db = self._conn
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -297,6 +302,8 @@ class KeyStore:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            if erases:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             self._fail()
             raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
@@ -355,7 +362,7 @@ class KeyStore:
 
     def commit_block(self, block_id: int, *, auth_ledger_state: bytes | None = None) -> None:
         """Make a staged block's keys available (idempotent for a committed block)."""
-        with self._transaction() as tx:
+        with self._transaction(erases=True) as tx:
             state = tx.block_state(block_id)
             if state is BlockState.COMMITTED:
                 return
@@ -373,7 +380,7 @@ class KeyStore:
 
     def drop_block(self, block_id: int) -> None:
         """Drop a staged block: its key material and pool share are erased (secure_delete)."""
-        with self._transaction() as tx:
+        with self._transaction(erases=True) as tx:
             state = tx.block_state(block_id)
             if state is BlockState.DROPPED or state is None:
                 if state is None:
@@ -601,7 +608,7 @@ class KeyStore:
         """
         ids = [str(i) for i in delivery_ids]
         burned = {str(i) for i in burn}
-        with self._transaction() as tx:
+        with self._transaction(erases=True) as tx:
             stored = [
                 row[0]
                 for row in tx.select_in(
@@ -645,7 +652,7 @@ class KeyStore:
         ids = [str(i) for i in delivery_ids]
         if len(set(ids)) != len(ids):
             raise DeliveryRefused("repeated key ID", field="key_IDs")
-        with self._transaction() as tx:
+        with self._transaction(erases=True) as tx:
             rows = {
                 row[0]: row[1:]
                 for row in tx.select_in(
@@ -692,7 +699,7 @@ class KeyStore:
         return bytes(rows[0][0]) if rows else None
 
     def save_auth_ledger(self, state: bytes) -> None:
-        with self._transaction() as tx:
+        with self._transaction(erases=True) as tx:
             tx.save_auth_ledger(state)
 
     def staged_material(self, block_id: int) -> StagedMaterial:

@@ -24,45 +24,60 @@ Every question is a distinct parity Bob could not derive: ``parity_bits_received
 bits Alice sent. Passes activate one after the other as in Cascade: pass p+1 only when no part
 of passes 0..p is left to search.
 
-Bob's range parities use a prefix-XOR array per pass over his bits at the last rebuild plus a
-sorted array of positions corrected since then (a range's correction is a difference of two
-``searchsorted`` counts); the array is rebuilt once the pending list grows long.
+Implementation: all active passes live in one *global* position space, position ``i`` of pass
+``p`` being ``p * n + i``, so one round costs a fixed number of numpy calls whatever the number
+of passes: one sorted array of part starts (with Alice's parity and the syndrome of each part),
+one prefix-XOR array of Bob's permuted bits over all passes (taken when each pass is activated),
+and one sorted array of the global positions corrected since then — a range's correction is a
+difference of two ``searchsorted`` counts, never a rebuilt prefix.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery, encode_triples
-from qkdnode.postprocess.cascade.permutation import (
-    cascade_permutation,
-    check_seed,
-    inverse_permutation,
-)
-from qkdnode.postprocess.cascade.responder import check_frame_bits, prefix_parity
+from qkdnode.postprocess.cascade.permutation import cascade_permutation, check_seed
+from qkdnode.postprocess.cascade.responder import check_frame_bits
 from qkdnode.postprocess.cascade.variants import CascadeVariant
 
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 
 
-@dataclass(slots=True)
-class _PassState:
-    """One active pass: permutation and known-parity partition (see the module docstring)."""
+def _insert_after(
+    arrays: tuple[NDArray[Any], ...], after: NDArray[np.int64], values: tuple[NDArray[Any], ...]
+) -> list[NDArray[Any]]:
+    """Insert ``values[i][j]`` right after row ``after[j]`` of ``arrays[i]`` (``after`` sorted).
 
-    block_size: int
-    perm: NDArray[np.int32]
-    inverse: NDArray[np.int32]
-    prefix: NDArray[np.uint8]  # Bob's prefix parity at the last rebuild
-    starts: NDArray[np.int64]  # sorted starts of the parts; part i ends at starts[i+1] (or n)
-    alice: NDArray[np.uint8]  # Alice's parity of each part
-    odd: NDArray[np.bool_]  # syndrome of each part (Bob's parity != Alice's)
-    pending: NDArray[np.int64] = field(default_factory=lambda: _EMPTY_INT)  # sorted positions
+    O(len) per array, like np.insert, but with the index work shared by the arrays; few rows
+    (the long tail of rounds) are spliced by memcpy, many by one boolean mask.
+    """
+    count = after.shape[0]
+    if count <= 32:
+        cuts = (after + 1).tolist()
+        merged = []
+        for array, value in zip(arrays, values, strict=True):
+            pieces = np.split(array, cuts)
+            spliced = [pieces[0]]
+            for j in range(count):
+                spliced += [value[j : j + 1], pieces[j + 1]]
+            merged.append(np.concatenate(spliced))
+        return merged
+    size = arrays[0].shape[0] + count
+    new_at = after + 1 + np.arange(count)
+    old_at = np.ones(size, dtype=np.bool_)
+    old_at[new_at] = False
+    merged = []
+    for array, value in zip(arrays, values, strict=True):
+        out = np.empty(size, dtype=array.dtype)
+        out[old_at] = array
+        out[new_at] = value
+        merged.append(out)
+    return merged
 
 
 class CascadeReconciler:
@@ -86,16 +101,29 @@ class CascadeReconciler:
         if not isinstance(variant, CascadeVariant):
             raise ProtocolError("must be a CascadeVariant", field="variant")
         self._variant = variant
-        self._n = int(self._bits.shape[0])
-        self._block_sizes = variant.block_sizes(qber_estimate, self._n)
-        # Rebuilding a prefix costs ~n; merging the pending list ~len(pending): balance the two.
-        self._rebuild_after = max(256, math.isqrt(self._n) * 8)
+        n = int(self._bits.shape[0])
+        self._n = n
+        self._block_sizes = variant.block_sizes(qber_estimate, n)
+        passes = len(self._block_sizes)
+        self._sizes = np.array(self._block_sizes, dtype=np.int64)
+        # First global top-level block index of every pass (classic Cascade needs block ids).
+        blocks = -(-n // self._sizes)
+        self._block_offset = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
         self._top_alice: list[NDArray[np.uint8]] = []
-        self._passes: list[_PassState] = []
+        # Global arrays over all passes (filled pass by pass on activation, see module doc).
+        self._active = 0
+        self._perm_all = np.empty(passes * n, dtype=np.int32)
+        self._inverse_all = np.empty((passes, n), dtype=np.int32)
+        self._prefix = np.zeros(passes * n + 1, dtype=np.uint8)
+        self._pending = _EMPTY_INT
+        # Sorted part starts plus a sentinel part at active * n (Alice parity 0, never odd).
+        self._starts = np.zeros(1, dtype=np.int64)
+        self._alice = np.zeros(1, dtype=np.uint8)
+        self._odd = np.zeros(1, dtype=np.bool_)
         self._round = 0
         self._query: ParityQuery | None = None
         self._expected_bits = 0
-        self._planned: list[tuple[int, NDArray[np.int64], NDArray[np.int64]]] = []
+        self._planned: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None
         self._finished = False
         self.errors_corrected = 0
         self.parity_bits_received = 0
@@ -115,6 +143,11 @@ class CascadeReconciler:
     @property
     def block_sizes(self) -> tuple[int, ...]:
         return self._block_sizes
+
+    @property
+    def passes_active(self) -> int:
+        """Number of passes activated so far (all of them once finished)."""
+        return self._active
 
     def __repr__(self) -> str:  # never the bits or the seed
         return (
@@ -184,125 +217,118 @@ class CascadeReconciler:
             self._top_alice.append(tops)
             offset += count
 
-    # ---------------------------------------------------------------- later rounds
-    def _bob_parity(
-        self, state: _PassState, starts: NDArray[np.int64], ends: NDArray[np.int64]
-    ) -> NDArray[np.uint8]:
-        parity = state.prefix[ends] ^ state.prefix[starts]
-        if state.pending.shape[0]:
-            flips = np.searchsorted(state.pending, ends) - np.searchsorted(state.pending, starts)
+    # ---------------------------------------------------------------- global helpers
+    def _bob_parity(self, starts: NDArray[np.int64], ends: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """Bob's current parity of the global ranges [starts, ends) (each inside one pass)."""
+        parity = self._prefix[ends] ^ self._prefix[starts]
+        if self._pending.shape[0]:
+            flips = np.searchsorted(self._pending, ends) - np.searchsorted(self._pending, starts)
             parity ^= (flips & 1).astype(np.uint8)
         return parity
 
-    def _receive_splits(self, parities: NDArray[np.uint8]) -> None:
-        offset = 0
-        for pass_index, part, middle in self._planned:
-            state = self._passes[pass_index]
-            left_alice = parities[offset : offset + part.shape[0]]
-            offset += part.shape[0]
-            left_odd = (left_alice ^ self._bob_parity(state, state.starts[part], middle)).astype(
-                np.bool_
-            )
-            right_alice = state.alice[part] ^ left_alice
-            right_odd = state.odd[part] ^ left_odd
-            state.alice[part] = left_alice
-            state.odd[part] = left_odd
-            state.starts = np.insert(state.starts, part + 1, middle)
-            state.alice = np.insert(state.alice, part + 1, right_alice)
-            state.odd = np.insert(state.odd, part + 1, right_odd)
-        self._planned = []
-
-    def _activate(self, pass_index: int) -> None:
-        size = self._block_sizes[pass_index]
-        perm = cascade_permutation(self._seed, self._n, pass_index)
-        prefix = prefix_parity(self._bits, perm)
-        starts = np.arange(0, self._n, size, dtype=np.int64)
-        ends = np.minimum(starts + size, self._n)
-        alice = self._top_alice[pass_index]
-        odd = (alice ^ prefix[ends] ^ prefix[starts]).astype(np.bool_)
-        self._passes.append(
-            _PassState(
-                block_size=size,
-                perm=perm,
-                inverse=inverse_permutation(perm),
-                prefix=prefix,
-                starts=starts,
-                alice=alice,
-                odd=odd,
-            )
-        )
-
-    def _part_ends(self, state: _PassState, part: NDArray[np.int64]) -> NDArray[np.int64]:
-        nxt = part + 1
-        ends = np.full(part.shape[0], self._n, dtype=np.int64)
-        inside = nxt < state.starts.shape[0]
-        ends[inside] = state.starts[nxt[inside]]
+    def _part_ends(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
+        # The last part of pass p ends where pass p + 1 starts, at (p + 1) * n; the sentinel
+        # start active * n (never odd) ends the last active pass.
+        ends: NDArray[np.int64] = self._starts[part + 1]
         return ends
+
+    # ---------------------------------------------------------------- later rounds
+    def _receive_splits(self, parities: NDArray[np.uint8]) -> None:
+        assert self._planned is not None
+        part, middle = self._planned
+        left_alice = parities
+        left_odd = (left_alice ^ self._bob_parity(self._starts[part], middle)).astype(np.bool_)
+        right_alice = self._alice[part] ^ left_alice
+        right_odd = self._odd[part] ^ left_odd
+        self._alice[part] = left_alice
+        self._odd[part] = left_odd
+        self._starts, self._alice, self._odd = _insert_after(
+            (self._starts, self._alice, self._odd), part, (middle, right_alice, right_odd)
+        )
+        self._planned = None
+
+    def _activate(self) -> None:
+        n = self._n
+        p = self._active
+        size = self._block_sizes[p]
+        base = p * n
+        perm = cascade_permutation(self._seed, n, p)
+        self._perm_all[base : base + n] = perm
+        self._inverse_all[p, perm] = np.arange(n, dtype=np.int32)
+        segment = self._prefix[base + 1 : base + n + 1]
+        np.bitwise_xor.accumulate(self._bits[perm], out=segment)
+        if self._prefix[base]:  # keep the prefix continuous across passes
+            np.bitwise_xor(segment, 1, out=segment)
+        starts = np.arange(base, base + n, size, dtype=np.int64)
+        ends = np.minimum(starts + size, base + n)
+        alice = self._top_alice[p]
+        odd = (alice ^ self._prefix[ends] ^ self._prefix[starts]).astype(np.bool_)
+        # Replace the sentinel by the new blocks and put it back after them.
+        self._starts = np.concatenate((self._starts[:-1], starts, [base + n]))
+        self._alice = np.concatenate((self._alice[:-1], alice, [0]))
+        self._odd = np.concatenate((self._odd[:-1], odd, [False]))
+        self._active = p + 1
 
     def _correct(self, positions: NDArray[np.int64]) -> None:
         """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
         self._bits[positions] ^= 1
         self.errors_corrected += int(positions.shape[0])
-        for state in self._passes:
-            permuted = np.sort(state.inverse[positions].astype(np.int64))
-            part = np.searchsorted(state.starts, permuted, side="right") - 1
-            touched, hits = np.unique(part, return_counts=True)
-            state.odd[touched[(hits & 1) == 1]] ^= True
-            if state.pending.shape[0] + permuted.shape[0] > self._rebuild_after:
-                state.prefix = prefix_parity(self._bits, state.perm)
-                state.pending = _EMPTY_INT
-            else:
-                state.pending = np.sort(np.concatenate((state.pending, permuted)))
+        active = self._active
+        offsets = np.arange(active, dtype=np.int64)[:, None] * self._n
+        keys = np.sort((self._inverse_all[:active, positions] + offsets).ravel())
+        part = np.searchsorted(self._starts, keys, side="right") - 1
+        # keys are sorted, so parts are too: count the hits of each part, flip the odd counts.
+        edges = np.flatnonzero(np.diff(part)) + 1
+        first = np.concatenate(([0], edges))
+        hits = np.diff(np.append(first, part.shape[0]))
+        self._odd[part[first[(hits & 1) == 1]]] ^= True
+        self._pending = np.insert(self._pending, np.searchsorted(self._pending, keys), keys)
 
-    def _fix_known_errors(self) -> None:
-        """Flip every bit that is an odd part of length 1 in some pass, until none is left."""
+    def _fix_known_errors(self) -> NDArray[np.int64]:
+        """Flip every bit that is an odd part of length 1 in some pass, until none is left.
+
+        Returns the (global) indices of the odd parts left, none of length 1.
+        """
         while True:
-            found = []
-            for state in self._passes:
-                part = np.flatnonzero(state.odd)
-                if part.shape[0]:
-                    single = (self._part_ends(state, part) - state.starts[part]) == 1
-                    if bool(single.any()):
-                        found.append(state.perm[state.starts[part[single]]].astype(np.int64))
-            if not found:
-                return
-            self._correct(np.unique(np.concatenate(found)))
+            part = np.flatnonzero(self._odd)
+            if part.shape[0] == 0:
+                return part
+            single = (self._starts[part + 1] - self._starts[part]) == 1
+            if not bool(single.any()):
+                return part
+            found = self._perm_all[self._starts[part[single]]].astype(np.int64)
+            self._correct(np.unique(found))
 
-    def _select(self, state: _PassState) -> NDArray[np.int64]:
-        """Indices of the parts of this pass to binary-search this round."""
-        part = np.flatnonzero(state.odd).astype(np.int64)
+    def _select(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
+        """The odd parts (global indices) to binary-search this round."""
         if part.shape[0] == 0 or self._variant.sub_block_reuse:
             return part
         # Classic Cascade: search an odd top-level block through its first odd part.
-        block = state.starts[part] // state.block_size
+        starts = self._starts[part]
+        pass_index = starts // self._n
+        block = (
+            self._block_offset[pass_index]
+            + (starts - pass_index * self._n) // self._sizes[pass_index]
+        )
         _, first, count = np.unique(block, return_index=True, return_counts=True)
         chosen: NDArray[np.int64] = part[first[(count & 1) == 1]]
         return chosen
 
     def _plan(self) -> None:
         while True:
-            self._fix_known_errors()
-            planned = []
-            triples = []
-            for pass_index, state in enumerate(self._passes):
-                part = self._select(state)
-                if part.shape[0] == 0:
-                    continue
-                starts = state.starts[part]
-                middle = (starts + self._part_ends(state, part)) // 2
-                planned.append((pass_index, part, middle))
-                triples.append(
-                    np.column_stack((np.full(part.shape[0], pass_index), starts, middle))
-                )
-            if planned:
-                self._planned = planned
-                self._expected_bits = sum(p[1].shape[0] for p in planned)
-                self._query = ParityQuery(
-                    round_index=self._round, ranges=encode_triples(np.concatenate(triples))
-                )
+            part = self._select(self._fix_known_errors())
+            if part.shape[0]:
+                starts = self._starts[part]
+                middle = (starts + self._part_ends(part)) // 2
+                pass_index = starts // self._n
+                local = pass_index * self._n
+                triples = np.column_stack((pass_index, starts - local, middle - local))
+                self._planned = (part, middle)
+                self._expected_bits = int(part.shape[0])
+                self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
                 return
-            if len(self._passes) < len(self._block_sizes):
-                self._activate(len(self._passes))
+            if self._active < len(self._block_sizes):
+                self._activate()
                 continue
             self._finished = True
             self._query = None

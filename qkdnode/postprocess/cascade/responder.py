@@ -22,13 +22,6 @@ def check_frame_bits(bits: NDArray[np.uint8], field: str = "bits") -> NDArray[np
     return bits
 
 
-def prefix_parity(bits: NDArray[np.uint8], perm: NDArray[np.int32]) -> NDArray[np.uint8]:
-    """``P[i]`` = parity of ``bits[perm[:i]]``, length n + 1: range [s, e) has parity P[e]^P[s]."""
-    prefix = np.zeros(bits.shape[0] + 1, dtype=np.uint8)
-    np.bitwise_xor.accumulate(bits[perm], out=prefix[1:])
-    return prefix
-
-
 class CascadeResponder:
     """Answers Bob's parity queries over Alice's frame.
 
@@ -44,7 +37,11 @@ class CascadeResponder:
         if not isinstance(variant, CascadeVariant):
             raise ProtocolError("must be a CascadeVariant", field="variant")
         self._variant = variant
-        self._prefix: dict[int, NDArray[np.uint8]] = {}
+        # Prefix parity of every pass, pass p at [p * (n + 1), (p + 1) * (n + 1)), computed on
+        # first use: a whole round of ranges is then answered by one gather, whatever the pass.
+        n = self.n_bits
+        self._prefix_all = np.zeros(variant.passes * (n + 1), dtype=np.uint8)
+        self._prefix_ready = np.zeros(variant.passes, dtype=np.bool_)
         self._next_round = 0
         self.parity_bits_sent = 0
 
@@ -63,11 +60,12 @@ class CascadeResponder:
         )
 
     def _pass_prefix(self, pass_index: int) -> NDArray[np.uint8]:
-        prefix = self._prefix.get(pass_index)
-        if prefix is None:
-            perm = cascade_permutation(self._seed, self.n_bits, pass_index)
-            prefix = prefix_parity(self._bits, perm)
-            self._prefix[pass_index] = prefix
+        n = self.n_bits
+        prefix = self._prefix_all[pass_index * (n + 1) : (pass_index + 1) * (n + 1)]
+        if not self._prefix_ready[pass_index]:
+            perm = cascade_permutation(self._seed, n, pass_index)
+            np.bitwise_xor.accumulate(self._bits[perm], out=prefix[1:])
+            self._prefix_ready[pass_index] = True
         return prefix
 
     def answer(self, query: ParityQuery) -> ParityAnswer:
@@ -89,11 +87,13 @@ class CascadeResponder:
             out[offset : offset + count] = prefix[ends] ^ prefix[starts]
             offset += count
         if ranges.shape[0]:
-            range_bits = out[offset:]
-            for pass_index in np.unique(ranges[:, 0]).tolist():
-                prefix = self._pass_prefix(pass_index)
-                rows = np.flatnonzero(ranges[:, 0] == pass_index)
-                range_bits[rows] = prefix[ranges[rows, 2]] ^ prefix[ranges[rows, 1]]
+            passes = np.flatnonzero(np.bincount(ranges[:, 0], minlength=self._variant.passes))
+            for pass_index in passes[~self._prefix_ready[passes]].tolist():
+                self._pass_prefix(pass_index)
+            base = ranges[:, 0] * (n + 1)
+            out[offset:] = (
+                self._prefix_all[base + ranges[:, 2]] ^ self._prefix_all[base + ranges[:, 1]]
+            )
         self._next_round += 1
         self.parity_bits_sent += total
         return ParityAnswer.from_bits(round_index=query.round_index, bits=out)
