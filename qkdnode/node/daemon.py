@@ -150,7 +150,6 @@ class NodeCounters:
     blocks_committed: int = 0
     blocks_aborted: int = 0
     secret_bits: int = 0
-    last_qber: float = math.nan
     mode: str = "none"
 
 
@@ -217,8 +216,7 @@ class Node:
         self.notifier = SystemdNotifier()
         self.stopping = False
         self.in_block = False
-        self.nursery: trio.Nursery | None = None
-        self.last_progress_s = time.monotonic()
+        self._block_start_s = self._records_s = time.monotonic()
         stored = store.load_auth_ledger()
         state = ledger_state_from_bytes(stored) if stored is not None else None
         self.ledger = AuthKeyLedger(
@@ -381,10 +379,19 @@ class Node:
         await self.blocks.reset()
 
     # ---- progress -------------------------------------------------------------------------
+    def block_started(self) -> None:
+        self._block_start_s = self._records_s = time.monotonic()
+
+    def records_taken(self) -> None:
+        self._records_s = time.monotonic()
+
     def block_done(
         self, block_id: int, outcome: BlockOutcome, *, keys: int, pool_bytes: int
     ) -> None:
-        self.last_progress_s = time.monotonic()
+        now = time.monotonic()
+        # wall time waiting for the link's records, and the post-processing exchange after it
+        link_s = round(self._records_s - self._block_start_s, 3)
+        postprocess_s = round(now - self._records_s, 3)
         if isinstance(outcome, BlockAborted):
             self.counters.blocks_aborted += 1
             self.metrics.block_aborted(outcome.reason.value)
@@ -394,13 +401,14 @@ class Node:
                 reason=outcome.reason.value,
                 detail=outcome.detail,
                 mode=self.counters.mode,
+                link_s=link_s,
+                postprocess_s=postprocess_s,
             )
         else:
             stats = outcome.statistics
             secret = keys * self.config.store.key_size_bits
             self.counters.blocks_committed += 1
             self.counters.secret_bits += secret
-            self.counters.last_qber = stats.qber
             efficiency = stats.reconciliation_efficiency
             self.metrics.block_committed(
                 qber=stats.qber,
@@ -433,6 +441,8 @@ class Node:
                 test_errors=list(stats.test_errors_per_intensity),
                 reconciled_bits=stats.reconciled_bits,
                 errors_corrected=stats.errors_corrected,
+                link_s=link_s,
+                postprocess_s=postprocess_s,
             )
         self.notifier.status(
             f"{self.counters.blocks_committed} blocks committed, "
@@ -920,7 +930,9 @@ async def _alice_blocks(node: Node, exchange: Exchange) -> None:
             raise
         node.in_block = True
         try:
+            node.block_started()
             records = await node.blocks.alice_block()
+            node.records_taken()
             await session.send(
                 _data_frame(
                     block_id,
@@ -959,11 +971,13 @@ async def _bob_blocks(node: Node, exchange: Exchange) -> None:
         block_id = event.block_id
         node.in_block = True
         try:
+            node.block_started()
             await node.blocks.bob_prefetch()
             info = await exchange.next_data(block_id)
             if info.kind != "block_info":
                 raise ProtocolError("a block starts with its pulse range", field="kind")
             found = await node.blocks.bob_block(_int(info.body["first_pulse_index"]))
+            node.records_taken()
             outcome: BlockOutcome
             if found is None:
                 missing = BlockAborted(
@@ -999,30 +1013,35 @@ def _note_mode(node: Node, session: PeerSession) -> None:
 # ---- the daemon ------------------------------------------------------------------------------
 
 
-def build_link(node_config: NodeConfig, node: Node | None = None) -> QuantumLink:
+@dataclass(slots=True)
+class _NurseryBox:
+    """Where tasks started by the link (Eve's proxy) go, filled once the daemon's nursery runs."""
+
+    nursery: trio.Nursery | None = None
+
+
+def build_link(config: NodeConfig, box: _NurseryBox) -> QuantumLink:
     """The configured backend; with ``[link.eve]`` active, Bob's fibre runs through Eve."""
-    config = node_config
     rng = np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
     if config.link_backend == "simulated":
         from qkdnode.link.simulated import SimulatedBobLink, simulated_link_from_config
 
         eve = config.eve
         if config.node.role == "bob" and eve is not None and _eve_active(eve):
-            return SimulatedBobLink(config.link, fibre=_eve_opener(config, rng), rng=rng)
+            return SimulatedBobLink(config.link, fibre=_eve_opener(config, rng, box), rng=rng)
         return simulated_link_from_config(config.node.role, config.link, rng)
     from qkdnode.link.serial import SerialLink
 
     return SerialLink(config.link, role=config.node.role)
 
 
-_EVE_NURSERY: list[trio.Nursery] = []
-
-
 def _eve_active(eve: Any) -> bool:
     return bool(eve.intercept_resend_fraction > 0 or eve.photon_number_splitting)
 
 
-def _eve_opener(config: NodeConfig, rng: np.random.Generator) -> Callable[[], Any]:
+def _eve_opener(
+    config: NodeConfig, rng: np.random.Generator, box: _NurseryBox
+) -> Callable[[], Any]:
     """Bob's fibre opener with Eve in between: TCP from Alice -> Eve's attack -> Bob."""
     from qkdnode.link.eve import EveAttack, run_eve_proxy
     from qkdnode.link.simulated import memory_fibre, tcp_fibre_connector
@@ -1033,7 +1052,8 @@ def _eve_opener(config: NodeConfig, rng: np.random.Generator) -> Callable[[], An
         upstream = await connect()
         send, receive = memory_fibre()
         attack = EveAttack(config.eve, config.link.nominal_parameters(), rng)
-        _EVE_NURSERY[0].start_soon(run_eve_proxy, attack, upstream, send)
+        assert box.nursery is not None
+        box.nursery.start_soon(run_eve_proxy, attack, upstream, send)
         log.warning(
             "link.eve_inserted",
             intercept_resend_fraction=config.eve.intercept_resend_fraction,
@@ -1078,7 +1098,8 @@ async def _watchdog(node: Node) -> None:
 async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lambda: None) -> int:
     """Run one node until SIGTERM/SIGINT (exit 0) or a fatal error (raises)."""
     store = KeyStore.open(config.store.directory, node_name=config.node.name)
-    link = build_link(config)
+    box = _NurseryBox()
+    link = build_link(config, box)
     node = Node(config, store, link)
     session_config = node.session_config()
     log.info(
@@ -1091,7 +1112,7 @@ async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lamb
     )
     try:
         async with trio.open_nursery() as nursery:
-            _EVE_NURSERY[:] = [nursery]
+            box.nursery = nursery
             with trio.CancelScope() as serving:
                 nursery.start_soon(_watch_signals, node, serving, on_reopen)
                 nursery.start_soon(_watchdog, node)
