@@ -386,9 +386,24 @@ class Node:
         self._records_s = time.monotonic()
 
     def block_done(
-        self, block_id: int, outcome: BlockOutcome, *, keys: int, pool_bytes: int
+        self,
+        block_id: int,
+        outcome: BlockOutcome,
+        auth: BlockAuthenticated,
+        *,
+        keys: int,
+        pool_bytes: int,
     ) -> None:
         now = time.monotonic()
+        # the authentication budget of the block: bits drawn from the pool (0 while the session
+        # is bootstrap-authenticated), frames tagged, and the accumulated forgery bound
+        budget = {
+            "auth_mode": auth.mode.value,
+            "auth_bits_spent": auth.auth_bits_spent,
+            "frames_tagged": auth.frames_sent + auth.frames_received,
+            "forgery_bound_total": auth.forgery_bound_total,
+            "tags_issued": self.ledger.tags_issued,
+        }
         # wall time waiting for the link's records, and the post-processing exchange after it
         link_s = round(self._records_s - self._block_start_s, 3)
         postprocess_s = round(now - self._records_s, 3)
@@ -403,6 +418,7 @@ class Node:
                 mode=self.counters.mode,
                 link_s=link_s,
                 postprocess_s=postprocess_s,
+                **budget,
             )
         else:
             stats = outcome.statistics
@@ -443,6 +459,7 @@ class Node:
                 errors_corrected=stats.errors_corrected,
                 link_s=link_s,
                 postprocess_s=postprocess_s,
+                **budget,
             )
         self.notifier.status(
             f"{self.counters.blocks_committed} blocks committed, "
@@ -827,7 +844,7 @@ class Exchange:
         committed = await self.expect_control("committed")
         if committed.body["block_id"] != block_id:
             raise ProtocolError("committed another block", field="block_id")
-        self.node.block_done(block_id, key, keys=len(consumer), pool_bytes=len(pool))
+        self.node.block_done(block_id, key, auth, keys=len(consumer), pool_bytes=len(pool))
         return len(consumer)
 
     async def commit_as_bob(self, block: _Distilled) -> None:
@@ -848,7 +865,7 @@ class Exchange:
             raise ProtocolError("commits another block", field="block_id")
         self._commit(block_id, key, auth, pool)
         await self.send_control("committed", {"block_id": block_id})
-        self.node.block_done(block_id, key, keys=len(consumer), pool_bytes=len(pool))
+        self.node.block_done(block_id, key, auth, keys=len(consumer), pool_bytes=len(pool))
 
 
 def _data_frame(
@@ -951,7 +968,7 @@ async def _alice_blocks(node: Node, exchange: Exchange) -> None:
                     _Distilled(block_id, records.first_pulse_index, outcome, auth)
                 )
             else:
-                node.block_done(block_id, outcome, keys=0, pool_bytes=0)
+                node.block_done(block_id, outcome, auth, keys=0, pool_bytes=0)
         finally:
             node.in_block = False
         block_id += 1
@@ -998,7 +1015,7 @@ async def _bob_blocks(node: Node, exchange: Exchange) -> None:
                     _Distilled(block_id, found.first_pulse_index, outcome, auth)
                 )
             else:
-                node.block_done(block_id, outcome, keys=0, pool_bytes=0)
+                node.block_done(block_id, outcome, auth, keys=0, pool_bytes=0)
         finally:
             node.in_block = False
 
