@@ -116,9 +116,12 @@ def test_invalid_transitions_raise_and_change_nothing(tmp_path: Path) -> None:
 def test_write_failure_poisons_the_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     store = KeyStore.open(tmp_path, node_name="alice")
+    failures: list[bool] = []
+    store.on_failure = lambda: failures.append(True)
     store._conn.execute("PRAGMA query_only=ON")  # every later write fails inside SQLite
     with pytest.raises(KeyStoreError, match="stop the daemon"):
         store.stage_block(_block(1, rng))
+    assert store.failed and failures == [True]  # the owner is told once, wherever it happened
     with pytest.raises(KeyStoreError, match="closed"):
         store.counts()
 

@@ -216,6 +216,11 @@ class Node:
         self.notifier = SystemdNotifier()
         self.stopping = False
         self.in_block = False
+        self.force_bootstrap = False
+        # a failed store write can surface in any task (e.g. a ledger draw while a frame is
+        # read): the store reports it here and the daemon stops
+        self.store_failed = trio.Event()
+        store.on_failure = self.store_failed.set
         self._block_start_s = self._records_s = time.monotonic()
         stored = store.load_auth_ledger()
         state = ledger_state_from_bytes(stored) if stored is not None else None
@@ -300,6 +305,7 @@ class Node:
                 max_frame_bytes=self.config.peer.max_frame_bytes,
                 on_exhausted=self.config.auth.on_exhausted,
             ),
+            force_bootstrap=self.force_bootstrap,
         )
 
     # ---- delivery: reservations with the peer node ----------------------------------------
@@ -641,6 +647,9 @@ class Exchange:
         )
         if event.policy == "halt":
             raise DaemonMustStop("authentication-key pool exhausted and auth.on_exhausted = 'halt'")
+        # the next sessions authenticate with the bootstrap credentials until a committed block
+        # has refilled the pool; key-derived sessions would only dig into the reserve
+        self.node.force_bootstrap = True
         raise SessionEnded("authentication-key pool exhausted: re-bootstrapping the session")
 
     async def expect_control(self, kind: str) -> Control:
@@ -827,6 +836,8 @@ class Exchange:
         node.store.commit_block(
             block_id, auth_ledger_state=ledger_state_to_bytes(node.ledger.state)
         )
+        if node.ledger.level_bits >= node.ledger.state.target_bits:
+            node.force_bootstrap = False  # the pool is full again: key-derived sessions resume
 
     async def commit_as_alice(self, block: _Distilled) -> int:
         block_id, key, auth = block.block_id, block.key, block.auth
@@ -935,8 +946,10 @@ async def _alice_blocks(node: Node, exchange: Exchange) -> None:
     block_id = await exchange.sync_as_alice()
     while not node.stopping:
         connection = session.connection
-        if connection.mode is not SessionMode.KEY_DERIVED and node.ledger.can_pay(
-            ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
+        if (
+            connection.mode is not SessionMode.KEY_DERIVED
+            and not node.force_bootstrap
+            and node.ledger.can_pay(ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS)
         ):
             await session.send(lambda c: c.announce_rotation())
             raise_if_not(await exchange.next_event(return_rotated=True), Rotated)
@@ -1101,6 +1114,12 @@ async def _watch_signals(
             return
 
 
+async def _stop_on_store_failure(node: Node) -> None:
+    await node.store_failed.wait()
+    log.critical("store.failed", detail="a key store write or read failed; stopping")
+    raise DaemonMustStop("key store failure: the daemon stops and does not carry on")
+
+
 async def _watchdog(node: Node) -> None:
     interval_s = watchdog_interval_s()
     if interval_s is None:
@@ -1133,6 +1152,7 @@ async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lamb
             with trio.CancelScope() as serving:
                 nursery.start_soon(_watch_signals, node, serving, on_reopen)
                 nursery.start_soon(_watchdog, node)
+                nursery.start_soon(_stop_on_store_failure, node)
                 await node.blocks.start(nursery)
                 if node.role is Role.ALICE:
                     nursery.start_soon(_run_alice, node, session_config)

@@ -362,16 +362,19 @@ async def run_alice(
     )
     while True:
         stream = await dial(config.host, config.port, config, uniform=uniform)
+        started_s = trio.current_time()
         try:
             async with open_session(stream, make_connection(), config) as session:
-                # an authenticated session resets the backoff: the next failure retries fast
-                delays = backoff_delays(
-                    config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, uniform
-                )
                 await handle(session)
             return
         except* (QkdError, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
             log.warning("channel.session_retry", errors=_describe_errors(group))
+        if trio.current_time() - started_s >= config.backoff_max_s:
+            # a session that lived longer than the longest backoff was healthy: retry fast;
+            # sessions that keep failing early (each costs handshake key) back off further
+            delays = backoff_delays(
+                config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, uniform
+            )
         await trio.sleep(next(delays))
 
 

@@ -26,7 +26,7 @@ import enum
 import os
 import sqlite3
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +216,9 @@ class KeyStore:
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db: sqlite3.Connection | None = connection
         self.path = path
+        # called once when a write or read fails: the owner must stop, wherever the call was
+        self.on_failure: Callable[[], None] | None = None
+        self.failed = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -313,6 +316,10 @@ class KeyStore:
         if db is not None:
             with suppress(sqlite3.Error):
                 db.close()
+        if not self.failed:
+            self.failed = True
+            if self.on_failure is not None:
+                self.on_failure()
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         try:
