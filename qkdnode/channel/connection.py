@@ -111,7 +111,10 @@ class ChannelConfig:
       per-tag forgery bound (chunks + 1) / 2^128;
     - ``max_resync_bits``: how far a key-derived handshake may move a ledger forward to meet
       the peer's offset (left behind by a session that died mid-block);
-    - ``on_exhausted``: what the node does when the pool cannot pay for the next block.
+    - ``on_exhausted``: what the node does when the pool cannot pay for the next block;
+    - ``max_session_age_s`` / ``max_session_frames``: a session's keys authenticate frames for
+      at most this long / this many frames per direction (refused at the limit); the node then
+      opens a new session with fresh keys.
     """
 
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
@@ -120,6 +123,8 @@ class ChannelConfig:
     max_resync_bits: int = 8 * BLOCK_DRAW_BITS + HANDSHAKE_KEY_BITS + ROTATION_KEY_BITS
     on_exhausted: ExhaustionPolicy = "rebootstrap"
     allow_key_derived: bool = True
+    max_session_age_s: float = 86_400.0
+    max_session_frames: int = 1 << 40
 
     def __post_init__(self) -> None:
         if self.on_exhausted not in ("rebootstrap", "halt"):
@@ -128,6 +133,8 @@ class ChannelConfig:
             raise ValueError(f"max_frame_bytes must be >= {MIN_MAX_FRAME_BYTES} (handshake frames)")
         if self.max_open_blocks < 1 or self.max_block_chunks < 16 or self.max_resync_bits < 0:
             raise ValueError("limits must be positive")
+        if not self.max_session_age_s > 0 or self.max_session_frames < 16:
+            raise ValueError("session limits must be positive")
 
     @property
     def tag_forgery_bound(self) -> float:
@@ -319,6 +326,7 @@ class PeerConnection:
         self._events: collections.deque[Event] = collections.deque()
         self._outbox = bytearray()
         self._eof = False
+        self._established_s: float | None = None
 
     def __repr__(self) -> str:
         mode = self._mode.value if self._mode else None
@@ -553,6 +561,11 @@ class PeerConnection:
         *,
         header: bytes | None = None,
     ) -> bytes:
+        if self._send_seq >= self.config.max_session_frames:
+            raise ProtocolError(
+                f"more than {self.config.max_session_frames} frames in one session",
+                field="session_frames",
+            )
         if header is None:
             header = pack_header(code, self._send_seq, block)
         tag = mac.tag(header, payload) if mac is not None else b""
@@ -576,6 +589,17 @@ class PeerConnection:
         return TAG_BYTES if self._recv_control is not None else 0
 
     def _receive_frame(self, frame: RawFrame, now_s: float) -> Event | None:
+        # 0. session limits: old keys and long sessions are retired, not trusted forever
+        established = self._established_s
+        if established is not None and now_s - established >= self.config.max_session_age_s:
+            raise ProtocolError(
+                f"session older than {self.config.max_session_age_s:g} s", field="session_age"
+            )
+        if self._recv_seq >= self.config.max_session_frames:
+            raise ProtocolError(
+                f"more than {self.config.max_session_frames} frames in one session",
+                field="session_frames",
+            )
         # 1. the tag, under the key the header names (a forged header fails here)
         if frame.block == NO_BLOCK:
             mac = self._recv_control
@@ -670,7 +694,7 @@ class PeerConnection:
         handshake.mlkem_shared = k_shared
         self._advance_recv()
         self._outbox += self._emit(finish, NO_BLOCK, None)
-        return self._complete_handshake(handshake, th2, finish.proof)
+        return self._complete_handshake(handshake, th2, finish.proof, now_s)
 
     def _on_finish(self, message: Message, frame: RawFrame, now_s: float) -> Event | None:
         assert isinstance(message, Finish)
@@ -682,7 +706,7 @@ class PeerConnection:
         th2 = self._finish_transcript(handshake, message.certificate_chain)
         self._verify_proof(handshake, message.certificate_chain, message.proof, th2, now_s)
         self._advance_recv()
-        return self._complete_handshake(handshake, th2, message.proof)
+        return self._complete_handshake(handshake, th2, message.proof, now_s)
 
     def _on_block_open(self, message: Message, frame: RawFrame, now_s: float) -> Event | None:
         assert isinstance(message, BlockOpen)
@@ -875,7 +899,7 @@ class PeerConnection:
         )
 
     def _complete_handshake(
-        self, handshake: _Handshake, th2: bytes, finish_proof: bytes
+        self, handshake: _Handshake, th2: bytes, finish_proof: bytes, now_s: float
     ) -> HandshakeComplete:
         final = transcript_hash(th2, finish_proof)
         mode_secret = b""
@@ -903,6 +927,7 @@ class PeerConnection:
         self._mode = handshake.mode
         self._handshake = None
         self._state = ConnectionState.ESTABLISHED
+        self._established_s = now_s
         return HandshakeComplete(mode=handshake.mode, session_id=keys.session_id)
 
     def _set_control_keys(self, a2b: bytes, b2a: bytes) -> None:

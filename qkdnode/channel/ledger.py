@@ -215,6 +215,15 @@ class AuthKeyLedger:
             forgery_bound=s.forgery_bound + count * forgery_bound_each,
         )
 
+    def reset(self) -> None:
+        """Forget the pool and every counter (both peers agreed to, over a bootstrap-
+        authenticated session, after their ledgers diverged). Unused pool bits are discarded,
+        never reused; the pool refills from the next committed keys."""
+        s = self._state
+        self._state = LedgerState(target_bits=s.target_bits, reserve_bits=s.reserve_bits)
+        if self.observer is not None:
+            self.observer(DrawRecord(offset_bits=0, nbits=0, purpose="reset"))
+
     def set_active(self, active: bool) -> None:
         self._state = replace(self._state, active=active)
 

@@ -217,6 +217,8 @@ class Node:
         self.stopping = False
         self.in_block = False
         self.force_bootstrap = False
+        self.ledger_reset_pending = False
+        self._last_connection: tuple[PeerConnection, bool] | None = None
         # a failed store write can surface in any task (e.g. a ledger draw while a frame is
         # read): the store reports it here and the daemon stops
         self.store_failed = trio.Event()
@@ -296,6 +298,30 @@ class Node:
         )
 
     def make_connection(self) -> PeerConnection:
+        """A new connection. If the last one tried key-derived authentication and never got
+        through the handshake (the peer's ledger was rolled back, lost or diverged), follow
+        ``auth.on_exhausted``: ``rebootstrap`` authenticates the next session with the bootstrap
+        credentials, where both sides reset their ledgers; ``halt`` keeps trying and says so
+        loudly, for an operator to act."""
+        last = self._last_connection
+        if last is not None and last[1] and last[0].mode is None:
+            if self.config.auth.on_exhausted == "rebootstrap":
+                log.error("auth.rebootstrap", reason="key-derived handshake failed")
+                self.force_bootstrap = True
+                self.ledger_reset_pending = True
+            else:
+                log.critical(
+                    "auth.key_derived_refused",
+                    detail="the peer refused key-derived authentication; on_exhausted = halt",
+                )
+        connection = self._new_connection()
+        attempts_key_derived = (
+            self.role is Role.ALICE and self.ledger.active and not self.force_bootstrap
+        )
+        self._last_connection = (connection, attempts_key_derived)
+        return connection
+
+    def _new_connection(self) -> PeerConnection:
         return PeerConnection(
             self.role,
             credentials=self.credentials,
@@ -734,7 +760,17 @@ class Exchange:
 
     async def sync_as_bob(self) -> None:
         store = self.node.store
-        request = await self.expect_control("sync")
+        request = await self.next_event()
+        if isinstance(request, Control) and request.kind == "ledger_reset":
+            # only in a bootstrap-authenticated session: Alice's key-derived handshake failed
+            if self.connection.mode is SessionMode.KEY_DERIVED:
+                raise ProtocolError("ledger reset in a key-derived session", field="kind")
+            self.node.ledger.reset()
+            log.warning("auth.ledger_reset", reason="requested by the peer after divergence")
+            await self.send_control("ledger_reset_done", {})
+            request = await self.next_event()
+        if not isinstance(request, Control) or request.kind != "sync":
+            raise ProtocolError(f"expected control 'sync', got {_describe(request)}", field="kind")
         theirs = unpack_ids(_bytes(request.body["staged"]), field="staged")
         mine = store.staged_block_ids()
         committed_here = [
@@ -943,8 +979,18 @@ async def bob_session(node: Node, session: PeerSession) -> None:
 
 async def _alice_blocks(node: Node, exchange: Exchange) -> None:
     session = exchange.session
+    if node.ledger_reset_pending and session.connection.mode is not SessionMode.KEY_DERIVED:
+        await exchange.send_control("ledger_reset", {})
+        await exchange.expect_control("ledger_reset_done")
+        node.ledger.reset()
+        node.ledger_reset_pending = False
+        log.warning("auth.ledger_reset", reason="ledgers diverged; pool refills from new keys")
     block_id = await exchange.sync_as_alice()
+    retire_at_s = trio.current_time() + 0.9 * session.connection.config.max_session_age_s
     while not node.stopping:
+        if trio.current_time() >= retire_at_s:
+            # between blocks, well before the channel's session age limit: new session keys
+            raise SessionEnded("session age limit: opening a new session")
         connection = session.connection
         if (
             connection.mode is not SessionMode.KEY_DERIVED

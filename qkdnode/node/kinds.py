@@ -46,6 +46,9 @@ CONTROL_SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
         "last_block_id": _U64,
     },
     "sync_done": {"committed": _ids(MAX_LIMBO_BLOCKS)},
+    # after a failed key-derived handshake Alice re-bootstraps and both reset their ledgers
+    "ledger_reset": {},
+    "ledger_reset_done": {},
     # two-phase commit of one block: Alice stages and proposes key IDs, Bob stages, both commit
     "stage": {
         "block_id": _U64,
