@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 import uuid
 from pathlib import Path
 
@@ -135,4 +136,23 @@ def test_repr_of_keys_shows_no_material(tmp_path: Path) -> None:
     store.commit_block(1)
     key = store.committed_keys()[0]
     assert key.material.hex() not in repr(key) and str(key.material) not in repr(key)
+    store.close()
+
+
+def test_a_reader_elsewhere_neither_blocks_nor_stops_the_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    for block_id in (1, 2):
+        store.stage_block(_block(block_id, rng))
+    reader = sqlite3.connect(store.path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM keys").fetchall()  # holds a read snapshot
+    started = time.monotonic()
+    store.drop_block(1)  # erasing: wants to truncate the WAL, the reader holds it up
+    assert time.monotonic() - started < 1.0
+    assert not store.failed and store.block_state(1) is BlockState.DROPPED
+    reader.execute("COMMIT")
+    reader.close()
+    store.drop_block(2)  # the next erasure truncates the WAL: no old page images remain
+    assert os.path.getsize(f"{store.path}-wal") == 0
     store.close()

@@ -233,7 +233,11 @@ class KeyStore:
             path = directory / DATABASE_NAME
             old_umask = os.umask(0o077)  # database, WAL and shm files are created 0600
             try:
-                connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                # a short busy timeout: the daemon is the only writer, and a reader elsewhere
+                # must never block its event loop for long (sqlite3's default is 5 s)
+                connection = sqlite3.connect(
+                    path, isolation_level=None, check_same_thread=False, timeout=0.2
+                )
             finally:
                 os.umask(old_umask)
             store = cls(connection, path)
@@ -305,11 +309,18 @@ class KeyStore:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            if erases:
-                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             self._fail()
             raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
+        if erases:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it. A reader elsewhere (an operator's
+        sqlite3, a backup) can hold it up: then the frames stay until the next checkpoint
+        instead of blocking the daemon (the busy timeout is short)."""
+        with suppress(sqlite3.OperationalError):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _fail(self) -> None:
         db, self._db = self._db, None

@@ -1,0 +1,105 @@
+"""Naive, independent reference implementations used to generate and re-check pinned vectors.
+
+Written from the definitions (module docstrings of ``qkdnode.channel.polyhash``,
+``qkdnode.postprocess.verification`` and ``qkdnode.postprocess.amplification``), sharing no code
+with them: schoolbook GF(2^128) arithmetic, Horner modulo a Mersenne prime on Python ints, and
+the Toeplitz matrix product written out entry by entry.
+"""
+
+from __future__ import annotations
+
+
+def gf128_mul(a: int, b: int) -> int:
+    """Carry-less schoolbook product reduced by x^128 + x^7 + x^2 + x + 1."""
+    product = 0
+    for i in range(128):
+        if (b >> i) & 1:
+            product ^= a << i
+    modulus = (1 << 128) | 0x87
+    for degree in range(254, 127, -1):
+        if (product >> degree) & 1:
+            product ^= modulus << (degree - 128)
+    return product
+
+
+def gf128_poly_hash(key: bytes, records: list[bytes]) -> bytes:
+    """H_h over u64-length-prefixed, zero-padded records, then the total byte length chunk."""
+    data = b""
+    for record in records:
+        data += len(record).to_bytes(8, "big") + record
+        data += bytes(-len(data) % 16)
+    chunks = [int.from_bytes(data[i : i + 16], "big") for i in range(0, len(data), 16)]
+    chunks.append(len(data))
+    h = int.from_bytes(key, "big")
+    y = 0
+    for chunk in chunks:  # Horner: y <- (y + m_i) h
+        y = gf128_mul(y ^ chunk, h)
+    return y.to_bytes(16, "big")
+
+
+def bits_of(data: bytes, count: int) -> list[int]:
+    """The first ``count`` bits of ``data``, least significant bit of each byte first."""
+    return [(data[i // 8] >> (i % 8)) & 1 for i in range(count)]
+
+
+def mersenne_poly_hash(bits: list[int], hash_key: int, field_bits: int) -> int:
+    """H_r = sum c_i r^(d-i) mod 2^p - 1 with c_0 = n and (p-1)-bit little-endian chunks."""
+    modulus = (1 << field_bits) - 1
+    width = field_bits - 1
+    coefficients = [len(bits)]
+    for start in range(0, len(bits), width):
+        piece = bits[start : start + width]
+        coefficients.append(sum(bit << j for j, bit in enumerate(piece)))
+    value = 0
+    for coefficient in coefficients:
+        value = (value * hash_key + coefficient) % modulus
+    return value
+
+
+def toeplitz(bits: list[int], seed: list[int], output_bits: int) -> list[int]:
+    """out[i] = XOR_j s[i - j + n - 1] x[j] (the documented indexing), entry by entry."""
+    n = len(bits)
+    assert len(seed) == n + output_bits - 1
+    return [sum(seed[i - j + n - 1] & bits[j] for j in range(n)) % 2 for i in range(output_bits)]
+
+
+def pack_bits_le(bits: list[int]) -> bytes:
+    out = bytearray((len(bits) + 7) // 8)
+    for i, bit in enumerate(bits):
+        out[i // 8] |= bit << (i % 8)
+    return bytes(out)
+
+
+# ---- the inputs of the pinned self-test vectors (also used by qkdnode.ops.selftest) ----------
+
+POLY128_KEY = bytes(range(16))
+POLY128_RECORDS = [b"", b"abc", bytes(range(40))]
+POLY128_PAD = bytes(range(16, 32))
+MERSENNE_DATA = bytes((7 * i + 3) % 256 for i in range(38))
+MERSENNE_BITS = 300
+MERSENNE_KEYS = {61: 0x0123456789ABCDEF % ((1 << 61) - 1), 127: (1 << 126) + 0x1234567}
+TOEPLITZ_INPUT = bytes((13 * i + 5) % 256 for i in range(8))
+TOEPLITZ_SEED = bytes((29 * i + 11) % 256 for i in range(11))
+TOEPLITZ_N, TOEPLITZ_M = 64, 24
+
+
+def expected_vectors() -> dict[str, str]:
+    """The pinned values, recomputed naively (hex)."""
+    poly = gf128_poly_hash(POLY128_KEY, POLY128_RECORDS)
+    tag = bytes(x ^ y for x, y in zip(poly, POLY128_PAD, strict=True))
+    bits = bits_of(MERSENNE_DATA, MERSENNE_BITS)
+    out = {"gf128_hash": poly.hex(), "gf128_tag": tag.hex()}
+    for field_bits, key in MERSENNE_KEYS.items():
+        out[f"mersenne_{field_bits}"] = format(mersenne_poly_hash(bits, key, field_bits), "x")
+    toe = toeplitz(
+        bits_of(TOEPLITZ_INPUT, TOEPLITZ_N),
+        bits_of(TOEPLITZ_SEED, TOEPLITZ_N + TOEPLITZ_M - 1),
+        TOEPLITZ_M,
+    )
+    out["toeplitz"] = pack_bits_le(toe).hex()
+    return out
+
+
+if __name__ == "__main__":  # regenerate: python -m tests.reliability.naive
+    for name, value in expected_vectors().items():
+        print(f"{name} = {value}")

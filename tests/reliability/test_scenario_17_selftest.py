@@ -1,0 +1,113 @@
+"""Scenario 17: known-answer self-tests at start-up; a failing one stops the daemon.
+
+The pinned vectors of our own constructions are re-derived here by the naive reference code
+(``tests/reliability/naive.py``), so the pins cannot drift from the definitions; the published
+vectors (RFC 4231, RFC 8032) are checked by ``run_self_tests`` itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qkdnode.errors import QkdError
+from qkdnode.ops import selftest
+from tests.reliability import naive
+
+
+def test_all_self_tests_pass_and_cover_every_primitive() -> None:
+    assert selftest.run_self_tests() == [
+        "hmac_sha256",
+        "polyhash_gf128",
+        "verification_hash",
+        "toeplitz",
+        "ed25519",
+        "ml_dsa_65",
+    ]
+
+
+def test_pinned_vectors_equal_the_naive_reference() -> None:
+    expected = naive.expected_vectors()
+    assert expected["gf128_hash"] == selftest.POLY128_HASH
+    assert expected["gf128_tag"] == selftest.POLY128_TAG
+    assert expected["toeplitz"] == selftest.TOEPLITZ_OUTPUT
+    for field_bits, key, value in selftest.MERSENNE_VECTORS:
+        assert naive.MERSENNE_KEYS[field_bits] == key
+        assert value == expected[f"mersenne_{field_bits}"]
+    # the inputs are the same on both sides
+    assert selftest.POLY128_KEY == naive.POLY128_KEY
+    assert list(selftest.POLY128_RECORDS) == naive.POLY128_RECORDS
+    assert selftest.MERSENNE_DATA == naive.MERSENNE_DATA
+    assert (selftest.TOEPLITZ_INPUT, selftest.TOEPLITZ_SEED) == (
+        naive.TOEPLITZ_INPUT,
+        naive.TOEPLITZ_SEED,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "target", "broken"),
+    [
+        ("polyhash_gf128", "qkdnode.channel.polyhash.PolyHash.finish", lambda self: bytes(16)),
+        ("verification_hash", "qkdnode.postprocess.verification.polynomial_hash", lambda *a: 0),
+        ("toeplitz", "qkdnode.postprocess.amplification.toeplitz_hash", None),
+        ("ed25519", "qkdnode.channel.pki.verify_signature", lambda *a: None),
+    ],
+)
+def test_a_broken_primitive_fails_its_self_test_by_name(
+    monkeypatch: pytest.MonkeyPatch, name: str, target: str, broken: object
+) -> None:
+    if broken is None:
+        import numpy as np
+
+        def broken(bits: object, seed: object, output_bits: int) -> object:
+            return np.zeros(output_bits, dtype=np.uint8)
+
+    monkeypatch.setattr(target, broken)
+    with pytest.raises(selftest.SelfTestFailed) as caught:
+        selftest.run_self_tests()
+    assert caught.value.test == name
+    assert isinstance(caught.value, QkdError)
+    assert name in str(caught.value)
+
+
+def test_broken_hmac_vector_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    vectors = list(selftest._HMAC_VECTORS)
+    key, data, digest = vectors[0]
+    vectors[0] = (key, data + b"!", digest)
+    monkeypatch.setattr(selftest, "_HMAC_VECTORS", tuple(vectors))
+    with pytest.raises(selftest.SelfTestFailed, match="hmac_sha256"):
+        selftest.run_self_tests()
+
+
+def test_an_unexpected_exception_counts_as_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("library broken")
+
+    monkeypatch.setattr("qkdnode.channel.pki.verify_signature", boom)
+    with pytest.raises(selftest.SelfTestFailed) as caught:
+        selftest.run_self_tests()
+    assert caught.value.test == "ed25519"
+
+
+def test_a_failing_self_test_stops_the_daemon_from_starting(tmp_path: Path) -> None:
+    """`qkdnode run` with a broken Toeplitz hash (patched in the process) exits 1, naming the
+    test, before it opens its store or listens on anything."""
+    from qkdnode.node.demo import prepare_workdir
+
+    layout = prepare_workdir(tmp_path, distance_km=25.0, block_pulses=1 << 20)
+    program = (
+        "import sys, numpy as np\n"
+        "import qkdnode.postprocess.amplification as a\n"
+        "a.toeplitz_hash = lambda bits, seed, m: np.zeros(m, dtype=np.uint8)\n"
+        "from qkdnode.cli import main\n"
+        f"sys.exit(main(['run', '--config', {str(layout.config('bob'))!r}]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 1
+    assert "SelfTestFailed" in result.stderr and "toeplitz" in result.stderr
+    assert not (layout.store("bob") / "keys.db").exists()

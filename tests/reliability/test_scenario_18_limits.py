@@ -1,0 +1,218 @@
+"""Scenario 18: limits, WireGuard-style: refused exactly at the first value over the limit,
+accepted at the limit itself (one below the refused value).
+
+Every limit is checked on the *receiving* side (a peer that ignores its own limits): the sender
+is built with a looser configuration or registry. Limits: frame size (``max_frame_bytes``, on
+the length prefix), bytes per feed (``max_feed_bytes``), field lengths (the kind's schema), open
+blocks (``max_open_blocks``), block transcript length per one-time tag (``max_block_chunks``,
+which sets the tag's forgery bound), ledger resynchronisation distance (``max_resync_bits``),
+and session age (defect D6: there was none; fixed in the working tree).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qkdnode.channel.auth import Role
+from qkdnode.channel.connection import ChannelConfig, ConnectionState, PeerConnection
+from qkdnode.channel.framing import LENGTH_BYTES, FrameReader
+from qkdnode.channel.messages import FieldSpec, KindRegistry
+from qkdnode.channel.polyhash import BLOCK_BYTES
+from qkdnode.errors import ProtocolError
+from tests.helpers_pki import NOW_S
+from tests.reliability.memory import (
+    NAMED,
+    Wire,
+    credentials,
+    handshake,
+    key_derived_wire,
+    ledger_pair,
+    seeded,
+)
+
+FRAME_LIMIT = 100_000
+BLOB_LIMIT = 70_000
+
+
+def _registry(blob_max: int) -> KindRegistry:
+    registry = KindRegistry()
+    registry.register(
+        "big",
+        {"blob": FieldSpec(kind="bytes", max_len=blob_max)},
+    )
+    return registry
+
+
+def _psk_wire(
+    *,
+    alice_config: ChannelConfig,
+    bob_config: ChannelConfig,
+    alice_blob_max: int = 1 << 20,
+    bob_blob_max: int = 1 << 20,
+    ledgers: tuple[object, object] = (None, None),
+    seed: int = 18,
+) -> Wire:
+    a_cred, b_cred = credentials("psk")
+    return Wire(
+        PeerConnection(
+            Role.ALICE,
+            credentials=a_cred,
+            registry=_registry(alice_blob_max),
+            ledger=ledgers[0],  # type: ignore[arg-type]
+            config=alice_config,
+            random_bytes=seeded(seed),
+        ),
+        PeerConnection(
+            Role.BOB,
+            credentials=b_cred,
+            registry=_registry(bob_blob_max),
+            ledger=ledgers[1],  # type: ignore[arg-type]
+            config=bob_config,
+            random_bytes=seeded(seed + 1),
+        ),
+    )
+
+
+def _deliver(conn: PeerConnection, frame: bytes) -> None:
+    conn.receive_data(frame)
+    conn.next_event(now_s=NOW_S)
+
+
+def _established(bob_frame_limit: int) -> Wire:
+    wire = _psk_wire(
+        alice_config=ChannelConfig(max_frame_bytes=1 << 20),
+        bob_config=ChannelConfig(max_frame_bytes=bob_frame_limit),
+    )
+    handshake(wire)
+    return wire
+
+
+@pytest.mark.parametrize("length", [FRAME_LIMIT, FRAME_LIMIT + 1])
+def test_frame_size_accepted_at_the_limit_refused_one_over(length: int) -> None:
+    # the overhead of a Control "big" frame (header, msgpack, tag) from a twin session
+    twin = _established(FRAME_LIMIT).alice.send_control("big", {"blob": bytes(70_000)})
+    overhead = len(twin) - LENGTH_BYTES - 70_000
+    wire = _established(FRAME_LIMIT)
+    frame = wire.alice.send_control("big", {"blob": bytes(length - overhead)})
+    assert int.from_bytes(frame[:LENGTH_BYTES], "big") == length
+    if length <= FRAME_LIMIT:
+        _deliver(wire.bob, frame)
+        assert wire.bob.recv_seq == 3 and wire.bob.state is ConnectionState.ESTABLISHED
+    else:
+        with pytest.raises(ProtocolError) as refused:
+            _deliver(wire.bob, frame)
+        assert refused.value.field == "length"
+        assert wire.bob.recv_seq == 2
+
+
+@pytest.mark.parametrize("size", [BLOB_LIMIT, BLOB_LIMIT + 1])
+def test_field_length_accepted_at_the_limit_refused_one_over(size: int) -> None:
+    config = ChannelConfig(max_frame_bytes=1 << 20)
+    wire = _psk_wire(alice_config=config, bob_config=config, bob_blob_max=BLOB_LIMIT)
+    handshake(wire)
+    frame = wire.alice.send_control("big", {"blob": bytes(size)})
+    if size <= BLOB_LIMIT:
+        _deliver(wire.bob, frame)
+        assert wire.bob.recv_seq == 3
+    else:
+        with pytest.raises(ProtocolError) as refused:
+            _deliver(wire.bob, frame)
+        assert refused.value.field == "body.blob"
+        assert wire.bob.recv_seq == 2
+
+
+@pytest.mark.parametrize("size", [1 << 16, (1 << 16) + 1])
+def test_bytes_per_feed_accepted_at_the_limit_refused_one_over(size: int) -> None:
+    reader = FrameReader(max_frame_bytes=1 << 20, max_feed_bytes=1 << 16)
+    if size <= 1 << 16:
+        reader.feed(bytes(size))
+        assert reader.buffered_bytes == size
+    else:
+        with pytest.raises(ProtocolError):
+            reader.feed(bytes(size))
+        assert reader.buffered_bytes == 0
+
+
+@pytest.mark.parametrize("limit", [1, 4])
+def test_open_blocks_accepted_up_to_the_limit_refused_one_over(limit: int) -> None:
+    wire = _psk_wire(
+        alice_config=ChannelConfig(max_frame_bytes=1 << 20, max_open_blocks=limit + 1),
+        bob_config=ChannelConfig(max_frame_bytes=1 << 20, max_open_blocks=limit),
+    )
+    handshake(wire)
+    for block_id in range(limit):
+        _deliver(wire.bob, wire.alice.open_block(block_id))
+    assert len(wire.bob.open_blocks) == limit
+    with pytest.raises(ProtocolError) as refused:
+        _deliver(wire.bob, wire.alice.open_block(limit))
+    assert refused.value.field == "block_id"
+    assert len(wire.bob.open_blocks) == limit
+
+
+def _chunks(record_bytes: int) -> int:
+    """16-byte chunks of one absorbed record: u64 length + record, zero-padded (polyhash)."""
+    return -(-(record_bytes + 8) // BLOCK_BYTES)
+
+
+def test_block_transcript_accepted_at_the_chunk_limit_refused_one_over() -> None:
+    limit = 400
+    alice_ledger, bob_ledger, _, _ = ledger_pair(seed=18, target_bits=1 << 16)
+    first = key_derived_wire(alice_ledger, bob_ledger, seed=180)  # rotates the ledgers
+    del first
+    wire = _psk_wire(
+        alice_config=ChannelConfig(max_frame_bytes=1 << 20),
+        bob_config=ChannelConfig(max_frame_bytes=1 << 20, max_block_chunks=limit),
+        ledgers=(alice_ledger, bob_ledger),
+        seed=181,
+    )
+    handshake(wire)
+    _deliver(wire.bob, wire.alice.open_block(0))
+    # Bob keeps room for the final record and the length chunk: 8 chunks
+    used = 0
+    sent = 0
+    while True:
+        frame = wire.alice.send_data(0, "big", {"blob": bytes(100)})
+        record = len(frame) - LENGTH_BYTES - 32  # header + payload; the 32-byte MAC is not hashed
+        fits = used + _chunks(record) + 8 <= limit
+        if fits:
+            _deliver(wire.bob, frame)
+            used += _chunks(record)
+            sent += 1
+            continue
+        with pytest.raises(ProtocolError) as refused:
+            _deliver(wire.bob, frame)
+        assert refused.value.field == "block"
+        break
+    assert sent >= 3 and limit - 8 - _chunks(record) < used <= limit - 8
+
+
+@pytest.mark.parametrize("ahead_bits", [2048, 2056])
+def test_ledger_resync_accepted_at_the_limit_refused_one_byte_over(ahead_bits: int) -> None:
+    limit = 2048
+    alice_ledger, bob_ledger, _, _ = ledger_pair(seed=181, target_bits=1 << 16)
+    key_derived_wire(alice_ledger, bob_ledger, seed=182)
+    alice_ledger.draw(ahead_bits, "lost session", allow_reserve=True)
+    config = ChannelConfig(max_frame_bytes=1 << 20, max_resync_bits=limit)
+    wire = _psk_wire(
+        alice_config=config, bob_config=config, ledgers=(alice_ledger, bob_ledger), seed=183
+    )
+    if ahead_bits <= limit:
+        handshake(wire)
+        assert wire.bob.state is ConnectionState.ESTABLISHED
+        assert alice_ledger.state == bob_ledger.state
+    else:
+        with pytest.raises(NAMED) as refused:
+            handshake(wire)
+        assert getattr(refused.value, "field", None) == "ledger_consumed_bits"
+
+
+def test_a_session_older_than_any_sane_limit_is_refused() -> None:
+    """Regression test for D6 (found here; fixed in the working tree on 2026-11-28)."""
+    config = ChannelConfig(max_frame_bytes=1 << 20)
+    wire = _psk_wire(alice_config=config, bob_config=config)
+    handshake(wire)
+    frame = wire.alice.send_control("big", {"blob": b"late"})
+    wire.bob.receive_data(frame)
+    ten_years_s = 10 * 365 * 86400.0
+    with pytest.raises(NAMED):
+        wire.bob.next_event(now_s=NOW_S + ten_years_s)
