@@ -935,6 +935,12 @@ class _Distilled:
     auth: BlockAuthenticated
 
 
+def _leaf_errors(error: BaseException) -> list[str]:
+    if isinstance(error, BaseExceptionGroup):
+        return [text for inner in error.exceptions for text in _leaf_errors(inner)]
+    return [f"{type(error).__name__}: {error}"[:300]]
+
+
 def _bytes(value: object) -> bytes:
     assert isinstance(value, bytes)
     return value
@@ -1222,6 +1228,10 @@ async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lamb
                 log.info("daemon.ready")
                 await trio.sleep_forever()
             nursery.cancel_scope.cancel()
+    except BaseException as exc:
+        # say why before the clean-up below: a signal may end the process during it
+        log.critical("daemon.failed", errors=_leaf_errors(exc))
+        raise
     finally:
         with trio.CancelScope(shield=True):
             await node.blocks.aclose()

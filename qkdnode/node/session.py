@@ -244,6 +244,17 @@ class PeerSession:
             await self._stream.aclose()
 
 
+# What ends one session (its stream, its peer, its protocol) but not the node: the loops log it
+# and dial or listen again. Anything else is a bug and ends the daemon.
+_SESSION_ENDINGS = (
+    QkdError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
+
+
 def _describe_errors(group: BaseExceptionGroup[BaseException]) -> list[str]:
     """The leaf errors of a group as 'Type: message' (messages never carry secrets)."""
     leaves: list[str] = []
@@ -367,7 +378,7 @@ async def run_alice(
             async with open_session(stream, make_connection(), config) as session:
                 await handle(session)
             return
-        except* (QkdError, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
+        except* _SESSION_ENDINGS as group:
             log.warning("channel.session_retry", errors=_describe_errors(group))
         if trio.current_time() - started_s >= config.backoff_max_s:
             # a session that lived longer than the longest backoff was healthy: retry fast;
@@ -391,7 +402,7 @@ async def serve_bob(
         try:
             async with open_session(stream, make_connection(), config) as session:
                 await handle(session)
-        except* (QkdError, trio.TooSlowError, trio.BrokenResourceError, OSError) as group:
+        except* _SESSION_ENDINGS as group:
             log.warning("channel.session_ended", errors=_describe_errors(group))
 
     await trio.serve_tcp(on_stream, config.port, host=config.host, task_status=task_status)
