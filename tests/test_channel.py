@@ -58,6 +58,7 @@ from qkdnode.errors import (
     QkdError,
 )
 from tests.helpers_pki import NOW_S, credentials_pair, make_ca, make_node_certificate
+from tests.reliability.naive import gf128_mul, gf128_poly_hash
 
 TARGET_BITS = 64 * 1024
 RESERVE_BITS = 4 * 1024
@@ -201,52 +202,25 @@ def snapshot(conn: PeerConnection) -> tuple[object, ...]:
 
 
 # ---- Wegman–Carter polynomial hash: known answers from a naive implementation ----------------
-
-
-def naive_gf_mul(a: int, b: int) -> int:
-    """Carry-less schoolbook product, then long division by x^128 + x^7 + x^2 + x + 1."""
-    product = 0
-    for i in range(128):
-        if (b >> i) & 1:
-            product ^= a << i
-    modulus = (1 << 128) | 0x87
-    for degree in range(254, 127, -1):
-        if (product >> degree) & 1:
-            product ^= modulus << (degree - 128)
-    return product
-
-
-def naive_poly_hash(key: bytes, records: list[bytes]) -> bytes:
-    """sum m_i h^(n+1-i) over the padded, length-prefixed records and the length chunk."""
-    data = b""
-    for record in records:
-        data += len(record).to_bytes(8, "big") + record
-        data += bytes(-len(data) % 16)
-    chunks = [int.from_bytes(data[i : i + 16], "big") for i in range(0, len(data), 16)]
-    chunks.append(len(data))
-    h = int.from_bytes(key, "big")
-    total, power = 0, h
-    for chunk in reversed(chunks):
-        total ^= naive_gf_mul(chunk, power)
-        power = naive_gf_mul(power, h)
-    return total.to_bytes(16, "big")
+# (the schoolbook GF(2^128) reference lives in tests/reliability/naive.py, shared with the
+# start-up self-test vectors)
 
 
 def test_polyhash_matches_naive_evaluation() -> None:
     rng = np.random.default_rng(2024)
     for _ in range(20):
         a, b = (int.from_bytes(rng.bytes(16), "big") for _ in range(2))
-        assert gf_mul(a, b) == naive_gf_mul(a, b)
+        assert gf_mul(a, b) == gf128_mul(a, b)
     for _ in range(10):
         key = rng.bytes(16)
         records = [rng.bytes(int(n)) for n in rng.integers(0, 70, size=int(rng.integers(1, 5)))]
         hasher = PolyHash(key)
         for record in records:
             hasher.absorb(record)
-        assert hasher.finish() == naive_poly_hash(key, records)
+        assert hasher.finish() == gf128_poly_hash(key, records)
         pad = rng.bytes(16)
-        tag = wegman_carter_tag(naive_poly_hash(key, records), pad)
-        assert bytes(x ^ y for x, y in zip(tag, pad, strict=True)) == naive_poly_hash(key, records)
+        tag = wegman_carter_tag(gf128_poly_hash(key, records), pad)
+        assert bytes(x ^ y for x, y in zip(tag, pad, strict=True)) == gf128_poly_hash(key, records)
 
 
 def test_polyhash_vectorised_path_matches_naive_on_long_records() -> None:
@@ -257,7 +231,7 @@ def test_polyhash_vectorised_path_matches_naive_on_long_records() -> None:
     for record in records:
         hasher.absorb(record)
     assert hasher.chunks > 400
-    assert hasher.finish() == naive_poly_hash(key, records)
+    assert hasher.finish() == gf128_poly_hash(key, records)
 
 
 # ---- ledger ---------------------------------------------------------------------------------
