@@ -217,6 +217,13 @@ class _SimulatedEnd:
         except OSError as exc:
             raise self._fail("lost", LinkLost(f"cannot open the fibre: {exc}")) from exc
 
+    async def _close(self, stream: trio.abc.AsyncResource | None) -> None:
+        """Close this end's fibre stream (idempotent: ``aclose`` hands it over once)."""
+        if self._state is LinkState.OPEN:
+            self._state = LinkState.CLOSED
+        if stream is not None:
+            await stream.aclose()
+
 
 class SimulatedAliceLink(_SimulatedEnd):
     """Alice's end: a weak-coherent-pulse source writing pulse descriptions to the fibre."""
@@ -245,10 +252,7 @@ class SimulatedAliceLink(_SimulatedEnd):
 
     async def aclose(self) -> None:
         stream, self._stream = self._stream, None
-        if self._state is LinkState.OPEN:
-            self._state = LinkState.CLOSED
-        if stream is not None:
-            await stream.aclose()
+        await self._close(stream)
 
     async def next_block(self, pulse_count: int) -> EmissionRecords:
         """Emit the next ``pulse_count`` pulses; returns Alice's records of them."""
@@ -334,10 +338,7 @@ class SimulatedBobLink(_SimulatedEnd):
 
     async def aclose(self) -> None:
         stream, self._stream = self._stream, None
-        if self._state is LinkState.OPEN:
-            self._state = LinkState.CLOSED
-        if stream is not None:
-            await stream.aclose()
+        await self._close(stream)
 
     async def next_block(self, pulse_count: int) -> DetectionRecords:
         """Detections of the next ``pulse_count`` pulses, as announced by the fibre."""
