@@ -13,7 +13,30 @@ from pathlib import Path
 from qkdnode.errors import ConfigError, KeyStoreError, QkdError
 
 
+def _note_stop_signals() -> list[int]:
+    """From now on SIGTERM/SIGINT are noted, not fatal; returns the list they are noted in.
+
+    Without this a stop request during start-up (imports, config, self-tests) or after the event
+    loop's own receiver is gone (clean-up) would kill the process by the default disposition,
+    without a log line and with a signal exit status (D9 in docs/reliability.md).
+    """
+    import signal
+
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    signal.signal(signal.SIGTERM, note)
+    signal.signal(signal.SIGINT, note)
+    return noted
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    early_stops = _note_stop_signals()
+    import faulthandler
+
+    faulthandler.enable()  # a fatal signal (SIGSEGV, SIGABRT, ...) leaves its traceback on stderr
     import structlog
     import trio
 
@@ -35,7 +58,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     structlog.get_logger("qkdnode.node").info("daemon.self_tests", passed=passed)
     fatal: list[BaseException] = []
     try:
-        return trio.run(lambda: run_daemon(config, on_reopen=reopen_log_output))
+        return trio.run(
+            lambda: run_daemon(config, on_reopen=reopen_log_output, early_stops=early_stops)
+        )
     except* (DaemonMustStop, KeyStoreError) as group:
         fatal.extend(group.exceptions)
     for error in fatal:

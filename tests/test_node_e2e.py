@@ -185,3 +185,23 @@ def test_kill_9_of_bob_mid_block_then_restart_loses_no_committed_key(
     alice_after = read_keys(layout.store("alice"))
     for key_id, material in committed_before.items():
         assert alice_after.get(key_id) == material  # no committed key lost
+
+
+def test_sigterm_during_start_up_stops_the_node_cleanly(layout: DemoLayout) -> None:
+    # D9: a SIGTERM that lands before the event loop's signal receiver exists (here: right after
+    # the self-tests, before trio runs) used to kill the process without a log line, status -15
+    bob = start_node(layout, "bob")
+    follower = LogFollower(layout.log("bob"))
+    events: list[str] = []
+    try:
+        deadline = time.monotonic() + 20.0
+        while "daemon.self_tests" not in events:
+            assert bob.poll() is None and time.monotonic() < deadline, events
+            events += [str(e["event"]) for e in follower.new_events()]
+            time.sleep(0.001)
+        bob.send_signal(signal.SIGTERM)
+        assert bob.wait(timeout=GRACE_S) == 0
+    finally:
+        stop_nodes([bob])
+    events += [str(e["event"]) for e in follower.new_events()]
+    assert "daemon.stopping" in events and events[-1] == "daemon.stopped", events

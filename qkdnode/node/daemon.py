@@ -1147,23 +1147,34 @@ def _eve_opener(
 
 
 async def _watch_signals(
-    node: Node, cancel: trio.CancelScope, on_reopen: Callable[[], None]
+    node: Node,
+    cancel: trio.CancelScope,
+    on_reopen: Callable[[], None],
+    early_stops: Sequence[int],
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        # checked once the receiver exists, so no stop request falls between the two
+        if early_stops:
+            await _stop_gracefully(node, cancel, early_stops[0])
+            return
         async for signum in signals:
             if signum == signal.SIGHUP:
                 on_reopen()
                 log.info("daemon.log_reopened")
                 continue
-            log.info("daemon.stopping", signal=signal.Signals(signum).name)
-            node.stopping = True
-            node.notifier.stopping()
-            # let the block in flight finish (its commit is the consistent point), within bounds
-            with trio.move_on_after(GRACE_PERIOD_S):
-                while node.in_block:
-                    await trio.sleep(0.05)
-            cancel.cancel()
+            await _stop_gracefully(node, cancel, signum)
             return
+
+
+async def _stop_gracefully(node: Node, cancel: trio.CancelScope, signum: int) -> None:
+    log.info("daemon.stopping", signal=signal.Signals(signum).name)
+    node.stopping = True
+    node.notifier.stopping()
+    # let the block in flight finish (its commit is the consistent point), within bounds
+    with trio.move_on_after(GRACE_PERIOD_S):
+        while node.in_block:
+            await trio.sleep(0.05)
+    cancel.cancel()
 
 
 async def _stop_on_store_failure(node: Node) -> None:
@@ -1183,8 +1194,17 @@ async def _watchdog(node: Node) -> None:
         await trio.sleep(interval_s)
 
 
-async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lambda: None) -> int:
-    """Run one node until SIGTERM/SIGINT (exit 0) or a fatal error (raises)."""
+async def run_daemon(
+    config: NodeConfig,
+    *,
+    on_reopen: Callable[[], None] = lambda: None,
+    early_stops: Sequence[int] = (),
+) -> int:
+    """Run one node until SIGTERM/SIGINT (exit 0) or a fatal error (raises).
+
+    ``early_stops``: stop signals noted before the event loop ran (``qkdnode.cli``); if any,
+    the node stops gracefully as soon as it has started.
+    """
     store = KeyStore.open(config.store.directory, node_name=config.node.name)
     box = _NurseryBox()
     link = build_link(config, box)
@@ -1202,7 +1222,7 @@ async def run_daemon(config: NodeConfig, *, on_reopen: Callable[[], None] = lamb
         async with trio.open_nursery() as nursery:
             box.nursery = nursery
             with trio.CancelScope() as serving:
-                nursery.start_soon(_watch_signals, node, serving, on_reopen)
+                nursery.start_soon(_watch_signals, node, serving, on_reopen, early_stops)
                 nursery.start_soon(_watchdog, node)
                 nursery.start_soon(_stop_on_store_failure, node)
                 await node.blocks.start(nursery)

@@ -40,6 +40,21 @@ NAMED_ERRORS = frozenset(
 )
 
 
+def wait_until_catches_sigterm(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """Block until ``process`` handles SIGTERM (Linux /proc) or exits; no-op without /proc."""
+    status = Path(f"/proc/{process.pid}/status")
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:
+            return
+        caught = next((int(line.split()[1], 16) for line in lines if line.startswith("SigCgt:")), 0)
+        if caught >> (signal.SIGTERM - 1) & 1:
+            return
+        time.sleep(0.002)
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -121,6 +136,9 @@ class Pair:
                 start_new_session=True,
                 env=_env(),
             )
+        # started = ready for a stop request: a SIGTERM in the interpreter's first ~30 ms, before
+        # qkdnode.cli installs its handler, kills by the default disposition (D9 in the soak)
+        wait_until_catches_sigterm(self.processes[node])
 
     def start_both(self) -> None:
         self.start("bob")
@@ -188,6 +206,22 @@ class Pair:
     # ---- stores ---------------------------------------------------------------------------
     def store(self, node: str) -> StoreView:
         return StoreView.read(self.layout.store(node) / "keys.db")
+
+    def master_keys(self, node: str = "alice") -> int:
+        """Stored keys ``node`` can hand out as master now (available, its position parity).
+
+        A committed block is not enough: after a restart a block may go wholly to refilling the
+        authentication pool and commit with no consumer key."""
+        path = self.layout.store(node) / "keys.db"
+        if not path.exists():
+            return 0
+        parity = 0 if node == "alice" else 1
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        try:
+            query = "SELECT count(*) FROM keys WHERE state = 'available' AND position % 2 = ?"
+            return int(db.execute(query, (parity,)).fetchone()[0])
+        finally:
+            db.close()
 
 
 @dataclass(frozen=True)
@@ -427,6 +461,7 @@ class DeliveryAudit:
     duplicates: int = 0
     mismatches: int = 0
     refused: int = 0
+    refusals: list[str] = field(default_factory=list)  # why each refused call was refused
 
     def deliver(self, pair: Pair, number: int = 2, *, wait_s: float = 8.0) -> int:
         """enc_keys at Alice (sae-a -> sae-b), dec_keys at Bob; returns keys delivered.
@@ -438,13 +473,15 @@ class DeliveryAudit:
             try:
                 status, issued = api(layout, "alice", "sae-a", "sae-b/enc_keys", {"number": number})
                 break
-            except OSError:
+            except OSError as error:
                 if time.monotonic() > deadline:
                     self.refused += 1
+                    self.refusals.append(f"enc_keys: {error!r}")
                     return 0
                 time.sleep(0.2)
         if status != 200:
             self.refused += 1
+            self.refusals.append(f"enc_keys: HTTP {status} {issued}")
             return 0
         keys = issued["keys"]
         for key in keys:

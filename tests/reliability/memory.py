@@ -239,6 +239,8 @@ def FRAME_OFFSETS(size: int, count: int) -> list[int]:
     """``count`` offsets spread over a frame of ``size`` bytes, header and tag included."""
     if count >= size:
         return list(range(size))
+    if count <= 1:
+        return [0][:count]
     return sorted({round(i * (size - 1) / (count - 1)) for i in range(count)})
 
 

@@ -32,16 +32,14 @@ def test_kill_9_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) ->
             pair.start(node)
             after = pair.store("alice").deliverable()
             changed += sum(1 for k, m in before.items() if after.get(k) not in (None, m))
-        target = pair.committed("alice") + 1
-        pair.wait(lambda p: p.committed("alice") >= target, timeout_s=150, what="a block")
+        pair.wait(lambda p: p.master_keys("alice") >= 2, timeout_s=150, what="keys to deliver")
         delivered = audit.deliver(pair)
     finally:
-        # exit codes are not asserted here: a SIGTERM that lands right after a session starts
-        # is sometimes not honoured within 20 s (D9, seen in scripts/soak); the soak counts it
-        pair.stop()
+        codes = pair.stop()
     alice, bob = pair.store("alice"), pair.store("bob")
     assert stores_agree(alice, bob) == []
     assert changed == 0
     assert audit.duplicates == 0 and audit.mismatches == 0
     assert audit.reused(alice, bob) == 0
-    assert delivered > 0 and len(audit.issued) >= 2
+    assert delivered > 0 and len(audit.issued) >= 2, audit.refusals
+    assert codes == {"alice": 0, "bob": 0}  # a SIGTERM just after a restart too (D9)
