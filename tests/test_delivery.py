@@ -140,7 +140,7 @@ async def start_pair(
         async def peer_reserve(keys: Sequence[DeliveryKey], master: str, slave: str) -> None:
             await trio.sleep(0)  # a real channel round trip lets other requests interleave here
             parsed, m, s = reservation_from_wire(reservation_to_wire(keys, master, slave))
-            managers[peer].record_peer_reservation(parsed, m, s)
+            await managers[peer].record_peer_reservation(parsed, m, s)
 
         return peer_reserve
 

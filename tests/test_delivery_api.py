@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 import trio
 from hypothesis import given
@@ -44,6 +43,7 @@ from qkdnode.store.keystore import (
     ReservationRejected,
     StagedBlock,
 )
+from tests.helpers_store import random_blocks
 
 LIMITS = ApiLimits(
     key_size_bits=256, min_key_size_bits=8, max_key_size_bits=2048, max_keys_per_request=16
@@ -320,22 +320,10 @@ def test_config_reads_defaults_and_refuses_bad_values_naming_the_key() -> None:
 # ---- store: composition, exactly once, reservation protocol ------------------------------------
 
 
-def _blocks(seed: int, count: int, keys_per_block: int, key_bytes: int = 32) -> list[StagedBlock]:
-    rng = np.random.default_rng(seed)
-    return [
-        StagedBlock(
-            block_id=b,
-            first_pulse_index=b * 1000,
-            pulse_count=1000,
-            consumer_keys=[
-                (uuid.UUID(bytes=rng.bytes(16), version=4), rng.bytes(key_bytes))
-                for _ in range(keys_per_block)
-            ],
-            key_size_bits=8 * key_bytes,
-            auth_pool_material=b"",
-        )
-        for b in range(1, count + 1)
-    ]
+def _blocks(
+    seed: int, *, count: int, keys_per_block: int, key_bytes: int = 32
+) -> list[StagedBlock]:
+    return random_blocks(seed, count=count, keys_per_block=keys_per_block, key_bytes=key_bytes)
 
 
 def _pair(tmp_path: Path, blocks: list[StagedBlock]) -> tuple[KeyStore, KeyStore]:
@@ -517,7 +505,7 @@ async def test_key_manager_releases_on_peer_failure_and_burns_what_the_peer_used
         parsed, master, slave = reservation_from_wire(wire)
         if mode["value"] == "fail":
             raise OSError("channel down")
-        bob_manager.record_peer_reservation(parsed, master, slave)
+        await bob_manager.record_peer_reservation(parsed, master, slave)
         if mode["value"] == "lost-ack":
             raise TimeoutError("acknowledgement lost")
 
@@ -537,12 +525,15 @@ async def test_key_manager_releases_on_peer_failure_and_burns_what_the_peer_used
     assert manager.stored_key_count() == 2
     got = await manager.enc_keys(master_sae="a", slave_sae="b", number=2, size_bits=256)
     assert [m for _, m in got] == [blocks[0].consumer_keys[2][1], blocks[0].consumer_keys[4][1]]
-    assert bob_manager.dec_keys(slave_sae="b", master_sae="a", key_ids=[k for k, _ in got]) == got
+    assert (
+        await bob_manager.dec_keys(slave_sae="b", master_sae="a", key_ids=[k for k, _ in got])
+        == got
+    )
     with pytest.raises(ApiError) as info:
         await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
     assert info.value.status == 503 and "not enough key material" in info.value.message
     with pytest.raises(ProtocolError):
-        bob_manager.record_peer_reservation([], "x", "b")
+        await bob_manager.record_peer_reservation([], "x", "b")
     alice.close()
     bob.close()
 

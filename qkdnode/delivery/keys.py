@@ -7,13 +7,17 @@ the Bob node parity 1). The two nodes therefore never reserve the same stored ke
 
 enc_keys at the master node, in this order:
 
-1. reserve locally (one durable transaction: stored keys ``reserved`` for (master, slave), the
-   delivery keys and their layout recorded);
+1. reserve locally (durable: stored keys ``reserved`` for (master, slave), the delivery keys and
+   their layout recorded);
 2. ``await peer_reserve(keys, master_sae, slave_sae)``: the peer durably records the same delivery
    keys (:meth:`KeyManager.record_peer_reservation` there) after checking that every stored key is
    committed and available on its side; from then on the slave can fetch them;
-3. take the keys (one durable transaction: ``delivered``, material of fully used stored keys
-   erased) and answer.
+3. take the keys (durable: ``delivered``, material of fully used stored keys erased) and
+   answer; the WAL checkpoint that drops the old copies of the erased pages follows at once.
+
+Each store step is one all-or-nothing operation, but concurrent requests share transactions:
+every write goes through :class:`~qkdnode.store.groupcommit.GroupCommit` (one COMMIT and at most
+one checkpoint for all the operations that were ready together, each in its own SAVEPOINT).
 
 If step 2 fails the local reservation is released and the request answered 503; when the peer
 reports stored keys already used on its side (a retry after a lost acknowledgement) those are
@@ -31,6 +35,7 @@ import trio
 
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
 from qkdnode.errors import ProtocolError, SecurityError
+from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import (
     DeliveryKey,
     DeliveryRefused,
@@ -60,6 +65,7 @@ class KeyManager:
         local_saes: Collection[str] | None = None,
         peer_saes: Collection[str] | None = None,
         new_key_id: Callable[[], uuid.UUID] = uuid.uuid4,
+        group_commit: GroupCommit | None = None,
     ) -> None:
         if master_parity not in (0, 1):
             raise ValueError("master_parity must be 0 or 1")
@@ -70,6 +76,8 @@ class KeyManager:
         self._local_saes = None if local_saes is None else frozenset(local_saes)
         self._peer_saes = None if peer_saes is None else frozenset(peer_saes)
         self._new_key_id = new_key_id
+        # every store write of delivery goes through one batcher per store (group commit)
+        self._commits = group_commit if group_commit is not None else GroupCommit(store)
 
     def stored_key_count(self) -> int:
         """Stored keys this node can hand out as master (its half of the partition)."""
@@ -82,13 +90,22 @@ class KeyManager:
 
         Raises ApiError(503) when key material is short or the peer does not confirm.
         """
+        with self._commits.request():
+            return await self._enc_keys(master_sae, slave_sae, number, size_bits)
+
+    async def _enc_keys(
+        self, master_sae: str, slave_sae: str, number: int, size_bits: int
+    ) -> list[tuple[uuid.UUID, bytes]]:
         delivery_ids = [self._new_key_id() for _ in range(number)]
-        layout = self._store.reserve_for_delivery(
-            parity=self.master_parity,
-            delivery_ids=delivery_ids,
-            size_bits=size_bits,
-            master_sae=master_sae,
-            slave_sae=slave_sae,
+        # committed once asked for, even if this task is cancelled meanwhile (see GroupCommit)
+        layout = await self._commits.run(
+            self._store.reserve_op(
+                parity=self.master_parity,
+                delivery_ids=delivery_ids,
+                size_bits=size_bits,
+                master_sae=master_sae,
+                slave_sae=slave_sae,
+            )
         )
         if layout is None:
             raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
@@ -96,51 +113,65 @@ class KeyManager:
             with trio.fail_after(self._peer_timeout_s):
                 await self._peer_reserve(layout, master_sae, slave_sae)
         except ReservationRejected as exc:
-            self._store.release_delivery(delivery_ids, burn=exc.burned_key_ids)
+            await self._release(delivery_ids, burn=exc.burned_key_ids)
             _log.warning("peer refused reservation", burned=len(exc.burned_key_ids))
             raise ApiError(503, "peer KME could not reserve the keys; retry") from None
         except SecurityError:
-            self._store.release_delivery(delivery_ids)
+            await self._release(delivery_ids)
             raise
         except Exception as exc:
-            self._store.release_delivery(delivery_ids)
+            await self._release(delivery_ids)
             _log.warning("peer reservation failed", error=type(exc).__name__)
             raise ApiError(503, "peer KME unreachable") from None
         except BaseException:  # cancelled: never leave keys reserved with nobody to take them
-            self._store.release_delivery(delivery_ids)
+            await self._release(delivery_ids)
             raise
-        return self._store.take_delivery(
-            delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
+        return await self._commits.run(
+            self._store.take_op(
+                delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
+            )
         )
 
-    def dec_keys(
+    async def _release(
+        self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()
+    ) -> None:
+        with trio.CancelScope(shield=True):  # clean-up, also for a cancelled request
+            await self._commits.run(self._store.release_op(delivery_ids, burn=burn))
+
+    async def dec_keys(
         self, *, slave_sae: str, master_sae: str, key_ids: Sequence[uuid.UUID]
     ) -> list[tuple[uuid.UUID, bytes]]:
         """The keys the master SAE got, for its slave SAE, once. ApiError 400/401 otherwise."""
         try:
-            return self._store.take_delivery(
-                key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
-            )
+            with self._commits.request():
+                return await self._commits.run(
+                    self._store.take_op(
+                        key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
+                    )
+                )
         except DeliveryRefused:
             raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
         except NotKeyOwner:
             raise ApiError(401, MSG_NOT_SLAVE) from None
 
-    def record_peer_reservation(
+    async def record_peer_reservation(
         self, keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str
     ) -> None:
         """Called on this node when the peer (master) reserved ``keys`` for (master, slave).
 
-        Durable on return. Raises ProtocolError (ReservationRejected when stored keys are not
-        available here) and changes nothing then.
+        Durable on return (concurrent reservations share one commit). Raises ProtocolError
+        (ReservationRejected when stored keys are not available here) and changes nothing then.
         """
         if self._local_saes is not None and slave_sae not in self._local_saes:
             raise ProtocolError("slave SAE is not attached to this node", field="slave_sae")
         if self._peer_saes is not None and master_sae not in self._peer_saes:
             raise ProtocolError("master SAE is not attached to the peer node", field="master_sae")
-        self._store.record_peer_reservation(
-            keys, parity=1 - self.master_parity, master_sae=master_sae, slave_sae=slave_sae
-        )
+        with self._commits.request():
+            await self._commits.run(
+                self._store.record_peer_reservation_op(
+                    keys, parity=1 - self.master_parity, master_sae=master_sae, slave_sae=slave_sae
+                )
+            )
 
 
 # ---- wire form of a reservation (for the node's authenticated channel) -------------------------

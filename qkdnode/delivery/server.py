@@ -247,7 +247,7 @@ class DeliveryApp:
             if isinstance(request, EncKeysRequest):
                 return await self._enc_keys(caller_sae, request)
             assert isinstance(request, DecKeysRequest)
-            keys = self.manager.dec_keys(
+            keys = await self.manager.dec_keys(
                 slave_sae=caller_sae, master_sae=request.master_sae, key_ids=request.key_ids
             )
             return Response(200, key_container_body(keys), (("cache-control", "no-store"),))

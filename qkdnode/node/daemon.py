@@ -105,6 +105,7 @@ log = structlog.get_logger("qkdnode.node")
 
 GRACE_PERIOD_S: Final = 10.0
 LINK_RETRY_S: Final = 1.0
+RESERVATIONS_IN_FLIGHT: Final = 64  # peer reservations answered at once (Exchange.pump)
 
 
 class SessionEnded(QkdError):
@@ -369,7 +370,7 @@ class Node:
             keys, master_sae, slave_sae = reservation_from_wire(message)
             if self.manager is None:
                 raise ProtocolError("key delivery is not configured here", field="reservation")
-            self.manager.record_peer_reservation(keys, master_sae, slave_sae)
+            await self.manager.record_peer_reservation(keys, master_sae, slave_sae)
             ok, detail = True, ""
         except ReservationRejected as exc:
             ok, detail, burned = False, str(exc), list(exc.burned_key_ids)
@@ -624,7 +625,18 @@ class Exchange:
         self.connection = session.connection
         self._queue_in, self._queue = trio.open_memory_channel[object](math.inf)
 
-    async def pump(self) -> None:
+    async def pump(self, handlers: trio.Nursery | None = None) -> None:
+        """Read the session's events. With ``handlers`` (the session's nursery) reservations are
+        answered by concurrent tasks there, at most RESERVATIONS_IN_FLIGHT at once, so that the
+        peer's concurrent enc_keys share store commits here (group commit); without, in turn."""
+        slots = trio.Semaphore(RESERVATIONS_IN_FLIGHT)
+
+        async def answer(event: Control) -> None:
+            try:
+                await self.node.on_reserve(self, event)
+            finally:
+                slots.release()
+
         async with self._queue_in:
             while True:
                 try:
@@ -632,7 +644,11 @@ class Exchange:
                 except trio.EndOfChannel:
                     raise SessionEnded("the session's event stream ended") from None
                 if isinstance(event, Control) and event.kind == "reserve":
-                    await self.node.on_reserve(self, event)
+                    if handlers is None:
+                        await self.node.on_reserve(self, event)
+                    else:
+                        await slots.acquire()
+                        handlers.start_soon(answer, event)
                 elif isinstance(event, Control) and event.kind == "reserve_result":
                     self.node.on_reserve_result(event)
                 else:
@@ -963,7 +979,7 @@ async def with_exchange(
     _note_mode(node, session)
     await node.reset_link()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(exchange.pump)
+        nursery.start_soon(exchange.pump, nursery)
         node.exchange = exchange
         node.metrics.set_peer_connected(True)
         try:

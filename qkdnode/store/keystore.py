@@ -25,12 +25,13 @@ from __future__ import annotations
 import enum
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from qkdnode.errors import KeyStoreError, ProtocolError, SecurityError
 
@@ -181,6 +182,32 @@ class DeliveryKey:
     parts: tuple[KeyPart, ...]
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOp(Generic[T]):
+    """One logical store operation for :meth:`KeyStore.run_batch`: ``run`` does its reads and
+    writes inside the batch's transaction; ``erases`` says that it may delete key material (the
+    batch then ends with a WAL checkpoint)."""
+
+    run: Callable[[_Tx], T]
+    erases: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpOutcome(Generic[T]):
+    """What one operation of a batch gave: its value, or the exception it raised (rolled back)."""
+
+    value: T | None = None
+    error: Exception | None = None
+
+    def unwrap(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+
 class DeliveryRefused(ProtocolError):
     """Delivery keys unknown here, already delivered, or of another master SAE (HTTP 400)."""
 
@@ -211,7 +238,12 @@ class StoreCounts:
 
 
 class KeyStore:
-    """A node's key store. Open with :meth:`open`; not thread-safe (one daemon task owns it)."""
+    """A node's key store. Open with :meth:`open`.
+
+    One daemon task owns it; the only other thread that may use it is the worker thread of
+    :class:`~qkdnode.store.groupcommit.GroupCommit` running :meth:`run_batch`. A lock serialises
+    every use of the connection (a transaction or query waits for the one in progress).
+    """
 
     def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
         self._db: sqlite3.Connection | None = connection
@@ -219,6 +251,8 @@ class KeyStore:
         # called once when a write or read fails: the owner must stop, wherever the call was
         self.on_failure: Callable[[], None] | None = None
         self.failed = False
+        self._failure_unreported = False
+        self._lock = threading.RLock()
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -279,12 +313,13 @@ class KeyStore:
                     )
 
     def close(self) -> None:
-        if self._db is not None:
-            # closing anyway if this fails: WAL content is recovered on the next open
-            with suppress(sqlite3.Error):
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                # closing anyway if this fails: WAL content is recovered on the next open
+                with suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.close()
+                self._db = None
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -293,51 +328,63 @@ class KeyStore:
         return self._db
 
     @contextmanager
-    def _transaction(self, *, erases: bool = False) -> Iterator[_Tx]:
+    def _transaction(self, *, erases: bool = False, notify: bool = True) -> Iterator[_Tx]:
         """One durable transaction; any SQLite error poisons the store and raises KeyStoreError.
 
         ``erases``: the transaction deletes or overwrites key material. ``secure_delete`` zeroes
         the freed pages of the database, but the WAL still holds earlier copies of them, so the
         WAL is checkpointed into the database and truncated right after the commit.
+        ``notify=False``: a failure is reported by :meth:`report_failure` later, not by calling
+        ``on_failure`` here (a worker thread must not call into the event loop).
         """
-        db = self._conn
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._lock:
+            db = self._conn
             try:
-                yield _Tx(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._fail()
-            raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
-        if erases:
-            self._checkpoint()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Tx(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._fail(notify=notify)
+                raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
+            if erases:
+                self._checkpoint()
 
     def _checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it. A reader elsewhere (an operator's
         sqlite3, a backup) can hold it up: then the frames stay until the next checkpoint
         instead of blocking the daemon (the busy timeout is short)."""
-        with suppress(sqlite3.OperationalError):
+        with self._lock, suppress(sqlite3.OperationalError):
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
-    def _fail(self) -> None:
+    def _fail(self, *, notify: bool = True) -> None:
         db, self._db = self._db, None
         if db is not None:
             with suppress(sqlite3.Error):
                 db.close()
         if not self.failed:
             self.failed = True
+            self._failure_unreported = True
+        if notify:
+            self.report_failure()
+
+    def report_failure(self) -> None:
+        """Call ``on_failure`` for a failure not reported yet (see ``notify`` of run_batch)."""
+        if self._failure_unreported:
+            self._failure_unreported = False
             if self.on_failure is not None:
                 self.on_failure()
 
     def _query(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        try:
-            return self._conn.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            self._fail()
-            raise KeyStoreError(f"key store read failed ({exc}); stop the daemon") from exc
+        with self._lock:
+            try:
+                return self._conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                self._fail()
+                raise KeyStoreError(f"key store read failed ({exc}); stop the daemon") from exc
 
     # ---- blocks -----------------------------------------------------------------------------
 
@@ -485,13 +532,35 @@ class KeyStore:
         ``reserved`` for (master, slave) and records the layout, in one transaction. Returns None,
         changing nothing, if too few keys are available.
         """
+        return self._run_one(
+            self.reserve_op(
+                parity=parity,
+                delivery_ids=delivery_ids,
+                size_bits=size_bits,
+                master_sae=master_sae,
+                slave_sae=slave_sae,
+            )
+        )
+
+    def reserve_op(
+        self,
+        *,
+        parity: int,
+        delivery_ids: Sequence[uuid.UUID],
+        size_bits: int,
+        master_sae: str,
+        slave_sae: str,
+    ) -> StoreOp[list[DeliveryKey] | None]:
+        """:meth:`reserve_for_delivery` as one operation of a :meth:`run_batch`; the arguments
+        are checked at once (ValueError)."""
         if size_bits <= 0 or size_bits % 8 or not delivery_ids:
             raise ValueError(
                 "size_bits must be a positive multiple of 8 and delivery_ids non-empty"
             )
         size_bytes = size_bits // 8
         needed_bytes = size_bytes * len(delivery_ids)
-        with self._transaction() as tx:
+
+        def run(tx: _Tx) -> list[DeliveryKey] | None:
             chosen: list[tuple[str, int]] = []
             total = 0
             cursor = tx.execute(
@@ -514,7 +583,9 @@ class KeyStore:
                 [(master_sae, slave_sae, key_id) for key_id, _ in chosen],
             )
             tx.insert_deliveries(layout, "master", master_sae, slave_sae)
-        return layout
+            return layout
+
+        return StoreOp(run, erases=False)
 
     def record_peer_reservation(
         self,
@@ -532,13 +603,30 @@ class KeyStore:
         when stored keys are not available; changes nothing then. Recording the same reservation
         again is a no-op (a retry after a lost acknowledgement).
         """
+        self._run_one(
+            self.record_peer_reservation_op(
+                keys, parity=parity, master_sae=master_sae, slave_sae=slave_sae
+            )
+        )
+
+    def record_peer_reservation_op(
+        self,
+        keys: Sequence[DeliveryKey],
+        *,
+        parity: int,
+        master_sae: str,
+        slave_sae: str,
+    ) -> StoreOp[None]:
+        """:meth:`record_peer_reservation` as one operation of a :meth:`run_batch`; an empty
+        or repeated key list raises ProtocolError at once."""
         if not keys:
             raise ProtocolError("no keys in reservation", field="keys")
         delivery_ids = [str(k.key_id) for k in keys]
         if len(set(delivery_ids)) != len(delivery_ids):
             raise ProtocolError("repeated delivery key ID", field="keys")
         stored_ids = sorted({str(p.key_id) for k in keys for p in k.parts})
-        with self._transaction() as tx:
+
+        def run(tx: _Tx) -> None:
             existing = tx.select_in(
                 "SELECT delivery_id, role, master_sae, slave_sae FROM deliveries"
                 " WHERE delivery_id IN ({})",
@@ -602,6 +690,8 @@ class KeyStore:
             )
             tx.insert_deliveries(keys, "slave", master_sae, slave_sae)
 
+        return StoreOp(run, erases=False)
+
     @staticmethod
     def _same_layout(tx: _Tx, keys: Sequence[DeliveryKey]) -> bool:
         stored = tx.select_in(
@@ -624,9 +714,16 @@ class KeyStore:
         The stored keys become available again, except those in ``burn`` (the peer reports them
         used up): their material is erased and they are never offered again.
         """
+        self._run_one(self.release_op(delivery_ids, burn=burn))
+
+    def release_op(
+        self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()
+    ) -> StoreOp[None]:
+        """:meth:`release_delivery` as one (erasing) operation of a :meth:`run_batch`."""
         ids = [str(i) for i in delivery_ids]
         burned = {str(i) for i in burn}
-        with self._transaction(erases=True) as tx:
+
+        def run(tx: _Tx) -> None:
             stored = [
                 row[0]
                 for row in tx.select_in(
@@ -652,6 +749,8 @@ class KeyStore:
                 [(k,) for k in stored if k in burned],
             )
 
+        return StoreOp(run, erases=True)
+
     def take_delivery(
         self,
         delivery_ids: Sequence[uuid.UUID],
@@ -667,10 +766,25 @@ class KeyStore:
         NotKeyOwner). The keys become ``delivered``; a stored key's material is erased once every
         delivery key cut from it is delivered here.
         """
+        return self._run_one(
+            self.take_op(delivery_ids, role=role, master_sae=master_sae, slave_sae=slave_sae)
+        )
+
+    def take_op(
+        self,
+        delivery_ids: Sequence[uuid.UUID],
+        *,
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+    ) -> StoreOp[list[tuple[uuid.UUID, bytes]]]:
+        """:meth:`take_delivery` as one (erasing) operation of a :meth:`run_batch`; repeated
+        IDs raise DeliveryRefused at once."""
         ids = [str(i) for i in delivery_ids]
         if len(set(ids)) != len(ids):
             raise DeliveryRefused("repeated key ID", field="key_IDs")
-        with self._transaction(erases=True) as tx:
+
+        def run(tx: _Tx) -> list[tuple[uuid.UUID, bytes]]:
             rows = {
                 row[0]: row[1:]
                 for row in tx.select_in(
@@ -708,7 +822,59 @@ class KeyStore:
                 " USING (delivery_id) WHERE dp.key_id = keys.key_id AND d.state = 'reserved')",
                 sorted(touched),
             )
-        return [(uuid.UUID(key_id), b"".join(pieces[key_id])) for key_id in ids]
+            return [(uuid.UUID(key_id), b"".join(pieces[key_id])) for key_id in ids]
+
+        return StoreOp(run, erases=True)
+
+    # ---- group commit -----------------------------------------------------------------------
+
+    def run_batch(
+        self, ops: Sequence[StoreOp[Any]], *, notify: bool = True, fold_wal: bool = True
+    ) -> list[OpOutcome[Any]]:
+        """Run several operations in ONE durable transaction: one COMMIT (one fsync) and, if any
+        of them erased key material, one WAL checkpoint before returning — or, with
+        ``fold_wal=False``, none: the caller must then call :meth:`fold_wal` right after.
+
+        Each operation runs inside its own SAVEPOINT: one that raises (any Exception but an
+        SQLite error) is rolled back alone and its exception is its outcome; the others commit.
+        Later operations see the changes of earlier ones (the same stored key is never reserved
+        twice). An SQLite error anywhere poisons the store and raises KeyStoreError for the
+        whole batch (nothing of it is committed). ``notify=False`` (from a worker thread): the
+        owner calls :meth:`report_failure` afterwards instead of ``on_failure`` running here.
+        """
+        outcomes: list[OpOutcome[Any]] = []
+        erased = False
+        with self._lock:  # no other thread between the COMMIT and the checkpoint
+            with self._transaction(notify=notify) as tx:
+                for op in ops:
+                    tx.execute("SAVEPOINT op")
+                    try:
+                        value = op.run(tx)
+                    except sqlite3.Error:
+                        raise  # the whole transaction rolls back and the store stops
+                    except Exception as exc:
+                        tx.execute("ROLLBACK TO op")
+                        tx.execute("RELEASE op")
+                        outcomes.append(OpOutcome(error=exc))
+                        continue
+                    tx.execute("RELEASE op")
+                    outcomes.append(OpOutcome(value=value))
+                    erased = erased or op.erases
+            if erased and fold_wal:  # after the COMMIT, before any result is handed out
+                self._checkpoint()
+        return outcomes
+
+    def fold_wal(self) -> None:
+        """Checkpoint the WAL into the database and truncate it (the copies of erased pages go);
+        nothing if the store is closed (closing folds it too)."""
+        with self._lock:
+            if self._db is not None:
+                self._checkpoint()
+
+    def _run_one(self, op: StoreOp[T]) -> T:
+        """One operation in its own transaction (checkpointed after it if it erases)."""
+        with self._transaction(erases=op.erases) as tx:
+            return op.run(tx)
 
     # ---- authentication-key pool ------------------------------------------------------------
 

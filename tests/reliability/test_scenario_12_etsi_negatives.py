@@ -26,7 +26,12 @@ from tests.reliability.harness import api, tls_context
 def _wait_for_keys(proxied: Proxied, node: str, sae: str, slave: str, number: int) -> None:
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        status, body = api(proxied.pair.layout, node, sae, f"{slave}/status")
+        try:
+            status, body = api(proxied.pair.layout, node, sae, f"{slave}/status")
+        except OSError:  # the daemon is not listening yet (a loaded machine starts slowly)
+            proxied.pair.poll()
+            time.sleep(0.5)
+            continue
         if status == 200 and int(body.get("stored_key_count", 0)) >= number:
             return
         proxied.pair.poll()
