@@ -28,6 +28,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import socket
 import ssl
 import subprocess
@@ -55,7 +56,14 @@ from qkdnode.store.keystore import DeliveryKey, KeyStore, ReservationRejected, S
 CLIENTS = (1, 4, 16)
 KEYS_PER_REQUEST = (1, 8, 32)
 KEYS_PER_BLOCK = 10_000
-LINK_KEY = b"bench-delivery-link-key-32-bytes"
+# the stand-in link's key: drawn fresh by the parent for each run, handed to both children
+LINK_KEY_ENV = "QKDNODE_BENCH_LINK_KEY"
+
+
+def _link_key() -> bytes:
+    return bytes.fromhex(os.environ[LINK_KEY_ENV])
+
+
 TAG_BYTES = 32
 NODES = {"alice": (0, "bob", ("sae-a",), ("sae-b",)), "bob": (1, "alice", ("sae-b",), ("sae-a",))}
 
@@ -97,10 +105,11 @@ class _PeerLink:
         self._out: list[bytes] = []
         self._wake = trio.Event()
         self._slots = trio.Semaphore(64)
+        self._key = _link_key()
 
     def _send(self, message: dict[str, object]) -> None:
         body = msgpack.packb(message, use_bin_type=True)
-        tag = hmac.new(LINK_KEY, body, hashlib.sha256).digest()
+        tag = hmac.new(self._key, body, hashlib.sha256).digest()
         self._out.append(len(body).to_bytes(4, "big") + body + tag)
         self._wake.set()
 
@@ -126,7 +135,7 @@ class _PeerLink:
                 body = bytes(buffer[4 : 4 + size])
                 tag = bytes(buffer[4 + size : 4 + size + TAG_BYTES])
                 del buffer[: 4 + size + TAG_BYTES]
-                expected = hmac.new(LINK_KEY, body, hashlib.sha256).digest()
+                expected = hmac.new(self._key, body, hashlib.sha256).digest()
                 if not hmac.compare_digest(tag, expected):
                     raise RuntimeError("peer link: bad tag")
                 message = msgpack.unpackb(body, raw=False)
@@ -383,6 +392,7 @@ def main() -> None:
         _make_pki(directory)
         ends = dict(zip(NODES, _socket_pair(), strict=True))
         children: dict[str, subprocess.Popen[str]] = {}
+        link_key = secrets.token_hex(32)
         for node, end in ends.items():
             children[node] = subprocess.Popen(
                 [
@@ -401,7 +411,7 @@ def main() -> None:
                 stdout=subprocess.PIPE,
                 text=True,
                 pass_fds=(end.fileno(),),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", LINK_KEY_ENV: link_key},
             )
             end.close()
         try:
