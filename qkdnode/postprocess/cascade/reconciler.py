@@ -63,6 +63,7 @@ from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery, enco
 from qkdnode.postprocess.cascade.permutation import cascade_permutation, check_seed
 from qkdnode.postprocess.cascade.responder import check_frame_bits
 from qkdnode.postprocess.cascade.variants import CascadeVariant
+from qkdnode.postprocess.finitekey import binary_entropy
 
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Sub-block reuse (see the module doc): weighted cuts for parts of at most this many bits.
@@ -160,8 +161,7 @@ class CascadeReconciler:
         self._code_all: NDArray[np.uint8] | None = None
         # Position in pass 0 of each position of pass 1 (most weights are of pass-1 parts).
         self._pass1_to_0: NDArray[np.int32] | None = None
-        q = self._q
-        entropy = -q * math.log2(q) - (1.0 - q) * math.log2(1.0 - q)
+        entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
         self._query: ParityQuery | None = None

@@ -52,6 +52,7 @@ import enum
 import math
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.finitekey import binary_entropy
 
 # (Q, k2) of SUBBLOCK_REUSE measured at n = 10**6, Q decreasing (module doc).
 _K2_AT = ((0.08, 48), (0.05, 96), (0.02, 184), (0.01, 320))
@@ -67,11 +68,6 @@ def _k2_log2(q: float) -> float:
         i += 1
     (x0, y0), (x1, y1) = points[i], points[i + 1]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def _entropy(q: float) -> float:
-    """Binary entropy h(q) in bits."""
-    return -q * math.log2(q) - (1.0 - q) * math.log2(1.0 - q)
 
 
 class CascadeVariant(enum.Enum):
@@ -131,7 +127,7 @@ class CascadeVariant(enum.Enum):
             # Widest tail whose top-level parities stay under 0.2 % of n h(Q) (see above).
             # Short frames: 2**-18 per hidden pair, not 2**-14 (module doc).
             security = 18 if n_bits < 2**15 else 14
-            budget = n_bits * _entropy(q) / 500.0
+            budget = n_bits * binary_entropy(q) / 500.0
             fit = [w for w in range(1, 8) if math.ceil(security / w) <= self.passes - 2]
             b = max([fit[0]] + [w for w in fit if (2**w - 1) * math.ceil(security / w) <= budget])
             tail = math.ceil(security / b)
