@@ -47,13 +47,23 @@ import trio
 from qkdnode import pki
 from qkdnode.delivery.api import ApiLimits
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
-from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
-from qkdnode.delivery.server import DeliveryApp, DeliveryServer, ServerLimits, server_ssl_context
+from qkdnode.delivery.keys import (
+    DEFAULT_PREBIND_KEYS,
+    KeyManager,
+    reservation_from_wire,
+    reservation_to_wire,
+)
+from qkdnode.delivery.server import (
+    DeliveryApp,
+    DeliveryServer,
+    ServerLimits,
+    server_ssl_context,
+)
 from qkdnode.errors import ProtocolError
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore, ReservationRejected, StagedBlock
 
-CLIENTS = (1, 4, 16)
+CLIENTS = (1, 4, 8, 16)
 KEYS_PER_REQUEST = (1, 8, 32)
 KEYS_PER_BLOCK = 10_000
 # the stand-in link's key: drawn fresh by the parent for each run, handed to both children
@@ -198,7 +208,7 @@ class _PeerLink:
             )
 
 
-async def _serve(directory: Path, node: str, blocks: int, peer_fd: int) -> None:
+async def _serve(directory: Path, node: str, blocks: int, peer_fd: int, prebind_keys: int) -> None:
     parity, peer, local, remote = NODES[node]
     store = KeyStore.open(directory / f"{node}-store", node_name=node)
     _fill(store, blocks)
@@ -216,6 +226,8 @@ async def _serve(directory: Path, node: str, blocks: int, peer_fd: int) -> None:
         local_saes=local,
         peer_saes=remote,
         group_commit=commits,
+        prebind_keys=prebind_keys,
+        prebind_size_bits=256,
     )
     app = DeliveryApp(
         manager=link.manager,
@@ -234,13 +246,19 @@ async def _serve(directory: Path, node: str, blocks: int, peer_fd: int) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.writer)
         nursery.start_soon(link.reader, nursery)
+        await nursery.start(link.manager.run)
         _, port = await nursery.start(server.serve_tls, context, "127.0.0.1", 0)
         print(json.dumps({"port": port}), flush=True)
         # one line on stdin per row: answer the number of store transactions so far;
         # serve until the parent closes stdin
         while line := await trio.to_thread.run_sync(sys.stdin.readline):
             del line
-            print(json.dumps({"commits": commits.batches, "ops": commits.operations}), flush=True)
+            answer = {
+                "commits": commits.batches,
+                "ops": commits.operations,
+                "cpu_s": time.process_time(),  # user + system, every thread of this node
+            }
+            print(json.dumps(answer), flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -334,7 +352,7 @@ async def _run_row(
         await enc.stream.aclose()
         await dec.stream.aclose()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:
         for index in range(clients):
             nursery.start_soon(one, index)
@@ -349,6 +367,9 @@ async def _run_row(
         "key_pairs_per_s": round(pairs * keys_per_request / elapsed, 1),
         "p50_ms": round(float(np.percentile(lat_ms, 50)), 2),
         "p99_ms": round(float(np.percentile(lat_ms, 99)), 2),
+        "cpu_ms_per_pair_clients": round(
+            1000 * (time.process_time() - cpu_started) / max(1, pairs), 3
+        ),
         **counters,
     }
 
@@ -367,11 +388,23 @@ def _socket_pair() -> tuple[socket.socket, socket.socket]:
     return one, two
 
 
-def _ask(child: subprocess.Popen[str]) -> dict[str, int]:
+def _rows(chosen: Sequence[str] | None) -> list[tuple[int, int]]:
+    if not chosen:
+        return [(c, k) for c in CLIENTS for k in KEYS_PER_REQUEST]
+    rows = []
+    for text in chosen:
+        clients, _, keys = text.partition("x")
+        if not (clients.isdigit() and keys.isdigit() and int(clients) > 0 and int(keys) > 0):
+            raise SystemExit(f"--rows: {text!r} is not CLIENTSxKEYS, e.g. 16x1")
+        rows.append((int(clients), int(keys)))
+    return rows
+
+
+def _ask(child: subprocess.Popen[str]) -> dict[str, float]:
     assert child.stdin is not None and child.stdout is not None
     child.stdin.write("\n")
     child.stdin.flush()
-    answer: dict[str, int] = json.loads(child.stdout.readline())
+    answer: dict[str, float] = json.loads(child.stdout.readline())
     return answer
 
 
@@ -380,12 +413,25 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each row")
     parser.add_argument("--blocks", type=int, default=12, help="blocks of 10,000 keys to fill")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="CLIENTSxKEYS",
+        help="run only these rows, e.g. 16x1 8x1 (default: every clients x keys_per_request)",
+    )
+    parser.add_argument(
+        "--prebind-keys",
+        type=int,
+        default=DEFAULT_PREBIND_KEYS,
+        help="keys each node reserves ahead per SAE pair (the daemon's [delivery] prebind_keys,"
+        " default %(default)s; 0: reserve on request only)",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--node", choices=sorted(NODES), help=argparse.SUPPRESS)
     parser.add_argument("--peer-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        trio.run(_serve, args.serve, args.node, args.blocks, args.peer_fd)
+        trio.run(_serve, args.serve, args.node, args.blocks, args.peer_fd, args.prebind_keys)
         return
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
         directory = Path(tmp)
@@ -406,6 +452,8 @@ def main() -> None:
                     str(args.blocks),
                     "--peer-fd",
                     str(end.fileno()),
+                    "--prebind-keys",
+                    str(args.prebind_keys),
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
@@ -423,27 +471,32 @@ def main() -> None:
             print(
                 f"{'clients':>7} {'keys/req':>8} {'pairs/s':>9} {'keys/s':>9} {'p50 ms':>8}"
                 f" {'p99 ms':>8} {'dup':>4} {'mismatch':>8} {'errors':>6} {'commits':>13}"
+                f" {'cpu ms/pair a/b/c':>18}"
             )
-            for clients in CLIENTS:
-                for keys_per_request in KEYS_PER_REQUEST:
-                    before = {node: _ask(child) for node, child in children.items()}
-                    row = trio.run(
-                        _run_row, directory, ports, clients, keys_per_request, args.seconds
+            for clients, keys_per_request in _rows(args.rows):
+                before = {node: _ask(child) for node, child in children.items()}
+                row = trio.run(_run_row, directory, ports, clients, keys_per_request, args.seconds)
+                pairs = int(str(row["pairs"]))
+                for node, child in children.items():
+                    after = _ask(child)
+                    row[f"commits_{node}"] = after["commits"] - before[node]["commits"]
+                    row[f"store_ops_{node}"] = after["ops"] - before[node]["ops"]
+                    row[f"cpu_ms_per_pair_{node}"] = round(
+                        1000 * (after["cpu_s"] - before[node]["cpu_s"]) / max(1, pairs), 3
                     )
-                    for node, child in children.items():
-                        after = _ask(child)
-                        row[f"commits_{node}"] = after["commits"] - before[node]["commits"]
-                        row[f"store_ops_{node}"] = after["ops"] - before[node]["ops"]
-                    rows.append(row)
-                    commits = f"{row['commits_alice']}/{row['commits_bob']}"
-                    print(
-                        f"{row['clients']:>7} {row['keys_per_request']:>8}"
-                        f" {row['requests_per_s']:>9}"
-                        f" {row['key_pairs_per_s']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8}"
-                        f" {row['duplicates']:>4} {row['mismatches']:>8} {row['errors']:>6}"
-                        f" {commits:>13}",
-                        flush=True,
-                    )
+                rows.append(row)
+                commits = f"{row['commits_alice']}/{row['commits_bob']}"
+                cpu = "/".join(
+                    f"{row[f'cpu_ms_per_pair_{who}']:.2f}" for who in ("alice", "bob", "clients")
+                )
+                print(
+                    f"{row['clients']:>7} {row['keys_per_request']:>8}"
+                    f" {row['requests_per_s']:>9}"
+                    f" {row['key_pairs_per_s']:>9} {row['p50_ms']:>8} {row['p99_ms']:>8}"
+                    f" {row['duplicates']:>4} {row['mismatches']:>8} {row['errors']:>6}"
+                    f" {commits:>13} {cpu:>18}",
+                    flush=True,
+                )
         finally:
             for child in children.values():
                 assert child.stdin is not None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 
-from qkdnode.store import StagedBlock
+from qkdnode.store import KeyStore, StagedBlock
 
 
 def random_blocks(
@@ -28,3 +29,14 @@ def random_blocks(
         )
         for block_id in range(1, count + 1)
     ]
+
+
+def committed_stores(directory: Path, blocks: list[StagedBlock]) -> tuple[KeyStore, KeyStore]:
+    """Alice's and Bob's stores under ``directory``, both holding ``blocks`` committed."""
+    alice = KeyStore.open(directory / "alice", node_name="alice")
+    bob = KeyStore.open(directory / "bob", node_name="bob")
+    for store in (alice, bob):
+        for block in blocks:
+            store.stage_block(block)
+            store.commit_block(block.block_id)
+    return alice, bob

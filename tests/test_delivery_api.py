@@ -43,7 +43,7 @@ from qkdnode.store.keystore import (
     ReservationRejected,
     StagedBlock,
 )
-from tests.helpers_store import random_blocks
+from tests.helpers_store import committed_stores, random_blocks
 
 LIMITS = ApiLimits(
     key_size_bits=256, min_key_size_bits=8, max_key_size_bits=2048, max_keys_per_request=16
@@ -327,13 +327,7 @@ def _blocks(
 
 
 def _pair(tmp_path: Path, blocks: list[StagedBlock]) -> tuple[KeyStore, KeyStore]:
-    alice = KeyStore.open(tmp_path / "alice", node_name="alice")
-    bob = KeyStore.open(tmp_path / "bob", node_name="bob")
-    for store in (alice, bob):
-        for block in blocks:
-            store.stage_block(block)
-            store.commit_block(block.block_id)
-    return alice, bob
+    return committed_stores(tmp_path, blocks)
 
 
 def _stream(blocks: list[StagedBlock], parity: int) -> bytes:

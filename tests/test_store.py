@@ -8,12 +8,14 @@ import stat
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from qkdnode.errors import KeyStoreError
 from qkdnode.store import BlockState, KeyStore, StagedBlock
+from qkdnode.store.keystore import StoreOp
 
 
 def _block(block_id: int, rng: np.random.Generator, *, keys: int = 3) -> StagedBlock:
@@ -155,4 +157,99 @@ def test_a_reader_elsewhere_neither_blocks_nor_stops_the_store(tmp_path: Path) -
     reader.close()
     store.drop_block(2)  # the next erasure truncates the WAL: no old page images remain
     assert os.path.getsize(f"{store.path}-wal") == 0
+    store.close()
+
+
+def test_taking_keys_of_one_parity_does_not_scan_the_other_partition(tmp_path: Path) -> None:
+    """The oldest available key of one parity is found through the index, not by stepping over
+    every available key of the other parity (which made delivery slower as it went on)."""
+    store = KeyStore.open(tmp_path, node_name="alice")
+    plan = store._conn.execute(
+        "EXPLAIN QUERY PLAN SELECT key_id, size_bits FROM keys"
+        " WHERE state = 'available' AND position % 2 = ? ORDER BY block_id, position",
+        (0,),
+    ).fetchall()
+    details = " ".join(row[-1] for row in plan)
+    assert "keys_by_state_parity (state=? AND <expr>=?)" in details, details
+    assert "TEMP B-TREE" not in details, details  # the index gives the order too
+    store.close()
+
+
+def test_a_store_with_the_old_state_index_gets_the_parity_index_on_open(tmp_path: Path) -> None:
+    store = KeyStore.open(tmp_path, node_name="alice")
+    db = store._conn
+    db.execute("DROP INDEX keys_by_state_parity")
+    db.execute("CREATE INDEX keys_by_state ON keys (state, block_id, position)")
+    store.close()
+    store = KeyStore.open(tmp_path, node_name="alice")
+    names = {row[0] for row in store._conn.execute("SELECT name FROM sqlite_master")}
+    assert "keys_by_state_parity" in names and "keys_by_state" not in names
+    store.close()
+
+
+def test_only_a_batch_of_master_reservations_alone_skips_the_disk_sync(tmp_path: Path) -> None:
+    """A master's reservation may be lost in a power cut (the peer's record decides), so alone
+    it commits without an fsync; with a take in the batch, or for a take alone, FULL holds."""
+    rng = np.random.default_rng(9)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(_block(1, rng, keys=6))
+    store.commit_block(1)
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+
+    def reserve() -> tuple[uuid.UUID, StoreOp[Any]]:
+        key_id = uuid.uuid4()
+        op = store.reserve_op(
+            parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
+        )
+        return key_id, op
+
+    def syncs_around_commit() -> list[str]:
+        seen = [s for s in statements if s.startswith(("PRAGMA synchronous=", "COMMIT"))]
+        statements.clear()
+        return seen
+
+    first, op = reserve()
+    assert store.run_batch([op])[0].error is None
+    assert syncs_around_commit() == [
+        "PRAGMA synchronous=NORMAL",
+        "COMMIT",
+        "PRAGMA synchronous=FULL",
+    ]
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+    second, op = reserve()
+    take = store.take_op([first], role="master", master_sae="a", slave_sae="b")
+    outcomes = store.run_batch([op, take])
+    assert all(outcome.error is None for outcome in outcomes)
+    assert syncs_around_commit() == ["COMMIT"]  # FULL: the take must be on disk
+    store.take_delivery([second], role="master", master_sae="a", slave_sae="b")
+    assert syncs_around_commit() == ["COMMIT"]
+    store.close()
+
+
+def test_a_version_2_store_gains_the_peer_confirmed_column_and_keeps_its_deliveries(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(12)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(_block(1, rng, keys=4))
+    store.commit_block(1)
+    key_id = uuid.uuid4()
+    store.reserve_for_delivery(
+        parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
+    )
+    store.close()
+    db = sqlite3.connect(tmp_path / "keys.db")  # as schema version 2 left it
+    db.execute("ALTER TABLE deliveries DROP COLUMN peer_confirmed")
+    db.execute("UPDATE meta SET value = '2' WHERE name = 'schema_version'")
+    db.commit()
+    db.close()
+
+    store = KeyStore.open(tmp_path, node_name="alice")
+    (reservation,) = store.master_reservations()
+    assert reservation.key_id == key_id and not reservation.peer_confirmed
+    store.run_batch([store.confirm_op([key_id])])
+    assert store.master_reservations()[0].peer_confirmed
+    version = store._conn.execute("SELECT value FROM meta WHERE name = 'schema_version'")
+    assert version.fetchone()[0] == "3"
     store.close()

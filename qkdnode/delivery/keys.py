@@ -7,8 +7,9 @@ the Bob node parity 1). The two nodes therefore never reserve the same stored ke
 
 enc_keys at the master node, in this order:
 
-1. reserve locally (durable: stored keys ``reserved`` for (master, slave), the delivery keys and
-   their layout recorded);
+1. reserve locally (stored keys ``reserved`` for (master, slave), the delivery keys and their
+   layout recorded; committed without an fsync of its own: a power cut that loses it only
+   leaves keys the peer will refuse, and erase, when they are offered again);
 2. ``await peer_reserve(keys, master_sae, slave_sae)``: the peer durably records the same delivery
    keys (:meth:`KeyManager.record_peer_reservation` there) after checking that every stored key is
    committed and available on its side; from then on the slave can fetch them;
@@ -23,12 +24,27 @@ If step 2 fails the local reservation is released and the request answered 503; 
 reports stored keys already used on its side (a retry after a lost acknowledgement) those are
 erased here instead of being offered again. Erasure happens at delivery on each side: each node's
 copy only serves its own SAE, so waiting for the peer would only keep secrets on disk longer.
+
+Reserving ahead (``prebind_keys``): steps 1 and 2 need not wait for a request. While
+:meth:`KeyManager.run` runs, each (master SAE, slave SAE) pair that asked for keys of the standard
+size keeps a small pool of delivery keys already reserved here and recorded by the peer for exactly
+that pair; a request the pool can serve only does step 3 (one durable transaction, no round trip to
+the peer), and the pool is topped up in the background when it falls to half. A pool that runs dry
+between two top-ups doubles its size (up to ``POOL_GROWTH`` times ``prebind_keys``), so a busy pair
+keeps enough ahead. The guarantee is unchanged: every key handed out was durably recorded by the
+peer for that (master, slave) pair first. The peer's acknowledgement is noted in the store, so a
+pool outlives a restart; reservations without that note (a request or top-up cut short) are
+released at start, and the peer refuses, so this node erases, any of their stored keys it had
+already recorded.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Final
 
 import structlog
 import trio
@@ -51,6 +67,13 @@ raises (ReservationRejected carried over from the peer when it refuses stored ke
 
 _log = structlog.get_logger(__name__)
 
+DEFAULT_PREBIND_KEYS: Final = 32  # per (master, slave) pair: [delivery] prebind_keys
+MAX_POOLS: Final = 1024  # (master, slave) pairs with keys reserved ahead
+POOL_GROWTH: Final = 16  # a busy pair's pool grows up to this many times prebind_keys
+REFILL_CHUNK_KEYS: Final = 32  # keys per reservation made ahead
+REFILL_BACKOFF_S: Final = 1.0  # after a failed top-up (peer down, key material short)
+RELEASE_CHUNK_KEYS: Final = 1024  # reservations released per transaction at start
+
 
 class KeyManager:
     """ETSI 014 key operations of one node over its :class:`KeyStore` (one trio task owns it)."""
@@ -66,9 +89,15 @@ class KeyManager:
         peer_saes: Collection[str] | None = None,
         new_key_id: Callable[[], uuid.UUID] = uuid.uuid4,
         group_commit: GroupCommit | None = None,
+        prebind_keys: int = 0,
+        prebind_size_bits: int = 256,
     ) -> None:
+        """``prebind_keys``: delivery keys of ``prebind_size_bits`` to keep reserved ahead per
+        (master, slave) pair while :meth:`run` runs (module doc); 0 reserves only on request."""
         if master_parity not in (0, 1):
             raise ValueError("master_parity must be 0 or 1")
+        if prebind_keys < 0 or prebind_size_bits <= 0 or prebind_size_bits % 8:
+            raise ValueError("prebind_keys >= 0 and prebind_size_bits a positive multiple of 8")
         self._store = store
         self.master_parity = master_parity
         self._peer_reserve = peer_reserve
@@ -78,10 +107,120 @@ class KeyManager:
         self._new_key_id = new_key_id
         # every store write of delivery goes through one batcher per store (group commit)
         self._commits = group_commit if group_commit is not None else GroupCommit(store)
+        self._prebind_keys = prebind_keys
+        self._prebind_size_bits = prebind_size_bits
+        # (master, slave) -> delivery key IDs reserved here and recorded by the peer
+        self._pools: dict[tuple[str, str], deque[uuid.UUID]] = {}
+        # (master, slave) -> the size its pool is topped up to (grows while it runs dry)
+        self._pool_targets: dict[tuple[str, str], int] = {}
+        self._pool_grown: set[tuple[str, str]] = set()
+        self._refill_wanted: trio.MemorySendChannel[tuple[str, str]] | None = None
+        self._refill_pending: set[tuple[str, str]] = set()
+        self._refill_paused_until = -math.inf
 
-    def stored_key_count(self) -> int:
-        """Stored keys this node can hand out as master (its half of the partition)."""
-        return self._store.available_count(parity=self.master_parity)
+    def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
+        """Keys this node can hand out as master (its half of the partition), counting those
+        reserved ahead for the (master, slave) pair if one is given."""
+        pool = self._pools.get((master_sae, slave_sae)) if master_sae and slave_sae else None
+        return self._store.available_count(parity=self.master_parity) + len(pool or ())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reserve ahead until cancelled (module doc). First restores the pools kept by the
+        store and releases the master-side reservations the peer never acknowledged."""
+        unconfirmed = []
+        for reservation in self._store.master_reservations():
+            pair = (reservation.master_sae, reservation.slave_sae)
+            if (
+                reservation.peer_confirmed
+                and self._prebind_keys
+                and reservation.size_bits == self._prebind_size_bits
+                and (pair in self._pools or len(self._pools) < MAX_POOLS)
+            ):
+                self._pools.setdefault(pair, deque()).append(reservation.key_id)
+            else:
+                unconfirmed.append(reservation.key_id)
+        for start in range(0, len(unconfirmed), RELEASE_CHUNK_KEYS):  # bounded SQL statements
+            await self._release(unconfirmed[start : start + RELEASE_CHUNK_KEYS])
+        if unconfirmed:
+            _log.info("released unacknowledged reservations", keys=len(unconfirmed))
+        if not self._prebind_keys:
+            task_status.started()
+            await trio.sleep_forever()
+        send, receive = trio.open_memory_channel[tuple[str, str]](math.inf)
+        self._refill_wanted = send
+        try:
+            task_status.started()
+            async for pair in receive:
+                try:
+                    with self._commits.request():
+                        await self._refill(pair)
+                finally:
+                    self._refill_pending.discard(pair)
+                    self._pool_grown.discard(pair)
+        finally:
+            self._refill_wanted = None
+
+    def _want_refill(self, pair: tuple[str, str]) -> None:
+        pool = self._pools.get(pair)
+        if (
+            self._refill_wanted is None
+            or pair in self._refill_pending
+            or (pool is not None and len(pool) > self._pool_target(pair) // 2)
+            or (pool is None and len(self._pools) >= MAX_POOLS)
+            or trio.current_time() < self._refill_paused_until
+        ):
+            return
+        self._pools.setdefault(pair, deque())
+        self._refill_pending.add(pair)
+        self._refill_wanted.send_nowait(pair)
+
+    def _pool_target(self, pair: tuple[str, str]) -> int:
+        return max(self._pool_targets.get(pair, 0), self._prebind_keys)
+
+    async def _refill(self, pair: tuple[str, str]) -> None:
+        """Top the pair's pool up to its target, at most REFILL_CHUNK_KEYS keys per
+        reservation (a larger one would hold both stores for longer than a request should
+        wait): reserve here, then have the peer record."""
+        pool = self._pools[pair]
+        while (wanted := self._pool_target(pair) - len(pool)) > 0:
+            if not await self._reserve_ahead(pair, pool, min(wanted, REFILL_CHUNK_KEYS)):
+                return
+
+    async def _reserve_ahead(
+        self, pair: tuple[str, str], pool: deque[uuid.UUID], keys: int
+    ) -> bool:
+        """One reservation of ``keys`` for the pool; False if it failed (nothing kept)."""
+        master_sae, slave_sae = pair
+        delivery_ids = [self._new_key_id() for _ in range(keys)]
+        layout = await self._commits.run(
+            self._store.reserve_op(
+                parity=self.master_parity,
+                delivery_ids=delivery_ids,
+                size_bits=self._prebind_size_bits,
+                master_sae=master_sae,
+                slave_sae=slave_sae,
+            )
+        )
+        if layout is None:  # key material short: requests take what is left on demand
+            self._refill_paused_until = trio.current_time() + REFILL_BACKOFF_S
+            return False
+        try:
+            with trio.fail_after(self._peer_timeout_s):
+                await self._peer_reserve(layout, master_sae, slave_sae)
+        except ReservationRejected as exc:
+            await self._release(delivery_ids, burn=exc.burned_key_ids)
+            return False
+        except Exception as exc:
+            await self._release(delivery_ids)
+            self._refill_paused_until = trio.current_time() + REFILL_BACKOFF_S
+            _log.warning("reserving ahead failed", error=type(exc).__name__)
+            return False
+        except BaseException:
+            await self._release(delivery_ids)
+            raise
+        await self._commits.run(self._store.confirm_op(delivery_ids))
+        pool.extend(delivery_ids)
+        return True
 
     async def enc_keys(
         self, *, master_sae: str, slave_sae: str, number: int, size_bits: int
@@ -96,6 +235,21 @@ class KeyManager:
     async def _enc_keys(
         self, master_sae: str, slave_sae: str, number: int, size_bits: int
     ) -> list[tuple[uuid.UUID, bytes]]:
+        if self._prebind_keys and size_bits == self._prebind_size_bits:
+            pair = (master_sae, slave_sae)
+            pool = self._pools.get(pair)
+            if pool is not None and len(pool) >= number:
+                ahead = [pool.popleft() for _ in range(number)]
+                self._want_refill(pair)
+                return await self._take(ahead, master_sae, slave_sae)
+            if pool is not None and pair not in self._pool_grown:
+                # requests outran the pool: keep more ahead for this pair (once per top-up)
+                self._pool_grown.add(pair)
+                self._pool_targets[pair] = min(
+                    2 * max(self._pool_target(pair), number),
+                    POOL_GROWTH * self._prebind_keys,
+                )
+            self._want_refill(pair)
         delivery_ids = [self._new_key_id() for _ in range(number)]
         # committed once asked for, even if this task is cancelled meanwhile (see GroupCommit)
         layout = await self._commits.run(
@@ -126,6 +280,11 @@ class KeyManager:
         except BaseException:  # cancelled: never leave keys reserved with nobody to take them
             await self._release(delivery_ids)
             raise
+        return await self._take(delivery_ids, master_sae, slave_sae)
+
+    async def _take(
+        self, delivery_ids: Sequence[uuid.UUID], master_sae: str, slave_sae: str
+    ) -> list[tuple[uuid.UUID, bytes]]:
         return await self._commits.run(
             self._store.take_op(
                 delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae

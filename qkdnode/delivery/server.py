@@ -42,7 +42,7 @@ from qkdnode.delivery.api import (
     status_body,
 )
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
-from qkdnode.delivery.keys import KeyManager
+from qkdnode.delivery.keys import DEFAULT_PREBIND_KEYS, KeyManager
 from qkdnode.errors import ConfigError, KeyStoreError
 
 RECEIVE_BYTES: Final = 16384
@@ -81,6 +81,7 @@ class DeliveryConfig:
     quota_keys_per_s: float = 1000.0
     quota_burst_keys: float = 2000.0
     peer_timeout_s: float = 5.0
+    prebind_keys: int = DEFAULT_PREBIND_KEYS
     unix_socket_path: Path | None = None
     unix_socket_sae: str | None = None
     unix_socket_mode: int = 0o600
@@ -148,6 +149,9 @@ class DeliveryConfig:
             ),
             quota_burst_keys=burst,
             peer_timeout_s=table.number("peer_timeout_s", 5.0, minimum=0.0, exclusive_minimum=True),
+            prebind_keys=table.integer(
+                "prebind_keys", DEFAULT_PREBIND_KEYS, minimum=0, maximum=4096
+            ),
             unix_socket_path=None if unix_path is None else Path(unix_path),
             unix_socket_sae=unix_sae,
             unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
@@ -264,7 +268,7 @@ class DeliveryApp:
             master_sae=master_sae,
             slave_sae=slave_sae,
             limits=self.limits,
-            stored_key_count=self.manager.stored_key_count(),
+            stored_key_count=self.manager.stored_key_count(master_sae, slave_sae),
             max_key_count=self._max_key_count,
         )
 

@@ -268,6 +268,8 @@ class Node:
                 peer_timeout_s=config.delivery.peer_timeout_s,
                 local_saes=config.delivery.local_saes,
                 peer_saes=config.delivery.peer_saes,
+                prebind_keys=config.delivery.prebind_keys,
+                prebind_size_bits=config.delivery.limits.key_size_bits,
             )
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -1247,6 +1249,7 @@ async def run_daemon(
                 else:
                     await nursery.start(_run_bob, node, session_config)
                 if config.delivery is not None and node.manager is not None:
+                    await nursery.start(node.manager.run)
                     app = DeliveryApp.from_config(config.delivery, node.manager)
                     app.observer = node.metrics.delivery_request
                     address, unix_path = await nursery.start(serve_delivery, config.delivery, app)

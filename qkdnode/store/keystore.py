@@ -35,7 +35,7 @@ from typing import Any, Final, Generic, TypeVar
 
 from qkdnode.errors import KeyStoreError, ProtocolError, SecurityError
 
-SCHEMA_VERSION: Final = 2  # 2: deliveries and delivery_parts
+SCHEMA_VERSION: Final = 3  # 2: deliveries and delivery_parts; 3: deliveries.peer_confirmed
 DATABASE_NAME: Final = "keys.db"
 
 _SCHEMA: Final = """
@@ -65,14 +65,20 @@ CREATE TABLE IF NOT EXISTS keys (
     slave_sae  TEXT,
     UNIQUE (block_id, position)
 ) STRICT;
-CREATE INDEX IF NOT EXISTS keys_by_state ON keys (state, block_id, position);
+-- delivery takes the oldest available key of one parity (the master's partition): without the
+-- parity in the index that scan steps over every available key of the other partition first
+DROP INDEX IF EXISTS keys_by_state;
+CREATE INDEX IF NOT EXISTS keys_by_state_parity ON keys (state, position % 2, block_id, position);
 CREATE TABLE IF NOT EXISTS deliveries (
     delivery_id TEXT PRIMARY KEY,
     role        TEXT NOT NULL CHECK (role IN ('master', 'slave')),
     state       TEXT NOT NULL CHECK (state IN ('reserved', 'delivered')),
     master_sae  TEXT NOT NULL,
     slave_sae   TEXT NOT NULL,
-    size_bits   INTEGER NOT NULL
+    size_bits   INTEGER NOT NULL,
+    -- master side: the peer acknowledged its durable record (a reservation made ahead of
+    -- requests survives a restart only then)
+    peer_confirmed INTEGER NOT NULL DEFAULT 0 CHECK (peer_confirmed IN (0, 1))
 ) STRICT;
 CREATE TABLE IF NOT EXISTS delivery_parts (
     delivery_id  TEXT NOT NULL REFERENCES deliveries (delivery_id),
@@ -189,10 +195,13 @@ T = TypeVar("T")
 class StoreOp(Generic[T]):
     """One logical store operation for :meth:`KeyStore.run_batch`: ``run`` does its reads and
     writes inside the batch's transaction; ``erases`` says that it may delete key material (the
-    batch then ends with a WAL checkpoint)."""
+    batch then ends with a WAL checkpoint); ``durable=False`` says that losing it in a power cut
+    is harmless, so a batch of only such operations commits without waiting for the disk (it
+    becomes durable with the next durable commit: the WAL is written and synced in order)."""
 
     run: Callable[[_Tx], T]
     erases: bool
+    durable: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -227,6 +236,17 @@ class ReservationRejected(ProtocolError):
     def __init__(self, message: str, *, burned_key_ids: Sequence[uuid.UUID] = ()) -> None:
         super().__init__(message, field="keys")
         self.burned_key_ids = tuple(burned_key_ids)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MasterReservation:
+    """A delivery key this node reserved as master and has not handed out yet."""
+
+    key_id: uuid.UUID
+    master_sae: str
+    slave_sae: str
+    size_bits: int
+    peer_confirmed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +321,16 @@ class KeyStore:
                     ("schema_version", str(SCHEMA_VERSION), "node_name", node_name),
                 )
             else:
+                if rows.get("schema_version") == "2":  # in place: one column more
+                    tx.execute(
+                        "ALTER TABLE deliveries ADD COLUMN peer_confirmed INTEGER NOT NULL"
+                        " DEFAULT 0 CHECK (peer_confirmed IN (0, 1))"
+                    )
+                    tx.execute(
+                        "UPDATE meta SET value = ? WHERE name = 'schema_version'",
+                        (str(SCHEMA_VERSION),),
+                    )
+                    rows["schema_version"] = str(SCHEMA_VERSION)
                 if rows.get("schema_version") != str(SCHEMA_VERSION):
                     raise KeyStoreError(
                         f"key store {self.path}: schema version {rows.get('schema_version')!r},"
@@ -328,8 +358,11 @@ class KeyStore:
         return self._db
 
     @contextmanager
-    def _transaction(self, *, erases: bool = False, notify: bool = True) -> Iterator[_Tx]:
-        """One durable transaction; any SQLite error poisons the store and raises KeyStoreError.
+    def _transaction(
+        self, *, erases: bool = False, notify: bool = True, durable: bool = True
+    ) -> Iterator[_Tx]:
+        """One transaction, durable at COMMIT (fsync of the WAL) unless ``durable=False``; any
+        SQLite error poisons the store and raises KeyStoreError.
 
         ``erases``: the transaction deletes or overwrites key material. ``secure_delete`` zeroes
         the freed pages of the database, but the WAL still holds earlier copies of them, so the
@@ -340,13 +373,19 @@ class KeyStore:
         with self._lock:
             db = self._conn
             try:
-                db.execute("BEGIN IMMEDIATE")
+                if not durable:  # WAL mode, NORMAL: the WAL is synced at the next FULL commit
+                    db.execute("PRAGMA synchronous=NORMAL")
                 try:
-                    yield _Tx(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+                    db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield _Tx(db)
+                    except BaseException:
+                        db.execute("ROLLBACK")
+                        raise
+                    db.execute("COMMIT")
+                finally:
+                    if not durable:
+                        db.execute("PRAGMA synchronous=FULL")
             except sqlite3.Error as exc:
                 self._fail(notify=notify)
                 raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
@@ -585,7 +624,11 @@ class KeyStore:
             tx.insert_deliveries(layout, "master", master_sae, slave_sae)
             return layout
 
-        return StoreOp(run, erases=False)
+        # not durable: if a power cut loses this reservation, its stored keys are available
+        # here again but recorded at the peer, which refuses them as used up when they are
+        # offered again (they are erased then); the take that hands them out is durable and
+        # its WAL sync makes this reservation durable too, before any key leaves the node
+        return StoreOp(run, erases=False, durable=False)
 
     def record_peer_reservation(
         self,
@@ -751,6 +794,38 @@ class KeyStore:
 
         return StoreOp(run, erases=True)
 
+    def confirm_op(self, delivery_ids: Sequence[uuid.UUID]) -> StoreOp[None]:
+        """Note that the peer durably recorded these master-side reservations (not durable
+        itself: if a power cut loses the note, they are released at the next start and the
+        peer refuses, and so erases, their stored keys when they are offered again)."""
+        ids = [str(i) for i in delivery_ids]
+
+        def run(tx: _Tx) -> None:
+            tx.execute_in(
+                "UPDATE deliveries SET peer_confirmed = 1"
+                " WHERE role = 'master' AND state = 'reserved' AND delivery_id IN ({})",
+                ids,
+            )
+
+        return StoreOp(run, erases=False, durable=False)
+
+    def master_reservations(self) -> list[MasterReservation]:
+        """This node's reserved, not yet delivered, master-side delivery keys, oldest first."""
+        rows = self._query(
+            "SELECT delivery_id, master_sae, slave_sae, size_bits, peer_confirmed"
+            " FROM deliveries WHERE role = 'master' AND state = 'reserved' ORDER BY rowid"
+        )
+        return [
+            MasterReservation(
+                key_id=uuid.UUID(key_id),
+                master_sae=master_sae,
+                slave_sae=slave_sae,
+                size_bits=int(size_bits),
+                peer_confirmed=bool(confirmed),
+            )
+            for key_id, master_sae, slave_sae, size_bits, confirmed in rows
+        ]
+
     def take_delivery(
         self,
         delivery_ids: Sequence[uuid.UUID],
@@ -844,8 +919,9 @@ class KeyStore:
         """
         outcomes: list[OpOutcome[Any]] = []
         erased = False
+        durable = any(op.durable for op in ops)
         with self._lock:  # no other thread between the COMMIT and the checkpoint
-            with self._transaction(notify=notify) as tx:
+            with self._transaction(notify=notify, durable=durable) as tx:
                 for op in ops:
                     tx.execute("SAVEPOINT op")
                     try:
@@ -873,7 +949,7 @@ class KeyStore:
 
     def _run_one(self, op: StoreOp[T]) -> T:
         """One operation in its own transaction (checkpointed after it if it erases)."""
-        with self._transaction(erases=op.erases) as tx:
+        with self._transaction(erases=op.erases, durable=op.durable) as tx:
             return op.run(tx)
 
     # ---- authentication-key pool ------------------------------------------------------------
