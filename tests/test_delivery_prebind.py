@@ -29,12 +29,12 @@ POOL = 4
 class _Peer:
     """Bob's node behind a stand-in channel; counts the reservations it was asked to record."""
 
-    def __init__(self, store: KeyStore) -> None:
+    def __init__(self, store: KeyStore, slave_saes: Sequence[str] = ("b",)) -> None:
         self.manager = KeyManager(
             store,
             master_parity=1,
             peer_reserve=self._unused,
-            local_saes={"b"},
+            local_saes=set(slave_saes),
             peer_saes={"a"},
             group_commit=GroupCommit(store, in_thread=False),
         )
@@ -59,7 +59,7 @@ class _Peer:
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[tuple[KeyStore, _Peer]]:
     """Alice's store (the master here) and Bob's node, both holding the same two blocks."""
-    alice, bob = committed_stores(tmp_path, random_blocks(41, count=2, keys_per_block=96))
+    alice, bob = committed_stores(tmp_path, random_blocks(41, count=2, keys_per_block=160))
     yield alice, _Peer(bob)
 
 
@@ -216,6 +216,28 @@ async def test_a_pool_that_runs_dry_between_top_ups_grows_once_per_top_up_up_to_
         nursery.cancel_scope.cancel()
     # doubles per dry spell, up to POOL_GROWTH x prebind_keys
     assert sizes == [min(2 ** (spell + 1), POOL_GROWTH) for spell in range(6)]
+
+
+async def test_pools_never_hold_more_than_the_keys_left_to_every_other_request(
+    tmp_path: Path,
+) -> None:
+    """A busy pair's pool cannot bind the keys another pair would ask for on request."""
+    alice, bob = committed_stores(tmp_path, random_blocks(43, count=1, keys_per_block=24))
+    peer = _Peer(bob, slave_saes=("b", "c"))
+    manager = _manager(alice, peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+        await _until(lambda: _pooled(manager, alice) == POOL)  # 11 left: 4 pooled, 7 free
+        for _ in range(3):  # another pair: on request; its own pool would leave too few
+            await manager.enc_keys(master_sae="a", slave_sae="c", number=1, size_bits=256)
+            await trio.testing.wait_all_tasks_blocked()
+            assert alice.counts().reserved <= alice.available_count(parity=0)
+        assert alice.counts().reserved == POOL and alice.available_count(parity=0) == 4
+        assert peer.calls == [1, POOL, 1, 1, 1]
+        nursery.cancel_scope.cancel()
+    alice.close()
+    bob.close()
 
 
 async def test_without_prebind_keys_nothing_is_reserved_ahead(

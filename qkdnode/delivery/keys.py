@@ -182,9 +182,12 @@ class KeyManager:
         reservation (a larger one would hold both stores for longer than a request should
         wait): reserve here, then have the peer record."""
         pool = self._pools[pair]
-        while (wanted := self._pool_target(pair) - len(pool)) > 0:
-            if not await self._reserve_ahead(pair, pool, min(wanted, REFILL_CHUNK_KEYS)):
+        wanted = self._pool_target(pair) - len(pool)  # fixed now: no chase of each key taken
+        while wanted > 0:
+            chunk = min(wanted, REFILL_CHUNK_KEYS)
+            if not await self._reserve_ahead(pair, pool, chunk):
                 return
+            wanted -= chunk
 
     async def _reserve_ahead(
         self, pair: tuple[str, str], pool: deque[uuid.UUID], keys: int
@@ -192,6 +195,7 @@ class KeyManager:
         """One reservation of ``keys`` for the pool; False if it failed (nothing kept)."""
         master_sae, slave_sae = pair
         delivery_ids = [self._new_key_id() for _ in range(keys)]
+        pooled = sum(len(p) for p in self._pools.values()) + keys
         layout = await self._commits.run(
             self._store.reserve_op(
                 parity=self.master_parity,
@@ -199,6 +203,9 @@ class KeyManager:
                 size_bits=self._prebind_size_bits,
                 master_sae=master_sae,
                 slave_sae=slave_sae,
+                # pools never hold more than the keys left to all others: a busy pair cannot
+                # bind what the other pairs would ask for on request
+                keep_available=pooled,
             )
         )
         if layout is None:  # key material short: requests take what is left on demand

@@ -589,12 +589,15 @@ class KeyStore:
         size_bits: int,
         master_sae: str,
         slave_sae: str,
+        keep_available: int = 0,
     ) -> StoreOp[list[DeliveryKey] | None]:
         """:meth:`reserve_for_delivery` as one operation of a :meth:`run_batch`; the arguments
-        are checked at once (ValueError)."""
-        if size_bits <= 0 or size_bits % 8 or not delivery_ids:
+        are checked at once (ValueError). ``keep_available``: reserve only if at least that many
+        stored keys of the parity stay available afterwards (else None, nothing changed)."""
+        if size_bits <= 0 or size_bits % 8 or not delivery_ids or keep_available < 0:
             raise ValueError(
-                "size_bits must be a positive multiple of 8 and delivery_ids non-empty"
+                "size_bits must be a positive multiple of 8, delivery_ids non-empty and"
+                " keep_available >= 0"
             )
         size_bytes = size_bits // 8
         needed_bytes = size_bytes * len(delivery_ids)
@@ -614,6 +617,15 @@ class KeyStore:
                     break
             cursor.close()
             if total < needed_bytes:
+                return None
+            if (
+                keep_available
+                and not tx.execute(  # the index counts no further than needed
+                    "SELECT 1 FROM keys WHERE state = 'available' AND position % 2 = ?"
+                    " ORDER BY block_id, position LIMIT 1 OFFSET ?",
+                    (parity, len(chosen) + keep_available - 1),
+                ).fetchone()
+            ):
                 return None
             layout = _cut(chosen, delivery_ids, size_bytes)
             tx.executemany(
