@@ -513,16 +513,26 @@ async def test_key_manager_releases_on_peer_failure_and_burns_what_the_peer_used
     with pytest.raises(ApiError):
         await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
     assert manager.stored_key_count() == 3  # released here, but reserved at the peer
+    assert bob.counts().reserved == 1  # the lost delivery key, recorded there
     mode["value"] = "ok"
-    with pytest.raises(ApiError):  # the peer refuses the used key: burned here, not retried
-        await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
-    assert manager.stored_key_count() == 2
-    got = await manager.enc_keys(master_sae="a", slave_sae="b", number=2, size_bits=256)
-    assert [m for _, m in got] == [blocks[0].consumer_keys[2][1], blocks[0].consumer_keys[4][1]]
+    # the peer refuses the key it recorded for the lost delivery key and erases that record;
+    # the key is erased here too, and the request gets the next key instead
+    got = await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+    assert [m for _, m in got] == [blocks[0].consumer_keys[2][1]]
+    assert manager.stored_key_count() == 1
+    first_key = blocks[0].consumer_keys[0][0]
+    for store in (alice, bob):
+        state, material = store._query(
+            "SELECT state, material FROM keys WHERE key_id = ?", (str(first_key),)
+        )[0]
+        assert (state, material) == ("delivered", None)
     assert (
         await bob_manager.dec_keys(slave_sae="b", master_sae="a", key_ids=[k for k, _ in got])
         == got
     )
+    assert bob.counts().reserved == 0  # nothing kept for delivery keys nobody holds
+    got = await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+    assert [m for _, m in got] == [blocks[0].consumer_keys[4][1]]
     with pytest.raises(ApiError) as info:
         await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
     assert info.value.status == 503 and "not enough key material" in info.value.message

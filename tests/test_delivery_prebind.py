@@ -19,6 +19,7 @@ from qkdnode.delivery.keys import (
     reservation_from_wire,
     reservation_to_wire,
 )
+from qkdnode.errors import SecurityError
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore
 from tests.helpers_store import committed_stores, random_blocks
@@ -112,11 +113,12 @@ async def test_a_pool_serves_requests_without_a_round_trip_and_tops_up_at_half(
         odd = await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=128)
         await trio.testing.wait_all_tasks_blocked()
         assert peer.calls == [1, POOL, 2, 1] and _pooled(manager, alice) == POOL
-        # more keys than the pool holds: reserved on request, and the pool grows to twice that
+        # more keys than the pool holds: the pool's keys and one reserved on request, and the
+        # pool grows to twice the request
         many = await manager.enc_keys(master_sae="a", slave_sae="b", number=POOL + 1, size_bits=256)
         grown = 2 * (POOL + 1)
         await _until(lambda: _pooled(manager, alice) == grown)
-        assert peer.calls == [1, POOL, 2, 1, POOL + 1, grown - POOL]
+        assert peer.calls == [1, POOL, 2, 1, 1, grown]
         nursery.cancel_scope.cancel()
 
     handed_out = first + second + third + odd + many
@@ -238,6 +240,50 @@ async def test_pools_never_hold_more_than_the_keys_left_to_every_other_request(
         nursery.cancel_scope.cancel()
     alice.close()
     bob.close()
+
+
+async def test_a_pair_the_peer_refuses_pauses_only_its_own_top_ups(
+    nodes: tuple[KeyStore, _Peer],
+) -> None:
+    alice, peer = nodes  # the peer serves slave "b" only
+    manager = _manager(alice, peer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        with pytest.raises(ApiError):
+            await manager.enc_keys(master_sae="a", slave_sae="c", number=1, size_bits=256)
+        await trio.testing.wait_all_tasks_blocked()
+        await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+        await _until(lambda: _pooled(manager, alice) == POOL)  # not held up by (a, c)
+        assert alice.counts().reserved == POOL
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_security_error_from_the_peer_during_a_top_up_is_not_swallowed(
+    nodes: tuple[KeyStore, _Peer],
+) -> None:
+    alice, peer = nodes
+    calls = 0
+
+    async def hostile_peer(keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls > 1:  # the top-up
+            raise SecurityError("peer frame failed authentication")
+        await peer.reserve(keys, master_sae, slave_sae)
+
+    manager = KeyManager(
+        alice,
+        master_parity=0,
+        peer_reserve=hostile_peer,
+        prebind_keys=POOL,
+        group_commit=GroupCommit(alice, in_thread=False),
+    )
+    with pytest.RaisesGroup(SecurityError):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+            await trio.sleep_forever()
+    assert alice.counts().reserved == 0  # the top-up's reservation was released
 
 
 async def test_without_prebind_keys_nothing_is_reserved_ahead(

@@ -253,3 +253,38 @@ def test_a_version_2_store_gains_the_peer_confirmed_column_and_keeps_its_deliver
     version = store._conn.execute("SELECT value FROM meta WHERE name = 'schema_version'")
     assert version.fetchone()[0] == "3"
     store.close()
+
+
+def test_releasing_delivery_keys_whose_sibling_was_handed_out_erases_their_stored_key(
+    tmp_path: Path,
+) -> None:
+    """Two delivery keys cut from one stored key: once one is handed out, releasing the other
+    must not make the stored key available again (its handed-out bytes would come back)."""
+    rng = np.random.default_rng(13)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(_block(1, rng, keys=4))
+    store.commit_block(1)
+    halves = [uuid.uuid4(), uuid.uuid4()]
+    layout = store.reserve_for_delivery(
+        parity=0, delivery_ids=halves, size_bits=128, master_sae="a", slave_sae="b"
+    )
+    assert layout is not None and {p.key_id for k in layout for p in k.parts} == {
+        layout[0].parts[0].key_id
+    }
+    stored_key = str(layout[0].parts[0].key_id)
+    available_before = store.available_count(parity=0)
+    store.take_delivery(halves[:1], role="master", master_sae="a", slave_sae="b")
+    store.release_delivery(halves[1:])
+    state, material = store._query(
+        "SELECT state, material FROM keys WHERE key_id = ?", (stored_key,)
+    )[0]
+    assert (state, material) == ("delivered", None)
+    assert store.available_count(parity=0) == available_before
+    # without a handed-out sibling a release gives the stored key back
+    whole = [uuid.uuid4()]
+    store.reserve_for_delivery(
+        parity=0, delivery_ids=whole, size_bits=256, master_sae="a", slave_sae="b"
+    )
+    store.release_delivery(whole)
+    assert store.available_count(parity=0) == available_before
+    store.close()

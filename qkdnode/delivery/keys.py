@@ -21,9 +21,11 @@ every write goes through :class:`~qkdnode.store.groupcommit.GroupCommit` (one CO
 one checkpoint for all the operations that were ready together, each in its own SAVEPOINT).
 
 If step 2 fails the local reservation is released and the request answered 503; when the peer
-reports stored keys already used on its side (a retry after a lost acknowledgement) those are
-erased here instead of being offered again. Erasure happens at delivery on each side: each node's
-copy only serves its own SAE, so waiting for the peer would only keep secrets on disk longer.
+reports stored keys already used on its side (recorded for delivery keys this node lost: a lost
+acknowledgement, a crash) those are erased on both nodes instead of being offered again, and the
+request tries fresh keys (up to ``RESERVE_ATTEMPTS`` reservations). Erasure happens at delivery
+on each side: each node's copy only serves its own SAE, so waiting for the peer would only keep
+secrets on disk longer.
 
 Reserving ahead (``prebind_keys``): steps 1 and 2 need not wait for a request. While
 :meth:`KeyManager.run` runs, each (master SAE, slave SAE) pair that asked for keys of the standard
@@ -73,6 +75,7 @@ POOL_GROWTH: Final = 16  # a busy pair's pool grows up to this many times prebin
 REFILL_CHUNK_KEYS: Final = 32  # keys per reservation made ahead
 REFILL_BACKOFF_S: Final = 1.0  # after a failed top-up (peer down, key material short)
 RELEASE_CHUNK_KEYS: Final = 1024  # reservations released per transaction at start
+RESERVE_ATTEMPTS: Final = 3  # reservations per request when the peer reports keys used up
 
 
 class KeyManager:
@@ -116,7 +119,7 @@ class KeyManager:
         self._pool_grown: set[tuple[str, str]] = set()
         self._refill_wanted: trio.MemorySendChannel[tuple[str, str]] | None = None
         self._refill_pending: set[tuple[str, str]] = set()
-        self._refill_paused_until = -math.inf
+        self._refill_paused_until: dict[tuple[str, str], float] = {}  # per pair, after failures
 
     def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
         """Keys this node can hand out as master (its half of the partition), counting those
@@ -152,8 +155,7 @@ class KeyManager:
             task_status.started()
             async for pair in receive:
                 try:
-                    with self._commits.request():
-                        await self._refill(pair)
+                    await self._refill(pair)
                 finally:
                     self._refill_pending.discard(pair)
                     self._pool_grown.discard(pair)
@@ -167,7 +169,7 @@ class KeyManager:
             or pair in self._refill_pending
             or (pool is not None and len(pool) > self._pool_target(pair) // 2)
             or (pool is None and len(self._pools) >= MAX_POOLS)
-            or trio.current_time() < self._refill_paused_until
+            or trio.current_time() < self._refill_paused_until.get(pair, -math.inf)
         ):
             return
         self._pools.setdefault(pair, deque())
@@ -209,7 +211,7 @@ class KeyManager:
             )
         )
         if layout is None:  # key material short: requests take what is left on demand
-            self._refill_paused_until = trio.current_time() + REFILL_BACKOFF_S
+            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
             return False
         try:
             with trio.fail_after(self._peer_timeout_s):
@@ -217,9 +219,12 @@ class KeyManager:
         except ReservationRejected as exc:
             await self._release(delivery_ids, burn=exc.burned_key_ids)
             return False
+        except SecurityError:  # never swallowed: the daemon stops
+            await self._release(delivery_ids)
+            raise
         except Exception as exc:
             await self._release(delivery_ids)
-            self._refill_paused_until = trio.current_time() + REFILL_BACKOFF_S
+            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
             _log.warning("reserving ahead failed", error=type(exc).__name__)
             return False
         except BaseException:
@@ -242,6 +247,8 @@ class KeyManager:
     async def _enc_keys(
         self, master_sae: str, slave_sae: str, number: int, size_bits: int
     ) -> list[tuple[uuid.UUID, bytes]]:
+        ahead: list[uuid.UUID] = []  # from the pair's pool: reserved and recorded already
+        pool: deque[uuid.UUID] | None = None
         if self._prebind_keys and size_bits == self._prebind_size_bits:
             pair = (master_sae, slave_sae)
             pool = self._pools.get(pair)
@@ -249,45 +256,70 @@ class KeyManager:
                 ahead = [pool.popleft() for _ in range(number)]
                 self._want_refill(pair)
                 return await self._take(ahead, master_sae, slave_sae)
-            if pool is not None and pair not in self._pool_grown:
-                # requests outran the pool: keep more ahead for this pair (once per top-up)
-                self._pool_grown.add(pair)
-                self._pool_targets[pair] = min(
-                    2 * max(self._pool_target(pair), number),
-                    POOL_GROWTH * self._prebind_keys,
-                )
+            if pool is not None:
+                if pair not in self._pool_grown:
+                    # requests outran the pool: keep more ahead for this pair (once per top-up)
+                    self._pool_grown.add(pair)
+                    self._pool_targets[pair] = min(
+                        2 * max(self._pool_target(pair), number),
+                        POOL_GROWTH * self._prebind_keys,
+                    )
+                ahead = [pool.popleft() for _ in range(len(pool))]  # the rest on request
             self._want_refill(pair)
-        delivery_ids = [self._new_key_id() for _ in range(number)]
-        # committed once asked for, even if this task is cancelled meanwhile (see GroupCommit)
-        layout = await self._commits.run(
-            self._store.reserve_op(
-                parity=self.master_parity,
-                delivery_ids=delivery_ids,
-                size_bits=size_bits,
-                master_sae=master_sae,
-                slave_sae=slave_sae,
-            )
-        )
-        if layout is None:
-            raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
         try:
-            with trio.fail_after(self._peer_timeout_s):
-                await self._peer_reserve(layout, master_sae, slave_sae)
-        except ReservationRejected as exc:
-            await self._release(delivery_ids, burn=exc.burned_key_ids)
-            _log.warning("peer refused reservation", burned=len(exc.burned_key_ids))
-            raise ApiError(503, "peer KME could not reserve the keys; retry") from None
-        except SecurityError:
-            await self._release(delivery_ids)
+            reserved = await self._reserve_on_request(
+                master_sae, slave_sae, number - len(ahead), size_bits
+            )
+        except BaseException:
+            if pool is not None:
+                pool.extendleft(reversed(ahead))  # still reserved and recorded: keep them
             raise
-        except Exception as exc:
-            await self._release(delivery_ids)
-            _log.warning("peer reservation failed", error=type(exc).__name__)
-            raise ApiError(503, "peer KME unreachable") from None
-        except BaseException:  # cancelled: never leave keys reserved with nobody to take them
-            await self._release(delivery_ids)
-            raise
-        return await self._take(delivery_ids, master_sae, slave_sae)
+        return await self._take(ahead + reserved, master_sae, slave_sae)
+
+    async def _reserve_on_request(
+        self, master_sae: str, slave_sae: str, number: int, size_bits: int
+    ) -> list[uuid.UUID]:
+        """Steps 1 and 2 for ``number`` new delivery keys; their IDs once the peer recorded them.
+
+        When the peer refuses stored keys it has used up (recorded for delivery keys this node
+        lost: a lost acknowledgement, a crash), they are erased here and fresh ones are tried,
+        up to RESERVE_ATTEMPTS reservations.
+        """
+        for attempt in range(1, RESERVE_ATTEMPTS + 1):
+            delivery_ids = [self._new_key_id() for _ in range(number)]
+            # committed once asked for, even if this task is cancelled meanwhile (GroupCommit)
+            layout = await self._commits.run(
+                self._store.reserve_op(
+                    parity=self.master_parity,
+                    delivery_ids=delivery_ids,
+                    size_bits=size_bits,
+                    master_sae=master_sae,
+                    slave_sae=slave_sae,
+                )
+            )
+            if layout is None:
+                raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
+            try:
+                with trio.fail_after(self._peer_timeout_s):
+                    await self._peer_reserve(layout, master_sae, slave_sae)
+            except ReservationRejected as exc:
+                await self._release(delivery_ids, burn=exc.burned_key_ids)
+                _log.warning("peer refused reservation", burned=len(exc.burned_key_ids))
+                if exc.burned_key_ids and attempt < RESERVE_ATTEMPTS:
+                    continue
+                raise ApiError(503, "peer KME could not reserve the keys; retry") from None
+            except SecurityError:
+                await self._release(delivery_ids)
+                raise
+            except Exception as exc:
+                await self._release(delivery_ids)
+                _log.warning("peer reservation failed", error=type(exc).__name__)
+                raise ApiError(503, "peer KME unreachable") from None
+            except BaseException:  # cancelled: never leave keys reserved with nobody to take
+                await self._release(delivery_ids)
+                raise
+            return delivery_ids
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _take(
         self, delivery_ids: Sequence[uuid.UUID], master_sae: str, slave_sae: str
@@ -326,18 +358,21 @@ class KeyManager:
         """Called on this node when the peer (master) reserved ``keys`` for (master, slave).
 
         Durable on return (concurrent reservations share one commit). Raises ProtocolError
-        (ReservationRejected when stored keys are not available here) and changes nothing then.
+        (ReservationRejected when stored keys are not available here) and records nothing then;
+        delivery keys of the peer that the refusal proves lost are erased here (KeyStore doc).
         """
         if self._local_saes is not None and slave_sae not in self._local_saes:
             raise ProtocolError("slave SAE is not attached to this node", field="slave_sae")
         if self._peer_saes is not None and master_sae not in self._peer_saes:
             raise ProtocolError("master SAE is not attached to the peer node", field="master_sae")
         with self._commits.request():
-            await self._commits.run(
+            refused = await self._commits.run(
                 self._store.record_peer_reservation_op(
                     keys, parity=1 - self.master_parity, master_sae=master_sae, slave_sae=slave_sae
                 )
             )
+        if refused is not None:
+            raise refused
 
 
 # ---- wire form of a reservation (for the node's authenticated channel) -------------------------

@@ -139,7 +139,7 @@ class GroupCommit:
         for waiter, outcome in zip(batch, outcomes, strict=True):
             waiter.outcome = outcome
             waiter.wake.set()
-        if any(op.erases for op in ops) and not self._fold_due:
+        if self.store.wal_holds_erased and not self._fold_due:
             self._fold_due = True
             trio.lowlevel.spawn_system_task(self._fold_wal, name="qkdnode.store.fold_wal")
 

@@ -273,6 +273,8 @@ class KeyStore:
         self.failed = False
         self._failure_unreported = False
         self._lock = threading.RLock()
+        # a batch run with fold_wal=False erased key material: fold_wal() is due
+        self.wal_holds_erased = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -377,8 +379,9 @@ class KeyStore:
                     db.execute("PRAGMA synchronous=NORMAL")
                 try:
                     db.execute("BEGIN IMMEDIATE")
+                    tx = _Tx(db)
                     try:
-                        yield _Tx(db)
+                        yield tx
                     except BaseException:
                         db.execute("ROLLBACK")
                         raise
@@ -389,7 +392,7 @@ class KeyStore:
             except sqlite3.Error as exc:
                 self._fail(notify=notify)
                 raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
-            if erases:
+            if erases or tx.erased:
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
@@ -655,14 +658,18 @@ class KeyStore:
         Every stored key named must be available here at a position of ``parity`` (the master
         node's partition); parts must lie inside their stored key, not overlap, and add up to the
         delivery key's size. Raises ProtocolError for a malformed layout and ReservationRejected
-        when stored keys are not available; changes nothing then. Recording the same reservation
-        again is a no-op (a retry after a lost acknowledgement).
+        when stored keys are not available; records nothing then. Recording the same reservation
+        again is a no-op (a retry after a lost acknowledgement). Stored keys recorded here for
+        earlier delivery keys of the master are a sign that the master lost those: they are
+        erased, with the rest of their stored keys, before the refusal.
         """
-        self._run_one(
+        refused = self._run_one(
             self.record_peer_reservation_op(
                 keys, parity=parity, master_sae=master_sae, slave_sae=slave_sae
             )
         )
+        if refused is not None:
+            raise refused
 
     def record_peer_reservation_op(
         self,
@@ -671,9 +678,10 @@ class KeyStore:
         parity: int,
         master_sae: str,
         slave_sae: str,
-    ) -> StoreOp[None]:
+    ) -> StoreOp[ReservationRejected | None]:
         """:meth:`record_peer_reservation` as one operation of a :meth:`run_batch`; an empty
-        or repeated key list raises ProtocolError at once."""
+        or repeated key list raises ProtocolError at once. A refusal is the op's value, not
+        raised: the reservations it proves dead are erased in the same transaction."""
         if not keys:
             raise ProtocolError("no keys in reservation", field="keys")
         delivery_ids = [str(k.key_id) for k in keys]
@@ -681,7 +689,7 @@ class KeyStore:
             raise ProtocolError("repeated delivery key ID", field="keys")
         stored_ids = sorted({str(p.key_id) for k in keys for p in k.parts})
 
-        def run(tx: _Tx) -> None:
+        def run(tx: _Tx) -> ReservationRejected | None:
             existing = tx.select_in(
                 "SELECT delivery_id, role, master_sae, slave_sae FROM deliveries"
                 " WHERE delivery_id IN ({})",
@@ -693,7 +701,7 @@ class KeyStore:
                     and all(row[1:] == ("slave", master_sae, slave_sae) for row in existing)
                     and self._same_layout(tx, keys)
                 ):
-                    return
+                    return None
                 raise ProtocolError("delivery key ID already in use", field="keys")
             rows = {
                 row[0]: row[1:]
@@ -734,7 +742,8 @@ class KeyStore:
                 elif state != "available":
                     burned.append(uuid.UUID(key_id))
             if burned or transient:
-                raise ReservationRejected(
+                self._burn_dead_reservations(tx, [str(k) for k in burned])
+                return ReservationRejected(
                     f"{len(burned)} stored keys used up here, {transient} not committed yet",
                     burned_key_ids=burned,
                 )
@@ -744,8 +753,36 @@ class KeyStore:
                 [(master_sae, slave_sae, key_id) for key_id in stored_ids],
             )
             tx.insert_deliveries(keys, "slave", master_sae, slave_sae)
+            return None
 
         return StoreOp(run, erases=False)
+
+    @staticmethod
+    def _burn_dead_reservations(tx: _Tx, stored_ids: Sequence[str]) -> None:
+        """The master offers again stored keys recorded here for its earlier delivery keys: it
+        offers only keys it holds available, so it has none of those delivery keys any more
+        (released, or lost in a crash before it handed them out) and nobody can ever fetch
+        them here. Erase them with all their stored keys instead of keeping them for ever."""
+        dead = [
+            row[0]
+            for row in tx.select_in(
+                "SELECT DISTINCT dp.delivery_id FROM delivery_parts dp JOIN deliveries d"
+                " USING (delivery_id) WHERE d.role = 'slave' AND d.state = 'reserved'"
+                " AND dp.key_id IN ({})",
+                stored_ids,
+            )
+        ]
+        if not dead:
+            return
+        keys_of_dead = [
+            row[0]
+            for row in tx.select_in(
+                "SELECT DISTINCT key_id FROM delivery_parts WHERE delivery_id IN ({})", dead
+            )
+        ]
+        tx.execute_in("DELETE FROM delivery_parts WHERE delivery_id IN ({})", dead)
+        tx.execute_in("DELETE FROM deliveries WHERE delivery_id IN ({})", dead)
+        tx.burn_stored_keys(keys_of_dead)
 
     @staticmethod
     def _same_layout(tx: _Tx, keys: Sequence[DeliveryKey]) -> bool:
@@ -788,21 +825,35 @@ class KeyStore:
                     ids,
                 )
             ]
-            tx.execute_in("DELETE FROM delivery_parts WHERE delivery_id IN ({})", ids)
+            tx.execute_in(
+                "DELETE FROM delivery_parts WHERE delivery_id IN (SELECT delivery_id FROM"
+                " deliveries WHERE role = 'master' AND state = 'reserved' AND delivery_id IN ({}))",
+                ids,
+            )
             tx.execute_in(
                 "DELETE FROM deliveries WHERE role = 'master' AND state = 'reserved'"
                 " AND delivery_id IN ({})",
                 ids,
             )
+            # a stored key other delivery keys were cut from stays theirs while any of them is
+            # reserved, and is erased if any was handed out (its bytes must not come back)
+            left = {
+                key_id: states
+                for key_id, states in tx.select_in(
+                    "SELECT dp.key_id, group_concat(DISTINCT d.state) FROM delivery_parts dp"
+                    " JOIN deliveries d USING (delivery_id) WHERE dp.key_id IN ({})"
+                    " GROUP BY dp.key_id",
+                    stored,
+                )
+            }
+            still_reserved = {k for k, states in left.items() if "reserved" in states}
+            handed_out = {k for k in left if k not in still_reserved}
             tx.executemany(
                 "UPDATE keys SET state = 'available', master_sae = NULL, slave_sae = NULL"
                 " WHERE key_id = ? AND state = 'reserved'",
-                [(k,) for k in stored if k not in burned],
+                [(k,) for k in stored if k not in burned and k not in left],
             )
-            tx.executemany(
-                "UPDATE keys SET state = 'delivered', material = NULL WHERE key_id = ?",
-                [(k,) for k in stored if k in burned],
-            )
+            tx.burn_stored_keys((burned | handed_out) & set(stored) - still_reserved)
 
         return StoreOp(run, erases=True)
 
@@ -948,14 +999,18 @@ class KeyStore:
                     tx.execute("RELEASE op")
                     outcomes.append(OpOutcome(value=value))
                     erased = erased or op.erases
+                erased = erased or tx.erased
             if erased and fold_wal:  # after the COMMIT, before any result is handed out
                 self._checkpoint()
+            elif erased:
+                self.wal_holds_erased = True
         return outcomes
 
     def fold_wal(self) -> None:
         """Checkpoint the WAL into the database and truncate it (the copies of erased pages go);
         nothing if the store is closed (closing folds it too)."""
         with self._lock:
+            self.wal_holds_erased = False
             if self._db is not None:
                 self._checkpoint()
 
@@ -1048,6 +1103,16 @@ class _Tx:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self.erased = False  # key material deleted here: the WAL must be folded after COMMIT
+
+    def burn_stored_keys(self, key_ids: Collection[str]) -> None:
+        """Erase stored keys for good: ``delivered`` without material (never offered again)."""
+        if key_ids:
+            self.erased = True
+            self._db.executemany(
+                "UPDATE keys SET state = 'delivered', material = NULL WHERE key_id = ?",
+                [(k,) for k in sorted(key_ids)],
+            )
 
     def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
         return self._db.execute(sql, params)
