@@ -184,7 +184,8 @@ class KeyManager:
         reservation (a larger one would hold both stores for longer than a request should
         wait): reserve here, then have the peer record."""
         pool = self._pools[pair]
-        wanted = self._pool_target(pair) - len(pool)  # fixed now: no chase of each key taken
+        # what was missing when the top-up started; keys taken meanwhile wait for the next one
+        wanted = self._pool_target(pair) - len(pool)
         while wanted > 0:
             chunk = min(wanted, REFILL_CHUNK_KEYS)
             if not await self._reserve_ahead(pair, pool, chunk):
@@ -195,43 +196,65 @@ class KeyManager:
         self, pair: tuple[str, str], pool: deque[uuid.UUID], keys: int
     ) -> bool:
         """One reservation of ``keys`` for the pool; False if it failed (nothing kept)."""
-        master_sae, slave_sae = pair
         delivery_ids = [self._new_key_id() for _ in range(keys)]
-        pooled = sum(len(p) for p in self._pools.values()) + keys
+        try:
+            recorded = await self._reserve_and_record(
+                *pair,
+                delivery_ids,
+                self._prebind_size_bits,
+                # pools never hold more than the keys left to all others: a busy pair cannot
+                # bind what the other pairs would ask for on request
+                keep_available=sum(len(p) for p in self._pools.values()) + keys,
+            )
+        except ReservationRejected:
+            return False  # used-up keys erased; the next request asks again
+        except SecurityError:  # never swallowed: the daemon stops
+            raise
+        except Exception as exc:
+            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
+            _log.warning("reserving ahead failed", error=type(exc).__name__)
+            return False
+        if not recorded:  # key material short: requests take what is left on request
+            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
+            return False
+        await self._commits.run(self._store.confirm_op(delivery_ids))
+        pool.extend(delivery_ids)
+        return True
+
+    async def _reserve_and_record(
+        self,
+        master_sae: str,
+        slave_sae: str,
+        delivery_ids: Sequence[uuid.UUID],
+        size_bits: int,
+        *,
+        keep_available: int = 0,
+    ) -> bool:
+        """Steps 1 and 2 for these delivery keys. False if key material is short (nothing
+        changed); if the peer does not record them, the reservation is released (the stored
+        keys it reports used up are erased) and its exception propagates."""
+        # committed once asked for, even if this task is cancelled meanwhile (see GroupCommit)
         layout = await self._commits.run(
             self._store.reserve_op(
                 parity=self.master_parity,
                 delivery_ids=delivery_ids,
-                size_bits=self._prebind_size_bits,
+                size_bits=size_bits,
                 master_sae=master_sae,
                 slave_sae=slave_sae,
-                # pools never hold more than the keys left to all others: a busy pair cannot
-                # bind what the other pairs would ask for on request
-                keep_available=pooled,
+                keep_available=keep_available,
             )
         )
-        if layout is None:  # key material short: requests take what is left on demand
-            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
+        if layout is None:
             return False
         try:
             with trio.fail_after(self._peer_timeout_s):
                 await self._peer_reserve(layout, master_sae, slave_sae)
         except ReservationRejected as exc:
             await self._release(delivery_ids, burn=exc.burned_key_ids)
-            return False
-        except SecurityError:  # never swallowed: the daemon stops
+            raise
+        except BaseException:  # cancelled too: never leave keys reserved with nobody to take
             await self._release(delivery_ids)
             raise
-        except Exception as exc:
-            await self._release(delivery_ids)
-            self._refill_paused_until[pair] = trio.current_time() + REFILL_BACKOFF_S
-            _log.warning("reserving ahead failed", error=type(exc).__name__)
-            return False
-        except BaseException:
-            await self._release(delivery_ids)
-            raise
-        await self._commits.run(self._store.confirm_op(delivery_ids))
-        pool.extend(delivery_ids)
         return True
 
     async def enc_keys(
@@ -287,37 +310,22 @@ class KeyManager:
         """
         for attempt in range(1, RESERVE_ATTEMPTS + 1):
             delivery_ids = [self._new_key_id() for _ in range(number)]
-            # committed once asked for, even if this task is cancelled meanwhile (GroupCommit)
-            layout = await self._commits.run(
-                self._store.reserve_op(
-                    parity=self.master_parity,
-                    delivery_ids=delivery_ids,
-                    size_bits=size_bits,
-                    master_sae=master_sae,
-                    slave_sae=slave_sae,
-                )
-            )
-            if layout is None:
-                raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
             try:
-                with trio.fail_after(self._peer_timeout_s):
-                    await self._peer_reserve(layout, master_sae, slave_sae)
+                recorded = await self._reserve_and_record(
+                    master_sae, slave_sae, delivery_ids, size_bits
+                )
             except ReservationRejected as exc:
-                await self._release(delivery_ids, burn=exc.burned_key_ids)
                 _log.warning("peer refused reservation", burned=len(exc.burned_key_ids))
                 if exc.burned_key_ids and attempt < RESERVE_ATTEMPTS:
                     continue
                 raise ApiError(503, "peer KME could not reserve the keys; retry") from None
             except SecurityError:
-                await self._release(delivery_ids)
                 raise
             except Exception as exc:
-                await self._release(delivery_ids)
                 _log.warning("peer reservation failed", error=type(exc).__name__)
                 raise ApiError(503, "peer KME unreachable") from None
-            except BaseException:  # cancelled: never leave keys reserved with nobody to take
-                await self._release(delivery_ids)
-                raise
+            if not recorded:
+                raise ApiError(503, "not enough key material", [{"stored_key_count": 0}])
             return delivery_ids
         raise AssertionError("unreachable: the last attempt returns or raises")
 
