@@ -172,7 +172,7 @@ def _failing_op(store: KeyStore) -> StoreOp[None]:
         tx.execute("UPDATE keys SET state = 'delivered', material = NULL")
         raise DeliveryRefused("one or more keys are not found", field="key_IDs")
 
-    return StoreOp(run, erases=True)
+    return StoreOp(run)
 
 
 def test_a_failing_operation_rolls_back_alone_and_the_others_commit_durably(
@@ -281,7 +281,7 @@ async def test_an_sqlite_error_in_a_batch_poisons_the_store_for_every_operation(
                 parity=0, delivery_ids=[uuid.uuid4()], size_bits=256, master_sae="a", slave_sae="b"
             ),
         )
-        nursery.start_soon(call, StoreOp(broken, erases=False))
+        nursery.start_soon(call, StoreOp(broken))
     assert len(errors) == 2 and errors[0] is not errors[1]
     assert store.failed and failures == [1]
     with pytest.raises(KeyStoreError):

@@ -194,13 +194,13 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class StoreOp(Generic[T]):
     """One logical store operation for :meth:`KeyStore.run_batch`: ``run`` does its reads and
-    writes inside the batch's transaction; ``erases`` says that it may delete key material (the
-    batch then ends with a WAL checkpoint); ``durable=False`` says that losing it in a power cut
-    is harmless, so a batch of only such operations commits without waiting for the disk (it
-    becomes durable with the next durable commit: the WAL is written and synced in order)."""
+    writes inside the batch's transaction (one that deletes key material says so on the
+    transaction, ``_Tx.erased``: the batch then ends with a WAL checkpoint); ``durable=False``
+    says that losing it in a power cut is harmless, so a batch of only such operations commits
+    without waiting for the disk (it becomes durable with the next durable commit: the WAL is
+    written and synced in order)."""
 
     run: Callable[[_Tx], T]
-    erases: bool
     durable: bool = True
 
 
@@ -643,7 +643,7 @@ class KeyStore:
         # here again but recorded at the peer, which refuses them as used up when they are
         # offered again (they are erased then); the take that hands them out is durable and
         # its WAL sync makes this reservation durable too, before any key leaves the node
-        return StoreOp(run, erases=False, durable=False)
+        return StoreOp(run, durable=False)
 
     def record_peer_reservation(
         self,
@@ -755,7 +755,7 @@ class KeyStore:
             tx.insert_deliveries(keys, "slave", master_sae, slave_sae)
             return None
 
-        return StoreOp(run, erases=False)
+        return StoreOp(run)
 
     @staticmethod
     def _burn_dead_reservations(tx: _Tx, stored_ids: Sequence[str]) -> None:
@@ -855,7 +855,7 @@ class KeyStore:
             )
             tx.burn_stored_keys((burned | handed_out) & set(stored) - still_reserved)
 
-        return StoreOp(run, erases=True)
+        return StoreOp(run)
 
     def confirm_op(self, delivery_ids: Sequence[uuid.UUID]) -> StoreOp[None]:
         """Note that the peer durably recorded these master-side reservations (not durable
@@ -870,7 +870,7 @@ class KeyStore:
                 ids,
             )
 
-        return StoreOp(run, erases=False, durable=False)
+        return StoreOp(run, durable=False)
 
     def master_reservations(self) -> list[MasterReservation]:
         """This node's reserved, not yet delivered, master-side delivery keys, oldest first."""
@@ -960,9 +960,10 @@ class KeyStore:
                 " USING (delivery_id) WHERE dp.key_id = keys.key_id AND d.state = 'reserved')",
                 sorted(touched),
             )
+            tx.erased = True
             return [(uuid.UUID(key_id), b"".join(pieces[key_id])) for key_id in ids]
 
-        return StoreOp(run, erases=True)
+        return StoreOp(run)
 
     # ---- group commit -----------------------------------------------------------------------
 
@@ -981,7 +982,6 @@ class KeyStore:
         owner calls :meth:`report_failure` afterwards instead of ``on_failure`` running here.
         """
         outcomes: list[OpOutcome[Any]] = []
-        erased = False
         durable = any(op.durable for op in ops)
         with self._lock:  # no other thread between the COMMIT and the checkpoint
             with self._transaction(notify=notify, durable=durable) as tx:
@@ -998,8 +998,7 @@ class KeyStore:
                         continue
                     tx.execute("RELEASE op")
                     outcomes.append(OpOutcome(value=value))
-                    erased = erased or op.erases
-                erased = erased or tx.erased
+                erased = tx.erased  # also for an op rolled back after erasing: one fold more
             if erased and fold_wal:  # after the COMMIT, before any result is handed out
                 self._checkpoint()
             elif erased:
@@ -1015,8 +1014,8 @@ class KeyStore:
                 self._checkpoint()
 
     def _run_one(self, op: StoreOp[T]) -> T:
-        """One operation in its own transaction (checkpointed after it if it erases)."""
-        with self._transaction(erases=op.erases, durable=op.durable) as tx:
+        """One operation in its own transaction (checkpointed after it if it erased)."""
+        with self._transaction(durable=op.durable) as tx:
             return op.run(tx)
 
     # ---- authentication-key pool ------------------------------------------------------------
