@@ -288,3 +288,26 @@ def test_releasing_delivery_keys_whose_sibling_was_handed_out_erases_their_store
     store.release_delivery(whole)
     assert store.available_count(parity=0) == available_before
     store.close()
+
+
+def test_a_batch_that_erases_leaves_the_one_wal_fold_to_its_caller(tmp_path: Path) -> None:
+    """run_batch(fold_wal=False) answers right after COMMIT: no checkpoint of its own, only a
+    note that one is due; fold_wal() then checkpoints once (group commit relies on this)."""
+    rng = np.random.default_rng(14)
+    store = KeyStore.open(tmp_path, node_name="alice")
+    store.stage_block(_block(1, rng, keys=4))
+    store.commit_block(1)
+    key_id = uuid.uuid4()
+    store.reserve_for_delivery(
+        parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
+    )
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    take = store.take_op([key_id], role="master", master_sae="a", slave_sae="b")
+    assert store.run_batch([take], fold_wal=False)[0].error is None
+    assert not [s for s in statements if "wal_checkpoint" in s]
+    due_before = store.wal_holds_erased
+    store.fold_wal()
+    assert len([s for s in statements if "wal_checkpoint" in s]) == 1
+    assert (due_before, store.wal_holds_erased) == (True, False)
+    store.close()

@@ -361,14 +361,20 @@ class KeyStore:
 
     @contextmanager
     def _transaction(
-        self, *, erases: bool = False, notify: bool = True, durable: bool = True
+        self,
+        *,
+        erases: bool = False,
+        notify: bool = True,
+        durable: bool = True,
+        fold_wal: bool = True,
     ) -> Iterator[_Tx]:
         """One transaction, durable at COMMIT (fsync of the WAL) unless ``durable=False``; any
         SQLite error poisons the store and raises KeyStoreError.
 
-        ``erases``: the transaction deletes or overwrites key material. ``secure_delete`` zeroes
-        the freed pages of the database, but the WAL still holds earlier copies of them, so the
-        WAL is checkpointed into the database and truncated right after the commit.
+        ``erases`` (or ``_Tx.erased`` set inside): the transaction deletes or overwrites key
+        material. ``secure_delete`` zeroes the freed pages of the database, but the WAL still
+        holds earlier copies of them, so the WAL is checkpointed into the database and truncated
+        right after the commit, unless ``fold_wal=False`` (the caller folds it).
         ``notify=False``: a failure is reported by :meth:`report_failure` later, not by calling
         ``on_failure`` here (a worker thread must not call into the event loop).
         """
@@ -392,7 +398,7 @@ class KeyStore:
             except sqlite3.Error as exc:
                 self._fail(notify=notify)
                 raise KeyStoreError(f"key store write failed ({exc}); stop the daemon") from exc
-            if erases or tx.erased:
+            if fold_wal and (erases or tx.erased):
                 self._checkpoint()
 
     def _checkpoint(self) -> None:
@@ -984,7 +990,7 @@ class KeyStore:
         outcomes: list[OpOutcome[Any]] = []
         durable = any(op.durable for op in ops)
         with self._lock:  # no other thread between the COMMIT and the checkpoint
-            with self._transaction(notify=notify, durable=durable) as tx:
+            with self._transaction(notify=notify, durable=durable, fold_wal=False) as tx:
                 for op in ops:
                     tx.execute("SAVEPOINT op")
                     try:
