@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import qkdnode.channel
+import qkdnode.coordination
 import qkdnode.postprocess
 
-PURE_PACKAGES = (qkdnode.postprocess, qkdnode.channel)
+PURE_PACKAGES = (qkdnode.postprocess, qkdnode.channel, qkdnode.coordination)
 FORBIDDEN = ("trio", "socket", "sqlite3", "asyncio", "serial", "selectors")
 
 

@@ -13,6 +13,9 @@ from qkdnode.channel.auth import PskCredentials, Role
 from qkdnode.channel.connection import PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import SessionMode
+from qkdnode.coordination.planner import (
+    AuthPlanner,
+)
 from qkdnode.errors import ProtocolError
 from qkdnode.node.daemon import Node
 from tests.test_channel import REGISTRY, Pair, assert_rejected, rotated_pair
@@ -27,15 +30,13 @@ def _alice_node(ledger: AuthKeyLedger, policy: str) -> Any:
         credentials=PSK,
         registry=REGISTRY,
         ledger=ledger,
-        force_bootstrap=False,
-        ledger_reset_pending=False,
+        planner=AuthPlanner(Role.ALICE, policy),  # type: ignore[arg-type]
         _last_connection=None,
         config=SimpleNamespace(
             peer=SimpleNamespace(max_frame_bytes=1 << 20),
             auth=SimpleNamespace(on_exhausted=policy),
         ),
     )
-    node._new_connection = lambda: Node._new_connection(node)  # type: ignore[arg-type]
     return node
 
 
@@ -62,10 +63,10 @@ def test_a_refused_key_derived_handshake_leads_to_the_configured_policy(policy: 
     pair = Pair(second, bob)
     if policy == "halt":
         # no downgrade: the next attempt is key-derived again (and refused again)
-        assert not node.force_bootstrap and not node.ledger_reset_pending
+        assert not node.planner.force_bootstrap and not node.planner.ledger_reset_pending
         assert_rejected(bob, second.start_handshake(), ProtocolError)
         return
-    assert node.force_bootstrap and node.ledger_reset_pending
+    assert node.planner.force_bootstrap and node.planner.ledger_reset_pending
     pair.handshake()
     assert second.mode is SessionMode.PSK and bob.mode is SessionMode.PSK
     # the agreed reset (a Control message in that session, see the daemon) equalises the ledgers

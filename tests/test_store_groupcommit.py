@@ -392,48 +392,38 @@ async def test_erasing_batches_leave_no_deleted_key_bytes_in_database_or_wal(
     nodes.close()
 
 
-async def test_the_session_pump_answers_peer_reservations_concurrently_and_bounded() -> None:
-    """Exchange.pump with the session's nursery: reservations run side by side (so they can
-    share a commit), at most RESERVATIONS_IN_FLIGHT at once; without a nursery, in turn."""
-    from qkdnode.channel.messages import Control
-    from qkdnode.node.daemon import RESERVATIONS_IN_FLIGHT, Exchange
+async def test_peer_reservations_are_answered_concurrently_and_bounded() -> None:
+    """Reservations run side by side (so they can share a commit), at most
+    RESERVATIONS_IN_FLIGHT at once; the rest wait for a slot."""
+    from qkdnode.coordination.wire import CoordinationMessage, Reserve
+    from qkdnode.node.reservations import RESERVATIONS_IN_FLIGHT, Reservations
 
     total = RESERVATIONS_IN_FLIGHT + 6
+    reservations = Reservations()
+    in_flight = most = 0
+    release = trio.Event()
 
-    class Session:
-        connection = None
+    async def answer(request: Reserve, send: object) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await release.wait()
+        in_flight -= 1
 
-        def __init__(self) -> None:
-            self.events = [
-                Control(kind="reserve", body={"request_id": i}) for i in range(1, total + 1)
-            ]
+    async def send(message: CoordinationMessage) -> None:
+        raise AssertionError("not called by the stand-in answer")
 
-        async def next_event(self) -> object:
-            if self.events:
-                return self.events.pop(0)
-            await trio.sleep_forever()
-            raise AssertionError
+    reservations.answer = answer  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
 
-    class Node:
-        def __init__(self) -> None:
-            self.in_flight = 0
-            self.most = 0
-            self.release = trio.Event()
+        async def feed() -> None:
+            for request_id in range(1, total + 1):
+                request = Reserve(request_id=request_id, reservation=b"x")
+                await reservations.answer_soon(request, send, nursery)
 
-        async def on_reserve(self, exchange: object, event: Control) -> None:
-            self.in_flight += 1
-            self.most = max(self.most, self.in_flight)
-            await self.release.wait()
-            self.in_flight -= 1
-
-    for with_nursery in (True, False):
-        node = Node()
-        exchange = Exchange(node, Session())  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(exchange.pump, nursery if with_nursery else None)
-            await trio.testing.wait_all_tasks_blocked()
-            assert node.most == (RESERVATIONS_IN_FLIGHT if with_nursery else 1)
-            node.release.set()
-            await trio.testing.wait_all_tasks_blocked()
-            assert node.in_flight == 0
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(feed)
+        await trio.testing.wait_all_tasks_blocked()
+        assert most == RESERVATIONS_IN_FLIGHT
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert in_flight == 0

@@ -21,9 +21,11 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
-from qkdnode.errors import AuthKeyExhausted, ProtocolError
+import msgpack
+
+from qkdnode.errors import AuthKeyExhausted, KeyStoreError, ProtocolError
 
 _DIGEST_INIT = hashlib.sha256(b"qkdnode-v1 auth-key deposits").digest()
 
@@ -49,6 +51,25 @@ class LedgerState:
             f"reserve_bits={self.reserve_bits}, tags_issued={self.tags_issued}, "
             f"forgery_bound={self.forgery_bound:.3e}, active={self.active})"
         )
+
+
+def ledger_state_to_bytes(state: LedgerState) -> bytes:
+    """Serialise a ledger state for the key store (it holds pool key: store only)."""
+    packed: bytes = msgpack.packb(
+        {f.name: getattr(state, f.name) for f in fields(state)}, use_bin_type=True
+    )
+    return packed
+
+
+def ledger_state_from_bytes(data: bytes) -> LedgerState:
+    """The ledger state the key store holds; ``KeyStoreError`` if it is corrupt."""
+    values = msgpack.unpackb(data, raw=False)
+    if not isinstance(values, dict):
+        raise KeyStoreError("authentication ledger state is corrupt")
+    try:
+        return LedgerState(**values)
+    except TypeError as exc:
+        raise KeyStoreError(f"authentication ledger state is corrupt ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

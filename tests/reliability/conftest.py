@@ -108,6 +108,7 @@ def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     import numpy as np
 
     from qkdnode.config import load_config
+    from qkdnode.link.blocks import SimulatedBlocks
     from qkdnode.link.simulated import simulated_link_from_config
     from qkdnode.node.demo import prepare_workdir
     from qkdnode.store import KeyStore
@@ -121,7 +122,7 @@ def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         store = KeyStore.open(workdir / f"store-{len(stores)}", node_name=role)
         stores.append(store)
         link = simulated_link_from_config(config.node.role, config.link, np.random.default_rng(3))
-        return Node(config, store, link)
+        return Node(config, store, SimulatedBlocks(link, config.postprocess.block_pulses))
 
     yield make
     for store in stores:

@@ -15,6 +15,7 @@ from qkdnode.channel.auth import Role
 from qkdnode.channel.connection import ConnectionState
 from qkdnode.channel.framing import NO_BLOCK, pack_frame, pack_header
 from qkdnode.errors import QkdError
+from qkdnode.node.daemon import Node
 from qkdnode.node.session import SessionConfig, open_session
 from tests.reliability.memory import NAMED, make_wire, run_script
 from tests.reliability.proxy import CODES
@@ -116,8 +117,10 @@ async def test_a_refused_first_frame_ends_the_session_with_qkd_errors_only() -> 
     assert errors and all(isinstance(e, QkdError) for e in errors), errors
 
 
-async def test_exchange_turns_the_end_of_the_event_stream_into_session_ended() -> None:
-    from qkdnode.node.daemon import Exchange
+async def test_exchange_turns_the_end_of_the_event_stream_into_session_ended(
+    node_factory: Callable[[str], Node],
+) -> None:
+    from qkdnode.node.exchange import Exchange
 
     class DeadSession:
         connection = None
@@ -125,12 +128,11 @@ async def test_exchange_turns_the_end_of_the_event_stream_into_session_ended() -
         async def next_event(self) -> object:
             raise trio.EndOfChannel
 
-    exchange = Exchange(None, DeadSession())  # type: ignore[arg-type]
+    exchange = Exchange(node_factory("bob"), DeadSession())  # type: ignore[arg-type]
     errors: list[BaseException] = []
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(exchange.pump)
-            await exchange.next_event()
+            nursery.start_soon(exchange._pump, nursery)
     except BaseExceptionGroup as group:
         errors.extend(_leaves(group))
     assert errors and all(isinstance(e, QkdError) for e in errors), errors

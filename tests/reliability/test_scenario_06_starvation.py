@@ -4,11 +4,11 @@ In memory, a key-derived pair with a small pool runs blocks without refilling: t
 never goes below the reserve for block keys and never below zero for handshakes; when the pool
 cannot pay, Alice's ``open_block`` raises ``AuthKeyExhausted`` and queues ``PoolExhausted``
 (the starving state, with the policy), no block opens (so no key can be distilled), and Bob
-refuses a block his pool cannot pay for. The daemon's reaction (``Exchange``) is checked with the
-real class: ``halt`` stops the daemon (``DaemonMustStop``), ``rebootstrap`` ends the session,
-with an ``auth.pool_exhausted`` error log line either way. The next session the daemon builds
-(``Node.make_connection``) must then bootstrap without spending pool bits (defect D4, found by
-this scenario, fixed in the working tree; the test is its regression test).
+refuses a block his pool cannot pay for. The node's reaction is checked with the real classes:
+the coordination machine stops opening blocks and applies the policy; the session shell
+(``Exchange``) turns ``halt`` into ``DaemonMustStop`` and ``rebootstrap`` into the end of the
+session, with an ``auth.pool_exhausted`` error log line either way. The next session the daemon
+builds (``Node.make_connection``) must then bootstrap without spending pool bits.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from qkdnode.channel.auth import BLOCK_DRAW_BITS, HANDSHAKE_KEY_BITS
 from qkdnode.channel.connection import PoolExhausted
 from qkdnode.channel.messages import SessionMode
 from qkdnode.errors import AuthKeyExhausted, QkdError
-from qkdnode.node.daemon import DaemonMustStop, Exchange, Node, SessionEnded
+from qkdnode.node.daemon import DaemonMustStop, Node, SessionEnded
+from qkdnode.node.exchange import Exchange
 from tests.reliability.memory import (
     clean_block,
     credentials,
@@ -88,7 +89,7 @@ def test_handshakes_may_use_the_reserve_but_never_go_below_zero() -> None:
 class _Session:
     """A session whose event stream yields one ``PoolExhausted``."""
 
-    connection = None
+    connection = SimpleNamespace(mode=None)
 
     def __init__(self, policy: str) -> None:
         self.events: list[object] = [
@@ -102,15 +103,15 @@ class _Session:
         raise AssertionError
 
 
-async def _exhaust(policy: str) -> tuple[list[BaseException], list[MutableMapping[str, Any]]]:
-    node = SimpleNamespace(force_bootstrap=False)
+async def _exhaust(
+    node: Node, policy: str
+) -> tuple[list[BaseException], list[MutableMapping[str, Any]]]:
     exchange = Exchange(node, _Session(policy))  # type: ignore[arg-type]
     errors: list[BaseException] = []
     with structlog.testing.capture_logs() as logs:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(exchange.pump)
-                await exchange.next_event()
+                nursery.start_soon(exchange._pump, nursery)
         except BaseExceptionGroup as group:
             errors.extend(group.exceptions)
         except Exception as error:
@@ -119,8 +120,11 @@ async def _exhaust(policy: str) -> tuple[list[BaseException], list[MutableMappin
 
 
 @pytest.mark.parametrize("policy", ["halt", "rebootstrap"])
-async def test_the_daemon_reports_starvation_and_applies_its_policy(policy: str) -> None:
-    errors, logs = await _exhaust(policy)
+async def test_the_daemon_reports_starvation_and_applies_its_policy(
+    policy: str, node_factory: Callable[[str], Node]
+) -> None:
+    node = node_factory("alice")
+    errors, logs = await _exhaust(node, policy)
     expected = DaemonMustStop if policy == "halt" else SessionEnded
     assert errors and all(isinstance(e, expected) for e in errors), errors
     if policy == "halt":
@@ -132,7 +136,6 @@ async def test_the_daemon_reports_starvation_and_applies_its_policy(policy: str)
 def test_after_exhaustion_the_next_daemon_session_bootstraps_without_pool_bits(
     node_factory: Callable[[str], Node],
 ) -> None:
-    """Regression test for D4 (fixed in the working tree on 2026-11-28)."""
     alice, bob, _, _ = ledger_pair(seed=67, target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS)
     wire = key_derived_wire(alice, bob, seed=62)
     block_id = 0
@@ -150,7 +153,7 @@ def test_after_exhaustion_the_next_daemon_session_bootstraps_without_pool_bits(
     node.ledger = alice
     node.make_connection()  # the exhausted session's connection
     with pytest.raises(SessionEnded):
-        Exchange(node, _Session("rebootstrap"))._on_exhausted(event)  # type: ignore[arg-type]
+        Exchange(node, _Session("rebootstrap"))._on_channel_exhausted(event)  # type: ignore[arg-type]
     connection = node.make_connection()
     assert connection.config.on_exhausted == "rebootstrap"
     retry = psk_pair(None, bob, seed=63)

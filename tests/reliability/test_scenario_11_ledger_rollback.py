@@ -22,10 +22,10 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
 from qkdnode.channel.messages import SessionMode
 from qkdnode.errors import ProtocolError
-from qkdnode.node.daemon import Node, ledger_state_from_bytes, ledger_state_to_bytes
+from qkdnode.node.daemon import Node
 from tests.reliability.memory import (
     NAMED,
     RecordingLedger,

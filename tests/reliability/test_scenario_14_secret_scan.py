@@ -15,8 +15,7 @@ import urllib.request
 
 from cryptography.hazmat.primitives import serialization
 
-from qkdnode.channel.ledger import AuthKeyLedger
-from qkdnode.node.daemon import ledger_state_from_bytes
+from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes
 from tests.reliability.conftest import Proxied
 from tests.reliability.harness import api, scan, windows
 

@@ -1,0 +1,141 @@
+"""What the node tells operators about each block: the block log, metrics and systemd status.
+
+Public figures only: counts, rates, the authentication budget, never key material.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from qkdnode.channel.connection import BlockAuthenticated
+from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.ops.metrics import NodeMetrics
+from qkdnode.ops.systemd import SystemdNotifier
+from qkdnode.postprocess.events import BlockAborted
+from qkdnode.postprocess.pipeline import BlockOutcome
+
+log = structlog.get_logger("qkdnode.node")
+
+
+@dataclass(slots=True)
+class NodeCounters:
+    """What the node has done since start (public figures only)."""
+
+    blocks_committed: int = 0
+    blocks_aborted: int = 0
+    secret_bits: int = 0
+    mode: str = "none"
+
+
+@dataclass(slots=True)
+class BlockReporter:
+    """Counts, logs and exports each finished block; times the link and post-processing."""
+
+    metrics: NodeMetrics
+    notifier: SystemdNotifier
+    ledger: AuthKeyLedger
+    key_size_bits: int
+    counters: NodeCounters = field(default_factory=NodeCounters)
+    # per block in flight: when it opened and when its records arrived (monotonic seconds)
+    _times: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    def mode_changed(self, mode: str, reason: str) -> None:
+        self.counters.mode = mode
+        self.metrics.set_mode(mode)
+        log.info("auth.mode", mode=mode, reason=reason)
+
+    def block_started(self, block_id: int) -> None:
+        now = time.monotonic()
+        self._times[block_id] = (now, now)
+
+    def records_taken(self, block_id: int) -> None:
+        started, _ = self._times.get(block_id, (time.monotonic(), 0.0))
+        self._times[block_id] = (started, time.monotonic())
+
+    def block_done(
+        self,
+        block_id: int,
+        outcome: BlockOutcome,
+        auth: BlockAuthenticated,
+        *,
+        keys: int,
+        pool_bytes: int,
+    ) -> None:
+        now = time.monotonic()
+        started, records = self._times.pop(block_id, (now, now))
+        # the authentication budget of the block: bits drawn from the pool (0 while the session
+        # is bootstrap-authenticated), frames tagged, and the accumulated forgery bound
+        budget = {
+            "auth_mode": auth.mode.value,
+            "auth_bits_spent": auth.auth_bits_spent,
+            "frames_tagged": auth.frames_sent + auth.frames_received,
+            "forgery_bound_total": auth.forgery_bound_total,
+            "tags_issued": self.ledger.tags_issued,
+        }
+        # wall time waiting for the link's records, and the post-processing exchange after it
+        link_s = round(records - started, 3)
+        postprocess_s = round(now - records, 3)
+        counters = self.counters
+        if isinstance(outcome, BlockAborted):
+            counters.blocks_aborted += 1
+            self.metrics.block_aborted(outcome.reason.value)
+            log.info(
+                "block.aborted",
+                block=block_id,
+                reason=outcome.reason.value,
+                detail=outcome.detail,
+                mode=counters.mode,
+                link_s=link_s,
+                postprocess_s=postprocess_s,
+                **budget,
+            )
+        else:
+            stats = outcome.statistics
+            secret = keys * self.key_size_bits
+            counters.blocks_committed += 1
+            counters.secret_bits += secret
+            efficiency = stats.reconciliation_efficiency
+            self.metrics.block_committed(
+                qber=stats.qber,
+                sifted_bits=stats.sifted_key_bits,
+                leak_bits=stats.reconciliation_bits + stats.verification_bits,
+                reconciliation_efficiency=efficiency,
+                secret_bits=secret,
+                pool_level_bits=self.ledger.level_bits,
+                mode=counters.mode,
+            )
+            log.info(
+                "block.committed",
+                block=block_id,
+                mode=counters.mode,
+                pulses=stats.pulse_count,
+                detections=stats.detections,
+                sifted_bits=stats.sifted_key_bits,
+                qber=round(stats.qber, 6),
+                test_qber=round(stats.test_qber, 6),
+                reconciliation_efficiency=None if math.isnan(efficiency) else round(efficiency, 4),
+                leak_bits=stats.reconciliation_bits + stats.verification_bits,
+                round_trips=stats.round_trips,
+                final_key_bits=stats.final_key_bits,
+                secret_bits=secret,
+                auth_pool_taken_bits=pool_bytes * 8,
+                pool_level_bits=self.ledger.level_bits,
+                keys=keys,
+                key_counts=list(stats.key_counts),
+                test_counts=list(stats.test_counts),
+                test_errors=list(stats.test_errors_per_intensity),
+                reconciled_bits=stats.reconciled_bits,
+                errors_corrected=stats.errors_corrected,
+                link_s=link_s,
+                postprocess_s=postprocess_s,
+                **budget,
+            )
+        self.notifier.status(
+            f"{counters.blocks_committed} blocks committed, "
+            f"{counters.blocks_aborted} aborted, {counters.secret_bits} secret bits, "
+            f"auth {counters.mode}"
+        )

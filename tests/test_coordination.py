@@ -1,0 +1,187 @@
+"""The coordination machine, without trio: its rules, and two machines driven against each other.
+
+Two nodes' machines over the production channel, ledgers and a store model are what the
+deterministic simulation runs; with faults off, every seeded run must distil, rotate and keep
+both stores equal (a property over seeds), with one and with four blocks in flight.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkdnode.channel.auth import Role
+from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.messages import Control, SessionMode
+from qkdnode.coordination.events import (
+    CoordinatorConfig,
+    PeerBlockData,
+    PeerMessage,
+    PeerOpenedBlock,
+    PrefetchRecords,
+    SendControl,
+    SessionStarted,
+    StopRequested,
+    TakeRecords,
+)
+from qkdnode.coordination.machine import (
+    Coordinator,
+    Phase,
+    split_block_key,
+)
+from qkdnode.coordination.planner import (
+    AttemptDecision,
+    AuthPlanner,
+)
+from qkdnode.coordination.wire import (
+    BlockInfo,
+    Commit,
+    Stage,
+    Sync,
+    SyncDone,
+    SyncReply,
+    TurnHeader,
+    control_from_wire,
+    control_to_wire,
+)
+from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.pipeline import BlockKey
+from qkdnode.simulation.store_model import StoreModel
+from qkdnode.simulation.stub import _statistics
+from qkdnode.simulation.world import SimSettings, simulate_run
+
+
+def _machine(role: Role, store: StoreModel | None = None) -> Coordinator:
+    return Coordinator(
+        role,
+        config=CoordinatorConfig(key_size_bits=256),
+        ledger=AuthKeyLedger(target_bits=8192, reserve_bits=1024),
+        store=store if store is not None else StoreModel(),
+        planner=AuthPlanner(role, "rebootstrap"),
+        random_bytes=np.random.default_rng(5).bytes,
+    )
+
+
+def _running_bob() -> Coordinator:
+    bob = _machine(Role.BOB)
+    bob.receive(SessionStarted(mode=SessionMode.PSK))
+    bob.receive(PeerMessage(message=Sync(staged=(), last_block_id=0)))
+    bob.receive(PeerMessage(message=SyncDone(committed=())))
+    assert bob.phase is Phase.RUNNING
+    return bob
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(seed=st.integers(min_value=0, max_value=2**31), in_flight=st.sampled_from([1, 4]))
+def test_without_faults_two_machines_commit_rotate_and_agree(seed: int, in_flight: int) -> None:
+    report = simulate_run(
+        seed,
+        SimSettings(
+            in_flight=in_flight, fault_probability=0.0, warmup_steps_max=600, fault_steps_max=1
+        ),
+    )
+    assert report.violations == []
+    assert report.sessions >= 1 and report.committing_sessions >= 1
+
+
+def test_a_seed_replays_step_for_step() -> None:
+    first = simulate_run(1234, SimSettings(), trace=True)
+    again = simulate_run(1234, SimSettings(), trace=True)
+    assert first.trace == again.trace and first.faults_injected > 0
+    assert (first.steps, first.sessions, first.violations) == (
+        again.steps,
+        again.sessions,
+        again.violations,
+    )
+
+
+def test_alice_syncs_limbo_blocks_first_and_resolves_them_in_block_order() -> None:
+    store = StoreModel()
+    for block_id in (3, 5):
+        # each block's share fills the (empty) pool: 32 bytes, no consumer key
+        store.stage_block(
+            block_id,
+            key_ids=[],
+            consumer_keys=[],
+            pool_material=bytes(32),
+            ledger_mark_bits=0,
+        )
+    alice = _machine(Role.ALICE, store)
+    (sync,) = alice.receive(SessionStarted(mode=SessionMode.PSK))
+    assert sync == SendControl(message=Sync(staged=(3, 5), last_block_id=5))
+    effects = alice.receive(
+        PeerMessage(message=SyncReply(staged=(5,), committed=(5,), last_block_id=7))
+    )
+    names = [type(e).__name__ for e in effects]
+    # Bob's limbo block 5 is staged here, not committed: Alice says she committed none of his
+    assert effects[0] == SendControl(message=SyncDone(committed=()))
+    assert names[1:3] == ["DropBlock", "CommitBlock"]  # block 3 dropped, block 5 committed
+    # then, no pool to rotate with: block 8 (after the higher of both last ids) opens
+    assert names[3:] == ["OpenBlock", "TakeRecords"]
+    assert effects[-1] == TakeRecords(block_id=8, first_pulse_index=None)
+
+
+def test_bob_refuses_what_no_rule_accepts_and_the_session_ends() -> None:
+    bob = _running_bob()
+    with pytest.raises(ProtocolError):
+        bob.receive(PeerMessage(message=Commit(block_id=9)))  # no such block in flight
+    assert bob.ended
+    bob = _running_bob()
+    assert bob.receive(PeerOpenedBlock(block_id=1)) == [PrefetchRecords(block_id=1)]
+    with pytest.raises(ProtocolError, match="not valid in phase info"):
+        bob.receive(PeerBlockData(block_id=1, message=TurnHeader(messages=1)))
+    bob = _running_bob()
+    bob.receive(PeerOpenedBlock(block_id=1))
+    bob.receive(PeerBlockData(block_id=1, message=BlockInfo(first_pulse_index=0, pulse_count=9)))
+    with pytest.raises(ProtocolError):  # a stage before the block is even authenticated
+        bob.receive(PeerMessage(message=Stage(block_id=1, key_ids=(), pool_bytes=0)))
+
+
+def test_a_stop_lets_the_block_in_flight_finish_and_opens_no_new_one() -> None:
+    bob = _running_bob()
+    bob.receive(PeerOpenedBlock(block_id=1))
+    assert bob.receive(StopRequested()) == []  # block 1 still in flight: not idle
+    assert bob.blocks_in_flight == (1,)
+
+
+def test_the_pool_share_and_consumer_keys_split_the_same_on_both_sides() -> None:
+    ledger = AuthKeyLedger(target_bits=1024, reserve_bits=0)
+    key = BlockKey(
+        key=np.random.default_rng(8).integers(0, 2, 4096, dtype=np.uint8),
+        statistics=_statistics(4096),
+    )
+    pool, consumer = split_block_key(ledger, key, mark_bits=0, key_size_bits=256)
+    assert len(pool) == 128 and len(consumer) == (4096 - 1024) // 256
+    assert ledger.level_bits == 0  # computed on a copy
+
+
+def test_the_planner_rebootstraps_after_a_key_derived_attempt_that_never_completed() -> None:
+    planner = AuthPlanner(Role.ALICE, "rebootstrap")
+    first = planner.next_connection(ledger_active=True)
+    tried_key_derived = planner.last_attempt_key_derived
+    # the attempt never completed its handshake
+    second = planner.next_connection(ledger_active=True)
+    assert first == (False, AttemptDecision.NONE) and tried_key_derived
+    assert second == (True, AttemptDecision.REBOOTSTRAP)
+    assert planner.ledger_reset_pending and not planner.last_attempt_key_derived
+    halting = AuthPlanner(Role.ALICE, "halt")
+    halting.next_connection(ledger_active=True)
+    assert halting.next_connection(ledger_active=True) == (False, AttemptDecision.REFUSED_HALT)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Sync(staged=(1, 2), last_block_id=9),
+        SyncReply(staged=(), committed=(4,), last_block_id=0),
+        Stage(block_id=3, key_ids=(uuid.UUID(int=7),), pool_bytes=16),
+        Commit(block_id=2**63 - 1),
+    ],
+)
+def test_coordination_messages_round_trip_through_the_wire_form(message: object) -> None:
+    kind, body = control_to_wire(message)  # type: ignore[arg-type]
+    assert control_from_wire(Control(kind=kind, body=body)) == message
