@@ -45,20 +45,10 @@ import numpy as np
 import trio
 
 from qkdnode import pki
-from qkdnode.delivery.api import ApiLimits
+from qkdnode.config.delivery import DEFAULT_PREBIND_KEYS, ApiLimits, ServerLimits
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
-from qkdnode.delivery.keys import (
-    DEFAULT_PREBIND_KEYS,
-    KeyManager,
-    reservation_from_wire,
-    reservation_to_wire,
-)
-from qkdnode.delivery.server import (
-    DeliveryApp,
-    DeliveryServer,
-    ServerLimits,
-    server_ssl_context,
-)
+from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
+from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
 from qkdnode.errors import ProtocolError
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore, ReservationRejected, StagedBlock

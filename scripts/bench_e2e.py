@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.node.demo import (
     LogFollower,
     decoy_settings_for,

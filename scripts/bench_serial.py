@@ -41,9 +41,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SerialLinkConfig, SimulatedLinkConfig
 from qkdnode.link.emulator import DeviceEmulator
-from qkdnode.link.serial import SerialLink, SerialLinkConfig, set_raw_mode
+from qkdnode.link.serial import SerialLink, set_raw_mode
 from qkdnode.link.serialproto import (
     PARAMETER_NAMES,
     PROTOCOL_VERSION,

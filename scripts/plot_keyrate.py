@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.ops.report import plot_keyrate_versus_distance, simulate_keyrate_versus_distance
 
 

@@ -36,6 +36,7 @@ def test_example_configs_load(example_dir: Path) -> None:
     bob = load_config(example_dir / "bob.toml")
     assert alice.node.role == "alice" and bob.node.role == "bob"
     assert alice.peer.connect is not None and bob.peer.listen is not None
+    assert alice.delivery is not None and bob.delivery is not None
     assert alice.delivery.master_parity == 0 and bob.delivery.master_parity == 1
     assert alice.link.fiber_km == 25.0 and alice.postprocess.block_pulses == 40_000_000
 

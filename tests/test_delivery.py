@@ -20,10 +20,11 @@ import trio
 from etsi_qkd_014_client import QKD014Client
 
 from qkdnode import pki
-from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE, ApiLimits
+from qkdnode.config.delivery import ApiLimits, ServerLimits
+from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
-from qkdnode.delivery.server import DeliveryApp, DeliveryServer, ServerLimits, server_ssl_context
+from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
 from qkdnode.store.keystore import DeliveryKey, KeyStore, StagedBlock
 
 LIMITS = ApiLimits(

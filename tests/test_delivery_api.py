@@ -15,13 +15,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdnode.configtools import Table
+from qkdnode.config.delivery import ApiLimits, DeliveryConfig
+from qkdnode.config.table import Table
 from qkdnode.delivery.api import (
     MSG_EXTENSION_UNSUPPORTED,
     MSG_KEYS_NOT_FOUND,
     MSG_SIZE_MULTIPLE,
     ApiError,
-    ApiLimits,
     DecKeysRequest,
     EncKeysRequest,
     StatusRequest,
@@ -32,7 +32,6 @@ from qkdnode.delivery.api import (
 )
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
-from qkdnode.delivery.server import DeliveryConfig
 from qkdnode.errors import ConfigError, ProtocolError
 from qkdnode.store.keystore import (
     DeliveryKey,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import trio
 
+from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData
-from qkdnode.link.config import EveConfig, SimulatedLinkConfig
 from qkdnode.link.eve import (
     EveAttack,
     PnsPlan,

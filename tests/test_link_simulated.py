@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import BlockStart, PulseFrame, encode_block_start, encode_pulse_frame
 from qkdnode.link.simulated import (
     SimulatedAliceLink,
@@ -253,7 +253,7 @@ _BOB_PROCESS = textwrap.dedent(
     import json, sys
     import numpy as np
     import trio
-    from qkdnode.link.config import SimulatedLinkConfig
+    from qkdnode.config.link import SimulatedLinkConfig
     from qkdnode.link.simulated import SimulatedBobLink, tcp_fibre_connector
 
     async def main(port, blocks, pulses):

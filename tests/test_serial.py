@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import trio
 
-from qkdnode.configtools import Table
+from qkdnode.config.link import SerialLinkConfig, SimulatedLinkConfig
+from qkdnode.config.table import Table
 from qkdnode.errors import BadDeviceData, ConfigError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.emulator import DeviceEmulator
 from qkdnode.link.interface import LinkStatus
-from qkdnode.link.serial import BlockReader, SerialLink, SerialLinkConfig, open_tty
+from qkdnode.link.serial import BlockReader, SerialLink, open_tty
 from qkdnode.link.serialproto import (
     Ack,
     AlarmCode,

@@ -38,13 +38,13 @@ from typing import Any, Final
 import numpy as np
 import trio
 
-from qkdnode.configtools import parse_host_port
+from qkdnode.config.link import DEFAULT_MODEL, SimulatedLinkConfig
+from qkdnode.config.table import parse_host_port
 from qkdnode.errors import BadDeviceData, ConfigError, LinkError
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import FibreDecoder, PulseFrame, encode_pulse_frame
 from qkdnode.link.interface import Role
 from qkdnode.link.physics import AfterpulseCarry, Receiver, Source
-from qkdnode.link.serial import DEFAULT_MODEL, set_raw_mode
+from qkdnode.link.serial import set_raw_mode
 from qkdnode.link.serialproto import (
     CONFIGURE_NAMES,
     PARAMETER_NAMES,

@@ -25,10 +25,11 @@ from typing import Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from qkdnode.config.link import SERIAL_PROTOCOL_VERSION
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = SERIAL_PROTOCOL_VERSION
 END: Final = 0xC0
 ESC: Final = 0xDB
 ESC_END: Final = 0xDC

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qkdnode import pki
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.ops.display import DemoDisplay
 from qkdnode.postprocess.finitekey import (
     DecoySettings,
