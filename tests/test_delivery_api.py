@@ -42,7 +42,7 @@ from qkdnode.store.keystore import (
     ReservationRejected,
     StagedBlock,
 )
-from tests.helpers_store import committed_stores, random_blocks
+from tests.helpers_store import committed_stores, random_blocks, record_peer, release, reserve, take
 
 LIMITS = ApiLimits(
     key_size_bits=256, min_key_size_bits=8, max_key_size_bits=2048, max_keys_per_request=16
@@ -348,16 +348,16 @@ def test_composed_keys_are_the_parity_stream_cut_in_order_and_match_at_the_peer(
     delivered = b""
     for number, size_bits in [(1, 256), (3, 128), (1, 24), (2, 512), (1, 8)]:
         ids = [uuid.uuid4() for _ in range(number)]
-        layout = alice.reserve_for_delivery(
-            parity=0, delivery_ids=ids, size_bits=size_bits, master_sae="a", slave_sae="b"
+        layout = reserve(
+            alice, parity=0, delivery_ids=ids, size_bits=size_bits, master_sae="a", slave_sae="b"
         )
         assert layout is not None
-        bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-        got = alice.take_delivery(ids, role="master", master_sae="a", slave_sae="b")
+        record_peer(bob, layout, parity=0, master_sae="a", slave_sae="b")
+        got = take(alice, ids, role="master", master_sae="a", slave_sae="b")
         assert [k for k, _ in got] == ids
         assert all(len(m) * 8 == size_bits for _, m in got)
         # the slave can ask in any order and in several calls
-        got_b = bob.take_delivery(ids[::-1], role="slave", master_sae="a", slave_sae="b")
+        got_b = take(bob, ids[::-1], role="slave", master_sae="a", slave_sae="b")
         assert dict(got_b) == dict(got)
         chunk = b"".join(m for _, m in got)
         # each request starts on a fresh stored key; the unused tail of the last one is dropped
@@ -366,7 +366,7 @@ def test_composed_keys_are_the_parity_stream_cut_in_order_and_match_at_the_peer(
         assert chunk == stream[start : start + len(chunk)]
         delivered = stream[: start + len(chunk)]
     with pytest.raises(DeliveryRefused):  # second time: gone
-        bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="b")
+        take(bob, ids, role="slave", master_sae="a", slave_sae="b")
     # used stored keys hold no material any more on either side (secure_delete is on)
     for store in (alice, bob):
         db = sqlite3.connect(store.path)
@@ -385,17 +385,17 @@ def test_partly_fetched_stored_key_keeps_material_until_all_its_pieces_are_deliv
     blocks = _blocks(12, count=1, keys_per_block=2)
     alice, bob = _pair(tmp_path, blocks)
     ids = [uuid.uuid4(), uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=128, master_sae="a", slave_sae="b"
+    layout = reserve(
+        alice, parity=0, delivery_ids=ids, size_bits=128, master_sae="a", slave_sae="b"
     )
     assert layout is not None and {p.key_id for k in layout for p in k.parts} == {
         blocks[0].consumer_keys[0][0]
     }
-    bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-    first = bob.take_delivery(ids[:1], role="slave", master_sae="a", slave_sae="b")
+    record_peer(bob, layout, parity=0, master_sae="a", slave_sae="b")
+    first = take(bob, ids[:1], role="slave", master_sae="a", slave_sae="b")
     assert first[0][1] == blocks[0].consumer_keys[0][1][:16]
     assert bob.counts().reserved == 1 and bob.counts().delivered == 0
-    second = bob.take_delivery(ids[1:], role="slave", master_sae="a", slave_sae="b")
+    second = take(bob, ids[1:], role="slave", master_sae="a", slave_sae="b")
     assert second[0][1] == blocks[0].consumer_keys[0][1][16:]
     assert bob.counts().delivered == 1
     alice.close()
@@ -405,20 +405,20 @@ def test_partly_fetched_stored_key_keeps_material_until_all_its_pieces_are_deliv
 def test_only_the_slave_sae_gets_its_keys_and_master_and_role_must_match(tmp_path: Path) -> None:
     alice, bob = _pair(tmp_path, _blocks(13, count=1, keys_per_block=4))
     ids = [uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
+    layout = reserve(
+        alice, parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
     )
     assert layout is not None
-    bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
+    record_peer(bob, layout, parity=0, master_sae="a", slave_sae="b")
     with pytest.raises(NotKeyOwner):
-        bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="c")
+        take(bob, ids, role="slave", master_sae="a", slave_sae="c")
     with pytest.raises(DeliveryRefused):
-        bob.take_delivery(ids, role="slave", master_sae="z", slave_sae="b")
+        take(bob, ids, role="slave", master_sae="z", slave_sae="b")
     with pytest.raises(DeliveryRefused):  # a slave-side record is not a master key
-        bob.take_delivery(ids, role="master", master_sae="a", slave_sae="b")
+        take(bob, ids, role="master", master_sae="a", slave_sae="b")
     with pytest.raises(DeliveryRefused):  # unknown
-        bob.take_delivery([uuid.uuid4()], role="slave", master_sae="a", slave_sae="b")
-    assert len(bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="b")) == 1
+        take(bob, [uuid.uuid4()], role="slave", master_sae="a", slave_sae="b")
+    assert len(take(bob, ids, role="slave", master_sae="a", slave_sae="b")) == 1
     alice.close()
     bob.close()
 
@@ -449,13 +449,13 @@ def test_peer_reservation_checks_partition_layout_and_availability(tmp_path: Pat
     ]
     for keys in bad:
         with pytest.raises(ProtocolError):
-            bob.record_peer_reservation(keys, parity=0, master_sae="a", slave_sae="b")
+            record_peer(bob, keys, parity=0, master_sae="a", slave_sae="b")
     assert bob.counts().reserved == 0
     good = [key((even, 0, 32))]
-    bob.record_peer_reservation(good, parity=0, master_sae="a", slave_sae="b")
-    bob.record_peer_reservation(good, parity=0, master_sae="a", slave_sae="b")  # retry: no-op
+    record_peer(bob, good, parity=0, master_sae="a", slave_sae="b")
+    record_peer(bob, good, parity=0, master_sae="a", slave_sae="b")  # retry: no-op
     with pytest.raises(ReservationRejected) as info:  # same stored key again, new delivery ID
-        bob.record_peer_reservation([key((even, 0, 32))], parity=0, master_sae="a", slave_sae="b")
+        record_peer(bob, [key((even, 0, 32))], parity=0, master_sae="a", slave_sae="b")
     assert info.value.burned_key_ids == (even,)
     alice.close()
     bob.close()
@@ -469,14 +469,14 @@ def test_uncommitted_stored_keys_are_a_transient_rejection(tmp_path: Path) -> No
     alice.commit_block(1)
     bob.stage_block(blocks[0])  # staged, not yet committed at the peer
     ids = [uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
+    layout = reserve(
+        alice, parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
     )
     assert layout is not None
     with pytest.raises(ReservationRejected) as info:
-        bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
+        record_peer(bob, layout, parity=0, master_sae="a", slave_sae="b")
     assert info.value.burned_key_ids == ()
-    alice.release_delivery(ids, burn=info.value.burned_key_ids)
+    release(alice, ids, burn=info.value.burned_key_ids)
     assert alice.available_count(parity=0) == 1  # offered again later
     alice.close()
     bob.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from qkdnode.ops.selftest import run_self_tests
+from tests.helpers_store import reserve, take
 from tests.reliability.fuzz_targets import TARGETS
 from tests.reliability.harness import DeliveryAudit, Pair, scan, stores_agree, windows
 from tests.reliability.memory import tamper_session_frames
@@ -86,14 +87,15 @@ def zeroisation(rounds: int) -> Row:
             store.commit_block(round_index)
             for parity in (0, 1):
                 ids = [uuid.uuid4() for _ in range(4)]
-                store.reserve_for_delivery(
+                reserve(
+                    store,
                     parity=parity,
                     delivery_ids=ids,
                     size_bits=256,
                     master_sae="sae-a",
                     slave_sae="sae-b",
                 )
-                store.take_delivery(ids, role="master", master_sae="sae-a", slave_sae="sae-b")
+                take(store, ids, role="master", master_sae="sae-a", slave_sae="sae-b")
             needles = windows([m for _, m in keys])
             open_hits += sum(scan(p.read_bytes(), needles) for p in directory.iterdir())
             store.close()
