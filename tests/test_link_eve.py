@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import trio
 
 from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData
@@ -30,7 +29,7 @@ from qkdnode.postprocess.finitekey import (
     binary_entropy,
     lim_key_length,
 )
-from tests.test_link_support import ClassCounts, count_by_class, run_blocks
+from tests.helpers_link import ClassCounts, count_by_class, run_blocks
 
 BRIGHT = SimulatedLinkConfig(
     fiber_km=0.0,
@@ -229,7 +228,3 @@ def test_attack_apply_rewrites_span_only_for_pns() -> None:
     resent = EveAttack(EveConfig(intercept_resend_fraction=1.0), params, rng).apply(frame)
     assert resent.span_transmittance == frame.span_transmittance
     assert EveAttack(EveConfig(), params, rng).apply(frame) is frame
-
-
-async def test_trio_is_importable_here() -> None:
-    await trio.sleep(0)

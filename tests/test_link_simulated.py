@@ -27,7 +27,7 @@ from qkdnode.link.simulated import (
     tcp_fibre_connector,
 )
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
-from tests.test_link_support import count_by_class, run_blocks
+from tests.helpers_link import count_by_class, run_blocks
 
 # Bright enough that every class has hundreds of detections at 100 km in 2^22 pulses.
 ACCEPTANCE = dict(

@@ -31,7 +31,7 @@ from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import SecurityParameters
 from qkdnode.postprocess.pipeline import BlockKey, PipelineParameters, Transcript, run_block
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
-from tests.blocksim import make_block
+from tests.helpers_blocks import make_block
 from tests.reliability.memory import (
     NAMED,
     _body,

@@ -30,7 +30,7 @@ from qkdnode.postprocess.pipeline import (
     run_block,
 )
 from qkdnode.postprocess.verification import VerificationTag
-from tests.blocksim import make_block
+from tests.helpers_blocks import make_block
 
 BLOCKS_PER_VARIANT = int(os.environ.get("QKDNODE_SOAK_LEAK_BLOCKS", "8"))
 QBERS = (0.005, 0.01, 0.02, 0.035)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from qkdnode import pki
-from tests.reliability.conftest import Proxied
 from tests.reliability.harness import api, tls_context
+from tests.reliability.helpers_proxied import Proxied
 
 
 def _wait_for_keys(proxied: Proxied, node: str, sae: str, slave: str, number: int) -> None:

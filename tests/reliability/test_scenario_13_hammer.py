@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from tests.reliability.conftest import QUOTA_BURST_KEYS, QUOTA_KEYS_PER_S, Proxied
 from tests.reliability.harness import api
+from tests.reliability.helpers_proxied import QUOTA_BURST_KEYS, QUOTA_KEYS_PER_S, Proxied
 
 HAMMER_S = 4.0
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.node.daemon import ledger_state_from_bytes
-from tests.reliability.conftest import Proxied
 from tests.reliability.harness import api, scan, windows
+from tests.reliability.helpers_proxied import Proxied
 
 
 def test_no_secret_in_logs_exceptions_metrics_or_reprs(proxied: Proxied) -> None:

@@ -1,4 +1,4 @@
-"""Support for the link tests (no tests here): both ends over an in-process fibre, counts."""
+"""Link test helpers: both ends over an in-process fibre, and detection counts by class."""
 
 from __future__ import annotations
 
