@@ -23,13 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from qkdnode.config.link import SimulatedLinkConfig
-from qkdnode.node.demo import (
-    LogFollower,
-    decoy_settings_for,
-    prepare_workdir,
-    start_node,
-    stop_nodes,
-)
+from qkdnode.demo.progress import LogFollower
+from qkdnode.demo.run import decoy_settings_for, prepare_workdir, start_node, stop_nodes
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     SecurityParameters,

@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python scripts/bench_serial.py [--quick] [--records N] [--json OUT.json]
 
 Prints a table and writes a JSON list of rows ``{"stage", "records", "seconds",
-"records_per_s", "records_per_cpu_s", "bytes_per_record", ...}``. Target (issue 7): >= 10^5
+"records_per_s", "records_per_cpu_s", "bytes_per_record", ...}``. Target: >= 10^5
 detection records per second through the pty.
 
 - ``stage "driver"``: a replay device in a child process (this script with ``--replay-device``)

@@ -234,6 +234,7 @@ def test_bootstrap_handshake_then_blocks(mode: str) -> None:
     assert PongReceived(nonce=9) in pair.events[Role.ALICE]
 
 
+@pytest.mark.slow  # runs long
 def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
     draws: tuple[list[DrawRecord], list[DrawRecord]] = ([], [])
     pair = rotated_pair(observers=draws)
@@ -369,6 +370,7 @@ def offsets(length: int, every: bool) -> Iterator[int]:
     ("mode", "which"),
     [("psk", 0), ("psk", 1), ("psk", 2), ("ed25519", 0), ("ed25519", 2), ("mldsa65", 1)],
 )
+@pytest.mark.slow  # runs long
 def test_flipped_handshake_byte_never_completes(mode: str, which: int) -> None:
     """A flipped byte anywhere in handshake frame ``which`` ends the handshake with an error."""
     creds = make_creds(mode)

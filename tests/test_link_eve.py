@@ -116,6 +116,7 @@ def test_pns_plan_matches_the_nominal_signal_gain(fiber_km: float) -> None:
     assert 0.0 < plan.forward_transmittance <= 1.0
 
 
+@pytest.mark.slow  # runs long
 async def test_pns_keeps_signal_gain_and_qber_but_the_decoy_bound_leaves_no_key() -> None:
     # At 50 km Eve blocks every single photon (b = 1) and forwards the rest through a channel
     # of transmittance t < 1 chosen so that the signal gain is the nominal one.

@@ -91,6 +91,7 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     assert 1.0 < stats.reconciliation_efficiency < 1.3
 
 
+@pytest.mark.slow  # runs long
 def test_decoy_block_gives_identical_keys() -> None:
     emissions, detections = _decoy_block(3)
     params = PipelineParameters(

@@ -52,8 +52,8 @@ def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     import numpy as np
 
     from qkdnode.config import load_config
+    from qkdnode.demo.run import prepare_workdir
     from qkdnode.link.simulated import simulated_link_from_config
-    from qkdnode.node.demo import prepare_workdir
     from qkdnode.store import KeyStore
 
     workdir = tmp_path_factory.mktemp("nodes")

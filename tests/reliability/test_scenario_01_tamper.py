@@ -26,6 +26,7 @@ OFFSETS_PER_FRAME = int(os.environ.get("QKDNODE_SOAK_OFFSETS", "20"))
 
 
 @pytest.mark.parametrize("mode", ["ed25519", "mldsa65", "psk", "key_derived"])
+@pytest.mark.slow  # runs long
 def test_in_memory_every_frame_type_flipped_at_10_offsets_is_rejected(mode: str) -> None:
     report = tamper_session_frames(mode, offsets_per_frame=OFFSETS_PER_FRAME)
     assert report.tampered >= 10 * len(report.types)
@@ -38,6 +39,7 @@ def test_in_memory_every_frame_type_flipped_at_10_offsets_is_rejected(mode: str)
     assert len(FRAME_OFFSETS(100, 10)) == 10
 
 
+@pytest.mark.slow
 def test_daemons_behind_proxy_reject_flipped_frames(proxied: Proxied) -> None:
     pair = proxied.pair
     proxied.sane(blocks=2)  # clean session; rotation to key-derived follows
@@ -69,6 +71,7 @@ def test_daemons_behind_proxy_reject_flipped_frames(proxied: Proxied) -> None:
     assert committed_after_tampering(proxied, [t for t, _ in results]) == []
 
 
+@pytest.mark.slow
 def test_daemon_survives_a_flipped_handshake_frame(tmp_path: Path) -> None:
     pair = Pair.create(tmp_path / "pair")
     thread = ProxyThread(pair.layout.peer_port)

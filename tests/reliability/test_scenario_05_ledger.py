@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from qkdnode.channel.auth import BLOCK_DRAW_BITS, BLOCK_DRAWS
 from qkdnode.channel.connection import ChannelConfig
@@ -52,6 +53,7 @@ def naive_forgery_bound(tags: int, max_block_chunks: int) -> float:
     return tags * (max_block_chunks + 1) / 2.0**128
 
 
+@pytest.mark.slow  # runs long
 def test_ledgers_through_key_derived_connections_never_reuse_a_bit() -> None:
     rng = np.random.default_rng(5)
     alice, bob, alice_log, bob_log = ledger_pair(seed=5, target_bits=TARGET_BITS)
@@ -78,6 +80,7 @@ def test_ledgers_through_key_derived_connections_never_reuse_a_bit() -> None:
     assert np.isclose(alice.forgery_bound, bound, rtol=1e-12, atol=0.0)
 
 
+@pytest.mark.slow  # runs long
 def test_ledgers_alone_over_1e5_tags_stay_equal_and_never_reuse_a_bit() -> None:
     rng = np.random.default_rng(55)
     config = ChannelConfig()

@@ -7,8 +7,7 @@ cannot pay, Alice's ``open_block`` raises ``AuthKeyExhausted`` and queues ``Pool
 refuses a block his pool cannot pay for. The daemon's reaction (``Exchange``) is checked with the
 real class: ``halt`` stops the daemon (``DaemonMustStop``), ``rebootstrap`` ends the session,
 with an ``auth.pool_exhausted`` error log line either way. The next session the daemon builds
-(``Node.make_connection``) must then bootstrap without spending pool bits (defect D4, found by
-this scenario, fixed in the working tree; the test is its regression test).
+(``Node.make_connection``) must then bootstrap without spending pool bits.
 """
 
 from __future__ import annotations
@@ -132,7 +131,7 @@ async def test_the_daemon_reports_starvation_and_applies_its_policy(policy: str)
 def test_after_exhaustion_the_next_daemon_session_bootstraps_without_pool_bits(
     node_factory: Callable[[str], Node],
 ) -> None:
-    """Regression test for D4 (fixed in the working tree on 2026-11-28)."""
+    """After exhaustion the daemon's next session bootstraps instead of paying from the pool."""
     alice, bob, _, _ = ledger_pair(seed=67, target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS)
     wire = key_derived_wire(alice, bob, seed=62)
     block_id = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from qkdnode.postprocess.bitpack import unpack_bits
 from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
@@ -45,6 +46,7 @@ def _params(variant: CascadeVariant) -> PipelineParameters:
     )
 
 
+@pytest.mark.slow  # runs long
 def test_computed_leak_equals_the_disclosed_bits_in_every_block() -> None:
     checked = aborted = 0
     for variant in CascadeVariant:
