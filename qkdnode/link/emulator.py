@@ -120,7 +120,6 @@ class DeviceEmulator:
         self._slave_path: str | None = None
         self._write_lock = trio.Lock()
         self._line_scope: trio.CancelScope | None = None
-        self._line_up = trio.Event()
         self._down_s = 0.0
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -146,10 +145,6 @@ class DeviceEmulator:
             return self._link_path
         if self._slave_path is None:
             raise RuntimeError("the emulator's line is not open")
-        return self._slave_path
-
-    @property
-    def slave_path(self) -> str | None:
         return self._slave_path
 
     @property
@@ -200,11 +195,6 @@ class DeviceEmulator:
             self._active_alarms.discard(int(code))
         self._nursery.start_soon(self._write, Alarm(code=int(code), active=active, value=value))
 
-    async def wait_line_up(self) -> str:
-        """Wait until a line is open; returns the path a driver should open."""
-        await self._line_up.wait()
-        return self.path
-
     def close(self) -> None:
         """Stop serving: the line goes down for good (``run`` returns)."""
         self._closed = True
@@ -254,11 +244,9 @@ class DeviceEmulator:
             temporary = f"{self._link_path}.{os.getpid()}.tmp"
             os.symlink(self._slave_path, temporary)
             os.replace(temporary, self._link_path)
-        self._line_up.set()
 
     async def _close_line(self) -> None:
         self._set_running(False)
-        self._line_up = trio.Event()
         if self._link_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._link_path)

@@ -503,9 +503,6 @@ class BlockReader:
             self._changed.set()
             self._changed = trio.Event()
 
-    def first_pulse_indices(self) -> tuple[int, ...]:
-        return tuple(block.first_pulse_index for block in self._blocks)
-
     async def take(
         self, first_pulse_index: int | None = None
     ) -> EmissionRecords | DetectionRecords | None:
