@@ -48,17 +48,15 @@ from qkdnode.link.serialproto import (
     PARAMETER_NAMES,
     PROTOCOL_VERSION,
     Ack,
-    BlockAssembler,
     Command,
-    DetectionChunk,
     FrameDecoder,
     Identity,
     MessageType,
     Parameters,
     Received,
     encode_frame,
-    split_detections,
 )
+from qkdnode.link.serialrecords import BlockAssembler, DetectionChunk, split_detections
 from qkdnode.postprocess.records import DetectionRecords
 
 Row = dict[str, Any]

@@ -27,6 +27,7 @@ PURE_MODULES = (
     "qkdnode.link.physics",
     "qkdnode.link.fibre",
     "qkdnode.link.serialproto",
+    "qkdnode.link.serialrecords",
     "qkdnode.delivery",
     "qkdnode.delivery.api",
     "qkdnode.delivery.fairuse",

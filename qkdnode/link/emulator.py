@@ -56,7 +56,6 @@ from qkdnode.link.serialproto import (
     Configure,
     DeviceError,
     DeviceStatus,
-    EmissionChunk,
     ErrorCode,
     FrameDecoder,
     Identity,
@@ -65,9 +64,8 @@ from qkdnode.link.serialproto import (
     Parameters,
     Received,
     encode_frame,
-    split_detections,
-    split_emissions,
 )
+from qkdnode.link.serialrecords import EmissionChunk, split_detections, split_emissions
 from qkdnode.link.simulated import TcpFibreListener, tcp_fibre_connector
 
 DEFAULT_CHUNK_PULSES: Final = 1 << 16

@@ -39,12 +39,9 @@ from qkdnode.link.serialproto import (
     PARAMETER_NAMES,
     Ack,
     Alarm,
-    BlockAssembler,
     Command,
-    DetectionChunk,
     DeviceError,
     Dropped,
-    EmissionChunk,
     FrameDecoder,
     Identity,
     Message,
@@ -53,6 +50,7 @@ from qkdnode.link.serialproto import (
     Received,
     encode_frame,
 )
+from qkdnode.link.serialrecords import BlockAssembler, DetectionChunk, EmissionChunk
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 log = structlog.get_logger("qkdnode.link.serial")
