@@ -23,6 +23,7 @@ from qkdnode.ops.selftest import run_self_tests
 from tests.helpers_store import reserve, take
 from tests.reliability.fuzz_targets import TARGETS
 from tests.reliability.harness import DeliveryAudit, Pair, scan, stores_agree, windows
+from tests.reliability.helpers_ledger import ledgers_through_key_derived_connections
 from tests.reliability.memory import tamper_session_frames
 
 Row = tuple[str, str, bool, float]
@@ -163,13 +164,7 @@ def kill_points(kills: int, workdir: Path) -> Row:
 
 def ledger_tags(blocks: int) -> Row:
     """Scenario 5 through key-derived connections: ``blocks`` blocks = 2 * blocks tags."""
-    import os
-
-    os.environ["QKDNODE_SOAK_LEDGER_BLOCKS"] = str(blocks)
-    from tests.reliability import test_scenario_05_ledger as scenario
-
-    scenario.CONNECTION_BLOCKS = blocks
-    scenario.test_ledgers_through_key_derived_connections_never_reuse_a_bit()
+    ledgers_through_key_derived_connections(blocks)
     tags = 2 * blocks
     return (
         "5 ledger (connections)",
