@@ -5,7 +5,7 @@ Fault injection without touching the daemon: ``python -m tests.reliability.harne
 --fail-commit-after N --config FILE`` runs ``qkdnode run`` with SQLite connections whose
 ``COMMIT`` fails with ``disk I/O error`` (what SQLite reports for a failed fsync,
 SQLITE_IOERR_FSYNC) after N successful commits. The transaction is left uncommitted, as after a
-real fsync failure. The daemon-side hook the lead may add instead is in docs/reliability.md.
+real fsync failure; the daemon itself has no fault-injection switch.
 """
 
 from __future__ import annotations
