@@ -129,6 +129,19 @@ def test_pure_modules_import_only_pure_modules_and_no_io() -> None:
     assert bad == []
 
 
+def test_the_config_package_imports_nothing_of_the_node_but_errors() -> None:
+    config = [name for name in MODULES if name.startswith("qkdnode.config")]
+    bad = [
+        f"{name} imports {imported}"
+        for name in config
+        for imported in _imports(name)
+        if imported.startswith("qkdnode")
+        and imported != "qkdnode.errors"
+        and not imported.startswith("qkdnode.config")
+    ]
+    assert config and bad == []
+
+
 def test_pure_modules_load_no_io_library_in_a_fresh_interpreter() -> None:
     modules = _pure()
     code = (
