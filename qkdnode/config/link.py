@@ -108,8 +108,10 @@ def _read_fields(cls: type[Any], table: Table) -> dict[str, Any]:
             values[f.name] = table.integer(f.name, default)
         elif kind == "bool":
             values[f.name] = table.boolean(f.name, default)
-        else:
+        elif kind == "str":
             values[f.name] = table.string(f.name, default)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no reader for {kind}")
     table.finish()
     return values
 
@@ -261,11 +263,6 @@ class EveConfig:
 
     def __post_init__(self) -> None:
         _check_eve(_values(self), "link.eve.{}".format)
-
-    @property
-    def active(self) -> bool:
-        """Whether any attack is on (the default config is an Eve who does nothing)."""
-        return self.intercept_resend_fraction > 0 or self.photon_number_splitting
 
     @classmethod
     def from_table(cls, table: Table) -> Self:
