@@ -18,7 +18,7 @@ def _note_stop_signals() -> list[int]:
 
     Without this a stop request during start-up (imports, config, self-tests) or after the event
     loop's own receiver is gone (clean-up) would kill the process by the default disposition,
-    without a log line and with a signal exit status (D9 in docs/reliability.md).
+    without a log line and with a signal exit status.
     """
     import signal
 
@@ -69,15 +69,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
-    from qkdnode import pki
+    from qkdnode.ops import issuance
 
     directory = Path(args.dir)
     if args.pki_command == "init":
-        files = pki.init_ca(directory, common_name=args.name, algorithm=args.algorithm)
+        files = issuance.init_ca(directory, common_name=args.name, algorithm=args.algorithm)
         print(f"CA certificate {files.certificate}, key {files.private_key} (mode 0600)")
         return 0
     out = Path(args.out) if args.out else directory / args.name
-    files = pki.issue_certificate(
+    files = issuance.issue_certificate(
         directory,
         args.name,
         out,
@@ -91,7 +91,7 @@ def _cmd_pki(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from qkdnode.node.demo import run_demo
+    from qkdnode.demo.run import run_demo
 
     return run_demo(args)
 

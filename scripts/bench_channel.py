@@ -8,7 +8,7 @@ mode; key-derived mode adds the Wegman–Carter transcript hash on both sides).
     python scripts/bench_channel.py --json OUT.json [--seconds 1.0]
 
 Rows: {"mode", "frame_bytes", "frames", "seconds", "frames_per_s", "mbit_s"}; mbit_s counts
-payload bytes. Target (issue 4): >= 10,000 frames/s, and >= 200 Mbit/s at 64 KiB frames.
+payload bytes. Target: >= 10,000 frames/s, and >= 200 Mbit/s at 64 KiB frames.
 """
 
 from __future__ import annotations

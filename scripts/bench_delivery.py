@@ -17,7 +17,7 @@ Rows: {"clients", "keys_per_request", "pairs", "requests_per_s", "key_pairs_per_
 "p99_ms", "duplicates", "mismatches", "errors", "commits_alice", "commits_bob"};
 requests_per_s counts enc_keys + dec_keys pairs; commits_* are the store transactions each node
 ran during the row (group commit: fewer than its store operations under concurrency). Target
-(issue 6): >= 500 key pairs per second with p99 <= 50 ms on 2 cores, and no key handed out twice
+>= 500 key pairs per second with p99 <= 50 ms on 2 cores, and no key handed out twice
 (``duplicates`` counts key IDs or key bytes seen twice, ``mismatches`` slave bytes != master's).
 """
 
@@ -44,22 +44,12 @@ import msgpack
 import numpy as np
 import trio
 
-from qkdnode import pki
-from qkdnode.delivery.api import ApiLimits
+from qkdnode.config.delivery import DEFAULT_PREBIND_KEYS, ApiLimits, ServerLimits
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
-from qkdnode.delivery.keys import (
-    DEFAULT_PREBIND_KEYS,
-    KeyManager,
-    reservation_from_wire,
-    reservation_to_wire,
-)
-from qkdnode.delivery.server import (
-    DeliveryApp,
-    DeliveryServer,
-    ServerLimits,
-    server_ssl_context,
-)
+from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
+from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
 from qkdnode.errors import ProtocolError
+from qkdnode.ops import issuance
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore, ReservationRejected, StagedBlock
 
@@ -241,7 +231,7 @@ async def _serve(directory: Path, node: str, blocks: int, peer_fd: int, prebind_
     )
     server = DeliveryServer(app, ServerLimits(max_connections=1024))
     context = server_ssl_context(
-        directory / f"{node}.pem", directory / f"{node}.key", directory / "ca" / pki.CA_CERT
+        directory / f"{node}.pem", directory / f"{node}.key", directory / "ca" / issuance.CA_CERT
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(link.writer)
@@ -303,7 +293,7 @@ class _Client:
 
 
 def _context(directory: Path, sae: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(directory / "ca" / pki.CA_CERT))
+    context = ssl.create_default_context(cafile=str(directory / "ca" / issuance.CA_CERT))
     context.load_cert_chain(directory / f"{sae}.pem", directory / f"{sae}.key")
     return context
 
@@ -375,9 +365,9 @@ async def _run_row(
 
 
 def _make_pki(directory: Path) -> None:
-    pki.init_ca(directory / "ca")
+    issuance.init_ca(directory / "ca")
     for name, purpose in (("alice", "node"), ("bob", "node"), ("sae-a", "sae"), ("sae-b", "sae")):
-        pki.issue_certificate(directory / "ca", name, directory / name, purpose=purpose)  # type: ignore[arg-type]
+        issuance.issue_certificate(directory / "ca", name, directory / name, purpose=purpose)  # type: ignore[arg-type]
 
 
 def _socket_pair() -> tuple[socket.socket, socket.socket]:

@@ -22,14 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qkdnode.link.config import SimulatedLinkConfig
-from qkdnode.node.demo import (
-    LogFollower,
-    decoy_settings_for,
-    prepare_workdir,
-    start_node,
-    stop_nodes,
-)
+from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.demo.progress import LogFollower
+from qkdnode.demo.run import decoy_settings_for, prepare_workdir, start_node, stop_nodes
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     SecurityParameters,

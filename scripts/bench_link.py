@@ -40,7 +40,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.link.physics import AfterpulseCarry, Receiver, Source
 from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
 

@@ -6,7 +6,7 @@ Usage::
     .venv/bin/python scripts/bench_serial.py [--quick] [--records N] [--json OUT.json]
 
 Prints a table and writes a JSON list of rows ``{"stage", "records", "seconds",
-"records_per_s", "records_per_cpu_s", "bytes_per_record", ...}``. Target (issue 7): >= 10^5
+"records_per_s", "records_per_cpu_s", "bytes_per_record", ...}``. Target: >= 10^5
 detection records per second through the pty.
 
 - ``stage "driver"``: a replay device in a child process (this script with ``--replay-device``)
@@ -41,24 +41,22 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SerialLinkConfig, SimulatedLinkConfig
 from qkdnode.link.emulator import DeviceEmulator
-from qkdnode.link.serial import SerialLink, SerialLinkConfig, set_raw_mode
+from qkdnode.link.serial import SerialLink, set_raw_mode
 from qkdnode.link.serialproto import (
     PARAMETER_NAMES,
     PROTOCOL_VERSION,
     Ack,
-    BlockAssembler,
     Command,
-    DetectionChunk,
     FrameDecoder,
     Identity,
     MessageType,
     Parameters,
     Received,
     encode_frame,
-    split_detections,
 )
+from qkdnode.link.serialrecords import BlockAssembler, DetectionChunk, split_detections
 from qkdnode.postprocess.records import DetectionRecords
 
 Row = dict[str, Any]

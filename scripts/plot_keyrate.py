@@ -12,7 +12,7 @@ Channel: the default ``SimulatedLinkConfig`` (the example of Lim et al., PRA 89,
 those ``finitekey.optimise_decoy_settings`` finds for N pulses; the simulated link runs N pulses
 with them and its counts go into ``finitekey.lim_key_length``. The computation and the drawing
 are ``qkdnode.ops.report.simulate_keyrate_versus_distance`` and ``plot_keyrate_versus_distance``
-(also used by ``qkdnode report``). With N = 2^28 pulses per point (about 5 s each here) the
+(also used by ``qkdnode report``). With N = 2^28 pulses per point the
 finite-key rate reaches about 115 km; a larger ``--pulses`` reaches further.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.ops.report import plot_keyrate_versus_distance, simulate_keyrate_versus_distance
 
 

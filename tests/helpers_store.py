@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from qkdnode.store import KeyStore, StagedBlock
+from qkdnode.store.keystore import DeliveryKey
 
 
 def random_blocks(
@@ -40,3 +42,49 @@ def committed_stores(directory: Path, blocks: list[StagedBlock]) -> tuple[KeySto
             store.stage_block(block)
             store.commit_block(block.block_id)
     return alice, bob
+
+
+def reserve(
+    store: KeyStore,
+    *,
+    parity: int,
+    delivery_ids: Sequence[uuid.UUID],
+    size_bits: int,
+    master_sae: str,
+    slave_sae: str,
+) -> list[DeliveryKey] | None:
+    """Run one ``reserve_op`` in its own transaction."""
+    return store.run(
+        store.reserve_op(
+            parity=parity,
+            delivery_ids=delivery_ids,
+            size_bits=size_bits,
+            master_sae=master_sae,
+            slave_sae=slave_sae,
+        )
+    )
+
+
+def take(
+    store: KeyStore, ids: Sequence[uuid.UUID], *, role: str, master_sae: str, slave_sae: str
+) -> list[tuple[uuid.UUID, bytes]]:
+    """Run one ``take_op`` in its own transaction."""
+    return store.run(store.take_op(ids, role=role, master_sae=master_sae, slave_sae=slave_sae))
+
+
+def release(store: KeyStore, ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()) -> None:
+    """Run one ``release_op`` in its own transaction."""
+    store.run(store.release_op(ids, burn=burn))
+
+
+def record_peer(
+    store: KeyStore, keys: Sequence[DeliveryKey], *, parity: int, master_sae: str, slave_sae: str
+) -> None:
+    """Run one ``record_peer_reservation_op``; its refusal (ReservationRejected) is raised."""
+    refused = store.run(
+        store.record_peer_reservation_op(
+            keys, parity=parity, master_sae=master_sae, slave_sae=slave_sae
+        )
+    )
+    if refused is not None:
+        raise refused

@@ -70,6 +70,7 @@ class _Run:
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
 @pytest.mark.parametrize("qber", [0.01, 0.02, 0.05, 0.08])
+@pytest.mark.slow  # runs long
 def test_frames_are_reconciled_with_sane_efficiency(variant: CascadeVariant, qber: float) -> None:
     rng = np.random.default_rng(1000 + int(qber * 1000) + 7 * ALL_VARIANTS.index(variant))
     n, frames = 4000, 12

@@ -6,7 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -43,8 +43,6 @@ from qkdnode.channel.messages import (
     CloseReason,
     Control,
     Data,
-    FieldSpec,
-    KindRegistry,
     SessionMode,
     decode_payload,
     encode_payload,
@@ -55,150 +53,23 @@ from qkdnode.errors import (
     AuthKeyExhausted,
     CertificateRejected,
     ProtocolError,
-    QkdError,
+)
+from tests.helpers_channel import (
+    NAMED_ERRORS,
+    REGISTRY,
+    Pair,
+    assert_rejected,
+    established,
+    funded_ledger,
+    make_creds,
+    make_pair,
+    rotated_pair,
+    snapshot,
 )
 from tests.helpers_pki import NOW_S, credentials_pair, make_ca, make_node_certificate
 from tests.reliability.naive import gf128_mul, gf128_poly_hash
 
-TARGET_BITS = 64 * 1024
-RESERVE_BITS = 4 * 1024
-NAMED_ERRORS = (ProtocolError, AuthenticationFailed, CertificateRejected, AuthKeyExhausted)
-
-
-def make_registry() -> KindRegistry:
-    registry = KindRegistry()
-    registry.register(
-        "cascade_query",
-        {
-            "pass_index": FieldSpec(kind="int", min_value=0, max_value=64),
-            "ranges": FieldSpec(kind="bytes", max_len=1 << 20),
-        },
-    )
-    registry.register(
-        "estimate",
-        {
-            "qber": FieldSpec(kind="float", min_value=0.0, max_value=0.5),
-            "ok": FieldSpec(kind="bool"),
-        },
-    )
-    return registry
-
-
-REGISTRY = make_registry()
-
-
-def seeded_bytes(seed: int) -> Callable[[int], bytes]:
-    rng = np.random.default_rng(seed)
-    return lambda n: rng.bytes(n)
-
-
 # ---- in-memory shuttle (h11's ConnectionPair idea) --------------------------------------------
-
-
-class Pair:
-    """Alice and Bob joined by a fake wire; ``send`` delivers and answers until quiet."""
-
-    def __init__(self, alice: PeerConnection, bob: PeerConnection) -> None:
-        self.alice, self.bob = alice, bob
-        self.events: dict[Role, list[Event]] = {Role.ALICE: [], Role.BOB: []}
-
-    def end(self, role: Role) -> PeerConnection:
-        return self.alice if role is Role.ALICE else self.bob
-
-    def deliver(self, to: Role, data: bytes) -> list[Event]:
-        """Feed ``data`` to ``to``, collect its events, carry any automatic replies across."""
-        conn = self.end(to)
-        conn.receive_data(data)
-        got: list[Event] = []
-        while True:
-            event = conn.next_event(now_s=NOW_S)
-            if isinstance(event, NeedData):
-                break
-            got.append(event)
-        self.events[to].extend(got)
-        reply = conn.data_to_send()
-        if reply:
-            self.deliver(to.peer, reply)
-        return got
-
-    def drain(self, role: Role) -> None:
-        """Collect events a local call queued (e.g. BlockAuthenticated after close_block)."""
-        conn = self.end(role)
-        while not isinstance(event := conn.next_event(now_s=NOW_S), NeedData):
-            self.events[role].append(event)
-
-    def handshake(self) -> None:
-        self.deliver(Role.BOB, self.alice.start_handshake())
-
-    def run_block(self, block_id: int, rounds: int = 2, payload_bytes: int = 24) -> None:
-        self.deliver(Role.BOB, self.alice.open_block(block_id))
-        for i in range(rounds):
-            body: dict[str, int | float | bool | bytes] = {
-                "pass_index": i,
-                "ranges": bytes(payload_bytes),
-            }
-            self.deliver(Role.BOB, self.alice.send_data(block_id, "cascade_query", body))
-            self.deliver(Role.ALICE, self.bob.send_data(block_id, "cascade_query", body))
-        self.deliver(Role.BOB, self.alice.close_block(block_id))
-        self.deliver(Role.ALICE, self.bob.close_block(block_id))
-        self.drain(Role.BOB)
-
-
-def funded_ledger(
-    seed: int = 7, observer: Callable[[DrawRecord], None] | None = None
-) -> AuthKeyLedger:
-    ledger = AuthKeyLedger(target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS, observer=observer)
-    ledger.deposit(np.random.default_rng(seed).bytes(TARGET_BITS // 8), mark_consumed_bits=0)
-    return ledger
-
-
-Creds = CertificateCredentials | PskCredentials
-
-
-def make_creds(mode: str) -> tuple[Creds, Creds]:
-    if mode == "psk":
-        psk = bytes(range(32))
-        return PskCredentials(psk=psk), PskCredentials(psk=psk)
-    alice_c, bob_c, _ = credentials_pair(mode)
-    return alice_c, bob_c
-
-
-def make_pair(
-    mode: str,
-    *,
-    ledgers: tuple[AuthKeyLedger | None, AuthKeyLedger | None] = (None, None),
-    config: ChannelConfig | None = None,
-    creds: tuple[Creds, Creds] | None = None,
-    seed: int = 1,
-) -> Pair:
-    a_cred, b_cred = creds if creds is not None else make_creds(mode)
-    alice = PeerConnection(
-        Role.ALICE,
-        credentials=a_cred,
-        registry=REGISTRY,
-        ledger=ledgers[0],
-        config=config,
-        random_bytes=seeded_bytes(seed),
-    )
-    bob = PeerConnection(
-        Role.BOB,
-        credentials=b_cred,
-        registry=REGISTRY,
-        ledger=ledgers[1],
-        config=config,
-        random_bytes=seeded_bytes(seed + 1000),
-    )
-    return Pair(alice, bob)
-
-
-def snapshot(conn: PeerConnection) -> tuple[object, ...]:
-    ledger = conn.ledger
-    return (
-        conn.send_seq,
-        conn.recv_seq,
-        conn.open_blocks,
-        None if ledger is None else ledger.state,
-    )
 
 
 # ---- Wegman–Carter polynomial hash: known answers from a naive implementation ----------------
@@ -363,17 +234,7 @@ def test_bootstrap_handshake_then_blocks(mode: str) -> None:
     assert PongReceived(nonce=9) in pair.events[Role.ALICE]
 
 
-def rotated_pair(
-    mode: str = "psk", *, observers: tuple[list[DrawRecord], list[DrawRecord]] | None = None
-) -> Pair:
-    obs_a = observers[0].append if observers else None
-    obs_b = observers[1].append if observers else None
-    pair = make_pair(mode, ledgers=(funded_ledger(observer=obs_a), funded_ledger(observer=obs_b)))
-    pair.handshake()
-    pair.deliver(Role.BOB, pair.alice.announce_rotation())
-    return pair
-
-
+@pytest.mark.slow  # runs long
 def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
     draws: tuple[list[DrawRecord], list[DrawRecord]] = ([], [])
     pair = rotated_pair(observers=draws)
@@ -458,19 +319,6 @@ def test_pool_exhaustion_surfaces_policy_event() -> None:
 # ---- negative tests: the named error, and nothing advanced ----------------------------------
 
 
-def assert_rejected(
-    conn: PeerConnection, data: bytes, error: type[QkdError] | tuple[type[QkdError], ...]
-) -> QkdError:
-    before = snapshot(conn)
-    conn.receive_data(data)
-    with pytest.raises(error) as info:
-        while conn.next_event(now_s=NOW_S) is not NEED_DATA:
-            pass
-    assert snapshot(conn) == before
-    assert conn.state is ConnectionState.ERROR
-    return info.value
-
-
 @pytest.mark.parametrize("algorithm", ["ed25519", "mldsa65"])
 @pytest.mark.parametrize("flaw", ["wrong_ca", "expired", "wrong_name", "no_signing_usage"])
 def test_bad_certificate_is_rejected(algorithm: str, flaw: str) -> None:
@@ -522,6 +370,7 @@ def offsets(length: int, every: bool) -> Iterator[int]:
     ("mode", "which"),
     [("psk", 0), ("psk", 1), ("psk", 2), ("ed25519", 0), ("ed25519", 2), ("mldsa65", 1)],
 )
+@pytest.mark.slow  # runs long
 def test_flipped_handshake_byte_never_completes(mode: str, which: int) -> None:
     """A flipped byte anywhere in handshake frame ``which`` ends the handshake with an error."""
     creds = make_creds(mode)
@@ -563,16 +412,6 @@ def test_flipped_handshake_byte_never_completes(mode: str, which: int) -> None:
             pair.bob.state is not ConnectionState.ESTABLISHED
             or pair.alice.state is ConnectionState.ESTABLISHED
         )
-
-
-def established(mode: str) -> Pair:
-    if mode == "key_derived":
-        pair = rotated_pair()
-    else:
-        pair = make_pair(mode)
-        pair.handshake()
-    pair.deliver(Role.BOB, pair.alice.open_block(7))
-    return pair
 
 
 @pytest.mark.parametrize("mode", ["ed25519", "psk", "key_derived"])

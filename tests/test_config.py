@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qkdnode import pki
 from qkdnode.config import load_config
 from qkdnode.errors import ConfigError
+from qkdnode.ops import issuance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
     """config/alice.toml and bob.toml with their absolute paths moved into tmp_path."""
-    pki.init_ca(tmp_path / "pki")
+    issuance.init_ca(tmp_path / "pki")
     for node in ("alice", "bob"):
-        pki.issue_certificate(tmp_path / "pki", node, tmp_path / "pki" / node, purpose="node")
+        issuance.issue_certificate(tmp_path / "pki", node, tmp_path / "pki" / node, purpose="node")
         text = (REPO / "config" / f"{node}.toml").read_text()
         text = text.replace("/etc/qkdnode/pki/", f"{tmp_path}/pki/")
         text = text.replace("/var/lib/qkdnode/", f"{tmp_path}/state/")
@@ -36,6 +36,7 @@ def test_example_configs_load(example_dir: Path) -> None:
     bob = load_config(example_dir / "bob.toml")
     assert alice.node.role == "alice" and bob.node.role == "bob"
     assert alice.peer.connect is not None and bob.peer.listen is not None
+    assert alice.delivery is not None and bob.delivery is not None
     assert alice.delivery.master_parity == 0 and bob.delivery.master_parity == 1
     assert alice.link.fiber_km == 25.0 and alice.postprocess.block_pulses == 40_000_000
 

@@ -50,9 +50,10 @@ from qkdnode.coordination.wire import (
 )
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.pipeline import BlockKey
+from qkdnode.simulation.settings import SimSettings
 from qkdnode.simulation.store_model import StoreModel
 from qkdnode.simulation.stub import _statistics
-from qkdnode.simulation.world import SimSettings, simulate_run
+from qkdnode.simulation.world import simulate_run
 
 
 def _machine(role: Role, store: StoreModel | None = None) -> Coordinator:

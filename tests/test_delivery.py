@@ -19,11 +19,12 @@ import pytest
 import trio
 from etsi_qkd_014_client import QKD014Client
 
-from qkdnode import pki
-from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE, ApiLimits
+from qkdnode.config.delivery import ApiLimits, ServerLimits
+from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
-from qkdnode.delivery.server import DeliveryApp, DeliveryServer, ServerLimits, server_ssl_context
+from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
+from qkdnode.ops import issuance
 from qkdnode.store.keystore import DeliveryKey, KeyStore, StagedBlock
 
 LIMITS = ApiLimits(
@@ -41,25 +42,25 @@ SERVER_LIMITS = ServerLimits(
 @dataclass
 class Pki:
     ca: Path
-    alice: pki.IssuedFiles
-    bob: pki.IssuedFiles
-    sae: dict[str, pki.IssuedFiles]
+    alice: issuance.IssuedFiles
+    bob: issuance.IssuedFiles
+    sae: dict[str, issuance.IssuedFiles]
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
-    pki.init_ca(root / "ca")
-    pki.init_ca(root / "other-ca")
+    issuance.init_ca(root / "ca")
+    issuance.init_ca(root / "other-ca")
     sae = {
-        name: pki.issue_certificate(root / "ca", name, root / name, purpose="sae")
+        name: issuance.issue_certificate(root / "ca", name, root / name, purpose="sae")
         for name in ("sae-a", "sae-a2", "sae-b", "sae-b2", "sae-x")
     }
-    sae["foreign"] = pki.issue_certificate(
+    sae["foreign"] = issuance.issue_certificate(
         root / "other-ca", "sae-a", root / "foreign", purpose="sae"
     )
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
-    sae["expired"] = pki.issue_certificate(
+    sae["expired"] = issuance.issue_certificate(
         root / "ca",
         "sae-a",
         root / "expired",
@@ -68,9 +69,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         validity_days=1,
     )
     return Pki(
-        ca=root / "ca" / pki.CA_CERT,
-        alice=pki.issue_certificate(root / "ca", "kme-alice", root / "alice", purpose="node"),
-        bob=pki.issue_certificate(root / "ca", "kme-bob", root / "bob", purpose="node"),
+        ca=root / "ca" / issuance.CA_CERT,
+        alice=issuance.issue_certificate(root / "ca", "kme-alice", root / "alice", purpose="node"),
+        bob=issuance.issue_certificate(root / "ca", "kme-bob", root / "bob", purpose="node"),
         sae=sae,
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sqlite3
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,13 +14,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkdnode.configtools import Table
+from qkdnode.config.delivery import ApiLimits, DeliveryConfig
+from qkdnode.config.table import Table
 from qkdnode.delivery.api import (
     MSG_EXTENSION_UNSUPPORTED,
     MSG_KEYS_NOT_FOUND,
     MSG_SIZE_MULTIPLE,
     ApiError,
-    ApiLimits,
     DecKeysRequest,
     EncKeysRequest,
     StatusRequest,
@@ -32,16 +31,10 @@ from qkdnode.delivery.api import (
 )
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
-from qkdnode.delivery.server import DeliveryConfig
 from qkdnode.errors import ConfigError, ProtocolError
 from qkdnode.store.keystore import (
     DeliveryKey,
-    DeliveryRefused,
     KeyPart,
-    KeyStore,
-    NotKeyOwner,
-    ReservationRejected,
-    StagedBlock,
 )
 from tests.helpers_store import committed_stores, random_blocks
 
@@ -317,177 +310,11 @@ def test_config_reads_defaults_and_refuses_bad_values_naming_the_key() -> None:
         DeliveryConfig.from_table(Table(missing, "delivery"))
 
 
-# ---- store: composition, exactly once, reservation protocol ------------------------------------
-
-
-def _blocks(
-    seed: int, *, count: int, keys_per_block: int, key_bytes: int = 32
-) -> list[StagedBlock]:
-    return random_blocks(seed, count=count, keys_per_block=keys_per_block, key_bytes=key_bytes)
-
-
-def _pair(tmp_path: Path, blocks: list[StagedBlock]) -> tuple[KeyStore, KeyStore]:
-    return committed_stores(tmp_path, blocks)
-
-
-def _stream(blocks: list[StagedBlock], parity: int) -> bytes:
-    """Naive reference: the material of all keys at positions of ``parity``, in block order."""
-    return b"".join(
-        material
-        for block in blocks
-        for position, (_, material) in enumerate(block.consumer_keys)
-        if position % 2 == parity
-    )
-
-
-def test_composed_keys_are_the_parity_stream_cut_in_order_and_match_at_the_peer(
-    tmp_path: Path,
-) -> None:
-    blocks = _blocks(11, count=3, keys_per_block=8)
-    alice, bob = _pair(tmp_path, blocks)
-    stream = _stream(blocks, 0)
-    delivered = b""
-    for number, size_bits in [(1, 256), (3, 128), (1, 24), (2, 512), (1, 8)]:
-        ids = [uuid.uuid4() for _ in range(number)]
-        layout = alice.reserve_for_delivery(
-            parity=0, delivery_ids=ids, size_bits=size_bits, master_sae="a", slave_sae="b"
-        )
-        assert layout is not None
-        bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-        got = alice.take_delivery(ids, role="master", master_sae="a", slave_sae="b")
-        assert [k for k, _ in got] == ids
-        assert all(len(m) * 8 == size_bits for _, m in got)
-        # the slave can ask in any order and in several calls
-        got_b = bob.take_delivery(ids[::-1], role="slave", master_sae="a", slave_sae="b")
-        assert dict(got_b) == dict(got)
-        chunk = b"".join(m for _, m in got)
-        # each request starts on a fresh stored key; the unused tail of the last one is dropped
-        used = len(delivered)
-        start = -(-used // 32) * 32
-        assert chunk == stream[start : start + len(chunk)]
-        delivered = stream[: start + len(chunk)]
-    with pytest.raises(DeliveryRefused):  # second time: gone
-        bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="b")
-    # used stored keys hold no material any more on either side (secure_delete is on)
-    for store in (alice, bob):
-        db = sqlite3.connect(store.path)
-        rows = db.execute(
-            "SELECT COUNT(*) FROM keys WHERE state = 'delivered' AND material IS NOT NULL"
-        ).fetchone()
-        assert rows[0] == 0
-        db.close()
-    alice.close()
-    bob.close()
-
-
-def test_partly_fetched_stored_key_keeps_material_until_all_its_pieces_are_delivered(
-    tmp_path: Path,
-) -> None:
-    blocks = _blocks(12, count=1, keys_per_block=2)
-    alice, bob = _pair(tmp_path, blocks)
-    ids = [uuid.uuid4(), uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=128, master_sae="a", slave_sae="b"
-    )
-    assert layout is not None and {p.key_id for k in layout for p in k.parts} == {
-        blocks[0].consumer_keys[0][0]
-    }
-    bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-    first = bob.take_delivery(ids[:1], role="slave", master_sae="a", slave_sae="b")
-    assert first[0][1] == blocks[0].consumer_keys[0][1][:16]
-    assert bob.counts().reserved == 1 and bob.counts().delivered == 0
-    second = bob.take_delivery(ids[1:], role="slave", master_sae="a", slave_sae="b")
-    assert second[0][1] == blocks[0].consumer_keys[0][1][16:]
-    assert bob.counts().delivered == 1
-    alice.close()
-    bob.close()
-
-
-def test_only_the_slave_sae_gets_its_keys_and_master_and_role_must_match(tmp_path: Path) -> None:
-    alice, bob = _pair(tmp_path, _blocks(13, count=1, keys_per_block=4))
-    ids = [uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
-    )
-    assert layout is not None
-    bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-    with pytest.raises(NotKeyOwner):
-        bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="c")
-    with pytest.raises(DeliveryRefused):
-        bob.take_delivery(ids, role="slave", master_sae="z", slave_sae="b")
-    with pytest.raises(DeliveryRefused):  # a slave-side record is not a master key
-        bob.take_delivery(ids, role="master", master_sae="a", slave_sae="b")
-    with pytest.raises(DeliveryRefused):  # unknown
-        bob.take_delivery([uuid.uuid4()], role="slave", master_sae="a", slave_sae="b")
-    assert len(bob.take_delivery(ids, role="slave", master_sae="a", slave_sae="b")) == 1
-    alice.close()
-    bob.close()
-
-
-def test_peer_reservation_checks_partition_layout_and_availability(tmp_path: Path) -> None:
-    blocks = _blocks(14, count=1, keys_per_block=4)
-    alice, bob = _pair(tmp_path, blocks)
-    even, odd = blocks[0].consumer_keys[0][0], blocks[0].consumer_keys[1][0]
-
-    def key(*parts: tuple[uuid.UUID, int, int]) -> DeliveryKey:
-        return DeliveryKey(
-            key_id=uuid.uuid4(),
-            size_bits=8 * sum(p[2] for p in parts),
-            parts=tuple(KeyPart(key_id=k, offset_bytes=o, length_bytes=n) for k, o, n in parts),
-        )
-
-    bad = [
-        [key((odd, 0, 32))],  # the other node's partition
-        [key((even, 16, 32))],  # outside the stored key
-        [key((even, 0, 16)), key((even, 8, 16))],  # overlapping
-        [
-            DeliveryKey(
-                key_id=uuid.uuid4(),
-                size_bits=64,
-                parts=(KeyPart(key_id=even, offset_bytes=0, length_bytes=4),),
-            )
-        ],
-    ]
-    for keys in bad:
-        with pytest.raises(ProtocolError):
-            bob.record_peer_reservation(keys, parity=0, master_sae="a", slave_sae="b")
-    assert bob.counts().reserved == 0
-    good = [key((even, 0, 32))]
-    bob.record_peer_reservation(good, parity=0, master_sae="a", slave_sae="b")
-    bob.record_peer_reservation(good, parity=0, master_sae="a", slave_sae="b")  # retry: no-op
-    with pytest.raises(ReservationRejected) as info:  # same stored key again, new delivery ID
-        bob.record_peer_reservation([key((even, 0, 32))], parity=0, master_sae="a", slave_sae="b")
-    assert info.value.burned_key_ids == (even,)
-    alice.close()
-    bob.close()
-
-
-def test_uncommitted_stored_keys_are_a_transient_rejection(tmp_path: Path) -> None:
-    blocks = _blocks(15, count=1, keys_per_block=2)
-    alice = KeyStore.open(tmp_path / "a", node_name="alice")
-    bob = KeyStore.open(tmp_path / "b", node_name="bob")
-    alice.stage_block(blocks[0])
-    alice.commit_block(1)
-    bob.stage_block(blocks[0])  # staged, not yet committed at the peer
-    ids = [uuid.uuid4()]
-    layout = alice.reserve_for_delivery(
-        parity=0, delivery_ids=ids, size_bits=256, master_sae="a", slave_sae="b"
-    )
-    assert layout is not None
-    with pytest.raises(ReservationRejected) as info:
-        bob.record_peer_reservation(layout, parity=0, master_sae="a", slave_sae="b")
-    assert info.value.burned_key_ids == ()
-    alice.release_delivery(ids, burn=info.value.burned_key_ids)
-    assert alice.available_count(parity=0) == 1  # offered again later
-    alice.close()
-    bob.close()
-
-
 async def test_key_manager_releases_on_peer_failure_and_burns_what_the_peer_used(
     tmp_path: Path,
 ) -> None:
-    blocks = _blocks(16, count=1, keys_per_block=6)
-    alice, bob = _pair(tmp_path, blocks)
+    blocks = random_blocks(16, count=1, keys_per_block=6)
+    alice, bob = committed_stores(tmp_path, blocks)
     bob_manager = KeyManager(
         bob, master_parity=1, peer_reserve=_unused, local_saes={"b"}, peer_saes={"a"}
     )

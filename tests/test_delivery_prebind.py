@@ -22,7 +22,7 @@ from qkdnode.delivery.keys import (
 from qkdnode.errors import SecurityError
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore
-from tests.helpers_store import committed_stores, random_blocks
+from tests.helpers_store import committed_stores, random_blocks, reserve
 
 POOL = 4
 
@@ -145,8 +145,8 @@ async def test_acknowledged_pools_survive_a_restart_and_cut_short_reservations_a
         await _until(lambda: _pooled(manager, alice) == POOL)
         nursery.cancel_scope.cancel()
     # a request cut short by a crash: reserved here, never acknowledged by the peer
-    cut_short = alice.reserve_for_delivery(
-        parity=0, delivery_ids=[uuid.uuid4()], size_bits=256, master_sae="a", slave_sae="b"
+    cut_short = reserve(
+        alice, parity=0, delivery_ids=[uuid.uuid4()], size_bits=256, master_sae="a", slave_sae="b"
     )
     assert cut_short is not None
     assert alice.counts().reserved == POOL + 1

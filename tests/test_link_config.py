@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import ConfigError
-from qkdnode.link.config import EveConfig, SimulatedLinkConfig
 
 
 def test_defaults_are_valid_and_map_to_nominal_parameters() -> None:

@@ -7,10 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import trio
 
+from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData
-from qkdnode.link.config import EveConfig, SimulatedLinkConfig
 from qkdnode.link.eve import (
     EveAttack,
     PnsPlan,
@@ -30,7 +29,7 @@ from qkdnode.postprocess.finitekey import (
     binary_entropy,
     lim_key_length,
 )
-from tests.test_link_support import ClassCounts, count_by_class, run_blocks
+from tests.helpers_link import ClassCounts, count_by_class, run_blocks
 
 BRIGHT = SimulatedLinkConfig(
     fiber_km=0.0,
@@ -117,6 +116,7 @@ def test_pns_plan_matches_the_nominal_signal_gain(fiber_km: float) -> None:
     assert 0.0 < plan.forward_transmittance <= 1.0
 
 
+@pytest.mark.slow  # runs long
 async def test_pns_keeps_signal_gain_and_qber_but_the_decoy_bound_leaves_no_key() -> None:
     # At 50 km Eve blocks every single photon (b = 1) and forwards the rest through a channel
     # of transmittance t < 1 chosen so that the signal gain is the nominal one.
@@ -229,7 +229,3 @@ def test_attack_apply_rewrites_span_only_for_pns() -> None:
     resent = EveAttack(EveConfig(intercept_resend_fraction=1.0), params, rng).apply(frame)
     assert resent.span_transmittance == frame.span_transmittance
     assert EveAttack(EveConfig(), params, rng).apply(frame) is frame
-
-
-async def test_trio_is_importable_here() -> None:
-    await trio.sleep(0)

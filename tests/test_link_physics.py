@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.link.interface import LinkParameters
 from qkdnode.link.physics import (
     AfterpulseCarry,
@@ -174,7 +174,7 @@ def test_afterpulse_probability_in_the_next_gate() -> None:
 def test_pure_link_modules_import_no_io_library() -> None:
     code = (
         "import sys\n"
-        "import qkdnode.link, qkdnode.link.physics, qkdnode.link.fibre, qkdnode.link.config\n"
+        "import qkdnode.link, qkdnode.link.physics, qkdnode.link.fibre, qkdnode.config.link\n"
         "io = ('trio', 'socket', 'asyncio', 'selectors')\n"
         "print(','.join(m for m in io if m in sys.modules))\n"
     )

@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import BlockStart, PulseFrame, encode_block_start, encode_pulse_frame
 from qkdnode.link.simulated import (
     SimulatedAliceLink,
@@ -27,7 +27,7 @@ from qkdnode.link.simulated import (
     tcp_fibre_connector,
 )
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
-from tests.test_link_support import count_by_class, run_blocks
+from tests.helpers_link import count_by_class, run_blocks
 
 # Bright enough that every class has hundreds of detections at 100 km in 2^22 pulses.
 ACCEPTANCE = dict(
@@ -253,7 +253,7 @@ _BOB_PROCESS = textwrap.dedent(
     import json, sys
     import numpy as np
     import trio
-    from qkdnode.link.config import SimulatedLinkConfig
+    from qkdnode.config.link import SimulatedLinkConfig
     from qkdnode.link.simulated import SimulatedBobLink, tcp_fibre_connector
 
     async def main(port, blocks, pulses):

@@ -18,7 +18,7 @@ from qkdnode.coordination.planner import (
 )
 from qkdnode.errors import ProtocolError
 from qkdnode.node.daemon import Node
-from tests.test_channel import REGISTRY, Pair, assert_rejected, rotated_pair
+from tests.helpers_channel import REGISTRY, Pair, assert_rejected, rotated_pair
 
 PSK = PskCredentials(psk=bytes(range(32)))
 

@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 from etsi_qkd_014_client import QKD014Client
 
-from qkdnode.node.demo import (
+from qkdnode.demo.progress import LogFollower, Progress
+from qkdnode.demo.run import (
     DemoLayout,
-    LogFollower,
-    Progress,
     compare_stores,
     prepare_workdir,
     prove_keys_through_api,
@@ -29,6 +28,8 @@ from qkdnode.node.demo import (
     start_node,
     stop_nodes,
 )
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 BLOCK_PULSES = 40_000_000
 GRACE_S = 15.0
@@ -188,8 +189,8 @@ def test_kill_9_of_bob_mid_block_then_restart_loses_no_committed_key(
 
 
 def test_sigterm_during_start_up_stops_the_node_cleanly(layout: DemoLayout) -> None:
-    # D9: a SIGTERM that lands before the event loop's signal receiver exists (here: right after
-    # the self-tests, before trio runs) used to kill the process without a log line, status -15
+    # a SIGTERM that lands before the event loop's signal receiver exists (here: right after the
+    # self-tests, before trio runs) must stop the node cleanly, not kill it with status -15
     bob = start_node(layout, "bob")
     follower = LogFollower(layout.log("bob"))
     events: list[str] = []

@@ -11,15 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from qkdnode.node.demo import (
-    LogFollower,
-    Progress,
-    compare_stores,
-    free_port,
-    prepare_workdir,
-    start_node,
-    stop_nodes,
-)
+from qkdnode.demo.progress import LogFollower, Progress
+from qkdnode.demo.run import compare_stores, free_port, prepare_workdir, start_node, stop_nodes
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 EMULATOR_PARAMS = ("fiber_km=0", "detector_efficiency=0.5", "p_key_basis=0.8")
 

@@ -124,6 +124,7 @@ def _is_png(path: Path) -> bool:
     return len(data) > 1000 and data.startswith(PNG_SIGNATURE)
 
 
+@pytest.mark.slow  # runs long
 def test_report_writes_history_pngs(tmp_path: Path) -> None:
     make_store(tmp_path / "store", np.random.default_rng(7))
     log_file = tmp_path / "node.log"
@@ -164,6 +165,7 @@ def test_report_refuses_a_missing_store(tmp_path: Path) -> None:
     assert code == 2
 
 
+@pytest.mark.slow  # runs long
 def test_keyrate_versus_distance_png_and_plob_curve(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = report.main(

@@ -98,7 +98,7 @@ async def test_something_else_answering_is_not_a_node() -> None:
 
 
 async def test_status_from_a_node_config(tmp_path: Path) -> None:
-    from qkdnode.node.demo import prepare_workdir
+    from qkdnode.demo.run import prepare_workdir
 
     layout = prepare_workdir(tmp_path, distance_km=10.0, block_pulses=1 << 20)
     config = layout.config("bob")

@@ -16,8 +16,6 @@ from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
 from qkdnode.postprocess.estimation import SampleDisclosure
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
-    DecoySettings,
-    SecurityParameters,
     tomamichel_key_length,
 )
 from qkdnode.postprocess.pipeline import (
@@ -33,24 +31,7 @@ from qkdnode.postprocess.pipeline import (
 )
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 from qkdnode.postprocess.verification import VerificationTag
-from tests.blocksim import make_block
-
-SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-12)
-SINGLE_PHOTON = PipelineParameters(
-    cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
-    security=SECURITY,
-    qber_threshold=0.05,
-    sample_bits=2000,
-)
-DECOY = DecoySettings(
-    mu_signal=0.5,
-    mu_decoy=0.15,
-    mu_vacuum=0.0002,
-    p_signal=0.5,
-    p_decoy=0.35,
-    p_vacuum=0.15,
-    p_key_basis=0.5,
-)
+from tests.helpers_blocks import DECOY, SECURITY, SINGLE_PHOTON, make_block
 
 
 def _decoy_block(seed: int, qber: float = 0.02) -> tuple[EmissionRecords, DetectionRecords]:
@@ -110,6 +91,7 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     assert 1.0 < stats.reconciliation_efficiency < 1.3
 
 
+@pytest.mark.slow  # runs long
 def test_decoy_block_gives_identical_keys() -> None:
     emissions, detections = _decoy_block(3)
     params = PipelineParameters(

@@ -1,7 +1,7 @@
 """The serial backend end to end through real ptys: two drivers, two device emulators, one fibre.
 
-The daemon (issue 5) does not exist yet, so "two daemons distil identical keys" is proved one
-level below: both drivers deliver blocks with the same pulse ranges, and
+Two daemons on serial devices are tested in ``tests/test_node_serial_e2e.py``; here the drivers
+alone: both deliver blocks with the same pulse ranges, and
 ``qkdnode.postprocess.pipeline.run_block`` on them gives identical keys.
 """
 
@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import trio
 
-from qkdnode.configtools import Table
+from qkdnode.config.link import SerialLinkConfig, SimulatedLinkConfig
+from qkdnode.config.table import Table
 from qkdnode.errors import BadDeviceData, ConfigError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.emulator import DeviceEmulator
 from qkdnode.link.interface import LinkStatus
-from qkdnode.link.serial import BlockReader, SerialLink, SerialLinkConfig, open_tty
+from qkdnode.link.serial import BlockReader, SerialLink, open_tty
 from qkdnode.link.serialproto import (
     Ack,
     AlarmCode,
@@ -457,6 +457,7 @@ def _free_port() -> int:
         return port
 
 
+@pytest.mark.slow  # runs long
 async def test_emulator_processes_over_tcp_fibre(tmp_path: Path) -> None:
     port = _free_port()
     processes: dict[str, trio.Process] = {}

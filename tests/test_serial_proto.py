@@ -16,21 +16,16 @@ from hypothesis import strategies as st
 
 from qkdnode.errors import ProtocolError
 from qkdnode.link.serialproto import (
-    MAX_DETECTION_GAP,
-    MAX_DETECTIONS_PER_FRAME,
     MAX_ESCAPED_BYTES,
     MAX_PAYLOAD_BYTES,
     Ack,
     Alarm,
     AlarmCode,
-    BlockAssembler,
     Command,
     Configure,
-    DetectionChunk,
     DeviceError,
     DeviceStatus,
     Dropped,
-    EmissionChunk,
     FrameDecoder,
     Identity,
     Message,
@@ -41,6 +36,13 @@ from qkdnode.link.serialproto import (
     encode_frame,
     encode_payload,
     frame,
+)
+from qkdnode.link.serialrecords import (
+    MAX_DETECTION_GAP,
+    MAX_DETECTIONS_PER_FRAME,
+    BlockAssembler,
+    DetectionChunk,
+    EmissionChunk,
     split_detections,
     split_emissions,
 )

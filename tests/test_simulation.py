@@ -12,8 +12,9 @@ import pytest
 
 from qkdnode.errors import KeyStoreError
 from qkdnode.simulation.__main__ import main as simulate_main
+from qkdnode.simulation.settings import SimSettings
 from qkdnode.simulation.store_model import StoreModel
-from qkdnode.simulation.world import SimSettings, simulate_run
+from qkdnode.simulation.world import simulate_run
 from qkdnode.store import KeyStore, StagedBlock
 
 # ---- the store model behaves as the SQLite store ---------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 from qkdnode.errors import KeyStoreError
 from qkdnode.store import BlockState, KeyStore, StagedBlock
 from qkdnode.store.keystore import StoreOp
+from tests.helpers_store import release, reserve, take
 
 
 def _block(block_id: int, rng: np.random.Generator, *, keys: int = 3) -> StagedBlock:
@@ -197,7 +198,7 @@ def test_only_a_batch_of_master_reservations_alone_skips_the_disk_sync(tmp_path:
     statements: list[str] = []
     store._conn.set_trace_callback(statements.append)
 
-    def reserve() -> tuple[uuid.UUID, StoreOp[Any]]:
+    def new_reservation() -> tuple[uuid.UUID, StoreOp[Any]]:
         key_id = uuid.uuid4()
         op = store.reserve_op(
             parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
@@ -209,7 +210,7 @@ def test_only_a_batch_of_master_reservations_alone_skips_the_disk_sync(tmp_path:
         statements.clear()
         return seen
 
-    first, op = reserve()
+    first, op = new_reservation()
     assert store.run_batch([op])[0].error is None
     assert syncs_around_commit() == [
         "PRAGMA synchronous=NORMAL",
@@ -217,12 +218,12 @@ def test_only_a_batch_of_master_reservations_alone_skips_the_disk_sync(tmp_path:
         "PRAGMA synchronous=FULL",
     ]
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
-    second, op = reserve()
-    take = store.take_op([first], role="master", master_sae="a", slave_sae="b")
-    outcomes = store.run_batch([op, take])
+    second, op = new_reservation()
+    take_first = store.take_op([first], role="master", master_sae="a", slave_sae="b")
+    outcomes = store.run_batch([op, take_first])
     assert all(outcome.error is None for outcome in outcomes)
     assert syncs_around_commit() == ["COMMIT"]  # FULL: the take must be on disk
-    store.take_delivery([second], role="master", master_sae="a", slave_sae="b")
+    take(store, [second], role="master", master_sae="a", slave_sae="b")
     assert syncs_around_commit() == ["COMMIT"]
     store.close()
 
@@ -235,9 +236,7 @@ def test_a_version_2_store_gains_the_peer_confirmed_column_and_keeps_its_deliver
     store.stage_block(_block(1, rng, keys=4))
     store.commit_block(1)
     key_id = uuid.uuid4()
-    store.reserve_for_delivery(
-        parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
-    )
+    reserve(store, parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b")
     store.close()
     db = sqlite3.connect(tmp_path / "keys.db")  # as schema version 2 left it
     db.execute("ALTER TABLE deliveries DROP COLUMN peer_confirmed")
@@ -265,16 +264,16 @@ def test_releasing_delivery_keys_whose_sibling_was_handed_out_erases_their_store
     store.stage_block(_block(1, rng, keys=4))
     store.commit_block(1)
     halves = [uuid.uuid4(), uuid.uuid4()]
-    layout = store.reserve_for_delivery(
-        parity=0, delivery_ids=halves, size_bits=128, master_sae="a", slave_sae="b"
+    layout = reserve(
+        store, parity=0, delivery_ids=halves, size_bits=128, master_sae="a", slave_sae="b"
     )
     assert layout is not None and {p.key_id for k in layout for p in k.parts} == {
         layout[0].parts[0].key_id
     }
     stored_key = str(layout[0].parts[0].key_id)
     available_before = store.available_count(parity=0)
-    store.take_delivery(halves[:1], role="master", master_sae="a", slave_sae="b")
-    store.release_delivery(halves[1:])
+    take(store, halves[:1], role="master", master_sae="a", slave_sae="b")
+    release(store, halves[1:])
     state, material = store._query(
         "SELECT state, material FROM keys WHERE key_id = ?", (stored_key,)
     )[0]
@@ -282,10 +281,8 @@ def test_releasing_delivery_keys_whose_sibling_was_handed_out_erases_their_store
     assert store.available_count(parity=0) == available_before
     # without a handed-out sibling a release gives the stored key back
     whole = [uuid.uuid4()]
-    store.reserve_for_delivery(
-        parity=0, delivery_ids=whole, size_bits=256, master_sae="a", slave_sae="b"
-    )
-    store.release_delivery(whole)
+    reserve(store, parity=0, delivery_ids=whole, size_bits=256, master_sae="a", slave_sae="b")
+    release(store, whole)
     assert store.available_count(parity=0) == available_before
     store.close()
 
@@ -298,9 +295,7 @@ def test_a_batch_that_erases_leaves_the_one_wal_fold_to_its_caller(tmp_path: Pat
     store.stage_block(_block(1, rng, keys=4))
     store.commit_block(1)
     key_id = uuid.uuid4()
-    store.reserve_for_delivery(
-        parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b"
-    )
+    reserve(store, parity=0, delivery_ids=[key_id], size_bits=256, master_sae="a", slave_sae="b")
     statements: list[str] = []
     store._conn.set_trace_callback(statements.append)
     take = store.take_op([key_id], role="master", master_sae="a", slave_sae="b")

@@ -33,7 +33,7 @@ from qkdnode.store.keystore import (
     StagedBlock,
     StoreOp,
 )
-from tests.helpers_store import random_blocks
+from tests.helpers_store import random_blocks, take
 from tests.reliability.harness import scan, windows
 
 KEY_BYTES = 32
@@ -209,7 +209,7 @@ def test_a_failing_operation_rolls_back_alone_and_the_others_commit_durably(
     store = KeyStore.open(tmp_path / "s", node_name="alice")
     counts = store.counts()
     assert (counts.available, counts.reserved, counts.delivered) == (5, 3, 0)
-    taken = store.take_delivery(first + second, role="master", master_sae="a", slave_sae="b")
+    taken = take(store, first + second, role="master", master_sae="a", slave_sae="b")
     assert [m for _, m in taken] == [blocks[0].consumer_keys[p][1] for p in (0, 2, 4)]
     store.close()
 

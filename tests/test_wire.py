@@ -17,8 +17,7 @@ from qkdnode.postprocess.pipeline import (
     run_block,
 )
 from qkdnode.postprocess.wire import decode_block_message, encode_block_message
-from tests.blocksim import make_block
-from tests.test_pipeline import SINGLE_PHOTON
+from tests.helpers_blocks import SINGLE_PHOTON, make_block
 
 
 def _through_msgpack(message: BlockMessage) -> BlockMessage:

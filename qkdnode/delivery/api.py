@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote
 
+from qkdnode.config.delivery import ApiLimits
 from qkdnode.errors import QkdError
 
 API_PREFIX: Final = "/api/v1/keys/"
@@ -50,23 +51,6 @@ class ApiError(QkdError):
 
     def body(self) -> bytes:
         return error_body(self.message, self.details)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ApiLimits:
-    """The limits advertised in Status and enforced on every request (sizes in bits)."""
-
-    key_size_bits: int  # the default size (= the stored key size)
-    min_key_size_bits: int
-    max_key_size_bits: int
-    max_keys_per_request: int
-
-    def __post_init__(self) -> None:
-        sizes = (self.min_key_size_bits, self.key_size_bits, self.max_key_size_bits)
-        if any(s <= 0 or s % 8 for s in sizes) or not sizes[0] <= sizes[1] <= sizes[2]:
-            raise ValueError("key sizes must be positive multiples of 8 with min <= default <= max")
-        if self.max_keys_per_request < 1:
-            raise ValueError("max_keys_per_request must be >= 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

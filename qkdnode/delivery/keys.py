@@ -69,7 +69,6 @@ raises (ReservationRejected carried over from the peer when it refuses stored ke
 
 _log = structlog.get_logger(__name__)
 
-DEFAULT_PREBIND_KEYS: Final = 32  # per (master, slave) pair: [delivery] prebind_keys
 MAX_POOLS: Final = 1024  # (master, slave) pairs with keys reserved ahead
 POOL_GROWTH: Final = 16  # a busy pair's pool grows up to this many times prebind_keys
 REFILL_CHUNK_KEYS: Final = 32  # keys per reservation made ahead

@@ -18,7 +18,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -27,11 +27,10 @@ import h11
 import structlog
 import trio
 
-from qkdnode.configtools import Table, parse_host_port
+from qkdnode.config.delivery import ApiLimits, DeliveryConfig, ServerLimits
 from qkdnode.delivery.api import (
     MSG_UNAUTHORIZED,
     ApiError,
-    ApiLimits,
     DecKeysRequest,
     EncKeysRequest,
     StatusRequest,
@@ -42,122 +41,11 @@ from qkdnode.delivery.api import (
     status_body,
 )
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
-from qkdnode.delivery.keys import DEFAULT_PREBIND_KEYS, KeyManager
+from qkdnode.delivery.keys import KeyManager
 from qkdnode.errors import ConfigError, KeyStoreError
 
 RECEIVE_BYTES: Final = 16384
 _log = structlog.get_logger(__name__)
-
-
-# ---- configuration ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ServerLimits:
-    max_header_bytes: int = 16384
-    max_body_bytes: int = 65536
-    request_timeout_s: float = 10.0
-    handshake_timeout_s: float = 10.0
-    max_connections: int = 256
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeliveryConfig:
-    """The ``[delivery]`` table of a node's configuration."""
-
-    listen_host: str
-    listen_port: int
-    certificate: Path
-    private_key: Path
-    sae_ca: Path
-    kme_id: str
-    peer_kme_id: str
-    local_saes: tuple[str, ...]
-    peer_saes: tuple[str, ...]
-    master_parity: int
-    limits: ApiLimits
-    server: ServerLimits = field(default_factory=ServerLimits)
-    max_key_count: int = 1_000_000
-    quota_keys_per_s: float = 1000.0
-    quota_burst_keys: float = 2000.0
-    peer_timeout_s: float = 5.0
-    prebind_keys: int = DEFAULT_PREBIND_KEYS
-    unix_socket_path: Path | None = None
-    unix_socket_sae: str | None = None
-    unix_socket_mode: int = 0o600
-
-    @classmethod
-    def from_table(cls, table: Table) -> DeliveryConfig:
-        """Read and check the table; raises ConfigError naming the dotted key."""
-        host, port = table.parsed("listen", parse_host_port, "host:port", ("127.0.0.1", 8443))
-        key_size = table.integer("key_size_bits", 256, minimum=8, maximum=65536)
-        if key_size % 8:
-            raise ConfigError(table.key("key_size_bits"), "a multiple of 8")
-        min_size = table.integer("min_key_size_bits", 8, minimum=8, maximum=key_size)
-        max_size = table.integer("max_key_size_bits", 8 * key_size, minimum=key_size)
-        for name, size in (("min_key_size_bits", min_size), ("max_key_size_bits", max_size)):
-            if size % 8:
-                raise ConfigError(table.key(name), "a multiple of 8")
-        limits = ApiLimits(
-            key_size_bits=key_size,
-            min_key_size_bits=min_size,
-            max_key_size_bits=max_size,
-            max_keys_per_request=table.integer(
-                "max_keys_per_request", 128, minimum=1, maximum=4096
-            ),
-        )
-        server = ServerLimits(
-            max_header_bytes=table.integer("max_header_bytes", 16384, minimum=1024),
-            max_body_bytes=table.integer("max_body_bytes", 65536, minimum=1024),
-            request_timeout_s=table.number(
-                "request_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True
-            ),
-            handshake_timeout_s=table.number(
-                "handshake_timeout_s", 10.0, minimum=0.0, exclusive_minimum=True
-            ),
-            max_connections=table.integer("max_connections", 256, minimum=1),
-        )
-        local_saes = table.string_list("local_saes")
-        peer_saes = table.string_list("peer_saes")
-        if not local_saes:
-            raise ConfigError(table.key("local_saes"), "at least one SAE ID")
-        if set(local_saes) & set(peer_saes):
-            raise ConfigError(table.key("peer_saes"), "SAE IDs distinct from local_saes")
-        unix_path = table.optional_string("unix_socket_path")
-        unix_sae = table.optional_string("unix_socket_sae")
-        if (unix_path is None) != (unix_sae is None):
-            raise ConfigError(table.key("unix_socket_sae"), "set together with unix_socket_path")
-        if unix_sae is not None and unix_sae not in local_saes:
-            raise ConfigError(table.key("unix_socket_sae"), "one of local_saes")
-        burst = table.number("quota_burst_keys", 2000.0, minimum=1.0)
-        config = cls(
-            listen_host=host,
-            listen_port=port,
-            certificate=Path(table.string("certificate")),
-            private_key=Path(table.string("private_key")),
-            sae_ca=Path(table.string("sae_ca")),
-            kme_id=table.string("kme_id"),
-            peer_kme_id=table.string("peer_kme_id"),
-            local_saes=local_saes,
-            peer_saes=peer_saes,
-            master_parity=table.integer("master_parity", minimum=0, maximum=1),
-            limits=limits,
-            server=server,
-            max_key_count=table.integer("max_key_count", 1_000_000, minimum=1),
-            quota_keys_per_s=table.number(
-                "quota_keys_per_s", 1000.0, minimum=0.0, exclusive_minimum=True
-            ),
-            quota_burst_keys=burst,
-            peer_timeout_s=table.number("peer_timeout_s", 5.0, minimum=0.0, exclusive_minimum=True),
-            prebind_keys=table.integer(
-                "prebind_keys", DEFAULT_PREBIND_KEYS, minimum=0, maximum=4096
-            ),
-            unix_socket_path=None if unix_path is None else Path(unix_path),
-            unix_socket_sae=unix_sae,
-            unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
-        )
-        table.finish()
-        return config
 
 
 def server_ssl_context(certificate: Path, private_key: Path, sae_ca: Path) -> ssl.SSLContext:

@@ -24,8 +24,7 @@ from qkdnode.link.interface import QuantumLink
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 if TYPE_CHECKING:
-    from qkdnode.config import NodeConfig
-    from qkdnode.link.config import EveConfig
+    from qkdnode.config import EveConfig, NodeConfig
     from qkdnode.link.serial import SerialLink
 
 log = structlog.get_logger("qkdnode.link")

@@ -38,13 +38,13 @@ from typing import Any, Final
 import numpy as np
 import trio
 
-from qkdnode.configtools import parse_host_port
+from qkdnode.config.link import DEFAULT_MODEL, SimulatedLinkConfig
+from qkdnode.config.table import parse_host_port
 from qkdnode.errors import BadDeviceData, ConfigError, LinkError
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import FibreDecoder, PulseFrame, encode_pulse_frame
 from qkdnode.link.interface import Role
 from qkdnode.link.physics import AfterpulseCarry, Receiver, Source
-from qkdnode.link.serial import DEFAULT_MODEL, set_raw_mode
+from qkdnode.link.serial import set_raw_mode
 from qkdnode.link.serialproto import (
     CONFIGURE_NAMES,
     PARAMETER_NAMES,
@@ -56,7 +56,6 @@ from qkdnode.link.serialproto import (
     Configure,
     DeviceError,
     DeviceStatus,
-    EmissionChunk,
     ErrorCode,
     FrameDecoder,
     Identity,
@@ -65,9 +64,8 @@ from qkdnode.link.serialproto import (
     Parameters,
     Received,
     encode_frame,
-    split_detections,
-    split_emissions,
 )
+from qkdnode.link.serialrecords import EmissionChunk, split_detections, split_emissions
 from qkdnode.link.simulated import TcpFibreListener, tcp_fibre_connector
 
 DEFAULT_CHUNK_PULSES: Final = 1 << 16
@@ -120,7 +118,6 @@ class DeviceEmulator:
         self._slave_path: str | None = None
         self._write_lock = trio.Lock()
         self._line_scope: trio.CancelScope | None = None
-        self._line_up = trio.Event()
         self._down_s = 0.0
         self._closed = False
         self._nursery: trio.Nursery | None = None
@@ -146,10 +143,6 @@ class DeviceEmulator:
             return self._link_path
         if self._slave_path is None:
             raise RuntimeError("the emulator's line is not open")
-        return self._slave_path
-
-    @property
-    def slave_path(self) -> str | None:
         return self._slave_path
 
     @property
@@ -200,11 +193,6 @@ class DeviceEmulator:
             self._active_alarms.discard(int(code))
         self._nursery.start_soon(self._write, Alarm(code=int(code), active=active, value=value))
 
-    async def wait_line_up(self) -> str:
-        """Wait until a line is open; returns the path a driver should open."""
-        await self._line_up.wait()
-        return self.path
-
     def close(self) -> None:
         """Stop serving: the line goes down for good (``run`` returns)."""
         self._closed = True
@@ -254,11 +242,9 @@ class DeviceEmulator:
             temporary = f"{self._link_path}.{os.getpid()}.tmp"
             os.symlink(self._slave_path, temporary)
             os.replace(temporary, self._link_path)
-        self._line_up.set()
 
     async def _close_line(self) -> None:
         self._set_running(False)
-        self._line_up = trio.Event()
         if self._link_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._link_path)

@@ -1,6 +1,6 @@
 """Eve on the fibre: a proxy on the fibre byte stream that attacks the pulse descriptions.
 
-Two attacks (``qkdnode.link.config.EveConfig``):
+Two attacks (``qkdnode.config.link.EveConfig``):
 
 - **Intercept-resend** on a fraction of the pulses: Eve measures each chosen non-empty pulse in
   a uniformly random basis with an ideal detector (same basis: Alice's bit; other basis: a
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from qkdnode.link.config import EveConfig
+from qkdnode.config.link import EveConfig
 from qkdnode.link.fibre import BlockStart, FibreDecoder, PulseFrame, encode_frame
 from qkdnode.link.interface import LinkParameters
 from qkdnode.link.physics import PHOTON_CAP, U8, photon_numbers, poisson_pmf, with_photon_numbers

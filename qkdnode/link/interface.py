@@ -13,59 +13,12 @@ import enum
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+from qkdnode.config.link import LinkParameters
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 Role = Literal["alice", "bob"]
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LinkParameters:
-    """Nominal, public parameters of a link, as the key-length bound and Eve may know them.
-
-    Intensities are mean photon numbers per pulse of the three classes (signal, decoy, vacuum
-    or weakest decoy); ``p_*`` their probabilities; ``p_key_basis`` the probability of basis 0
-    (Z, the key basis) at both ends. ``receiver_transmittance`` is η_Bob: receiver insertion
-    loss times detector efficiency.
-    """
-
-    mu_signal: float
-    mu_decoy: float
-    mu_vacuum: float
-    p_signal: float
-    p_decoy: float
-    p_vacuum: float
-    p_key_basis: float
-    pulse_rate_hz: float
-    fiber_km: float
-    attenuation_db_per_km: float
-    receiver_transmittance: float
-    dark_count_probability_per_gate: float
-    afterpulse_probability: float
-    misalignment_error: float
-
-    @property
-    def fibre_transmittance(self) -> float:
-        """10^(−αL/10): transmittance of the fibre span alone."""
-        return float(10.0 ** (-self.attenuation_db_per_km * self.fiber_km / 10.0))
-
-    @property
-    def channel_transmittance(self) -> float:
-        """η = η_Bob · 10^(−αL/10) (Lo, Ma, Chen, PRL 94, 230504 (2005); Ma et al., PRA 72,
-        012326 (2005), eq. 2), including receiver insertion loss and detector efficiency."""
-        return self.receiver_transmittance * self.fibre_transmittance
-
-    @property
-    def intensities(self) -> tuple[float, float, float]:
-        return (self.mu_signal, self.mu_decoy, self.mu_vacuum)
-
-    @property
-    def intensity_probabilities(self) -> tuple[float, float, float]:
-        return (self.p_signal, self.p_decoy, self.p_vacuum)
-
-    @property
-    def background_yield(self) -> float:
-        """Y0: probability of a click with no signal photon, from two independent detectors."""
-        return 1.0 - (1.0 - self.dark_count_probability_per_gate) ** 2
+__all__ = ["LinkParameters", "LinkState", "LinkStatus", "QuantumLink", "Role"]
 
 
 class LinkState(enum.Enum):

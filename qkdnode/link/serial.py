@@ -27,25 +27,21 @@ import os
 import termios
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Self, TypeVar
+from typing import Final, TypeVar
 
 import structlog
 import trio
 
-from qkdnode.configtools import Table
-from qkdnode.errors import BadDeviceData, ConfigError, LinkError, LinkLost, LinkTimeout
+from qkdnode.config.link import SerialLinkConfig
+from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link.interface import LinkParameters, LinkState, LinkStatus, Role
 from qkdnode.link.serialproto import (
     PARAMETER_NAMES,
-    PROTOCOL_VERSION,
     Ack,
     Alarm,
-    BlockAssembler,
     Command,
-    DetectionChunk,
     DeviceError,
     Dropped,
-    EmissionChunk,
     FrameDecoder,
     Identity,
     Message,
@@ -54,93 +50,14 @@ from qkdnode.link.serialproto import (
     Received,
     encode_frame,
 )
+from qkdnode.link.serialrecords import BlockAssembler, DetectionChunk, EmissionChunk
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 log = structlog.get_logger("qkdnode.link.serial")
 _R = TypeVar("_R", bound=Message)
 
-DEFAULT_MODEL: Final = "qkdnode-emulator"
-BAUD_RATES: Final = tuple(
-    rate
-    for rate in (
-        9600,
-        19200,
-        38400,
-        57600,
-        115200,
-        230400,
-        460800,
-        500000,
-        921600,
-        1000000,
-        1500000,
-        2000000,
-        3000000,
-        4000000,
-    )
-    if hasattr(termios, f"B{rate}")
-)
 _READ_BYTES: Final = 1 << 16
 MAX_BLOCK_PULSES: Final = 1 << 34
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SerialLinkConfig:
-    """``[link] backend = "serial"``: where the device is and what it must be.
-
-    ``read_timeout_s`` bounds the wait for any frame (and for a command's reply);
-    ``reconnect_interval_s`` is the polling period for a device path that went away.
-    """
-
-    device_path: str
-    baud_rate: int = 3_000_000
-    read_timeout_s: float = 5.0
-    reconnect_interval_s: float = 0.5
-    expected_model: str = DEFAULT_MODEL
-    expected_protocol_version: int = PROTOCOL_VERSION
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.device_path, str) or not self.device_path:
-            raise ConfigError("link.device_path", "a non-empty path of a tty or pty")
-        if self.baud_rate not in BAUD_RATES:
-            raise ConfigError("link.baud_rate", "one of " + ", ".join(map(str, BAUD_RATES)))
-        for name in ("read_timeout_s", "reconnect_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"link.{name}", "a number > 0")
-        if not self.expected_model:
-            raise ConfigError("link.expected_model", "a non-empty model name")
-        if not 1 <= self.expected_protocol_version <= 255:
-            raise ConfigError("link.expected_protocol_version", "an integer in [1, 255]")
-
-    @classmethod
-    def from_table(cls, table: Table) -> Self:
-        """Read the serial keys of ``[link]``; refuses unknown keys (calls ``table.finish()``).
-
-        The caller reads ``backend`` from the same table first.
-        """
-        baud = table.integer("baud_rate", 3_000_000)
-        if baud not in BAUD_RATES:
-            raise ConfigError(table.key("baud_rate"), "one of " + ", ".join(map(str, BAUD_RATES)))
-        path = table.string("device_path")
-        if not path:
-            raise ConfigError(table.key("device_path"), "a non-empty path of a tty or pty")
-        config = cls(
-            device_path=path,
-            baud_rate=baud,
-            read_timeout_s=table.number("read_timeout_s", 5.0, minimum=0, exclusive_minimum=True),
-            reconnect_interval_s=table.number(
-                "reconnect_interval_s", 0.5, minimum=0, exclusive_minimum=True
-            ),
-            expected_model=table.string("expected_model", DEFAULT_MODEL),
-            expected_protocol_version=table.integer(
-                "expected_protocol_version", PROTOCOL_VERSION, minimum=1, maximum=255
-            ),
-        )
-        if not config.expected_model:
-            raise ConfigError(table.key("expected_model"), "a non-empty model name")
-        table.finish()
-        return config
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -583,9 +500,6 @@ class BlockReader:
             self._blocks.append(block)
             self._changed.set()
             self._changed = trio.Event()
-
-    def first_pulse_indices(self) -> tuple[int, ...]:
-        return tuple(block.first_pulse_index for block in self._blocks)
 
     async def take(
         self, first_pulse_index: int | None = None

@@ -21,8 +21,8 @@ from typing import Literal, TypeVar
 import numpy as np
 import trio
 
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
-from qkdnode.link.config import SimulatedLinkConfig
 from qkdnode.link.fibre import (
     BlockStart,
     FibreDecoder,

@@ -84,8 +84,8 @@ from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 from qkdnode.store import StagedBlock
 
 if TYPE_CHECKING:
-    from qkdnode.node.daemon import Node
     from qkdnode.node.session import PeerSession
+    from qkdnode.node.state import Node
 
 log = structlog.get_logger("qkdnode.node")
 

@@ -111,7 +111,16 @@ class NodeMetrics:
         self._rate_window_s = rate_window_s
         self._started_s = clock()
         self._refreshers: list[Callable[[NodeMetrics], None]] = []
-        # state kept for /status (the registry is write-only for our purposes)
+        self._init_summary_state(pool_target_bits, pool_reserve_bits)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._register_node_metrics()
+        self._register_block_metrics()
+        self._register_auth_metrics()
+        self._register_store_delivery_and_link_metrics()
+        self.set_mode("none")
+
+    def _init_summary_state(self, pool_target_bits: int, pool_reserve_bits: int) -> None:
+        """What /status reports, kept here: the registry is write-only for our purposes."""
         self._blocks_committed = 0
         self._blocks_aborted = 0
         self._abort_reasons: collections.Counter[str] = collections.Counter()
@@ -131,15 +140,19 @@ class NodeMetrics:
         self._alarm_labels: set[str] = set()
         self._link_alarm_labels: list[str] = []
 
-        r = self.registry = CollectorRegistry(auto_describe=True)
+    def _register_node_metrics(self) -> None:
+        r = self.registry
         self.info = Gauge(
             "qkdnode_info", "Node identity (always 1).", ["node", "peer", "role"], registry=r
         )
-        self.info.labels(node=node, peer=peer, role=role).set(1)
+        self.info.labels(node=self.node, peer=self.peer, role=self.role).set(1)
         self.start_time = Gauge(
             "qkdnode_start_time_seconds", "Unix time the node started.", registry=r
         )
-        self.start_time.set(wall_clock())
+        self.start_time.set(self._wall_clock())
+
+    def _register_block_metrics(self) -> None:
+        r = self.registry
         self.blocks = Counter(
             "qkdnode_blocks_total", "Blocks finished, by outcome.", ["outcome"], registry=r
         )
@@ -164,7 +177,7 @@ class NodeMetrics:
         )
         self.key_rate = Gauge(
             "qkdnode_secret_key_rate_bits_per_second",
-            f"Secret bits per second over the last {rate_window_s:g} s.",
+            f"Secret bits per second over the last {self._rate_window_s:g} s.",
             registry=r,
         )
         self.key_rate.set_function(self.secret_key_rate_bits_per_second)
@@ -184,6 +197,9 @@ class NodeMetrics:
             "Unix time of the last committed block (0: none since start).",
             registry=r,
         )
+
+    def _register_auth_metrics(self) -> None:
+        r = self.registry
         self.pool_level = Gauge(
             "qkdnode_auth_pool_level_bits", "Authentication-key pool level.", registry=r
         )
@@ -193,8 +209,8 @@ class NodeMetrics:
         self.pool_target = Gauge(
             "qkdnode_auth_pool_target_bits", "Authentication-key pool target level.", registry=r
         )
-        self.pool_reserve.set(pool_reserve_bits)
-        self.pool_target.set(pool_target_bits)
+        self.pool_reserve.set(self._pool_reserve_bits)
+        self.pool_target.set(self._pool_target_bits)
         self.pool_spent = Counter(
             "qkdnode_auth_pool_spent_bits_total",
             "Authentication-key bits spent (the ledger's consumed offset).",
@@ -206,6 +222,9 @@ class NodeMetrics:
             ["mode"],
             registry=r,
         )
+
+    def _register_store_delivery_and_link_metrics(self) -> None:
+        r = self.registry
         self.store_keys = Gauge(
             "qkdnode_store_keys", "Consumer keys in the store, by state.", ["state"], registry=r
         )
@@ -231,7 +250,6 @@ class NodeMetrics:
             "1 while an authenticated session with the peer node is up.",
             registry=r,
         )
-        self.set_mode("none")
 
     def __repr__(self) -> str:
         return f"NodeMetrics(node={self.node!r}, peer={self.peer!r}, role={self.role!r})"

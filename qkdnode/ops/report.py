@@ -37,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 import trio
 
-from qkdnode.link.config import SimulatedLinkConfig
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     DecoySettings,

@@ -19,10 +19,6 @@ class SystemdNotifier:
         if path:
             self._address = b"\0" + path[1:].encode() if path.startswith("@") else path
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def notify(self, *lines: str) -> None:
         """Send the given ``KEY=VALUE`` lines; errors are ignored as systemd does (best effort)."""
         if self._address is None:

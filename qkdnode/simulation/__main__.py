@@ -20,7 +20,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qkdnode.simulation.world import RunReport, SimSettings, simulate_run
+from qkdnode.simulation.settings import RunReport, SimSettings
+from qkdnode.simulation.world import simulate_run
 
 
 def _run(job: tuple[int, SimSettings, bool]) -> RunReport:

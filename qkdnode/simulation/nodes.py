@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from qkdnode.channel.auth import Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
@@ -25,11 +25,25 @@ from qkdnode.coordination.events import Effect
 from qkdnode.coordination.machine import Coordinator
 from qkdnode.coordination.planner import AuthPlanner
 from qkdnode.coordination.wire import make_registry
+from qkdnode.simulation.settings import RunReport, SimSettings
 from qkdnode.simulation.store_model import StoreModel
 from qkdnode.simulation.stub import StubBlock
 
 if TYPE_CHECKING:
-    from qkdnode.simulation.world import RunReport, SimSettings, World
+    import random
+
+    from qkdnode.channel.auth import PskCredentials
+
+
+class WorldView(Protocol):
+    """What a node uses of the world it lives in."""
+
+    settings: SimSettings
+    rng: random.Random
+    tracker: UseTracker
+    credentials: PskCredentials
+    step_count: int
+
 
 REGISTRY: Final = make_registry()
 
@@ -113,7 +127,7 @@ class TrackedLedger(AuthKeyLedger):
 class SimNode:
     """A node's durable store and its in-memory state (lost at a crash)."""
 
-    def __init__(self, world: World, role: Role) -> None:
+    def __init__(self, world: WorldView, role: Role) -> None:
         self.world = world
         self.role = role
         self.name = role.value

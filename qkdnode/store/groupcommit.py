@@ -12,14 +12,14 @@ SAVEPOINT), and hands every task its own value or exception. When several reques
 progress (:meth:`GroupCommit.request`) the transaction runs in a worker thread: while it commits
 the event loop keeps serving, the operations asked for meanwhile queue up, and the first of them
 leads the next batch as soon as this one is done. One request alone runs its transaction on the
-event loop as before (no thread round trip) and pays one checkpoint, no timer. The store's lock
+event loop (no thread round trip) and pays one checkpoint, no timer. The store's lock
 serialises the worker thread with the other (synchronous) users of the store on the loop.
 
 A batch that erased key material is answered right after its COMMIT (durable: a key handed out
 is marked delivered on disk first); the WAL checkpoint that removes the old copies of the erased
 pages follows at once, in a system task, two scheduling rounds later, so that the woken requests
-send their responses first instead of waiting for it (about 1 ms of a pair's 4-5 ms on this
-machine). Closing the store folds the WAL too.
+send their responses first instead of waiting for it (the checkpoint is a sizeable share of a
+request's time). Closing the store folds the WAL too.
 
 Once :meth:`GroupCommit.run` is called the operation is committed (or fails) whatever happens to
 the caller: the wait is shielded from cancellation and lasts at most two batches, so a cancelled

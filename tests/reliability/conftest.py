@@ -6,7 +6,6 @@ order; each scenario leaves it distilling again (a clean block after its tamper 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,63 +13,8 @@ import pytest
 
 from qkdnode.node.daemon import Node
 from tests.reliability.harness import Pair, add_sae_certificates, edit_config
-from tests.reliability.proxy import MitmProxy, ProxyThread, Rule, Tampering
-
-QUOTA_KEYS_PER_S = 2.0
-QUOTA_BURST_KEYS = 6.0
-
-
-class Proxied:
-    """The shared pair and its proxy, with helpers to run one tampering at a time."""
-
-    def __init__(self, pair: Pair, thread: ProxyThread) -> None:
-        self.pair = pair
-        self.thread = thread
-        self.proxy: MitmProxy = thread.proxy
-
-    def tamper_once(self, rule: Rule, *, timeout_s: float = 30.0) -> tuple[Tampering, float]:
-        """Arm ``rule`` (times=1); wait until it fired and its connection ended.
-
-        Returns the tampering and the seconds from the tampering to the end of the connection.
-        """
-        rule.times = 1
-        before = len(self.proxy.tamperings())
-        self.proxy.add(rule)
-        deadline = time.monotonic() + timeout_s
-        while len(self.proxy.tamperings()) == before:
-            self.pair.poll()
-            self._alive()
-            if time.monotonic() > deadline:
-                self.proxy.clear()
-                raise AssertionError(f"rule never fired: {rule}")
-            time.sleep(0.02)
-        self.proxy.clear()
-        tampering = self.proxy.tamperings()[before]
-        number = tampering.frame.connection
-        while True:
-            ends = [e for e in self.proxy.ends() if e.connection == number]
-            if ends:
-                return tampering, ends[0].at_s - tampering.at_s
-            self._alive()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"connection {number} survived {tampering}")
-            time.sleep(0.02)
-
-    def sane(self, *, blocks: int = 1, timeout_s: float = 60.0) -> None:
-        """A clean session: ``blocks`` more blocks committed on both nodes."""
-        self.pair.poll()
-        target_a = self.pair.committed("alice") + blocks
-        target_b = self.pair.committed("bob") + blocks
-        self.pair.wait(
-            lambda p: p.committed("alice") >= target_a and p.committed("bob") >= target_b,
-            timeout_s=timeout_s,
-            what="a clean block",
-        )
-
-    def _alive(self) -> None:
-        for node, process in self.pair.processes.items():
-            if process.poll() is not None:
-                raise AssertionError(f"{node} exited: {self.pair.stderr(node)[-1500:]}")
+from tests.reliability.helpers_proxied import QUOTA_BURST_KEYS, QUOTA_KEYS_PER_S, Proxied
+from tests.reliability.proxy import ProxyThread
 
 
 @pytest.fixture(scope="session")
@@ -108,9 +52,9 @@ def node_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     import numpy as np
 
     from qkdnode.config import load_config
+    from qkdnode.demo.run import prepare_workdir
     from qkdnode.link.blocks import SimulatedBlocks
     from qkdnode.link.simulated import simulated_link_from_config
-    from qkdnode.node.demo import prepare_workdir
     from qkdnode.store import KeyStore
 
     workdir = tmp_path_factory.mktemp("nodes")

@@ -13,7 +13,8 @@ from qkdnode.channel.auth import Role
 from qkdnode.channel.connection import NeedData
 from qkdnode.channel.framing import FrameReader
 from qkdnode.channel.messages import Hello, decode_payload
-from qkdnode.delivery.api import ApiError, ApiLimits, parse_request
+from qkdnode.config.delivery import ApiLimits
+from qkdnode.delivery.api import ApiError, parse_request
 from qkdnode.errors import QkdError
 from tests.reliability.memory import NAMED, make_wire
 

@@ -5,7 +5,7 @@ Fault injection without touching the daemon: ``python -m tests.reliability.harne
 --fail-commit-after N --config FILE`` runs ``qkdnode run`` with SQLite connections whose
 ``COMMIT`` fails with ``disk I/O error`` (what SQLite reports for a failed fsync,
 SQLITE_IOERR_FSYNC) after N successful commits. The transaction is left uncommitted, as after a
-real fsync failure. The daemon-side hook the lead may add instead is in docs/reliability.md.
+real fsync failure; the daemon itself has no fault-injection switch.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qkdnode.node.demo import DemoLayout, LogFollower, Progress, prepare_workdir, stop_nodes
+from qkdnode.demo.progress import LogFollower, Progress
+from qkdnode.demo.run import DemoLayout, prepare_workdir, stop_nodes
 
 REPO = Path(__file__).resolve().parents[2]
 NAMED_ERRORS = frozenset(
@@ -137,7 +138,7 @@ class Pair:
                 env=_env(),
             )
         # started = ready for a stop request: a SIGTERM in the interpreter's first ~30 ms, before
-        # qkdnode.cli installs its handler, kills by the default disposition (D9 in the soak)
+        # qkdnode.cli installs its handler, kills by the default disposition
         wait_until_catches_sigterm(self.processes[node])
 
     def start_both(self) -> None:
@@ -437,11 +438,11 @@ def api(
 
 def add_sae_certificates(layout: DemoLayout, *names: str) -> None:
     """Issue SAE client certificates from the pair's CA (e.g. an extra or unauthorised SAE)."""
-    from qkdnode import pki
+    from qkdnode.ops import issuance
 
     for name in names:
         if not (layout.pki_dir / f"{name}.pem").exists():
-            pki.issue_certificate(layout.pki_dir, name, layout.pki_dir / name, purpose="sae")
+            issuance.issue_certificate(layout.pki_dir, name, layout.pki_dir / name, purpose="sae")
 
 
 def edit_config(layout: DemoLayout, node: str, old: str, new: str) -> None:

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from qkdnode.ops.selftest import run_self_tests
+from tests.helpers_store import reserve, take
 from tests.reliability.fuzz_targets import TARGETS
 from tests.reliability.harness import DeliveryAudit, Pair, scan, stores_agree, windows
+from tests.reliability.helpers_ledger import ledgers_through_key_derived_connections
 from tests.reliability.memory import tamper_session_frames
 
 Row = tuple[str, str, bool, float]
@@ -86,14 +88,15 @@ def zeroisation(rounds: int) -> Row:
             store.commit_block(round_index)
             for parity in (0, 1):
                 ids = [uuid.uuid4() for _ in range(4)]
-                store.reserve_for_delivery(
+                reserve(
+                    store,
                     parity=parity,
                     delivery_ids=ids,
                     size_bits=256,
                     master_sae="sae-a",
                     slave_sae="sae-b",
                 )
-                store.take_delivery(ids, role="master", master_sae="sae-a", slave_sae="sae-b")
+                take(store, ids, role="master", master_sae="sae-a", slave_sae="sae-b")
             needles = windows([m for _, m in keys])
             open_hits += sum(scan(p.read_bytes(), needles) for p in directory.iterdir())
             store.close()
@@ -161,13 +164,7 @@ def kill_points(kills: int, workdir: Path) -> Row:
 
 def ledger_tags(blocks: int) -> Row:
     """Scenario 5 through key-derived connections: ``blocks`` blocks = 2 * blocks tags."""
-    import os
-
-    os.environ["QKDNODE_SOAK_LEDGER_BLOCKS"] = str(blocks)
-    from tests.reliability import test_scenario_05_ledger as scenario
-
-    scenario.CONNECTION_BLOCKS = blocks
-    scenario.test_ledgers_through_key_derived_connections_never_reuse_a_bit()
+    ledgers_through_key_derived_connections(blocks)
     tags = 2 * blocks
     return (
         "5 ledger (connections)",

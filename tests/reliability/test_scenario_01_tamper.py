@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from qkdnode.channel.framing import NO_BLOCK
-from tests.reliability.conftest import Proxied
 from tests.reliability.harness import NAMED_ERRORS, Pair, stores_agree
+from tests.reliability.helpers_proxied import Proxied, committed_after_tampering
 from tests.reliability.memory import FRAME_OFFSETS, tamper_session_frames
-from tests.reliability.proxy import CODES, Direction, ProxyThread, Rule, Tampering
+from tests.reliability.proxy import CODES, Direction, ProxyThread, Rule
 
 PEER_HUNG_UP = frozenset({"BrokenResourceError", "ClosedResourceError"})
 OFFSETS_PER_FRAME = int(os.environ.get("QKDNODE_SOAK_OFFSETS", "20"))
 
 
 @pytest.mark.parametrize("mode", ["ed25519", "mldsa65", "psk", "key_derived"])
+@pytest.mark.slow  # runs long
 def test_in_memory_every_frame_type_flipped_at_10_offsets_is_rejected(mode: str) -> None:
     report = tamper_session_frames(mode, offsets_per_frame=OFFSETS_PER_FRAME)
     assert report.tampered >= 10 * len(report.types)
@@ -39,6 +39,7 @@ def test_in_memory_every_frame_type_flipped_at_10_offsets_is_rejected(mode: str)
     assert len(FRAME_OFFSETS(100, 10)) == 10
 
 
+@pytest.mark.slow
 def test_daemons_behind_proxy_reject_flipped_frames(proxied: Proxied) -> None:
     pair = proxied.pair
     proxied.sane(blocks=2)  # clean session; rotation to key-derived follows
@@ -70,6 +71,7 @@ def test_daemons_behind_proxy_reject_flipped_frames(proxied: Proxied) -> None:
     assert committed_after_tampering(proxied, [t for t, _ in results]) == []
 
 
+@pytest.mark.slow
 def test_daemon_survives_a_flipped_handshake_frame(tmp_path: Path) -> None:
     pair = Pair.create(tmp_path / "pair")
     thread = ProxyThread(pair.layout.peer_port)
@@ -87,23 +89,3 @@ def test_daemon_survives_a_flipped_handshake_frame(tmp_path: Path) -> None:
     finally:
         pair.stop()
         thread.stop()
-
-
-def committed_after_tampering(proxied: Proxied, tamperings: list[Tampering]) -> list[str]:
-    """Blocks whose frames were tampered and whose commit still went through that connection."""
-    problems = []
-    frames = proxied.proxy.recorded()
-    for tampering in tamperings:
-        block = tampering.frame.block
-        if block == NO_BLOCK:
-            continue
-        for frame in frames:
-            control = frame.control()
-            if (
-                frame.connection == tampering.frame.connection
-                and control is not None
-                and control[0] in ("commit", "committed")
-                and control[1].get("block_id") == block
-            ):
-                problems.append(f"block {block} committed on connection {frame.connection}")
-    return problems

@@ -11,10 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tests.reliability.conftest import Proxied
+import pytest
+
 from tests.reliability.harness import NAMED_ERRORS, stores_agree
+from tests.reliability.helpers_proxied import Proxied, committed_after_tampering
 from tests.reliability.proxy import CODES, Direction, Frame, Rule, Tampering
-from tests.reliability.test_scenario_01_tamper import committed_after_tampering
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 
 def _latest(proxied: Proxied, direction: str, code: int, *, before: int | None = None) -> Frame:

@@ -83,6 +83,7 @@ def _forgery(kind: int, wire: Wire, other: Wire, rng: np.random.Generator) -> by
     return size.to_bytes(4, "big") + rng.bytes(size)
 
 
+@pytest.mark.slow  # runs long
 def test_1000_forged_frames_leave_bob_exactly_as_before() -> None:
     rng = np.random.default_rng(4)
     wire = _mid_block(40)

@@ -136,6 +136,7 @@ async def test_the_daemon_reports_starvation_and_applies_its_policy(
 def test_after_exhaustion_the_next_daemon_session_bootstraps_without_pool_bits(
     node_factory: Callable[[str], Node],
 ) -> None:
+    """After exhaustion the daemon's next session bootstraps instead of paying from the pool."""
     alice, bob, _, _ = ledger_pair(seed=67, target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS)
     wire = key_derived_wire(alice, bob, seed=62)
     block_id = 0

@@ -31,7 +31,7 @@ from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import SecurityParameters
 from qkdnode.postprocess.pipeline import BlockKey, PipelineParameters, Transcript, run_block
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
-from tests.blocksim import make_block
+from tests.helpers_blocks import make_block
 from tests.reliability.memory import (
     NAMED,
     _body,
@@ -89,6 +89,7 @@ def forced_abort(kind: str, seed: int) -> tuple[BlockAborted, BlockAborted, int]
     return alice, bob, len(transcript.messages)
 
 
+@pytest.mark.slow  # runs long
 def test_100_forced_aborts_burn_at_most_the_stated_bound_and_yield_no_key() -> None:
     rng = np.random.default_rng(7)
     alice, bob, _, _ = ledger_pair(seed=7, target_bits=1 << 18)
@@ -200,7 +201,8 @@ class _Done(Exception):
 
 
 def test_backoff_grows_while_sessions_keep_aborting() -> None:
-    """Regression test for D5 (found here; fixed in the working tree on 2026-11-28)."""
+    """Sessions that keep aborting right after their handshake are retried with a growing
+    backoff, so an attacker cannot make the node burn keys at a fixed rate."""
     gaps = trio.run(_gaps_between_sessions, 6, clock=trio.testing.MockClock(autojump_threshold=0))
     assert len(gaps) == 5
     assert gaps[-1] >= 4 * gaps[0], gaps

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from qkdnode.postprocess.bitpack import unpack_bits
 from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
@@ -30,7 +31,7 @@ from qkdnode.postprocess.pipeline import (
     run_block,
 )
 from qkdnode.postprocess.verification import VerificationTag
-from tests.blocksim import make_block
+from tests.helpers_blocks import make_block
 
 BLOCKS_PER_VARIANT = int(os.environ.get("QKDNODE_SOAK_LEAK_BLOCKS", "8"))
 QBERS = (0.005, 0.01, 0.02, 0.035)
@@ -45,6 +46,7 @@ def _params(variant: CascadeVariant) -> PipelineParameters:
     )
 
 
+@pytest.mark.slow  # runs long
 def test_computed_leak_equals_the_disclosed_bits_in_every_block() -> None:
     checked = aborted = 0
     for variant in CascadeVariant:

@@ -7,8 +7,7 @@ pair carries on and both stores agree.
 Two failure points: N = 2 (the store's open and the next write succeed; the failure comes in
 the distillation loop, at the first block) and N = 8 (the failure hits the write-ahead
 persistence of the authentication-key ledger after the rotation to key-derived mode, inside
-the channel session's own tasks). Both failed (defect D8, found here, fixed in the working
-tree on 2026-11-28): these are its regression tests.
+the channel session's own tasks).
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.harness import Pair, faulty_launcher, stores_agree
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 STOP_WITHIN_S = 10.0
 

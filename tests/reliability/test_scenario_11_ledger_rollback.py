@@ -11,8 +11,7 @@ states (``LedgerState``, what the store keeps):
   so no bit before it is ever drawn again;
 - lost: the node has no active ledger and refuses key-derived mode.
 Then the daemon's next session (``Node.make_connection``) must re-bootstrap as configured (the
-certificate/PSK bootstrap is configured): defect D7 (it retried key-derived mode forever),
-found here and fixed in the working tree; the last test is its regression test.
+certificate/PSK bootstrap is configured) instead of retrying key-derived mode for ever.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ def test_a_lost_ledger_refuses_key_derived_mode() -> None:
 def test_after_a_refused_key_derived_handshake_the_daemon_rebootstraps_as_configured(
     node_factory: Callable[[str], Node],
 ) -> None:
-    """Regression test for D7 (found here; fixed in the working tree on 2026-11-28): the
+    """After a refused key-derived handshake the
     daemon (``auth.on_exhausted = "rebootstrap"``, the default) bootstraps the next session."""
     alice, bob, _, _ = ledger_pair(seed=14, target_bits=TARGET_BITS)
     key_derived_wire(alice, bob, seed=140)

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from qkdnode import pki
-from tests.reliability.conftest import Proxied
+from qkdnode.ops import issuance
 from tests.reliability.harness import api, tls_context
+from tests.reliability.helpers_proxied import Proxied
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 
 def _wait_for_keys(proxied: Proxied, node: str, sae: str, slave: str, number: int) -> None:
@@ -51,8 +53,8 @@ def test_etsi_014_negatives_at_daemon_level(proxied: Proxied, tmp_path: Path) ->
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         api(layout, "alice", None, "sae-b/status")
     foreign = tmp_path / "foreign"
-    pki.init_ca(foreign, common_name="foreign CA")
-    pki.issue_certificate(foreign, "sae-a", foreign / "sae-a", purpose="sae")
+    issuance.init_ca(foreign, common_name="foreign CA")
+    issuance.issue_certificate(foreign, "sae-a", foreign / "sae-a", purpose="sae")
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         api(layout, "alice", "sae-a", "sae-b/status", ca_dir=foreign)
     _served(proxied)

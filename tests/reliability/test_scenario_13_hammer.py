@@ -9,9 +9,12 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
-from tests.reliability.conftest import QUOTA_BURST_KEYS, QUOTA_KEYS_PER_S, Proxied
 from tests.reliability.harness import api
+from tests.reliability.helpers_proxied import QUOTA_BURST_KEYS, QUOTA_KEYS_PER_S, Proxied
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 HAMMER_S = 4.0
 

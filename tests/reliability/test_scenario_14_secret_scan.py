@@ -13,11 +13,14 @@ from __future__ import annotations
 import base64
 import urllib.request
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes
-from tests.reliability.conftest import Proxied
 from tests.reliability.harness import api, scan, windows
+from tests.reliability.helpers_proxied import Proxied
+
+pytestmark = pytest.mark.slow  # starts daemon processes
 
 
 def test_no_secret_in_logs_exceptions_metrics_or_reprs(proxied: Proxied) -> None:

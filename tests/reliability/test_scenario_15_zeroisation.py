@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from qkdnode.store import KeyStore, StagedBlock
+from tests.helpers_store import reserve, take
 from tests.reliability.harness import scan, windows
 
 KEY_BYTES = 32
@@ -35,7 +36,8 @@ def _fill(store: KeyStore, rng: np.random.Generator, block_id: int, count: int) 
 def _deliver_all(store: KeyStore, count: int) -> None:
     for parity in (0, 1):
         ids = [uuid.uuid4() for _ in range(count // 2)]
-        reserved = store.reserve_for_delivery(
+        reserved = reserve(
+            store,
             parity=parity,
             delivery_ids=ids,
             size_bits=8 * KEY_BYTES,
@@ -43,7 +45,7 @@ def _deliver_all(store: KeyStore, count: int) -> None:
             slave_sae="sae-b",
         )
         assert reserved is not None
-        taken = store.take_delivery(ids, role="master", master_sae="sae-a", slave_sae="sae-b")
+        taken = take(store, ids, role="master", master_sae="sae-a", slave_sae="sae-b")
         assert len(taken) == len(ids)
 
 

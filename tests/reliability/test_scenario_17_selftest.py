@@ -92,10 +92,11 @@ def test_an_unexpected_exception_counts_as_a_failure(monkeypatch: pytest.MonkeyP
     assert caught.value.test == "ed25519"
 
 
+@pytest.mark.slow
 def test_a_failing_self_test_stops_the_daemon_from_starting(tmp_path: Path) -> None:
     """`qkdnode run` with a broken Toeplitz hash (patched in the process) exits 1, naming the
     test, before it opens its store or listens on anything."""
-    from qkdnode.node.demo import prepare_workdir
+    from qkdnode.demo.run import prepare_workdir
 
     layout = prepare_workdir(tmp_path, distance_km=25.0, block_pulses=1 << 20)
     program = (

@@ -6,7 +6,7 @@ is built with a looser configuration or registry. Limits: frame size (``max_fram
 the length prefix), bytes per feed (``max_feed_bytes``), field lengths (the kind's schema), open
 blocks (``max_open_blocks``), block transcript length per one-time tag (``max_block_chunks``,
 which sets the tag's forgery bound), ledger resynchronisation distance (``max_resync_bits``),
-and session age (defect D6: there was none; fixed in the working tree).
+and session age (``max_session_age_s``).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def test_ledger_resync_accepted_at_the_limit_refused_one_byte_over(ahead_bits: i
 
 
 def test_a_session_older_than_any_sane_limit_is_refused() -> None:
-    """Regression test for D6 (found here; fixed in the working tree on 2026-11-28)."""
+    """A session's control keys do not authenticate frames for ever: an old session is refused."""
     config = ChannelConfig(max_frame_bytes=1 << 20)
     wire = _psk_wire(alice_config=config, bob_config=config)
     handshake(wire)

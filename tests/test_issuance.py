@@ -1,4 +1,4 @@
-"""`qkdnode pki`: CA and certificates verify, carry the right usages, and keys are private."""
+"""Certificate issuance (`qkdnode pki`): certificates verify and carry the right usages."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from qkdnode import pki
+from qkdnode.ops import issuance
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "ml-dsa-65"])
-def test_node_certificate_chains_to_ca(tmp_path: Path, algorithm: pki.Algorithm) -> None:
-    ca = pki.init_ca(tmp_path / "pki", algorithm=algorithm)
-    node = pki.issue_certificate(
+def test_node_certificate_chains_to_ca(tmp_path: Path, algorithm: issuance.Algorithm) -> None:
+    ca = issuance.init_ca(tmp_path / "pki", algorithm=algorithm)
+    node = issuance.issue_certificate(
         tmp_path / "pki", "alice", tmp_path / "pki" / "alice", purpose="node", algorithm=algorithm
     )
     ca_cert = x509.load_pem_x509_certificate(ca.certificate.read_bytes())
@@ -32,10 +32,10 @@ def test_node_certificate_chains_to_ca(tmp_path: Path, algorithm: pki.Algorithm)
 
 
 def test_sae_certificate_is_a_client_certificate_named_by_sae_id(tmp_path: Path) -> None:
-    pki.init_ca(tmp_path)
-    sae = pki.issue_certificate(tmp_path, "sae-a", tmp_path / "sae-a", purpose="sae")
+    issuance.init_ca(tmp_path)
+    sae = issuance.issue_certificate(tmp_path, "sae-a", tmp_path / "sae-a", purpose="sae")
     cert = x509.load_pem_x509_certificate(sae.certificate.read_bytes())
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "sae-a"
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert isinstance(pki.load_private_key(sae.private_key), ec.EllipticCurvePrivateKey)
+    assert isinstance(issuance.load_private_key(sae.private_key), ec.EllipticCurvePrivateKey)

@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from qkdnode.postprocess.cascade import CascadeVariant
+from qkdnode.postprocess.finitekey import (
+    DecoySettings,
+    SecurityParameters,
+)
+from qkdnode.postprocess.pipeline import (
+    PipelineParameters,
+)
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 
@@ -45,3 +53,25 @@ def make_block(
         bit=bob_bit,
     )
     return emissions, detections
+
+
+SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-12)
+
+
+SINGLE_PHOTON = PipelineParameters(
+    cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
+    security=SECURITY,
+    qber_threshold=0.05,
+    sample_bits=2000,
+)
+
+
+DECOY = DecoySettings(
+    mu_signal=0.5,
+    mu_decoy=0.15,
+    mu_vacuum=0.0002,
+    p_signal=0.5,
+    p_decoy=0.35,
+    p_vacuum=0.15,
+    p_key_basis=0.5,
+)

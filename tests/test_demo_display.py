@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from qkdnode.node.demo import Progress
-from qkdnode.ops.display import DemoDisplay
+from qkdnode.demo.display import DemoDisplay
+from qkdnode.demo.progress import Progress
 
 
 def committed(block: int, qber: float, secret_bits: int) -> dict[str, object]:

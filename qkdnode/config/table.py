@@ -8,13 +8,17 @@ dotted key and what was expected. The file name is attached where the file is re
 from __future__ import annotations
 
 import math
+import os
+import stat
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from qkdnode.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING: Any = object()
+REQUIRED: Any = _MISSING  # as a default: the key must be present
 
 
 class Table:
@@ -109,6 +113,15 @@ class Table:
             )
         return number
 
+    def optional_number(
+        self, name: str, *, minimum: float | None = None, maximum: float | None = None
+    ) -> float | None:
+        """A number (in [minimum, maximum] when given), or None when the key is absent."""
+        if name not in self._data:
+            self._seen.add(name)
+            return None
+        return self.number(name, minimum=minimum, maximum=maximum)
+
     def string_list(self, name: str, default: list[str] = _MISSING) -> tuple[str, ...]:
         value = self._get(name, default)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -167,3 +180,32 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+def address(table: Table, name: str) -> tuple[str, int] | None:
+    """An optional ``host:port`` entry."""
+    if not table.has(name):
+        table.optional_string(name)
+        return None
+    return table.parsed(name, parse_host_port, "host:port (e.g. 127.0.0.1:7000)")
+
+
+def resolve_path(text: str, base: Path) -> Path:
+    """``~`` expanded; a relative path is relative to ``base`` (the config file's directory)."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def existing_file(key: str, path: Path, *, secret: bool = False) -> Path:
+    """``path`` if it exists; with ``secret``, also refuse a file readable by group or others."""
+    if not path.exists():
+        raise ConfigError(key, f"an existing file ({path} does not exist)")
+    if secret:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            raise ConfigError(
+                key,
+                f"a private file: {path} has mode {mode:o}, readable by group or others"
+                f" (chmod 600 {path})",
+            )
+    return path

@@ -1,4 +1,4 @@
-"""Support for the link tests (no tests here): both ends over an in-process fibre, counts."""
+"""Link test helpers: both ends over an in-process fibre, and detection counts by class."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import trio
 
-from qkdnode.link.config import EveConfig, SimulatedLinkConfig
+from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.link.eve import EveAttack, run_eve_proxy
 from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords

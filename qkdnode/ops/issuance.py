@@ -1,4 +1,6 @@
-"""`qkdnode pki`: a small certificate authority for a node pair and its consumers.
+"""Certificate issuance (`qkdnode pki`): a small CA for a node pair and its consumers.
+
+This module makes keys and certificates; checking a peer's chain is ``qkdnode.channel.pki``.
 
 - ``init`` makes a CA (Ed25519 by default, ML-DSA-65 by option).
 - ``issue node NAME`` makes a node certificate for the classical channel (Ed25519 by default,

@@ -3,7 +3,7 @@
 ``DemoDisplay(out, target_blocks=N)`` is a context manager. In a terminal it shows a live panel
 (progress bar of block attempts, committed/aborted, secret and sifted bits and rates, QBER, f,
 authentication mode, the last event lines); elsewhere (a pipe, a file, ``--json`` runs) it falls
-back to printing each event line as plain text, exactly as the demo did before. Nothing secret
+back to printing each event line as plain text. Nothing secret
 is ever passed in: ``Progress`` holds public counts only.
 """
 
@@ -13,7 +13,7 @@ import collections
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TextIO
+from typing import Any, Final, TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -22,14 +22,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-if TYPE_CHECKING:
-    from qkdnode.node.demo import Progress
+from qkdnode.demo.progress import Progress
 
 RECENT_LINES: Final = 6
 
 
 class DemoDisplay:
-    """Live view of the demo's :class:`~qkdnode.node.demo.Progress`.
+    """Live view of the demo's :class:`~qkdnode.demo.progress.Progress`.
 
     ``live``: None decides from ``out`` (a terminal gets the live view); ``clock`` is a
     monotonic clock for the rates (``Progress.started_s`` uses ``time.monotonic``).

@@ -1,0 +1,54 @@
+"""The ``[auth]`` section: bootstrap credentials and the authentication-key pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from qkdnode.config.table import Table, existing_file, resolve_path
+from qkdnode.errors import ConfigError
+
+AuthMode = Literal["pki", "psk"]
+OnExhausted = Literal["rebootstrap", "halt"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSection:
+    """Bootstrap credentials and the authentication-key pool. No secret is held here: paths only."""
+
+    mode: AuthMode
+    ca_file: Path | None
+    certificate_file: Path | None
+    private_key_file: Path | None
+    psk_file: Path | None
+    pool_target_bits: int
+    pool_reserve_bits: int
+    on_exhausted: OnExhausted
+
+
+def read_auth(table: Table, base: Path) -> AuthSection:
+    """Files are resolved against ``base`` and must exist; key files must be private (mode 600)."""
+    pki = table.string("mode", choices=("pki", "psk")) == "pki"
+
+    def file(name: str, *, required: bool, secret: bool = False) -> Path | None:
+        text = table.string(name) if required else table.optional_string(name)
+        if text is None:
+            return None
+        return existing_file(table.key(name), resolve_path(text, base), secret=secret)
+
+    on_exhausted = table.string("on_exhausted", "rebootstrap", choices=("rebootstrap", "halt"))
+    section = AuthSection(
+        mode="pki" if pki else "psk",
+        ca_file=file("ca_file", required=pki),
+        certificate_file=file("certificate_file", required=pki),
+        private_key_file=file("private_key_file", required=pki, secret=True),
+        psk_file=file("psk_file", required=not pki, secret=True),
+        pool_target_bits=table.integer("pool_target_bits", 1 << 20, minimum=1024),
+        pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 16, minimum=0),
+        on_exhausted="rebootstrap" if on_exhausted == "rebootstrap" else "halt",
+    )
+    if section.pool_reserve_bits >= section.pool_target_bits:
+        raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")
+    table.finish()
+    return section

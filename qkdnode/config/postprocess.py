@@ -1,0 +1,48 @@
+"""The ``[postprocess]`` section: block size, Cascade variant, security model and the epsilons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from qkdnode.config.table import Table
+
+SecurityModel = Literal["decoy", "single_photon"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PostprocessSection:
+    block_pulses: int
+    cascade_variant: str
+    security_model: SecurityModel
+    eps_sec: float
+    eps_cor: float
+    qber_threshold: float
+    sample_bits: int
+
+
+def read_postprocess(table: Table) -> PostprocessSection:
+    def open_interval(name: str, default: float, maximum: float) -> float:
+        return table.number(
+            name,
+            default,
+            minimum=0,
+            maximum=maximum,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        )
+
+    model = table.string("security_model", "decoy", choices=("decoy", "single_photon"))
+    section = PostprocessSection(
+        block_pulses=table.integer("block_pulses", 50_000_000, minimum=1000),
+        cascade_variant=table.string(
+            "cascade_variant", "subblock-reuse", choices=("original", "yan", "subblock-reuse")
+        ),
+        security_model="decoy" if model == "decoy" else "single_photon",
+        eps_sec=open_interval("eps_sec", 1e-10, 1),
+        eps_cor=open_interval("eps_cor", 1e-12, 1),
+        qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
+        sample_bits=table.integer("sample_bits", 1024, minimum=0),
+    )
+    table.finish()
+    return section

@@ -1,0 +1,7 @@
+"""``qkdnode demo``: Alice and Bob as two real ``qkdnode run`` processes on loopback.
+
+- ``run``: the work directory (PKI, configs), starting and stopping the nodes, comparing their
+  stores and fetching keys through the API, ``run_demo``;
+- ``progress``: following the nodes' JSON logs (``LogFollower``) into public counts (``Progress``);
+- ``display``: the terminal view of that progress (``DemoDisplay``).
+"""

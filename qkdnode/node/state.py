@@ -1,0 +1,210 @@
+"""What lives as long as the daemon: ``Node`` (config, store, ledger, link, metrics, the
+authentication planner, reservations) and the store as the coordination machine reads it."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import structlog
+import trio
+
+from qkdnode.channel.auth import Credentials, Role
+from qkdnode.channel.connection import ChannelConfig, PeerConnection
+from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
+from qkdnode.config import NodeConfig
+from qkdnode.coordination.events import StagedShare
+from qkdnode.coordination.planner import AttemptDecision, AuthPlanner
+from qkdnode.coordination.wire import make_registry
+from qkdnode.delivery.keys import KeyManager
+from qkdnode.link.blocks import BlockSource
+from qkdnode.link.interface import QuantumLink
+from qkdnode.node.reporting import BlockReporter, NodeCounters
+from qkdnode.node.reservations import Reservations
+from qkdnode.node.session import SessionConfig, load_certificate_credentials, load_psk_file
+from qkdnode.ops.metrics import NodeMetrics
+from qkdnode.ops.systemd import SystemdNotifier
+from qkdnode.postprocess.cascade import CascadeVariant
+from qkdnode.postprocess.finitekey import DecoySettings, SecurityParameters
+from qkdnode.postprocess.pipeline import PipelineParameters
+from qkdnode.store import BlockState, KeyStore
+
+log = structlog.get_logger("qkdnode.node")
+
+
+class SessionControl(Protocol):
+    """What the daemon needs of the session in progress to stop it gracefully."""
+
+    idle: trio.Event
+
+    def request_stop(self) -> None: ...
+
+
+def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParameters:
+    pp = config.postprocess
+    decoy = None
+    if pp.security_model == "decoy":
+        nominal = link.nominal_parameters()
+        decoy = DecoySettings(
+            mu_signal=nominal.mu_signal,
+            mu_decoy=nominal.mu_decoy,
+            mu_vacuum=nominal.mu_vacuum,
+            p_signal=nominal.p_signal,
+            p_decoy=nominal.p_decoy,
+            p_vacuum=nominal.p_vacuum,
+            p_key_basis=nominal.p_key_basis,
+        )
+    return PipelineParameters(
+        cascade_variant=CascadeVariant.from_name(pp.cascade_variant),
+        security=SecurityParameters(eps_sec=pp.eps_sec, eps_cor=pp.eps_cor),
+        qber_threshold=pp.qber_threshold,
+        sample_bits=pp.sample_bits,
+        decoy=decoy,
+    )
+
+
+class KeyStoreView:
+    """The key store as the coordination machine reads it."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self._store = store
+
+    def staged_block_ids(self) -> list[int]:
+        return self._store.staged_block_ids()
+
+    def last_block_id(self) -> int | None:
+        return self._store.last_block_id()
+
+    def block_committed(self, block_id: int) -> bool:
+        return self._store.block_state(block_id) is BlockState.COMMITTED
+
+    def staged_material(self, block_id: int) -> StagedShare:
+        return self._store.staged_material(block_id)
+
+
+class Node:
+    """One node's state shared by its tasks: config, store, ledger, link, counters."""
+
+    def __init__(self, config: NodeConfig, store: KeyStore, blocks: BlockSource) -> None:
+        self.config = config
+        self.role = Role.ALICE if config.node.role == "alice" else Role.BOB
+        self.store = store
+        self.store_view = KeyStoreView(store)
+        self.blocks = blocks
+        self.link = blocks.link
+        self.params = _pipeline_parameters(config, blocks.link)
+        self.registry = make_registry()
+        self.notifier = SystemdNotifier()
+        self.stop_requested = trio.Event()
+        # a failed store write can surface in any task (e.g. a ledger draw while a frame is
+        # read): the store reports it here and the daemon stops
+        self.store_failed = trio.Event()
+        store.on_failure = self.store_failed.set
+        stored = store.load_auth_ledger()
+        state = ledger_state_from_bytes(stored) if stored is not None else None
+        self.ledger = AuthKeyLedger(
+            target_bits=config.auth.pool_target_bits,
+            reserve_bits=config.auth.pool_reserve_bits,
+            state=state,
+            observer=lambda _draw: self._persist_ledger(),
+        )
+        self.planner = AuthPlanner(self.role, config.auth.on_exhausted)
+        self.credentials = self._load_credentials()
+        self.metrics = NodeMetrics(
+            node=config.node.name,
+            peer=config.peer.name,
+            role=config.node.role,
+            pool_target_bits=config.auth.pool_target_bits,
+            pool_reserve_bits=config.auth.pool_reserve_bits,
+            saes=(*config.delivery.local_saes, *config.delivery.peer_saes)
+            if config.delivery is not None
+            else (),
+        )
+        self.metrics.add_refresher(lambda m: m.set_store_counts(self.store.counts()))
+        self.metrics.add_refresher(
+            lambda m: m.set_auth_pool(
+                level_bits=self.ledger.level_bits, consumed_bits=self.ledger.consumed_bits
+            )
+        )
+        self.metrics.add_refresher(lambda m: m.set_link_status(self.link.status()))
+        self.reporter = BlockReporter(
+            metrics=self.metrics,
+            notifier=self.notifier,
+            ledger=self.ledger,
+            key_size_bits=config.store.key_size_bits,
+        )
+        self.exchange: SessionControl | None = None
+        self._last_connection: PeerConnection | None = None
+        self.reservations = Reservations()
+        self.manager: KeyManager | None = None
+        if config.delivery is not None:
+            self.manager = KeyManager(
+                store,
+                master_parity=config.delivery.master_parity,
+                peer_reserve=self.reservations.peer_reserve,
+                peer_timeout_s=config.delivery.peer_timeout_s,
+                local_saes=config.delivery.local_saes,
+                peer_saes=config.delivery.peer_saes,
+                prebind_keys=config.delivery.prebind_keys,
+                prebind_size_bits=config.delivery.limits.key_size_bits,
+            )
+            self.reservations.manager = self.manager
+
+    @property
+    def counters(self) -> NodeCounters:
+        return self.reporter.counters
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _load_credentials(self) -> Credentials:
+        auth = self.config.auth
+        if auth.mode == "psk":
+            assert auth.psk_file is not None
+            return load_psk_file(auth.psk_file)
+        assert auth.certificate_file and auth.private_key_file and auth.ca_file
+        return load_certificate_credentials(
+            certificate_file=str(auth.certificate_file),
+            key_file=str(auth.private_key_file),
+            ca_file=str(auth.ca_file),
+            peer_name=self.config.peer.name,
+        )
+
+    def session_config(self) -> SessionConfig:
+        peer = self.config.peer
+        address = peer.connect if peer.connect is not None else peer.listen
+        assert address is not None
+        return SessionConfig(
+            host=address[0],
+            port=address[1],
+            connect_timeout_s=peer.connect_timeout_s,
+            read_timeout_s=peer.io_timeout_s,
+            write_timeout_s=peer.io_timeout_s,
+            keepalive_interval_s=min(peer.keepalive_interval_s, peer.io_timeout_s / 2),
+            backoff_max_s=peer.reconnect_max_delay_s,
+        )
+
+    def make_connection(self) -> PeerConnection:
+        """A new connection, authenticated as the ``AuthPlanner`` decides."""
+        connection, decision = self.planner.new_connection(
+            last=self._last_connection,
+            credentials=self.credentials,
+            registry=self.registry,
+            ledger=self.ledger,
+            config=ChannelConfig(
+                max_frame_bytes=self.config.peer.max_frame_bytes,
+                on_exhausted=self.config.auth.on_exhausted,
+            ),
+            random_bytes=os.urandom,
+        )
+        if decision is AttemptDecision.REBOOTSTRAP:
+            log.error("auth.rebootstrap", reason="key-derived handshake failed")
+        elif decision is AttemptDecision.REFUSED_HALT:
+            log.critical(
+                "auth.key_derived_refused",
+                detail="the peer refused key-derived authentication; on_exhausted = halt",
+            )
+        self._last_connection = connection
+        return connection
+
+    def _persist_ledger(self) -> None:
+        # Write-ahead: a drawn one-time key is durable as spent before it is used.
+        self.store.save_auth_ledger(ledger_state_to_bytes(self.ledger.state))

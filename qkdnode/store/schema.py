@@ -1,0 +1,112 @@
+"""The key store's SQLite schema and its migrations.
+
+``SCHEMA_VERSION`` history: 2 added ``deliveries`` and ``delivery_parts``; 3 added
+``deliveries.peer_confirmed`` (a version-2 store is migrated in place when opened).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from qkdnode.errors import KeyStoreError
+from qkdnode.store.transaction import Tx
+
+SCHEMA_VERSION: Final = 3
+DATABASE_NAME: Final = "keys.db"
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS blocks (
+    block_id          INTEGER PRIMARY KEY,
+    state             TEXT NOT NULL CHECK (state IN ('staged', 'committed', 'dropped')),
+    first_pulse_index INTEGER NOT NULL,
+    pulse_count       INTEGER NOT NULL,
+    secret_bits       INTEGER NOT NULL,
+    auth_pool_bits    INTEGER NOT NULL,
+    ledger_mark_bits  INTEGER NOT NULL DEFAULT 0,
+    stats             TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS keys (
+    key_id     TEXT PRIMARY KEY,
+    block_id   INTEGER NOT NULL REFERENCES blocks (block_id),
+    position   INTEGER NOT NULL,
+    size_bits  INTEGER NOT NULL,
+    material   BLOB,
+    state      TEXT NOT NULL
+               CHECK (state IN ('staged', 'available', 'reserved', 'delivered')),
+    master_sae TEXT,
+    slave_sae  TEXT,
+    UNIQUE (block_id, position)
+) STRICT;
+-- delivery takes the oldest available key of one parity (the master's partition): without the
+-- parity in the index that scan steps over every available key of the other partition first
+DROP INDEX IF EXISTS keys_by_state;
+CREATE INDEX IF NOT EXISTS keys_by_state_parity ON keys (state, position % 2, block_id, position);
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    role        TEXT NOT NULL CHECK (role IN ('master', 'slave')),
+    state       TEXT NOT NULL CHECK (state IN ('reserved', 'delivered')),
+    master_sae  TEXT NOT NULL,
+    slave_sae   TEXT NOT NULL,
+    size_bits   INTEGER NOT NULL,
+    -- master side: the peer acknowledged its durable record (a reservation made ahead of
+    -- requests survives a restart only then)
+    peer_confirmed INTEGER NOT NULL DEFAULT 0 CHECK (peer_confirmed IN (0, 1))
+) STRICT;
+CREATE TABLE IF NOT EXISTS delivery_parts (
+    delivery_id  TEXT NOT NULL REFERENCES deliveries (delivery_id),
+    seq          INTEGER NOT NULL,
+    key_id       TEXT NOT NULL REFERENCES keys (key_id),
+    offset_bytes INTEGER NOT NULL,
+    length_bytes INTEGER NOT NULL,
+    PRIMARY KEY (delivery_id, seq)
+) STRICT;
+CREATE INDEX IF NOT EXISTS parts_by_key ON delivery_parts (key_id);
+CREATE TABLE IF NOT EXISTS auth_pool (
+    block_id INTEGER PRIMARY KEY REFERENCES blocks (block_id),
+    material BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS auth_ledger (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    state     BLOB NOT NULL
+) STRICT;
+"""
+
+
+def install_schema(tx: Tx, path: Path, node_name: str) -> None:
+    """Create the tables of a new store, or migrate and check an existing one.
+
+    Raises KeyStoreError for an unknown schema version or another node's store.
+    """
+    tx.executescript_in_tx(SCHEMA)
+    rows = dict(tx.execute("SELECT name, value FROM meta").fetchall())
+    if not rows:
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES (?, ?), (?, ?)",
+            ("schema_version", str(SCHEMA_VERSION), "node_name", node_name),
+        )
+    else:
+        if rows.get("schema_version") == "2":  # in place: one column more
+            tx.execute(
+                "ALTER TABLE deliveries ADD COLUMN peer_confirmed INTEGER NOT NULL"
+                " DEFAULT 0 CHECK (peer_confirmed IN (0, 1))"
+            )
+            tx.execute(
+                "UPDATE meta SET value = ? WHERE name = 'schema_version'",
+                (str(SCHEMA_VERSION),),
+            )
+            rows["schema_version"] = str(SCHEMA_VERSION)
+        if rows.get("schema_version") != str(SCHEMA_VERSION):
+            raise KeyStoreError(
+                f"key store {path}: schema version {rows.get('schema_version')!r},"
+                f" this qkdnode reads {SCHEMA_VERSION}"
+            )
+        if rows.get("node_name") != node_name:
+            raise KeyStoreError(
+                f"key store {path} belongs to node {rows.get('node_name')!r},"
+                f" not {node_name!r}: point store.directory at this node's own store"
+            )
