@@ -72,7 +72,14 @@ def _decoy_block(seed: int, qber: float = 0.02) -> tuple[EmissionRecords, Detect
 def _single_photon_block(
     seed: int, qber: float = 0.02, pulses: int = 2_000_000
 ) -> tuple[EmissionRecords, DetectionRecords]:
-    return make_block(np.random.default_rng(seed), pulse_count=pulses, qber=qber, vacuum_qber=qber)
+    # Enough test-basis bits for the phase-error estimate ([TLGR12] k) at a few per cent QBER.
+    return make_block(
+        np.random.default_rng(seed),
+        pulse_count=pulses,
+        qber=qber,
+        vacuum_qber=qber,
+        p_key_basis=0.7,
+    )
 
 
 def _assert_same_key(alice: BlockOutcome, bob: BlockOutcome) -> tuple[BlockKey, BlockKey]:
@@ -98,9 +105,10 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(2)))
     stats = alice.statistics
     assert stats.sample_bits == params.sample_bits
+    assert stats.test_bits > 0
     expected = tomamichel_key_length(
         key_bits=stats.reconciled_bits,
-        sample_bits=params.sample_bits,
+        sample_bits=stats.test_bits,
         qber_tolerance=params.qber_threshold,
         leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
         security=SECURITY,
@@ -108,6 +116,17 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     assert stats.final_key_bits == expected == alice.key.shape[0]
     assert 0.015 < stats.qber < 0.025
     assert 1.0 < stats.reconciliation_efficiency < 1.3
+
+
+def test_single_photon_block_without_test_basis_bits_aborts() -> None:
+    # Both sides always choose the key basis: no test-basis bit, no phase-error estimate.
+    emissions, detections = make_block(
+        np.random.default_rng(11), pulse_count=500_000, qber=0.02, vacuum_qber=0.02, p_key_basis=1.0
+    )
+    alice, bob = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(12))
+    _assert_aborted(alice, bob, AbortReason.NO_POSITIVE_KEY)
+    assert isinstance(alice, BlockAborted)
+    assert "no test-basis bit" in alice.detail
 
 
 def test_decoy_block_gives_identical_keys() -> None:

@@ -202,7 +202,8 @@ class PipelineParameters:
 
     ``decoy`` selects the decoy-state bound of Lim et al. 2014; ``None`` selects the
     single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
-    tolerated QBER Q_tol that sizes the key.
+    tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
+    bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
     """
 
     cascade_variant: CascadeVariant
@@ -216,8 +217,6 @@ class PipelineParameters:
             raise ValueError("qber_threshold must be in (0, 0.5)")
         if self.sample_bits < 0:
             raise ValueError("sample_bits must be >= 0")
-        if self.decoy is None and self.sample_bits == 0:
-            raise ValueError("the single-photon bound needs sample_bits > 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,9 +286,11 @@ def final_key_length(
 ) -> int:
     """The secret key length the finite-key bound allows (0 = none), from public data only."""
     if params.decoy is None:
+        # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
+        # sample the phase-error rate is estimated from (not the key-basis QBER sample).
         return tomamichel_key_length(
             key_bits=key_bits,
-            sample_bits=params.sample_bits,
+            sample_bits=sum(statistics.counts),
             qber_tolerance=params.qber_threshold,
             leak_ec_bits=leak_ec_bits,
             security=params.security,
@@ -323,6 +324,11 @@ def _estimation_decision(
     if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
         return high
     test_bits = sum(statistics.counts)
+    if params.decoy is None and test_bits == 0:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail="no test-basis bit was compared: the phase-error rate is not estimated",
+        )
     if test_bits and (
         high := check_qber(sum(statistics.errors) / test_bits, params.qber_threshold)
     ):
