@@ -26,6 +26,7 @@ from qkdnode.postprocess.keylength.lim2014 import lim_key_length
 from qkdnode.postprocess.keylength.optimiser import DecoyOptimum, optimise_decoy_settings
 from qkdnode.postprocess.keylength.selection import decoy_key_length_for
 from qkdnode.postprocess.keylength.theory import (
+    asymptotic_decoy_bits_per_pulse,
     channel_transmittance,
     decoy_secret_bits_per_pulse,
     expected_decoy_observation,
@@ -51,6 +52,7 @@ __all__ = [
     "FiniteKeyAnalysis",
     "SecurityParameters",
     "asymptotic_bb84_rate",
+    "asymptotic_decoy_bits_per_pulse",
     "asymptotic_decoy_length",
     "binary_entropy",
     "channel_transmittance",

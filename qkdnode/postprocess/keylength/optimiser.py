@@ -145,7 +145,7 @@ def optimise_decoy_settings(
     secrecy_per_key_bit: float | None = None,
     initial: DecoySettings | None = None,
     max_evaluations: int = 1500,
-    analysis: FiniteKeyAnalysis | None = DEFAULT_FINITE_KEY_ANALYSIS,
+    analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
     error_positions_disclosed: bool = True,
 ) -> DecoyOptimum:
     """Maximise the expected key rate l/N of ``analysis`` over {q_x, p_mu1, p_mu2, mu1, mu2}.

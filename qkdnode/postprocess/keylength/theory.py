@@ -26,13 +26,14 @@ from qkdnode.postprocess.keylength.common import (
     DecoySettings,
     FiniteKeyAnalysis,
     SecurityParameters,
+    binary_entropy,
     check_count,
     check_nonneg_finite,
     check_open_unit,
     check_probability,
     entropy_capped,
 )
-from qkdnode.postprocess.keylength.decoy import DecoyBound, decoy_bound, no_deviation
+from qkdnode.postprocess.keylength.decoy import DecoyBound, decoy_bound
 from qkdnode.postprocess.keylength.selection import deviation_for
 
 # Background (dark-count) errors are random: e0 = 1/2 ([LMC05]).
@@ -242,7 +243,7 @@ class TheoryModel:
     secrecy_per_key_bit: float | None
     key_block_bits: int | None
     pulses: float | None
-    analysis: FiniteKeyAnalysis | None  # None: asymptotic, no finite-size terms
+    analysis: FiniteKeyAnalysis
     error_positions_disclosed: bool
 
 
@@ -290,9 +291,8 @@ def theory_point(model: TheoryModel, settings: DecoySettings) -> TheoryPoint:
             leak,
             eps_sec,
             model.eps_cor,
-            deviation=no_deviation if model.analysis is None else deviation_for(model.analysis),
+            deviation=deviation_for(model.analysis),
             count_vacuum=not model.error_positions_disclosed,
-            asymptotic=model.analysis is None,
         )
 
     bound = bound_at(eps_sec)
@@ -318,7 +318,7 @@ def make_model(
     secrecy_per_key_bit: float | None,
     key_block_bits: int | None,
     pulses: int | None,
-    analysis: FiniteKeyAnalysis | None,
+    analysis: FiniteKeyAnalysis,
     error_positions_disclosed: bool,
 ) -> TheoryModel:
     check_channel(transmittance, dark_count_probability, misalignment_error, afterpulse_probability)
@@ -345,7 +345,7 @@ def make_model(
         secrecy_per_key_bit=secrecy_per_key_bit,
         key_block_bits=key_block_bits,
         pulses=None if pulses is None else float(pulses),
-        analysis=None if analysis is None else FiniteKeyAnalysis(analysis),
+        analysis=FiniteKeyAnalysis(analysis),
         error_positions_disclosed=error_positions_disclosed,
     )
 
@@ -364,14 +364,14 @@ def decoy_secret_bits_per_pulse(
     afterpulse_probability: float = 0.0,
     insertion_loss_db: float = 0.0,
     secrecy_per_key_bit: float | None = None,
-    analysis: FiniteKeyAnalysis | None = DEFAULT_FINITE_KEY_ANALYSIS,
+    analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
     error_positions_disclosed: bool = True,
 ) -> float:
     """Finite-key theory curve: floor(l)/N for N pulses at the expected counts.
 
     Counts are the (unrounded) expectations of the [LCWXZ14] Sec. IV model; the
-    error-correction leak is f n_X h(e_obs). ``analysis`` selects the bound (None: the
-    asymptotic rate of the same counts); ``error_positions_disclosed`` (two-way Cascade) drops
+    error-correction leak is f n_X h(e_obs). ``analysis`` selects the bound;
+    ``error_positions_disclosed`` (two-way Cascade) drops
     the vacuum term. With secrecy_per_key_bit = kappa, eps_sec = kappa * l as in [LCWXZ14]
     Fig. 1 (security.eps_sec is then ignored). Returns 0.0 when there is no key.
     """
@@ -398,6 +398,50 @@ def decoy_secret_bits_per_pulse(
     if not math.isfinite(point.real_length) or point.real_length < 1.0:
         return 0.0
     return math.floor(point.real_length) / point.pulses
+
+
+def asymptotic_decoy_bits_per_pulse(
+    *,
+    transmittance: float,
+    dark_count_probability: float,
+    misalignment_error: float,
+    reconciliation_efficiency: float,
+    error_positions_disclosed: bool = True,
+) -> float:
+    """Asymptotic decoy-state BB84 rate (infinitely many decoys, key basis chosen always),
+    maximised over the signal intensity mu:
+
+        R = Y0 e^-mu + mu e^-mu Y1 (1 - h(e1)) - f Q_mu h(E_mu)
+
+    (GLLP with [LMC05] Eq. (1), the [LCWXZ14] Sec. IV channel: Y1 = 1 - (1 - Y0)(1 - eta),
+    e1 Y1 = Y0/2 + e_mis eta). The vacuum term is dropped when the error positions are
+    disclosed (see ``decoy``). The reference every finite-key rate is compared with.
+    """
+    check_channel(transmittance, dark_count_probability, misalignment_error, 0.0)
+    y0 = vacuum_yield(dark_count_probability)
+    eta = transmittance
+    y1 = 1.0 - (1.0 - y0) * (1.0 - eta)
+    e1 = min(0.5, (_BACKGROUND_ERROR_RATE * y0 + misalignment_error * eta) / y1) if y1 > 0 else 0.5
+
+    def rate(mu: float) -> float:
+        gain = _click_probability(mu, eta, y0)
+        error_gain = _BACKGROUND_ERROR_RATE * y0 + misalignment_error * (1.0 - math.exp(-eta * mu))
+        vacuum = 0.0 if error_positions_disclosed else y0 * math.exp(-mu)
+        single = mu * math.exp(-mu) * y1 * (1.0 - binary_entropy(e1))
+        leak = reconciliation_efficiency * gain * entropy_capped(error_gain / gain)
+        return vacuum + single - leak
+
+    # Unimodal in mu on (0, 2]: golden-section search.
+    low, high = 1e-6, 2.0
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    for _ in range(80):
+        a = high - ratio * (high - low)
+        b = low + ratio * (high - low)
+        if rate(a) < rate(b):
+            low = a
+        else:
+            high = b
+    return max(0.0, rate((low + high) / 2.0))
 
 
 # ---------------------------------------------------------------------------------------------
