@@ -131,7 +131,8 @@ def decoy_bound(
     # The s_{.,n} partition the detections, so lower bounds summing above the detection count
     # mean the estimate itself failed (an eps-unlikely event, or counts the model cannot
     # produce): no key rather than more key bits than raw bits.
-    if s_x0 + s_x1 > sum(key_counts) or s_z0 + s_z1 > sum(test_counts):
+    # (Not in the asymptotic reference: it must stay an upper limit of the finite analyses.)
+    if not asymptotic and (s_x0 + s_x1 > sum(key_counts) or s_z0 + s_z1 > sum(test_counts)):
         return no_key
     error_rate = v_z1 / s_z1
     if asymptotic:
