@@ -25,7 +25,7 @@ AuthMode = Literal["pki", "psk"]
 OnExhausted = Literal["rebootstrap", "halt"]
 SecurityModel = Literal["decoy", "single_photon"]
 # Decoy finite-key analysis (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values).
-FiniteKey = Literal["lim2014", "zhang2017"]
+FiniteKey = Literal["lim2014", "zhang2017", "lim2014-kl"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -235,7 +235,9 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
             "cascade_variant", "subblock-reuse", choices=("original", "yan", "subblock-reuse")
         ),
         security_model=pp_t.string("security_model", "decoy", choices=("decoy", "single_photon")),  # type: ignore[arg-type]
-        finite_key=pp_t.string("finite_key", "zhang2017", choices=("lim2014", "zhang2017")),  # type: ignore[arg-type]
+        finite_key=pp_t.string(
+            "finite_key", "lim2014-kl", choices=("lim2014", "zhang2017", "lim2014-kl")
+        ),  # type: ignore[arg-type]
         eps_sec=pp_t.number(
             "eps_sec", 1e-10, minimum=0, maximum=1, exclusive_minimum=True, exclusive_maximum=True
         ),

@@ -58,7 +58,7 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("block_pulses = 40000000", 'block_pulses = "many"', "postprocess.block_pulses", "integer"),
         ("fiber_km = 25.0", "fiber_km = -1.0", "link.fiber_km", ">= 0"),
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
-        ('finite_key = "zhang2017"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
+        ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),
         ("pki/alice.pem", "pki/nobody.pem", "auth.certificate_file", "does not exist"),
         ('connect = "192.0.2.20:7000"', 'connect = "nowhere"', "peer.connect", "host:port"),

@@ -28,6 +28,11 @@ from qkdnode.postprocess.finitekey import (
     optimise_decoy_settings,
     tomamichel_key_length,
 )
+from qkdnode.postprocess.keylength.lim2014_kl import (
+    binary_relative_entropy,
+    relative_entropy_mean_lower,
+    relative_entropy_mean_upper,
+)
 from qkdnode.postprocess.keylength.zhang2017 import chernoff_mean_lower, chernoff_mean_upper
 
 SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
@@ -263,9 +268,10 @@ def _optimum(analysis: FiniteKeyAnalysis, pulses: int) -> float:
 
 
 @pytest.mark.parametrize("pulses", [10**8, 10**10])
-def test_chernoff_analysis_gives_more_key_than_lim_at_25_km(pulses: int) -> None:
+def test_per_class_analyses_give_more_key_than_lim_at_25_km(pulses: int) -> None:
     lim = _optimum(FiniteKeyAnalysis.LIM2014, pulses)
     chernoff = _optimum(FiniteKeyAnalysis.ZHANG2017, pulses)
+    relative_entropy = _optimum(FiniteKeyAnalysis.LIM2014_KL, pulses)
     eta = channel_transmittance(fiber_km=25.0, attenuation_db_per_km=0.2, detector_efficiency=0.1)
     asymptotic = asymptotic_decoy_bits_per_pulse(
         transmittance=eta,
@@ -273,4 +279,69 @@ def test_chernoff_analysis_gives_more_key_than_lim_at_25_km(pulses: int) -> None
         misalignment_error=0.005,
         reconciliation_efficiency=1.16,
     )
-    assert 0 < lim < chernoff < asymptotic
+    assert 0 < lim < chernoff <= relative_entropy < asymptotic
+
+
+# ---- the relative-entropy deviation against exact binomial tails ------------------------------
+
+
+def _naive_relative_entropy(a: float, b: float) -> float:
+    terms = 0.0
+    if a > 0:
+        terms += a * math.log(a / b)
+    if a < 1:
+        terms += (1 - a) * math.log((1 - a) / (1 - b))
+    return terms
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [(0.3, 0.1), (0.1, 0.3), (0.0, 0.2), (1.0, 0.9), (0.5, 0.5), (1e-6, 2e-6)]
+)
+def test_binary_relative_entropy_matches_the_definition(a: float, b: float) -> None:
+    assert binary_relative_entropy(a, b) == pytest.approx(
+        _naive_relative_entropy(a, b), rel=1e-8, abs=1e-300
+    )
+
+
+def _binomial_log_pmf(k: int, n: int, p: float) -> float:
+    if p == 0.0:
+        return 0.0 if k == 0 else -math.inf
+    if p == 1.0:
+        return 0.0 if k == n else -math.inf
+    return (
+        math.lgamma(n + 1)
+        - math.lgamma(k + 1)
+        - math.lgamma(n - k + 1)
+        + k * math.log(p)
+        + (n - k) * math.log1p(-p)
+    )
+
+
+def _binomial_tail(n: int, p: float, ks: range) -> float:
+    return sum(math.exp(_binomial_log_pmf(k, n, p)) for k in ks)
+
+
+@pytest.mark.parametrize(
+    ("observed", "trials"), [(1, 50), (5, 200), (40, 100), (300, 2000), (950, 1000), (0, 500)]
+)
+@pytest.mark.parametrize("eps", [1e-3, 1e-10 / 21])
+def test_relative_entropy_bounds_hold_for_the_binomial(
+    observed: int, trials: int, eps: float
+) -> None:
+    # Identical trials are one case of Hoeffding's Theorem 1; at the bound's own mean the exact
+    # binomial tail must not exceed eps, and is not smaller than eps / (50 sqrt(trials)).
+    log_inverse = math.log(1.0 / eps)
+    low = relative_entropy_mean_lower(observed, trials, log_inverse)
+    high = relative_entropy_mean_upper(observed, trials, log_inverse)
+    assert 0.0 <= low <= observed <= high <= trials
+    slack = eps / (50 * math.sqrt(trials))
+    if observed > 0:
+        at_least = _binomial_tail(trials, low / trials, range(observed, trials + 1))
+        assert slack < at_least <= eps
+    at_most = _binomial_tail(trials, high / trials, range(0, observed + 1))
+    assert slack < at_most <= eps
+    # inside the Chernoff and the Hoeffding intervals
+    assert low >= chernoff_mean_lower(observed, log_inverse)
+    assert high <= chernoff_mean_upper(observed, log_inverse)
+    hoeffding = math.sqrt(trials / 2 * log_inverse)
+    assert low >= observed - hoeffding and high <= observed + hoeffding
