@@ -9,10 +9,13 @@ mu = sqrt((n+k)/(nk) (k+1)/k ln(4/eps_sec)): Theorem 2 (Suppl. Eq. (S3)) needs
 eps_PA = eps_sec/2, leaving eps = eps_sec/4 for the Serfling estimate.
 
 k is the number of test-basis bits whose errors were counted (the phase-error sample); with
-k = 0 there is no estimate and no key. Two-way reconciliation (Cascade) discloses the error
-positions W = X xor Y; for single photons this leaves the bound unchanged: the error-position
-observables Z_A Z_B commute with the phase-error observables X_A X_B the estimate bounds
-(Tupkary & Lutkenhaus, arXiv:2307.00576, qubit BB84 case: same key rate as before).
+k = 0 there is no estimate and no key. Two-way reconciliation (Cascade) also discloses the error
+positions W = X xor Y (Tupkary & Lutkenhaus, arXiv:2307.00576). We keep this bound unchanged for
+it: every round is a single photon, and the error-position observables Z_A Z_B commute with the
+phase-error observables X_A X_B that the estimate bounds, so announcing W leaves the phase-error
+rate, and with it the entropy term, as it was (our argument; the paper's abstract reports
+unchanged rates "in many practically relevant situations"; its equations were not available
+here).
 """
 
 from __future__ import annotations
