@@ -139,8 +139,8 @@ def finite_key_from_counts(
     pulses: int,
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> dict[str, Any]:
-    """The key length of ``analysis`` (``finitekey.decoy_key_length_for``, two-way Cascade) and
-    of Lim et al. 2014 for the same observed counts, with leak_EC = f n_X h(E_X), f = 1.16."""
+    """The key length of ``analysis`` (``finitekey.decoy_key_length_for``, two-way Cascade) for
+    observed counts, with leak_EC = f n_X h(E_X), f = 1.16."""
     key_sifted = int(counts[:, 0].sum())
     key_errors = int(counts[:, 1].sum())
     observation = DecoyObservation(
@@ -154,16 +154,12 @@ def finite_key_from_counts(
     bound = decoy_key_length_for(
         analysis, observation, settings, leak_ec_bits=leak, security=SECURITY
     )
-    lim = decoy_key_length_for(
-        FiniteKeyAnalysis.LIM2014, observation, settings, leak_ec_bits=leak, security=SECURITY
-    )
     return {
         "analysis": FiniteKeyAnalysis(analysis).value,
         "key_basis_sifted": key_sifted,
         "key_basis_qber": qber,
         "key_bits": bound.length_bits,
         "bits_per_pulse": bound.length_bits / pulses,
-        "lim2014_bits_per_pulse": lim.length_bits / pulses,
     }
 
 
@@ -200,11 +196,11 @@ def simulate_keyrate_versus_distance(
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     """(points, curve): at each of ``distances_km`` the simulated link runs ``pulses`` with the
-    decoy settings optimised for ``analysis`` and its counts go into that bound (and Lim 2014's
-    for comparison); along ``curve_km`` the analytic rate of ``analysis`` ("theory"), of Lim et
-    al. 2014 with its own optimised settings ("theory_lim2014") and the PLOB bound
-    -log2(1 - eta_fibre) (Pirandola et al., Nat. Commun. 8, 15043 (2017)),
-    eta_fibre = 10^(-alpha L / 10). Deterministic given ``seed``.
+    decoy settings optimised for ``analysis`` and its counts go into that bound; along
+    ``curve_km`` the analytic rate of ``analysis`` ("theory"), of Lim et al. 2014 with its own
+    optimised settings ("theory_lim2014") and the PLOB bound -log2(1 - eta_fibre) (Pirandola et
+    al., Nat. Commun. 8, 15043 (2017)), eta_fibre = 10^(-alpha L / 10). Deterministic given
+    ``seed``.
     """
     points: list[dict[str, Any]] = []
     settings: DecoySettings | None = None
