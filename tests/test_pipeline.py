@@ -16,8 +16,12 @@ from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
 from qkdnode.postprocess.estimation import SampleDisclosure
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
+    DEFAULT_FINITE_KEY_ANALYSIS,
+    DecoyObservation,
     DecoySettings,
+    FiniteKeyAnalysis,
     SecurityParameters,
+    decoy_key_length_for,
     tomamichel_key_length,
 )
 from qkdnode.postprocess.pipeline import (
@@ -135,7 +139,46 @@ def test_decoy_block_gives_identical_keys() -> None:
         cascade_variant=CascadeVariant.SUBBLOCK_REUSE, security=SECURITY, decoy=DECOY
     )
     alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(4)))
-    assert alice.statistics.test_bits > 10_000
+    stats = alice.statistics
+    assert stats.test_bits > 10_000
+    # sized by the default analysis, two-way Cascade accounting (vacuum term dropped)
+    assert params.finite_key == DEFAULT_FINITE_KEY_ANALYSIS
+    observation = DecoyObservation(
+        key_basis_counts=stats.key_counts,
+        test_basis_counts=stats.test_counts,
+        test_basis_errors=stats.test_errors_per_intensity,
+    )
+    leak = stats.reconciliation_bits + stats.verification_bits
+    expected = decoy_key_length_for(
+        DEFAULT_FINITE_KEY_ANALYSIS, observation, DECOY, leak_ec_bits=leak, security=SECURITY
+    )
+    assert stats.final_key_bits == expected.length_bits > 0
+
+
+@pytest.mark.parametrize("analysis", list(FiniteKeyAnalysis))
+def test_decoy_block_is_sized_by_the_selected_analysis(analysis: FiniteKeyAnalysis) -> None:
+    emissions, detections = _decoy_block(3)
+    params = PipelineParameters(
+        cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
+        security=SECURITY,
+        decoy=DECOY,
+        finite_key=analysis,
+    )
+    alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(4)))
+    stats = alice.statistics
+    observation = DecoyObservation(
+        key_basis_counts=stats.key_counts,
+        test_basis_counts=stats.test_counts,
+        test_basis_errors=stats.test_errors_per_intensity,
+    )
+    bound = decoy_key_length_for(
+        analysis,
+        observation,
+        DECOY,
+        leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
+        security=SECURITY,
+    )
+    assert stats.final_key_bits == bound.length_bits
 
 
 def test_ledger_equals_the_bits_the_messages_carry() -> None:
