@@ -8,8 +8,10 @@ the observed n_k (a *deviation*): conditioned on the photon number of every dete
 intensity labels are independent with P(k | n) = p_k e^-k k^n / (n! tau_n) (Alice's choice is
 hidden in the photon-number mixture), so n_k is a sum of independent Bernoulli trials with mean
 n*_k = sum_n P(k | n) s_n. [LCWXZ14] bound it with Hoeffding (``lim2014``), Zhang et al. 2017
-with per-class multiplicative Chernoff bounds (``zhang2017``). Every one-sided deviation fails
-with probability at most eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for both.
+with per-class multiplicative Chernoff bounds (``zhang2017``), ``lim2014_kl`` with Hoeffding's
+relative-entropy bound per class. Every one-sided deviation fails with probability at most
+eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it counts 12 one-sided
+deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m- of mu3).
 
 Two-way reconciliation (Cascade) also discloses the error positions W = X xor Y
 (Tupkary & Lutkenhaus, "Using Cascade in Quantum Key Distribution", arXiv:2307.00576,
