@@ -7,13 +7,15 @@ import re
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
-from qkdnode.config import load_config
+from qkdnode.config import FiniteKey, load_config
 from qkdnode.errors import ConfigError
 from qkdnode.ops import issuance
+from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +41,9 @@ def test_example_configs_load(example_dir: Path) -> None:
     assert alice.delivery is not None and bob.delivery is not None
     assert alice.delivery.master_parity == 0 and bob.delivery.master_parity == 1
     assert alice.link.fiber_km == 25.0 and alice.postprocess.block_pulses == 40_000_000
+    # the config names the pipeline's decoy analyses, and defaults to the pipeline's default
+    assert set(typing.get_args(FiniteKey)) == {a.value for a in FiniteKeyAnalysis}
+    assert alice.postprocess.finite_key == DEFAULT_FINITE_KEY_ANALYSIS.value
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -54,6 +59,7 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("block_pulses = 40000000", 'block_pulses = "many"', "postprocess.block_pulses", "integer"),
         ("fiber_km = 25.0", "fiber_km = -1.0", "link.fiber_km", ">= 0"),
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
+        ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),
         ("pki/alice.pem", "pki/nobody.pem", "auth.certificate_file", "does not exist"),
         ('connect = "192.0.2.20:7000"', 'connect = "nowhere"', "peer.connect", "host:port"),

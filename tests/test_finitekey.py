@@ -31,6 +31,7 @@ from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     DecoyOptimum,
     DecoySettings,
+    FiniteKeyAnalysis,
     SecurityParameters,
     asymptotic_bb84_rate,
     binary_entropy,
@@ -306,7 +307,9 @@ def _observation(
 def test_lim_matches_naive_equations(fiber_km: float, pulses: int) -> None:
     obs = _observation(fiber_km, pulses)
     leak = round(1.16 * sum(obs.key_basis_counts) * naive_h(0.01))
-    bound = lim_key_length(obs, SETTINGS, leak_ec_bits=leak, security=LIM_SECURITY)
+    bound = lim_key_length(
+        obs, SETTINGS, leak_ec_bits=leak, security=LIM_SECURITY, error_positions_disclosed=False
+    )
     expected = naive_lim(obs, SETTINGS, leak, 1e-10, 1e-15)
     assert expected is not None and expected > 1
     assert bound.length_bits == math.floor(expected)
@@ -599,6 +602,9 @@ def _lim_fig1(fiber_km: float, key_block_bits: int, initial: DecoySettings | Non
         secrecy_per_key_bit=1e-15,
         mu_vacuum=2e-4,
         initial=initial,
+        # the paper's setting: its bound, one-way reconciliation (vacuum term counted)
+        analysis=FiniteKeyAnalysis.LIM2014,
+        error_positions_disclosed=False,
     )
 
 
@@ -674,6 +680,8 @@ def test_decoy_secret_bits_per_pulse_theory_curve() -> None:
         "reconciliation_efficiency": 1.16,
         "security": SecurityParameters(eps_sec=optimum.eps_sec, eps_cor=1e-15),
         "afterpulse_probability": 0.04,
+        "analysis": FiniteKeyAnalysis.LIM2014,
+        "error_positions_disclosed": False,
     }
     rate = decoy_secret_bits_per_pulse(fiber_km=50.0, **common)  # type: ignore[arg-type]
     assert rate == pytest.approx(optimum.bits_per_pulse, rel=1e-3)

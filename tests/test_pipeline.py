@@ -16,6 +16,10 @@ from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer
 from qkdnode.postprocess.estimation import SampleDisclosure
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
+    DEFAULT_FINITE_KEY_ANALYSIS,
+    DecoyObservation,
+    FiniteKeyAnalysis,
+    decoy_key_length_for,
     tomamichel_key_length,
 )
 from qkdnode.postprocess.pipeline import (
@@ -53,7 +57,14 @@ def _decoy_block(seed: int, qber: float = 0.02) -> tuple[EmissionRecords, Detect
 def _single_photon_block(
     seed: int, qber: float = 0.02, pulses: int = 2_000_000
 ) -> tuple[EmissionRecords, DetectionRecords]:
-    return make_block(np.random.default_rng(seed), pulse_count=pulses, qber=qber, vacuum_qber=qber)
+    # Enough test-basis bits for the phase-error estimate ([TLGR12] k) at a few per cent QBER.
+    return make_block(
+        np.random.default_rng(seed),
+        pulse_count=pulses,
+        qber=qber,
+        vacuum_qber=qber,
+        p_key_basis=0.7,
+    )
 
 
 def _assert_same_key(alice: BlockOutcome, bob: BlockOutcome) -> tuple[BlockKey, BlockKey]:
@@ -79,9 +90,10 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(2)))
     stats = alice.statistics
     assert stats.sample_bits == params.sample_bits
+    assert stats.test_bits > 0
     expected = tomamichel_key_length(
         key_bits=stats.reconciled_bits,
-        sample_bits=params.sample_bits,
+        sample_bits=stats.test_bits,
         qber_tolerance=params.qber_threshold,
         leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
         security=SECURITY,
@@ -91,6 +103,17 @@ def test_single_photon_block_gives_identical_keys_sized_by_tomamichel(
     assert 1.0 < stats.reconciliation_efficiency < 1.3
 
 
+def test_single_photon_block_without_test_basis_bits_aborts() -> None:
+    # Both sides always choose the key basis: no test-basis bit, no phase-error estimate.
+    emissions, detections = make_block(
+        np.random.default_rng(11), pulse_count=500_000, qber=0.02, vacuum_qber=0.02, p_key_basis=1.0
+    )
+    alice, bob = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(12))
+    _assert_aborted(alice, bob, AbortReason.NO_POSITIVE_KEY)
+    assert isinstance(alice, BlockAborted)
+    assert "no test-basis bit" in alice.detail
+
+
 @pytest.mark.slow  # runs long
 def test_decoy_block_gives_identical_keys() -> None:
     emissions, detections = _decoy_block(3)
@@ -98,7 +121,46 @@ def test_decoy_block_gives_identical_keys() -> None:
         cascade_variant=CascadeVariant.SUBBLOCK_REUSE, security=SECURITY, decoy=DECOY
     )
     alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(4)))
-    assert alice.statistics.test_bits > 10_000
+    stats = alice.statistics
+    assert stats.test_bits > 10_000
+    # sized by the default analysis, two-way Cascade accounting (vacuum term dropped)
+    assert params.finite_key == DEFAULT_FINITE_KEY_ANALYSIS
+    observation = DecoyObservation(
+        key_basis_counts=stats.key_counts,
+        test_basis_counts=stats.test_counts,
+        test_basis_errors=stats.test_errors_per_intensity,
+    )
+    leak = stats.reconciliation_bits + stats.verification_bits
+    expected = decoy_key_length_for(
+        DEFAULT_FINITE_KEY_ANALYSIS, observation, DECOY, leak_ec_bits=leak, security=SECURITY
+    )
+    assert stats.final_key_bits == expected.length_bits > 0
+
+
+@pytest.mark.parametrize("analysis", list(FiniteKeyAnalysis))
+def test_decoy_block_is_sized_by_the_selected_analysis(analysis: FiniteKeyAnalysis) -> None:
+    emissions, detections = _decoy_block(3)
+    params = PipelineParameters(
+        cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
+        security=SECURITY,
+        decoy=DECOY,
+        finite_key=analysis,
+    )
+    alice, _ = _assert_same_key(*run_block(emissions, detections, params, np.random.default_rng(4)))
+    stats = alice.statistics
+    observation = DecoyObservation(
+        key_basis_counts=stats.key_counts,
+        test_basis_counts=stats.test_counts,
+        test_basis_errors=stats.test_errors_per_intensity,
+    )
+    bound = decoy_key_length_for(
+        analysis,
+        observation,
+        DECOY,
+        leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
+        security=SECURITY,
+    )
+    assert stats.final_key_bits == bound.length_bits
 
 
 def test_ledger_equals_the_bits_the_messages_carry() -> None:

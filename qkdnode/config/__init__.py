@@ -25,7 +25,7 @@ from qkdnode.config.link import (
 from qkdnode.config.load import NodeConfig, load_config, parse_config
 from qkdnode.config.node import NodeSection, PeerSection, Role
 from qkdnode.config.ops import LoggingSection
-from qkdnode.config.postprocess import PostprocessSection, SecurityModel
+from qkdnode.config.postprocess import FiniteKey, PostprocessSection, SecurityModel
 from qkdnode.config.store import StoreSection
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "AuthSection",
     "DeliveryConfig",
     "EveConfig",
+    "FiniteKey",
     "LinkBackend",
     "LinkParameters",
     "LoggingSection",

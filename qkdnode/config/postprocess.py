@@ -1,4 +1,5 @@
-"""The ``[postprocess]`` section: block size, Cascade variant, security model and the epsilons."""
+"""The ``[postprocess]`` section: block size, Cascade variant, security model, finite-key
+analysis and the epsilons."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Literal
 from qkdnode.config.table import Table
 
 SecurityModel = Literal["decoy", "single_photon"]
+# the decoy finite-key analyses (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values)
+FiniteKey = Literal["lim2014", "zhang2017", "lim2014-kl"]
+FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "zhang2017", "lim2014-kl")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -15,6 +19,7 @@ class PostprocessSection:
     block_pulses: int
     cascade_variant: str
     security_model: SecurityModel
+    finite_key: FiniteKey
     eps_sec: float
     eps_cor: float
     qber_threshold: float
@@ -39,6 +44,9 @@ def read_postprocess(table: Table) -> PostprocessSection:
             "cascade_variant", "subblock-reuse", choices=("original", "yan", "subblock-reuse")
         ),
         security_model="decoy" if model == "decoy" else "single_photon",
+        finite_key=_finite_key(
+            table.string("finite_key", "lim2014-kl", choices=FINITE_KEY_ANALYSES)
+        ),
         eps_sec=open_interval("eps_sec", 1e-10, 1),
         eps_cor=open_interval("eps_cor", 1e-12, 1),
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
@@ -46,3 +54,10 @@ def read_postprocess(table: Table) -> PostprocessSection:
     )
     table.finish()
     return section
+
+
+def _finite_key(name: str) -> FiniteKey:
+    for analysis in FINITE_KEY_ANALYSES:
+        if analysis == name:
+            return analysis
+    raise AssertionError(name)  # the table reader refused anything else

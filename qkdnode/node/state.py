@@ -25,7 +25,7 @@ from qkdnode.node.session import SessionConfig, load_certificate_credentials, lo
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.cascade import CascadeVariant
-from qkdnode.postprocess.finitekey import DecoySettings, SecurityParameters
+from qkdnode.postprocess.finitekey import DecoySettings, FiniteKeyAnalysis, SecurityParameters
 from qkdnode.postprocess.pipeline import PipelineParameters
 from qkdnode.store import BlockState, KeyStore
 
@@ -60,6 +60,7 @@ def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParam
         qber_threshold=pp.qber_threshold,
         sample_bits=pp.sample_bits,
         decoy=decoy,
+        finite_key=FiniteKeyAnalysis(pp.finite_key),
     )
 
 

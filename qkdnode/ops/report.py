@@ -3,6 +3,7 @@
 Usage::
 
     qkdnode report --store DIR [--log FILE] --out DIR [--no-distance] [--pulses N]
+        [--finite-key lim2014-kl|zhang2017|lim2014]
 
 From the store's ``blocks`` table (committed blocks and their ``stats``) and/or the node's JSON
 log (``block.committed`` / ``block.aborted`` events; journald's ``<6>`` prefix is accepted):
@@ -13,8 +14,9 @@ log (``block.committed`` / ``block.aborted`` events; journald's ``<6>`` prefix i
   (n h(Q)) with n the reconciled bits; from the store alone: n = sifted bits, a slight
   underestimate, labelled as such);
 - ``auth_pool.png``: authentication-key pool level after each block (needs the log);
-- ``keyrate_distance.png``: the simulated link's finite-key rate versus distance next to the
-  analytic finite-key curve and the PLOB bound (see :func:`simulate_keyrate_versus_distance`).
+- ``keyrate_distance.png``: the simulated link's finite-key rate versus distance (``--finite-key``
+  selects the analysis, default the pipeline's) next to the analytic curves of that analysis and
+  of Lim et al. 2014, and the PLOB bound (see ``qkdnode.ops.keyrate``).
 
 Plots need matplotlib (the optional extra ``plot``); without it ``main`` says so and returns 2.
 Nothing secret is read: only the public ``stats`` columns and log fields.
@@ -35,24 +37,15 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-import trio
 
 from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.ops.keyrate import simulate_keyrate_versus_distance
 from qkdnode.postprocess.finitekey import (
-    DecoyObservation,
-    DecoySettings,
-    SecurityParameters,
+    DEFAULT_FINITE_KEY_ANALYSIS,
+    FiniteKeyAnalysis,
     binary_entropy,
-    channel_transmittance,
-    decoy_secret_bits_per_pulse,
-    lim_key_length,
-    optimise_decoy_settings,
-    plob_bound_bits_per_pulse,
 )
 
-RECONCILIATION_EFFICIENCY: Final = 1.16
-SECURITY: Final = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
-SIMULATION_BLOCK_PULSES: Final = 1 << 22
 MISSING_MATPLOTLIB: Final = (
     "qkdnode report: matplotlib is not installed; install the optional extra 'plot' "
     "(pip install 'qkdnode[plot]') to draw the PNGs"
@@ -210,183 +203,6 @@ def _timestamp(value: object) -> float | None:
         return None
 
 
-# ---- the simulated link versus distance --------------------------------------------------------
-
-
-def optimised_settings(
-    base: SimulatedLinkConfig, km: float, pulses: int, initial: DecoySettings | None
-) -> DecoySettings:
-    """Decoy settings maximising the expected finite-key rate at ``km`` for ``pulses``."""
-    eta = channel_transmittance(
-        fiber_km=km,
-        attenuation_db_per_km=base.attenuation_db_per_km,
-        detector_efficiency=base.detector_efficiency,
-        insertion_loss_db=base.insertion_loss_db,
-    )
-    return optimise_decoy_settings(
-        transmittance=eta,
-        dark_count_probability=base.dark_count_probability_per_gate,
-        misalignment_error=base.misalignment_error,
-        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
-        security=SECURITY,
-        pulses=pulses,
-        mu_vacuum=2e-4,
-        afterpulse_probability=base.afterpulse_probability,
-        initial=initial,
-    ).settings
-
-
-def link_config_for(
-    base: SimulatedLinkConfig, km: float, settings: DecoySettings
-) -> SimulatedLinkConfig:
-    return replace(
-        base,
-        fiber_km=km,
-        mu_signal=settings.mu_signal,
-        mu_decoy=settings.mu_decoy,
-        mu_vacuum=settings.mu_vacuum,
-        p_signal=settings.p_signal,
-        p_decoy=settings.p_decoy,
-        p_vacuum=settings.p_vacuum,
-        p_key_basis=settings.p_key_basis,
-    )
-
-
-def _settings_of(config: SimulatedLinkConfig) -> DecoySettings:
-    return DecoySettings(
-        mu_signal=config.mu_signal,
-        mu_decoy=config.mu_decoy,
-        mu_vacuum=config.mu_vacuum,
-        p_signal=config.p_signal,
-        p_decoy=config.p_decoy,
-        p_vacuum=config.p_vacuum,
-        p_key_basis=config.p_key_basis,
-    )
-
-
-async def simulate_counts(
-    config: SimulatedLinkConfig, pulses: int, seed: int
-) -> np.ndarray[Any, np.dtype[np.int64]]:
-    """Run the simulated link (Alice -> memory fibre -> Bob) for ``pulses``; rows per intensity
-    class, columns: key-basis sifted, key-basis errors, test-basis sifted, test-basis errors."""
-    from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
-    from qkdnode.postprocess.records import EmissionRecords
-
-    alice_seed, bob_seed = np.random.SeedSequence(seed).spawn(2)
-    send, receive = memory_fibre()
-    alice = SimulatedAliceLink(config, fibre=send, rng=np.random.default_rng(alice_seed))
-    bob = SimulatedBobLink(config, fibre=receive, rng=np.random.default_rng(bob_seed))
-    await alice.open()
-    await bob.open()
-    counts = np.zeros((3, 4), dtype=np.int64)
-    remaining = pulses
-    try:
-        while remaining:
-            size = min(SIMULATION_BLOCK_PULSES, remaining)
-            sent: list[EmissionRecords] = []
-
-            async def emit(size: int = size, sent: list[EmissionRecords] = sent) -> None:
-                sent.append(await alice.next_block(size))
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(emit)
-                bob_block = await bob.next_block(size)
-            alice_block = sent[0]
-            offset = bob_block.pulse_index - alice_block.first_pulse_index
-            cls = alice_block.intensity[offset]
-            sifted = alice_block.basis[offset] == bob_block.basis
-            error = alice_block.bit[offset] != bob_block.bit
-            for basis, column in ((0, 0), (1, 2)):
-                mine = sifted & (bob_block.basis == basis)
-                counts[:, column] += np.bincount(cls[mine], minlength=3)
-                counts[:, column + 1] += np.bincount(cls[mine & error], minlength=3)
-            remaining -= size
-    finally:
-        await alice.aclose()
-        await bob.aclose()
-    return counts
-
-
-def finite_key_from_counts(
-    config: SimulatedLinkConfig, counts: np.ndarray[Any, np.dtype[np.int64]], pulses: int
-) -> dict[str, Any]:
-    """The Lim et al. key length (PRA 89, 022307 (2014), Eqs. 1-5, ``finitekey.lim_key_length``)
-    for observed counts, with leak_EC = f n_X h(E_X), f = 1.16."""
-    key_sifted = int(counts[:, 0].sum())
-    key_errors = int(counts[:, 1].sum())
-    observation = DecoyObservation(
-        key_basis_counts=(int(counts[0, 0]), int(counts[1, 0]), int(counts[2, 0])),
-        test_basis_counts=(int(counts[0, 2]), int(counts[1, 2]), int(counts[2, 2])),
-        test_basis_errors=(int(counts[0, 3]), int(counts[1, 3]), int(counts[2, 3])),
-    )
-    qber = key_errors / key_sifted if key_sifted else 0.5
-    leak = math.ceil(RECONCILIATION_EFFICIENCY * key_sifted * binary_entropy(min(qber, 0.5)))
-    bound = lim_key_length(observation, _settings_of(config), leak_ec_bits=leak, security=SECURITY)
-    return {
-        "key_basis_sifted": key_sifted,
-        "key_basis_qber": qber,
-        "key_bits": bound.length_bits,
-        "bits_per_pulse": bound.length_bits / pulses,
-    }
-
-
-def theory_bits_per_pulse(config: SimulatedLinkConfig, km: float, pulses: int) -> float:
-    """Expected finite-key rate of the channel model (``decoy_secret_bits_per_pulse``)."""
-    return decoy_secret_bits_per_pulse(
-        settings=_settings_of(config),
-        fiber_km=km,
-        attenuation_db_per_km=config.attenuation_db_per_km,
-        detector_efficiency=config.detector_efficiency,
-        dark_count_probability=config.dark_count_probability_per_gate,
-        misalignment_error=config.misalignment_error,
-        pulses=pulses,
-        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
-        security=SECURITY,
-        afterpulse_probability=config.afterpulse_probability,
-        insertion_loss_db=config.insertion_loss_db,
-    )
-
-
-def simulate_keyrate_versus_distance(
-    base: SimulatedLinkConfig,
-    *,
-    distances_km: Sequence[float],
-    curve_km: Sequence[float],
-    pulses: int,
-    seed: int = 1000,
-) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
-    """(points, curve): at each of ``distances_km`` the simulated link runs ``pulses`` with the
-    optimised decoy settings and its counts go into the finite-key bound; along ``curve_km``
-    the analytic finite-key rate and the PLOB bound -log2(1 - eta_fibre) (Pirandola et al.,
-    Nat. Commun. 8, 15043 (2017)), eta_fibre = 10^(-alpha L / 10). Deterministic given ``seed``.
-    """
-    points: list[dict[str, Any]] = []
-    settings: DecoySettings | None = None
-    for i, km in enumerate(distances_km):
-        settings = optimised_settings(base, float(km), pulses, settings)
-        config = link_config_for(base, float(km), settings)
-        counts = trio.run(simulate_counts, config, pulses, seed + i)
-        point: dict[str, Any] = {"distance_km": float(km), "pulses": pulses}
-        point |= finite_key_from_counts(config, counts, pulses)
-        point["theory_bits_per_pulse"] = theory_bits_per_pulse(config, float(km), pulses)
-        points.append(point)
-    curve: list[dict[str, float]] = []
-    settings = None
-    for km in curve_km:
-        settings = optimised_settings(base, float(km), pulses, settings)
-        fibre = 10 ** (-base.attenuation_db_per_km * float(km) / 10)
-        curve.append(
-            {
-                "distance_km": float(km),
-                "theory": theory_bits_per_pulse(
-                    link_config_for(base, float(km), settings), float(km), pulses
-                ),
-                "plob": plob_bound_bits_per_pulse(fibre),
-            }
-        )
-    return points, curve
-
-
 # ---- drawing ----------------------------------------------------------------------------------
 
 
@@ -400,18 +216,28 @@ def _pyplot() -> Any:
 
 
 def plot_keyrate_versus_distance(
-    points: Sequence[dict[str, Any]], curve: Sequence[dict[str, float]], pulses: int, out: Path
+    points: Sequence[dict[str, Any]],
+    curve: Sequence[dict[str, float]],
+    pulses: int,
+    out: Path,
+    analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> None:
+    name = FiniteKeyAnalysis(analysis).value
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     km_line = [c["distance_km"] for c in curve]
     ax.semilogy(km_line, [c["plob"] for c in curve], "k--", label="PLOB bound −log2(1−η_fibre)")
     theory = [(c["distance_km"], c["theory"]) for c in curve if c["theory"] > 0]
     if theory:
-        ax.semilogy(*zip(*theory, strict=True), "C0-", label=f"finite-key theory, N = {pulses:.2e}")
+        ax.semilogy(*zip(*theory, strict=True), "C0-", label=f"{name} theory, N = {pulses:.2e}")
+    lim_theory = [
+        (c["distance_km"], c["theory_lim2014"]) for c in curve if c.get("theory_lim2014", 0) > 0
+    ]
+    if lim_theory and name != FiniteKeyAnalysis.LIM2014.value:
+        ax.semilogy(*zip(*lim_theory, strict=True), "C2:", label="lim2014 theory, same N")
     positive = [(p["distance_km"], p["bits_per_pulse"]) for p in points if p["bits_per_pulse"] > 0]
     if positive:
-        ax.semilogy(*zip(*positive, strict=True), "C3o", label="simulated link → Lim et al. bound")
+        ax.semilogy(*zip(*positive, strict=True), "C3o", label=f"simulated link → {name} bound")
     floor = min([v for _, v in positive + theory] or [1e-8]) / 10
     zero = [p["distance_km"] for p in points if p["bits_per_pulse"] <= 0]
     if zero:
@@ -534,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pulses", type=int, default=1 << 24, help="simulated pulses per distance (2^24)"
     )
     parser.add_argument("--max-km", type=float, default=150.0)
+    parser.add_argument(
+        "--finite-key",
+        choices=[a.value for a in FiniteKeyAnalysis],
+        default=DEFAULT_FINITE_KEY_ANALYSIS.value,
+        help="decoy analysis to size the key with (Lim 2014 is drawn beside it)",
+    )
     parser.add_argument("--step-km", type=float, default=10.0)
     return parser
 
@@ -570,11 +402,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_distance:
         distances = list(np.arange(0.0, args.max_km + 1e-9, args.step_km))
         curve_km = list(np.arange(0.0, args.max_km + 1e-9, min(1.0, args.step_km)))
+        analysis = FiniteKeyAnalysis(args.finite_key)
         points_km, curve = simulate_keyrate_versus_distance(
-            SimulatedLinkConfig(), distances_km=distances, curve_km=curve_km, pulses=args.pulses
+            SimulatedLinkConfig(),
+            distances_km=distances,
+            curve_km=curve_km,
+            pulses=args.pulses,
+            analysis=analysis,
         )
         written.append(args.out / "keyrate_distance.png")
-        plot_keyrate_versus_distance(points_km, curve, args.pulses, written[-1])
+        plot_keyrate_versus_distance(points_km, curve, args.pulses, written[-1], analysis)
         (args.out / "keyrate_distance.json").write_text(
             json.dumps({"points": points_km, "curve": curve}, indent=2) + "\n"
         )

@@ -18,8 +18,10 @@ key, verification mismatch, a peer abort) are events; a malformed or out-of-orde
 peer aborts the block with ``BAD_PEER_MESSAGE`` and a ``BlockAbort`` message naming the field — it
 never raises out of :meth:`receive` and never yields a key.
 
-Every disclosed bit about the key is recorded in the role's :class:`LeakageLedger`; privacy
-amplification is sized from it (leak_EC = distinct parity bits + verification tag bits).
+Everything the transcript discloses about the key is recorded in the role's
+:class:`LeakageLedger`; privacy amplification is sized from it (lambda_EC = Alice's parity bits
++ verification tag bits; Bob's queries and ``errors_corrected`` disclose the error positions,
+which the decoy bound accounts for on the entropy side, see ``ledger``).
 
 Randomness (sample positions, Cascade seed, verification hash key, Toeplitz seed) is Alice's and
 comes from the injected generator, which the caller must seed from OS entropy for every block.
@@ -61,11 +63,13 @@ from qkdnode.postprocess.estimation import (
 )
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
+    DEFAULT_FINITE_KEY_ANALYSIS,
     DecoyObservation,
     DecoySettings,
+    FiniteKeyAnalysis,
     SecurityParameters,
     binary_entropy,
-    lim_key_length,
+    decoy_key_length_for,
     tomamichel_key_length,
 )
 from qkdnode.postprocess.ledger import LeakageLedger
@@ -86,6 +90,7 @@ from qkdnode.postprocess.verification import (
 )
 
 RECONCILIATION_SEED_BYTES = 32
+RANGE_TRIPLE_BYTES = 12
 
 
 # ---- messages specific to the pipeline (the stages define the others) ------------------------
@@ -200,9 +205,10 @@ MESSAGE_TYPES: dict[str, type[BlockMessage]] = {
 class PipelineParameters:
     """What both sides must agree on before a block starts (from config and the link).
 
-    ``decoy`` selects the decoy-state bound of Lim et al. 2014; ``None`` selects the
+    ``decoy`` selects a decoy-state bound, the one ``finite_key`` names; ``None`` selects the
     single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
-    tolerated QBER Q_tol that sizes the key.
+    tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
+    bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
     """
 
     cascade_variant: CascadeVariant
@@ -210,14 +216,14 @@ class PipelineParameters:
     qber_threshold: float = 0.11
     sample_bits: int = 1024
     decoy: DecoySettings | None = None
+    finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "finite_key", FiniteKeyAnalysis(self.finite_key))
         if not 0.0 < self.qber_threshold < 0.5:
             raise ValueError("qber_threshold must be in (0, 0.5)")
         if self.sample_bits < 0:
             raise ValueError("sample_bits must be >= 0")
-        if self.decoy is None and self.sample_bits == 0:
-            raise ValueError("the single-photon bound needs sample_bits > 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,12 +290,18 @@ def final_key_length(
     key_counts_per_intensity: tuple[int, int, int],
     statistics: TestBasisStatistics,
     leak_ec_bits: int,
+    error_positions_disclosed: bool = True,
 ) -> int:
-    """The secret key length the finite-key bound allows (0 = none), from public data only."""
+    """The secret key length the finite-key bound allows (0 = none), from public data only.
+
+    ``error_positions_disclosed``: the reconciliation transcript reveals W (Cascade does).
+    """
     if params.decoy is None:
+        # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
+        # sample the phase-error rate is estimated from (not the key-basis QBER sample).
         return tomamichel_key_length(
             key_bits=key_bits,
-            sample_bits=params.sample_bits,
+            sample_bits=sum(statistics.counts),
             qber_tolerance=params.qber_threshold,
             leak_ec_bits=leak_ec_bits,
             security=params.security,
@@ -299,8 +311,13 @@ def final_key_length(
         test_basis_counts=statistics.counts,
         test_basis_errors=statistics.errors,
     )
-    bound = lim_key_length(
-        observation, params.decoy, leak_ec_bits=leak_ec_bits, security=params.security
+    bound = decoy_key_length_for(
+        params.finite_key,
+        observation,
+        params.decoy,
+        leak_ec_bits=leak_ec_bits,
+        security=params.security,
+        error_positions_disclosed=error_positions_disclosed,
     )
     return min(bound.length_bits, key_bits)
 
@@ -323,6 +340,11 @@ def _estimation_decision(
     if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
         return high
     test_bits = sum(statistics.counts)
+    if params.decoy is None and test_bits == 0:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail="no test-basis bit was compared: the phase-error rate is not estimated",
+        )
     if test_bits and (
         high := check_qber(sum(statistics.errors) / test_bits, params.qber_threshold)
     ):
@@ -342,6 +364,11 @@ def _estimation_decision(
             detail=f"the finite-key bound leaves no key for {key_bits} sifted bits",
         )
     return None
+
+
+def _query_ranges(query: ParityQuery) -> int:
+    """Bob's binary-search ranges in a query (12 bytes each, see ``cascade.messages``)."""
+    return len(query.ranges) // RANGE_TRIPLE_BYTES
 
 
 def _remaining_counts(
@@ -479,6 +506,7 @@ class AliceBlock(_Role):
     def _on_reconciliation(self, messages: list[BlockMessage]) -> list[BlockMessage]:
         if len(messages) == 1 and isinstance(messages[0], ParityQuery):
             answer = self._responder.answer(messages[0])
+            self.ledger.record_query(_query_ranges(messages[0]))
             self.ledger.record_reconciliation(answer.count)
             return [answer]
         self._expect(messages, ReconciliationDone)
@@ -493,6 +521,7 @@ class AliceBlock(_Role):
         if done.errors_corrected > self._key.shape[0]:
             raise ProtocolError("exceeds the key length", field="errors_corrected")
         self._errors_corrected = done.errors_corrected
+        self.ledger.record_error_weight(done.errors_corrected)
         self._round_trips = self._responder.rounds_answered
         tag = make_verification_tag(
             self._key, eps_cor=self.params.security.eps_cor, rng=self._rng, ledger=self.ledger
@@ -517,6 +546,7 @@ class AliceBlock(_Role):
             key_counts_per_intensity=self._key_counts,
             statistics=self._statistics,
             leak_ec_bits=self.ledger.leak_ec_bits,
+            error_positions_disclosed=self.ledger.error_positions_disclosed,
         )
 
     def _on_result(self, messages: list[BlockMessage]) -> list[BlockMessage]:
@@ -630,8 +660,10 @@ class BobBlock(_Role):
     def _next_question(self) -> list[BlockMessage]:
         query = self._reconciler.next_query()
         if query is not None:
+            self.ledger.record_query(_query_ranges(query))
             return [query]
         self._state = "await_confirmation"
+        self.ledger.record_error_weight(self._reconciler.errors_corrected)
         return [
             ReconciliationDone(
                 errors_corrected=self._reconciler.errors_corrected,
@@ -668,6 +700,7 @@ class BobBlock(_Role):
             key_counts_per_intensity=self._key_counts,
             statistics=self._statistics,
             leak_ec_bits=self.ledger.leak_ec_bits,
+            error_positions_disclosed=self.ledger.error_positions_disclosed,
         )
         if length.final_key_bits != expected or toeplitz.output_bits != expected:
             raise ProtocolError(

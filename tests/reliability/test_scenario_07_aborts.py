@@ -141,7 +141,9 @@ def test_intercept_resend_on_half_the_pulses_aborts_a_block_that_would_give_key(
     # half the pulses intercepted: about 12 % extra errors on top of 2 %; the same block
     # without Eve gives a key (so the abort is Eve's doing)
     rng = np.random.default_rng(77)
-    emissions, detections = make_block(rng, pulse_count=1_000_000, qber=0.02, vacuum_qber=0.02)
+    emissions, detections = make_block(
+        rng, pulse_count=1_000_000, qber=0.02, vacuum_qber=0.02, p_key_basis=0.7
+    )
     tapped = intercept_resend(emissions, detections, 0.5, rng)
     alice, bob = run_block(emissions, tapped, PARAMS, rng)
     assert isinstance(alice, BlockAborted) and isinstance(bob, BlockAborted)

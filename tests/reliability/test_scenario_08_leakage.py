@@ -56,7 +56,7 @@ def test_computed_leak_equals_the_disclosed_bits_in_every_block() -> None:
             rng = np.random.default_rng(seed)
             qber = QBERS[index % len(QBERS)]
             emissions, detections = make_block(
-                rng, pulse_count=2_000_000, qber=qber, vacuum_qber=qber
+                rng, pulse_count=2_000_000, qber=qber, vacuum_qber=qber, p_key_basis=0.7
             )
             transcript = Transcript()
             alice, bob = run_block(emissions, detections, params, rng, transcript=transcript)
