@@ -29,6 +29,9 @@ def _note_stop_signals() -> list[int]:
 
     signal.signal(signal.SIGTERM, note)
     signal.signal(signal.SIGINT, note)
+    # SIGHUP asks to reopen the log: before the loop runs (and after) there is nothing to
+    # reopen, and its default disposition would kill the node
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return noted
 
 
@@ -90,6 +93,24 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_auth(args: argparse.Namespace) -> int:
+    import time
+
+    from qkdnode.config import load_config
+    from qkdnode.node import rebootstrap
+
+    config = load_config(args.config)
+    path = rebootstrap.grant(
+        config.store.directory, now_s=time.time(), valid_s=args.valid_minutes * 60.0
+    )
+    print(
+        f"re-bootstrap permit for {config.node.name}: {path}, valid {args.valid_minutes:g} min "
+        "for one bootstrap session; the peer node needs its own permit. Both authentication-key "
+        "ledgers are reset in that session, authenticated by the bootstrap credentials."
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qkdnode.demo.run import run_demo
 
@@ -128,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--host", action="append", help="SAN host name or address (repeatable)")
     issue.add_argument("--days", type=int, default=825)
+
+    auth = commands.add_parser("auth", help="operator actions on the node's authentication")
+    auth_commands = auth.add_subparsers(dest="auth_command", required=True)
+    again = auth_commands.add_parser(
+        "rebootstrap",
+        help="allow one bootstrap-authenticated session that resets the authentication-key "
+        "ledger (run on both nodes)",
+    )
+    again.add_argument("--config", required=True, help="the node's TOML file")
+    again.add_argument("--valid-minutes", type=float, default=60.0)
 
     demo = commands.add_parser("demo", help="run Alice and Bob on loopback and show keys grow")
     demo.add_argument("--blocks", type=int, default=6, help="stop after N block attempts")
@@ -175,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_pki(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "auth":
+            return _cmd_auth(args)
     except ConfigError as exc:
         print(f"qkdnode: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,12 @@ from qkdnode.channel.connection import (
     NeedData,
     PeerConnection,
 )
-from qkdnode.channel.ledger import AuthKeyLedger, DrawRecord
+from qkdnode.channel.ledger import (
+    HANDSHAKE_SLOT_BYTES,
+    HANDSHAKE_SLOTS_PER_DEPOSIT,
+    AuthKeyLedger,
+    DrawRecord,
+)
 from qkdnode.channel.messages import (
     FieldSpec,
     KindRegistry,
@@ -125,7 +130,9 @@ def funded_ledger(
     seed: int = 7, observer: Callable[[DrawRecord], None] | None = None
 ) -> AuthKeyLedger:
     ledger = AuthKeyLedger(target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS, observer=observer)
-    ledger.deposit(np.random.default_rng(seed).bytes(TARGET_BITS // 8), mark_consumed_bits=0)
+    # the pool's target, then one deposit's handshake-key slots
+    material = TARGET_BITS // 8 + HANDSHAKE_SLOTS_PER_DEPOSIT * HANDSHAKE_SLOT_BYTES
+    ledger.deposit(np.random.default_rng(seed).bytes(material), mark_consumed_bits=0)
     return ledger
 
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ from qkdnode.channel.connection import (
     Rotated,
 )
 from qkdnode.channel.framing import NO_BLOCK, pack_frame, pack_header
-from qkdnode.channel.ledger import AuthKeyLedger, DrawRecord
+from qkdnode.channel.ledger import HANDSHAKE_SLOTS_PER_DEPOSIT, AuthKeyLedger, DrawRecord
 from qkdnode.channel.messages import (
     BlockOpen,
     CloseReason,
@@ -111,9 +112,10 @@ def test_polyhash_vectorised_path_matches_naive_on_long_records() -> None:
 def test_ledger_deposit_takes_only_what_reaches_target_and_draw_respects_reserve() -> None:
     ledger = AuthKeyLedger(target_bits=1024, reserve_bits=256)
     key = bytes(range(200))
-    assert ledger.deposit(key, mark_consumed_bits=0) == 128  # 1024 bits
-    assert ledger.level_bits == 1024
-    assert ledger.deposit(key, mark_consumed_bits=0) == 0  # already at target
+    # 1024 bits for the pool, then two whole 256-bit handshake-key slots from the 72 bytes left
+    assert ledger.deposit(key, mark_consumed_bits=0) == 128 + 64
+    assert ledger.level_bits == 1024 and ledger.state.handshake_pool == key[128:192]
+    assert ledger.deposit(key, mark_consumed_bits=0) == 192  # pool at target: slots only
     first = ledger.draw(512, "t")
     assert first == key[:64]
     assert ledger.draw(256, "t") == key[64:96]
@@ -126,7 +128,7 @@ def test_ledger_deposit_takes_only_what_reaches_target_and_draw_respects_reserve
         ledger.draw(8, "t", allow_reserve=True)
     assert ledger.level_bits == 0 and ledger.consumed_bits == 1024
     # the need is measured against the mark, so a late deposit takes the same amount
-    assert ledger.deposit(key, mark_consumed_bits=512) == 64
+    assert ledger.deposit(key, mark_consumed_bits=512) == 64 + 4 * 32  # and four whole slots
     for text in (repr(ledger), repr(ledger.state)):
         assert key[:8].hex() not in text and "pool=" not in text
 
@@ -261,14 +263,16 @@ def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
             for role in Role
         }
         spent_bits = BLOCK_DRAW_BITS + (ROTATION_KEY_BITS if block_id == 0 else 0)
-        assert taken[Role.ALICE] == taken[Role.BOB] == spent_bits // 8
+        slot_bytes = min(HANDSHAKE_SLOTS_PER_DEPOSIT, (256 - spent_bits // 8) // 32) * 32
+        assert taken[Role.ALICE] == taken[Role.BOB] == spent_bits // 8 + slot_bytes
         assert pair.alice.ledger.state == pair.bob.ledger.state
     assert pair.alice.ledger.tags_issued == 2000
     assert 0 < pair.alice.ledger.forgery_bound < 1e-20
-    # no one-time bit drawn twice: draws tile [0, consumed) without overlap, same on both sides
+    # no one-time bit drawn twice: pool draws tile [0, consumed) without overlap, same on both
+    # sides (the handshake-key stream and state changes are not pool draws)
     assert draws[0] == draws[1]
     position = 0
-    for record in draws[0]:
+    for record in (r for r in draws[0] if r.purpose not in ("activate", "handshake")):
         assert record.offset_bits == position
         position += record.nbits
     assert position == pair.alice.ledger.consumed_bits
@@ -294,8 +298,8 @@ def test_later_session_starts_key_derived_and_resyncs_offsets() -> None:
     assert ledgers[0].state == ledgers[1].state
 
 
-def test_pool_exhaustion_surfaces_policy_event() -> None:
-    config = ChannelConfig(on_exhausted="halt")
+def test_pool_exhaustion_surfaces_an_event_and_opens_no_block() -> None:
+    config = ChannelConfig()
     small = (
         AuthKeyLedger(target_bits=4096, reserve_bits=1024),
         AuthKeyLedger(target_bits=4096, reserve_bits=1024),
@@ -312,7 +316,7 @@ def test_pool_exhaustion_surfaces_policy_event() -> None:
         pair.alice.open_block(2)
     assert snapshot(pair.alice) == before
     event = pair.alice.next_event(now_s=NOW_S)
-    assert isinstance(event, PoolExhausted) and event.policy == "halt"
+    assert isinstance(event, PoolExhausted) and event.needed_bits == BLOCK_DRAW_BITS
     assert small[0].level_bits >= small[0].state.reserve_bits
 
 
@@ -531,7 +535,7 @@ def test_ledger_mismatch_refuses_key_derived_session() -> None:
     second = make_pair("psk", ledgers=ledgers, creds=(PskCredentials(psk=bytes(range(32))),) * 2)
     error = assert_rejected(second.bob, second.alice.start_handshake(), ProtocolError)
     assert isinstance(error, ProtocolError) and error.field == "ledger_deposit_digest"
-    # the policy: re-bootstrap with the PSK, the ledgers untouched
+    # an operator's re-bootstrap on both nodes: a PSK session, the ledgers untouched by it
     third = PeerConnection(
         Role.ALICE,
         credentials=PskCredentials(psk=bytes(range(32))),
@@ -544,6 +548,7 @@ def test_ledger_mismatch_refuses_key_derived_session() -> None:
         credentials=PskCredentials(psk=bytes(range(32))),
         registry=REGISTRY,
         ledger=ledgers[1],
+        force_bootstrap=True,
     )
     rebooted = Pair(third, bob)
     rebooted.handshake()
@@ -635,3 +640,64 @@ def test_control_message_before_the_handshake_is_refused() -> None:
     pair = make_pair("psk")
     with pytest.raises(ProtocolError):
         pair.alice.send_control("estimate", {"qber": 0.0, "ok": True})
+
+
+def test_an_active_ledger_refuses_bootstrap_both_ways_without_an_operator() -> None:
+    """Once rotated, Alice sends only key-derived Hellos and Bob refuses a bootstrap one."""
+    pair = rotated_pair()
+    pair.run_block(0)
+    ledgers = (pair.alice.ledger, pair.bob.ledger)
+    assert ledgers[0] is not None and ledgers[1] is not None
+    assert ledgers[0].active and ledgers[1].active
+    psk = PskCredentials(psk=bytes(range(32)))
+    alice = PeerConnection(Role.ALICE, credentials=psk, registry=REGISTRY, ledger=ledgers[0])
+    hello = alice.start_handshake()
+    assert alice._handshake is not None and alice._handshake.mode is SessionMode.KEY_DERIVED
+    # a bootstrap Hello (a stranger with the PSK, or a node that lost its ledger)
+    stranger = PeerConnection(Role.ALICE, credentials=psk, registry=REGISTRY, ledger=None)
+    bob = PeerConnection(Role.BOB, credentials=psk, registry=REGISTRY, ledger=ledgers[1])
+    before = ledgers[1].state
+    error = assert_rejected(bob, stranger.start_handshake(), ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "mode"
+    assert ledgers[1].state == before
+    # the key-derived Hello is answered under a fresh handshake slot, used up at once
+    bob = PeerConnection(Role.BOB, credentials=psk, registry=REGISTRY, ledger=ledgers[1])
+    first = ledgers[1].handshake_first
+    bob.receive_data(hello)
+    assert bob.next_event(now_s=NOW_S) is NEED_DATA and bob.data_to_send()
+    assert ledgers[1].handshake_first > first
+
+
+def test_every_key_derived_hello_uses_up_its_own_handshake_slot_and_no_pool_bit() -> None:
+    """A stranger's Hellos (forged offsets included) never get a proof under a pool bit: each
+    one costs a fresh handshake slot, and the pool is untouched."""
+    pair = rotated_pair()
+    pair.run_block(0)
+    alice_ledger, bob_ledger = pair.alice.ledger, pair.bob.ledger
+    assert alice_ledger is not None and bob_ledger is not None
+    pool_before = (bob_ledger.consumed_bits, bob_ledger.state.pool)
+    psk = PskCredentials(psk=bytes(range(32)))
+    used = []
+    for ahead_bits in (0, 1024, 2048):
+        fake = AuthKeyLedger(
+            target_bits=alice_ledger.state.target_bits,
+            reserve_bits=0,
+            state=replace(
+                alice_ledger.state,
+                consumed_bits=alice_ledger.consumed_bits + ahead_bits,
+                deposited_bits=alice_ledger.state.deposited_bits + ahead_bits,
+                reserve_bits=0,
+            ),
+        )
+        stranger = PeerConnection(Role.ALICE, credentials=psk, registry=REGISTRY, ledger=fake)
+        bob = PeerConnection(Role.BOB, credentials=psk, registry=REGISTRY, ledger=bob_ledger)
+        used.append(bob_ledger.handshake_first)
+        bob.receive_data(stranger.start_handshake())
+        assert bob.next_event(now_s=NOW_S) is NEED_DATA
+    assert used == sorted(set(used)) and bob_ledger.handshake_first == used[-1] + 1
+    assert (bob_ledger.consumed_bits, bob_ledger.state.pool) == pool_before
+    # Alice takes the slot Bob names: the slots used by strangers are skipped, never reused
+    second = make_pair("psk", ledgers=(alice_ledger, bob_ledger), creds=(psk, psk), seed=9)
+    second.handshake()
+    assert second.alice.mode is SessionMode.KEY_DERIVED
+    assert alice_ledger.handshake_first == bob_ledger.handshake_first == used[-1] + 2

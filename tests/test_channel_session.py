@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import trio
@@ -12,16 +13,19 @@ import trio.testing
 
 from qkdnode.channel.auth import PskCredentials, Role
 from qkdnode.channel.connection import (
+    MIN_MAX_FRAME_BYTES,
     BlockAuthenticated,
     BlockOpened,
     PeerConnection,
     PongReceived,
     Rotated,
 )
+from qkdnode.channel.framing import NO_BLOCK, pack_frame, pack_header
 from qkdnode.channel.ledger import AuthKeyLedger
-from qkdnode.channel.messages import Data, FieldSpec, KindRegistry, SessionMode
-from qkdnode.errors import ConfigError
+from qkdnode.channel.messages import Data, FieldSpec, Hello, KindRegistry, SessionMode
+from qkdnode.errors import ConfigError, ProtocolError
 from qkdnode.node.session import (
+    MAX_UNAUTHENTICATED_CONNECTIONS,
     PeerSession,
     SessionConfig,
     backoff_delays,
@@ -136,3 +140,48 @@ def test_psk_file_permissions_are_enforced(tmp_path: Path) -> None:
     path.write_text("ab")
     with pytest.raises(ConfigError, match="32 bytes"):
         load_psk_file(path)
+
+
+# ---- before authentication: bounded frames, decoding and connections ----------------------
+
+
+def test_before_authentication_a_huge_frame_is_refused_from_its_length_alone() -> None:
+    bob = conn(Role.BOB, ledger())
+    # a 64 MiB frame announced: refused at the 4-byte length, nothing of it buffered
+    bob.receive_data((64 << 20).to_bytes(4, "big") + bytes(1000))
+    with pytest.raises(ProtocolError) as refused:
+        bob.next_event(now_s=0.0)
+    assert refused.value.field == "length"
+    assert MIN_MAX_FRAME_BYTES < 128 * 1024  # the handshake's own limit
+
+
+def test_before_authentication_a_hello_of_many_nils_is_refused_before_it_is_built() -> None:
+    bob = conn(Role.BOB, ledger())
+    nils = msgpack.packb([None] * 20_000)  # fits the pre-authentication frame limit
+    header = pack_header(Hello.CODE, 0, NO_BLOCK)
+    bob.receive_data(pack_frame(header, nils, b""))
+    with pytest.raises(ProtocolError) as refused:
+        bob.next_event(now_s=0.0)
+    assert refused.value.field == "payload"
+
+
+async def test_bob_refuses_connections_past_the_unauthenticated_limit() -> None:
+    config = SessionConfig(port=0, handshake_timeout_s=30.0)
+
+    async def handle(session: PeerSession) -> None:
+        raise AssertionError("no session should be authenticated")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_bob, config, lambda: conn(Role.BOB, ledger()), handle)
+        port = listeners[0].socket.getsockname()[1]
+        idle = [
+            await trio.open_tcp_stream("127.0.0.1", port)
+            for _ in range(MAX_UNAUTHENTICATED_CONNECTIONS)
+        ]
+        await trio.sleep(0.2)
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(10) == b""  # closed at once
+        for stream in (*idle, extra):
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

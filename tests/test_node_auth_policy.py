@@ -1,43 +1,25 @@
-"""The node's policy when the peer refuses key-derived authentication (reliability scenario 11):
-with ``on_exhausted = "rebootstrap"`` the next session authenticates with the bootstrap
-credentials and both ledgers are reset; with ``"halt"`` the node keeps refusing to downgrade."""
+"""What the node does when the peer refuses key-derived authentication: it tries key-derived
+again, never the bootstrap credentials; only an operator's re-bootstrap on both nodes gives one
+bootstrap session, in which both ledgers are reset."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
-import pytest
+import numpy as np
 
 from qkdnode.channel.auth import PskCredentials, Role
-from qkdnode.channel.connection import PeerConnection
+from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import SessionMode
 from qkdnode.coordination.planner import (
     AuthPlanner,
 )
 from qkdnode.errors import ProtocolError
-from qkdnode.node.daemon import Node
+from qkdnode.simulation.store_model import StoreModel
 from tests.helpers_channel import REGISTRY, Pair, assert_rejected, rotated_pair
 
 PSK = PskCredentials(psk=bytes(range(32)))
-
-
-def _alice_node(ledger: AuthKeyLedger, policy: str) -> Any:
-    """Just what Node.make_connection reads, around a real ledger."""
-    node = SimpleNamespace(
-        role=Role.ALICE,
-        credentials=PSK,
-        registry=REGISTRY,
-        ledger=ledger,
-        planner=AuthPlanner(Role.ALICE, policy),  # type: ignore[arg-type]
-        _last_connection=None,
-        config=SimpleNamespace(
-            peer=SimpleNamespace(max_frame_bytes=1 << 20),
-            auth=SimpleNamespace(on_exhausted=policy),
-        ),
-    )
-    return node
 
 
 def _diverged_ledgers() -> tuple[AuthKeyLedger, AuthKeyLedger]:
@@ -49,27 +31,45 @@ def _diverged_ledgers() -> tuple[AuthKeyLedger, AuthKeyLedger]:
     return alice, bob
 
 
-@pytest.mark.parametrize("policy", ["rebootstrap", "halt"])
-def test_a_refused_key_derived_handshake_leads_to_the_configured_policy(policy: str) -> None:
+def _connection(planner: AuthPlanner, ledger: AuthKeyLedger, last: PeerConnection | None) -> Any:
+    connection, _ = planner.new_connection(
+        last=last,
+        credentials=PSK,
+        registry=REGISTRY,
+        ledger=ledger,
+        config=ChannelConfig(),
+        random_bytes=np.random.default_rng(3).bytes,
+        store=StoreModel(),
+    )
+    return connection
+
+
+def test_a_refused_key_derived_handshake_never_downgrades_the_next_one() -> None:
     alice_ledger, bob_ledger = _diverged_ledgers()
-    node = _alice_node(alice_ledger, policy)
-    first: PeerConnection = Node.make_connection(node)
+    planner = AuthPlanner(Role.ALICE)
+    first = _connection(planner, alice_ledger, None)
     bob = PeerConnection(Role.BOB, credentials=PSK, registry=REGISTRY, ledger=bob_ledger)
     error = assert_rejected(bob, first.start_handshake(), ProtocolError)
     assert isinstance(error, ProtocolError) and error.field == "ledger_deposit_digest"
-
-    second: PeerConnection = Node.make_connection(node)
+    # the next attempt is key-derived again, and refused again: an operator must act
+    second = _connection(planner, alice_ledger, first)
     bob = PeerConnection(Role.BOB, credentials=PSK, registry=REGISTRY, ledger=bob_ledger)
+    assert_rejected(bob, second.start_handshake(), ProtocolError)
+    assert second._handshake is not None
+    assert second._handshake.mode is SessionMode.KEY_DERIVED
+
+
+def test_an_operator_rebootstrap_on_both_nodes_gives_one_bootstrap_session() -> None:
+    alice_ledger, bob_ledger = _diverged_ledgers()
+    planner = AuthPlanner(Role.ALICE, operator_rebootstrap=True)
+    second = _connection(planner, alice_ledger, None)
+    bob = PeerConnection(
+        Role.BOB, credentials=PSK, registry=REGISTRY, ledger=bob_ledger, force_bootstrap=True
+    )
     pair = Pair(second, bob)
-    if policy == "halt":
-        # no downgrade: the next attempt is key-derived again (and refused again)
-        assert not node.planner.force_bootstrap and not node.planner.ledger_reset_pending
-        assert_rejected(bob, second.start_handshake(), ProtocolError)
-        return
-    assert node.planner.force_bootstrap and node.planner.ledger_reset_pending
     pair.handshake()
     assert second.mode is SessionMode.PSK and bob.mode is SessionMode.PSK
-    # the agreed reset (a Control message in that session, see the daemon) equalises the ledgers
+    # the agreed reset (a Control message in that session) equalises the ledgers
     alice_ledger.reset()
     bob_ledger.reset()
     assert alice_ledger.state == bob_ledger.state and alice_ledger.level_bits == 0

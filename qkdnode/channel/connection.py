@@ -31,7 +31,7 @@ import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Final, Literal
+from typing import Final
 
 import msgpack
 
@@ -95,7 +95,6 @@ from qkdnode.channel.pki import certificate_der, sign, verify_peer_chain, verify
 from qkdnode.channel.polyhash import BLOCK_BYTES, forgery_bound
 from qkdnode.errors import AuthenticationFailed, AuthKeyExhausted, ProtocolError, QkdError
 
-ExhaustionPolicy = Literal["rebootstrap", "halt"]
 _ZERO_DIGEST: Final = bytes(DIGEST_BYTES)
 # The largest handshake frame: a HelloReply with a full certificate chain and an ML-DSA proof.
 MIN_MAX_FRAME_BYTES: Final = MAX_CERTIFICATES * (MAX_CERTIFICATE_BYTES + 8) + MAX_PROOF_BYTES + 4096
@@ -111,7 +110,6 @@ class ChannelConfig:
       per-tag forgery bound (chunks + 1) / 2^128;
     - ``max_resync_bits``: how far a key-derived handshake may move a ledger forward to meet
       the peer's offset (left behind by a session that died mid-block);
-    - ``on_exhausted``: what the node does when the pool cannot pay for the next block;
     - ``max_session_age_s`` / ``max_session_frames``: a session's keys authenticate frames for
       at most this long / this many frames per direction (refused at the limit); the node then
       opens a new session with fresh keys.
@@ -121,14 +119,11 @@ class ChannelConfig:
     max_open_blocks: int = 4
     max_block_chunks: int = 1 << 26
     max_resync_bits: int = 8 * BLOCK_DRAW_BITS + HANDSHAKE_KEY_BITS + ROTATION_KEY_BITS
-    on_exhausted: ExhaustionPolicy = "rebootstrap"
     allow_key_derived: bool = True
     max_session_age_s: float = 86_400.0
     max_session_frames: int = 1 << 40
 
     def __post_init__(self) -> None:
-        if self.on_exhausted not in ("rebootstrap", "halt"):
-            raise ValueError("on_exhausted must be 'rebootstrap' or 'halt'")
         if self.max_frame_bytes < MIN_MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be >= {MIN_MAX_FRAME_BYTES} (handshake frames)")
         if self.max_open_blocks < 1 or self.max_block_chunks < 16 or self.max_resync_bits < 0:
@@ -205,9 +200,8 @@ class BlockAuthenticated:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolExhausted:
-    """The pool cannot pay for the next block; the node applies ``policy``."""
+    """The pool cannot pay for the next block: no block opens until an operator acts."""
 
-    policy: ExhaustionPolicy
     level_bits: int
     needed_bits: int
 
@@ -272,6 +266,7 @@ class _Handshake:
     mlkem_shared: bytes = b""
     pool_key: bytes = b""
     ledger_offset_bits: int = 0
+    handshake_index: int = 0
     peer_tags: int = 0
     peer_forgery_bound: float = 0.0
 
@@ -302,7 +297,14 @@ class PeerConnection:
         config: ChannelConfig | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         force_bootstrap: bool = False,
+        staged_digest: bytes | None = None,
+        admit_key_derived: Callable[[], bool] | None = None,
     ) -> None:
+        """``force_bootstrap``: an operator re-bootstrap is in force on this node: Alice sends a
+        bootstrap Hello although her ledger is active, Bob accepts one although his is.
+        ``staged_digest``: the ledger's deposit digest once this node's staged blocks are
+        committed (None: nothing staged). ``admit_key_derived``: Bob's rate limit on key-derived
+        Hellos (each uses up a handshake key); refused attempts get no proof."""
         self.role = role
         self._credentials = credentials
         self._registry = registry
@@ -310,7 +312,13 @@ class PeerConnection:
         self.config = config if config is not None else ChannelConfig()
         self._random_bytes = random_bytes
         self._force_bootstrap = force_bootstrap
-        self._reader = FrameReader(max_frame_bytes=self.config.max_frame_bytes)
+        self._staged_digest = staged_digest
+        self._admit = admit_key_derived
+        # before the session is authenticated, frames are no larger than a handshake needs
+        self._reader = FrameReader(
+            max_frame_bytes=min(self.config.max_frame_bytes, MIN_MAX_FRAME_BYTES),
+            max_feed_bytes=min(1 << 20, MIN_MAX_FRAME_BYTES),
+        )
         self._state = ConnectionState.IDLE
         self._mode: SessionMode | None = None
         self._session_id = b""
@@ -423,26 +431,17 @@ class PeerConnection:
         self._require(self.role is Role.ALICE, "only Alice starts the handshake")
         self._require_state(ConnectionState.IDLE)
         ledger = self.ledger
-        key_derived = (
-            ledger is not None
-            and ledger.active
-            and self.config.allow_key_derived
-            and not self._force_bootstrap
-            and ledger.can_pay(HANDSHAKE_KEY_BITS, allow_reserve=True)
-        )
-        mode = SessionMode.KEY_DERIVED if key_derived else self.bootstrap_mode
+        mode = self.bootstrap_mode
+        if ledger is not None and ledger.active and not self._force_bootstrap:
+            mode = SessionMode.KEY_DERIVED  # the bootstrap window is closed: key-derived only
         ephemeral = HybridEphemeral(self._random_bytes)
-        consumed, tags, bound, digest = self._ledger_fields(mode)
         hello = Hello(
             protocol_version=PROTOCOL_VERSION,
             mode=mode.value,
             nonce=self._random_bytes(32),
             x25519_public=ephemeral.x25519_public,
             mlkem_public=ephemeral.new_mlkem(self._random_bytes),
-            ledger_consumed_bits=consumed,
-            ledger_tags=tags,
-            ledger_forgery_bound=bound,
-            ledger_deposit_digest=digest,
+            **self._ledger_fields(mode),  # type: ignore[arg-type]
         )
         payload = encode_payload(hello, self._registry)
         self._handshake = _Handshake(mode=mode, ephemeral=ephemeral, hello_payload=payload)
@@ -453,7 +452,7 @@ class PeerConnection:
         """Alice: open block ``block_id`` (ids strictly increase).
 
         In key-derived mode, if the pool cannot pay for the block, raises ``AuthKeyExhausted``
-        and queues a ``PoolExhausted`` event carrying the configured policy.
+        and queues a ``PoolExhausted`` event.
         """
         self._require(self.role is Role.ALICE, "only Alice opens blocks")
         self._require_state(ConnectionState.ESTABLISHED)
@@ -463,7 +462,6 @@ class PeerConnection:
             if not self.ledger.can_pay(BLOCK_DRAW_BITS):
                 self._events.append(
                     PoolExhausted(
-                        policy=self.config.on_exhausted,
                         level_bits=self.ledger.level_bits,
                         needed_bits=BLOCK_DRAW_BITS,
                     )
@@ -530,6 +528,9 @@ class PeerConnection:
         message = RotationAnnounce(
             next_block_id=self._next_block_id, ledger_fingerprint=ledger.fingerprint()
         )
+        # the bootstrap window closes here, durably, before the peer can act on the announce:
+        # from now on this node opens only key-derived sessions
+        ledger.set_active(True)
         frame = self._emit(message, NO_BLOCK, self._send_control)
         self._state = ConnectionState.ROTATING
         return frame
@@ -572,17 +573,26 @@ class PeerConnection:
         self._send_seq += 1
         return pack_frame(header, payload, tag)
 
-    def _ledger_fields(self, mode: SessionMode) -> tuple[int, int, float, bytes]:
-        """The public ledger state sent in the handshake (offset, tags, bound, deposit digest)."""
+    def _ledger_fields(self, mode: SessionMode) -> dict[str, int | float | bytes]:
+        """The public ledger state sent in the handshake (no key bits)."""
         ledger = self.ledger
         if mode is not SessionMode.KEY_DERIVED or ledger is None:
-            return 0, 0, 0.0, _ZERO_DIGEST
-        return (
-            ledger.consumed_bits,
-            ledger.tags_issued,
-            ledger.forgery_bound,
-            ledger.state.deposit_digest,
-        )
+            return {
+                "ledger_consumed_bits": 0,
+                "ledger_tags": 0,
+                "ledger_forgery_bound": 0.0,
+                "ledger_deposit_digest": _ZERO_DIGEST,
+                "ledger_staged_digest": _ZERO_DIGEST,
+                "ledger_handshake_index": 0,
+            }
+        return {
+            "ledger_consumed_bits": ledger.consumed_bits,
+            "ledger_tags": ledger.tags_issued,
+            "ledger_forgery_bound": ledger.forgery_bound,
+            "ledger_deposit_digest": ledger.state.deposit_digest,
+            "ledger_staged_digest": self._staged_digest or ledger.state.deposit_digest,
+            "ledger_handshake_index": ledger.handshake_first,
+        }
 
     # ---- frame input ----------------------------------------------------------------------
     def _recv_tag_bytes(self) -> int:
@@ -638,21 +648,29 @@ class PeerConnection:
         ephemeral = HybridEphemeral(self._random_bytes)
         handshake = _Handshake(mode=mode, ephemeral=ephemeral, hello_payload=frame.payload)
         if mode is SessionMode.KEY_DERIVED:
-            self._prepare_pool_key(handshake, message)
+            self._check_peer_ledger(handshake, message)
         elif mode is not self.bootstrap_mode:
             raise ProtocolError(f"mode {mode.value} is not configured here", field="mode")
+        elif self.ledger is not None and self.ledger.active and not self._force_bootstrap:
+            raise ProtocolError(
+                "the bootstrap window is closed for this peer: only key-derived sessions, "
+                "re-bootstrap needs an operator on both nodes (qkdnode auth rebootstrap)",
+                field="mode",
+            )
         x_shared = ephemeral.x25519_shared(message.x25519_public)
         k_shared, ciphertext = mlkem_encapsulate(message.mlkem_public)
         chain = self._own_chain(mode)
-        consumed, tags, bound, digest = self._ledger_fields(mode)
+        if mode is SessionMode.KEY_DERIVED:
+            # every checked key-derived Hello uses up one fresh slot, before any proof leaves
+            self._take_responder_key(handshake)
+        fields_out = self._ledger_fields(mode)
+        if mode is SessionMode.KEY_DERIVED:
+            fields_out["ledger_handshake_index"] = handshake.handshake_index
         unsigned = HelloReply(
             nonce=self._random_bytes(32),
             x25519_public=ephemeral.x25519_public,
             mlkem_ciphertext=ciphertext,
-            ledger_consumed_bits=consumed,
-            ledger_tags=tags,
-            ledger_forgery_bound=bound,
-            ledger_deposit_digest=digest,
+            **fields_out,  # type: ignore[arg-type]
             certificate_chain=chain,
             proof=bytes(32),
         )
@@ -681,7 +699,8 @@ class PeerConnection:
         reply_fields = _fields_without_proof(message)
         th1 = transcript_hash(handshake.hello_payload, reply_fields)
         if handshake.mode is SessionMode.KEY_DERIVED:
-            self._prepare_pool_key(handshake, message)
+            self._check_peer_ledger(handshake, message)
+            self._take_initiator_key(handshake, message.ledger_handshake_index)
         self._verify_proof(handshake, message.certificate_chain, message.proof, th1, now_s)
         x_shared = handshake.ephemeral.x25519_shared(message.x25519_public)
         k_shared = handshake.ephemeral.mlkem_decapsulate(message.mlkem_ciphertext)
@@ -842,23 +861,47 @@ class PeerConnection:
             return tuple(certificate_der(c) for c in self._credentials.certificate_chain)
         return ()
 
-    def _prepare_pool_key(self, handshake: _Handshake, peer: Hello | HelloReply) -> None:
-        """Locate (without consuming) the handshake key at the offset both sides will reach."""
+    def _check_peer_ledger(self, handshake: _Handshake, peer: Hello | HelloReply) -> None:
+        """The peer's public ledger state must match ours, allowing for a two-phase commit cut
+        short: one side may have committed blocks the other has only staged."""
         ledger = self.ledger
-        if ledger is None or not ledger.active or not self.config.allow_key_derived:
+        if ledger is None or not self.config.allow_key_derived:
             raise ProtocolError("key-derived mode is not available here", field="mode")
-        if not hmac.compare_digest(peer.ledger_deposit_digest, ledger.state.deposit_digest):
+        committed = ledger.state.deposit_digest
+        staged = self._staged_digest or committed
+        if not (
+            hmac.compare_digest(peer.ledger_deposit_digest, committed)
+            or hmac.compare_digest(peer.ledger_deposit_digest, staged)
+            or hmac.compare_digest(peer.ledger_staged_digest, committed)
+        ):
             raise ProtocolError(
                 "authentication-key ledgers differ (deposit history)",
                 field="ledger_deposit_digest",
             )
-        offset = max(ledger.consumed_bits, peer.ledger_consumed_bits)
         if abs(peer.ledger_consumed_bits - ledger.consumed_bits) > self.config.max_resync_bits:
             raise ProtocolError("ledger offsets too far apart", field="ledger_consumed_bits")
-        handshake.pool_key = ledger.peek(offset, HANDSHAKE_KEY_BITS)
-        handshake.ledger_offset_bits = offset
+        handshake.ledger_offset_bits = max(ledger.consumed_bits, peer.ledger_consumed_bits)
         handshake.peer_tags = peer.ledger_tags
         handshake.peer_forgery_bound = peer.ledger_forgery_bound
+
+    def _take_responder_key(self, handshake: _Handshake) -> None:
+        """Bob: the next slot of the handshake-key stream, used up now, for this attempt only."""
+        assert self.ledger is not None
+        if self._admit is not None and not self._admit():
+            raise ProtocolError(
+                "too many key-derived handshake attempts: try again later", field="rate"
+            )
+        index = self.ledger.responder_handshake_index()
+        if index is None:
+            raise AuthKeyExhausted("no handshake key left: re-bootstrap needs an operator")
+        handshake.pool_key = self.ledger.take_handshake_key(index)
+        handshake.handshake_index = index
+
+    def _take_initiator_key(self, handshake: _Handshake, index: int) -> None:
+        """Alice: the slot Bob used, used up now (a forged reply burns it: it is never reused)."""
+        assert self.ledger is not None
+        handshake.pool_key = self.ledger.take_handshake_key(index)
+        handshake.handshake_index = index
 
     def _make_proof(self, handshake: _Handshake, transcript: bytes) -> bytes:
         if handshake.mode is SessionMode.KEY_DERIVED:
@@ -905,14 +948,15 @@ class PeerConnection:
         mode_secret = b""
         if handshake.mode is SessionMode.KEY_DERIVED:
             assert self.ledger is not None
-            # Only now, with both sides authenticated, does the ledger move: meet the peer's
-            # offset and burn the handshake key.
+            # Only now, with both sides authenticated, does the pool move: meet the peer's
+            # offset (the handshake key itself was used up when it was taken)
+            self.ledger.set_active(True)
             self.ledger.advance_to(
                 handshake.ledger_offset_bits,
                 tags_issued=handshake.peer_tags,
                 forgery_bound=handshake.peer_forgery_bound,
             )
-            mode_secret = self.ledger.draw(HANDSHAKE_KEY_BITS, "handshake", allow_reserve=True)
+            mode_secret = handshake.pool_key
         elif isinstance(self._credentials, PskCredentials):
             mode_secret = self._credentials.psk
         keys = derive_session_keys(
@@ -928,6 +972,8 @@ class PeerConnection:
         self._handshake = None
         self._state = ConnectionState.ESTABLISHED
         self._established_s = now_s
+        self._reader.max_frame_bytes = self.config.max_frame_bytes
+        self._reader.max_feed_bytes = 1 << 20
         return HandshakeComplete(mode=handshake.mode, session_id=keys.session_id)
 
     def _set_control_keys(self, a2b: bytes, b2a: bytes) -> None:
@@ -938,12 +984,12 @@ class PeerConnection:
 
     def _rotate(self, next_block_id: int) -> Rotated:
         assert self.ledger is not None
+        self.ledger.set_active(True)  # persisted with the draw below, before the ack leaves
         pool_key = self.ledger.draw(ROTATION_KEY_BITS, "rotation")
         a2b, b2a = derive_rotation_keys(pool_key, self._session_id)
         self._set_control_keys(a2b, b2a)
         self._mode = SessionMode.KEY_DERIVED
         self._next_block_id = next_block_id
-        self.ledger.set_active(True)
         self._state = ConnectionState.ESTABLISHED
         return Rotated(mode=SessionMode.KEY_DERIVED, next_block_id=next_block_id)
 

@@ -13,6 +13,13 @@ times. So the pool's need is computed against ``mark_consumed_bits``, the offset
 block's open (``BlockAuthenticated.ledger_mark_bits``), which both peers reach in the same stream
 order, not against the level at the moment of the call.
 
+Handshake keys come from a stream of their own, disjoint from every pool bit (frame-MAC keys,
+Wegman–Carter hash keys and pads, rotation keys): each deposit appends up to
+``HANDSHAKE_SLOTS_PER_DEPOSIT`` slots of 32 bytes taken from the block key after the pool's
+share, numbered from 0 for the ledger's whole life. A slot is used for one handshake attempt
+only (``take_handshake_key``) and burned with every lower slot before its key is returned;
+at most ``HANDSHAKE_SLOTS_HELD`` unused slots are kept (older ones are erased).
+
 The state (``LedgerState``) is what the key store persists; its ``repr`` hides the pool.
 """
 
@@ -22,12 +29,19 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Final
 
 import msgpack
 
 from qkdnode.errors import AuthKeyExhausted, KeyStoreError, ProtocolError
 
 _DIGEST_INIT = hashlib.sha256(b"qkdnode-v1 auth-key deposits").digest()
+
+HANDSHAKE_SLOT_BYTES: Final = 32  # one handshake key (HANDSHAKE_KEY_BITS)
+HANDSHAKE_SLOTS_PER_DEPOSIT: Final = 8
+HANDSHAKE_SLOTS_HELD: Final = 64  # older unused slots are erased beyond this
+# deposits the peer may hold that this side does not yet (blocks committed there, staged here)
+HANDSHAKE_SLOTS_LAG: Final = 4 * HANDSHAKE_SLOTS_PER_DEPOSIT
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,13 +57,18 @@ class LedgerState:
     forgery_bound: float = 0.0
     deposit_digest: bytes = _DIGEST_INIT
     active: bool = False
+    # the handshake-key stream: slots [handshake_first, handshake_deposited), 32 bytes each
+    handshake_pool: bytes = b""
+    handshake_first: int = 0
+    handshake_deposited: int = 0
 
     def __repr__(self) -> str:
         return (
             f"LedgerState(level_bits={len(self.pool) * 8}, consumed_bits={self.consumed_bits}, "
             f"deposited_bits={self.deposited_bits}, target_bits={self.target_bits}, "
             f"reserve_bits={self.reserve_bits}, tags_issued={self.tags_issued}, "
-            f"forgery_bound={self.forgery_bound:.3e}, active={self.active})"
+            f"forgery_bound={self.forgery_bound:.3e}, active={self.active}, "
+            f"handshake_slots={self.handshake_first}..{self.handshake_deposited})"
         )
 
 
@@ -89,7 +108,7 @@ class AuthKeyLedger:
     - ``draw(nbits, purpose)`` consumes fresh bits, raising ``AuthKeyExhausted`` if the level
       would fall below ``reserve_bits`` (``allow_reserve=True`` may dig into the reserve but
       never below zero);
-    - ``peek(offset_bits, nbits)`` reads without consuming (handshake proofs; see connection).
+    - ``take_handshake_key(index)`` uses one slot of the separate handshake-key stream.
     Sizes are whole bytes (multiples of 8 bits).
     """
 
@@ -160,26 +179,85 @@ class AuthKeyLedger:
 
     # ---- mutations ------------------------------------------------------------------------
     def deposit(self, key: bytes, *, mark_consumed_bits: int) -> int:
-        """Append to the pool what it needs from ``key``; return the number of bytes taken.
+        """Append to the pool what it needs from ``key``, then up to
+        ``HANDSHAKE_SLOTS_PER_DEPOSIT`` handshake-key slots from what follows; return the number
+        of bytes taken from the front of ``key`` (pool share first, then the slots).
 
-        The need is ``target - (deposited - mark_consumed_bits)``, rounded up to bytes, so both
-        peers take the same amount whenever they deposit the same keys with the same marks.
+        The pool's need is ``target - (deposited - mark_consumed_bits)``, rounded up to bytes,
+        so both peers take the same amount whenever they deposit the same keys with the same
+        marks; the slots depend on the key's length only.
         """
         s = self._state
         if mark_consumed_bits < 0 or mark_consumed_bits > s.consumed_bits:
             raise ProtocolError("must be between 0 and the consumed offset", field="mark")
         need_bits = s.target_bits - (s.deposited_bits - mark_consumed_bits)
         taken = min(len(key), max(0, -(-need_bits // 8)))
+        slots = min(HANDSHAKE_SLOTS_PER_DEPOSIT, (len(key) - taken) // HANDSHAKE_SLOT_BYTES)
+        handshake = key[taken : taken + slots * HANDSHAKE_SLOT_BYTES]
         digest = hashlib.sha256(
-            s.deposit_digest + struct.pack(">QQ", taken, mark_consumed_bits)
+            s.deposit_digest + struct.pack(">QQQ", taken, mark_consumed_bits, slots)
         ).digest()
+        deposited = s.handshake_deposited + slots
+        first = max(s.handshake_first, deposited - HANDSHAKE_SLOTS_HELD)
+        held = (s.handshake_pool + handshake)[(first - s.handshake_first) * HANDSHAKE_SLOT_BYTES :]
         self._state = replace(
             s,
             pool=s.pool + key[:taken],
             deposited_bits=s.deposited_bits + taken * 8,
             deposit_digest=digest,
+            handshake_pool=held,
+            handshake_first=first,
+            handshake_deposited=deposited,
         )
-        return taken
+        return taken + len(handshake)
+
+    @property
+    def handshake_first(self) -> int:
+        """The index of the lowest unused handshake-key slot (every lower one is gone)."""
+        return self._state.handshake_first
+
+    def responder_handshake_index(self) -> int | None:
+        """The slot Bob uses for the next handshake attempt, or None if he holds none.
+
+        The lowest unused slot, but never one the initiator may already have erased: she may
+        hold up to ``HANDSHAKE_SLOTS_LAG`` more recent slots (blocks committed on her side,
+        still staged here) and erases beyond ``HANDSHAKE_SLOTS_HELD``. The choice depends on
+        this ledger only, so an unauthenticated Hello moves the stream by one slot.
+        """
+        s = self._state
+        index = max(
+            s.handshake_first,
+            s.handshake_deposited - HANDSHAKE_SLOTS_HELD + HANDSHAKE_SLOTS_LAG,
+        )
+        return index if index < s.handshake_deposited else None
+
+    def take_handshake_key(self, index: int) -> bytes:
+        """The handshake key in slot ``index``, used once: it and every lower slot are burned
+        (persisted by the observer before the key is returned). ``ProtocolError`` if the slot
+        is burned or was never deposited here."""
+        s = self._state
+        if not s.handshake_first <= index < s.handshake_deposited:
+            raise ProtocolError(
+                f"handshake key {index} is not held here "
+                f"(unused slots {s.handshake_first}..{s.handshake_deposited - 1})",
+                field="handshake_index",
+            )
+        start = (index - s.handshake_first) * HANDSHAKE_SLOT_BYTES
+        key = s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES]
+        self._state = replace(
+            s,
+            handshake_pool=s.handshake_pool[start + HANDSHAKE_SLOT_BYTES :],
+            handshake_first=index + 1,
+        )
+        if self.observer is not None:
+            self.observer(
+                DrawRecord(
+                    offset_bits=index * HANDSHAKE_SLOT_BYTES * 8,
+                    nbits=HANDSHAKE_SLOT_BYTES * 8,
+                    purpose="handshake",
+                )
+            )
+        return key
 
     def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
         """Consume ``nbits`` fresh bits; ``AuthKeyExhausted`` (state untouched) if unaffordable."""
@@ -196,17 +274,6 @@ class AuthKeyLedger:
         if self.observer is not None:
             self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=nbits, purpose=purpose))
         return out
-
-    def peek(self, offset_bits: int, nbits: int) -> bytes:
-        """Read ``nbits`` at absolute ``offset_bits`` (>= consumed) without consuming them."""
-        self._check_size(nbits)
-        s = self._state
-        start = offset_bits - s.consumed_bits
-        if start < 0 or start % 8:
-            raise ProtocolError("offset before the consumed position", field="offset_bits")
-        if (start + nbits) // 8 > len(s.pool):
-            raise AuthKeyExhausted(f"peek: needs {nbits} bits at offset {offset_bits}")
-        return s.pool[start // 8 : (start + nbits) // 8]
 
     def advance_to(self, offset_bits: int, *, tags_issued: int, forgery_bound: float) -> None:
         """Burn everything before ``offset_bits`` and raise the counters to at least the given.
@@ -241,12 +308,25 @@ class AuthKeyLedger:
         authenticated session, after their ledgers diverged). Unused pool bits are discarded,
         never reused; the pool refills from the next committed keys."""
         s = self._state
-        self._state = LedgerState(target_bits=s.target_bits, reserve_bits=s.reserve_bits)
+        self._state = LedgerState(
+            target_bits=s.target_bits,
+            reserve_bits=s.reserve_bits,
+            # slot indices never repeat: a used or discarded handshake key stays behind
+            handshake_first=s.handshake_deposited,
+            handshake_deposited=s.handshake_deposited,
+        )
         if self.observer is not None:
             self.observer(DrawRecord(offset_bits=0, nbits=0, purpose="reset"))
 
     def set_active(self, active: bool) -> None:
+        """Mark the bootstrap window closed (``True``); the observer persists it at once."""
+        if active == self._state.active:
+            return
         self._state = replace(self._state, active=active)
+        if self.observer is not None:
+            self.observer(
+                DrawRecord(offset_bits=self._state.consumed_bits, nbits=0, purpose="activate")
+            )
 
     @staticmethod
     def _check_size(nbits: int) -> None:

@@ -23,7 +23,7 @@ import msgpack
 
 from qkdnode.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 NONCE_BYTES: Final = 32
 X25519_PUBLIC_BYTES: Final = 32
 MLKEM768_PUBLIC_BYTES: Final = 1184
@@ -223,9 +223,10 @@ def _check_keys(got: Any, expected: Any, *, prefix: str = "") -> None:
 class Hello:
     """Alice -> Bob, first handshake message: chosen mode, nonce, ephemeral hybrid shares.
 
-    The ``ledger_*`` fields carry the public state of Alice's authentication-key ledger (offset,
-    counters, digest of the deposit history: no key bits) for a key-derived session; zero
-    otherwise.
+    The ``ledger_*`` fields carry the public state of Alice's authentication-key ledger for a
+    key-derived session (offset, counters, the digest of her committed deposit history and the
+    one her staged blocks would give, her lowest unused handshake slot: no key bits); zero
+    otherwise. Bob's reply carries his, with the handshake slot he used for this attempt.
     """
 
     CODE: ClassVar[int] = 1
@@ -239,6 +240,8 @@ class Hello:
     ledger_tags: int
     ledger_forgery_bound: float
     ledger_deposit_digest: bytes
+    ledger_staged_digest: bytes
+    ledger_handshake_index: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,6 +257,8 @@ class HelloReply:
     ledger_tags: int
     ledger_forgery_bound: float
     ledger_deposit_digest: bytes
+    ledger_staged_digest: bytes
+    ledger_handshake_index: int
     certificate_chain: tuple[bytes, ...]
     proof: bytes
 
@@ -391,6 +396,8 @@ _LEDGER_FIELDS: Final = {
     "ledger_tags": u64(),
     "ledger_forgery_bound": FieldSpec(kind="float", min_value=0.0, max_value=1.0),
     "ledger_deposit_digest": exact_bytes(DIGEST_BYTES),
+    "ledger_staged_digest": exact_bytes(DIGEST_BYTES),
+    "ledger_handshake_index": u64(),
 }
 _CHAIN: Final = FieldSpec(
     kind="bytes_list", max_len=MAX_CERTIFICATES, max_item_len=MAX_CERTIFICATE_BYTES
@@ -493,6 +500,10 @@ def decode_payload(cls: type[Message], payload: bytes, registry: KindRegistry) -
             raw=False,
             use_list=False,
             strict_map_key=True,
+            # one item more than any schema allows (so the schema names the field that is too
+            # long); a payload of many tiny items is refused before it is built
+            max_array_len=MAX_CERTIFICATES + 1,
+            max_map_len=MAX_BODY_FIELDS + 1,
         )
     except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as exc:
         raise ProtocolError(

@@ -13,7 +13,7 @@ This package imports nothing but :mod:`qkdnode.errors`; one module per section:
 - ``load``: ``NodeConfig``, ``parse_config`` and ``load_config`` over the whole file.
 """
 
-from qkdnode.config.auth import AuthMode, AuthSection, OnExhausted
+from qkdnode.config.auth import AuthMode, AuthSection
 from qkdnode.config.delivery import ApiLimits, DeliveryConfig, ServerLimits
 from qkdnode.config.link import (
     EveConfig,
@@ -40,7 +40,6 @@ __all__ = [
     "LoggingSection",
     "NodeConfig",
     "NodeSection",
-    "OnExhausted",
     "PeerSection",
     "PostprocessSection",
     "Role",

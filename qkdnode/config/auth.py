@@ -10,7 +10,6 @@ from qkdnode.config.table import Table, existing_file, resolve_path
 from qkdnode.errors import ConfigError
 
 AuthMode = Literal["pki", "psk"]
-OnExhausted = Literal["rebootstrap", "halt"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,7 +23,6 @@ class AuthSection:
     psk_file: Path | None
     pool_target_bits: int
     pool_reserve_bits: int
-    on_exhausted: OnExhausted
 
 
 def read_auth(table: Table, base: Path) -> AuthSection:
@@ -37,7 +35,15 @@ def read_auth(table: Table, base: Path) -> AuthSection:
             return None
         return existing_file(table.key(name), resolve_path(text, base), secret=secret)
 
-    on_exhausted = table.string("on_exhausted", "rebootstrap", choices=("rebootstrap", "halt"))
+    if table.has("on_exhausted"):
+        # the bootstrap credentials never come back by themselves: an exhausted pool stops
+        # opening blocks and alerts, and only an operator re-bootstraps
+        raise ConfigError(
+            table.key("on_exhausted"),
+            "no such setting (removed): an exhausted authentication-key pool stops opening "
+            "blocks and alerts; re-bootstrap with `qkdnode auth rebootstrap --config FILE` on "
+            "each node",
+        )
     section = AuthSection(
         mode="pki" if pki else "psk",
         ca_file=file("ca_file", required=pki),
@@ -46,7 +52,6 @@ def read_auth(table: Table, base: Path) -> AuthSection:
         psk_file=file("psk_file", required=not pki, secret=True),
         pool_target_bits=table.integer("pool_target_bits", 1 << 20, minimum=1024),
         pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 16, minimum=0),
-        on_exhausted="rebootstrap" if on_exhausted == "rebootstrap" else "halt",
     )
     if section.pool_reserve_bits >= section.pool_target_bits:
         raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Final, Literal, Protocol
+from typing import Final, Protocol
 
 from qkdnode.channel.connection import BlockAuthenticated, Rotated
 from qkdnode.channel.ledger import LedgerState
 from qkdnode.channel.messages import SessionMode
 from qkdnode.coordination.wire import BlockData, CoordinationMessage
 from qkdnode.postprocess.pipeline import BlockKey, BlockMessage, BlockOutcome
-
-ExhaustionPolicy = Literal["rebootstrap", "halt"]
-
 
 # ---- what the machine reads ----------------------------------------------------------------
 
@@ -47,12 +44,10 @@ class StoreView(Protocol):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorConfig:
     """``key_size_bits``: consumer key size; ``max_in_flight``: blocks open at once in a
-    key-derived session (at most the channel's ``max_open_blocks``); ``on_exhausted``: what
-    the node does when the pool cannot pay for the next block."""
+    key-derived session (at most the channel's ``max_open_blocks``)."""
 
     key_size_bits: int
     max_in_flight: int = 1
-    on_exhausted: ExhaustionPolicy = "rebootstrap"
 
     def __post_init__(self) -> None:
         if self.key_size_bits <= 0 or self.key_size_bits % 8:
@@ -260,13 +255,17 @@ class BlockDone:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PoolExhaustedStop:
-    """Alice's pool cannot pay for the next block: under ``halt`` the daemon stops; under
-    ``rebootstrap`` the session ends and the next one authenticates with the bootstrap
-    credentials."""
+    """Alice's pool cannot pay for the next block: no block opens in this session; the node
+    alerts and keeps serving stored keys. Only an operator's re-bootstrap refills the pool."""
 
-    policy: ExhaustionPolicy
     level_bits: int
     needed_bits: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebootstrapDone:
+    """Both ledgers were reset in a bootstrap session run under an operator's re-bootstrap;
+    the permit is used up."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -297,6 +296,7 @@ Effect = (
     | LedgerWasReset
     | BlockDone
     | PoolExhaustedStop
+    | RebootstrapDone
     | EndSession
     | Idle
 )

@@ -15,9 +15,10 @@ Rules (role-specific where the protocol is):
   highest id); Bob answers ``SyncReply`` (his staged blocks, which of hers he committed, his
   highest id); Alice answers ``SyncDone`` (which of his she committed). Each side then commits
   the staged blocks the other committed and drops the rest, in ascending id order, so ledger
-  deposits happen in block order on both sides. If the node's ``AuthPlanner`` holds a pending
-  ledger reset and the session is not key-derived, Alice first sends ``LedgerReset`` and both
-  reset their ledgers.
+  deposits happen in block order on both sides. In a bootstrap session run under an operator's
+  re-bootstrap (``AuthPlanner.operator_rebootstrap`` on both nodes), Alice first sends
+  ``LedgerReset`` and both reset their ledgers; staged blocks are then committed without a
+  deposit. No other path resets a ledger.
 - Blocks: Alice opens blocks with increasing ids, up to ``max_in_flight`` at once once the
   session is key-derived (one at a time before), and announces rotation between blocks when
   the pool can pay for it. Per block: Alice takes the records and sends ``BlockInfo``; Bob
@@ -67,6 +68,7 @@ from qkdnode.coordination.events import (
     PeerOpenedBlock,
     PoolExhaustedStop,
     PrefetchRecords,
+    RebootstrapDone,
     RecordsMissing,
     RecordsTaken,
     RetireRequested,
@@ -195,6 +197,8 @@ class Coordinator:
         self._staged_at_sync: tuple[int, ...] = ()
         self._stopping = False
         self._retiring = False
+        self._starved = False
+        self._reset_in_session = False
         self._out: list[Effect] = []
 
     def __repr__(self) -> str:
@@ -255,7 +259,7 @@ class Coordinator:
     def _alice_start(self, _block: _Block | None, event: object) -> None:
         assert isinstance(event, SessionStarted)
         self.mode = event.mode
-        if self.planner.ledger_reset_pending and event.mode is not SessionMode.KEY_DERIVED:
+        if self.planner.operator_rebootstrap and event.mode is not SessionMode.KEY_DERIVED:
             self._send(LedgerReset())
             self.phase = Phase.SYNC_RESET
             return
@@ -267,10 +271,15 @@ class Coordinator:
         self.phase = Phase.SYNC
 
     def _alice_reset_done(self, _block: _Block | None, event: object) -> None:
-        self.ledger.reset()
-        self.planner.ledger_reset_pending = False
-        self._out.append(LedgerWasReset(requested_by_peer=False))
+        self._reset_ledger(requested_by_peer=False)
         self._send_sync()
+
+    def _reset_ledger(self, *, requested_by_peer: bool) -> None:
+        self.ledger.reset()
+        self._reset_in_session = True
+        self.planner.operator_rebootstrap = False
+        self._out.append(LedgerWasReset(requested_by_peer=requested_by_peer))
+        self._out.append(RebootstrapDone())
 
     def _alice_sync_reply(self, _block: _Block | None, event: object) -> None:
         reply = _peer(event, SyncReply)
@@ -286,12 +295,15 @@ class Coordinator:
         self.phase = Phase.SYNC
 
     def _bob_ledger_reset(self, _block: _Block | None, event: object) -> None:
-        # only in a bootstrap-authenticated session: Alice's key-derived handshake failed
-        if self.mode is SessionMode.KEY_DERIVED:
+        # only in a bootstrap session that an operator's re-bootstrap on this node allows
+        if self.mode is SessionMode.KEY_DERIVED or not self.planner.operator_rebootstrap:
             self.phase = Phase.ENDED
-            raise ProtocolError("ledger reset in a key-derived session", field="kind")
-        self.ledger.reset()
-        self._out.append(LedgerWasReset(requested_by_peer=True))
+            raise ProtocolError(
+                "ledger reset refused: only in a bootstrap session under an operator's "
+                "re-bootstrap on this node",
+                field="kind",
+            )
+        self._reset_ledger(requested_by_peer=True)
         self._send(LedgerResetDone())
 
     def _bob_sync(self, _block: _Block | None, event: object) -> None:
@@ -320,7 +332,12 @@ class Coordinator:
 
     def _resolve(self, staged_here: Sequence[int], committed_there: set[int]) -> None:
         for block_id in sorted(staged_here):  # deposits happen in block order on both sides
-            if block_id in committed_there:
+            if block_id in committed_there and self._reset_in_session:
+                # staged before the ledgers were reset: its pool share is not deposited
+                self._out.append(
+                    CommitBlock(block_id=block_id, ledger_state=self.ledger.state, limbo=True)
+                )
+            elif block_id in committed_there:
                 staged = self._store.staged_material(block_id)
                 taken = self.ledger.deposit(
                     staged.pool_material + staged.consumer_material,
@@ -336,7 +353,6 @@ class Coordinator:
                 self._out.append(
                     CommitBlock(block_id=block_id, ledger_state=self.ledger.state, limbo=True)
                 )
-                self._after_deposit()
             else:
                 self._out.append(DropBlock(block_id=block_id))
 
@@ -534,11 +550,6 @@ class Coordinator:
                 "the pool's share changed between stage and commit", field="pool_bytes"
             )
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))
-        self._after_deposit()
-
-    def _after_deposit(self) -> None:
-        if self.ledger.level_bits >= self.ledger.state.target_bits:
-            self.planner.pool_refilled()  # the pool is full again: key-derived sessions resume
 
     def _finish_committed(self, block: _Block) -> None:
         assert block.outcome is not None and block.auth is not None
@@ -578,16 +589,14 @@ class Coordinator:
         if self.mode is not SessionMode.KEY_DERIVED:
             if self._blocks:
                 return  # before rotation: one block at a time, and rotation between blocks
-            if not self.planner.force_bootstrap and self.ledger.can_pay(
-                ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
-            ):
+            if self.ledger.can_pay(ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS):
                 self._out.append(AnnounceRotation())
                 self.phase = Phase.ROTATING
                 return
             self._open_one()
             return
         opened = 0  # each open draws its keys when the shell applies it, after this call
-        while len(self._blocks) < self.config.max_in_flight:
+        while len(self._blocks) < self.config.max_in_flight and not self._starved:
             if not self.ledger.can_pay((opened + 1) * BLOCK_DRAW_BITS):
                 if not self._blocks:
                     self._exhausted()
@@ -603,16 +612,10 @@ class Coordinator:
         self._out.append(TakeRecords(block_id=block_id, first_pulse_index=None))
 
     def _exhausted(self) -> None:
-        policy = self.config.on_exhausted
-        if policy == "rebootstrap":
-            # the next sessions authenticate with the bootstrap credentials until a commit has
-            # refilled the pool; key-derived sessions would only dig into the reserve
-            self.planner.pool_exhausted()
-        self.phase = Phase.ENDED
+        # no new block in this session; the session stays up (reservations, stored keys)
+        self._starved = True
         self._out.append(
-            PoolExhaustedStop(
-                policy=policy, level_bits=self.ledger.level_bits, needed_bits=BLOCK_DRAW_BITS
-            )
+            PoolExhaustedStop(level_bits=self.ledger.level_bits, needed_bits=BLOCK_DRAW_BITS)
         )
 
     # ---- output helpers ---------------------------------------------------------------------

@@ -10,50 +10,46 @@ from qkdnode.channel.auth import Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import KindRegistry
-from qkdnode.coordination.events import ExhaustionPolicy
+from qkdnode.coordination.events import StoreView
 
 # ---- the node's choice of authentication mode -------------------------------------------------
 
 
 class AttemptDecision(enum.Enum):
     NONE = "none"
-    REBOOTSTRAP = "rebootstrap"  # the last key-derived attempt never completed its handshake
-    REFUSED_HALT = "refused_halt"  # the same, under on_exhausted = "halt": keep trying
+    # the last key-derived attempt never completed its handshake: tried again, never downgraded
+    KEY_DERIVED_REFUSED = "key_derived_refused"
+    REBOOTSTRAP = "rebootstrap"  # an operator's re-bootstrap is in force for this connection
 
 
 @dataclass(slots=True)
 class AuthPlanner:
     """What authenticates the node's next connection; lives as long as the node (in memory).
 
-    ``next_connection`` applies the policy: if the last attempt tried key-derived authentication
-    and never completed its handshake, ``rebootstrap`` makes the next session a bootstrap one
-    in which both sides reset their ledgers; ``halt`` keeps trying key-derived. A pool that
-    cannot pay for a block under ``rebootstrap`` also forces bootstrap sessions, until a
-    commit has filled the pool to its target again.
+    Once the ledger is active (the bootstrap window closed at rotation) every connection is
+    key-derived, whatever happened to the last one: a reset, a timeout, a refusal or a crash
+    never brings the bootstrap credentials back. Only ``operator_rebootstrap``, set by the shell
+    from an operator's durable re-bootstrap permit, makes a connection bootstrap-authenticated
+    (Alice sends, Bob accepts, a bootstrap Hello) and both ledgers reset in that session.
     """
 
     role: Role
-    on_exhausted: ExhaustionPolicy
-    force_bootstrap: bool = False
-    ledger_reset_pending: bool = False
+    operator_rebootstrap: bool = False
     _last_key_derived: bool = False
     _last_completed: bool = True
 
     def next_connection(self, *, ledger_active: bool) -> tuple[bool, AttemptDecision]:
         """``(force_bootstrap, decision)`` for the next connection; records the attempt."""
         decision = AttemptDecision.NONE
-        if self._last_key_derived and not self._last_completed:
-            if self.on_exhausted == "rebootstrap":
-                self.force_bootstrap = True
-                self.ledger_reset_pending = True
-                decision = AttemptDecision.REBOOTSTRAP
-            else:
-                decision = AttemptDecision.REFUSED_HALT
+        if self.operator_rebootstrap:
+            decision = AttemptDecision.REBOOTSTRAP
+        elif self._last_key_derived and not self._last_completed:
+            decision = AttemptDecision.KEY_DERIVED_REFUSED
         self._last_key_derived = (
-            self.role is Role.ALICE and ledger_active and not self.force_bootstrap
+            self.role is Role.ALICE and ledger_active and not self.operator_rebootstrap
         )
         self._last_completed = False
-        return self.force_bootstrap, decision
+        return self.operator_rebootstrap, decision
 
     @property
     def last_attempt_key_derived(self) -> bool:
@@ -72,6 +68,8 @@ class AuthPlanner:
         ledger: AuthKeyLedger,
         config: ChannelConfig,
         random_bytes: Callable[[int], bytes],
+        store: StoreView,
+        admit_key_derived: Callable[[], bool] | None = None,
     ) -> tuple[PeerConnection, AttemptDecision]:
         """The node's next ``PeerConnection`` (``last``: the one before, if any)."""
         if last is not None and last.mode is not None:
@@ -85,11 +83,46 @@ class AuthPlanner:
             config=config,
             random_bytes=random_bytes,
             force_bootstrap=force_bootstrap,
+            staged_digest=staged_deposit_digest(ledger, store),
+            admit_key_derived=admit_key_derived,
         )
         return connection, decision
 
-    def pool_exhausted(self) -> None:
-        self.force_bootstrap = True
 
-    def pool_refilled(self) -> None:
-        self.force_bootstrap = False
+def staged_deposit_digest(ledger: AuthKeyLedger, store: StoreView) -> bytes | None:
+    """The ledger's deposit digest once this node's staged blocks are committed, in block
+    order (None when nothing is staged): what the peer has if it committed them already."""
+    staged = store.staged_block_ids()
+    if not staged:
+        return None
+    probe = AuthKeyLedger(
+        target_bits=ledger.state.target_bits,
+        reserve_bits=ledger.state.reserve_bits,
+        state=ledger.state,
+    )
+    for block_id in staged:
+        share = store.staged_material(block_id)
+        mark = min(share.ledger_mark_bits, probe.consumed_bits)
+        probe.deposit(share.pool_material + share.consumer_material, mark_consumed_bits=mark)
+    return probe.state.deposit_digest
+
+
+@dataclass(slots=True)
+class HandshakeAdmission:
+    """Bob's bound on key-derived handshake attempts (each uses up a handshake key): a token
+    bucket of ``burst`` attempts refilled at ``rate_per_s``; ``admit(now_s)`` takes one."""
+
+    rate_per_s: float
+    burst: float
+    _tokens: float = -1.0
+    _last_s: float = 0.0
+
+    def admit(self, now_s: float) -> bool:
+        if self._tokens < 0:
+            self._tokens, self._last_s = self.burst, now_s
+        self._tokens = min(self.burst, self._tokens + (now_s - self._last_s) * self.rate_per_s)
+        self._last_s = now_s
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True

@@ -54,6 +54,7 @@ from qkdnode.coordination.events import (
     PeerOpenedBlock,
     PoolExhaustedStop,
     PrefetchRecords,
+    RebootstrapDone,
     RecordsMissing,
     RecordsTaken,
     RetireRequested,
@@ -79,6 +80,7 @@ from qkdnode.coordination.wire import (
     data_to_wire,
 )
 from qkdnode.errors import QkdError
+from qkdnode.node import rebootstrap
 from qkdnode.postprocess.pipeline import AliceBlock, BlockMessage, BobBlock
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 from qkdnode.store import StagedBlock
@@ -98,8 +100,7 @@ class SessionEnded(QkdError):
 
 
 class DaemonMustStop(Exception):
-    """A condition after which the daemon must not carry on: a failed store write or fsync,
-    or an exhausted authentication-key pool under ``auth.on_exhausted = "halt"``.
+    """A condition after which the daemon must not carry on: a failed store write or fsync.
 
     Deliberately not a ``QkdError``: the session loops retry ``QkdError``s, never this.
     """
@@ -123,7 +124,6 @@ class Exchange:
             config=CoordinatorConfig(
                 key_size_bits=node.config.store.key_size_bits,
                 max_in_flight=1,
-                on_exhausted=node.config.auth.on_exhausted,
             ),
             ledger=node.ledger,
             store=node.store_view,
@@ -217,20 +217,19 @@ class Exchange:
 
     def _on_channel_exhausted(self, event: PoolExhausted) -> None:
         # the machine checks the pool before it opens a block; the channel's own refusal is a
-        # second line, applied with the same policy
-        self._exhausted(event.policy, event.level_bits, event.needed_bits)
+        # second line: the same alert, and this session ends
+        self._exhausted(event.level_bits, event.needed_bits)
+        raise SessionEnded("authentication-key pool exhausted")
 
-    def _exhausted(self, policy: str, level_bits: int, needed_bits: int) -> None:
+    def _exhausted(self, level_bits: int, needed_bits: int) -> None:
         log.error(
             "auth.pool_exhausted",
-            policy=policy,
             pool_level_bits=level_bits,
             needed_bits=needed_bits,
+            detail="no block opens; stored keys are still served; re-bootstrap needs an "
+            "operator on both nodes (qkdnode auth rebootstrap)",
         )
-        if policy == "halt":
-            raise DaemonMustStop("authentication-key pool exhausted and auth.on_exhausted = 'halt'")
-        self.node.planner.pool_exhausted()
-        raise SessionEnded("authentication-key pool exhausted: re-bootstrapping the session")
+        self.node.notifier.status("authentication-key pool exhausted: no block opens")
 
     async def _retire_later(self) -> None:
         await trio.sleep(RETIRE_AT_FRACTION * self.connection.config.max_session_age_s)
@@ -313,8 +312,10 @@ class Exchange:
                 node.reporter.block_done(
                     block_id, outcome, auth, keys=keys, pool_bytes=effect.pool_bytes
                 )
-            case PoolExhaustedStop(policy=policy, level_bits=level, needed_bits=needed):
-                self._exhausted(policy, level, needed)
+            case PoolExhaustedStop(level_bits=level, needed_bits=needed):
+                self._exhausted(level, needed)
+            case RebootstrapDone():
+                rebootstrap.use_up(node.config.store.directory)
             case EndSession(reason=reason):
                 raise SessionEnded(reason)
             case Idle():

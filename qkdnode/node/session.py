@@ -53,6 +53,9 @@ from qkdnode.errors import (
 
 log = structlog.get_logger("qkdnode.channel")
 
+# Bob serves at most this many connections that have not completed their handshake
+MAX_UNAUTHENTICATED_CONNECTIONS = 16
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SessionConfig:
@@ -398,12 +401,32 @@ async def serve_bob(
 ) -> None:
     """Bob: listen and run one session per accepted connection (errors end that session only)."""
 
+    handshakes = trio.Semaphore(MAX_UNAUTHENTICATED_CONNECTIONS)
+
     async def on_stream(stream: trio.SocketStream) -> None:
+        if handshakes.value == 0:
+            # every handshake slot is taken by connections not yet authenticated: refuse
+            log.warning("channel.connection_refused", reason="too many unauthenticated")
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        handshakes.acquire_nowait()
+        held = True
+
+        def authenticated() -> None:
+            nonlocal held
+            if held:
+                held = False
+                handshakes.release()
+
         try:
             async with open_session(stream, make_connection(), config) as session:
+                authenticated()
                 await handle(session)
         except* _SESSION_ENDINGS as group:
             log.warning("channel.session_ended", errors=_describe_errors(group))
+        finally:
+            authenticated()
 
     await trio.serve_tcp(on_stream, config.port, host=config.host, task_status=task_status)
 

@@ -4,6 +4,7 @@ authentication planner, reservations) and the store as the coordination machine 
 from __future__ import annotations
 
 import os
+import time
 from typing import Protocol
 
 import structlog
@@ -14,11 +15,12 @@ from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
 from qkdnode.config import NodeConfig
 from qkdnode.coordination.events import StagedShare
-from qkdnode.coordination.planner import AttemptDecision, AuthPlanner
+from qkdnode.coordination.planner import AttemptDecision, AuthPlanner, HandshakeAdmission
 from qkdnode.coordination.wire import make_registry
 from qkdnode.delivery.keys import KeyManager
 from qkdnode.link.blocks import BlockSource
 from qkdnode.link.interface import QuantumLink
+from qkdnode.node import rebootstrap
 from qkdnode.node.reporting import BlockReporter, NodeCounters
 from qkdnode.node.reservations import Reservations
 from qkdnode.node.session import SessionConfig, load_certificate_credentials, load_psk_file
@@ -109,7 +111,10 @@ class Node:
             state=state,
             observer=lambda _draw: self._persist_ledger(),
         )
-        self.planner = AuthPlanner(self.role, config.auth.on_exhausted)
+        self.planner = AuthPlanner(self.role)
+        # each key-derived Hello uses up a handshake key: at most one every 2 s on average,
+        # in bursts of 8 (Alice needs one per session)
+        self.admission = HandshakeAdmission(rate_per_s=0.5, burst=8.0)
         self.credentials = self._load_credentials()
         self.metrics = NodeMetrics(
             node=config.node.name,
@@ -185,23 +190,26 @@ class Node:
 
     def make_connection(self) -> PeerConnection:
         """A new connection, authenticated as the ``AuthPlanner`` decides."""
+        self.planner.operator_rebootstrap = rebootstrap.in_force(
+            self.config.store.directory, now_s=time.time()
+        )
         connection, decision = self.planner.new_connection(
             last=self._last_connection,
             credentials=self.credentials,
             registry=self.registry,
             ledger=self.ledger,
-            config=ChannelConfig(
-                max_frame_bytes=self.config.peer.max_frame_bytes,
-                on_exhausted=self.config.auth.on_exhausted,
-            ),
+            config=ChannelConfig(max_frame_bytes=self.config.peer.max_frame_bytes),
             random_bytes=os.urandom,
+            store=self.store_view,
+            admit_key_derived=lambda: self.admission.admit(time.monotonic()),
         )
         if decision is AttemptDecision.REBOOTSTRAP:
-            log.error("auth.rebootstrap", reason="key-derived handshake failed")
-        elif decision is AttemptDecision.REFUSED_HALT:
-            log.critical(
-                "auth.key_derived_refused",
-                detail="the peer refused key-derived authentication; on_exhausted = halt",
+            log.warning("auth.rebootstrap", reason="operator re-bootstrap permit in force")
+        elif decision is AttemptDecision.KEY_DERIVED_REFUSED:
+            log.warning(
+                "auth.key_derived_retry",
+                detail="the last key-derived attempt did not complete; trying key-derived again "
+                "(never the bootstrap credentials)",
             )
         self._last_connection = connection
         return connection

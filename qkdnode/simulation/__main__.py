@@ -1,9 +1,9 @@
 """``python -m qkdnode.simulation``: many seeded runs of the two-node simulation.
 
-    scripts/simulate --runs N --seed S [--in-flight K] [--policy P] [--jobs J] [--json OUT]
+    scripts/simulate --runs N --seed S [--in-flight K] [--jobs J] [--json OUT]
 
 Runs seeds S .. S+N-1 with K blocks in flight (both 1 and 4 when ``--in-flight`` is not
-given) and prints one row per K: {"in_flight", "policy", "runs", "steps", "sessions",
+given) and prints one row per K: {"in_flight", "runs", "steps", "sessions",
 "committing_fraction", "faults_injected", "downgrades", "auth_bits_reused",
 "store_disagreements", "liveness_failures", "seconds"}, then the first failing seed of each
 kind with the command that replays it (``--runs 1 --trace`` prints the run step by step; a seed
@@ -29,14 +29,11 @@ def _run(job: tuple[int, SimSettings, bool]) -> RunReport:
     return simulate_run(seed, settings, trace=trace)
 
 
-def _row(
-    in_flight: int, policy: str, reports: Sequence[RunReport], seconds: float
-) -> dict[str, Any]:
+def _row(in_flight: int, reports: Sequence[RunReport], seconds: float) -> dict[str, Any]:
     sessions = sum(r.sessions for r in reports)
     committing = sum(r.committing_sessions for r in reports)
     return {
         "in_flight": in_flight,
-        "policy": policy,
         "runs": len(reports),
         "steps": sum(r.steps for r in reports),
         "sessions": sessions,
@@ -55,7 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--in-flight", type=int, choices=(1, 2, 3, 4), default=None)
-    parser.add_argument("--policy", choices=("rebootstrap", "halt"), default="rebootstrap")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes")
     parser.add_argument("--trace", action="store_true", help="print each run step by step")
     parser.add_argument("--json", metavar="OUT", help="write the rows as JSON to OUT")
@@ -63,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     failed = False
     for in_flight in (args.in_flight,) if args.in_flight else (1, 4):
-        settings = SimSettings(in_flight=in_flight, on_exhausted=args.policy)
+        settings = SimSettings(in_flight=in_flight)
         jobs = [(seed, settings, args.trace) for seed in range(args.seed, args.seed + args.runs)]
         started = time.perf_counter()
         if args.jobs > 1:
@@ -71,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reports = pool.map(_run, jobs, chunksize=8)
         else:
             reports = [_run(job) for job in jobs]
-        row = _row(in_flight, args.policy, reports, time.perf_counter() - started)
+        row = _row(in_flight, reports, time.perf_counter() - started)
         rows.append(row)
         print(json.dumps(row))
         first: dict[str, RunReport] = {}
@@ -86,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"first {kind} at seed {report.seed}: {violation}")
             print(
                 f"  replay: scripts/simulate --runs 1 --seed {report.seed} "
-                f"--in-flight {in_flight} --policy {args.policy} --trace"
+                f"--in-flight {in_flight} --trace"
             )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:

@@ -43,6 +43,7 @@ class WorldView(Protocol):
     tracker: UseTracker
     credentials: PskCredentials
     step_count: int
+    window_closed: bool
 
 
 REGISTRY: Final = make_registry()
@@ -83,14 +84,16 @@ class Endpoint:
 
 
 class UseTracker:
-    """Which use each authentication-key byte of each node went to, per ledger epoch."""
+    """Which use each authentication-key byte of each node went to: pool bytes per ledger
+    epoch (a reset starts the pool's offsets again), handshake-key bytes by slot index."""
 
     def __init__(self, report: RunReport) -> None:
         self._report = report
         self._uses: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
 
     def use(self, node: SimNode, offset_bits: int, nbits: int, kind: str, link_id: int) -> None:
-        uses = self._uses.setdefault((node.name, node.ledger_epoch), {})
+        stream = -1 if kind == "handshake" else node.ledger_epoch
+        uses = self._uses.setdefault((node.name, stream), {})
         key = (kind, link_id)
         for byte in range(offset_bits // 8, (offset_bits + nbits) // 8):
             before = uses.setdefault(byte, key)
@@ -104,7 +107,7 @@ class UseTracker:
 
 
 class TrackedLedger(AuthKeyLedger):
-    """The production ledger, reporting every read of pool bits (``peek``) as a use."""
+    """The production ledger, its draws and handshake keys reported to the use tracker."""
 
     def __init__(self, *, node: SimNode, state: LedgerState | None, settings: SimSettings) -> None:
         super().__init__(
@@ -114,11 +117,6 @@ class TrackedLedger(AuthKeyLedger):
             observer=node.on_draw,
         )
         self.node = node
-
-    def peek(self, offset_bits: int, nbits: int) -> bytes:
-        out = super().peek(offset_bits, nbits)
-        self.node.world.tracker.use(self.node, offset_bits, nbits, "handshake", self.node.context)
-        return out
 
 
 # ---- nodes ------------------------------------------------------------------------------------
@@ -144,7 +142,7 @@ class SimNode:
         stored = self.store.load_auth_ledger()
         state = ledger_state_from_bytes(stored) if stored is not None else None
         self.ledger: AuthKeyLedger = TrackedLedger(node=self, state=state, settings=settings)
-        self.planner = AuthPlanner(self.role, settings.on_exhausted)
+        self.planner = AuthPlanner(self.role)
         self.endpoints: list[Endpoint] = []
         self.work: deque[tuple[Endpoint, Effect]] = deque()
         self.roles: dict[tuple[int, int], StubBlock] = {}
@@ -154,6 +152,9 @@ class SimNode:
 
     def on_draw(self, record: DrawRecord) -> None:
         self.store.save_auth_ledger(ledger_state_to_bytes(self.ledger.state))  # write-ahead
+        if record.purpose == "activate":
+            self.world.window_closed = True
+            return
         if record.purpose == "reset":
             self.ledger_epoch += 1
             return
@@ -168,8 +169,9 @@ class SimNode:
             credentials=self.world.credentials,
             registry=REGISTRY,
             ledger=self.ledger,
-            config=ChannelConfig(on_exhausted=self.world.settings.on_exhausted),
+            config=ChannelConfig(),
             random_bytes=self.world.rng.randbytes,
+            store=self.store,
         )
         self.last_connection = connection
         return connection

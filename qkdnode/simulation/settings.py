@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from qkdnode.coordination.events import ExhaustionPolicy
-
 FAULTS: Final = (
     "drop",
     "duplicate",
@@ -27,7 +25,6 @@ class SimSettings:
     """What a run looks like; every choice inside a run is drawn from its seed."""
 
     in_flight: int = 1
-    on_exhausted: ExhaustionPolicy = "rebootstrap"
     warmup_steps_max: int = 400
     fault_steps_max: int = 200
     fault_probability: float = 0.04

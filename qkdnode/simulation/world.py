@@ -12,8 +12,9 @@ Hello. When nothing is ready although connections are open, every open connectio
 
 Invariants, checked as the state changes:
 
-- downgrade: after the first commit on either node, no session completes its handshake in a
-  bootstrap mode and no ledger is reset (no operator action is simulated);
+- downgrade: once the bootstrap window has closed on either node (its ledger became active at
+  rotation, durably), no session completes its handshake in a bootstrap mode and no ledger is
+  reset (no operator action is simulated);
 - auth bits reused: no authentication-key bit of a node is used under two purposes or two
   transcripts (handshake keys included), across crashes;
 - store disagreement: no block committed on one node and dropped on the other; a block
@@ -117,6 +118,8 @@ class World:
         self.credentials = PskCredentials(psk=self.rng.randbytes(32))
         self.step_count = 0
         self.first_commit_seen = False
+        # set when either node's ledger becomes active (durably): rotation closed the window
+        self.window_closed = False
         self.quiet_since_step: int | None = None
         self.quiet_attempts = 0
         self.quiet_committed = False
@@ -268,12 +271,12 @@ class World:
 
     def _on_handshake(self, endpoint: Endpoint, mode: SessionMode) -> None:
         node = endpoint.node
-        if mode is not SessionMode.KEY_DERIVED and self.first_commit_seen:
+        if mode is not SessionMode.KEY_DERIVED and self.window_closed:
             previous = self.last_refused_attempt
             self.report.downgrades += 1
             self.report.violations.append(
-                f"downgrade: {node.name} completed a {mode.value} handshake after the first "
-                f"commit (the last key-derived attempt ended: {previous or 'n/a'})"
+                f"downgrade: {node.name} completed a {mode.value} handshake after the "
+                f"bootstrap window closed (the last key-derived attempt ended: {previous or 'n/a'})"
             )
         if node is self.alice:
             self.report.sessions += 1
@@ -282,7 +285,6 @@ class World:
             config=CoordinatorConfig(
                 key_size_bits=self.settings.key_size_bits,
                 max_in_flight=self.settings.in_flight,
-                on_exhausted=self.settings.on_exhausted,
             ),
             ledger=node.ledger,
             store=node.store,
@@ -327,18 +329,20 @@ class World:
                     pool_material=effect.pool_material,
                     ledger_mark_bits=effect.auth.ledger_mark_bits,
                 )
-            case CommitBlock(block_id=block_id, ledger_state=state):
+            case CommitBlock(block_id=block_id, ledger_state=state, limbo=limbo):
                 node.store.commit_block(block_id, auth_ledger_state=ledger_state_to_bytes(state))
                 self.first_commit_seen = True
                 self._check_block(block_id)
+                if limbo:
+                    self.note(f"limbo commit {block_id} on {node.name}")
             case DropBlock(block_id=block_id):
                 node.store.drop_block(block_id)
                 self._check_block(block_id)
             case LedgerWasReset():
-                if self.first_commit_seen:
+                if self.window_closed:
                     self.report.downgrades += 1
                     self.report.violations.append(
-                        f"downgrade: {node.name}'s ledger reset after the first commit"
+                        f"downgrade: {node.name}'s ledger reset after the bootstrap window closed"
                     )
             case BlockDone(outcome=outcome):
                 if isinstance(outcome, BlockKey) and node is self.alice:
@@ -347,11 +351,8 @@ class World:
                         self.report.committing_sessions += 1
                     if self.quiet_since_step is not None:
                         self.quiet_committed = True
-            case PoolExhaustedStop(policy=policy):
-                if policy == "halt":
-                    node.halted = True
-                    self.note(f"{node.name} halted: pool exhausted")
-                raise _SessionOver("pool exhausted")
+            case PoolExhaustedStop():
+                self.note(f"{node.name}: pool exhausted, no block opens")
             case EndSession(reason=reason):
                 raise _SessionOver(reason)
             case Idle():

@@ -27,7 +27,12 @@ from qkdnode.channel.connection import (
     NeedData,
     PeerConnection,
 )
-from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.ledger import (
+    HANDSHAKE_SLOT_BYTES,
+    HANDSHAKE_SLOTS_HELD,
+    HANDSHAKE_SLOTS_PER_DEPOSIT,
+    AuthKeyLedger,
+)
 from qkdnode.channel.messages import FieldSpec, KindRegistry
 from qkdnode.errors import (
     AuthenticationFailed,
@@ -59,6 +64,10 @@ def registry() -> KindRegistry:
 REGISTRY = registry()
 
 
+# the bytes of one deposit's handshake-key slots, after the pool's share
+SLOTS = HANDSHAKE_SLOTS_PER_DEPOSIT * HANDSHAKE_SLOT_BYTES
+
+
 def seeded(seed: int) -> Callable[[int], bytes]:
     rng = np.random.default_rng(seed)
     return lambda n: rng.bytes(n)
@@ -66,7 +75,10 @@ def seeded(seed: int) -> Callable[[int], bytes]:
 
 def funded_ledger(seed: int = 7, target_bits: int = TARGET_BITS) -> AuthKeyLedger:
     ledger = AuthKeyLedger(target_bits=target_bits, reserve_bits=RESERVE_BITS)
-    ledger.deposit(np.random.default_rng(seed).bytes(target_bits // 8), mark_consumed_bits=0)
+    ledger.deposit(
+        np.random.default_rng(seed).bytes(target_bits // 8 + SLOTS), mark_consumed_bits=0
+    )
+    _more_slots(ledger, seed)
     return ledger
 
 
@@ -345,6 +357,8 @@ class DrawLog:
         offset = getattr(record, "offset_bits")  # noqa: B009 - DrawRecord, typed loosely here
         nbits = getattr(record, "nbits")  # noqa: B009
         purpose = getattr(record, "purpose")  # noqa: B009
+        if purpose in ("activate", "handshake"):
+            return  # not a pool draw: a state change, and the handshake-key stream
         self.draws.append((int(offset), int(nbits), str(purpose)))
 
 
@@ -358,8 +372,10 @@ class RecordingLedger(AuthKeyLedger):
         self.drawn: list[tuple[int, bytes]] = []  # (offset_bits, bytes) of every draw
 
     def deposit(self, key: bytes, *, mark_consumed_bits: int) -> int:
+        before_bits = self.state.deposited_bits
         taken = super().deposit(key, mark_consumed_bits=mark_consumed_bits)
-        self.stream += key[:taken]
+        # the pool's share leads the bytes taken; handshake-key slots follow (their own stream)
+        self.stream += key[: (self.state.deposited_bits - before_bits) // 8]
         return taken
 
     def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
@@ -372,8 +388,9 @@ class RecordingLedger(AuthKeyLedger):
 def ledger_pair(
     *, seed: int, target_bits: int, reserve_bits: int = RESERVE_BITS
 ) -> tuple[RecordingLedger, RecordingLedger, DrawLog, DrawLog]:
-    """Two ledgers funded with the same ``target_bits`` of seeded key, each with a draw log."""
-    material = np.random.default_rng(seed).bytes(target_bits // 8)
+    """Two ledgers funded with the same ``target_bits`` of seeded key (and a deposit's handshake
+    slots), each with a draw log of its pool draws."""
+    material = np.random.default_rng(seed).bytes(target_bits // 8 + SLOTS)
     logs = (DrawLog(), DrawLog())
     alice, bob = (
         RecordingLedger(target_bits=target_bits, reserve_bits=reserve_bits, observer=log)
@@ -381,7 +398,18 @@ def ledger_pair(
     )
     for ledger in (alice, bob):
         ledger.deposit(material, mark_consumed_bits=0)
+        _more_slots(ledger, seed)
     return alice, bob, logs[0], logs[1]
+
+
+def _more_slots(ledger: AuthKeyLedger, seed: int) -> None:
+    """Top the handshake-key stream up to the slots a ledger holds (the pool is full, so
+    these deposits give slots only): many sessions in a row need many handshake keys."""
+    rng = np.random.default_rng(seed + 1)
+    while ledger.state.handshake_deposited < HANDSHAKE_SLOTS_HELD:
+        # a mark at which the pool needs nothing: the whole key goes to the slots
+        mark = max(0, ledger.state.deposited_bits - ledger.state.target_bits)
+        ledger.deposit(rng.bytes(SLOTS), mark_consumed_bits=mark)
 
 
 def psk_pair(

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qkdnode.channel.auth import BLOCK_DRAW_BITS, HANDSHAKE_KEY_BITS, ROTATION_KEY_BITS, Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, ROTATION_KEY_BITS, Role
 from qkdnode.channel.connection import ConnectionState
 from qkdnode.channel.framing import NO_BLOCK, pack_frame, pack_header
 from tests.reliability.memory import (
@@ -120,7 +120,7 @@ def test_sessions_ended_by_forgeries_leave_the_ledgers_equal_and_offsets_exact()
     for session in range(sessions):
         wire = key_derived_wire(alice, bob, seed=400 + 10 * session)
         if start is None:
-            start = alice.consumed_bits - HANDSHAKE_KEY_BITS  # after rotation, before handshake
+            start = alice.consumed_bits  # after rotation (handshakes use their own key stream)
         clean_block(wire, block_id)
         wire.put(Role.BOB, wire.alice.open_block(block_id + 1))
         before = snapshot(wire.bob)
@@ -139,8 +139,9 @@ def test_sessions_ended_by_forgeries_leave_the_ledgers_equal_and_offsets_exact()
     wire = key_derived_wire(alice, bob, seed=9999)
     clean_block(wire, block_id)
     assert alice.state == bob.state
-    handshakes = sessions + 1
     blocks = 2 * sessions + 1
-    expected = start + handshakes * HANDSHAKE_KEY_BITS + blocks * BLOCK_DRAW_BITS
+    expected = start + blocks * BLOCK_DRAW_BITS
     assert alice.consumed_bits == expected, (alice.consumed_bits, expected)
     assert start == ROTATION_KEY_BITS  # the first session's rotation, nothing else before
+    # every session used one handshake slot of its own, the same one on both sides
+    assert alice.handshake_first == bob.handshake_first

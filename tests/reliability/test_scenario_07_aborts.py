@@ -2,9 +2,10 @@
 eavesdropper). Each abort burns a bounded amount of authentication key; 100 aborts stay within
 100 times that bound; no key comes out of an aborted block; the reconnect backoff is applied.
 
-The stated bound per abort (key-derived mode): a session killed mid-block costs its handshake
-key and the block's keys, ``HANDSHAKE_KEY_BITS + BLOCK_DRAW_BITS`` = 1,280 bits; a block the
-pipeline aborts (QBER, Eve) is closed normally and costs ``BLOCK_DRAW_BITS`` = 1,024 bits.
+The stated bound per abort (key-derived mode): a session killed mid-block costs the block's
+keys, ``BLOCK_DRAW_BITS`` = 1,024 pool bits, and its reconnection one handshake key from the
+handshake-key stream (no pool bit); a block the pipeline aborts (QBER, Eve) is closed normally
+and costs ``BLOCK_DRAW_BITS`` = 1,024 bits.
 
 Eve's intercept-resend attack is written out here from its definition (Bennett and Brassard
 1984; Eve measures a fraction of the pulses in a random basis and resends what she saw, which
@@ -20,9 +21,14 @@ import pytest
 import trio
 import trio.testing
 
-from qkdnode.channel.auth import BLOCK_DRAW_BITS, HANDSHAKE_KEY_BITS, Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, Role
 from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.framing import pack_frame, pack_header
+from qkdnode.channel.ledger import (
+    HANDSHAKE_SLOT_BYTES,
+    HANDSHAKE_SLOTS_PER_DEPOSIT,
+    AuthKeyLedger,
+)
 from qkdnode.errors import ProtocolError
 from qkdnode.node import session as session_module
 from qkdnode.node.session import SessionConfig, backoff_delays, open_session, run_alice
@@ -42,7 +48,7 @@ from tests.reliability.memory import (
 from tests.reliability.proxy import CODES
 
 ABORTS = 100
-SESSION_ABORT_BITS = HANDSHAKE_KEY_BITS + BLOCK_DRAW_BITS
+SESSION_ABORT_BITS = BLOCK_DRAW_BITS
 PARAMS = PipelineParameters(
     cascade_variant=CascadeVariant.SUBBLOCK_REUSE,
     security=SecurityParameters(eps_sec=1e-10, eps_cor=1e-12),
@@ -74,6 +80,15 @@ def intercept_resend(
         basis=detections.basis,
         bit=bit,
     )
+
+
+def _more_slots(alice: AuthKeyLedger, bob: AuthKeyLedger, *, seed: int) -> None:
+    """Both ledgers take the same handshake-key slots, as at a commit (the pool is full)."""
+    key = np.random.default_rng(seed).bytes(HANDSHAKE_SLOTS_PER_DEPOSIT * HANDSHAKE_SLOT_BYTES)
+    for ledger in (alice, bob):
+        # a mark at which the pool needs nothing: the whole key goes to the slots
+        mark = max(0, ledger.state.deposited_bits - ledger.state.target_bits)
+        ledger.deposit(key, mark_consumed_bits=mark)
 
 
 def forced_abort(kind: str, seed: int) -> tuple[BlockAborted, BlockAborted, int]:
@@ -112,9 +127,13 @@ def test_100_forced_aborts_burn_at_most_the_stated_bound_and_yield_no_key() -> N
                 wire.bob.receive_data(junk)
                 wire.bob.next_event(now_s=0.0)
             assert not any(isinstance(e, BlockAuthenticated) for e in wire.events[Role.BOB][-1:])
-            # the daemon reconnects: a new key-derived session over the same ledgers
+            # the daemon reconnects: a new key-derived session over the same ledgers, which
+            # uses one handshake slot on each side and no pool bit
+            slot = alice.handshake_first
             wire = key_derived_wire(alice, bob, seed=1000 + index)
             wire_cost = alice.consumed_bits - before
+            assert alice.handshake_first == bob.handshake_first > slot
+            _more_slots(alice, bob, seed=index)  # the commits that refill it are not simulated
         else:
             a_out, _b_out, messages = forced_abort(kind, seed=100 + index)
             reasons.add(a_out.reason.value)

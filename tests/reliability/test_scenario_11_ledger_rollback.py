@@ -2,7 +2,7 @@
 
 A node whose ledger was restored from an older state (a backup, a rolled-back disk) or lost
 (a fresh store) must refuse the key-derived mode rather than reuse one-time key, and may only
-re-bootstrap as configured. In memory with ``PeerConnection`` pairs over persisted ledger
+re-bootstrap by an operator's action. In memory with ``PeerConnection`` pairs over persisted ledger
 states (``LedgerState``, what the store keeps):
 
 - rolled back across a deposit: the deposit history differs, the key-derived handshake is refused
@@ -10,12 +10,14 @@ states (``LedgerState``, what the store keeps):
 - rolled back across draws only: the handshake resynchronises to the peer's (larger) offset,
   so no bit before it is ever drawn again;
 - lost: the node has no active ledger and refuses key-derived mode.
-Then the daemon's next session (``Node.make_connection``) must re-bootstrap as configured (the
-certificate/PSK bootstrap is configured) instead of retrying key-derived mode for ever.
+Then the daemon's next session (``Node.make_connection``) is key-derived again, never
+bootstrap: only an operator's re-bootstrap permit (``qkdnode auth rebootstrap``) brings the
+bootstrap credentials back.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -24,6 +26,7 @@ import pytest
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
 from qkdnode.channel.messages import SessionMode
 from qkdnode.errors import ProtocolError
+from qkdnode.node import rebootstrap
 from qkdnode.node.daemon import Node
 from tests.reliability.memory import (
     NAMED,
@@ -75,6 +78,7 @@ def test_rolled_back_across_draws_only_resynchronises_forward() -> None:
     retry = psk_pair(alice, restored, seed=121)
     handshake(retry)
     assert retry.bob.mode is SessionMode.KEY_DERIVED
+    clean_block(retry, 2)
     # every draw after the restore lies beyond everything drawn before it
     assert restored.drawn and min(offset for offset, _ in restored.drawn) >= used_up_to
     assert restored.state == alice.state
@@ -88,15 +92,15 @@ def test_a_lost_ledger_refuses_key_derived_mode() -> None:
     retry = psk_pair(alice, lost, seed=131)
     with pytest.raises(NAMED) as refused:
         handshake(retry)
-    assert getattr(refused.value, "field", None) == "mode"
+    assert getattr(refused.value, "field", None) == "ledger_deposit_digest"
     assert alice.state == before and lost.consumed_bits == 0
 
 
-def test_after_a_refused_key_derived_handshake_the_daemon_rebootstraps_as_configured(
+def test_after_a_refused_key_derived_handshake_only_an_operator_brings_bootstrap_back(
     node_factory: Callable[[str], Node],
 ) -> None:
-    """After a refused key-derived handshake the
-    daemon (``auth.on_exhausted = "rebootstrap"``, the default) bootstraps the next session."""
+    """After a refused key-derived handshake the daemon tries key-derived again, never the
+    bootstrap credentials; an operator's re-bootstrap permit makes the next one bootstrap."""
     alice, bob, _, _ = ledger_pair(seed=14, target_bits=TARGET_BITS)
     key_derived_wire(alice, bob, seed=140)
     lost = AuthKeyLedger(target_bits=TARGET_BITS, reserve_bits=bob.state.reserve_bits)
@@ -108,7 +112,16 @@ def test_after_a_refused_key_derived_handshake_the_daemon_rebootstraps_as_config
     with pytest.raises(NAMED):
         handshake(refused)
     assert refused.alice.mode is None  # the key-derived handshake never got through
-    retry = psk_pair(None, lost, seed=142)
-    retry.alice = node.make_connection()
-    handshake(retry)
-    assert retry.alice.mode is SessionMode.PSK
+    again = psk_pair(None, lost, seed=142)
+    again.alice = node.make_connection()
+    with pytest.raises(NAMED):
+        handshake(again)  # key-derived again, refused again: no downgrade
+    assert again.alice.mode is None
+    rebootstrap.grant(node.config.store.directory, now_s=time.time())
+    try:
+        retry = psk_pair(None, lost, seed=143)
+        retry.alice = node.make_connection()
+        handshake(retry)  # Bob's lost ledger is inactive: his bootstrap window is open
+        assert retry.alice.mode is SessionMode.PSK
+    finally:
+        rebootstrap.use_up(node.config.store.directory)
