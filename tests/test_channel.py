@@ -701,3 +701,22 @@ def test_every_key_derived_hello_uses_up_its_own_handshake_slot_and_no_pool_bit(
     second.handshake()
     assert second.alice.mode is SessionMode.KEY_DERIVED
     assert alice_ledger.handshake_first == bob_ledger.handshake_first == used[-1] + 2
+
+
+def test_a_control_frame_crossing_alices_rotation_announce_is_accepted() -> None:
+    pair = make_pair("psk", ledgers=(funded_ledger(1), funded_ledger(1)))
+    pair.handshake()
+    announce = pair.alice.announce_rotation()  # Alice is ROTATING until Bob's ack arrives
+    control = pair.bob.send_control("estimate", {"qber": 0.01, "ok": True})
+    (event,) = pair.deliver(Role.ALICE, control)
+    assert isinstance(event, Control) and event.kind == "estimate"
+    pair.deliver(Role.BOB, announce)
+    assert any(isinstance(e, Rotated) for e in pair.events[Role.ALICE])
+
+
+@pytest.mark.parametrize("block_id", [2**63, 2**64 - 1])
+def test_block_ids_beyond_the_stores_keys_are_refused(block_id: int) -> None:
+    pair = established("psk")
+    with pytest.raises(ProtocolError) as refused:
+        pair.alice.open_block(block_id)
+    assert refused.value.field == "block_id"

@@ -185,3 +185,24 @@ async def test_bob_refuses_connections_past_the_unauthenticated_limit() -> None:
         for stream in (*idle, extra):
             await stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_every_task_waiting_for_room_in_the_send_queue_is_woken() -> None:
+    left, _right = trio.testing.memory_stream_pair()
+    session = PeerSession(left, conn(Role.ALICE), SessionConfig(send_queue_frames=1))
+    session._enqueue(b"first")  # the queue is full; no writer runs
+    sent: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await session.send(lambda _c: name.encode())
+        sent.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter, "a")
+        nursery.start_soon(waiter, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(2):  # what the writer does after each batch
+            session._queue.clear()
+            session._room.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert sorted(sent) == ["a", "b"]

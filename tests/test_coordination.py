@@ -187,3 +187,22 @@ def test_the_planner_never_downgrades_and_bootstraps_only_for_an_operator() -> N
 def test_coordination_messages_round_trip_through_the_wire_form(message: object) -> None:
     kind, body = control_to_wire(message)  # type: ignore[arg-type]
     assert control_from_wire(Control(kind=kind, body=body)) == message
+
+
+def test_a_limbo_block_the_ledger_cannot_take_as_staged_leaves_the_ledger_untouched() -> None:
+    store = StoreModel()
+    # staged with an 8-byte pool share, but the (empty) ledger would take all 40 bytes
+    store.stage_block(
+        5,
+        key_ids=[uuid.UUID(int=1)],
+        consumer_keys=[bytes(32)],
+        pool_material=bytes(8),
+        ledger_mark_bits=0,
+    )
+    bob = _machine(Role.BOB, store)
+    bob.receive(SessionStarted(mode=SessionMode.PSK))
+    bob.receive(PeerMessage(message=Sync(staged=(), last_block_id=5)))
+    before = bob.ledger.state
+    with pytest.raises(ProtocolError, match="limbo block 5"):
+        bob.receive(PeerMessage(message=SyncDone(committed=(5,))))
+    assert bob.ledger.state == before and store.block_state(5) == "staged"

@@ -96,6 +96,8 @@ from qkdnode.channel.polyhash import BLOCK_BYTES, forgery_bound
 from qkdnode.errors import AuthenticationFailed, AuthKeyExhausted, ProtocolError, QkdError
 
 _ZERO_DIGEST: Final = bytes(DIGEST_BYTES)
+# block ids are the store's signed 64-bit keys, and never the header's NO_BLOCK
+MAX_BLOCK_ID: Final = 2**63 - 1
 # The largest handshake frame: a HelloReply with a full certificate chain and an ML-DSA proof.
 MIN_MAX_FRAME_BYTES: Final = MAX_CERTIFICATES * (MAX_CERTIFICATE_BYTES + 8) + MAX_PROOF_BYTES + 4096
 
@@ -811,7 +813,10 @@ class PeerConnection:
 
     def _on_control(self, message: Message, frame: RawFrame, now_s: float) -> Event | None:
         assert isinstance(message, Control)
-        self._require_peer(self._state is ConnectionState.ESTABLISHED, message)
+        # Bob's coordination (a reservation answer) may cross Alice's rotation announce
+        self._require_peer(
+            self._state in (ConnectionState.ESTABLISHED, ConnectionState.ROTATING), message
+        )
         self._advance_recv()
         return message
 
@@ -995,6 +1000,8 @@ class PeerConnection:
 
     # ---- blocks ---------------------------------------------------------------------------
     def _check_open(self, block_id: int) -> None:
+        if block_id > MAX_BLOCK_ID:
+            raise ProtocolError(f"block ids are at most {MAX_BLOCK_ID}", field="block_id")
         if block_id < self._next_block_id:
             raise ProtocolError("block ids must strictly increase", field="block_id")
         if len(self._blocks) >= self.config.max_open_blocks:

@@ -339,10 +339,14 @@ class Coordinator:
                 )
             elif block_id in committed_there:
                 staged = self._store.staged_material(block_id)
-                taken = self.ledger.deposit(
-                    staged.pool_material + staged.consumer_material,
-                    mark_consumed_bits=staged.ledger_mark_bits,
+                material = staged.pool_material + staged.consumer_material
+                # checked on a copy first: a refused limbo commit leaves the ledger untouched
+                probe = AuthKeyLedger(
+                    target_bits=self.ledger.state.target_bits,
+                    reserve_bits=self.ledger.state.reserve_bits,
+                    state=self.ledger.state,
                 )
+                taken = probe.deposit(material, mark_consumed_bits=staged.ledger_mark_bits)
                 if taken != len(staged.pool_material):
                     self.phase = Phase.ENDED
                     raise ProtocolError(
@@ -350,6 +354,7 @@ class Coordinator:
                         f"{len(staged.pool_material)}",
                         field="pool_bytes",
                     )
+                self.ledger.deposit(material, mark_consumed_bits=staged.ledger_mark_bits)
                 self._out.append(
                     CommitBlock(block_id=block_id, ledger_state=self.ledger.state, limbo=True)
                 )
@@ -516,6 +521,10 @@ class Coordinator:
         if len(set(stage.key_ids)) != len(stage.key_ids):
             self.phase = Phase.ENDED
             raise ProtocolError("duplicate key IDs", field="key_ids")
+        if self._store.block_known(block.block_id):
+            # an authenticated peer reusing a block id is refused, not written over the store
+            self.phase = Phase.ENDED
+            raise ProtocolError(f"block {block.block_id} is already stored", field="block_id")
         block.key_ids = stage.key_ids
         self._out.append(self._stage_effect(block))
         self._send(Staged(block_id=block.block_id))
@@ -541,14 +550,21 @@ class Coordinator:
 
     def _deposit_and_commit(self, block: _Block) -> None:
         assert isinstance(block.outcome, BlockKey) and block.auth is not None
-        taken = self.ledger.deposit(
-            bits_to_bytes(block.outcome.key), mark_consumed_bits=block.auth.ledger_mark_bits
+        # the split is checked on a copy first: a refused commit leaves the ledger untouched
+        pool, _ = split_block_key(
+            self.ledger,
+            block.outcome,
+            mark_bits=block.auth.ledger_mark_bits,
+            key_size_bits=self.config.key_size_bits,
         )
-        if taken != len(block.pool):
+        if pool != block.pool:
             self.phase = Phase.ENDED
             raise ProtocolError(
                 "the pool's share changed between stage and commit", field="pool_bytes"
             )
+        self.ledger.deposit(
+            bits_to_bytes(block.outcome.key), mark_consumed_bits=block.auth.ledger_mark_bits
+        )
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))
 
     def _finish_committed(self, block: _Block) -> None:

@@ -62,17 +62,20 @@ async def run_session(node: Node, session: PeerSession) -> None:
         await exchange.run()
     finally:
         node.metrics.set_peer_connected(False)
-        node.exchange = None
-        node.reservations.detach("the session with the peer node ended")
+        if node.exchange is exchange:  # a newer session may already have taken over
+            node.exchange = None
+            node.reservations.detach("the session with the peer node ended")
 
 
 async def _guarded(node: Node, session: PeerSession) -> None:
     """Run one session; store failures and a halted pool end the daemon, not the session."""
     try:
         await run_session(node, session)
-    except KeyStoreError as exc:
-        raise DaemonMustStop(f"key store failure: {exc}") from exc
-    except LinkError:
+    except* KeyStoreError as group:  # raised inside the session's nurseries: a group
+        error = group.exceptions[0]
+        log.critical("session.store_failed", error=f"{type(error).__name__}: {error}")
+        raise DaemonMustStop(f"key store failure: {error}") from group
+    except* LinkError:
         await trio.sleep(LINK_RETRY_S)  # the link was closed; the next session reopens it
         raise
 

@@ -141,7 +141,9 @@ class PeerSession:
         order even with several sending tasks.
         """
         while len(self._queue) >= self.config.send_queue_frames:
-            self._room = trio.Event()
+            # one event for every waiter: a new one only once the last was set
+            if self._room.is_set():
+                self._room = trio.Event()
             await self._room.wait()
         self._enqueue(produce(self.connection))
 

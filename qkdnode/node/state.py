@@ -81,6 +81,9 @@ class KeyStoreView:
     def block_committed(self, block_id: int) -> bool:
         return self._store.block_state(block_id) is BlockState.COMMITTED
 
+    def block_known(self, block_id: int) -> bool:
+        return self._store.block_state(block_id) is not None
+
     def staged_material(self, block_id: int) -> StagedShare:
         return self._store.staged_material(block_id)
 

@@ -104,6 +104,9 @@ class StoreModel:
     def block_committed(self, block_id: int) -> bool:
         return self.block_state(block_id) == "committed"
 
+    def block_known(self, block_id: int) -> bool:
+        return block_id in self._blocks
+
     def staged_block_ids(self) -> list[int]:
         return sorted(b for b, block in self._blocks.items() if block.state == "staged")
 
