@@ -6,7 +6,7 @@ ensure_venv() {
     local extra="${1:-}"
     local python="${PYTHON:-python3}"
     if [ ! -x "$VENV/bin/python" ]; then
-        echo "== creating virtual environment in $VENV"
+        echo "== creating virtual environment in $VENV" >&2
         "$python" -m venv "$VENV"
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
     fi
@@ -14,7 +14,7 @@ ensure_venv() {
     [ -n "$extra" ] && spec=".[$extra]"
     local stamp="$VENV/.qkdnode-installed-$extra"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-        echo "== installing qkdnode${extra:+ with extra '$extra'}"
+        echo "== installing qkdnode${extra:+ with extra '$extra'}" >&2
         "$VENV/bin/python" -m pip install --quiet -e "$spec"
         touch "$stamp"
     fi
