@@ -720,3 +720,15 @@ def test_block_ids_beyond_the_stores_keys_are_refused(block_id: int) -> None:
     with pytest.raises(ProtocolError) as refused:
         pair.alice.open_block(block_id)
     assert refused.value.field == "block_id"
+
+
+def test_a_block_key_into_a_filling_pool_still_refills_the_handshake_key_stream() -> None:
+    """The slots' share is kept from a pool far from its target: a reconnection after the
+    first commits always finds a handshake key."""
+    ledger = AuthKeyLedger(target_bits=1 << 20, reserve_bits=1 << 16)
+    key = bytes(range(256)) * 24  # 6,144 bytes, far below the pool's need
+    taken = ledger.deposit(key, mark_consumed_bits=0)
+    assert taken == len(key)
+    assert ledger.state.handshake_deposited == HANDSHAKE_SLOTS_PER_DEPOSIT
+    assert ledger.level_bits == 8 * (len(key) - HANDSHAKE_SLOTS_PER_DEPOSIT * 32)
+    assert ledger.take_handshake_key(0) == key[-HANDSHAKE_SLOTS_PER_DEPOSIT * 32 :][:32]

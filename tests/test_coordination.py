@@ -18,6 +18,7 @@ from qkdnode.channel.auth import Role
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import Control, SessionMode
 from qkdnode.coordination.events import (
+    CommitBlock,
     CoordinatorConfig,
     PeerBlockData,
     PeerMessage,
@@ -206,3 +207,19 @@ def test_a_limbo_block_the_ledger_cannot_take_as_staged_leaves_the_ledger_untouc
     with pytest.raises(ProtocolError, match="limbo block 5"):
         bob.receive(PeerMessage(message=SyncDone(committed=(5,))))
     assert bob.ledger.state == before and store.block_state(5) == "staged"
+
+
+def test_the_first_commit_that_can_run_key_derived_closes_the_bootstrap_window() -> None:
+    store = StoreModel()
+    store.stage_block(
+        5, key_ids=[], consumer_keys=[], pool_material=bytes(range(256)) * 4, ledger_mark_bits=0
+    )
+    alice = _machine(Role.ALICE, store)
+    assert not alice.ledger.active
+    alice.receive(SessionStarted(mode=SessionMode.PSK))
+    effects = alice.receive(
+        PeerMessage(message=SyncReply(staged=(), committed=(5,), last_block_id=5))
+    )
+    (commit,) = [e for e in effects if isinstance(e, CommitBlock)]
+    # closed in the very state the commit persists, not before it
+    assert commit.ledger_state.active and alice.ledger.active

@@ -203,6 +203,29 @@ def _cut_before_key_derived_handshake(trace: list[str]) -> bool:
     return bool((dialled - done) & cut)
 
 
+@pytest.mark.parametrize(
+    ("faults", "cause"),
+    [
+        (("cut",), "connection lost"),
+        (("drop",), "timeout"),
+        (("crash_alice", "crash_bob"), "crash"),
+    ],
+)
+def test_no_reset_timeout_or_crash_after_the_first_commit_brings_bootstrap_back(
+    faults: tuple[str, ...], cause: str
+) -> None:
+    # after the first commit, sessions end by resets, by timeouts (a dropped frame leaves the
+    # peer waiting) or by crashes, and the next ones are key-derived
+    def shows(trace: list[str]) -> bool:
+        committed = next((i for i, t in enumerate(trace) if "commit" in t), None)
+        return committed is not None and any(cause in t for t in trace[committed:])
+
+    report = _first_run(SimSettings(faults=faults, fault_probability=0.1), shows)
+    assert report.downgrades == 0, report.violations
+    assert report.liveness_failures == 0, report.violations
+    assert any("key_derived" in t and "handshake alice" in t for t in report.trace)
+
+
 def test_a_reset_after_the_key_derived_hello_never_brings_bootstrap_back() -> None:
     # after rotation, a cut or crash ends Alice's key-derived attempt before its handshake
     settings = SimSettings(faults=("cut", "crash_alice", "crash_bob", "drop"))

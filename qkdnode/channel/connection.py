@@ -299,13 +299,15 @@ class PeerConnection:
         config: ChannelConfig | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         force_bootstrap: bool = False,
-        staged_digest: bytes | None = None,
+        staged_ledger: AuthKeyLedger | None = None,
         admit_key_derived: Callable[[], bool] | None = None,
     ) -> None:
         """``force_bootstrap``: an operator re-bootstrap is in force on this node: Alice sends a
         bootstrap Hello although her ledger is active, Bob accepts one although his is.
-        ``staged_digest``: the ledger's deposit digest once this node's staged blocks are
-        committed (None: nothing staged). ``admit_key_derived``: Bob's rate limit on key-derived
+        ``staged_ledger``: a copy of the ledger with this node's staged blocks deposited (None:
+        nothing staged); its digest is sent, and Bob takes a handshake key from it when his
+        committed ledger holds none (the peer committed those blocks, he has not yet).
+        ``admit_key_derived``: Bob's rate limit on key-derived
         Hellos (each uses up a handshake key); refused attempts get no proof."""
         self.role = role
         self._credentials = credentials
@@ -314,7 +316,7 @@ class PeerConnection:
         self.config = config if config is not None else ChannelConfig()
         self._random_bytes = random_bytes
         self._force_bootstrap = force_bootstrap
-        self._staged_digest = staged_digest
+        self._staged = staged_ledger
         self._admit = admit_key_derived
         # before the session is authenticated, frames are no larger than a handshake needs
         self._reader = FrameReader(
@@ -592,7 +594,7 @@ class PeerConnection:
             "ledger_tags": ledger.tags_issued,
             "ledger_forgery_bound": ledger.forgery_bound,
             "ledger_deposit_digest": ledger.state.deposit_digest,
-            "ledger_staged_digest": self._staged_digest or ledger.state.deposit_digest,
+            "ledger_staged_digest": (self._staged or ledger).state.deposit_digest,
             "ledger_handshake_index": ledger.handshake_first,
         }
 
@@ -873,7 +875,7 @@ class PeerConnection:
         if ledger is None or not self.config.allow_key_derived:
             raise ProtocolError("key-derived mode is not available here", field="mode")
         committed = ledger.state.deposit_digest
-        staged = self._staged_digest or committed
+        staged = (self._staged or ledger).state.deposit_digest
         if not (
             hmac.compare_digest(peer.ledger_deposit_digest, committed)
             or hmac.compare_digest(peer.ledger_deposit_digest, staged)
@@ -897,9 +899,16 @@ class PeerConnection:
                 "too many key-derived handshake attempts: try again later", field="rate"
             )
         index = self.ledger.responder_handshake_index()
-        if index is None:
+        if index is not None:
+            handshake.pool_key = self.ledger.take_handshake_key(index)
+        elif self._staged is not None and self._staged.responder_handshake_index() is not None:
+            # a slot of a block staged here and committed by the peer: burned here too
+            index = self._staged.responder_handshake_index()
+            assert index is not None
+            handshake.pool_key = self._staged.take_handshake_key(index)
+            self.ledger.burn_handshake_through(index)
+        else:
             raise AuthKeyExhausted("no handshake key left: re-bootstrap needs an operator")
-        handshake.pool_key = self.ledger.take_handshake_key(index)
         handshake.handshake_index = index
 
     def _take_initiator_key(self, handshake: _Handshake, index: int) -> None:

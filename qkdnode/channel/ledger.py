@@ -72,6 +72,12 @@ class LedgerState:
         )
 
 
+def _held_from(state: LedgerState) -> int:
+    """The index of the first slot in ``handshake_pool`` (the pool is empty when every slot
+    deposited so far is used)."""
+    return min(state.handshake_first, state.handshake_deposited)
+
+
 def ledger_state_to_bytes(state: LedgerState) -> bytes:
     """Serialise a ledger state for the key store (it holds pool key: store only)."""
     packed: bytes = msgpack.packb(
@@ -191,7 +197,12 @@ class AuthKeyLedger:
         if mark_consumed_bits < 0 or mark_consumed_bits > s.consumed_bits:
             raise ProtocolError("must be between 0 and the consumed offset", field="mark")
         need_bits = s.target_bits - (s.deposited_bits - mark_consumed_bits)
-        taken = min(len(key), max(0, -(-need_bits // 8)))
+        # the slots' share (at most 1/16 of the key) is kept from a pool still filling up, so
+        # every committed block of a real size refills the handshake-key stream
+        kept = HANDSHAKE_SLOT_BYTES * min(
+            HANDSHAKE_SLOTS_PER_DEPOSIT, len(key) // (16 * HANDSHAKE_SLOT_BYTES)
+        )
+        taken = min(len(key) - kept, max(0, -(-need_bits // 8)))
         slots = min(HANDSHAKE_SLOTS_PER_DEPOSIT, (len(key) - taken) // HANDSHAKE_SLOT_BYTES)
         handshake = key[taken : taken + slots * HANDSHAKE_SLOT_BYTES]
         digest = hashlib.sha256(
@@ -199,7 +210,7 @@ class AuthKeyLedger:
         ).digest()
         deposited = s.handshake_deposited + slots
         first = max(s.handshake_first, deposited - HANDSHAKE_SLOTS_HELD)
-        held = (s.handshake_pool + handshake)[(first - s.handshake_first) * HANDSHAKE_SLOT_BYTES :]
+        held = (s.handshake_pool + handshake)[(first - _held_from(s)) * HANDSHAKE_SLOT_BYTES :]
         self._state = replace(
             s,
             pool=s.pool + key[:taken],
@@ -215,6 +226,24 @@ class AuthKeyLedger:
     def handshake_first(self) -> int:
         """The index of the lowest unused handshake-key slot (every lower one is gone)."""
         return self._state.handshake_first
+
+    def burn_handshake_through(self, index: int) -> None:
+        """Mark slot ``index`` and every lower one used, held here or not yet deposited (Bob
+        answered from a block he has staged and will commit); persisted by the observer."""
+        s = self._state
+        first = max(s.handshake_first, index + 1)
+        drop = min(first, s.handshake_deposited) - _held_from(s)
+        self._state = replace(
+            s, handshake_pool=s.handshake_pool[drop * HANDSHAKE_SLOT_BYTES :], handshake_first=first
+        )
+        if self.observer is not None:
+            self.observer(
+                DrawRecord(
+                    offset_bits=index * HANDSHAKE_SLOT_BYTES * 8,
+                    nbits=HANDSHAKE_SLOT_BYTES * 8,
+                    purpose="handshake",
+                )
+            )
 
     def responder_handshake_index(self) -> int | None:
         """The slot Bob uses for the next handshake attempt, or None if he holds none.
@@ -242,7 +271,7 @@ class AuthKeyLedger:
                 f"(unused slots {s.handshake_first}..{s.handshake_deposited - 1})",
                 field="handshake_index",
             )
-        start = (index - s.handshake_first) * HANDSHAKE_SLOT_BYTES
+        start = (index - _held_from(s)) * HANDSHAKE_SLOT_BYTES
         key = s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES]
         self._state = replace(
             s,
@@ -317,6 +346,11 @@ class AuthKeyLedger:
         )
         if self.observer is not None:
             self.observer(DrawRecord(offset_bits=0, nbits=0, purpose="reset"))
+
+    def close_bootstrap_window(self) -> None:
+        """Mark the ledger active without telling the observer: the store persists it with the
+        block commit whose deposit closed the window, in the same transaction."""
+        self._state = replace(self._state, active=True)
 
     def set_active(self, active: bool) -> None:
         """Mark the bootstrap window closed (``True``); the observer persists it at once."""

@@ -355,6 +355,7 @@ class Coordinator:
                         field="pool_bytes",
                     )
                 self.ledger.deposit(material, mark_consumed_bits=staged.ledger_mark_bits)
+                self._close_bootstrap_window()
                 self._out.append(
                     CommitBlock(block_id=block_id, ledger_state=self.ledger.state, limbo=True)
                 )
@@ -565,7 +566,14 @@ class Coordinator:
         self.ledger.deposit(
             bits_to_bytes(block.outcome.key), mark_consumed_bits=block.auth.ledger_mark_bits
         )
+        self._close_bootstrap_window()
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))
+
+    def _close_bootstrap_window(self) -> None:
+        # the first commit that leaves the pool able to run key-derived closes the window, in
+        # the commit's own transaction: from then on only key-derived sessions
+        if self.ledger.can_pay(ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS):
+            self.ledger.close_bootstrap_window()
 
     def _finish_committed(self, block: _Block) -> None:
         assert block.outcome is not None and block.auth is not None

@@ -83,15 +83,15 @@ class AuthPlanner:
             config=config,
             random_bytes=random_bytes,
             force_bootstrap=force_bootstrap,
-            staged_digest=staged_deposit_digest(ledger, store),
+            staged_ledger=staged_ledger(ledger, store),
             admit_key_derived=admit_key_derived,
         )
         return connection, decision
 
 
-def staged_deposit_digest(ledger: AuthKeyLedger, store: StoreView) -> bytes | None:
-    """The ledger's deposit digest once this node's staged blocks are committed, in block
-    order (None when nothing is staged): what the peer has if it committed them already."""
+def staged_ledger(ledger: AuthKeyLedger, store: StoreView) -> AuthKeyLedger | None:
+    """A copy of the ledger with this node's staged blocks deposited, in block order (None when
+    nothing is staged): what the peer holds if it committed them already."""
     staged = store.staged_block_ids()
     if not staged:
         return None
@@ -104,7 +104,7 @@ def staged_deposit_digest(ledger: AuthKeyLedger, store: StoreView) -> bytes | No
         share = store.staged_material(block_id)
         mark = min(share.ledger_mark_bits, probe.consumed_bits)
         probe.deposit(share.pool_material + share.consumer_material, mark_consumed_bits=mark)
-    return probe.state.deposit_digest
+    return probe
 
 
 @dataclass(slots=True)

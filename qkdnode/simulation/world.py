@@ -12,9 +12,9 @@ Hello. When nothing is ready although connections are open, every open connectio
 
 Invariants, checked as the state changes:
 
-- downgrade: once the bootstrap window has closed on either node (its ledger became active at
-  rotation, durably), no session completes its handshake in a bootstrap mode and no ledger is
-  reset (no operator action is simulated);
+- downgrade: after the first commit on either node, no session completes its handshake in a
+  bootstrap mode and no ledger is reset (no operator action is simulated; the first simulated
+  block fills the pool, so it closes the bootstrap window);
 - auth bits reused: no authentication-key bit of a node is used under two purposes or two
   transcripts (handshake keys included), across crashes;
 - store disagreement: no block committed on one node and dropped on the other; a block
@@ -271,12 +271,12 @@ class World:
 
     def _on_handshake(self, endpoint: Endpoint, mode: SessionMode) -> None:
         node = endpoint.node
-        if mode is not SessionMode.KEY_DERIVED and self.window_closed:
+        if mode is not SessionMode.KEY_DERIVED and self.first_commit_seen:
             previous = self.last_refused_attempt
             self.report.downgrades += 1
             self.report.violations.append(
-                f"downgrade: {node.name} completed a {mode.value} handshake after the "
-                f"bootstrap window closed (the last key-derived attempt ended: {previous or 'n/a'})"
+                f"downgrade: {node.name} completed a {mode.value} handshake after the first "
+                f"commit (the last key-derived attempt ended: {previous or 'n/a'})"
             )
         if node is self.alice:
             self.report.sessions += 1
@@ -333,16 +333,15 @@ class World:
                 node.store.commit_block(block_id, auth_ledger_state=ledger_state_to_bytes(state))
                 self.first_commit_seen = True
                 self._check_block(block_id)
-                if limbo:
-                    self.note(f"limbo commit {block_id} on {node.name}")
+                self.note(f"{'limbo ' if limbo else ''}commit {block_id} on {node.name}")
             case DropBlock(block_id=block_id):
                 node.store.drop_block(block_id)
                 self._check_block(block_id)
             case LedgerWasReset():
-                if self.window_closed:
+                if self.first_commit_seen:
                     self.report.downgrades += 1
                     self.report.violations.append(
-                        f"downgrade: {node.name}'s ledger reset after the bootstrap window closed"
+                        f"downgrade: {node.name}'s ledger reset after the first commit"
                     )
             case BlockDone(outcome=outcome):
                 if isinstance(outcome, BlockKey) and node is self.alice:
