@@ -51,7 +51,7 @@ def read_auth(table: Table, base: Path) -> AuthSection:
         private_key_file=file("private_key_file", required=pki, secret=True),
         psk_file=file("psk_file", required=not pki, secret=True),
         pool_target_bits=table.integer("pool_target_bits", 1 << 20, minimum=1024),
-        pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 16, minimum=0),
+        pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 13, minimum=0),
     )
     if section.pool_reserve_bits >= section.pool_target_bits:
         raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")
