@@ -31,7 +31,7 @@ class SimSettings:
     quiet_steps_max: int = 4000
     liveness_attempts: int = 3
     key_bits: int = 163_840
-    key_size_bits: int = 256
+    key_size_bits: int = 4096  # keys are opaque to every invariant; fewer ids keep runs fast
     pool_target_bits: int = 131_072
     pool_reserve_bits: int = 16_384
     abort_probability: float = 0.1
