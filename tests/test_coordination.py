@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdnode.channel.auth import Role
+from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import Control, SessionMode
 from qkdnode.coordination.events import (
@@ -24,6 +25,8 @@ from qkdnode.coordination.events import (
     PeerMessage,
     PeerOpenedBlock,
     PrefetchRecords,
+    RecordsTaken,
+    RoleAdvanced,
     SendControl,
     SessionStarted,
     StopRequested,
@@ -223,3 +226,41 @@ def test_the_first_commit_that_can_run_key_derived_closes_the_bootstrap_window()
     (commit,) = [e for e in effects if isinstance(e, CommitBlock)]
     # closed in the very state the commit persists, not before it
     assert commit.ledger_state.active and alice.ledger.active
+
+
+def test_bob_refuses_a_stage_that_reuses_a_stored_key_id_and_the_store_is_untouched() -> None:
+    stored_id = uuid.UUID(int=42)
+    store = StoreModel()
+    store.stage_block(
+        0, key_ids=[stored_id], consumer_keys=[bytes(32)], pool_material=b"", ledger_mark_bits=0
+    )
+    store.commit_block(0)
+    bob = _machine(Role.BOB, store)
+    bob.receive(SessionStarted(mode=SessionMode.PSK))
+    bob.receive(PeerMessage(message=Sync(staged=(), last_block_id=0)))
+    bob.receive(PeerMessage(message=SyncDone(committed=())))
+    bob.receive(PeerOpenedBlock(block_id=1))
+    bob.receive(PeerBlockData(block_id=1, message=BlockInfo(first_pulse_index=0, pulse_count=9)))
+    bob.receive(RecordsTaken(block_id=1, first_pulse_index=0, pulse_count=9))
+    bits = np.random.default_rng(3).integers(0, 2, 24_000, dtype=np.uint8)
+    key = BlockKey(key=bits, statistics=_statistics(bits.shape[0]))
+    bob.receive(RoleAdvanced(block_id=1, messages=(), outcome=key))
+    bob.receive(
+        BlockAuthenticated(
+            block_id=1,
+            mode=SessionMode.PSK,
+            ledger_mark_bits=0,
+            auth_bits_spent=0,
+            frames_sent=3,
+            frames_received=3,
+            forgery_bound_total=0.0,
+        )
+    )
+    pool, consumer = split_block_key(bob.ledger, key, mark_bits=0, key_size_bits=256)
+    assert len(consumer) >= 2
+    fresh = [uuid.UUID(int=100 + i) for i in range(len(consumer))]
+    reused = (*fresh[:-1], stored_id)  # one id of an earlier block, the rest fresh
+    with pytest.raises(ProtocolError, match="key ID is already stored") as refused:
+        bob.receive(PeerMessage(message=Stage(block_id=1, key_ids=reused, pool_bytes=len(pool))))
+    assert refused.value.field == "key_ids" and bob.ended
+    assert not store.block_known(1) and store.committed_keys(0) == ((stored_id, bytes(32)),)

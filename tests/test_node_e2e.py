@@ -6,6 +6,7 @@ stores afterwards (read-only). Blocks are small (few seconds each) to keep the d
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,6 +148,19 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     assert match and compared > 100
     # the log carries node, peer and block on block events; no key material
     text = layout.log("alice").read_text()
+    # every committed block states its keys' security: key-derived ones sum the tag terms,
+    # which only grow along the chain that starts at the certificate bootstrap
+    statements = [
+        event
+        for event in map(json.loads, text.splitlines())
+        if event.get("event") == "block.committed"
+    ]
+    derived = [e for e in statements if e["authentication"] == "key_derived"]
+    assert derived and all(e["chain_root"] == "pki" and e["computational_root"] for e in derived)
+    assert all(e["epsilon_total"] > e["epsilon_block"] for e in derived)
+    totals = [e["epsilon_total"] for e in derived]
+    assert totals == sorted(totals) and totals[-1] < 1e-6
+    assert late["alice"]["qkdnode_key_security_epsilon"] > 0
     for key in list(read_keys(layout.store("alice")).values())[:50]:
         assert key.hex() not in text
 

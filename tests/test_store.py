@@ -117,6 +117,23 @@ def test_invalid_transitions_raise_and_change_nothing(tmp_path: Path) -> None:
     store.close()
 
 
+def test_any_key_known_finds_ids_of_staged_and_committed_blocks_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    store = KeyStore.open(tmp_path, node_name="bob")
+    committed, staged = _block(1, rng, keys=1200), _block(2, rng)
+    store.stage_block(committed)
+    store.commit_block(1)
+    store.stage_block(staged)
+    fresh = [uuid.UUID(int=i) for i in range(1, 1000)]
+    assert not store.any_key_known(fresh)
+    # the last of 1,200 ids, past the first lookups of a long list
+    assert store.any_key_known([*fresh, committed.consumer_keys[-1][0]])
+    assert store.any_key_known([staged.consumer_keys[0][0]])
+    store.drop_block(2)  # a dropped block's keys are gone, their ids with them
+    assert not store.any_key_known([key_id for key_id, _ in staged.consumer_keys])
+    store.close()
+
+
 def test_write_failure_poisons_the_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     store = KeyStore.open(tmp_path, node_name="alice")

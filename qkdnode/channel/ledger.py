@@ -55,6 +55,9 @@ class LedgerState:
     reserve_bits: int
     tags_issued: int = 0
     forgery_bound: float = 0.0
+    # the summed epsilon of every block whose bits entered the pool (its tag keys are only that
+    # close to uniform); a ledger of the key-derived chain counts them since its bootstrap
+    tag_key_epsilon: float = 0.0
     deposit_digest: bytes = _DIGEST_INIT
     active: bool = False
     # the handshake-key stream: slots [handshake_first, handshake_deposited), 32 bytes each
@@ -67,7 +70,8 @@ class LedgerState:
             f"LedgerState(level_bits={len(self.pool) * 8}, consumed_bits={self.consumed_bits}, "
             f"deposited_bits={self.deposited_bits}, target_bits={self.target_bits}, "
             f"reserve_bits={self.reserve_bits}, tags_issued={self.tags_issued}, "
-            f"forgery_bound={self.forgery_bound:.3e}, active={self.active}, "
+            f"forgery_bound={self.forgery_bound:.3e}, tag_key_epsilon={self.tag_key_epsilon:.3e}, "
+            f"active={self.active}, "
             f"handshake_slots={self.handshake_first}..{self.handshake_deposited})"
         )
 
@@ -167,6 +171,11 @@ class AuthKeyLedger:
         return self._state.forgery_bound
 
     @property
+    def tag_key_epsilon(self) -> float:
+        """The summed epsilon of the blocks whose bits entered the pool (see ``deposit``)."""
+        return self._state.tag_key_epsilon
+
+    @property
     def active(self) -> bool:
         """True once the link has rotated to key-derived authentication."""
         return self._state.active
@@ -184,10 +193,13 @@ class AuthKeyLedger:
         ).digest()
 
     # ---- mutations ------------------------------------------------------------------------
-    def deposit(self, key: bytes, *, mark_consumed_bits: int) -> int:
+    def deposit(self, key: bytes, *, mark_consumed_bits: int, key_epsilon: float = 0.0) -> int:
         """Append to the pool what it needs from ``key``, then up to
         ``HANDSHAKE_SLOTS_PER_DEPOSIT`` handshake-key slots from what follows; return the number
         of bytes taken from the front of ``key`` (pool share first, then the slots).
+
+        ``key_epsilon`` is the key's distance from uniform (its block's eps_sec + eps_cor); it is
+        added to ``tag_key_epsilon`` when any of the key is taken.
 
         The pool's need is ``target - (deposited - mark_consumed_bits)``, rounded up to bytes,
         so both peers take the same amount whenever they deposit the same keys with the same
@@ -219,6 +231,7 @@ class AuthKeyLedger:
             handshake_pool=held,
             handshake_first=first,
             handshake_deposited=deposited,
+            tag_key_epsilon=s.tag_key_epsilon + (key_epsilon if taken or slots else 0.0),
         )
         return taken + len(handshake)
 

@@ -10,6 +10,8 @@ from qkdnode.config.table import Table, existing_file, resolve_path
 from qkdnode.errors import ConfigError
 
 AuthMode = Literal["pki", "psk"]
+# about 10^4 blocks at the default eps_sec + eps_cor (see docs/authentication.md)
+DEFAULT_SECURITY_BUDGET_EPSILON = 1e-6
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -23,6 +25,8 @@ class AuthSection:
     psk_file: Path | None
     pool_target_bits: int
     pool_reserve_bits: int
+    # alert once a committed key's epsilon (its security statement) exceeds this
+    security_budget_epsilon: float = DEFAULT_SECURITY_BUDGET_EPSILON
 
 
 def read_auth(table: Table, base: Path) -> AuthSection:
@@ -52,6 +56,14 @@ def read_auth(table: Table, base: Path) -> AuthSection:
         psk_file=file("psk_file", required=not pki, secret=True),
         pool_target_bits=table.integer("pool_target_bits", 1 << 20, minimum=1024),
         pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 13, minimum=0),
+        security_budget_epsilon=table.number(
+            "security_budget_epsilon",
+            DEFAULT_SECURITY_BUDGET_EPSILON,
+            minimum=0,
+            maximum=1,
+            exclusive_minimum=True,
+            exclusive_maximum=True,
+        ),
     )
     if section.pool_reserve_bits >= section.pool_target_bits:
         raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")

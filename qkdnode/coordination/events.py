@@ -9,6 +9,7 @@ do, in order: frames to send, work to run, store writes, reports.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -39,22 +40,28 @@ class StoreView(Protocol):
     def last_block_id(self) -> int | None: ...
     def block_committed(self, block_id: int) -> bool: ...
     def block_known(self, block_id: int) -> bool: ...
+    def any_key_known(self, key_ids: Sequence[uuid.UUID]) -> bool: ...
     def staged_material(self, block_id: int) -> StagedShare: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CoordinatorConfig:
     """``key_size_bits``: consumer key size; ``max_in_flight``: blocks open at once in a
-    key-derived session (at most the channel's ``max_open_blocks``)."""
+    key-derived session (at most the channel's ``max_open_blocks``); ``block_epsilon``: each
+    block key's distance from uniform (eps_sec + eps_cor), charged to the ledger's
+    ``tag_key_epsilon`` when the key enters the pool."""
 
     key_size_bits: int
     max_in_flight: int = 1
+    block_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         if self.key_size_bits <= 0 or self.key_size_bits % 8:
             raise ValueError("key_size_bits must be a positive multiple of 8")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if not 0.0 <= self.block_epsilon < 1.0:
+            raise ValueError("block_epsilon must be in [0, 1)")
 
 
 # ---- inputs ---------------------------------------------------------------------------------

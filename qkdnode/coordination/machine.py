@@ -354,7 +354,11 @@ class Coordinator:
                         f"{len(staged.pool_material)}",
                         field="pool_bytes",
                     )
-                self.ledger.deposit(material, mark_consumed_bits=staged.ledger_mark_bits)
+                self.ledger.deposit(
+                    material,
+                    mark_consumed_bits=staged.ledger_mark_bits,
+                    key_epsilon=self.config.block_epsilon,
+                )
                 self._close_bootstrap_window()
                 self._out.append(
                     CommitBlock(block_id=block_id, ledger_state=self.ledger.state, limbo=True)
@@ -526,6 +530,10 @@ class Coordinator:
             # an authenticated peer reusing a block id is refused, not written over the store
             self.phase = Phase.ENDED
             raise ProtocolError(f"block {block.block_id} is already stored", field="block_id")
+        if self._store.any_key_known(stage.key_ids):
+            # likewise a key id: the store would refuse the write and stop the node
+            self.phase = Phase.ENDED
+            raise ProtocolError("a key ID is already stored", field="key_ids")
         block.key_ids = stage.key_ids
         self._out.append(self._stage_effect(block))
         self._send(Staged(block_id=block.block_id))
@@ -564,7 +572,9 @@ class Coordinator:
                 "the pool's share changed between stage and commit", field="pool_bytes"
             )
         self.ledger.deposit(
-            bits_to_bytes(block.outcome.key), mark_consumed_bits=block.auth.ledger_mark_bits
+            bits_to_bytes(block.outcome.key),
+            mark_consumed_bits=block.auth.ledger_mark_bits,
+            key_epsilon=self.config.block_epsilon,
         )
         self._close_bootstrap_window()
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))

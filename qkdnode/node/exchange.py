@@ -70,6 +70,7 @@ from qkdnode.coordination.events import (
 from qkdnode.coordination.machine import (
     Coordinator,
 )
+from qkdnode.coordination.security import KeySecurityStatement
 from qkdnode.coordination.wire import (
     CoordinationMessage,
     Reserve,
@@ -124,6 +125,7 @@ class Exchange:
             config=CoordinatorConfig(
                 key_size_bits=node.config.store.key_size_bits,
                 max_in_flight=1,
+                block_epsilon=node.block_epsilon,
             ),
             ledger=node.ledger,
             store=node.store_view,
@@ -137,6 +139,8 @@ class Exchange:
         ](math.inf)
         self._records: dict[int, EmissionRecords | DetectionRecords] = {}
         self._roles: dict[int, AliceBlock | BobBlock] = {}
+        # each staged block's security statement, reported when the block is done
+        self._statements: dict[int, KeySecurityStatement] = {}
         self.idle = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -230,6 +234,7 @@ class Exchange:
             "operator on both nodes (qkdnode auth rebootstrap)",
         )
         self.node.notifier.status("authentication-key pool exhausted: no block opens")
+        self.node.metrics.set_pool_exhausted(True)
 
     async def _retire_later(self) -> None:
         await trio.sleep(RETIRE_AT_FRACTION * self.connection.config.max_session_age_s)
@@ -290,8 +295,10 @@ class Exchange:
             case FeedRole(block_id=block_id, messages=messages):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_role, block_id, messages)
-            case StageBlock():
-                node.store.stage_block(self._staged_block(effect))
+            case StageBlock(block_id=block_id, auth=auth):
+                statement = node.security_statement(auth.mode)
+                node.store.stage_block(self._staged_block(effect, statement))
+                self._statements[block_id] = statement
             case CommitBlock(block_id=block_id, ledger_state=state, limbo=limbo):
                 node.store.commit_block(block_id, auth_ledger_state=ledger_state_to_bytes(state))
                 if limbo:
@@ -310,7 +317,12 @@ class Exchange:
                 self._roles.pop(block_id, None)
                 self._records.pop(block_id, None)
                 node.reporter.block_done(
-                    block_id, outcome, auth, keys=keys, pool_bytes=effect.pool_bytes
+                    block_id,
+                    outcome,
+                    auth,
+                    keys=keys,
+                    pool_bytes=effect.pool_bytes,
+                    statement=self._statements.pop(block_id, None),
                 )
             case PoolExhaustedStop(level_bits=level, needed_bits=needed):
                 self._exhausted(level, needed)
@@ -337,7 +349,7 @@ class Exchange:
             RoleAdvanced(block_id=block_id, messages=tuple(first), outcome=role.outcome)
         )
 
-    def _staged_block(self, effect: StageBlock) -> StagedBlock:
+    def _staged_block(self, effect: StageBlock, statement: KeySecurityStatement) -> StagedBlock:
         stats = effect.key.statistics
         return StagedBlock(
             block_id=effect.block_id,
@@ -356,6 +368,7 @@ class Exchange:
                     "verification_bits": stats.verification_bits,
                     "mode": effect.auth.mode.value,
                     "time_s": time.time(),
+                    "security": statement.fields(),
                 }
             ),
         )

@@ -13,6 +13,7 @@ import structlog
 
 from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.coordination.security import KeySecurityStatement
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.events import BlockAborted
@@ -39,7 +40,10 @@ class BlockReporter:
     notifier: SystemdNotifier
     ledger: AuthKeyLedger
     key_size_bits: int
+    security_budget_epsilon: float
     counters: NodeCounters = field(default_factory=NodeCounters)
+    # the budget alert fires once per crossing, not on every block past it
+    _over_budget: bool = False
     # per block in flight: when it opened and when its records arrived (monotonic seconds)
     _times: dict[int, tuple[float, float]] = field(default_factory=dict)
 
@@ -47,6 +51,20 @@ class BlockReporter:
         self.counters.mode = mode
         self.metrics.set_mode(mode)
         log.info("auth.mode", mode=mode, reason=reason)
+
+    def _report_security(self, block_id: int, statement: KeySecurityStatement) -> None:
+        self.metrics.key_security(statement.epsilon_total)
+        over = statement.epsilon_total > self.security_budget_epsilon
+        if over and not self._over_budget:
+            log.warning(
+                "security.budget_exceeded",
+                block=block_id,
+                epsilon_total=statement.epsilon_total,
+                security_budget_epsilon=self.security_budget_epsilon,
+                detail="keys are still made and served; a re-bootstrap on both nodes "
+                "(qkdnode auth rebootstrap) starts a new chain, a smaller eps_sec slows the growth",
+            )
+        self._over_budget = over
 
     def block_started(self, block_id: int) -> None:
         now = time.monotonic()
@@ -64,7 +82,10 @@ class BlockReporter:
         *,
         keys: int,
         pool_bytes: int,
+        statement: KeySecurityStatement | None = None,
     ) -> None:
+        """Count, log and export one finished block; a committed block reports its
+        ``statement`` (the security statement its keys were staged with)."""
         now = time.monotonic()
         started, records = self._times.pop(block_id, (now, now))
         # the authentication budget of the block: bits drawn from the pool (0 while the session
@@ -133,7 +154,10 @@ class BlockReporter:
                 link_s=link_s,
                 postprocess_s=postprocess_s,
                 **budget,
+                **({} if statement is None else statement.fields()),
             )
+            if statement is not None:
+                self._report_security(block_id, statement)
         self.notifier.status(
             f"{counters.blocks_committed} blocks committed, "
             f"{counters.blocks_aborted} aborted, {counters.secret_bits} secret bits, "

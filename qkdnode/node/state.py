@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
@@ -13,9 +15,11 @@ import trio
 from qkdnode.channel.auth import Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
+from qkdnode.channel.messages import SessionMode
 from qkdnode.config import NodeConfig
 from qkdnode.coordination.events import StagedShare
 from qkdnode.coordination.planner import AttemptDecision, AuthPlanner, HandshakeAdmission
+from qkdnode.coordination.security import KeySecurityStatement, key_security_statement
 from qkdnode.coordination.wire import make_registry
 from qkdnode.delivery.keys import KeyManager
 from qkdnode.link.blocks import BlockSource
@@ -84,6 +88,9 @@ class KeyStoreView:
     def block_known(self, block_id: int) -> bool:
         return self._store.block_state(block_id) is not None
 
+    def any_key_known(self, key_ids: Sequence[uuid.UUID]) -> bool:
+        return self._store.any_key_known(key_ids)
+
     def staged_material(self, block_id: int) -> StagedShare:
         return self._store.staged_material(block_id)
 
@@ -125,6 +132,7 @@ class Node:
             role=config.node.role,
             pool_target_bits=config.auth.pool_target_bits,
             pool_reserve_bits=config.auth.pool_reserve_bits,
+            security_budget_epsilon=config.auth.security_budget_epsilon,
             saes=(*config.delivery.local_saes, *config.delivery.peer_saes)
             if config.delivery is not None
             else (),
@@ -136,11 +144,14 @@ class Node:
             )
         )
         self.metrics.add_refresher(lambda m: m.set_link_status(self.link.status()))
+        # each block key's distance from uniform; summed into the statement of later keys
+        self.block_epsilon = config.postprocess.eps_sec + config.postprocess.eps_cor
         self.reporter = BlockReporter(
             metrics=self.metrics,
             notifier=self.notifier,
             ledger=self.ledger,
             key_size_bits=config.store.key_size_bits,
+            security_budget_epsilon=config.auth.security_budget_epsilon,
         )
         self.exchange: SessionControl | None = None
         self._last_connection: PeerConnection | None = None
@@ -162,6 +173,15 @@ class Node:
     @property
     def counters(self) -> NodeCounters:
         return self.reporter.counters
+
+    def security_statement(self, mode: SessionMode) -> KeySecurityStatement:
+        """The statement of a block authenticated in ``mode``, staged now."""
+        return key_security_statement(
+            mode=mode,
+            ledger=self.ledger.state,
+            block_epsilon=self.block_epsilon,
+            chain_root=self.config.auth.mode,
+        )
 
     # ---- set-up ---------------------------------------------------------------------------
     def _load_credentials(self) -> Credentials:

@@ -98,6 +98,7 @@ class NodeMetrics:
         saes: Iterable[str] = (),
         rate_window_s: float = DEFAULT_RATE_WINDOW_S,
         max_commit_age_s: float = DEFAULT_MAX_COMMIT_AGE_S,
+        security_budget_epsilon: float = 1e-6,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -112,6 +113,9 @@ class NodeMetrics:
         self._started_s = clock()
         self._refreshers: list[Callable[[NodeMetrics], None]] = []
         self._init_summary_state(pool_target_bits, pool_reserve_bits)
+        if not 0.0 < security_budget_epsilon < 1.0:
+            raise ValueError("security_budget_epsilon must be in (0, 1)")
+        self._security_budget_epsilon = security_budget_epsilon
         self.registry = CollectorRegistry(auto_describe=True)
         self._register_node_metrics()
         self._register_block_metrics()
@@ -134,6 +138,8 @@ class NodeMetrics:
         self._pool_reserve_bits = _count(pool_reserve_bits, "pool_reserve_bits")
         self._pool_target_bits = _count(pool_target_bits, "pool_target_bits")
         self._pool_consumed_bits: int | None = None
+        self._pool_exhausted = False
+        self._key_epsilon: float | None = None
         self._store: dict[str, int] | None = None
         self._link_state: str | None = None
         self._link_alarms_seen: tuple[str, ...] = ()
@@ -216,6 +222,23 @@ class NodeMetrics:
             "Authentication-key bits spent (the ledger's consumed offset).",
             registry=r,
         )
+        self.pool_exhausted = Gauge(
+            "qkdnode_auth_pool_exhausted",
+            "1 while the pool cannot pay for a block: none opens until an operator re-bootstraps.",
+            registry=r,
+        )
+        self.key_epsilon = Gauge(
+            "qkdnode_key_security_epsilon",
+            "Epsilon of the last committed block's keys (its security statement).",
+            registry=r,
+        )
+        self.key_epsilon.set(math.nan)
+        self.security_budget = Gauge(
+            "qkdnode_key_security_budget_epsilon",
+            "The configured budget for that epsilon; past it the node alerts.",
+            registry=r,
+        )
+        self.security_budget.set(self._security_budget_epsilon)
         self.auth_mode = Gauge(
             "qkdnode_auth_mode",
             "Authentication mode of the classical channel (1 for the current mode).",
@@ -288,6 +311,19 @@ class NodeMetrics:
         self.efficiency.set(efficiency)
         self.last_commit.set(self._wall_clock())
         self._set_pool_level(pool_level_bits)
+        self.set_pool_exhausted(False)
+
+    def key_security(self, epsilon_total: float) -> None:
+        """The epsilon of a committed block's keys (``KeySecurityStatement.epsilon_total``)."""
+        epsilon = _finite_or_nan(epsilon_total, "epsilon_total")
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError("epsilon_total must be in [0, 1]")
+        self._key_epsilon = epsilon
+        self.key_epsilon.set(epsilon)
+
+    def set_pool_exhausted(self, exhausted: bool) -> None:
+        self._pool_exhausted = bool(exhausted)
+        self.pool_exhausted.set(1 if exhausted else 0)
 
     def block_aborted(self, reason: str | AbortReason) -> None:
         """Account one aborted block (``reason``: an ``AbortReason`` or its value)."""
@@ -410,6 +446,9 @@ class NodeMetrics:
             "pool_level_bits": self._pool_level_bits,
             "pool_reserve_bits": self._pool_reserve_bits,
             "pool_target_bits": self._pool_target_bits,
+            "pool_exhausted": self._pool_exhausted,
+            "key_epsilon": self._key_epsilon,
+            "security_budget_epsilon": self._security_budget_epsilon,
             "blocks_committed": self._blocks_committed,
             "blocks_aborted": self._blocks_aborted,
             "abort_reasons": dict(self._abort_reasons),

@@ -7,8 +7,9 @@ age of the last committed block, blocks committed and aborted, and keys in the s
 Exit status (usable by monitoring and as a systemd ``ExecCondition``/health check):
 
 - 0: healthy;
-- 1: degraded or unhealthy: peer not connected, authentication pool below its reserve, no block
-  committed for ``--max-commit-age-s`` seconds, or the quantum link failed;
+- 1: degraded or unhealthy: peer not connected, authentication pool below its reserve or
+  exhausted, no block committed for ``--max-commit-age-s`` seconds, the last keys' epsilon past
+  the security budget, or the quantum link failed;
 - 2: usage or configuration error (no ``[metrics] listen`` in the config, bad arguments);
 - 3: the node does not answer (stopped), or what answers is not a qkdnode status endpoint.
 
@@ -56,6 +57,8 @@ def health_problems(summary: Mapping[str, Any], *, max_commit_age_s: float) -> l
       start (a fresh node's pool is empty until its first block, which is expected);
     - no block committed for more than ``max_commit_age_s`` (or none at all in that long since
       start);
+    - the authentication-key pool is exhausted (no block opens until an operator acts);
+    - the last committed keys' epsilon exceeds the configured security budget;
     - the quantum link reports ``failed``.
     """
     problems: list[str] = []
@@ -72,6 +75,14 @@ def health_problems(summary: Mapping[str, Any], *, max_commit_age_s: float) -> l
             f"no block committed in {summary['uptime_s']:.0f} s since start"
             f" (limit {max_commit_age_s:g} s)"
         )
+    if summary.get("pool_exhausted"):
+        problems.append(
+            "authentication pool exhausted: no block opens "
+            "(run 'qkdnode auth rebootstrap' on both nodes)"
+        )
+    epsilon, budget = summary.get("key_epsilon"), summary.get("security_budget_epsilon")
+    if isinstance(epsilon, float) and isinstance(budget, float) and epsilon > budget:
+        problems.append(f"key epsilon {epsilon:.3g} above the security budget {budget:.3g}")
     if summary.get("link_state") == "failed":
         problems.append("quantum link failed")
     return problems
@@ -148,6 +159,7 @@ def format_summary(summary: Mapping[str, Any], problems: Sequence[str]) -> str:
         else ""
     )
     qber = summary.get("last_qber")
+    epsilon = summary.get("key_epsilon")
     lines = [
         f"node {summary['node']} ({summary.get('role', '?')}), peer {summary.get('peer', '?')}: "
         + ("healthy" if not problems else "UNHEALTHY"),
@@ -159,6 +171,8 @@ def format_summary(summary: Mapping[str, Any], problems: Sequence[str]) -> str:
         f"  blocks:           {summary['blocks_committed']} committed,"
         f" {summary['blocks_aborted']} aborted{reason_text}",
         f"  last QBER:        {'-' if qber is None else f'{100 * qber:.2f} %'}",
+        f"  key epsilon:      {'-' if epsilon is None else f'{epsilon:.3g}'}"
+        f" (budget {summary.get('security_budget_epsilon', '?')})",
         f"  key rate:         {summary.get('secret_key_rate_bits_per_second', 0.0):,.0f} bit/s",
         f"  keys available:   {keys.get('available', '?')}"
         f" (reserved {keys.get('reserved', '?')}, delivered {keys.get('delivered', '?')})",

@@ -89,6 +89,7 @@ class StoreModel:
         block.state = "dropped"
         block.consumer_keys = ()
         block.pool_material = b""
+        self._key_ids.difference_update(block.key_ids)  # as the store deletes their rows
 
     def save_auth_ledger(self, state: bytes) -> None:
         self._ledger = state
@@ -106,6 +107,9 @@ class StoreModel:
 
     def block_known(self, block_id: int) -> bool:
         return block_id in self._blocks
+
+    def any_key_known(self, key_ids: Sequence[uuid.UUID]) -> bool:
+        return not self._key_ids.isdisjoint(key_ids)
 
     def staged_block_ids(self) -> list[int]:
         return sorted(b for b, block in self._blocks.items() if block.state == "staged")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 from qkdnode.errors import KeyStoreError
@@ -42,6 +43,9 @@ from qkdnode.store.deliveries import (
 )
 from qkdnode.store.schema import DATABASE_NAME, SCHEMA_VERSION, install_schema
 from qkdnode.store.transaction import Database, OpOutcome, StoreOp, Tx, TxOptions
+
+# key ids per lookup: far below SQLite's limit on bound parameters
+_IDS_PER_QUERY = 500
 
 __all__ = [
     "DATABASE_NAME",
@@ -150,6 +154,16 @@ class KeyStore(Database):
         return None if value is None else int(value)
 
     # ---- keys -------------------------------------------------------------------------------
+
+    def any_key_known(self, key_ids: Sequence[uuid.UUID]) -> bool:
+        """True if any of ``key_ids`` belongs to a staged or committed block here."""
+        ids = [str(key_id) for key_id in key_ids]
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            marks = ",".join("?" * len(chunk))
+            if self._query(f"SELECT 1 FROM keys WHERE key_id IN ({marks}) LIMIT 1", chunk):
+                return True
+        return False
 
     def counts(self) -> StoreCounts:
         rows = dict(self._query("SELECT state, COUNT(*) FROM keys GROUP BY state"))

@@ -371,9 +371,9 @@ class RecordingLedger(AuthKeyLedger):
         self.stream = bytearray()  # every byte ever deposited, in order
         self.drawn: list[tuple[int, bytes]] = []  # (offset_bits, bytes) of every draw
 
-    def deposit(self, key: bytes, *, mark_consumed_bits: int) -> int:
+    def deposit(self, key: bytes, *, mark_consumed_bits: int, key_epsilon: float = 0.0) -> int:
         before_bits = self.state.deposited_bits
-        taken = super().deposit(key, mark_consumed_bits=mark_consumed_bits)
+        taken = super().deposit(key, mark_consumed_bits=mark_consumed_bits, key_epsilon=key_epsilon)
         # the pool's share leads the bytes taken; handshake-key slots follow (their own stream)
         self.stream += key[: (self.state.deposited_bits - before_bits) // 8]
         return taken
