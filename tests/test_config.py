@@ -61,6 +61,12 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),
+        (
+            "security_budget_epsilon = 1e-6",
+            "security_budget_epsilon = 0.0",
+            "auth.security_budget_epsilon",
+            "> 0",
+        ),
         ("pki/alice.pem", "pki/nobody.pem", "auth.certificate_file", "does not exist"),
         ('connect = "192.0.2.20:7000"', 'connect = "nowhere"', "peer.connect", "host:port"),
         ("key_size_bits = 256            # must", "key_size_bits = 512 # must", "delivery", "256"),
