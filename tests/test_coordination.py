@@ -228,26 +228,35 @@ def test_the_first_commit_that_can_run_key_derived_closes_the_bootstrap_window()
     assert commit.ledger_state.active and alice.ledger.active
 
 
-def test_bob_refuses_a_stage_that_reuses_a_stored_key_id_and_the_store_is_untouched() -> None:
+@pytest.mark.parametrize("reused", ["key_ids", "block_id"])
+def test_bob_refuses_a_stage_that_reuses_a_stored_id_and_the_store_is_untouched(
+    reused: str,
+) -> None:
     stored_id = uuid.UUID(int=42)
     store = StoreModel()
     store.stage_block(
         0, key_ids=[stored_id], consumer_keys=[bytes(32)], pool_material=b"", ledger_mark_bits=0
     )
     store.commit_block(0)
+    # the peer opens a block under an id the store already holds (dropped), or a fresh one
+    block_id = 1
+    if reused == "block_id":
+        store.drop_block(block_id)
     bob = _machine(Role.BOB, store)
     bob.receive(SessionStarted(mode=SessionMode.PSK))
     bob.receive(PeerMessage(message=Sync(staged=(), last_block_id=0)))
     bob.receive(PeerMessage(message=SyncDone(committed=())))
-    bob.receive(PeerOpenedBlock(block_id=1))
-    bob.receive(PeerBlockData(block_id=1, message=BlockInfo(first_pulse_index=0, pulse_count=9)))
-    bob.receive(RecordsTaken(block_id=1, first_pulse_index=0, pulse_count=9))
+    bob.receive(PeerOpenedBlock(block_id=block_id))
+    bob.receive(
+        PeerBlockData(block_id=block_id, message=BlockInfo(first_pulse_index=0, pulse_count=9))
+    )
+    bob.receive(RecordsTaken(block_id=block_id, first_pulse_index=0, pulse_count=9))
     bits = np.random.default_rng(3).integers(0, 2, 24_000, dtype=np.uint8)
     key = BlockKey(key=bits, statistics=_statistics(bits.shape[0]))
-    bob.receive(RoleAdvanced(block_id=1, messages=(), outcome=key))
+    bob.receive(RoleAdvanced(block_id=block_id, messages=(), outcome=key))
     bob.receive(
         BlockAuthenticated(
-            block_id=1,
+            block_id=block_id,
             mode=SessionMode.PSK,
             ledger_mark_bits=0,
             auth_bits_spent=0,
@@ -258,9 +267,12 @@ def test_bob_refuses_a_stage_that_reuses_a_stored_key_id_and_the_store_is_untouc
     )
     pool, consumer = split_block_key(bob.ledger, key, mark_bits=0, key_size_bits=256)
     assert len(consumer) >= 2
-    fresh = [uuid.UUID(int=100 + i) for i in range(len(consumer))]
-    reused = (*fresh[:-1], stored_id)  # one id of an earlier block, the rest fresh
-    with pytest.raises(ProtocolError, match="key ID is already stored") as refused:
-        bob.receive(PeerMessage(message=Stage(block_id=1, key_ids=reused, pool_bytes=len(pool))))
-    assert refused.value.field == "key_ids" and bob.ended
-    assert not store.block_known(1) and store.committed_keys(0) == ((stored_id, bytes(32)),)
+    key_ids = [uuid.UUID(int=100 + i) for i in range(len(consumer))]
+    if reused == "key_ids":
+        key_ids[-1] = stored_id  # one id of an earlier block, the rest fresh
+    stage = Stage(block_id=block_id, key_ids=tuple(key_ids), pool_bytes=len(pool))
+    with pytest.raises(ProtocolError, match="already stored") as refused:
+        bob.receive(PeerMessage(message=stage))
+    assert refused.value.field == reused and bob.ended
+    assert store.block_state(block_id) == ("dropped" if reused == "block_id" else None)
+    assert store.committed_keys(0) == ((stored_id, bytes(32)),)
