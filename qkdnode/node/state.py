@@ -12,7 +12,7 @@ from typing import Protocol
 import structlog
 import trio
 
-from qkdnode.channel.auth import Credentials, Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
 from qkdnode.channel.messages import SessionMode
@@ -144,6 +144,12 @@ class Node:
             )
         )
         self.metrics.add_refresher(lambda m: m.set_link_status(self.link.status()))
+        # on both nodes: once key-derived, a pool that cannot pay for a block opens none
+        self.metrics.add_refresher(
+            lambda m: m.set_pool_exhausted(
+                self.ledger.active and not self.ledger.can_pay(BLOCK_DRAW_BITS)
+            )
+        )
         # each block key's distance from uniform; summed into the statement of later keys
         self.block_epsilon = config.postprocess.eps_sec + config.postprocess.eps_cor
         self.reporter = BlockReporter(

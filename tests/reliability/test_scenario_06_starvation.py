@@ -152,3 +152,10 @@ def test_after_exhaustion_the_next_daemon_session_is_key_derived_again(
     retry.alice = connection
     handshake(retry)
     assert connection.mode is SessionMode.KEY_DERIVED
+    # both nodes' status says so, each from its own ledger, until a block can open again
+    for name, ledger in (("alice", alice), ("bob", bob)):
+        status_node = node_factory(name)
+        status_node.ledger = ledger
+        summary = status_node.metrics.summary()
+        assert summary["pool_exhausted"], name
+        assert any("exhausted" in problem for problem in summary["problems"]), name
