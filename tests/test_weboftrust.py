@@ -243,6 +243,23 @@ def test_a_tampered_certification_refused_as_bad_signature() -> None:
     assert refused.reason == Refusal.CERTIFICATION_BAD_SIGNATURE
 
 
+def test_a_certification_over_a_refused_hash_set_aside_as_malformed() -> None:
+    introducers = _introducers(GPG / "intro1.asc")
+    bob = _read(GPG / "bob.asc")
+    (packet,) = _certification_packets(bob, introducers[0].fingerprint)
+    header_bytes = len(packet) - len(next(iter(PacketPile.from_bytes(packet))).body)
+    assert packet[header_bytes + 3] == 8  # SHA-256
+    sha1 = packet[: header_bytes + 3] + b"\x02" + packet[header_bytes + 4 :]
+    refused = _refusal(
+        _replace_packet(bob, packet, sha1),
+        introducers=introducers,
+        threshold=1,
+        user_id="qkdnode node bob",
+        now_s=NOON_S,
+    )
+    assert refused.reason == Refusal.CERTIFICATION_MALFORMED
+
+
 def test_a_certification_grafted_onto_another_user_id_does_not_count() -> None:
     # frank's introducer certified "frank-old"; graft that signature onto "frank". Sequoia puts
     # a misplaced certification back under the user ID its digest prefix matches, and if it did
@@ -573,6 +590,20 @@ def test_live_gpg_verifies_our_certification_and_transcript_signature(
     bob_secret = SecretCertificate(made["bob.secret"].read_bytes())
     signature.write_bytes(sign_transcript(bob_secret, transcript.read_bytes()))
     _gpg(gnupghome, "--verify", str(signature), str(transcript))
+
+
+def test_live_gpg_transcript_signatures_binary_accepted_text_refused(
+    gnupghome: dict[str, str], tmp_path: Path
+) -> None:
+    _gpg(gnupghome, "--quick-gen-key", "qkdnode node bob", "ed25519", "sign,cert", "never")
+    certificate = _gpg(gnupghome, "--export", "=qkdnode node bob")
+    transcript = tmp_path / "transcript.bin"
+    transcript.write_bytes(b"line one\nline two\n")
+    binary = _gpg(gnupghome, "--detach-sign", "--output", "-", str(transcript))
+    verify_transcript(certificate, transcript.read_bytes(), binary)
+    text = _gpg(gnupghome, "--textmode", "--detach-sign", "--output", "-", str(transcript))
+    with pytest.raises(AuthenticationFailed, match="binary signature"):
+        verify_transcript(certificate, transcript.read_bytes(), text)
 
 
 def test_live_gpg_certification_of_our_certificate_accepted(

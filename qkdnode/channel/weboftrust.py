@@ -14,6 +14,8 @@ node: ``node_user_id("bob")`` is ``"qkdnode node bob"``, the form ``qkdnode pgp 
   certification revocation (0x30) of the same introducer, from an introducer key that is itself
   not revoked and not expired at ``now_s``.
 
+A certification by a trusted introducer that is not an Ed25519 signature over SHA-2 or SHA-3,
+or that carries a critical subpacket this module does not know, is set aside as malformed.
 Only direct certifications count: there is no delegation (trust signatures are not followed;
 a certification whose trust amount is below 120, a partial vouch, does not count).
 
@@ -155,9 +157,9 @@ class _PublicKey:
 class _Signature:
     signature_type: int
     hashed_part: bytes
-    hash_name: str
+    hash_name: str | None  # None: a hash this module does not accept (SHA-1, MD5, ...)
     left16: bytes
-    raw_signature: bytes = field(repr=False)
+    raw_signature: bytes | None = field(repr=False)  # None: not an Ed25519 signature
     created_s: int
     expires_after_s: int | None
     issuer_fingerprint: str | None
@@ -170,7 +172,6 @@ class _Signature:
 class _UserIdBinding:
     user_id: bytes
     signatures: tuple[_Signature, ...]
-    malformed_signatures: int
 
 
 class TrustedIntroducer:
@@ -328,8 +329,6 @@ def verify_peer_certificate(
                         SetAside(introducer.fingerprint, Refusal.CERTIFICATION_FOR_OTHER_USER_ID)
                     )
             continue
-        if binding.malformed_signatures:
-            set_aside.append(SetAside("", Refusal.CERTIFICATION_MALFORMED))
         counted, rejected = _judge_binding(primary, binding, third_party, trusted, by_key_id, now_s)
         vouchers.extend(counted)
         set_aside.extend(rejected)
@@ -374,7 +373,7 @@ def _judge_binding(
                 certifier = signature.issuer_fingerprint or signature.issuer_key_id or ""
                 rejected.append(SetAside(certifier, Refusal.CERTIFIER_NOT_TRUSTED))
             continue
-        if signature.critical_unknown:
+        if signature.critical_unknown or signature.raw_signature is None or not signature.hash_name:
             rejected.append(SetAside(introducer.fingerprint, Refusal.CERTIFICATION_MALFORMED))
             continue
         if not _signature_valid(signature, introducer.key, primary, binding.user_id):
@@ -440,6 +439,9 @@ def verify_transcript(peer_certificate: bytes, transcript: bytes, signature: byt
         parsed = pysequoia.Sig.from_bytes(signature)
     except (RuntimeError, ValueError):
         raise AuthenticationFailed("transcript signature or peer certificate malformed") from None
+    if parsed.signature_type != pysequoia.packet.SignatureType.Binary:
+        # a text signature canonicalises line endings: two transcripts could share it
+        raise AuthenticationFailed("the transcript signature must be a binary signature (0x00)")
     try:
         result = pysequoia.verify(bytes=transcript, store=lambda _key_ids: [cert], signature=parsed)
     except (RuntimeError, ValueError):
@@ -545,23 +547,20 @@ def _user_id_bindings(packets: bytes) -> list[_UserIdBinding]:
     bindings: list[_UserIdBinding] = []
     user_id: bytes | None = None
     signatures: list[_Signature] = []
-    malformed = 0
 
     def close() -> None:
         if user_id is not None:
-            bindings.append(_UserIdBinding(user_id, tuple(signatures), malformed))
+            bindings.append(_UserIdBinding(user_id, tuple(signatures)))
 
     for packet in PacketPile.from_bytes(packets):
         if packet.tag == Tag.Signature:
             if user_id is not None:
                 parsed = _parse_signature(packet.body)
-                if parsed is None:
-                    malformed += 1
-                else:
+                if parsed is not None:  # not even its issuer is legible: it cannot count
                     signatures.append(parsed)
             continue
         close()
-        user_id, signatures, malformed = None, [], 0
+        user_id, signatures = None, []
         if packet.tag == Tag.UserID:
             user_id = packet.body
     close()
@@ -595,7 +594,7 @@ def _subpackets(area: bytes) -> list[tuple[int, bool, bytes]] | None:
 
 
 def _parse_signature(body: bytes) -> _Signature | None:
-    """A version 4 Ed25519 signature packet body, or None when it is anything else."""
+    """A version 4 signature packet body, or None when its structure does not parse."""
     if len(body) < 6 or body[0] != 4:
         return None
     signature_type, algorithm, hash_algorithm = body[1], body[2], body[3]
@@ -605,7 +604,7 @@ def _parse_signature(body: bytes) -> _Signature | None:
         return None
     unhashed_length = int.from_bytes(body[hashed_end : hashed_end + 2], "big")
     unhashed_end = hashed_end + 2 + unhashed_length
-    if unhashed_end + 2 > len(body) or hash_algorithm not in _HASHES:
+    if unhashed_end + 2 > len(body):
         return None
     hashed = _subpackets(body[6:hashed_end])
     unhashed = _subpackets(body[hashed_end + 2 : unhashed_end])
@@ -613,8 +612,6 @@ def _parse_signature(body: bytes) -> _Signature | None:
         return None
     left16 = body[unhashed_end : unhashed_end + 2]
     raw = _raw_ed25519_signature(algorithm, body[unhashed_end + 2 :])
-    if raw is None:
-        return None
     created_s: int | None = None
     expires_after_s: int | None = None
     issuer_fingerprint: str | None = None
@@ -646,7 +643,7 @@ def _parse_signature(body: bytes) -> _Signature | None:
     return _Signature(
         signature_type=signature_type,
         hashed_part=body[:hashed_end],
-        hash_name=_HASHES[hash_algorithm],
+        hash_name=_HASHES.get(hash_algorithm),
         left16=left16,
         raw_signature=raw,
         created_s=created_s,
@@ -683,6 +680,8 @@ def _signature_valid(
     signature: _Signature, signer: _PublicKey, subject: _PublicKey, user_id: bytes
 ) -> bool:
     """Whether ``signature`` by ``signer`` covers ``subject``'s key with ``user_id``."""
+    if signature.hash_name is None or signature.raw_signature is None:
+        return False
     digest = hashlib.new(signature.hash_name)
     digest.update(b"\x99" + len(subject.body).to_bytes(2, "big") + subject.body)
     digest.update(b"\xb4" + len(user_id).to_bytes(4, "big") + user_id)
