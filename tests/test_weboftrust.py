@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import tempfile
@@ -297,6 +298,30 @@ def test_malformed_peer_certificates_refused(data: bytes) -> None:
         now_s=NOON_S,
     )
     assert refused.reason in {Refusal.MALFORMED_CERTIFICATE}
+
+
+def test_mutated_certificates_give_a_refusal_or_an_acceptance_never_another_error() -> None:
+    rng = random.Random(18)
+    introducers = _introducers(*GPG_INTRODUCERS)
+    binary = bytes(pysequoia.Cert.from_bytes(_read(GPG / "bob.asc")))
+    outcomes: set[str] = set()
+    for _ in range(300):
+        mutated = bytearray(binary)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        try:
+            verify_peer_certificate(
+                bytes(mutated),
+                introducers=introducers,
+                threshold=2,
+                user_id="qkdnode node bob",
+                now_s=NOON_S,
+            )
+            outcomes.add("accepted")
+        except WebOfTrustRefused as refused:
+            outcomes.add(refused.reason)
+    assert Refusal.MALFORMED_CERTIFICATE in outcomes
+    assert len(outcomes) >= 3
 
 
 def test_threshold_outside_one_to_the_number_of_introducers_is_a_value_error() -> None:

@@ -202,7 +202,10 @@ class TrustedIntroducer:
 
     def valid_at(self, now_s: float) -> bool:
         """True when the introducer's key is neither revoked nor expired at ``now_s``."""
-        return not self._cert.is_revoked and not _expired(self._cert, now_s)
+        try:
+            return not self._cert.is_revoked and not _expired(self._cert, now_s)
+        except RuntimeError:  # no valid self-signature at the library's clock
+            return False
 
     def __repr__(self) -> str:
         return f"TrustedIntroducer(fingerprint={self.fingerprint})"
@@ -285,6 +288,32 @@ def verify_peer_certificate(
             f"({len({i.fingerprint for i in introducers})}), not {threshold}"
         )
 
+    try:
+        return _verify_peer_certificate(
+            peer_certificate,
+            introducers=introducers,
+            threshold=threshold,
+            user_id=user_id,
+            now_s=now_s,
+        )
+    except (RuntimeError, ValueError):
+        # the OpenPGP library's errors on malformed data (e.g. no valid self-signature)
+        raise WebOfTrustRefused(
+            Refusal.MALFORMED_CERTIFICATE,
+            detail="the peer certificate has no valid self-signature or does not parse",
+            user_id=user_id,
+            threshold=threshold,
+        ) from None
+
+
+def _verify_peer_certificate(
+    peer_certificate: bytes,
+    *,
+    introducers: Sequence[TrustedIntroducer],
+    threshold: int,
+    user_id: str,
+    now_s: float,
+) -> AcceptedPeer:
     def refuse(reason: Refusal, detail: str, set_aside: Sequence[SetAside] = ()) -> NoReturn:
         raise WebOfTrustRefused(
             reason, detail=detail, user_id=user_id, threshold=threshold, set_aside=tuple(set_aside)
