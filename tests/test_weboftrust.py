@@ -191,6 +191,41 @@ def test_revoked_peer_key_refused_despite_its_vouch() -> None:
     assert refused.reason == Refusal.PEER_KEY_REVOKED
 
 
+def _without_signatures(
+    certificate: bytes, signature_type: pysequoia.packet.SignatureType
+) -> bytes:
+    binary = bytes(pysequoia.Cert.from_bytes(certificate))
+    for packet in PacketPile.from_bytes(binary):
+        if packet.tag == Tag.Signature and packet.signature_type == signature_type:
+            binary = binary.replace(bytes(packet), b"")
+    return binary
+
+
+def test_a_revocation_the_peer_leaves_out_is_found_in_the_local_copy() -> None:
+    introducers = _introducers(*GPG_INTRODUCERS)
+    kinds = pysequoia.packet.SignatureType
+    for name, kind, reason in (
+        ("dave", kinds.CertificationRevocation, Refusal.CERTIFICATION_REVOKED),
+        ("grace", kinds.KeyRevocation, Refusal.PEER_KEY_REVOKED),
+    ):
+        full = _read(GPG / f"{name}.asc")
+        stripped = _without_signatures(full, kind)
+        user_id = f"qkdnode node {name}"
+        verify_peer_certificate(
+            stripped, introducers=introducers, threshold=1, user_id=user_id, now_s=NOON_S
+        )
+        with pytest.raises(WebOfTrustRefused) as caught:
+            verify_peer_certificate(
+                stripped,
+                introducers=introducers,
+                threshold=1,
+                user_id=user_id,
+                now_s=NOON_S,
+                local_copies=[_read(GPG / "bob.asc"), full],
+            )
+        assert caught.value.reason == reason
+
+
 def test_a_user_id_the_peer_does_not_bind_refused() -> None:
     refused = _refusal(
         _read(GPG / "bob.asc"),

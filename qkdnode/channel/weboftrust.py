@@ -19,6 +19,10 @@ or that carries a critical subpacket this module does not know, is set aside as 
 Only direct certifications count: there is no delegation (trust signatures are not followed;
 a certification whose trust amount is below 120, a partial vouch, does not count).
 
+The peer hands over its own certificate and may leave out a revocation (of its key, or an
+introducer's revocation of a certification): revocations count only when they reach the node,
+so the node passes the copies it holds from elsewhere as ``local_copies``, merged in first.
+
 Otherwise it raises ``WebOfTrustRefused`` whose ``reason`` (a ``Refusal``) names the case; when
 certifications were set aside, the reason is the first of those (in ``Refusal`` order), so that
 an expired or revoked vouch is reported as such rather than as too few certifications.
@@ -275,10 +279,15 @@ def verify_peer_certificate(
     threshold: int,
     user_id: str,
     now_s: float,
+    local_copies: Sequence[bytes] = (),
 ) -> AcceptedPeer:
     """Accept ``peer_certificate`` for ``user_id`` when ``threshold`` introducers vouch for it.
 
-    ``now_s`` is the current time in seconds since the Unix epoch. Raises
+    ``now_s`` is the current time in seconds since the Unix epoch. ``local_copies`` are copies
+    of the peer's certificate the node holds from elsewhere (the operator's file, an
+    introducer's updated export): the peer sends its own certificate and can leave a revocation
+    out, so revocations (and certifications) of a local copy with the same fingerprint are
+    merged in before judging; copies of other keys are ignored. Raises
     ``WebOfTrustRefused`` with the ``Refusal`` that applies; never another exception for any
     input bytes. ``ValueError`` only for a threshold below 1 or above the number of introducers.
     """
@@ -295,6 +304,7 @@ def verify_peer_certificate(
             threshold=threshold,
             user_id=user_id,
             now_s=now_s,
+            local_copies=local_copies,
         )
     except (RuntimeError, ValueError):
         # the OpenPGP library's errors on malformed data (e.g. no valid self-signature)
@@ -313,6 +323,7 @@ def _verify_peer_certificate(
     threshold: int,
     user_id: str,
     now_s: float,
+    local_copies: Sequence[bytes],
 ) -> AcceptedPeer:
     def refuse(reason: Refusal, detail: str, set_aside: Sequence[SetAside] = ()) -> NoReturn:
         raise WebOfTrustRefused(
@@ -325,6 +336,10 @@ def _verify_peer_certificate(
         refuse(Refusal.MALFORMED_CERTIFICATE, str(exc))
     if _holds_secret_keys(peer_certificate):
         refuse(Refusal.MALFORMED_CERTIFICATE, "the peer sent secret key material")
+    for local_copy in local_copies:
+        known = _parse_single_certificate(local_copy, what="local copy of the peer certificate")
+        if known.fingerprint == cert.fingerprint:
+            cert = cert.merge(known)
     packets = bytes(cert)
     primary = _primary_key(packets)
     if primary is None:
