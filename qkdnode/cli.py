@@ -93,6 +93,28 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pgp(args: argparse.Namespace) -> int:
+    from qkdnode.ops import pgp
+
+    if args.pgp_command == "init":
+        files = pgp.init_node_key(
+            Path(args.dir), name=args.name, user_id=args.user_id, valid_days=args.valid_days
+        )
+        print(
+            f"OpenPGP certificate {files.certificate} ({files.user_id!r}, fingerprint "
+            f"{files.fingerprint}), secret key {files.secret_key} (mode 0600)"
+        )
+        return 0
+    fingerprint = pgp.vouch(
+        introducer_secret=Path(args.introducer),
+        peer_certificate=Path(args.cert),
+        name=args.name,
+        out=Path(args.out),
+    )
+    print(f"certified 'qkdnode node {args.name}' on {fingerprint}: {args.out}")
+    return 0
+
+
 def _cmd_auth(args: argparse.Namespace) -> int:
     import time
 
@@ -149,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--host", action="append", help="SAN host name or address (repeatable)")
     issue.add_argument("--days", type=int, default=825)
+
+    pgp = commands.add_parser("pgp", help="OpenPGP keys and vouches for the web-of-trust bootstrap")
+    pgp_commands = pgp.add_subparsers(dest="pgp_command", required=True)
+    pgp_init = pgp_commands.add_parser(
+        "init", help="make an Ed25519 OpenPGP key: DIR/NAME.asc, DIR/NAME.secret.asc (mode 0600)"
+    )
+    pgp_init.add_argument("--name", required=True, help="node name (user ID 'qkdnode node NAME')")
+    pgp_init.add_argument("--dir", required=True)
+    pgp_init.add_argument("--user-id", help="another user ID instead, e.g. for an introducer")
+    pgp_init.add_argument("--valid-days", type=int, help="key expiry (default: never)")
+    pgp_vouch = pgp_commands.add_parser(
+        "vouch", help="certify a peer's user ID 'qkdnode node NAME' as a trusted introducer"
+    )
+    pgp_vouch.add_argument("--introducer", required=True, help="the introducer's secret key")
+    pgp_vouch.add_argument("--cert", required=True, help="the peer's OpenPGP certificate")
+    pgp_vouch.add_argument("--name", required=True, help="the peer's node name")
+    pgp_vouch.add_argument("--out", required=True, help="where to write the certified certificate")
 
     auth = commands.add_parser("auth", help="operator actions on the node's authentication")
     auth_commands = auth.add_subparsers(dest="auth_command", required=True)
@@ -208,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "auth":
             return _cmd_auth(args)
+        if args.command == "pgp":
+            return _cmd_pgp(args)
     except ConfigError as exc:
         print(f"qkdnode: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,30 @@ class CertificateRejected(SecurityError):
     """The peer certificate failed chain, validity, key usage or name-pinning checks."""
 
 
+class WebOfTrustRefused(CertificateRejected):
+    """The peer's OpenPGP certificate lacks enough valid vouches from trusted introducers.
+
+    ``reason`` names the case (a ``qkdnode.channel.weboftrust.Refusal`` value), ``set_aside``
+    lists every certification that did not count with its own reason. The message names
+    fingerprints and user IDs only, never key material.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        detail: str,
+        user_id: str,
+        threshold: int,
+        set_aside: tuple[object, ...] = (),
+    ) -> None:
+        self.reason = reason
+        self.user_id = user_id
+        self.threshold = threshold
+        self.set_aside = set_aside
+        super().__init__(f"web of trust refuses the peer as {user_id!r} ({reason}): {detail}")
+
+
 class AuthKeyExhausted(SecurityError):
     """The authentication-key pool cannot pay for the next tag without breaking its reserve."""
 
