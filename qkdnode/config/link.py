@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
-from typing import TYPE_CHECKING, Any, Final, Literal, Self
+from typing import Any, Final, Literal, Self
 
 from qkdnode.config.table import REQUIRED, Table
 from qkdnode.errors import ConfigError
-
-if TYPE_CHECKING:
-    from _typeshed import DataclassInstance
 
 LinkBackend = Literal["simulated", "serial"]
 
@@ -97,7 +94,7 @@ def _require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(key=key, expected=expected)
 
 
-def _read_fields(cls: type[DataclassInstance], table: Table) -> dict[str, Any]:
+def _read_fields(cls: type[_LinkSection], table: Table) -> dict[str, Any]:
     """Each field of ``cls`` read from ``table`` by its type and default; unknown keys refused."""
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -323,9 +320,11 @@ def _check_serial(v: Mapping[str, Any], key: Key) -> None:
 
 
 LinkConfig = SimulatedLinkConfig | SerialLinkConfig
+# the dataclasses of the [link] section, read and checked by the helpers above
+_LinkSection = SimulatedLinkConfig | EveConfig | SerialLinkConfig
 
 
-def _values(config: DataclassInstance) -> dict[str, Any]:
+def _values(config: _LinkSection) -> dict[str, Any]:
     """The fields of a config built in code, to check them as if read from a table."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
