@@ -21,7 +21,7 @@ never raises out of :meth:`receive` and never yields a key.
 Everything the transcript discloses about the key is recorded in the role's
 :class:`LeakageLedger`; privacy amplification is sized from it (lambda_EC = Alice's parity bits
 + verification tag bits; Bob's queries and ``errors_corrected`` disclose the error positions,
-which the decoy bound accounts for on the entropy side, see ``ledger``).
+which the decoy bound accounts for on the entropy side, see ``leakage``).
 
 Randomness (sample positions, Cascade seed, verification hash key, Toeplitz seed) is Alice's and
 comes from the injected generator, which the caller must seed from OS entropy for every block.
@@ -35,10 +35,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
+from qkdnode.config.node import Role
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.amplification import ToeplitzSeed, draw_toeplitz_seed, toeplitz_hash
 from qkdnode.postprocess.block_messages import (
@@ -80,7 +80,7 @@ from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
     binary_entropy,
 )
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 from qkdnode.postprocess.records import Bits, DetectionRecords, EmissionRecords
 from qkdnode.postprocess.sifting import (
     SiftAnnouncement,
@@ -195,10 +195,10 @@ def _remaining_counts(
 # ---- the roles --------------------------------------------------------------------------------
 
 
-class _Role:
+class _BlockRole:
     """What both roles share: state, ledger, outcome, and turning bad input into an abort."""
 
-    role: Literal["alice", "bob"]
+    role: Role
 
     def __init__(self, params: PipelineParameters) -> None:
         self.params = params
@@ -247,7 +247,7 @@ class _Role:
         raise NotImplementedError
 
 
-class AliceBlock(_Role):
+class AliceBlock(_BlockRole):
     """Alice's side of one block: answers Bob, owns the block's public randomness."""
 
     role = "alice"
@@ -395,7 +395,7 @@ class AliceBlock(_Role):
         )
 
 
-class BobBlock(_Role):
+class BobBlock(_BlockRole):
     """Bob's side of one block: starts it, asks the Cascade questions, verifies."""
 
     role = "bob"
@@ -552,7 +552,7 @@ class BobBlock(_Role):
 class Transcript:
     """Every message of a block in order, with its sender (for tests and benchmarks)."""
 
-    messages: list[tuple[Literal["alice", "bob"], BlockMessage]] = field(default_factory=list)
+    messages: list[tuple[Role, BlockMessage]] = field(default_factory=list)
 
 
 def run_block(
@@ -571,8 +571,8 @@ def run_block(
     alice = AliceBlock(emissions, params, rng)
     bob = BobBlock(detections, params)
     outgoing: list[BlockMessage] = bob.start()
-    sender: _Role = bob
-    receiver: _Role = alice
+    sender: _BlockRole = bob
+    receiver: _BlockRole = alice
     while outgoing or not (alice.finished and bob.finished):
         if tamper is not None:
             outgoing = [tamper(m) for m in outgoing]
