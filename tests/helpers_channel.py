@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -214,3 +214,15 @@ def established(mode: str) -> Pair:
         pair.handshake()
     pair.deliver(Role.BOB, pair.alice.open_block(7))
     return pair
+
+
+def flip(data: bytes, offset: int) -> bytes:
+    return data[:offset] + bytes([data[offset] ^ 0x01]) + data[offset + 1 :]
+
+
+def offsets(length: int, every: bool) -> Iterator[int]:
+    if every:
+        yield from range(length)
+    else:  # large ML-DSA frames: every header byte, then a stride
+        yield from range(min(length, 40))
+        yield from range(40, length, 53)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdnode.config import FiniteKey, load_config
+from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
 from qkdnode.errors import ConfigError
 from qkdnode.ops import issuance
 from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
@@ -40,6 +40,7 @@ def test_example_configs_load(example_dir: Path) -> None:
     assert alice.peer.connect is not None and bob.peer.listen is not None
     assert alice.delivery is not None and bob.delivery is not None
     assert alice.delivery.master_parity == 0 and bob.delivery.master_parity == 1
+    assert isinstance(alice.link, SimulatedLinkConfig)
     assert alice.link.fiber_km == 25.0 and alice.postprocess.block_pulses == 40_000_000
     # the config names the pipeline's decoy analyses, and defaults to the pipeline's default
     assert set(typing.get_args(FiniteKey)) == {a.value for a in FiniteKeyAnalysis}

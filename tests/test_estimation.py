@@ -11,7 +11,7 @@ from qkdnode.errors import ProtocolError
 from qkdnode.postprocess import estimation
 from qkdnode.postprocess.bitpack import encode_gaps, pack_bits
 from qkdnode.postprocess.events import AbortReason
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 from qkdnode.postprocess.sifting import SiftedBlock
 
 

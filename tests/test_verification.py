@@ -8,7 +8,7 @@ import pytest
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess import verification as ver
 from qkdnode.postprocess.events import AbortReason
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 
 EPS_COR = 1e-12
 

@@ -94,7 +94,7 @@ def _require(ok: bool, key: str, expected: str) -> None:
         raise ConfigError(key=key, expected=expected)
 
 
-def _read_fields(cls: type[Any], table: Table) -> dict[str, Any]:
+def _read_fields(cls: type[_LinkSection], table: Table) -> dict[str, Any]:
     """Each field of ``cls`` read from ``table`` by its type and default; unknown keys refused."""
     values: dict[str, Any] = {}
     for f in fields(cls):
@@ -320,9 +320,12 @@ def _check_serial(v: Mapping[str, Any], key: Key) -> None:
 
 
 LinkConfig = SimulatedLinkConfig | SerialLinkConfig
+# the dataclasses of the [link] section, read and checked by the helpers above
+_LinkSection = SimulatedLinkConfig | EveConfig | SerialLinkConfig
 
 
-def _values(config: Any) -> dict[str, Any]:
+def _values(config: _LinkSection) -> dict[str, Any]:
+    """The fields of a config built in code, to check them as if read from a table."""
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 

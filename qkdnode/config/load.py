@@ -8,11 +8,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from qkdnode.config.auth import AuthSection, read_auth
 from qkdnode.config.delivery import DeliveryConfig, read_delivery
-from qkdnode.config.link import EveConfig, LinkBackend, read_link
+from qkdnode.config.link import EveConfig, LinkBackend, LinkConfig, read_link
 from qkdnode.config.node import NodeSection, PeerSection, read_node, read_peer
 from qkdnode.config.ops import LoggingSection, read_logging, read_metrics_listen
 from qkdnode.config.postprocess import PostprocessSection, read_postprocess
@@ -33,8 +32,7 @@ class NodeConfig:
     node: NodeSection
     peer: PeerSection
     link_backend: LinkBackend
-    # Any: callers narrow by link_backend, which a type checker cannot follow through a field.
-    link: Any
+    link: LinkConfig
     eve: EveConfig
     postprocess: PostprocessSection
     auth: AuthSection

@@ -8,6 +8,8 @@ from typing import Literal
 from qkdnode.config.table import Table, address
 from qkdnode.errors import ConfigError
 
+# a node's role as configured, logged and passed to a link; the channel's ``Role`` enum
+# (``qkdnode.channel.auth``) has the same two values
 Role = Literal["alice", "bob"]
 
 

@@ -26,7 +26,7 @@ from typing import Final
 
 from qkdnode.channel.messages import Control, Data, FieldSpec, KindRegistry
 from qkdnode.errors import ProtocolError
-from qkdnode.postprocess.pipeline import MESSAGE_TYPES, BlockMessage
+from qkdnode.postprocess.block_messages import MESSAGE_TYPES, BlockMessage
 from qkdnode.postprocess.wire import decode_block_message, encode_block_message
 
 MAX_BLOB_BYTES: Final = 64 << 20

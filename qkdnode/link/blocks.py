@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 import trio
 
+from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.errors import LinkError
 from qkdnode.link.interface import QuantumLink
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
@@ -146,14 +147,15 @@ async def open_block_source(config: NodeConfig) -> AsyncIterator[BlockSource]:
     source: SimulatedBlocks | SerialBlocks | None = None
     try:
         async with trio.open_nursery() as nursery:
-            if config.link_backend == "serial":
+            if isinstance(config.link, SimulatedLinkConfig):
+                link = _simulated_link(config, config.link, rng, nursery)
+                source = SimulatedBlocks(link, pulses)
+            else:
                 from qkdnode.link.serial import SerialLink
 
                 serial = SerialBlocks(SerialLink(config.link, role=config.node.role), pulses)
                 source = serial
                 await nursery.start(serial.run)
-            else:
-                source = SimulatedBlocks(_simulated_link(config, rng, nursery), pulses)
             try:
                 yield source
             finally:
@@ -166,15 +168,15 @@ async def open_block_source(config: NodeConfig) -> AsyncIterator[BlockSource]:
 
 
 def _simulated_link(
-    config: NodeConfig, rng: np.random.Generator, nursery: trio.Nursery
+    config: NodeConfig, link: SimulatedLinkConfig, rng: np.random.Generator, nursery: trio.Nursery
 ) -> QuantumLink:
     """The simulated end; with ``[link.eve]`` active, Bob's fibre runs through Eve."""
     from qkdnode.link.simulated import SimulatedBobLink, simulated_link_from_config
 
     eve = config.eve
     if config.node.role == "bob" and eve is not None and _eve_active(eve):
-        return SimulatedBobLink(config.link, fibre=_eve_opener(config, rng, nursery), rng=rng)
-    return simulated_link_from_config(config.node.role, config.link, rng)
+        return SimulatedBobLink(link, fibre=_eve_opener(config, link, rng, nursery), rng=rng)
+    return simulated_link_from_config(config.node.role, link, rng)
 
 
 def _eve_active(eve: EveConfig) -> bool:
@@ -182,20 +184,20 @@ def _eve_active(eve: EveConfig) -> bool:
 
 
 def _eve_opener(
-    config: NodeConfig, rng: np.random.Generator, nursery: trio.Nursery
+    config: NodeConfig, link: SimulatedLinkConfig, rng: np.random.Generator, nursery: trio.Nursery
 ) -> Callable[[], Awaitable[trio.abc.ReceiveStream]]:
     """Bob's fibre opener with Eve in between: TCP from Alice -> Eve's attack -> Bob."""
     from qkdnode.link.eve import EveAttack, run_eve_proxy
     from qkdnode.link.simulated import memory_fibre, tcp_fibre_connector
 
-    connect = tcp_fibre_connector(config.link.fibre_host, config.link.fibre_port)
+    connect = tcp_fibre_connector(link.fibre_host, link.fibre_port)
     eve = config.eve
     assert eve is not None
 
     async def open_through_eve() -> trio.abc.ReceiveStream:
         upstream = await connect()
         send, receive = memory_fibre()
-        attack = EveAttack(eve, config.link.nominal_parameters(), rng)
+        attack = EveAttack(eve, link.nominal_parameters(), rng)
         nursery.start_soon(run_eve_proxy, attack, upstream, send)
         log.warning(
             "link.eve_inserted",

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from qkdnode.config.link import LinkParameters
+from qkdnode.config.node import Role
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
-
-Role = Literal["alice", "bob"]
 
 __all__ = ["LinkParameters", "LinkState", "LinkStatus", "QuantumLink", "Role"]
 

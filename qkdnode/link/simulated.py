@@ -21,7 +21,7 @@ from typing import Literal, TypeVar
 import numpy as np
 import trio
 
-from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.config.link import LinkConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link.fibre import (
     BlockStart,
@@ -421,9 +421,14 @@ class SimulatedBobLink(_SimulatedEnd):
 
 
 def simulated_link_from_config(
-    role: Role, config: SimulatedLinkConfig, rng: np.random.Generator
+    role: Role, config: LinkConfig, rng: np.random.Generator
 ) -> SimulatedAliceLink | SimulatedBobLink:
-    """A TCP-joined end: Alice listens on ``fibre_host:fibre_port``, Bob connects to it."""
+    """A TCP-joined end: Alice listens on ``fibre_host:fibre_port``, Bob connects to it.
+
+    Takes a node's ``link`` config as it is; a serial device's config raises ``TypeError``.
+    """
+    if not isinstance(config, SimulatedLinkConfig):
+        raise TypeError(f"not a simulated link's config: {type(config).__name__}")
     if role == "alice":
         listener = TcpFibreListener(config.fibre_host, config.fibre_port)
         return SimulatedAliceLink(config, fibre=listener.accept, rng=rng)

@@ -337,7 +337,6 @@ async def dial(
     config: SessionConfig,
     *,
     uniform: Callable[[], float] = random.random,
-    attempts: int | None = None,
 ) -> trio.SocketStream:
     """Alice: connect, retrying with capped exponential backoff and jitter."""
     delays = backoff_delays(
@@ -352,8 +351,6 @@ async def dial(
             stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
             return stream
         except (OSError, trio.TooSlowError) as exc:
-            if attempts is not None and attempt >= attempts:
-                raise
             delay_s = next(delays)
             log.info(
                 "channel.dial_retry", attempt=attempt, delay_s=round(delay_s, 3), error=str(exc)

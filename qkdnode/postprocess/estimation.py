@@ -41,7 +41,7 @@ from qkdnode.postprocess.bitpack import (
     unpack_bits,
 )
 from qkdnode.postprocess.events import AbortReason, BlockAborted
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 from qkdnode.postprocess.records import INTENSITY_CLASSES
 from qkdnode.postprocess.sifting import SiftedBlock
 

@@ -21,10 +21,13 @@ never raises out of :meth:`receive` and never yields a key.
 Everything the transcript discloses about the key is recorded in the role's
 :class:`LeakageLedger`; privacy amplification is sized from it (lambda_EC = Alice's parity bits
 + verification tag bits; Bob's queries and ``errors_corrected`` disclose the error positions,
-which the decoy bound accounts for on the entropy side, see ``ledger``).
+which the decoy bound accounts for on the entropy side, see ``leakage``).
 
 Randomness (sample positions, Cascade seed, verification hash key, Toeplitz seed) is Alice's and
 comes from the injected generator, which the caller must seed from OS entropy for every block.
+
+The messages the pipeline defines are in ``block_messages``; the parameters, the early abort and
+the key length both sides compute in ``block_parameters``; this module holds the two roles.
 """
 
 from __future__ import annotations
@@ -32,16 +35,30 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
+from qkdnode.config.node import Role
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.amplification import ToeplitzSeed, draw_toeplitz_seed, toeplitz_hash
+from qkdnode.postprocess.block_messages import (
+    MESSAGE_TYPES,
+    RECONCILIATION_SEED_BYTES,
+    BlockAbort,
+    BlockMessage,
+    KeyLength,
+    ReconciliationDone,
+    ReconciliationSeed,
+    VerificationResult,
+)
+from qkdnode.postprocess.block_parameters import (
+    PipelineParameters,
+    estimation_decision,
+    final_key_length,
+)
 from qkdnode.postprocess.cascade import (
     CascadeReconciler,
     CascadeResponder,
-    CascadeVariant,
     ParityAnswer,
     ParityQuery,
 )
@@ -50,8 +67,6 @@ from qkdnode.postprocess.estimation import (
     SampleOutcome,
     TestBasisDisclosure,
     TestBasisStatistics,
-    check_block_not_empty,
-    check_qber,
     compare_key_sample,
     confirm_sample_outcome,
     confirm_test_basis_statistics,
@@ -63,16 +78,9 @@ from qkdnode.postprocess.estimation import (
 )
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
-    DEFAULT_FINITE_KEY_ANALYSIS,
-    DecoyObservation,
-    DecoySettings,
-    FiniteKeyAnalysis,
-    SecurityParameters,
     binary_entropy,
-    decoy_key_length_for,
-    tomamichel_key_length,
 )
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 from qkdnode.postprocess.records import Bits, DetectionRecords, EmissionRecords
 from qkdnode.postprocess.sifting import (
     SiftAnnouncement,
@@ -89,141 +97,30 @@ from qkdnode.postprocess.verification import (
     verify_tag,
 )
 
-RECONCILIATION_SEED_BYTES = 32
+# the pipeline's public surface, importable from here as from the modules that define it
+__all__ = [
+    "MESSAGE_TYPES",
+    "AliceBlock",
+    "BlockAbort",
+    "BlockKey",
+    "BlockMessage",
+    "BlockOutcome",
+    "BlockStatistics",
+    "BobBlock",
+    "KeyLength",
+    "PipelineParameters",
+    "ReconciliationDone",
+    "ReconciliationSeed",
+    "Transcript",
+    "VerificationResult",
+    "final_key_length",
+    "run_block",
+]
+
 RANGE_TRIPLE_BYTES = 12
 
 
-# ---- messages specific to the pipeline (the stages define the others) ------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReconciliationSeed:
-    """Alice's fresh seed for the Cascade permutations of this block (public, not a secret)."""
-
-    seed: bytes
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.seed, bytes) or len(self.seed) != RECONCILIATION_SEED_BYTES:
-            raise ProtocolError(f"must be {RECONCILIATION_SEED_BYTES} bytes", field="seed")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ReconciliationDone:
-    """Bob has no more parity questions; ``errors_corrected`` is the number of bits he flipped."""
-
-    errors_corrected: int
-    parity_bits: int
-
-    def __post_init__(self) -> None:
-        for name in ("errors_corrected", "parity_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ProtocolError("must be an integer >= 0", field=name)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class KeyLength:
-    """Alice's final key length; Bob recomputes it from the same public data and must agree."""
-
-    final_key_bits: int
-
-    def __post_init__(self) -> None:
-        value = self.final_key_bits
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ProtocolError("must be an integer >= 1", field="final_key_bits")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VerificationResult:
-    """Bob's verdict on Alice's verification tag."""
-
-    ok: bool
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.ok, bool):
-            raise ProtocolError("must be a bool", field="ok")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BlockAbort:
-    """Either side gives up on the block; ``reason`` is an :class:`AbortReason` value."""
-
-    reason: str
-    detail: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.reason, str) or self.reason not in _ABORT_REASONS:
-            raise ProtocolError("unknown abort reason", field="reason")
-        if not isinstance(self.detail, str) or len(self.detail) > 500:
-            raise ProtocolError("must be a string of at most 500 characters", field="detail")
-
-
-_ABORT_REASONS = frozenset(reason.value for reason in AbortReason)
-
-BlockMessage = (
-    SiftAnnouncement
-    | SiftReply
-    | SampleDisclosure
-    | ReconciliationSeed
-    | SampleOutcome
-    | TestBasisDisclosure
-    | TestBasisStatistics
-    | ParityQuery
-    | ParityAnswer
-    | ReconciliationDone
-    | VerificationTag
-    | ToeplitzSeed
-    | KeyLength
-    | VerificationResult
-    | BlockAbort
-)
-
-#: Every message type of the block protocol, by a stable wire name.
-MESSAGE_TYPES: dict[str, type[BlockMessage]] = {
-    "sift_announcement": SiftAnnouncement,
-    "sift_reply": SiftReply,
-    "sample_disclosure": SampleDisclosure,
-    "reconciliation_seed": ReconciliationSeed,
-    "sample_outcome": SampleOutcome,
-    "test_basis_disclosure": TestBasisDisclosure,
-    "test_basis_statistics": TestBasisStatistics,
-    "parity_query": ParityQuery,
-    "parity_answer": ParityAnswer,
-    "reconciliation_done": ReconciliationDone,
-    "verification_tag": VerificationTag,
-    "toeplitz_seed": ToeplitzSeed,
-    "key_length": KeyLength,
-    "verification_result": VerificationResult,
-    "block_abort": BlockAbort,
-}
-
-
-# ---- parameters and results -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PipelineParameters:
-    """What both sides must agree on before a block starts (from config and the link).
-
-    ``decoy`` selects a decoy-state bound, the one ``finite_key`` names; ``None`` selects the
-    single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
-    tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
-    bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
-    """
-
-    cascade_variant: CascadeVariant
-    security: SecurityParameters
-    qber_threshold: float = 0.11
-    sample_bits: int = 1024
-    decoy: DecoySettings | None = None
-    finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "finite_key", FiniteKeyAnalysis(self.finite_key))
-        if not 0.0 < self.qber_threshold < 0.5:
-            raise ValueError("qber_threshold must be in (0, 0.5)")
-        if self.sample_bits < 0:
-            raise ValueError("sample_bits must be >= 0")
+# ---- results ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,92 +177,6 @@ class BlockKey:
 BlockOutcome = BlockKey | BlockAborted
 
 
-# ---- key length: one function for both sides -------------------------------------------------
-
-
-def final_key_length(
-    params: PipelineParameters,
-    *,
-    key_bits: int,
-    key_counts_per_intensity: tuple[int, int, int],
-    statistics: TestBasisStatistics,
-    leak_ec_bits: int,
-    error_positions_disclosed: bool = True,
-) -> int:
-    """The secret key length the finite-key bound allows (0 = none), from public data only.
-
-    ``error_positions_disclosed``: the reconciliation transcript reveals W (Cascade does).
-    """
-    if params.decoy is None:
-        # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
-        # sample the phase-error rate is estimated from (not the key-basis QBER sample).
-        return tomamichel_key_length(
-            key_bits=key_bits,
-            sample_bits=sum(statistics.counts),
-            qber_tolerance=params.qber_threshold,
-            leak_ec_bits=leak_ec_bits,
-            security=params.security,
-        )
-    observation = DecoyObservation(
-        key_basis_counts=key_counts_per_intensity,
-        test_basis_counts=statistics.counts,
-        test_basis_errors=statistics.errors,
-    )
-    bound = decoy_key_length_for(
-        params.finite_key,
-        observation,
-        params.decoy,
-        leak_ec_bits=leak_ec_bits,
-        security=params.security,
-        error_positions_disclosed=error_positions_disclosed,
-    )
-    return min(bound.length_bits, key_bits)
-
-
-def _estimation_decision(
-    params: PipelineParameters,
-    *,
-    key_bits: int,
-    key_counts: tuple[int, int, int],
-    outcome: SampleOutcome,
-    statistics: TestBasisStatistics,
-) -> BlockAborted | None:
-    """Abort before reconciliation when the QBER is too high or no key can come out of it.
-
-    The positive-key check is optimistic (leak at the Shannon limit, f = 1), so a block is only
-    dropped early when even perfect reconciliation could not give a key.
-    """
-    if (empty := check_block_not_empty(key_bits)) is not None:
-        return empty
-    if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
-        return high
-    test_bits = sum(statistics.counts)
-    if params.decoy is None and test_bits == 0:
-        return BlockAborted(
-            reason=AbortReason.NO_POSITIVE_KEY,
-            detail="no test-basis bit was compared: the phase-error rate is not estimated",
-        )
-    if test_bits and (
-        high := check_qber(sum(statistics.errors) / test_bits, params.qber_threshold)
-    ):
-        return high
-    qber = outcome.qber if outcome.sample_bits else sum(statistics.errors) / max(test_bits, 1)
-    shannon_leak = math.ceil(key_bits * binary_entropy(min(qber, 0.5)))
-    length = final_key_length(
-        params,
-        key_bits=key_bits,
-        key_counts_per_intensity=key_counts,
-        statistics=statistics,
-        leak_ec_bits=shannon_leak,
-    )
-    if length <= 0:
-        return BlockAborted(
-            reason=AbortReason.NO_POSITIVE_KEY,
-            detail=f"the finite-key bound leaves no key for {key_bits} sifted bits",
-        )
-    return None
-
-
 def _query_ranges(query: ParityQuery) -> int:
     """Bob's binary-search ranges in a query (12 bytes each, see ``cascade.messages``)."""
     return len(query.ranges) // RANGE_TRIPLE_BYTES
@@ -384,10 +195,10 @@ def _remaining_counts(
 # ---- the roles --------------------------------------------------------------------------------
 
 
-class _Role:
+class _BlockRole:
     """What both roles share: state, ledger, outcome, and turning bad input into an abort."""
 
-    role: Literal["alice", "bob"]
+    role: Role
 
     def __init__(self, params: PipelineParameters) -> None:
         self.params = params
@@ -436,7 +247,7 @@ class _Role:
         raise NotImplementedError
 
 
-class AliceBlock(_Role):
+class AliceBlock(_BlockRole):
     """Alice's side of one block: answers Bob, owns the block's public randomness."""
 
     role = "alice"
@@ -488,7 +299,7 @@ class AliceBlock(_Role):
         confirm_sample_outcome(self._disclosure, outcome)
         self._statistics = count_test_basis_errors(self._sifted, test)
         self._sample_errors = outcome.errors
-        decision = _estimation_decision(
+        decision = estimation_decision(
             self.params,
             key_bits=int(self._key.shape[0]),
             key_counts=self._key_counts,
@@ -584,7 +395,7 @@ class AliceBlock(_Role):
         )
 
 
-class BobBlock(_Role):
+class BobBlock(_BlockRole):
     """Bob's side of one block: starts it, asks the Cascade questions, verifies."""
 
     role = "bob"
@@ -634,7 +445,7 @@ class BobBlock(_Role):
         assert isinstance(statistics, TestBasisStatistics)
         confirm_test_basis_statistics(self._sifted, statistics)
         self._statistics = statistics
-        decision = _estimation_decision(
+        decision = estimation_decision(
             self.params,
             key_bits=int(self._key.shape[0]),
             key_counts=self._key_counts,
@@ -741,7 +552,7 @@ class BobBlock(_Role):
 class Transcript:
     """Every message of a block in order, with its sender (for tests and benchmarks)."""
 
-    messages: list[tuple[Literal["alice", "bob"], BlockMessage]] = field(default_factory=list)
+    messages: list[tuple[Role, BlockMessage]] = field(default_factory=list)
 
 
 def run_block(
@@ -760,8 +571,8 @@ def run_block(
     alice = AliceBlock(emissions, params, rng)
     bob = BobBlock(detections, params)
     outgoing: list[BlockMessage] = bob.start()
-    sender: _Role = bob
-    receiver: _Role = alice
+    sender: _BlockRole = bob
+    receiver: _BlockRole = alice
     while outgoing or not (alice.finished and bob.finished):
         if tamper is not None:
             outgoing = [tamper(m) for m in outgoing]

@@ -36,7 +36,7 @@ import numpy as np
 from qkdnode.errors import ProtocolError, QkdError
 from qkdnode.postprocess.bitpack import Bits, check_bits
 from qkdnode.postprocess.events import AbortReason, BlockAborted
-from qkdnode.postprocess.ledger import LeakageLedger
+from qkdnode.postprocess.leakage import LeakageLedger
 
 MERSENNE_EXPONENTS: Final = (61, 89, 107, 127, 521)
 

@@ -13,7 +13,7 @@ import typing
 from collections.abc import Mapping
 
 from qkdnode.errors import ProtocolError
-from qkdnode.postprocess.pipeline import MESSAGE_TYPES, BlockMessage
+from qkdnode.postprocess.block_messages import MESSAGE_TYPES, BlockMessage
 
 _KIND_BY_TYPE = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 _ALLOWED = (int, float, bool, str, bytes)

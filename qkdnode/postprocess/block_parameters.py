@@ -1,0 +1,136 @@
+"""What both sides of a block agree on before it starts, and the two decisions each makes from
+it on public data alone: abort before reconciliation (``estimation_decision``), and the final
+key length (``final_key_length``). Alice announces the length; Bob recomputes it and must agree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qkdnode.postprocess.cascade import CascadeVariant
+from qkdnode.postprocess.estimation import (
+    SampleOutcome,
+    TestBasisStatistics,
+    check_block_not_empty,
+    check_qber,
+)
+from qkdnode.postprocess.events import AbortReason, BlockAborted
+from qkdnode.postprocess.finitekey import (
+    DEFAULT_FINITE_KEY_ANALYSIS,
+    DecoyObservation,
+    DecoySettings,
+    FiniteKeyAnalysis,
+    SecurityParameters,
+    binary_entropy,
+    decoy_key_length_for,
+    tomamichel_key_length,
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineParameters:
+    """What both sides must agree on before a block starts (from config and the link).
+
+    ``decoy`` selects a decoy-state bound, the one ``finite_key`` names; ``None`` selects the
+    single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
+    tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
+    bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
+    """
+
+    cascade_variant: CascadeVariant
+    security: SecurityParameters
+    qber_threshold: float = 0.11
+    sample_bits: int = 1024
+    decoy: DecoySettings | None = None
+    finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "finite_key", FiniteKeyAnalysis(self.finite_key))
+        if not 0.0 < self.qber_threshold < 0.5:
+            raise ValueError("qber_threshold must be in (0, 0.5)")
+        if self.sample_bits < 0:
+            raise ValueError("sample_bits must be >= 0")
+
+
+def final_key_length(
+    params: PipelineParameters,
+    *,
+    key_bits: int,
+    key_counts_per_intensity: tuple[int, int, int],
+    statistics: TestBasisStatistics,
+    leak_ec_bits: int,
+    error_positions_disclosed: bool = True,
+) -> int:
+    """The secret key length the finite-key bound allows (0 = none), from public data only.
+
+    ``error_positions_disclosed``: the reconciliation transcript reveals W (Cascade does).
+    """
+    if params.decoy is None:
+        # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
+        # sample the phase-error rate is estimated from (not the key-basis QBER sample).
+        return tomamichel_key_length(
+            key_bits=key_bits,
+            sample_bits=sum(statistics.counts),
+            qber_tolerance=params.qber_threshold,
+            leak_ec_bits=leak_ec_bits,
+            security=params.security,
+        )
+    observation = DecoyObservation(
+        key_basis_counts=key_counts_per_intensity,
+        test_basis_counts=statistics.counts,
+        test_basis_errors=statistics.errors,
+    )
+    bound = decoy_key_length_for(
+        params.finite_key,
+        observation,
+        params.decoy,
+        leak_ec_bits=leak_ec_bits,
+        security=params.security,
+        error_positions_disclosed=error_positions_disclosed,
+    )
+    return min(bound.length_bits, key_bits)
+
+
+def estimation_decision(
+    params: PipelineParameters,
+    *,
+    key_bits: int,
+    key_counts: tuple[int, int, int],
+    outcome: SampleOutcome,
+    statistics: TestBasisStatistics,
+) -> BlockAborted | None:
+    """Abort before reconciliation when the QBER is too high or no key can come out of it.
+
+    The positive-key check is optimistic (leak at the Shannon limit, f = 1), so a block is only
+    dropped early when even perfect reconciliation could not give a key.
+    """
+    if (empty := check_block_not_empty(key_bits)) is not None:
+        return empty
+    if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
+        return high
+    test_bits = sum(statistics.counts)
+    if params.decoy is None and test_bits == 0:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail="no test-basis bit was compared: the phase-error rate is not estimated",
+        )
+    if test_bits and (
+        high := check_qber(sum(statistics.errors) / test_bits, params.qber_threshold)
+    ):
+        return high
+    qber = outcome.qber if outcome.sample_bits else sum(statistics.errors) / max(test_bits, 1)
+    shannon_leak = math.ceil(key_bits * binary_entropy(min(qber, 0.5)))
+    length = final_key_length(
+        params,
+        key_bits=key_bits,
+        key_counts_per_intensity=key_counts,
+        statistics=statistics,
+        leak_ec_bits=shannon_leak,
+    )
+    if length <= 0:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail=f"the finite-key bound leaves no key for {key_bits} sifted bits",
+        )
+    return None
