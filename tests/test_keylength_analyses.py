@@ -2,17 +2,23 @@
 no key at a phase-error bound of 1/2, and the Tupkary-Lutkenhaus vacuum term.
 
 Paper reproductions live in test_finitekey.py (Tomamichel et al. 2012 Fig. 2; Lim et al. 2014
-Fig. 1).
+Fig. 1). No figure of Zhang et al. 2017 is reproduced (``keylength.zhang2017`` says why); the
+deviations of ``zhang2017`` and ``lim2014-kl`` are checked here against exact Poisson and
+binomial tails.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.ops.keyrate import simulate_keyrate_versus_distance
+from qkdnode.ops.report import plot_keyrate_versus_distance
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     DecoySettings,
@@ -345,3 +351,38 @@ def test_relative_entropy_bounds_hold_for_the_binomial(
     assert high <= chernoff_mean_upper(observed, log_inverse)
     hoeffding = math.sqrt(trials / 2 * log_inverse)
     assert low >= observed - hoeffding and high <= observed + hoeffding
+
+
+# ---- the key-rate picture: the selected analysis, Lim 2014 beside it --------------------------
+
+
+def test_keyrate_picture_uses_the_selected_analysis_and_draws_lim_beside_it(
+    tmp_path: Path,
+) -> None:
+    # `qkdnode report` and scripts/plot_keyrate.py both draw from these two functions.
+    pytest.importorskip("matplotlib")
+    pulses = 1 << 22
+    analysis = FiniteKeyAnalysis.ZHANG2017  # not the default, to see the selection go through
+    points, curve = simulate_keyrate_versus_distance(
+        SimulatedLinkConfig(),
+        distances_km=[0.0],
+        curve_km=[0.0, 10.0],
+        pulses=pulses,
+        analysis=analysis,
+    )
+    (point,) = points
+    line = curve[0]
+    assert point["analysis"] == analysis.value
+    assert point["key_bits"] > 0
+    # the point's theory and the curve's come from the same analysis and settings
+    assert point["theory_bits_per_pulse"] == pytest.approx(line["theory"], rel=1e-12)
+    # Lim 2014 with its own optimised settings, beside it and below it
+    for c in curve:
+        assert 0 < c["theory_lim2014"] < c["theory"]
+    labels = plot_keyrate_versus_distance(points, curve, pulses, tmp_path / "a.png", analysis)
+    assert f"{analysis.value} theory, N = {pulses:.2e}" in labels
+    assert "lim2014 theory, same N" in labels
+    lim_only = plot_keyrate_versus_distance(
+        points, curve, pulses, tmp_path / "b.png", FiniteKeyAnalysis.LIM2014
+    )
+    assert "lim2014 theory, same N" not in lim_only

@@ -13,17 +13,51 @@ relative-entropy bound per class. Every one-sided deviation fails with probabili
 eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it counts 12 one-sided
 deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m- of mu3).
 
-Two-way reconciliation (Cascade) also discloses the error positions W = X xor Y
-(Tupkary & Lutkenhaus, "Using Cascade in Quantum Key Distribution", arXiv:2307.00576,
-PRApplied 20, 064040 (2023)): Bob's queries reveal which half of an odd block held an error and
-``errors_corrected`` the weight of W. Following their treatment, W is counted on the entropy
-side, not in lambda_EC: the key term is a bound on H(X_A | E, W). On vacuum rounds Bob's bit may
-be Eve's (she may have prepared the click), and W then gives her Alice's bit, so the vacuum
-term s_X0 is dropped from Eq. (1) (``count_vacuum=False``); for single-photon rounds the
-error-position observables Z_A Z_B commute with the phase-error observables X_A X_B, so the
-phase-error term s_X1 (1 - h(phi_X)) stands. s_X0 still enters the estimate of s_X1 (Eq. (3)).
-Equation numbers of arXiv:2307.00576 are not cited: only its abstract and introduction were
-available to check this argument against.
+Two-way reconciliation (Cascade): Tupkary & Lutkenhaus, "Using Cascade in Quantum Key
+Distribution", arXiv:2307.00576, PRApplied 20, 064040 (2023). Their statement, in words: the
+Cascade transcript discloses more than Alice's parity bits, because Bob's queries and the
+corrections reveal the error positions W = X xor Y; a sound key length accounts for W by
+treating it as announced and bounding the entropy of Alice's key given E and W, while
+lambda_EC counts only what Alice sends. Equation and section numbers of the paper are not cited:
+its text beyond the abstract and introduction was not available here, and a number we could not
+check would be invented. The argument as implemented (ours, written to be followed line by line):
+
+1. The transcript T is a function of Alice's parities P_A, W and public randomness: Bob's parity
+   of a range is Alice's xor the parity of W on it, so his choice of which half to search next,
+   and hence each query, is a function of (P_A, W); ``errors_corrected`` is the weight of W.
+2. Chain rule for the smooth min-entropy (a classical register C of |C| bits lowers it by at most
+   |C|): H(X_A | E T V) >= H(X_A | E W) - |P_A| - |V|, V the verification tag.
+3. lambda_EC = |P_A| + |V|: every ``ParityAnswer`` bit and the tag bits
+   (``LeakageLedger.leak_ec_bits``), subtracted in Eq. (1) as in [LCWXZ14].
+4. The entropy term bounds H(X_A | E W). Bob's queries and ``errors_corrected`` add no bits to
+   lambda_EC (counting them there as well would count W twice); they change the bound itself:
+   - vacuum rounds: Bob's bit may be Eve's (she may have caused the click), so W gives her
+     Alice's bit; the s_X0 term of Eq. (1) is dropped (``count_vacuum=False``);
+   - single-photon rounds: the error-position observables Z_A Z_B commute with the phase-error
+     observables X_A X_B whose rate phi_X bounds the entropy, so s_X1 (1 - h(phi_X)) stands;
+   - s_X0 still enters the estimate of s_X1 (Eq. (3)): that is counting, not secrecy.
+   ``LeakageLedger.error_positions_disclosed`` switches this on for every two-way block.
+
+Fixed length, variable length and the acceptance test (Wiesemann et al., arXiv:2405.16578
+(2024), a consolidated composable proof of 1- and 2-decoy BB84). Their points as we know them
+(the paper's text was not available here to check which correction terms it derives): earlier
+proofs, [LCWXZ14] among them, state a fixed-length security claim while taking the key length
+from the observed counts, and leave the acceptance test implicit. How this implementation
+stands:
+
+- variable length: ``pipeline.final_key_length`` computes l per block from that block's observed
+  counts and its actual lambda_EC, so the protocol is variable-length. We apply the
+  fixed-length formula per block and have not derived the variable-length security statement
+  (nor any cost it may add to the eps terms); this gap is open for every analysis here;
+- acceptance test: a block is accepted only if its key-basis QBER sample and its test-basis
+  error rate are at most ``qber_threshold``, verification passes, and l > 0; otherwise it
+  aborts and yields no key. The tests are fixed before the block, but the accepted length is
+  not;
+- every one-sided deviation is a statement about sums of independent trials (the class labels
+  given the photon numbers) and fails with probability at most eps_sec/21, whatever the counts,
+  so it holds conditioned on the photon numbers and detection pattern that fix n_X;
+- not applied: any change Wiesemann et al. make to the key-length formula or the eps split; the
+  difference has not been quantified.
 """
 
 from __future__ import annotations
