@@ -145,9 +145,9 @@ def main() -> int:
             print(f"reach {analysis.value} N=1e{exponent}: {km:.2f} km")
 
     cost = []
-    for analysis in analyses:
+    for analysis, exponent in [(a, e) for e in (8, 10) for a in analyses]:
         for distance in [0.0, 25.0, 50.0, 75.0, 100.0]:
-            pulses = 10**10
+            pulses = 10**exponent
             one_way = finite_rate(analysis, distance, pulses, two_way=False)
             two_way = finite_rate(analysis, distance, pulses, two_way=True)
             fraction = 1.0 - two_way / one_way if one_way > 0 else 0.0
@@ -162,7 +162,7 @@ def main() -> int:
                 }
             )
             print(
-                f"two-way cost {analysis.value} {distance:g} km N=1e10: "
+                f"two-way cost {analysis.value} {distance:g} km N=1e{exponent}: "
                 f"{one_way:.4e} -> {two_way:.4e} ({100 * fraction:.3f} %)"
             )
     for distance in [0.0, 25.0, 50.0, 75.0, 100.0]:
