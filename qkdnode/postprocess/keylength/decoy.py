@@ -93,13 +93,14 @@ class DecoyBound(NamedTuple):
     v_z1: float
 
 
-def lim_gamma(a: float, b: float, c: float, d: float) -> float:
+def lim_gamma(a: float, b: float, c: float, d: float, *, split: float = EPS_SPLIT) -> float:
     """[LCWXZ14] Eq. (5): gamma(a, b, c, d) =
     sqrt( (c+d)(1-b) b / (c d ln 2) * log2( (c+d) / (c d (1-b) b) * 21^2 / a^2 ) ).
+    ``split`` replaces the 21 for an eps split with another number of terms (``one_decoy``).
     NaN when the logarithm is negative (the caller treats NaN as "no bound")."""
     spread = (1.0 - b) * b
     # log2 of the product as a sum: a^2 underflows for tiny eps_sec.
-    log_inner = math.log2((c + d) / (c * d * spread)) + 2.0 * math.log2(EPS_SPLIT / a)
+    log_inner = math.log2((c + d) / (c * d * spread)) + 2.0 * math.log2(split / a)
     radicand = (c + d) * spread / (c * d * math.log(2.0)) * log_inner
     return math.sqrt(radicand) if radicand >= 0.0 else math.nan
 
