@@ -80,7 +80,7 @@ from qkdnode.postprocess.keylength.common import (
     entropy_capped,
 )
 from qkdnode.postprocess.keylength.decoy import DecoyBound, Deviation, lim_gamma, no_deviation
-from qkdnode.postprocess.keylength.optimiser import _nelder_mead_max
+from qkdnode.postprocess.keylength.optimiser import nelder_mead_max
 from qkdnode.postprocess.keylength.selection import deviation_for
 
 ONE_DECOY_EPS_SPLIT: Final = 19.0
@@ -457,8 +457,8 @@ def optimise_one_decoy_settings(
     x = starts[best_index]
     if math.isfinite(best_value):
         per_run = max(50, (max_evaluations - len(starts)) // 2)
-        x, _ = _nelder_mead_max(objective, x, 0.3, per_run)
-        x, _ = _nelder_mead_max(objective, x, 0.1, per_run)
+        x, _ = nelder_mead_max(objective, x, 0.3, per_run)
+        x, _ = nelder_mead_max(objective, x, 0.1, per_run)
     best = _settings_from_vector(x)
     assert best is not None
     length_real = real_length(best)
