@@ -3,9 +3,10 @@ no key at a phase-error bound of 1/2, the Tupkary-Lutkenhaus vacuum term, the de
 against realised counts of a simulated photon-number model, and the key-rate picture.
 
 Paper reproductions live in test_finitekey.py (Tomamichel et al. 2012 Fig. 2; Lim et al. 2014
-Fig. 1). No figure of Zhang et al. 2017 is reproduced (``keylength.zhang2017`` says why); the
-deviations of ``zhang2017`` and ``lim2014-kl`` are checked here against exact Poisson and
-binomial tails.
+Fig. 1) and at the end of this file (Rusca et al. 2018: its stated 1- vs 2-decoy result and the
+reach of its Fig. 1 at n_Z = 10^7, with the paper's parameters). No figure of Zhang et al. 2017
+is reproduced (``keylength.zhang2017`` says why); the deviations of ``zhang2017`` and
+``lim2014-kl`` are checked here against exact Poisson and binomial tails.
 """
 
 from __future__ import annotations
@@ -526,6 +527,7 @@ def _one_decoy_failures(
             asymptotic=statistics is None,
         )
         s0_upper = vacuum_upper_bound(
+            key.sum(axis=1).tolist(),
             key_errors.sum(axis=1).tolist(),
             _ONE_DECOY,
             eps_sec,
@@ -668,12 +670,79 @@ def _best_rates(pulses: int) -> tuple[float, float]:
     return one.bits_per_pulse, two.bits_per_pulse
 
 
-def test_one_decoy_wins_at_small_blocks_and_loses_at_large_ones() -> None:
-    # Computed here, not a published point: Rusca et al. 2018 state in words that one decoy
-    # gives more key for practical blocks (up to about 10^8 bits, as we recall their abstract).
-    # Same statistics (lim2014-kl), 25 km, settings optimised for each protocol; measured
-    # 4.15e-3 vs 3.54e-3 bits/pulse at N = 10^8 and 8.60e-3 vs 8.84e-3 at N = 10^14.
+def test_one_decoy_does_not_pay_on_the_node_channel() -> None:
+    # Computed here, not a published point. On the node's model channel (10 % detector,
+    # 6e-7 dark counts, 25 km) with lim2014-kl statistics, the paper's vacuum bound (A16) adds
+    # 2 delta(n_X, eps) to s_0^U (thousands of events against tens of dark-count vacuum
+    # detections), so one decoy gives less key than two: measured 3.32e-3 vs 3.54e-3 bits/pulse
+    # at N = 10^8 (ratio 0.939) and 8.51e-3 vs 8.84e-3 at N = 10^14 (0.963); at 10^9-10^10 the
+    # two are equal within 0.1 %. (Before following (A16), a binomial bound on s_0 itself gave
+    # one decoy x1.17 at 10^8.) Tolerance: strict inequality.
     one, two = _best_rates(10**8)
-    assert one > 1.1 * two
+    assert 0.0 < one < two
     one, two = _best_rates(10**14)
-    assert one < two
+    assert 0.0 < one < two
+
+
+# ---- Rusca et al. 2018: the stated result, with the paper's simulation parameters ----------
+#
+# [RBGMZ18] D. Rusca et al., APL 112, 171104 (2018), arXiv:1801.03443. Simulation parameters of
+# its Figs. 1-2 (read from two independent public re-implementations of the paper, which agree;
+# the stored copy of the paper gave its abstract only): detector efficiency 50 %, dark-count
+# probability P_DC = 1e-8 per gate for the detection pair (5e-9 per detector here, errors
+# P_DC / 2 as in its (B4)), misalignment 1 %, f_EC = 1.16, eps_sec = 1e-9, eps_cor = 1e-15;
+# block size n_Z = key-basis detections; settings {p_Z, p_mu1, mu1, mu2} optimised per point,
+# as in the paper. Both protocols use the paper's statistics (Hoeffding with the basis total,
+# (A2)/(A4) = ``lim2014``); the 2-decoy protocol is [LCWXZ14] (vacuum intensity 2e-4). The
+# 1 GHz clock and 100 ns dead time only rescale rates per second (the dead time saturates the
+# detector at low loss); they do not enter key per pulse or reach and are omitted here.
+
+_RUSCA_SECURITY = SecurityParameters(eps_sec=1e-9, eps_cor=1e-15)
+
+
+def _rusca_rates(key_block_bits: int, attenuation_db: float) -> tuple[float, float]:
+    channel = {
+        "transmittance": 0.5 * 10.0 ** (-attenuation_db / 10.0),
+        "dark_count_probability": 5e-9,
+        "misalignment_error": 0.01,
+        "reconciliation_efficiency": 1.16,
+        "security": _RUSCA_SECURITY,
+        "key_block_bits": key_block_bits,
+    }
+    one = optimise_one_decoy_settings(statistics=FiniteKeyAnalysis.LIM2014, **channel)
+    two = optimise_decoy_settings(analysis=FiniteKeyAnalysis.LIM2014, **channel)
+    return one.bits_per_pulse, two.bits_per_pulse
+
+
+@pytest.mark.parametrize("key_block_bits", [10**6, 10**8])
+@pytest.mark.parametrize("attenuation_db", [10.0, 30.0])
+def test_rusca_one_decoy_beats_two_decoys_up_to_1e8_bits(
+    key_block_bits: int, attenuation_db: float
+) -> None:
+    # Stated result, not a figure point (a qualitative fallback: the figure values could not
+    # be read here). [RBGMZ18] abstract: "for practical block sizes of up to 10^8 bits, the
+    # 1-decoy protocol achieves for almost all experimental settings higher secret key rates
+    # than the 2-decoy protocol" (its Fig. 2 plots that ratio against attenuation).
+    # Tolerance: ratio > 1. Measured 1.174 / 1.176 (n_Z = 10^6, 10 / 30 dB) and 1.116 / 1.118
+    # (n_Z = 10^8).
+    one, two = _rusca_rates(key_block_bits, attenuation_db)
+    assert one > two > 0.0
+
+
+def test_rusca_two_decoys_win_for_large_blocks() -> None:
+    # [RBGMZ18] abstract: "in the asymptotic case of infinite-key length, the 2-decoy state QKD
+    # protocol outperforms the 1-decoy state protocol". At n_Z = 10^12, 20 dB: measured
+    # 9.86e-4 vs 9.95e-4 bits/pulse (ratio 0.991); the crossing lies between 10^10 (1.05) and
+    # 10^12 here, above the paper's "up to 10^8", which the statement above leaves open.
+    one, two = _rusca_rates(10**12, 20.0)
+    assert 0.0 < one < two
+
+
+def test_rusca_reach_at_1e7_bits() -> None:
+    # [RBGMZ18] Fig. 1, curve n_Z = 10^7: reach (largest attenuation with key) read as "about
+    # 60-64 dB" by a public re-implementation of the figure (third-party reading of the plot,
+    # not a number printed in the paper). Tolerance: that range. Measured: key up to 63.1 dB.
+    one_at_60, _ = _rusca_rates(10**7, 60.0)
+    one_at_64, _ = _rusca_rates(10**7, 64.0)
+    assert one_at_60 > 0.0
+    assert one_at_64 == 0.0

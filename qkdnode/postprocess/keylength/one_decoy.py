@@ -1,64 +1,65 @@
 """One-decoy BB84 (a signal and one decoy intensity, no vacuum): key length, theory, optimiser.
 
 [RBGMZ18] D. Rusca, A. Boaron, F. Grunenfelder, A. Martin, H. Zbinden, "Finite-key analysis for
-the 1-decoy state QKD protocol", APL 112, 171104 (2018), arXiv:1801.03443.
+the 1-decoy state QKD protocol", APL 112, 171104 (2018), arXiv:1801.03443, Appendix A
+("Calculation of the SKR"), Eqs. (A1)-(A25).
 
-What is taken from [RBGMZ18]: the protocol (two intensities mu1 > mu2 > 0, no vacuum) and the
-shape of its estimate: without a vacuum intensity, the vacuum detections are bounded from above
-through the decoy class's errors (a vacuum detection is an error with probability 1/2), and that
-upper bound enters the single-photon lower bound. What is ours: every inequality below is derived
-here, step by step, in the [LCWXZ14] framework (C. C. W. Lim et al., PRA 89, 022307 (2014); see
-``decoy``), and so is the eps split. The paper's text was not available to check its equations,
-constants and figures against: no figure of [RBGMZ18] is reproduced, and this module is named
-after the protocol, not the paper. It sizes no key in the node (the simulated link and the
-pipeline send three intensities, and the pipeline does not disclose the key-basis errors per
-intensity that step 2 needs); it serves the theory curves and ``scripts/bench_keyrate.py``.
+Provenance of the equations. The stored copy of the paper served here gave its abstract only;
+the Appendix A equations below were read from a public equation-by-equation transcription of
+the appendix (with its two printing notes, see (A16) and (A18) below) and checked against a
+second public implementation of the same appendix and against [LCWXZ14] (C. C. W. Lim et al.,
+PRA 89, 022307 (2014); see ``decoy``), which the appendix follows. Each bound below is the
+paper's equation; the code is ours. Paper notation: Z is the key basis, X the test basis; here
+``key`` / ``test``. mu1 > mu2 > 0, p_k the probability of intensity k, per basis:
 
-Notation as in ``decoy``: conditioned on the photon number of every detection, the intensity
-labels are independent with P(k | n) = p_k e^-k k^n / (n! tau_n), tau_n = sum_k p_k e^-k k^n/n!;
-N_k = (e^k / p_k) n*_k = sum_n k^n / n! * s_n / tau_n, with n*_k the expected count of class k
-given the photon numbers, s_n the detections with n photons; likewise M_k = (e^k / p_k) m*_k for
-the errors, M_k = sum_n k^n / n! * v_n / tau_n, v_n the errors among the s_n. N^-+, M^-+ are the
-deviation bounds of the selected statistics (``lim2014``, ``zhang2017`` or ``lim2014_kl``), each
-side failing with probability <= eps = eps_sec / 19. Per basis:
-
-1. vacuum, lower bound (one-way reconciliation only):
-   mu1 N_mu2 - mu2 N_mu1 = (mu1 - mu2) s_0 / tau_0
-                           + sum_{n>=2} mu1 mu2 (mu2^(n-1) - mu1^(n-1)) s_n / (n! tau_n),
-   and every term of the sum is <= 0, so s_0 >= tau_0 (mu1 N^-_mu2 - mu2 N^+_mu1) / (mu1 - mu2).
-2. vacuum, upper bound: the error flag of a detection depends on its photon number, not on its
-   label (the n-photon state is the same for both intensities), so given the photon numbers and
-   the error flags the labels of the errors are independent with P(k | n) too, and
-   m*_mu2 >= P(mu2 | 0) v_0, i.e. v_0 <= tau_0 M^+_mu2. On a vacuum detection Bob's bit is
-   independent of Alice's, so given s_0, v_0 is Binomial(s_0, 1/2); Hoeffding: with
-   probability >= 1 - eps, v_0 > s_0 / 2 - a sqrt(s_0), a = sqrt(ln(1/eps) / 2). Solving
-   s_0 / 2 - a sqrt(s_0) <= tau_0 M^+_mu2 for sqrt(s_0):
-   s_0 <= s_0^U = (a + sqrt(a^2 + 2 tau_0 M^+_mu2))^2.
-3. single photons, lower bound:
-   N_mu2 - (mu2/mu1)^2 N_mu1 = (1 - mu2^2/mu1^2) s_0 / tau_0 + mu2 (mu1 - mu2) / mu1 * s_1 / tau_1
-                               + sum_{n>=3} mu2^2 (mu2^(n-2) - mu1^(n-2)) s_n / (n! tau_n)
-   (the n = 2 term vanishes, the others are <= 0), so
-   s_1 >= tau_1 mu1 / (mu2 (mu1 - mu2))
-          * [N^-_mu2 - (mu2/mu1)^2 N^+_mu1 - (1 - mu2^2/mu1^2) s_0^U / tau_0].
+(A5)  tau_n = sum_k p_k e^-k k^n / n!, and P(k | n) = p_k e^-k k^n / (n! tau_n).
+(A1)-(A4) n*_k = sum_n P(k | n) s_n, m*_k = sum_n P(k | n) v_n: expected count (errors) of
+      class k given the photon numbers (s_n detections with n photons, v_n errors among them).
+      The paper bounds |n*_k - n_k| <= delta(n_basis, eps), delta(n, eps) = sqrt(n ln(1/eps)/2)
+      (Hoeffding with the basis total, = ``lim2014``); here the deviation is that of the
+      selected statistics (``lim2014``, ``zhang2017`` or ``lim2014_kl``), each side failing with
+      probability <= eps = eps_sec / 19. n^{+-}_k = (e^k / p_k) (bound on n*_k): the weighted
+      form of (A18) (as printed, (A18) lacks the e^k / p_k factor that (A10) and [LCWXZ14]
+      need; we use the weighted form).
+(A19) vacuum, lower bound: s_0 >= tau_0 (mu1 n^-_mu2 - mu2 n^+_mu1) / (mu1 - mu2).
+(A16) vacuum, upper bound (the paper's "second route", from the errors of one intensity class):
+      m*_k >= P(k | 0) v_0 (A15), and errors on vacuum detections occur with probability 1/2
+      (A12), so with Hoeffding on v_0 and s_0 <= n_basis (A13):
+      s_0 <= s_0^U = 2 [ tau_0 (e^k / p_k) m^+_k + delta(n_basis, eps) ].
+      We take k = mu2 (fixed before the data: the class with the smaller weighted error count
+      in any channel where errors grow with intensity), one deviation per basis as the eps
+      count (A24) assumes. (As printed, (A16) writes the error deviation with eps1, (A4) with
+      eps2; the split sets both to eps.)
+(A17) single photons, lower bound:
+      s_1 >= tau_1 mu1 / (mu2 (mu1 - mu2))
+             * [ n^-_mu2 - (mu2/mu1)^2 n^+_mu1 - (mu1^2 - mu2^2) / mu1^2 * s_0^U / tau_0 ].
 
 In the test basis only:
 
-4. single-photon errors, upper bound: M_mu1 - M_mu2 = sum_n (mu1^n - mu2^n) / n! * v_n / tau_n
-   >= (mu1 - mu2) v_1 / tau_1, so v_1 <= tau_1 (M^+_mu1 - M^-_mu2) / (mu1 - mu2).
+(A22) single-photon errors, upper bound: v_1 <= tau_1 (m^+_mu1 - m^-_mu2) / (mu1 - mu2).
+(A20), (A21), (A23) phase error: phi <= v_1 / s_1 + gamma(eps_sec, v_1 / s_1, s_key1, s_test1),
+      gamma as [LCWXZ14] Eq. (5), with the constant 21^2 / a^2 that (A21) keeps from
+      [LCWXZ14] (not 19^2: the larger constant is the conservative one).
+(A25) l = floor( s_key0 + s_key1 (1 - h(phi)) - lambda_EC - 6 log2(19 / eps_sec)
+      - log2(2 / eps_cor) ). Two-way Cascade drops s_key0 as in ``decoy`` (s_0^U still enters
+      (A17)).
+(A24) eps_sec = 2 (a1 + 2 a2 + a3) + nu + 6 eps1 + 4 eps2 = 19 eps: 10 one-sided deviations,
+      per basis n^-_mu2, n^+_mu1 and the vacuum Hoeffding of (A13) (eps1), m^+_mu2 of (A16)
+      (eps2); in the test basis also m^+_mu1 and m^-_mu2 of (A22).
 
-Then, as [LCWXZ14] Eqs. (5) and (1) with 19 in place of 21:
-
-5. phi_X <= v_Z1 / s_Z1 + gamma(eps_sec, v_Z1 / s_Z1, s_Z1, s_X1);
-6. l = floor( [s_X0 if one-way] + s_X1 (1 - h(phi_X)) - lambda_EC - 6 log2(19 / eps_sec)
-   - log2(2 / eps_cor) ). Two-way Cascade drops s_X0 as in ``decoy`` (s_X0^U still enters 3).
-
-eps split: ``decoy.EPS_SPLIT`` reads [LCWXZ14] Eq. (B4) as 9 terms for smoothing, privacy
-amplification and the phase-error sampling plus 12 one-sided deviations. Here there are 10
-one-sided deviations: per basis N^-_mu2, N^+_mu1, M^+_mu2 and the vacuum binomial of step 2
-(step 1 reuses the first two events); in the test basis also M^+_mu1 and M^-_mu2 (step 4).
-Hence eps_sec = 19 eps. Every deviation is a statement about independent trials that holds
-whatever the counts (checked against realised counts of a simulated photon-number model in
+Ours, not the paper's: the two guards shared with ``decoy`` (gamma evaluated at no fewer than
+one single-photon error; no key when the lower bounds exceed the detections), and the choice of
+statistics. Every deviation is a statement about independent trials that holds whatever the
+counts (checked against realised counts of a simulated photon-number model in
 tests/test_keylength_analyses.py).
+
+Wiesemann et al. (arXiv:2405.16578, abstract) single out the 1-decoy protocol as one "where
+statistics are computed after error correction": (A16) uses the key-basis errors per class,
+known only after error correction, to size the key. Their treatment of that step is not applied
+here (see ``decoy``). This module sizes no key in the node (the simulated link and the pipeline
+send three intensities, and the pipeline does not disclose the key-basis errors per intensity
+that (A16) needs); it serves the theory curves, ``scripts/bench_keyrate.py`` and the
+reproduction test of [RBGMZ18]'s stated result (tests/test_keylength_analyses.py).
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ from qkdnode.postprocess.keylength.decoy import DecoyBound, Deviation, lim_gamma
 from qkdnode.postprocess.keylength.optimiser import nelder_mead_max
 from qkdnode.postprocess.keylength.selection import deviation_for
 
+# [RBGMZ18] (A24): eps_sec = 19 eps; the 19 in the deviations and in 6 log2(19 / eps_sec).
 ONE_DECOY_EPS_SPLIT: Final = 19.0
+# [RBGMZ18] (A21): the constant of gamma, 21^2 / a^2, as in [LCWXZ14] Eq. (5).
+GAMMA_CONSTANT: Final = 21.0
 _BACKGROUND_ERROR_RATE: Final = 0.5
 _MAX_MEAN_PHOTON_NUMBER: Final = 50.0
 
@@ -159,7 +163,13 @@ def _taus(settings: OneDecoySettings) -> tuple[float, float]:
     return tau0, tau1
 
 
+def hoeffding_delta(total: float, eps: float) -> float:
+    """delta(n, eps) = sqrt(n ln(1/eps) / 2) of [RBGMZ18] (A2)."""
+    return math.sqrt(max(0.0, total) * math.log(1.0 / eps) / 2.0)
+
+
 def vacuum_upper_bound(
+    counts: Sequence[float],
     errors: Sequence[float],
     settings: OneDecoySettings,
     eps_sec: float,
@@ -167,15 +177,15 @@ def vacuum_upper_bound(
     deviation: Deviation,
     asymptotic: bool = False,
 ) -> float:
-    """Step 2 for one basis, from its errors per class: s_0^U = (a + sqrt(a^2 + 2 tau_0
-    M^+_mu2))^2, a = sqrt(ln(1/eps)/2) (a = 0 when ``asymptotic``: s_0 = 2 v_0 on average)."""
+    """[RBGMZ18] (A16) for one basis with k = mu2: s_0^U = 2 [tau_0 (e^mu2 / p_mu2) m^+_mu2
+    + delta(n_basis, eps)], n_basis = sum(counts) (delta = 0 when ``asymptotic``)."""
     eps = eps_sec / ONE_DECOY_EPS_SPLIT
     tau0, _ = _taus(settings)
     _, upper = deviation(errors, eps)
     weight = math.exp(settings.mu_decoy) / settings.probabilities[1]
-    v0_upper = tau0 * weight * max(0.0, upper[1])
-    a = 0.0 if asymptotic else math.sqrt(math.log(1.0 / eps) / 2.0)
-    return (a + math.sqrt(a * a + 2.0 * v0_upper)) ** 2
+    v0_upper = tau0 * weight * max(0.0, upper[1])  # (A15)
+    delta = 0.0 if asymptotic else hoeffding_delta(sum(counts), eps)  # (A13)
+    return 2.0 * (v0_upper + delta)
 
 
 def one_decoy_bound(
@@ -192,7 +202,7 @@ def one_decoy_bound(
     count_vacuum: bool,
     asymptotic: bool = False,
 ) -> DecoyBound:
-    """Steps 1-6 of the module docstring on real-valued counts; -inf length when no bound.
+    """[RBGMZ18] (A16)-(A25) on real-valued counts; -inf length when no bound.
 
     ``asymptotic`` (with ``no_deviation``) drops every finite-size term: the upper limit of
     every finite analysis on the same counts. s_x0 / s_z0 in the result are the lower bounds.
@@ -213,11 +223,11 @@ def one_decoy_bound(
 
     def vacuum_and_single(counts: Sequence[float], errors: Sequence[float]) -> tuple[float, float]:
         minus, plus = scaled(counts)
-        s0_lower = max(0.0, tau0 * (mu1 * minus[1] - mu2 * plus[0]) / (mu1 - mu2))  # step 1
-        s0_upper = vacuum_upper_bound(  # step 2
-            errors, settings, eps_sec, deviation=deviation, asymptotic=asymptotic
+        s0_lower = max(0.0, tau0 * (mu1 * minus[1] - mu2 * plus[0]) / (mu1 - mu2))  # (A19)
+        s0_upper = vacuum_upper_bound(  # (A16)
+            counts, errors, settings, eps_sec, deviation=deviation, asymptotic=asymptotic
         )
-        s1 = (  # step 3
+        s1 = (  # (A17)
             tau1
             * mu1
             / (mu2 * (mu1 - mu2))
@@ -228,7 +238,7 @@ def one_decoy_bound(
     s_x0, s_x1 = vacuum_and_single(key_counts, key_errors)
     s_z0, s_z1 = vacuum_and_single(test_counts, test_errors)
     err_minus, err_plus = scaled(test_errors)
-    v_z1 = max(0.0, tau1 * (err_plus[0] - err_minus[1]) / (mu1 - mu2))  # step 4
+    v_z1 = max(0.0, tau1 * (err_plus[0] - err_minus[1]) / (mu1 - mu2))  # (A22)
 
     no_key = DecoyBound(-math.inf, s_x0, s_x1, 0.5, s_z0, s_z1, v_z1)
     if not (s_x1 > 0.0 and s_z1 > 0.0 and math.isfinite(s_x1) and math.isfinite(s_z1)):
@@ -242,13 +252,13 @@ def one_decoy_bound(
         gamma_rate = max(error_rate, 1.0 / s_z1)  # as in ``decoy``: never fewer than one error
         if not gamma_rate < 0.5:
             return no_key
-        phi = error_rate + lim_gamma(
-            eps_sec, gamma_rate, s_z1, s_x1, split=ONE_DECOY_EPS_SPLIT
-        )  # step 5
+        # (A23) with gamma of (A21), which keeps [LCWXZ14]'s 21^2 / a^2
+        phi = error_rate + lim_gamma(eps_sec, gamma_rate, s_z1, s_x1, split=GAMMA_CONSTANT)
         security_bits = 6.0 * math.log2(ONE_DECOY_EPS_SPLIT / eps_sec) + math.log2(2.0 / eps_cor)
     if not phi < 0.5:
         return no_key
     vacuum_term = s_x0 if count_vacuum else 0.0
+    # (A25)
     real_length = vacuum_term + s_x1 - s_x1 * binary_entropy(phi) - leak_ec_bits - security_bits
     if not math.isfinite(real_length):
         return no_key
@@ -265,7 +275,7 @@ def one_decoy_key_length(
     error_positions_disclosed: bool = True,
     asymptotic: bool = False,
 ) -> DecoyKeyBound:
-    """Key length of one one-decoy block: step 6 with the deviations of ``statistics``
+    """Key length of one one-decoy block: (A25) with the deviations of ``statistics``
     (``asymptotic``: none, and no eps terms). Bad statistics give length 0, never NaN."""
     leak = check_count("leak_ec_bits", leak_ec_bits)
     bound = one_decoy_bound(
@@ -352,6 +362,7 @@ class OneDecoyOptimum:
     settings: OneDecoySettings
     bits_per_pulse: float  # floor(l) / N, 0.0 when no key
     length_bits: int
+    pulses: float  # N (given, or following from key_block_bits)
 
 
 def one_decoy_real_length(
@@ -362,18 +373,28 @@ def one_decoy_real_length(
     misalignment_error: float,
     reconciliation_efficiency: float,
     security: SecurityParameters,
-    pulses: float,
+    pulses: float | None = None,
+    key_block_bits: float | None = None,
     statistics: FiniteKeyAnalysis,
     error_positions_disclosed: bool = True,
-) -> float:
-    """Expected l (before the floor) for N pulses; lambda_EC = f n_X h(E_X) ([LCWXZ14] Sec. IV)."""
-    counts = expected_one_decoy_counts(
-        settings,
-        transmittance=transmittance,
-        dark_count_probability=dark_count_probability,
-        misalignment_error=misalignment_error,
-        pulses=pulses,
-    )
+) -> tuple[float, float]:
+    """Expected (l before the floor, N): for N = ``pulses``, or for the N whose expected
+    key-basis detections are ``key_block_bits`` ([RBGMZ18]'s block size n_Z); exactly one of
+    the two. lambda_EC = f n_X h(E_X) ([LCWXZ14] Sec. IV)."""
+    if (pulses is None) == (key_block_bits is None):
+        raise ValueError("pulses/key_block_bits: give exactly one of them")
+    channel = {
+        "transmittance": transmittance,
+        "dark_count_probability": dark_count_probability,
+        "misalignment_error": misalignment_error,
+    }
+    if key_block_bits is not None:
+        per_pulse = sum(expected_one_decoy_counts(settings, pulses=1.0, **channel).key_counts)
+        if not per_pulse > 0.0:
+            return -math.inf, math.inf
+        pulses = key_block_bits / per_pulse
+    assert pulses is not None
+    counts = expected_one_decoy_counts(settings, pulses=pulses, **channel)
     n_x = sum(counts.key_counts)
     error_rate = sum(counts.key_errors) / n_x if n_x > 0 else 0.5
     leak = reconciliation_efficiency * n_x * entropy_capped(error_rate)
@@ -388,7 +409,7 @@ def one_decoy_real_length(
         security.eps_cor,
         deviation=deviation_for(statistics),
         count_vacuum=not error_positions_disclosed,
-    ).real_length
+    ).real_length, pulses
 
 
 def _settings_from_vector(x: Sequence[float]) -> OneDecoySettings | None:
@@ -411,18 +432,26 @@ def optimise_one_decoy_settings(
     misalignment_error: float,
     reconciliation_efficiency: float,
     security: SecurityParameters,
-    pulses: int,
+    pulses: int | None = None,
+    key_block_bits: int | None = None,
     statistics: FiniteKeyAnalysis = FiniteKeyAnalysis.LIM2014_KL,
     error_positions_disclosed: bool = True,
     max_evaluations: int = 1200,
 ) -> OneDecoyOptimum:
     """Maximise the expected l/N over {q_x, p_mu1, mu1, mu2}, as ``optimise_decoy_settings``:
-    deterministic, the best of fixed starting points, then two Nelder-Mead runs."""
-    n_pulses = check_count("pulses", pulses)
-    if n_pulses == 0:
-        raise ValueError("pulses: must be > 0")
+    deterministic, the best of fixed starting points, then two Nelder-Mead runs. Give exactly
+    one of ``pulses`` (N fixed) or ``key_block_bits`` (n_X fixed, N follows; below zero the
+    objective is l / n_X, as in ``optimise_decoy_settings``)."""
+    if (pulses is None) == (key_block_bits is None):
+        raise ValueError("pulses/key_block_bits: give exactly one of them")
+    size = check_count(
+        "pulses" if pulses is not None else "key_block_bits",
+        pulses if pulses is not None else key_block_bits,
+    )
+    if size == 0:
+        raise ValueError(f"{'pulses' if pulses is not None else 'key_block_bits'}: must be > 0")
 
-    def real_length(settings: OneDecoySettings) -> float:
+    def real_length(settings: OneDecoySettings) -> tuple[float, float]:
         return one_decoy_real_length(
             settings,
             transmittance=transmittance,
@@ -430,7 +459,8 @@ def optimise_one_decoy_settings(
             misalignment_error=misalignment_error,
             reconciliation_efficiency=reconciliation_efficiency,
             security=security,
-            pulses=float(n_pulses),
+            pulses=None if pulses is None else float(size),
+            key_block_bits=None if key_block_bits is None else float(size),
             statistics=statistics,
             error_positions_disclosed=error_positions_disclosed,
         )
@@ -439,8 +469,10 @@ def optimise_one_decoy_settings(
         settings = _settings_from_vector(x)
         if settings is None:
             return -math.inf
-        length = real_length(settings)
-        return length / n_pulses if math.isfinite(length) else -math.inf
+        length, n = real_length(settings)
+        if not (math.isfinite(length) and math.isfinite(n)):
+            return -math.inf
+        return length / n if length > 0.0 or pulses is not None else length / size
 
     starts = [
         [
@@ -461,8 +493,11 @@ def optimise_one_decoy_settings(
         x, _ = nelder_mead_max(objective, x, 0.1, per_run)
     best = _settings_from_vector(x)
     assert best is not None
-    length_real = real_length(best)
+    length_real, n_pulses = real_length(best)
     length = max(0, math.floor(length_real)) if math.isfinite(length_real) else 0
     return OneDecoyOptimum(
-        settings=best, bits_per_pulse=length / n_pulses if length > 0 else 0.0, length_bits=length
+        settings=best,
+        bits_per_pulse=length / n_pulses if length > 0 else 0.0,
+        length_bits=length,
+        pulses=n_pulses,
     )
