@@ -6,8 +6,8 @@ One module per analysis lives in ``keylength``: ``tomamichel2012`` (single-photo
 ``theory`` (channel model, curves, PLOB) and ``optimiser``.
 ``FiniteKeyAnalysis`` selects the decoy analysis (config ``[postprocess] finite_key``);
 ``DEFAULT_FINITE_KEY_ANALYSIS`` is ``lim2014-kl``, the tightest of the three (why it is sound:
-``keylength.common.FiniteKeyAnalysis``). ``keylength.one_decoy`` (one-decoy BB84) serves theory
-curves only.
+``keylength.common.FiniteKeyAnalysis``). ``keylength.one_decoy`` (one-decoy BB84, Rusca et al.
+2018) serves theory curves only.
 
 Pure: ``math`` only; no I/O, no clock, no randomness.
 """

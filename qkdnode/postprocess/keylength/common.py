@@ -26,8 +26,9 @@ class FiniteKeyAnalysis(StrEnum):
       count for every class;
     - ``zhang2017``: the multiplicative Chernoff bound inverted at the observed count, the
       E_L/E_U of Zhang, Zhao, Razavi, Ma, PRA 95, 012333 (2017), per class, inside the
-      [LCWXZ14] framework. It is not the key-rate formula of that paper, and no figure of that
-      paper is reproduced (its text was not available to check one against);
+      [LCWXZ14] framework: "Lim 2014 with Zhang 2017's Chernoff inversion". It is not the
+      key-rate formula of that paper (a GLLP-type rate in another framework, see
+      ``zhang2017``), and no figure or table of that paper is reproduced;
     - ``lim2014-kl``: Hoeffding's Theorem 1 in its relative-entropy form ([H63] W. Hoeffding,
       J. Am. Stat. Assoc. 58, 13 (1963), Eq. (2.1)) per class over the basis count.
 

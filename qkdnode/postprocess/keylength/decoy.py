@@ -14,13 +14,22 @@ eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it count
 deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m- of mu3).
 
 Two-way reconciliation (Cascade): Tupkary & Lutkenhaus, "Using Cascade in Quantum Key
-Distribution", arXiv:2307.00576, PRApplied 20, 064040 (2023). Their statement, in words: the
-Cascade transcript discloses more than Alice's parity bits, because Bob's queries and the
-corrections reveal the error positions W = X xor Y; a sound key length accounts for W by
-treating it as announced and bounding the entropy of Alice's key given E and W, while
-lambda_EC counts only what Alice sends. Equation and section numbers of the paper are not cited:
-its text beyond the abstract and introduction was not available here, and a number we could not
-check would be invented. The argument as implemented (ours, written to be followed line by line):
+Distribution", arXiv:2307.00576, PRApplied 20, 064040 (2023). What could be checked here, and
+against what: the stored copy of the paper gave its abstract only, so no equation or section
+number of the paper is cited (a number we could not read would be invented). The abstract: the
+flaw "stems from an incomplete consideration of all two-way communication that occurs during
+the Cascade protocol"; their approach "produces the same key rate as older, incorrect
+approaches" in many practical situations and lower valid rates in others. The authors' public
+code for the paper (github.com/Optical-Quantum-Communication-Theory/
+Using-Cascade-in-Quantum-Key-Distribution, Cascade/DecoyBB84/BB84LossyDescriptionFuncForCascade.m
+and BB84DecoyKeyRateFuncForCascade.m) shows how the rectified rate is computed: with
+``feedback = 1`` the post-processing map carries an extra public register F per sifted round,
+F = 1 iff Alice's and Bob's key bits differ (the error positions W); the entropy is that of the
+key conditioned on Eve and all announcements including F; the rate is p_signal * entropy -
+deltaLeak, the leakage a separate term (set to 0 in the published version, which compares the
+entropy side); and p_signal = mu e^-mu, the single-photon component only: no vacuum
+contribution. Our argument agrees with that structure; it is
+ours, written to be followed line by line:
 
 1. The transcript T is a function of Alice's parities P_A, W and public randomness: Bob's parity
    of a range is Alice's xor the parity of W on it, so his choice of which half to search next,
@@ -29,21 +38,30 @@ check would be invented. The argument as implemented (ours, written to be follow
    |C|): H(X_A | E T V) >= H(X_A | E W) - |P_A| - |V|, V the verification tag.
 3. lambda_EC = |P_A| + |V|: every ``ParityAnswer`` bit and the tag bits
    (``LeakageLedger.leak_ec_bits``), subtracted in Eq. (1) as in [LCWXZ14].
-4. The entropy term bounds H(X_A | E W). Bob's queries and ``errors_corrected`` add no bits to
-   lambda_EC (counting them there as well would count W twice); they change the bound itself:
+4. The entropy term bounds H(X_A | E W) (their register F). Bob's queries and
+   ``errors_corrected`` add no bits to lambda_EC (counting them there as well would count W
+   twice); they change the bound itself:
    - vacuum rounds: Bob's bit may be Eve's (she may have caused the click), so W gives her
-     Alice's bit; the s_X0 term of Eq. (1) is dropped (``count_vacuum=False``);
+     Alice's bit; the s_X0 term of Eq. (1) is dropped (``count_vacuum=False``), as their code
+     takes no vacuum contribution;
    - single-photon rounds: the error-position observables Z_A Z_B commute with the phase-error
-     observables X_A X_B whose rate phi_X bounds the entropy, so s_X1 (1 - h(phi_X)) stands;
+     observables X_A X_B whose rate phi_X bounds the entropy, so s_X1 (1 - h(phi_X)) stands.
+     Their numerical rate conditions on F inside the single-photon entropy; that it equals
+     1 - h(phi) in the phase-error framework is our step, consistent with the abstract's "same
+     key rate" in many practical situations but not checked against their text;
    - s_X0 still enters the estimate of s_X1 (Eq. (3)): that is counting, not secrecy.
    ``LeakageLedger.error_positions_disclosed`` switches this on for every two-way block.
 
-Fixed length, variable length and the acceptance test (Wiesemann et al., arXiv:2405.16578
-(2024), a consolidated composable proof of 1- and 2-decoy BB84). Their points as we know them
-(the paper's text was not available here to check which correction terms it derives): earlier
-proofs, [LCWXZ14] among them, state a fixed-length security claim while taking the key length
-from the observed counts, and leave the acceptance test implicit. How this implementation
-stands:
+Fixed length, variable length and the acceptance test: Wiesemann, Krause, Tupkary, Lutkenhaus,
+Rusca, Walenta, "A consolidated and accessible security proof for finite-size decoy-state
+quantum key distribution", arXiv:2405.16578 (2024; v3 2026). Only the abstract was available
+here, so no section number is cited. What it states: a proof for finite-size 1-decoy and 2-decoy
+BB84 against coherent attacks in the entropic-uncertainty framework that resolves "technical
+flaws found in previous works regarding the fixed-length treatment of protocols and the careful
+handling of acceptance testing", includes "an analysis accounting for the important distinction
+of the 1-decoy protocol where statistics are computed after error correction", "a slight
+improvement of the secure-key length", and clarifies conditioning on events. How this
+implementation stands against those points:
 
 - variable length: ``pipeline.final_key_length`` computes l per block from that block's observed
   counts and its actual lambda_EC, so the protocol is variable-length. We apply the
@@ -53,11 +71,15 @@ stands:
   error rate are at most ``qber_threshold``, verification passes, and l > 0; otherwise it
   aborts and yields no key. The tests are fixed before the block, but the accepted length is
   not;
-- every one-sided deviation is a statement about sums of independent trials (the class labels
-  given the photon numbers) and fails with probability at most eps_sec/21, whatever the counts,
-  so it holds conditioned on the photon numbers and detection pattern that fix n_X;
-- not applied: any change Wiesemann et al. make to the key-length formula or the eps split; the
-  difference has not been quantified.
+- 1-decoy statistics after error correction: ``one_decoy``'s vacuum bound (Rusca et al. (A16))
+  uses the key-basis errors per class, known only after error correction; that module sizes no
+  key in the node, and the treatment the abstract announces is not applied to it;
+- conditioning on events: every one-sided deviation is a statement about sums of independent
+  trials (the class labels given the photon numbers) and fails with probability at most
+  eps_sec/21, whatever the counts, so it holds conditioned on the photon numbers and detection
+  pattern that fix n_X;
+- not applied: any change they make to the key-length formula or the eps split (including the
+  "slight improvement"); the difference has not been quantified.
 """
 
 from __future__ import annotations
