@@ -28,8 +28,9 @@ paper's equation; the code is ours. Paper notation: Z is the key basis, X the te
       s_0 <= s_0^U = 2 [ tau_0 (e^k / p_k) m^+_k + delta(n_basis, eps) ].
       We take k = mu2 (fixed before the data: the class with the smaller weighted error count
       in any channel where errors grow with intensity), one deviation per basis as the eps
-      count (A24) assumes. (As printed, (A16) writes the error deviation with eps1, (A4) with
-      eps2; the split sets both to eps.)
+      count (A24) assumes (the second public implementation takes the smaller bound over both
+      classes, which would need a further deviation per basis). (As printed, (A16) writes the
+      error deviation with eps1, (A4) with eps2; the split sets both to eps.)
 (A17) single photons, lower bound:
       s_1 >= tau_1 mu1 / (mu2 (mu1 - mu2))
              * [ n^-_mu2 - (mu2/mu1)^2 n^+_mu1 - (mu1^2 - mu2^2) / mu1^2 * s_0^U / tau_0 ].
@@ -39,7 +40,8 @@ In the test basis only:
 (A22) single-photon errors, upper bound: v_1 <= tau_1 (m^+_mu1 - m^-_mu2) / (mu1 - mu2).
 (A20), (A21), (A23) phase error: phi <= v_1 / s_1 + gamma(eps_sec, v_1 / s_1, s_key1, s_test1),
       gamma as [LCWXZ14] Eq. (5), with the constant 21^2 / a^2 that (A21) keeps from
-      [LCWXZ14] (not 19^2: the larger constant is the conservative one).
+      [LCWXZ14] as transcribed (the second implementation uses 19^2, matching the split; the
+      larger constant is the conservative one, and the difference is below 1 % of gamma).
 (A25) l = floor( s_key0 + s_key1 (1 - h(phi)) - lambda_EC - 6 log2(19 / eps_sec)
       - log2(2 / eps_cor) ). Two-way Cascade drops s_key0 as in ``decoy`` (s_0^U still enters
       (A17)).
