@@ -9,12 +9,15 @@ Channel: the example of Lim et al., PRA 89, 022307 (2014), Sec. IV (0.2 dB/km, e
 p_dc = 6e-7, e_mis = 0.5 %, f = 1.16), eps_sec = 1e-10, eps_cor = 1e-15, expected counts.
 Every row has decoy settings optimised for its analysis, distance and N
 (``finitekey.optimise_decoy_settings``); key lengths account for two-way Cascade (error
-positions disclosed: vacuum term dropped). The asymptotic reference is
+positions disclosed: vacuum term dropped). Rows "one-decoy" and "one-decoy-kl" are one-decoy
+BB84 (``keylength.one_decoy``, settings from ``optimise_one_decoy_settings``) with the
+statistics of ``lim2014`` and ``lim2014-kl``. The asymptotic reference is
 ``finitekey.asymptotic_decoy_bits_per_pulse`` (infinitely many decoys, same channel, same f).
 
 JSON: {"rows": [{"analysis", "distance_km", "pulses", "bits_per_pulse",
 "asymptotic_bits_per_pulse", "fraction_of_asymptotic"}...],
-"ratios": [{"distance_km", "pulses", "<analysis>_over_lim2014"}...],
+"ratios": [{"distance_km", "pulses", "<analysis>_over_lim2014", "one-decoy_over_lim2014",
+"one-decoy-kl_over_lim2014-kl"}...],
 "reach_km": [{"analysis", "pulses", "reach_km"}...],
 "two_way_cost": [{"analysis", "distance_km", "pulses", "bits_per_pulse_one_way",
 "bits_per_pulse_two_way", "cost_fraction"}...]}.
@@ -38,6 +41,7 @@ from qkdnode.postprocess.finitekey import (
     channel_transmittance,
     optimise_decoy_settings,
 )
+from qkdnode.postprocess.keylength.one_decoy import optimise_one_decoy_settings
 
 SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
 DARK_COUNT_PROBABILITY = 6e-7
@@ -66,6 +70,31 @@ def finite_rate(
     ).bits_per_pulse
 
 
+# one-decoy BB84 (keylength.one_decoy) with the statistics of a two-decoy analysis
+ONE_DECOY = {
+    "one-decoy": FiniteKeyAnalysis.LIM2014,
+    "one-decoy-kl": FiniteKeyAnalysis.LIM2014_KL,
+}
+
+
+def one_decoy_rate(name: str, distance_km: float, pulses: int) -> float:
+    return optimise_one_decoy_settings(
+        transmittance=_eta(distance_km),
+        security=SECURITY,
+        pulses=pulses,
+        statistics=ONE_DECOY[name],
+        dark_count_probability=DARK_COUNT_PROBABILITY,
+        misalignment_error=MISALIGNMENT_ERROR,
+        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
+    ).bits_per_pulse
+
+
+def rate_of(name: str, distance_km: float, pulses: int) -> float:
+    if name in ONE_DECOY:
+        return one_decoy_rate(name, distance_km, pulses)
+    return finite_rate(FiniteKeyAnalysis(name), distance_km, pulses)
+
+
 def asymptotic_rate(distance_km: float, *, two_way: bool = True) -> float:
     return asymptotic_decoy_bits_per_pulse(
         transmittance=_eta(distance_km),
@@ -76,14 +105,14 @@ def asymptotic_rate(distance_km: float, *, two_way: bool = True) -> float:
     )
 
 
-def reach_km(analysis: FiniteKeyAnalysis, pulses: int) -> float:
+def reach_km(name: str, pulses: int) -> float:
     """Largest distance with key, by bisection to 0.25 km."""
     low, high = 0.0, 300.0
-    if finite_rate(analysis, low, pulses) <= 0.0:
+    if rate_of(name, low, pulses) <= 0.0:
         return 0.0
     while high - low > 0.25:
         mid = (low + high) / 2
-        if finite_rate(analysis, mid, pulses) > 0.0:
+        if rate_of(name, mid, pulses) > 0.0:
             low = mid
         else:
             high = mid
@@ -98,23 +127,24 @@ def main() -> int:
     distances = [25.0] if args.quick else [0.0, 25.0, 50.0, 100.0]
     exponents = [8, 10] if args.quick else [7, 8, 9, 10, 11]
     analyses = list(FiniteKeyAnalysis)
+    names = [a.value for a in analyses] + list(ONE_DECOY)
     started = time.perf_counter()
 
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
-    print(f"{'analysis':>10}{'km':>6}{'N':>8}{'bits/pulse':>13}{'asymptotic':>13}{'fraction':>10}")
+    print(f"{'analysis':>12}{'km':>6}{'N':>8}{'bits/pulse':>13}{'asymptotic':>13}{'fraction':>10}")
     for distance in distances:
         asymptotic = asymptotic_rate(distance)
         for exponent in exponents:
             pulses = 10**exponent
             by_analysis: dict[str, float] = {}
-            for analysis in analyses:
-                rate = finite_rate(analysis, distance, pulses)
-                by_analysis[analysis.value] = rate
+            for name in names:
+                rate = rate_of(name, distance, pulses)
+                by_analysis[name] = rate
                 fraction = rate / asymptotic if asymptotic > 0 else 0.0
                 rows.append(
                     {
-                        "analysis": analysis.value,
+                        "analysis": name,
                         "distance_km": distance,
                         "pulses": pulses,
                         "bits_per_pulse": rate,
@@ -123,7 +153,7 @@ def main() -> int:
                     }
                 )
                 print(
-                    f"{analysis.value:>10}{distance:>6g}{f'1e{exponent}':>8}{rate:>13.4e}"
+                    f"{name:>12}{distance:>6g}{f'1e{exponent}':>8}{rate:>13.4e}"
                     f"{asymptotic:>13.4e}{fraction:>10.3f}"
                 )
             lim = by_analysis[FiniteKeyAnalysis.LIM2014.value]
@@ -131,6 +161,12 @@ def main() -> int:
             for name, rate in by_analysis.items():
                 if name != FiniteKeyAnalysis.LIM2014.value:
                     ratio_row[f"{name}_over_lim2014"] = rate / lim if lim > 0 else None
+            # one decoy against two decoys with the same statistics
+            for name, statistics in ONE_DECOY.items():
+                two = by_analysis[statistics.value]
+                ratio_row[f"{name}_over_{statistics.value}"] = (
+                    by_analysis[name] / two if two > 0 else None
+                )
             ratios.append(ratio_row)
 
     print("\nratio to lim2014 (same distance, N, settings optimised per analysis)")
@@ -139,15 +175,15 @@ def main() -> int:
 
     reach = []
     for exponent in [8] if args.quick else [8, 10]:
-        for analysis in analyses:
-            km = reach_km(analysis, 10**exponent)
-            reach.append({"analysis": analysis.value, "pulses": 10**exponent, "reach_km": km})
-            print(f"reach {analysis.value} N=1e{exponent}: {km:.2f} km")
+        for name in names:
+            km = reach_km(name, 10**exponent)
+            reach.append({"analysis": name, "pulses": 10**exponent, "reach_km": km})
+            print(f"reach {name} N=1e{exponent}: {km:.2f} km")
 
     cost = []
-    for analysis in analyses:
+    for analysis, exponent in [(a, e) for e in (8, 10) for a in analyses]:
         for distance in [0.0, 25.0, 50.0, 75.0, 100.0]:
-            pulses = 10**10
+            pulses = 10**exponent
             one_way = finite_rate(analysis, distance, pulses, two_way=False)
             two_way = finite_rate(analysis, distance, pulses, two_way=True)
             fraction = 1.0 - two_way / one_way if one_way > 0 else 0.0
@@ -162,7 +198,7 @@ def main() -> int:
                 }
             )
             print(
-                f"two-way cost {analysis.value} {distance:g} km N=1e10: "
+                f"two-way cost {analysis.value} {distance:g} km N=1e{exponent}: "
                 f"{one_way:.4e} -> {two_way:.4e} ({100 * fraction:.3f} %)"
             )
     for distance in [0.0, 25.0, 50.0, 75.0, 100.0]:

@@ -221,7 +221,10 @@ def plot_keyrate_versus_distance(
     pulses: int,
     out: Path,
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
-) -> None:
+) -> list[str]:
+    """Write the key rate versus distance to ``out``: the PLOB bound, the theory line of
+    ``analysis``, the Lim et al. 2014 theory line beside it (unless ``analysis`` is Lim's) and
+    the simulated points. Returns the legend labels drawn."""
     name = FiniteKeyAnalysis(analysis).value
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
@@ -249,9 +252,11 @@ def plot_keyrate_versus_distance(
     ax.set_title("Decoy-state BB84, simulated link vs finite-key theory")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
+    labels = [str(line.get_label()) for line in ax.get_lines()]
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return labels
 
 
 def _minutes(points: Sequence[tuple[float, float]], start_s: float) -> list[float]:

@@ -5,7 +5,9 @@ One module per analysis lives in ``keylength``: ``tomamichel2012`` (single-photo
 ``decoy``, with Hoeffding, per-class Chernoff and per-class relative-entropy deviations),
 ``theory`` (channel model, curves, PLOB) and ``optimiser``.
 ``FiniteKeyAnalysis`` selects the decoy analysis (config ``[postprocess] finite_key``);
-``DEFAULT_FINITE_KEY_ANALYSIS`` is the tightest one implemented.
+``DEFAULT_FINITE_KEY_ANALYSIS`` is ``lim2014-kl``, the tightest of the three (why it is sound:
+``keylength.common.FiniteKeyAnalysis``). ``keylength.one_decoy`` (one-decoy BB84, Rusca et al.
+2018) serves theory curves only.
 
 Pure: ``math`` only; no I/O, no clock, no randomness.
 """

@@ -15,7 +15,12 @@ of W on it), so H(X | E, transcript) >= H(X | E, W) - (Alice's parity bits). Hen
   term is dropped, see ``qkdnode.postprocess.keylength.decoy``).
 
 Nothing is counted twice: Bob's parities are never sent, and the queries and the error weight are
-not added to lambda_EC.
+not added to lambda_EC. This split is the structure of the authors' public code for the paper
+(an error-flag register F conditioned on in the entropy, the leakage a separate term, no vacuum
+contribution); the paper's own text beyond its abstract was not available, so no equation number
+of it is cited. The argument step by step is in ``qkdnode.postprocess.keylength.decoy``; the
+single-photon bound (``keylength.tomamichel2012``) is unchanged by W and ignores
+``error_positions_disclosed``.
 """
 
 from __future__ import annotations

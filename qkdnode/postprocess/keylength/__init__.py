@@ -5,6 +5,9 @@
 - ``decoy``: the decoy-state estimation Lim et al. 2014 Eqs. (1)-(5), shared by:
 - ``lim2014`` (Hoeffding deviations), ``zhang2017`` (per-class Chernoff deviations) and
   ``lim2014_kl`` (per-class relative-entropy Hoeffding deviations);
+- ``one_decoy``: one-decoy BB84 (two intensities), Rusca et al. 2018 Appendix A (A16)-(A25),
+  theory and optimiser; not selectable in the node (it needs two intensities and the key-basis
+  errors per intensity);
 - ``selection``: from a ``FiniteKeyAnalysis`` to its bound;
 - ``theory``: channel model and expected counts, theory curves, PLOB bound;
 - ``optimiser``: decoy-setting optimisation for a selected analysis.

@@ -19,12 +19,31 @@ from typing import Final
 class FiniteKeyAnalysis(StrEnum):
     """The decoy-state finite-key analysis that sizes the key (``[postprocess] finite_key``).
 
-    - ``lim2014``: Lim et al., PRA 89, 022307 (2014), Hoeffding with the total basis count;
-    - ``zhang2017``: the same framework with per-class multiplicative Chernoff bounds (Zhang et
-      al., PRA 95, 012333 (2017));
-    - ``lim2014-kl``: the same framework with Hoeffding's bound in its relative-entropy form
-      (Hoeffding 1963, Theorem 1) per class over the basis count; its intervals lie inside
-      both others', so it is the tightest of the three and the default.
+    All three are [LCWXZ14] (Lim et al., PRA 89, 022307 (2014)) Eqs. (1)-(5) with its eps
+    split; they differ only in the deviation that bounds each intensity class's expected count:
+
+    - ``lim2014``: the paper as published, Hoeffding's quadratic bound with the total basis
+      count for every class;
+    - ``zhang2017``: the multiplicative Chernoff bound inverted at the observed count, the
+      E_L/E_U of Zhang, Zhao, Razavi, Ma, PRA 95, 012333 (2017), per class, inside the
+      [LCWXZ14] framework: "Lim 2014 with Zhang 2017's Chernoff inversion". It is not the
+      key-rate formula of that paper (a GLLP-type rate in another framework, see
+      ``zhang2017``), and no figure or table of that paper is reproduced;
+    - ``lim2014-kl``: Hoeffding's Theorem 1 in its relative-entropy form ([H63] W. Hoeffding,
+      J. Am. Stat. Assoc. 58, 13 (1963), Eq. (2.1)) per class over the basis count.
+
+    The default is ``lim2014-kl``, chosen on soundness first and tightness second. It changes
+    one step of [LCWXZ14]: the paper's deviation is Hoeffding's quadratic bound [H63] Eq. (2.3),
+    a relaxation of Eq. (2.1) under the same hypotheses (independent trials in [0, 1], here the
+    class labels of the detections given their photon numbers); using Eq. (2.1) itself needs no
+    assumption that [LCWXZ14] does not already make, so the analysis holds wherever the
+    published one does, and each of its steps is a cited published statement. Its intervals lie
+    inside both other analyses' (``lim2014_kl``), so it gives the most key of the three. It has
+    no published key-rate figure of its own: the shared code path (``decoy.decoy_bound``) is
+    checked against [LCWXZ14] Fig. 1 with the paper's deviation, and the Eq. (2.1) deviation
+    against exact binomial tails (tests/test_finitekey.py, tests/test_keylength_analyses.py).
+    ``zhang2017`` is not the default: its deviation is looser than ``lim2014-kl``'s, and it
+    reproduces no published point of its own paper either.
     """
 
     LIM2014 = "lim2014"

@@ -13,17 +13,73 @@ relative-entropy bound per class. Every one-sided deviation fails with probabili
 eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it counts 12 one-sided
 deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m- of mu3).
 
-Two-way reconciliation (Cascade) also discloses the error positions W = X xor Y
-(Tupkary & Lutkenhaus, "Using Cascade in Quantum Key Distribution", arXiv:2307.00576,
-PRApplied 20, 064040 (2023)): Bob's queries reveal which half of an odd block held an error and
-``errors_corrected`` the weight of W. Following their treatment, W is counted on the entropy
-side, not in lambda_EC: the key term is a bound on H(X_A | E, W). On vacuum rounds Bob's bit may
-be Eve's (she may have prepared the click), and W then gives her Alice's bit, so the vacuum
-term s_X0 is dropped from Eq. (1) (``count_vacuum=False``); for single-photon rounds the
-error-position observables Z_A Z_B commute with the phase-error observables X_A X_B, so the
-phase-error term s_X1 (1 - h(phi_X)) stands. s_X0 still enters the estimate of s_X1 (Eq. (3)).
-Equation numbers of arXiv:2307.00576 are not cited: only its abstract and introduction were
-available to check this argument against.
+Two-way reconciliation (Cascade): Tupkary & Lutkenhaus, "Using Cascade in Quantum Key
+Distribution", arXiv:2307.00576, PRApplied 20, 064040 (2023). What could be checked here, and
+against what: the stored copy of the paper gave its abstract only, so no equation or section
+number of the paper is cited (a number we could not read would be invented). The abstract: the
+flaw "stems from an incomplete consideration of all two-way communication that occurs during
+the Cascade protocol"; their approach "produces the same key rate as older, incorrect
+approaches" in many practical situations and lower valid rates in others. The authors' public
+code for the paper (github.com/Optical-Quantum-Communication-Theory/
+Using-Cascade-in-Quantum-Key-Distribution, Cascade/DecoyBB84/BB84LossyDescriptionFuncForCascade.m
+and BB84DecoyKeyRateFuncForCascade.m) shows how the rectified rate is computed: with
+``feedback = 1`` the post-processing map carries an extra public register F per sifted round,
+F = 1 iff Alice's and Bob's key bits differ (the error positions W); the entropy is that of the
+key conditioned on Eve and all announcements including F; the rate is p_signal * entropy -
+deltaLeak, the leakage a separate term (set to 0 in the published version, which compares the
+entropy side); and p_signal = mu e^-mu, the single-photon component only: no vacuum
+contribution. Our argument agrees with that structure; it is
+ours, written to be followed line by line:
+
+1. The transcript T is a function of Alice's parities P_A, W and public randomness: Bob's parity
+   of a range is Alice's xor the parity of W on it, so his choice of which half to search next,
+   and hence each query, is a function of (P_A, W); ``errors_corrected`` is the weight of W.
+2. Chain rule for the smooth min-entropy (a classical register C of |C| bits lowers it by at most
+   |C|): H(X_A | E T V) >= H(X_A | E W) - |P_A| - |V|, V the verification tag.
+3. lambda_EC = |P_A| + |V|: every ``ParityAnswer`` bit and the tag bits
+   (``LeakageLedger.leak_ec_bits``), subtracted in Eq. (1) as in [LCWXZ14].
+4. The entropy term bounds H(X_A | E W) (their register F). Bob's queries and
+   ``errors_corrected`` add no bits to lambda_EC (counting them there as well would count W
+   twice); they change the bound itself:
+   - vacuum rounds: Bob's bit may be Eve's (she may have caused the click), so W gives her
+     Alice's bit; the s_X0 term of Eq. (1) is dropped (``count_vacuum=False``), as their code
+     takes no vacuum contribution;
+   - single-photon rounds: the error-position observables Z_A Z_B commute with the phase-error
+     observables X_A X_B whose rate phi_X bounds the entropy, so s_X1 (1 - h(phi_X)) stands.
+     Their numerical rate conditions on F inside the single-photon entropy; that it equals
+     1 - h(phi) in the phase-error framework is our step, consistent with the abstract's "same
+     key rate" in many practical situations but not checked against their text;
+   - s_X0 still enters the estimate of s_X1 (Eq. (3)): that is counting, not secrecy.
+   ``LeakageLedger.error_positions_disclosed`` switches this on for every two-way block.
+
+Fixed length, variable length and the acceptance test: Wiesemann, Krause, Tupkary, Lutkenhaus,
+Rusca, Walenta, "A consolidated and accessible security proof for finite-size decoy-state
+quantum key distribution", arXiv:2405.16578 (2024; v3 2026). Only the abstract was available
+here, so no section number is cited. What it states: a proof for finite-size 1-decoy and 2-decoy
+BB84 against coherent attacks in the entropic-uncertainty framework that resolves "technical
+flaws found in previous works regarding the fixed-length treatment of protocols and the careful
+handling of acceptance testing", includes "an analysis accounting for the important distinction
+of the 1-decoy protocol where statistics are computed after error correction", "a slight
+improvement of the secure-key length", and clarifies conditioning on events. How this
+implementation stands against those points:
+
+- variable length: ``pipeline.final_key_length`` computes l per block from that block's observed
+  counts and its actual lambda_EC, so the protocol is variable-length. We apply the
+  fixed-length formula per block and have not derived the variable-length security statement
+  (nor any cost it may add to the eps terms); this gap is open for every analysis here;
+- acceptance test: a block is accepted only if its key-basis QBER sample and its test-basis
+  error rate are at most ``qber_threshold``, verification passes, and l > 0; otherwise it
+  aborts and yields no key. The tests are fixed before the block, but the accepted length is
+  not;
+- 1-decoy statistics after error correction: ``one_decoy``'s vacuum bound (Rusca et al. (A16))
+  uses the key-basis errors per class, known only after error correction; that module sizes no
+  key in the node, and the treatment the abstract announces is not applied to it;
+- conditioning on events: every one-sided deviation is a statement about sums of independent
+  trials (the class labels given the photon numbers) and fails with probability at most
+  eps_sec/21, whatever the counts, so it holds conditioned on the photon numbers and detection
+  pattern that fix n_X;
+- not applied: any change they make to the key-length formula or the eps split (including the
+  "slight improvement"); the difference has not been quantified.
 """
 
 from __future__ import annotations
@@ -59,13 +115,14 @@ class DecoyBound(NamedTuple):
     v_z1: float
 
 
-def lim_gamma(a: float, b: float, c: float, d: float) -> float:
+def lim_gamma(a: float, b: float, c: float, d: float, *, split: float = EPS_SPLIT) -> float:
     """[LCWXZ14] Eq. (5): gamma(a, b, c, d) =
     sqrt( (c+d)(1-b) b / (c d ln 2) * log2( (c+d) / (c d (1-b) b) * 21^2 / a^2 ) ).
+    ``split`` replaces the 21 for an eps split with another number of terms (``one_decoy``).
     NaN when the logarithm is negative (the caller treats NaN as "no bound")."""
     spread = (1.0 - b) * b
     # log2 of the product as a sum: a^2 underflows for tiny eps_sec.
-    log_inner = math.log2((c + d) / (c * d * spread)) + 2.0 * math.log2(EPS_SPLIT / a)
+    log_inner = math.log2((c + d) / (c * d * spread)) + 2.0 * math.log2(split / a)
     radicand = (c + d) * spread / (c * d * math.log(2.0)) * log_inner
     return math.sqrt(radicand) if radicand >= 0.0 else math.nan
 

@@ -7,12 +7,9 @@ arXiv:1311.7129, Eqs. (1)-(5), the deviation defined below Eq. (2):
 
 Hoeffding with the *total* basis count n_X for every intensity class.
 
-Known limits: [LCWXZ14] is a fixed-length analysis with Hoeffding bounds for "independent
-events"; Wiesemann et al., arXiv:2405.16578, point out technical flaws in that treatment
-(fixed-length protocols, acceptance testing, conditioning on events) and give a corrected proof
-with a slightly different key length. We implement Lim et al. as published, without those
-corrections, and have not quantified the difference. Lower bounds with s_0 + s_1 above the
-detections of their basis cannot hold; such counts give no key.
+Lower bounds with s_0 + s_1 above the detections of their basis cannot hold; such counts give
+no key. The points of Wiesemann et al., arXiv:2405.16578 (fixed vs variable length, acceptance
+test) and how this implementation stands with respect to them: see ``decoy``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ p_L(q) = q_U^{-1}(q), the p < q with n D(q || p) = L, fails (p < p_L(Q)) with pr
 upper end for p_U) and L is enlarged by a relative 1e-9, far above rounding.
 
 Everything else, including the eps split (each one-sided bound eps_sec/21), is [LCWXZ14].
-Not addressed (as for ``lim2014``): the points of Wiesemann et al., arXiv:2405.16578.
+This is the default analysis; why is stated in ``common.FiniteKeyAnalysis``. The points of
+Wiesemann et al., arXiv:2405.16578 (fixed vs variable length, acceptance test) apply as to every
+analysis here; see ``decoy``.
 """
 
 from __future__ import annotations

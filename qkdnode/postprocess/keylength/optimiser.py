@@ -63,7 +63,7 @@ def _vector_from_settings(settings: DecoySettings) -> list[float]:
     ]
 
 
-def _nelder_mead_max(
+def nelder_mead_max(
     objective: Callable[[list[float]], float], start: list[float], step: float, max_evals: int
 ) -> tuple[list[float], float]:
     """Deterministic Nelder-Mead maximisation (standard coefficients 1, 2, 1/2, 1/2)."""
@@ -212,8 +212,8 @@ def optimise_decoy_settings(
     x = starts[best_index]
     if math.isfinite(best_value):
         per_run = max(50, (max_evaluations - len(starts)) // 2)
-        x, _ = _nelder_mead_max(objective, x, 0.3, per_run)
-        x, _ = _nelder_mead_max(objective, x, 0.1, per_run)
+        x, _ = nelder_mead_max(objective, x, 0.3, per_run)
+        x, _ = nelder_mead_max(objective, x, 0.1, per_run)
     best = _settings_from_vector(x, vacuum)
     assert best is not None  # x came from finite objective values or the valid start
     point = theory_point(model, best)

@@ -1,14 +1,27 @@
 """Decoy-state BB84 key length with per-class multiplicative Chernoff bounds.
 
 [ZZRM17] Z. Zhang, Q. Zhao, M. Razavi, X. Ma, "Improved key-rate bounds for practical
-decoy-state quantum-key-distribution systems", PRA 95, 012333 (2017), arXiv:1611.02524: bound
-the expected count of each intensity class by the multiplicative Chernoff bound of its own
-observed count, inverted with the observed value (their E_L(x) = x/(1+delta_1),
-E_U(x) = x/(1-delta_2)), instead of Hoeffding with the total basis count.
+decoy-state quantum-key-distribution systems", PRA 95, 012333 (2017), arXiv:1611.02524.
 
-Everything else is [LCWXZ14] (PRA 89, 022307): Eqs. (1)-(5), the same eps split (Eq. (B4));
-each Hoeffding deviation is replaced by a Chernoff deviation with the same failure probability
-eps = eps_sec/21 (see ``decoy`` for why the class counts are sums of independent trials).
+What is taken from [ZZRM17]: bound the expected count of each intensity class by the
+multiplicative Chernoff bound inverted at its own observed count x (their E_L(x) =
+x/(1+delta_1), E_U(x) = x/(1-delta_2)), instead of Hoeffding with the total basis count. What is
+not: their key-rate formula, parameter estimation and failure-probability split. The stored copy
+of the paper gave its abstract only; a public re-implementation of it (read, not used) computes
+a GLLP-type rate M_1^L (1 - h(e_1^U)) - f M h(E) + 5 log2(eps), with Y_1 and e_1 bounded from the
+gains and error gains of one basis, each expectation bounded with delta(eps/2), and a further
+Chernoff step from the expected to the observed single-photon count. That is a different
+framework from [LCWXZ14]'s (no test-basis phase-error sampling term gamma), and its equation
+numbers could not be read here. This module is therefore "Lim 2014 with Zhang 2017's Chernoff
+inversion": [LCWXZ14] (PRA 89, 022307) Eqs. (1)-(5) and the eps split of Eq. (B4), each
+Hoeffding deviation replaced by a Chernoff deviation with the same failure probability
+eps = eps_sec/21 (see ``decoy`` for why the class counts are sums of independent trials). It
+reproduces no figure or table of [ZZRM17] (a public catalogue reads their Table 3, BB84 row,
+N = 10^10 at 100 km, as 3.04e-6 bits per pulse; with a different rate formula and an
+unconfirmed parameter set, matching it would test nothing of this module). The deviation itself
+is checked against exact Poisson tails (tests/test_keylength_analyses.py). It is not the default
+(see ``common.FiniteKeyAnalysis``): ``lim2014_kl``'s relative-entropy interval lies inside this
+one.
 
 Proof of the deviation, for X a sum of independent Bernoulli trials with mean m and
 L = ln(1/eps) (Chernoff; Mitzenmacher & Upfal, Probability and Computing, Thms 4.4 and 4.5):
@@ -25,8 +38,8 @@ With t = ln(1+d), resp. u = -ln(1-d), the equations are t - 1 + e^-t = L/x and
 e^u - 1 - u = L/x: convex and increasing, solved by Newton from the right, which stops at or
 above the root and so errs only on the safe side (smaller m_L, larger m_U).
 
-Not addressed here (as for ``lim2014``): the fixed-length and acceptance-testing points of
-Wiesemann et al., arXiv:2405.16578.
+The points of Wiesemann et al., arXiv:2405.16578 (fixed vs variable length, acceptance test)
+apply as to every analysis here; see ``decoy``.
 """
 
 from __future__ import annotations
