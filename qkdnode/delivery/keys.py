@@ -51,8 +51,11 @@ from typing import Final
 import structlog
 import trio
 
+from qkdnode.audit import AuditKind
+from qkdnode.audit.trail import AuditValue
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
 from qkdnode.errors import ProtocolError, SecurityError
+from qkdnode.store.audit import AuditTrail
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import (
     DeliveryKey,
@@ -61,6 +64,7 @@ from qkdnode.store.keystore import (
     KeyStore,
     NotKeyOwner,
     ReservationRejected,
+    StoreOp,
 )
 
 PeerReserve = Callable[[Sequence[DeliveryKey], str, str], Awaitable[None]]
@@ -119,6 +123,9 @@ class KeyManager:
         self._refill_wanted: trio.MemorySendChannel[tuple[str, str]] | None = None
         self._refill_pending: set[tuple[str, str]] = set()
         self._refill_paused_until: dict[tuple[str, str], float] = {}  # per pair, after failures
+        # the node's audit trail: each delivery is recorded (SAE IDs and key IDs, never a key)
+        # in the transaction that hands the keys out, each refused request in one of its own
+        self.audit: AuditTrail | None = None
 
     def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
         """Keys this node can hand out as master (its half of the partition), counting those
@@ -331,11 +338,37 @@ class KeyManager:
     async def _take(
         self, delivery_ids: Sequence[uuid.UUID], master_sae: str, slave_sae: str
     ) -> list[tuple[uuid.UUID, bytes]]:
-        return await self._commits.run(
-            self._store.take_op(
-                delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
-            )
+        op = self._store.take_op(
+            delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
         )
+        return await self._commits.run(self._audited(op, "master", master_sae, slave_sae))
+
+    def _audited(
+        self,
+        op: StoreOp[list[tuple[uuid.UUID, bytes]]],
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+    ) -> StoreOp[list[tuple[uuid.UUID, bytes]]]:
+        if self.audit is None:
+            return op
+
+        def describe(keys: list[tuple[uuid.UUID, bytes]]) -> Mapping[str, AuditValue]:
+            return {
+                "role": role,
+                "master_sae": master_sae,
+                "slave_sae": slave_sae,
+                "key_ids": tuple(str(key_id) for key_id, _ in keys),
+            }
+
+        return self.audit.around(op, AuditKind.KEYS_DELIVERED, describe)
+
+    async def record_refusal(self, fields: Mapping[str, AuditValue]) -> None:
+        """Record a refused SAE request in the audit trail (not durable on its own: it reaches
+        the disk with the next durable commit; its loss in a power cut leaves a valid trail)."""
+        if self.audit is not None:
+            op = self.audit.op(AuditKind.SAE_REQUEST_REFUSED, fields, durable=False)
+            await self._commits.run(op)
 
     async def _release(
         self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()
@@ -349,11 +382,10 @@ class KeyManager:
         """The keys the master SAE got, for its slave SAE, once. ApiError 400/401 otherwise."""
         try:
             with self._commits.request():
-                return await self._commits.run(
-                    self._store.take_op(
-                        key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
-                    )
+                op = self._store.take_op(
+                    key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
                 )
+                return await self._commits.run(self._audited(op, "slave", master_sae, slave_sae))
         except DeliveryRefused:
             raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
         except NotKeyOwner:

@@ -1,0 +1,87 @@
+"""What the daemon writes to its audit trail (``qkdnode.store.audit``) beyond single events:
+the configuration in force at start and the security failures that end sessions."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import structlog
+
+from qkdnode.audit import AuditKind
+from qkdnode.audit.trail import AuditValue
+from qkdnode.config import NodeConfig
+from qkdnode.errors import CertificateRejected, KeyStoreError, SecurityError
+from qkdnode.store.audit import AuditTrail
+
+log = structlog.get_logger("qkdnode.audit")
+
+
+def _path(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def config_in_force(config: NodeConfig) -> dict[str, AuditValue]:
+    """The settings that matter to an auditor: identities, trust anchors (file paths, never
+    their content), addresses, security parameters, and the SHA-256 of the config file."""
+    try:
+        config_sha256: str | None = hashlib.sha256(config.file.read_bytes()).hexdigest()
+    except OSError:
+        config_sha256 = None
+    auth = config.auth
+    fields: dict[str, AuditValue] = {
+        "config_file": str(config.file),
+        "config_sha256": config_sha256,
+        "node": config.node.name,
+        "role": config.node.role,
+        "peer": config.peer.name,
+        "peer_address": ":".join(map(str, config.peer.connect or config.peer.listen or ())),
+        "auth_mode": auth.mode,
+        "ca_file": _path(auth.ca_file),
+        "certificate_file": _path(auth.certificate_file),
+        "psk_file": _path(auth.psk_file),
+        "pool_target_bits": auth.pool_target_bits,
+        "pool_reserve_bits": auth.pool_reserve_bits,
+        "security_budget_epsilon": auth.security_budget_epsilon,
+        "eps_sec": config.postprocess.eps_sec,
+        "eps_cor": config.postprocess.eps_cor,
+        "link_backend": config.link_backend,
+        "store_directory": str(config.store.directory),
+    }
+    delivery = config.delivery
+    if delivery is not None:
+        fields |= {
+            "kme_id": delivery.kme_id,
+            "peer_kme_id": delivery.peer_kme_id,
+            "delivery_address": f"{delivery.listen_host}:{delivery.listen_port}",
+            "sae_ca": str(delivery.sae_ca),
+            "local_saes": delivery.local_saes,
+            "peer_saes": delivery.peer_saes,
+        }
+    return fields
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
+def record_session_failure(trail: AuditTrail, error: BaseException, *, peer: str) -> None:
+    """One entry per security failure that ended a session: a refused certificate, a tag or
+    signature that did not verify, an exhausted key pool (the reason is the exception's text,
+    which never holds secret material). Other endings (timeouts, a lost connection) are not
+    security events and are not recorded."""
+    for leaf in _leaves(error):
+        if not isinstance(leaf, SecurityError):
+            continue
+        kind = (
+            AuditKind.CERTIFICATE_REJECTED
+            if isinstance(leaf, CertificateRejected)
+            else AuditKind.AUTHENTICATION_FAILED
+        )
+        try:
+            trail.record(kind, peer=peer, error=type(leaf).__name__, reason=str(leaf))
+        except KeyStoreError:
+            log.critical("audit.write_failed", event=kind.value)
+            raise
