@@ -122,7 +122,10 @@ def _audit_line(item: dict[str, object]) -> str:
     when = datetime.datetime.fromtimestamp(time_s, tz=datetime.UTC).isoformat(timespec="seconds")
     fields = item["fields"]
     assert isinstance(fields, dict)
-    details = " ".join(f"{name}={value}" for name, value in sorted(fields.items()))
+    details = " ".join(
+        f"{name}={','.join(value) if isinstance(value, list | tuple) else value}"
+        for name, value in sorted(fields.items())
+    )
     return f"{item['seq']:>6}  {when}  {item['kind']:<28} {details}"
 
 

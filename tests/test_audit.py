@@ -8,12 +8,15 @@ a failed or killed transaction leaves a trail that verifies; no key material is 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,12 @@ from qkdnode.audit import (
     verify_trail,
 )
 from qkdnode.cli import main
-from qkdnode.errors import AuditTrailBroken
+from qkdnode.config.delivery import ApiLimits
+from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
+from qkdnode.delivery.keys import KeyManager
+from qkdnode.delivery.server import DeliveryApp
+from qkdnode.errors import AuditTrailBroken, AuthenticationFailed, CertificateRejected
+from qkdnode.node.auditing import record_session_failure
 from qkdnode.store import KeyStore
 from qkdnode.store.audit import (
     INITIAL_KEY_FILE,
@@ -41,7 +49,7 @@ from qkdnode.store.audit import (
     read_initial_key,
     read_trail,
 )
-from qkdnode.store.keystore import StoreOp
+from qkdnode.store.keystore import DeliveryKey, StoreOp
 from qkdnode.store.schema import DATABASE_NAME
 from tests.helpers_store import committed_stores, random_blocks, reserve
 
@@ -458,3 +466,100 @@ def test_deliveries_recorded_with_key_ids_never_key_material(tmp_path: Path) -> 
     windows = {s[i : i + 8] for s in secrets for i in range(len(s) - 7)}
     texts = (written, written.hex().encode())
     assert [w for w in windows if any(w in t or w.hex().encode() in t for t in texts)] == []
+
+
+# ---- the daemon's hooks -----------------------------------------------------------------------
+
+
+def test_security_failures_that_end_a_session_are_recorded_and_others_not(tmp_path: Path) -> None:
+    store, trail = _store_with_trail(tmp_path, entries=0)
+    group = ExceptionGroup(
+        "session",
+        [
+            CertificateRejected("peer certificate expired"),
+            ExceptionGroup("inner", [AuthenticationFailed("handshake proof does not verify")]),
+            TimeoutError("read timed out"),
+        ],
+    )
+    record_session_failure(trail, group, peer="bob")
+    store.close()
+    entries = [record.entry() for record in read_trail(tmp_path).records[1:]]
+    assert [(e.kind, e.fields["reason"]) for e in entries] == [
+        ("certificate_rejected", "peer certificate expired"),
+        ("authentication_failed", "handshake proof does not verify"),
+    ]
+    assert all(e.fields["peer"] == "bob" for e in entries)
+
+
+async def test_refused_sae_requests_and_deliveries_are_recorded(tmp_path: Path) -> None:
+    alice, bob = committed_stores(tmp_path, random_blocks(5, count=1, keys_per_block=4))
+    bob_manager = KeyManager(bob, master_parity=1, peer_reserve=_never)
+
+    async def peer_reserve(keys: Sequence[DeliveryKey], master: str, slave: str) -> None:
+        await bob_manager.record_peer_reservation(keys, master, slave)
+
+    manager = KeyManager(
+        alice, master_parity=0, peer_reserve=peer_reserve, local_saes={"a"}, peer_saes={"b"}
+    )
+    manager.audit = AuditTrail.start(alice, tmp_path / "alice", node_name="alice")
+    app = DeliveryApp(
+        manager=manager,
+        limits=ApiLimits(
+            key_size_bits=256, min_key_size_bits=64, max_key_size_bits=1024, max_keys_per_request=8
+        ),
+        kme_id="kme-a",
+        peer_kme_id="kme-b",
+        local_saes=("a",),
+        peer_saes=("b",),
+        fair_use=FairUse(FairUsePolicy(keys_per_s=1e6, burst_keys=1e6, key_size_bits=256)),
+        max_key_count=1000,
+    )
+    refused = await app.respond("GET", "/api/v1/keys/b/status", b"", "intruder")
+    assert refused.status == 401
+    too_many = await app.respond("GET", "/api/v1/keys/b/enc_keys?number=99", b"", "a")
+    assert too_many.status == 400
+    served = await app.respond("GET", "/api/v1/keys/b/enc_keys?number=1", b"", "a")
+    assert served.status == 200
+    alice.close()
+    bob.close()
+    stored = read_trail(tmp_path / "alice")
+    verify_trail(
+        stored.records,
+        initial_key=read_initial_key(tmp_path / "alice" / INITIAL_KEY_FILE),
+        stored_state=stored.state,
+    )
+    entries = [record.entry() for record in stored.records[1:]]
+    assert [(e.kind, e.fields.get("sae"), e.fields.get("status")) for e in entries] == [
+        ("sae_request_refused", "intruder", 401),
+        ("sae_request_refused", "a", 400),
+        ("keys_delivered", None, None),
+    ]
+    delivered = entries[2].fields
+    assert (delivered["master_sae"], delivered["slave_sae"], delivered["role"]) == (
+        "a",
+        "b",
+        "master",
+    )
+    assert delivered["key_ids"] == (json.loads(served.body)["keys"][0]["key_ID"],)
+
+
+async def _never(keys: object, master_sae: str, slave_sae: str) -> None:
+    raise AssertionError("not used")
+
+
+def test_append_cost_per_entry(tmp_path: Path) -> None:
+    """The figure docs/audit.md quotes: one durable entry in its own transaction, and the pure
+    append alone (informative; asserts only a loose bound)."""
+    store, trail = _store_with_trail(tmp_path, entries=0)
+    started = time.perf_counter()
+    for i in range(50):
+        trail.record(AuditKind.SAE_REQUEST_REFUSED, sae="x", status=401, i=i)
+    durable_s = (time.perf_counter() - started) / 50
+    state = initial_state(K0)
+    started = time.perf_counter()
+    for i in range(2000):
+        _, state = append_entry(state, AuditKind.ROTATED, {"i": i}, time_s=1.0)
+    pure_s = (time.perf_counter() - started) / 2000
+    store.close()
+    print(f"audit append: {durable_s * 1e3:.2f} ms durable, {pure_s * 1e6:.1f} us pure")
+    assert pure_s < 1e-3

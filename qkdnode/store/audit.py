@@ -212,7 +212,7 @@ class AuditTrail:
         del initial_key
         log.warning(
             "audit.trail_started",
-            initial_key_file=str(path),
+            path=str(path),
             detail="move this file off the node to the auditor: with it an audit can check "
             "every entry; left here it proves nothing against whoever takes the disk",
         )
