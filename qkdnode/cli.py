@@ -93,6 +93,15 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator_name() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
 def _cmd_auth(args: argparse.Namespace) -> int:
     import time
 
@@ -100,8 +109,16 @@ def _cmd_auth(args: argparse.Namespace) -> int:
     from qkdnode.node import rebootstrap
 
     config = load_config(args.config)
-    path = rebootstrap.grant(
-        config.store.directory, now_s=time.time(), valid_s=args.valid_minutes * 60.0
+    from qkdnode.audit import AuditKind
+    from qkdnode.store.audit import record_in_store
+
+    now_s = time.time()
+    path = rebootstrap.grant(config.store.directory, now_s=now_s, valid_s=args.valid_minutes * 60.0)
+    record_in_store(
+        config.store.directory,
+        AuditKind.REBOOTSTRAP_PERMIT_GRANTED,
+        {"expires_at_s": now_s + args.valid_minutes * 60.0, "user": _operator_name()},
+        time_s=now_s,
     )
     print(
         f"re-bootstrap permit for {config.node.name}: {path}, valid {args.valid_minutes:g} min "

@@ -40,6 +40,7 @@ from qkdnode.config.delivery import ApiLimits
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager
 from qkdnode.delivery.server import DeliveryApp
+from qkdnode.demo.run import prepare_workdir
 from qkdnode.errors import AuditTrailBroken, AuthenticationFailed, CertificateRejected
 from qkdnode.node.auditing import record_session_failure
 from qkdnode.store import KeyStore
@@ -563,3 +564,28 @@ def test_append_cost_per_entry(tmp_path: Path) -> None:
     store.close()
     print(f"audit append: {durable_s * 1e3:.2f} ms durable, {pure_s * 1e6:.1f} us pure")
     assert pure_s < 1e-3
+
+
+def test_the_operators_rebootstrap_permit_is_recorded_while_the_daemon_writes_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workdir = tmp_path / "pair"
+    workdir.mkdir(mode=0o700)
+    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=20_000)
+    directory = layout.store("alice")
+    # the daemon's store open meanwhile: the two writers interleave entries
+    store = KeyStore.open(directory, node_name="alice")
+    trail = AuditTrail.start(store, directory, node_name="alice")
+    trail.record(AuditKind.DAEMON_STARTED, node="alice")
+    assert main(["auth", "rebootstrap", "--config", str(layout.config("alice"))]) == 0
+    trail.record(AuditKind.REBOOTSTRAP_PERMIT_IN_FORCE, peer="bob")
+    store.close()
+    kinds = [record.entry().kind for record in read_trail(directory).records]
+    assert kinds == [
+        "trail_started",
+        "daemon_started",
+        "rebootstrap_permit_granted",
+        "rebootstrap_permit_in_force",
+    ]
+    capsys.readouterr()
+    assert _verify_cli(directory, capsys)[0] == 0

@@ -63,7 +63,8 @@ class AuditKind(enum.Enum):
     DAEMON_STARTED = "daemon_started"  # the configuration in force (paths and settings)
     SESSION_ESTABLISHED = "session_established"  # mode and trust anchor of the session
     ROTATED = "rotated"  # the channel moved to key-derived authentication
-    REBOOTSTRAP_PERMIT_IN_FORCE = "rebootstrap_permit_in_force"  # operator permit seen
+    REBOOTSTRAP_PERMIT_GRANTED = "rebootstrap_permit_granted"  # by the operator's command
+    REBOOTSTRAP_PERMIT_IN_FORCE = "rebootstrap_permit_in_force"  # the daemon acts on it
     REBOOTSTRAP_USED = "rebootstrap_used"  # the permit's session reset the ledgers
     LEDGER_RESET = "ledger_reset"
     AUTHENTICATION_FAILED = "authentication_failed"  # handshake or tag refused, with reason

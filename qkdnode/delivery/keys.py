@@ -364,11 +364,10 @@ class KeyManager:
         return self.audit.around(op, AuditKind.KEYS_DELIVERED, describe)
 
     async def record_refusal(self, fields: Mapping[str, AuditValue]) -> None:
-        """Record a refused SAE request in the audit trail (not durable on its own: it reaches
-        the disk with the next durable commit; its loss in a power cut leaves a valid trail)."""
+        """Record a refused SAE request in the audit trail, durably (refusals that arrive
+        together share one commit)."""
         if self.audit is not None:
-            op = self.audit.op(AuditKind.SAE_REQUEST_REFUSED, fields, durable=False)
-            await self._commits.run(op)
+            await self._commits.run(self.audit.op(AuditKind.SAE_REQUEST_REFUSED, fields))
 
     async def _release(
         self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()

@@ -89,11 +89,9 @@ def append_in_tx(tx: Tx, kind: AuditKind, fields: AuditFields, *, time_s: float)
     return _append(tx, state, kind, fields, time_s)
 
 
-def append_op(
-    kind: AuditKind, fields: AuditFields, *, time_s: float, durable: bool = True
-) -> StoreOp[AuditRecord]:
-    """One entry in its own operation (``durable=False``: see ``StoreOp``)."""
-    return StoreOp(lambda tx: append_in_tx(tx, kind, fields, time_s=time_s), durable=durable)
+def append_op(kind: AuditKind, fields: AuditFields, *, time_s: float) -> StoreOp[AuditRecord]:
+    """One entry in its own (durable) operation."""
+    return StoreOp(lambda tx: append_in_tx(tx, kind, fields, time_s=time_s))
 
 
 def with_entry(
@@ -104,14 +102,14 @@ def with_entry(
     time_s: float,
 ) -> StoreOp[T]:
     """``op`` and, in the same transaction, an entry described from its result (if ``op``
-    raises, neither is kept)."""
+    raises, neither is kept). Durable, whatever ``op`` is."""
 
     def run(tx: Tx) -> T:
         value = op.run(tx)
         append_in_tx(tx, kind, describe(value), time_s=time_s)
         return value
 
-    return StoreOp(run, durable=op.durable)
+    return StoreOp(run)
 
 
 def start_op(initial_key: bytes, fields: AuditFields, *, time_s: float) -> StoreOp[bool]:
@@ -222,11 +220,11 @@ class AuditTrail:
         """Append one entry now, durably (its own transaction)."""
         return self.store.run(append_op(kind, fields, time_s=self.clock()))
 
-    def op(
-        self, kind: AuditKind, fields: AuditFields, *, durable: bool = True
-    ) -> StoreOp[AuditRecord]:
-        """An operation appending one entry, for a group commit."""
-        return append_op(kind, fields, time_s=self.clock(), durable=durable)
+    def op(self, kind: AuditKind, fields: AuditFields) -> StoreOp[AuditRecord]:
+        """An operation appending one entry durably, for a group commit. Every entry is
+        durable once its operation returns, so a head sent to the peer never names an entry
+        that a power cut could take back."""
+        return append_op(kind, fields, time_s=self.clock())
 
     def around(
         self, op: StoreOp[T], kind: AuditKind, describe: Callable[[T], AuditFields]
@@ -264,6 +262,36 @@ class AuditTrail:
                 seq_now=head.seq,
                 head_now=head.chain_hash.hex(),
             )
+
+
+def record_in_store(
+    directory: Path, kind: AuditKind, fields: AuditFields, *, time_s: float
+) -> bool:
+    """Append one entry to the trail of the store in ``directory`` from another process than
+    the daemon (the operator's command; the daemon may be running: SQLite serialises the two
+    writers, and the entry is read and written in one transaction with the state). False, and
+    nothing written, if there is no store or it has no trail yet."""
+    path = directory / DATABASE_NAME
+    if not path.exists():
+        return False
+    try:
+        connection = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA secure_delete=ON")
+    except sqlite3.Error as exc:
+        raise KeyStoreError(f"cannot open key store {path}: {exc}") from exc
+    database = Database(connection, path)
+
+    def run(tx: Tx) -> bool:
+        if _load_state(tx) is None:
+            return False
+        append_in_tx(tx, kind, fields, time_s=time_s)
+        return True
+
+    try:
+        return database.run(StoreOp(run))
+    finally:
+        database.close()
 
 
 # ---- reading a trail (audit verify / show) ----------------------------------------------------
