@@ -35,13 +35,20 @@ from qkdnode.audit import (
     initial_state,
     verify_trail,
 )
+from qkdnode.channel.messages import Control
 from qkdnode.cli import main
 from qkdnode.config.delivery import ApiLimits
+from qkdnode.coordination.wire import AuditHead, control_from_wire, control_to_wire, make_registry
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager
 from qkdnode.delivery.server import DeliveryApp
 from qkdnode.demo.run import prepare_workdir
-from qkdnode.errors import AuditTrailBroken, AuthenticationFailed, CertificateRejected
+from qkdnode.errors import (
+    AuditTrailBroken,
+    AuthenticationFailed,
+    CertificateRejected,
+    ProtocolError,
+)
 from qkdnode.node.auditing import record_session_failure
 from qkdnode.store import KeyStore
 from qkdnode.store.audit import (
@@ -589,3 +596,15 @@ def test_the_operators_rebootstrap_permit_is_recorded_while_the_daemon_writes_to
     ]
     capsys.readouterr()
     assert _verify_cli(directory, capsys)[0] == 0
+
+
+def test_the_audit_head_message_round_trips_and_its_schema_is_strict() -> None:
+    head = AuditHead(seq=41, chain_hash=bytes(range(32)))
+    kind, body = control_to_wire(head)
+    registry = make_registry()
+    registry.check(kind, body)
+    assert control_from_wire(Control(kind=kind, body=body)) == head
+    with pytest.raises(ProtocolError):
+        registry.check(kind, {"seq": 41, "chain_hash": bytes(31)})
+    with pytest.raises(ProtocolError):
+        registry.check(kind, {"seq": -1, "chain_hash": bytes(32)})
