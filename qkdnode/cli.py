@@ -153,10 +153,19 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from qkdnode.audit import verify_trail
     from qkdnode.errors import AuditTrailBroken
-    from qkdnode.store.audit import INITIAL_KEY_FILE, read_initial_key, read_trail
+    from qkdnode.store.audit import (
+        INITIAL_KEY_FILE,
+        read_initial_key,
+        read_peer_head,
+        read_trail,
+    )
 
     directory = Path(args.store)
-    trail = read_trail(directory)
+    try:
+        trail = read_trail(directory)
+    except AuditTrailBroken as exc:
+        print(f"audit trail of {directory}: BROKEN at entry {exc.seq}: {exc.reason}")
+        return 1
     if args.audit_command == "show":
         entries = []
         for record in trail.records:
@@ -190,7 +199,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    peer_head = read_trail(Path(args.peer_store)).peer_head if args.peer_store else None
+    peer_head = read_peer_head(Path(args.peer_store)) if args.peer_store else None
     if args.peer_store and peer_head is None:
         print(f"qkdnode: {args.peer_store} holds no head of the peer's trail", file=sys.stderr)
         return 2

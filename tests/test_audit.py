@@ -311,8 +311,10 @@ def _tamper(directory: Path, *statements: str) -> None:
             4,
         ),
         (["UPDATE audit_state SET key = randomblob(32)"], 6),
+        (["UPDATE audit_state SET key = randomblob(16)"], 6),
+        (["DELETE FROM audit_state"], 6),
     ],
-    ids=["edit", "delete", "reorder", "truncate", "replace-key"],
+    ids=["edit", "delete", "reorder", "truncate", "replace-key", "damage-key", "drop-state"],
 )
 def test_tampering_in_the_store_is_named_by_audit_verify(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], statements: list[str], named: int

@@ -35,7 +35,7 @@ from qkdnode.audit import (
     initial_state,
 )
 from qkdnode.audit.trail import AuditValue
-from qkdnode.errors import KeyStoreError
+from qkdnode.errors import AuditTrailBroken, KeyStoreError
 from qkdnode.store.schema import DATABASE_NAME
 from qkdnode.store.transaction import Database, StoreOp, Tx
 
@@ -50,11 +50,15 @@ AuditFields = Mapping[str, AuditValue]
 
 
 def _load_state(tx: Tx | sqlite3.Connection) -> AuditState | None:
+    """The writer's state; AuditTrailBroken if its row was damaged (never repaired here)."""
     rows = tx.execute("SELECT next_seq, key, head FROM audit_state WHERE singleton = 1").fetchall()
     if not rows:
         return None
     next_seq, key, head = rows[0]
-    return AuditState(next_seq=int(next_seq), key=bytes(key), head=bytes(head))
+    try:
+        return AuditState(next_seq=int(next_seq), key=bytes(key), head=bytes(head))
+    except (TypeError, ValueError):
+        raise AuditTrailBroken(int(next_seq), "the trail's state is malformed") from None
 
 
 def _save_state(tx: Tx, state: AuditState) -> None:
@@ -307,8 +311,8 @@ class StoredTrail:
     peer_head: PeerHead | None
 
 
-def read_trail(directory: Path) -> StoredTrail:
-    """Read the trail of the store in ``directory`` in one read transaction (the daemon may run
+def _read(directory: Path, read: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``read`` in one read transaction on the store in ``directory`` (the daemon may run
     meanwhile). KeyStoreError if there is no store or it has no audit tables."""
     path = directory / DATABASE_NAME
     if not path.exists():
@@ -319,24 +323,35 @@ def read_trail(directory: Path) -> StoredTrail:
         raise KeyStoreError(f"cannot open key store {path}: {exc}") from exc
     try:
         db.execute("BEGIN")
-        rows = db.execute(
-            "SELECT seq, body, tag, chain_hash FROM audit_log ORDER BY seq"
-        ).fetchall()
-        state = _load_state(db)
-        peer = db.execute("SELECT seq, chain_hash FROM audit_peer_head WHERE singleton = 1")
-        peer_rows = peer.fetchall()
+        value = read(db)
         db.execute("COMMIT")
+        return value
     except sqlite3.Error as exc:
         raise KeyStoreError(f"cannot read the audit trail of {path}: {exc}") from exc
     finally:
         db.close()
-    return StoredTrail(
-        records=tuple(
+
+
+def _peer_head(db: sqlite3.Connection) -> PeerHead | None:
+    rows = db.execute("SELECT seq, chain_hash FROM audit_peer_head WHERE singleton = 1").fetchall()
+    return PeerHead(seq=int(rows[0][0]), chain_hash=bytes(rows[0][1])) if rows else None
+
+
+def read_trail(directory: Path) -> StoredTrail:
+    """The trail of the store in ``directory``, read at one instant. KeyStoreError if there is
+    no store; AuditTrailBroken if the writer's state row is damaged."""
+
+    def read(db: sqlite3.Connection) -> StoredTrail:
+        rows = db.execute("SELECT seq, body, tag, chain_hash FROM audit_log ORDER BY seq")
+        records = tuple(
             AuditRecord(seq=int(seq), body=bytes(body), tag=bytes(tag), chain_hash=bytes(h))
-            for seq, body, tag, h in rows
-        ),
-        state=state,
-        peer_head=PeerHead(seq=int(peer_rows[0][0]), chain_hash=bytes(peer_rows[0][1]))
-        if peer_rows
-        else None,
-    )
+            for seq, body, tag, h in rows.fetchall()
+        )
+        return StoredTrail(records=records, state=_load_state(db), peer_head=_peer_head(db))
+
+    return _read(directory, read)
+
+
+def read_peer_head(directory: Path) -> PeerHead | None:
+    """The head of the PEER's trail that the store in ``directory`` last received."""
+    return _read(directory, _peer_head)
