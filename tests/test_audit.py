@@ -216,7 +216,7 @@ def test_a_peer_head_off_the_trail_is_named() -> None:
 
 def _store_with_trail(directory: Path, entries: int = 5) -> tuple[KeyStore, AuditTrail]:
     store = KeyStore.open(directory, node_name="alice")
-    trail = AuditTrail.start(store, directory, node_name="alice")
+    trail = AuditTrail.start(store, node_name="alice")
     for i in range(entries):
         trail.record(AuditKind.AUTHENTICATION_FAILED, reason=f"attempt {i}")
     return store, trail
@@ -253,7 +253,7 @@ def test_a_restarted_trail_keeps_its_key_and_file(tmp_path: Path) -> None:
     first_key = read_initial_key(tmp_path / INITIAL_KEY_FILE)
     store.close()
     store = KeyStore.open(tmp_path, node_name="alice")
-    AuditTrail.start(store, tmp_path, node_name="alice").record(AuditKind.ROTATED, mode="x")
+    AuditTrail.start(store, node_name="alice").record(AuditKind.ROTATED, mode="x")
     store.close()
     assert read_initial_key(tmp_path / INITIAL_KEY_FILE) == first_key
     trail = read_trail(tmp_path)
@@ -333,7 +333,7 @@ def test_a_rolled_back_store_is_caught_by_the_head_the_peer_kept(
     alice_dir, bob_dir = tmp_path / "alice", tmp_path / "bob"
     alice, alice_trail = _store_with_trail(alice_dir, entries=2)
     bob = KeyStore.open(bob_dir, node_name="bob")
-    bob_trail = AuditTrail.start(bob, bob_dir, node_name="bob")
+    bob_trail = AuditTrail.start(bob, node_name="bob")
     # a copy of Alice's whole store taken now, restored later
     alice.fold_wal()
     snapshot = (alice_dir / DATABASE_NAME).read_bytes()
@@ -396,7 +396,7 @@ from qkdnode.store import KeyStore
 from qkdnode.store.audit import AuditTrail
 directory = Path(sys.argv[1])
 store = KeyStore.open(directory, node_name="alice")
-trail = AuditTrail.start(store, directory, node_name="alice")
+trail = AuditTrail.start(store, node_name="alice")
 print("ready", flush=True)
 i = 0
 while True:
@@ -453,7 +453,7 @@ def test_earlier_evolving_keys_are_gone_from_the_database_files(tmp_path: Path) 
 def test_deliveries_recorded_with_key_ids_never_key_material(tmp_path: Path) -> None:
     alice, bob = committed_stores(tmp_path, random_blocks(3, count=2, keys_per_block=4))
     bob.close()
-    trail = AuditTrail.start(alice, tmp_path / "alice", node_name="alice")
+    trail = AuditTrail.start(alice, node_name="alice")
     material = [key.material for key in alice.committed_keys()]
     delivery_ids = [uuid.uuid4() for _ in range(2)]
     reserve(
@@ -511,7 +511,7 @@ async def test_refused_sae_requests_and_deliveries_are_recorded(tmp_path: Path) 
     manager = KeyManager(
         alice, master_parity=0, peer_reserve=peer_reserve, local_saes={"a"}, peer_saes={"b"}
     )
-    manager.audit = AuditTrail.start(alice, tmp_path / "alice", node_name="alice")
+    manager.audit = AuditTrail.start(alice, node_name="alice")
     app = DeliveryApp(
         manager=manager,
         limits=ApiLimits(
@@ -584,7 +584,7 @@ def test_the_operators_rebootstrap_permit_is_recorded_while_the_daemon_writes_to
     directory = layout.store("alice")
     # the daemon's store open meanwhile: the two writers interleave entries
     store = KeyStore.open(directory, node_name="alice")
-    trail = AuditTrail.start(store, directory, node_name="alice")
+    trail = AuditTrail.start(store, node_name="alice")
     trail.record(AuditKind.DAEMON_STARTED, node="alice")
     assert main(["auth", "rebootstrap", "--config", str(layout.config("alice"))]) == 0
     trail.record(AuditKind.REBOOTSTRAP_PERMIT_IN_FORCE, peer="bob")

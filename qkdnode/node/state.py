@@ -106,7 +106,7 @@ class Node:
         self.store = store
         self.store_view = KeyStoreView(store)
         # the tamper-evident audit trail in the same store (started with the store's first run)
-        self.audit = AuditTrail.start(store, config.store.directory, node_name=config.node.name)
+        self.audit = AuditTrail.start(store, node_name=config.node.name)
         self.peer_name = config.peer.name
         self.blocks = blocks
         self.link = blocks.link

@@ -196,20 +196,20 @@ class AuditTrail:
     def start(
         cls,
         store: Database,
-        directory: Path,
         *,
         node_name: str,
         clock: Callable[[], float] = time.time,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> AuditTrail:
-        """The store's trail, started if it has none: ``k_0`` is written to its file first
-        (a crash before the trail's first COMMIT leaves a stale file that the next start
-        overwrites), then the trail and its first entry are committed together."""
+        """The store's trail, started if it has none: ``k_0`` is written to its file (in the
+        store's directory) first (a crash before the trail's first COMMIT leaves a stale file
+        that the next start overwrites), then the trail and its first entry are committed
+        together."""
         trail = cls(store, clock=clock)
         if store.run(StoreOp(lambda tx: _load_state(tx) is not None, durable=False)):
             return trail
         initial_key = random_bytes(INITIAL_KEY_BYTES)
-        path = write_initial_key(directory, initial_key)
+        path = write_initial_key(store.path.parent, initial_key)
         store.run(start_op(initial_key, {"node": node_name}, time_s=clock()))
         del initial_key
         log.warning(
