@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import structlog
 
@@ -49,9 +49,15 @@ AuditFields = Mapping[str, AuditValue]
 # ---- inside a transaction -------------------------------------------------------------------
 
 
+_STATE_QUERY: Final = "SELECT next_seq, key, head FROM audit_state WHERE singleton = 1"
+
+
 def _load_state(tx: Tx | sqlite3.Connection) -> AuditState | None:
     """The writer's state; AuditTrailBroken if its row was damaged (never repaired here)."""
-    rows = tx.execute("SELECT next_seq, key, head FROM audit_state WHERE singleton = 1").fetchall()
+    return _state_from_rows(tx.execute(_STATE_QUERY).fetchall())
+
+
+def _state_from_rows(rows: list[tuple[Any, ...]]) -> AuditState | None:
     if not rows:
         return None
     next_seq, key, head = rows[0]
@@ -206,7 +212,7 @@ class AuditTrail:
         that the next start overwrites), then the trail and its first entry are committed
         together."""
         trail = cls(store, clock=clock)
-        if store.run(StoreOp(lambda tx: _load_state(tx) is not None, durable=False)):
+        if trail._current_state() is not None:
             return trail
         initial_key = random_bytes(INITIAL_KEY_BYTES)
         path = write_initial_key(store.path.parent, initial_key)
@@ -219,6 +225,11 @@ class AuditTrail:
             "every entry; left here it proves nothing against whoever takes the disk",
         )
         return trail
+
+    def _current_state(self) -> AuditState | None:
+        # a plain read (no transaction of its own, no COMMIT); the store's lock orders it
+        # with the writes
+        return _state_from_rows(self.store._query(_STATE_QUERY))
 
     def record(self, kind: AuditKind, **fields: AuditValue) -> AuditRecord:
         """Append one entry now, durably (its own transaction)."""
@@ -238,7 +249,7 @@ class AuditTrail:
 
     def head(self) -> PeerHead | None:
         """This trail's head: the last entry's number and chain hash (None if empty)."""
-        state = self.store.run(StoreOp(_load_state, durable=False))
+        state = self._current_state()
         if state is None or state.next_seq == 0:
             return None
         return PeerHead(seq=state.next_seq - 1, chain_hash=state.head)
