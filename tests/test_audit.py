@@ -35,6 +35,7 @@ from qkdnode.audit import (
     initial_state,
     verify_trail,
 )
+from qkdnode.audit.budget import RecordingBudget
 from qkdnode.channel.messages import Control
 from qkdnode.cli import main
 from qkdnode.config.delivery import ApiLimits
@@ -49,7 +50,7 @@ from qkdnode.errors import (
     CertificateRejected,
     ProtocolError,
 )
-from qkdnode.node.auditing import record_session_failure
+from qkdnode.node.auditing import SessionFailureRecorder
 from qkdnode.store import KeyStore
 from qkdnode.store.audit import (
     INITIAL_KEY_FILE,
@@ -491,7 +492,7 @@ def test_security_failures_that_end_a_session_are_recorded_and_others_not(tmp_pa
             TimeoutError("read timed out"),
         ],
     )
-    record_session_failure(trail, group, peer="bob")
+    SessionFailureRecorder(trail, peer="bob")(group)
     store.close()
     entries = [record.entry() for record in read_trail(tmp_path).records[1:]]
     assert [(e.kind, e.fields["reason"]) for e in entries] == [
@@ -610,3 +611,29 @@ def test_the_audit_head_message_round_trips_and_its_schema_is_strict() -> None:
         registry.check(kind, {"seq": 41, "chain_hash": bytes(31)})
     with pytest.raises(ProtocolError):
         registry.check(kind, {"seq": -1, "chain_hash": bytes(32)})
+
+
+def test_a_recording_budget_counts_what_it_leaves_out() -> None:
+    budget = RecordingBudget(rate_per_s=0.5, burst=3)
+    assert [budget.admit("x", 0.0) for _ in range(5)] == [0, 0, 0, None, None]
+    assert budget.admit("y", 0.0) == 0  # its own bucket
+    assert budget.admit("x", 1.0) is None  # half a token back
+    assert budget.admit("x", 2.0) == 3  # one token: recorded, three left out before it
+    assert budget.admit("x", 2.0) is None
+
+
+def test_a_flood_of_failed_handshakes_is_recorded_with_counts_not_entry_by_entry(
+    tmp_path: Path,
+) -> None:
+    store, trail = _store_with_trail(tmp_path, entries=0)
+    now = {"s": 0.0}
+    recorder = SessionFailureRecorder(trail, peer="bob", clock=lambda: now["s"])
+    for _ in range(100):
+        recorder(ExceptionGroup("session", [AuthenticationFailed("bad proof")]))
+    now["s"] = 2.0
+    recorder(ExceptionGroup("session", [AuthenticationFailed("bad proof")]))
+    store.close()
+    entries = [record.entry() for record in read_trail(tmp_path).records[1:]]
+    assert len(entries) == 21
+    assert entries[-1].fields["suppressed_before"] == 80
+    assert "suppressed_before" not in entries[0].fields

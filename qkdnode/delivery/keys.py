@@ -52,6 +52,7 @@ import structlog
 import trio
 
 from qkdnode.audit import AuditKind
+from qkdnode.audit.budget import RecordingBudget
 from qkdnode.audit.trail import AuditValue
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
 from qkdnode.errors import ProtocolError, SecurityError
@@ -79,6 +80,9 @@ REFILL_CHUNK_KEYS: Final = 32  # keys per reservation made ahead
 REFILL_BACKOFF_S: Final = 1.0  # after a failed top-up (peer down, key material short)
 RELEASE_CHUNK_KEYS: Final = 1024  # reservations released per transaction at start
 RESERVE_ATTEMPTS: Final = 3  # reservations per request when the peer reports keys used up
+# refused requests recorded one by one per SAE: 20 at once, then 2 per second (the rest counted)
+REFUSALS_RECORDED_PER_S: Final = 2.0
+REFUSALS_RECORDED_BURST: Final = 20.0
 
 
 class KeyManager:
@@ -126,6 +130,9 @@ class KeyManager:
         # the node's audit trail: each delivery is recorded (SAE IDs and key IDs, never a key)
         # in the transaction that hands the keys out, each refused request in one of its own
         self.audit: AuditTrail | None = None
+        self._refusal_budget = RecordingBudget(
+            rate_per_s=REFUSALS_RECORDED_PER_S, burst=REFUSALS_RECORDED_BURST
+        )
 
     def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
         """Keys this node can hand out as master (its half of the partition), counting those
@@ -363,11 +370,19 @@ class KeyManager:
 
         return self.audit.around(op, AuditKind.KEYS_DELIVERED, describe)
 
-    async def record_refusal(self, fields: Mapping[str, AuditValue]) -> None:
-        """Record a refused SAE request in the audit trail, durably (refusals that arrive
-        together share one commit)."""
-        if self.audit is not None:
-            await self._commits.run(self.audit.op(AuditKind.SAE_REQUEST_REFUSED, fields))
+    async def record_refusal(self, sae: str, fields: Mapping[str, AuditValue]) -> None:
+        """Record a refused request of ``sae`` in the audit trail, durably (refusals that
+        arrive together share one commit); past the SAE's budget it is counted into its next
+        entry instead (``qkdnode.audit.budget``)."""
+        if self.audit is None:
+            return
+        suppressed = self._refusal_budget.admit(sae, trio.current_time())
+        if suppressed is None:
+            return
+        entry = {"sae": sae, **fields}
+        if suppressed:
+            entry["suppressed_before"] = suppressed
+        await self._commits.run(self.audit.op(AuditKind.SAE_REQUEST_REFUSED, entry))
 
     async def _release(
         self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()

@@ -160,13 +160,13 @@ class DeliveryApp:
         recording answers 503 instead."""
         try:
             await self.manager.record_refusal(
+                caller_sae,
                 {
-                    "sae": caller_sae,
                     "status": response.status,
                     "method": method[:16],
                     "target": target,
                     "reason": _error_message(response.body),
-                }
+                },
             )
         except KeyStoreError as exc:
             _log.error("key store failure while serving", error=str(exc))

@@ -4,11 +4,15 @@ the configuration in force at start and the security failures that end sessions.
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import structlog
 
 from qkdnode.audit import AuditKind
+from qkdnode.audit.budget import RecordingBudget
 from qkdnode.audit.trail import AuditValue
 from qkdnode.config import NodeConfig
 from qkdnode.errors import CertificateRejected, KeyStoreError, SecurityError
@@ -67,21 +71,52 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def record_session_failure(trail: AuditTrail, error: BaseException, *, peer: str) -> None:
-    """One entry per security failure that ended a session: a refused certificate, a tag or
-    signature that did not verify, an exhausted key pool (the reason is the exception's text,
-    which never holds secret material). Other endings (timeouts, a lost connection) are not
-    security events and are not recorded."""
-    for leaf in _leaves(error):
-        if not isinstance(leaf, SecurityError):
-            continue
-        kind = (
-            AuditKind.CERTIFICATE_REJECTED
-            if isinstance(leaf, CertificateRejected)
-            else AuditKind.AUTHENTICATION_FAILED
-        )
-        try:
-            trail.record(kind, peer=peer, error=type(leaf).__name__, reason=str(leaf))
-        except KeyStoreError:
-            log.critical("audit.write_failed", event=kind.value)
-            raise
+# security failures recorded one by one: 20 at once, then one every 2 s (the rest are counted)
+FAILURES_PER_S: Final = 0.5
+FAILURE_BURST: Final = 20.0
+
+
+class SessionFailureRecorder:
+    """Records the security failures that end sessions (``on_failure`` of the session loops):
+    a refused certificate, a tag or signature that did not verify, an exhausted key pool. The
+    reason is the exception's text, which never holds secret material. Other endings (timeouts,
+    a lost connection) are not security events and are not recorded. Past its budget
+    (``qkdnode.audit.budget``) a failure is counted into the next entry instead."""
+
+    def __init__(
+        self,
+        trail: AuditTrail,
+        *,
+        peer: str,
+        clock: Callable[[], float] = time.monotonic,
+        budget: RecordingBudget | None = None,
+    ) -> None:
+        self.trail = trail
+        self.peer = peer
+        self.clock = clock
+        self.budget = budget or RecordingBudget(rate_per_s=FAILURES_PER_S, burst=FAILURE_BURST)
+
+    def __call__(self, error: BaseException) -> None:
+        for leaf in _leaves(error):
+            if not isinstance(leaf, SecurityError):
+                continue
+            kind = (
+                AuditKind.CERTIFICATE_REJECTED
+                if isinstance(leaf, CertificateRejected)
+                else AuditKind.AUTHENTICATION_FAILED
+            )
+            suppressed = self.budget.admit(kind.value, self.clock())
+            if suppressed is None:
+                continue
+            fields: dict[str, AuditValue] = {
+                "peer": self.peer,
+                "error": type(leaf).__name__,
+                "reason": str(leaf),
+            }
+            if suppressed:
+                fields["suppressed_before"] = suppressed
+            try:
+                self.trail.record(kind, **fields)
+            except KeyStoreError:
+                log.critical("audit.write_failed", event=kind.value)
+                raise

@@ -23,7 +23,7 @@ from qkdnode.config import NodeConfig
 from qkdnode.delivery.server import DeliveryApp, serve_delivery
 from qkdnode.errors import KeyStoreError, LinkError
 from qkdnode.link.blocks import open_block_source
-from qkdnode.node.auditing import config_in_force, record_session_failure
+from qkdnode.node.auditing import SessionFailureRecorder, config_in_force
 from qkdnode.node.exchange import DaemonMustStop, Exchange, SessionEnded
 from qkdnode.node.session import (
     PeerSession,
@@ -96,7 +96,7 @@ async def _run_alice(node: Node, session_config: SessionConfig) -> None:
         session_config,
         node.make_connection,
         lambda s: _guarded(node, s),
-        on_failure=lambda group: record_session_failure(node.audit, group, peer=node.peer_name),
+        on_failure=SessionFailureRecorder(node.audit, peer=node.peer_name),
     )
 
 
@@ -113,9 +113,7 @@ async def _run_bob(
         await nursery.start(
             functools.partial(
                 serve_bob,
-                on_failure=lambda group: record_session_failure(
-                    node.audit, group, peer=node.peer_name
-                ),
+                on_failure=SessionFailureRecorder(node.audit, peer=node.peer_name),
             ),
             session_config,
             node.make_connection,
