@@ -273,7 +273,9 @@ def verify_trail(
     for position, record in enumerate(records):
         if record.seq != position:
             if record.seq > position:
-                raise AuditTrailBroken(position, f"missing (the next stored entry is {record.seq})")
+                raise AuditTrailBroken(
+                    position, f"missing or moved (entry {record.seq} is stored in its place)"
+                )
             raise AuditTrailBroken(record.seq, f"out of order (found at position {position})")
         decode_body(record.seq, record.body)
         if key is not None:
