@@ -115,6 +115,15 @@ def _cmd_pgp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator_name() -> str | None:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
 def _cmd_auth(args: argparse.Namespace) -> int:
     import time
 
@@ -122,13 +131,113 @@ def _cmd_auth(args: argparse.Namespace) -> int:
     from qkdnode.node import rebootstrap
 
     config = load_config(args.config)
-    path = rebootstrap.grant(
-        config.store.directory, now_s=time.time(), valid_s=args.valid_minutes * 60.0
+    from qkdnode.audit import AuditKind
+    from qkdnode.store.audit import record_in_store
+
+    now_s = time.time()
+    path = rebootstrap.grant(config.store.directory, now_s=now_s, valid_s=args.valid_minutes * 60.0)
+    record_in_store(
+        config.store.directory,
+        AuditKind.REBOOTSTRAP_PERMIT_GRANTED,
+        {"expires_at_s": now_s + args.valid_minutes * 60.0, "user": _operator_name()},
+        time_s=now_s,
     )
     print(
         f"re-bootstrap permit for {config.node.name}: {path}, valid {args.valid_minutes:g} min "
         "for one bootstrap session; the peer node needs its own permit. Both authentication-key "
         "ledgers are reset in that session, authenticated by the bootstrap credentials."
+    )
+    return 0
+
+
+def _audit_line(item: dict[str, object]) -> str:
+    """One entry of ``audit show`` as a line: number, UTC time, kind, fields."""
+    import datetime
+
+    if "error" in item:
+        return f"{item['seq']:>6}  UNREADABLE: {item['error']}"
+    time_s = item["time_s"]
+    assert isinstance(time_s, float)
+    when = datetime.datetime.fromtimestamp(time_s, tz=datetime.UTC).isoformat(timespec="seconds")
+    fields = item["fields"]
+    assert isinstance(fields, dict)
+    details = " ".join(
+        f"{name}={','.join(value) if isinstance(value, list | tuple) else value}"
+        for name, value in sorted(fields.items())
+    )
+    return f"{item['seq']:>6}  {when}  {item['kind']:<28} {details}"
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    """``audit verify``: exit 0 if the trail verifies, 1 naming the first bad entry, 2 when the
+    initial key is not at hand (and not waived). ``audit show``: the entries, unverified."""
+    import json
+
+    from qkdnode.audit import verify_trail
+    from qkdnode.errors import AuditTrailBroken
+    from qkdnode.store.audit import (
+        INITIAL_KEY_FILE,
+        read_initial_key,
+        read_peer_head,
+        read_trail,
+    )
+
+    directory = Path(args.store)
+    try:
+        trail = read_trail(directory)
+    except AuditTrailBroken as exc:
+        print(f"audit trail of {directory}: BROKEN at entry {exc.seq}: {exc.reason}")
+        return 1
+    if args.audit_command == "show":
+        entries = []
+        for record in trail.records:
+            try:
+                entry = record.entry()
+                item: dict[str, object] = {
+                    "seq": record.seq,
+                    "time_s": entry.time_s,
+                    "kind": entry.kind,
+                    "fields": dict(entry.fields),
+                }
+            except AuditTrailBroken as exc:
+                item = {"seq": record.seq, "error": exc.reason}
+            item["chain_hash"] = record.chain_hash.hex()
+            entries.append(item)
+        if args.json:
+            print(json.dumps(entries, indent=2, default=list))
+        else:
+            for item in entries:
+                print(_audit_line(item))
+        return 0
+    key_path = Path(args.initial_key) if args.initial_key else directory / INITIAL_KEY_FILE
+    initial_key: bytes | None = None
+    if not args.no_initial_key:
+        try:
+            initial_key = read_initial_key(key_path)
+        except (OSError, ValueError) as exc:
+            print(
+                f"qkdnode: audit verify needs the trail's initial key ({exc}); give it with "
+                "--initial-key FILE, or check the chain alone with --no-initial-key",
+                file=sys.stderr,
+            )
+            return 2
+    peer_head = read_peer_head(Path(args.peer_store)) if args.peer_store else None
+    if args.peer_store and peer_head is None:
+        print(f"qkdnode: {args.peer_store} holds no head of the peer's trail", file=sys.stderr)
+        return 2
+    try:
+        summary = verify_trail(
+            trail.records, initial_key=initial_key, stored_state=trail.state, peer_head=peer_head
+        )
+    except AuditTrailBroken as exc:
+        print(f"audit trail of {directory}: BROKEN at entry {exc.seq}: {exc.reason}")
+        return 1
+    checks = ["chain", "tags under the initial key" if summary.tags_checked else "NO tags"]
+    if summary.peer_head_checked:
+        checks.append("the head the peer received")
+    print(
+        f"audit trail of {directory}: {summary.entries} entries verify"
+        f" ({', '.join(checks)}); head {summary.head.hex()}"
     )
     return 0
 
@@ -199,6 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--config", required=True, help="the node's TOML file")
     again.add_argument("--valid-minutes", type=float, default=60.0)
 
+    audit = commands.add_parser("audit", help="check or print the node's audit trail")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check every entry (exit 0 valid, 1 naming the first bad entry)",
+    )
+    verify.add_argument("--store", required=True, help="the node's store directory")
+    verify.add_argument(
+        "--initial-key",
+        help="the trail's initial key file (default: STORE/audit-initial-key)",
+    )
+    verify.add_argument(
+        "--no-initial-key",
+        action="store_true",
+        help="check the chain and numbering only (a forger who rewrites the chain is missed)",
+    )
+    verify.add_argument(
+        "--peer-store",
+        help="the peer node's store directory: check the head of this trail it received",
+    )
+    show = audit_commands.add_parser("show", help="print the entries (not verified)")
+    show.add_argument("--store", required=True, help="the node's store directory")
+    show.add_argument("--json", action="store_true", help="one JSON list on stdout")
+
     demo = commands.add_parser("demo", help="run Alice and Bob on loopback and show keys grow")
     demo.add_argument("--blocks", type=int, default=6, help="stop after N block attempts")
     demo.add_argument("--distance-km", type=float, default=25.0)
@@ -249,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_auth(args)
         if args.command == "pgp":
             return _cmd_pgp(args)
+        if args.command == "audit":
+            return _cmd_audit(args)
     except ConfigError as exc:
         print(f"qkdnode: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -97,3 +97,14 @@ class BadDeviceData(LinkError):
 
 class KeyStoreError(QkdError):
     """The key store is corrupt or an I/O operation failed; the daemon must stop, never retry."""
+
+
+class AuditTrailBroken(SecurityError):
+    """The audit trail does not verify: an entry was edited, removed, reordered or cut off, or
+    the trail's evolving key was replaced. ``seq`` names the first bad entry (or the position
+    where one is missing) and ``reason`` says what failed."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        self.seq = seq
+        self.reason = reason
+        super().__init__(f"audit entry {seq}: {reason}")

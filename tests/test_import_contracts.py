@@ -18,7 +18,13 @@ from pathlib import Path
 import qkdnode
 
 ROOT = Path(qkdnode.__file__).resolve().parent
-PURE_PACKAGES = ("qkdnode.channel", "qkdnode.coordination", "qkdnode.postprocess", "qkdnode.config")
+PURE_PACKAGES = (
+    "qkdnode.audit",
+    "qkdnode.channel",
+    "qkdnode.coordination",
+    "qkdnode.postprocess",
+    "qkdnode.config",
+)
 PURE_MODULES = (
     "qkdnode",
     "qkdnode.errors",

@@ -87,11 +87,16 @@ def _fake_node() -> Any:
         blocks=SimpleNamespace(reset=reset),
         reporter=SimpleNamespace(mode_changed=lambda mode, reason: None),
         metrics=SimpleNamespace(set_peer_connected=lambda connected: None),
+        audit=SimpleNamespace(record=lambda kind, **fields: None),
+        peer_name="bob",
+        config=SimpleNamespace(auth=SimpleNamespace(mode="psk")),
     )
 
 
 def _fake_session() -> Any:
-    return SimpleNamespace(ended=trio.Event(), connection=SimpleNamespace(mode=None))
+    return SimpleNamespace(
+        ended=trio.Event(), connection=SimpleNamespace(mode=None), handshake=None
+    )
 
 
 async def test_a_stale_sessions_teardown_leaves_the_newer_session_in_place(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -163,6 +164,48 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     assert late["alice"]["qkdnode_key_security_epsilon"] > 0
     for key in list(read_keys(layout.store("alice")).values())[:50]:
         assert key.hex() not in text
+    audit_trails_verify_and_an_altered_entry_is_named(layout)
+
+
+def audit_verify(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qkdnode", "audit", "verify", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def audit_trails_verify_and_an_altered_entry_is_named(layout: DemoLayout) -> None:
+    """Both stores' audit trails verify, each against the head its peer received; one entry
+    altered afterwards is named."""
+    for node, peer in (("alice", "bob"), ("bob", "alice")):
+        store, peer_store = str(layout.store(node)), str(layout.store(peer))
+        result = audit_verify("--store", store, "--peer-store", peer_store)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "the head the peer received" in result.stdout
+    shown = subprocess.run(
+        [sys.executable, "-m", "qkdnode", "audit", "show", "--store", str(layout.store("alice"))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for kind in ("daemon_started", "session_established", "rotated", "block_committed"):
+        assert kind in shown
+    assert "keys_delivered" in shown  # the API calls above
+    db = sqlite3.connect(layout.store("alice") / "keys.db", isolation_level=None)
+    db.execute(
+        "UPDATE audit_log SET body = CAST(replace(CAST(body AS TEXT), 'sae-b', 'sae-x') AS BLOB)"
+        " WHERE seq = (SELECT MIN(seq) FROM audit_log WHERE CAST(body AS TEXT) LIKE"
+        " '%keys_delivered%')"
+    )
+    (altered,) = db.execute(
+        "SELECT MIN(seq) FROM audit_log WHERE CAST(body AS TEXT) LIKE '%keys_delivered%'"
+    ).fetchone()
+    db.close()
+    result = audit_verify("--store", str(layout.store("alice")))
+    assert result.returncode == 1
+    assert f"BROKEN at entry {altered}: tag does not verify" in result.stdout
 
 
 def test_intercept_resend_eve_aborts_every_block_and_stores_no_key(tmp_path: Path) -> None:

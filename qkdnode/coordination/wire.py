@@ -5,8 +5,9 @@
   that turn (``qkdnode.postprocess.pipeline``).
 - Coordination (``Control`` frames, outside blocks): limbo reconciliation at session start
   (``Sync``, ``SyncReply``, ``SyncDone``, ``LedgerReset``, ``LedgerResetDone``), the two-phase
-  commit of each block (``Stage``, ``Staged``, ``Commit``, ``Committed``) and key reservations
-  for delivery (``Reserve``, ``ReserveResult``).
+  commit of each block (``Stage``, ``Staged``, ``Commit``, ``Committed``), key reservations
+  for delivery (``Reserve``, ``ReserveResult``) and the head of the sender's audit trail after
+  each commit (``AuditHead``; the session shell handles it, not the coordination machine).
 
 ``control_to_wire``/``control_from_wire`` and ``data_to_wire``/``data_from_wire`` convert between
 the typed messages and the channel's ``(kind, body)``; the channel has checked the body against
@@ -78,6 +79,8 @@ CONTROL_SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
         "detail": FieldSpec(kind="bytes", max_len=512),
         "burned_key_ids": FieldSpec(kind="bytes", max_len=16 * 65536),
     },
+    # the sender's audit trail after entry ``seq`` has chain hash ``chain_hash`` (qkdnode.audit)
+    "audit_head": {"seq": _ID, "chain_hash": FieldSpec(kind="bytes", min_len=32, max_len=32)},
 }
 
 _WIRE_KIND: Final = {int: "int", float: "float", bool: "bool", bytes: "bytes", str: "bytes"}
@@ -231,6 +234,15 @@ class ReserveResult:
     burned_key_ids: tuple[uuid.UUID, ...]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditHead:
+    """The head of the sender's audit trail, sent after each commit: the receiver keeps the
+    last one, so a trail later cut or rolled back on the sender's disk is caught."""
+
+    seq: int
+    chain_hash: bytes
+
+
 CoordinationMessage = (
     Sync
     | SyncReply
@@ -243,6 +255,7 @@ CoordinationMessage = (
     | Committed
     | Reserve
     | ReserveResult
+    | AuditHead
 )
 
 
@@ -316,6 +329,8 @@ def control_to_wire(message: CoordinationMessage) -> tuple[str, Body]:
                 "detail": detail.encode()[:512],
                 "burned_key_ids": pack_uuids(burned),
             }
+        case AuditHead(seq=seq, chain_hash=head):
+            return "audit_head", {"seq": seq, "chain_hash": head}
     raise TypeError(f"not a coordination message: {type(message).__name__}")
 
 
@@ -370,6 +385,8 @@ def control_from_wire(control: Control) -> CoordinationMessage:
                     unpack_uuids(_blob(body, "burned_key_ids"), field="burned_key_ids")
                 ),
             )
+        case "audit_head":
+            return AuditHead(seq=_int(body, "seq"), chain_hash=_blob(body, "chain_hash"))
     raise ProtocolError(f"not a coordination message: {kind!r}", field="kind")
 
 

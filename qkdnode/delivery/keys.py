@@ -51,8 +51,12 @@ from typing import Final
 import structlog
 import trio
 
+from qkdnode.audit import AuditKind
+from qkdnode.audit.budget import RecordingBudget
+from qkdnode.audit.trail import AuditValue
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
 from qkdnode.errors import ProtocolError, SecurityError
+from qkdnode.store.audit import AuditTrail
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import (
     DeliveryKey,
@@ -61,6 +65,7 @@ from qkdnode.store.keystore import (
     KeyStore,
     NotKeyOwner,
     ReservationRejected,
+    StoreOp,
 )
 
 PeerReserve = Callable[[Sequence[DeliveryKey], str, str], Awaitable[None]]
@@ -75,6 +80,9 @@ REFILL_CHUNK_KEYS: Final = 32  # keys per reservation made ahead
 REFILL_BACKOFF_S: Final = 1.0  # after a failed top-up (peer down, key material short)
 RELEASE_CHUNK_KEYS: Final = 1024  # reservations released per transaction at start
 RESERVE_ATTEMPTS: Final = 3  # reservations per request when the peer reports keys used up
+# refused requests recorded one by one per SAE: 20 at once, then 2 per second (the rest counted)
+REFUSALS_RECORDED_PER_S: Final = 2.0
+REFUSALS_RECORDED_BURST: Final = 20.0
 
 
 class KeyManager:
@@ -119,6 +127,12 @@ class KeyManager:
         self._refill_wanted: trio.MemorySendChannel[tuple[str, str]] | None = None
         self._refill_pending: set[tuple[str, str]] = set()
         self._refill_paused_until: dict[tuple[str, str], float] = {}  # per pair, after failures
+        # the node's audit trail: each delivery is recorded (SAE IDs and key IDs, never a key)
+        # in the transaction that hands the keys out, each refused request in one of its own
+        self.audit: AuditTrail | None = None
+        self._refusal_budget = RecordingBudget(
+            rate_per_s=REFUSALS_RECORDED_PER_S, burst=REFUSALS_RECORDED_BURST
+        )
 
     def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
         """Keys this node can hand out as master (its half of the partition), counting those
@@ -331,11 +345,44 @@ class KeyManager:
     async def _take(
         self, delivery_ids: Sequence[uuid.UUID], master_sae: str, slave_sae: str
     ) -> list[tuple[uuid.UUID, bytes]]:
-        return await self._commits.run(
-            self._store.take_op(
-                delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
-            )
+        op = self._store.take_op(
+            delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
         )
+        return await self._commits.run(self._audited(op, "master", master_sae, slave_sae))
+
+    def _audited(
+        self,
+        op: StoreOp[list[tuple[uuid.UUID, bytes]]],
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+    ) -> StoreOp[list[tuple[uuid.UUID, bytes]]]:
+        if self.audit is None:
+            return op
+
+        def describe(keys: list[tuple[uuid.UUID, bytes]]) -> Mapping[str, AuditValue]:
+            return {
+                "role": role,
+                "master_sae": master_sae,
+                "slave_sae": slave_sae,
+                "key_ids": tuple(str(key_id) for key_id, _ in keys),
+            }
+
+        return self.audit.around(op, AuditKind.KEYS_DELIVERED, describe)
+
+    async def record_refusal(self, sae: str, fields: Mapping[str, AuditValue]) -> None:
+        """Record a refused request of ``sae`` in the audit trail, durably (refusals that
+        arrive together share one commit); past the SAE's budget it is counted into its next
+        entry instead (``qkdnode.audit.budget``)."""
+        if self.audit is None:
+            return
+        suppressed = self._refusal_budget.admit(sae, trio.current_time())
+        if suppressed is None:
+            return
+        entry = {"sae": sae, **fields}
+        if suppressed:
+            entry["suppressed_before"] = suppressed
+        await self._commits.run(self.audit.op(AuditKind.SAE_REQUEST_REFUSED, entry))
 
     async def _release(
         self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()
@@ -349,11 +396,10 @@ class KeyManager:
         """The keys the master SAE got, for its slave SAE, once. ApiError 400/401 otherwise."""
         try:
             with self._commits.request():
-                return await self._commits.run(
-                    self._store.take_op(
-                        key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
-                    )
+                op = self._store.take_op(
+                    key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
                 )
+                return await self._commits.run(self._audited(op, "slave", master_sae, slave_sae))
         except DeliveryRefused:
             raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
         except NotKeyOwner:

@@ -12,6 +12,7 @@ a header size and a body size limit. Every refusal is a JSON error and ends only
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -137,17 +138,40 @@ class DeliveryApp:
             if isinstance(request, StatusRequest):
                 return Response(200, self._status(caller_sae, request.slave_sae))
             if isinstance(request, EncKeysRequest):
-                return await self._enc_keys(caller_sae, request)
+                response = await self._enc_keys(caller_sae, request)
+                if response.status != 200:
+                    return await self._refused(response, caller_sae, method, target)
+                return response
             assert isinstance(request, DecKeysRequest)
             keys = await self.manager.dec_keys(
                 slave_sae=caller_sae, master_sae=request.master_sae, key_ids=request.key_ids
             )
             return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
         except ApiError as exc:
-            return Response(exc.status, exc.body())
+            return await self._refused(Response(exc.status, exc.body()), caller_sae, method, target)
         except KeyStoreError as exc:
             _log.error("key store failure while serving", error=str(exc))
             return Response(503, error_body("key store failure"))
+
+    async def _refused(
+        self, response: Response, caller_sae: str, method: str, target: str
+    ) -> Response:
+        """``response`` (an error), once recorded in the audit trail; a store failure while
+        recording answers 503 instead."""
+        try:
+            await self.manager.record_refusal(
+                caller_sae,
+                {
+                    "status": response.status,
+                    "method": method[:16],
+                    "target": target,
+                    "reason": _error_message(response.body),
+                },
+            )
+        except KeyStoreError as exc:
+            _log.error("key store failure while serving", error=str(exc))
+            return Response(503, error_body("key store failure"))
+        return response
 
     def _status(self, master_sae: str, slave_sae: str) -> bytes:
         return status_body(
@@ -172,7 +196,7 @@ class DeliveryApp:
                 if math.isinf(retry)
                 else "key quota of this SAE exceeded; retry later"
             )
-            return Response(429, error_body(message), headers)
+            return Response(429, error_body(message), headers)  # recorded by ``respond``
         try:
             keys = await self.manager.enc_keys(
                 master_sae=master_sae,
@@ -184,6 +208,15 @@ class DeliveryApp:
             self._fair_use.refund(master_sae, cost, now=self._clock())
             raise
         return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
+
+
+def _error_message(body: bytes) -> str:
+    """The ``message`` of an ETSI 014 error body (ours: never key material)."""
+    try:
+        message = json.loads(body).get("message", "")
+    except (ValueError, AttributeError):
+        return ""
+    return message if isinstance(message, str) else ""
 
 
 # ---- HTTP over trio streams -------------------------------------------------------------------

@@ -9,6 +9,7 @@ planner, signals and systemd.
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections.abc import Callable, Sequence
 from typing import Final
@@ -16,11 +17,13 @@ from typing import Final
 import structlog
 import trio
 
+from qkdnode.audit import AuditKind
 from qkdnode.channel.auth import Role
 from qkdnode.config import NodeConfig
 from qkdnode.delivery.server import DeliveryApp, serve_delivery
 from qkdnode.errors import KeyStoreError, LinkError
 from qkdnode.link.blocks import open_block_source
+from qkdnode.node.auditing import SessionFailureRecorder, config_in_force
 from qkdnode.node.exchange import DaemonMustStop, Exchange, SessionEnded
 from qkdnode.node.session import (
     PeerSession,
@@ -54,6 +57,13 @@ async def run_session(node: Node, session: PeerSession) -> None:
     exchange = Exchange(node, session)
     mode = session.connection.mode
     node.reporter.mode_changed(mode.value if mode is not None else "none", "session established")
+    node.audit.record(
+        AuditKind.SESSION_ESTABLISHED,
+        peer=node.peer_name,
+        mode=mode.value if mode is not None else None,
+        bootstrap_anchor=node.config.auth.mode,
+        session_id=session.handshake.session_id.hex() if session.handshake else None,
+    )
     await node.blocks.reset()
     node.exchange = exchange
     node.reservations.attach(exchange.send_message)
@@ -82,7 +92,12 @@ async def _guarded(node: Node, session: PeerSession) -> None:
 
 async def _run_alice(node: Node, session_config: SessionConfig) -> None:
     """Alice dials and distils until the daemon stops (SIGTERM), then closes the session."""
-    await run_alice(session_config, node.make_connection, lambda s: _guarded(node, s))
+    await run_alice(
+        session_config,
+        node.make_connection,
+        lambda s: _guarded(node, s),
+        on_failure=SessionFailureRecorder(node.audit, peer=node.peer_name),
+    )
 
 
 async def _run_bob(
@@ -95,7 +110,15 @@ async def _run_bob(
         await _guarded(node, session)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_bob, session_config, node.make_connection, handle)
+        await nursery.start(
+            functools.partial(
+                serve_bob,
+                on_failure=SessionFailureRecorder(node.audit, peer=node.peer_name),
+            ),
+            session_config,
+            node.make_connection,
+            handle,
+        )
         task_status.started()
 
 
@@ -196,6 +219,7 @@ async def run_daemon(
     try:
         async with open_block_source(config) as blocks:
             node = Node(config, store, blocks)
+            node.audit.record(AuditKind.DAEMON_STARTED, **config_in_force(config))
             await _serve(node, config, on_reopen, early_stops)
     except BaseException as exc:
         # say why before the clean-up below: a signal may end the process during it

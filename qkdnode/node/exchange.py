@@ -21,6 +21,7 @@ import numpy as np
 import structlog
 import trio
 
+from qkdnode.audit import AuditKind, PeerHead
 from qkdnode.channel.auth import Role
 from qkdnode.channel.connection import (
     BlockAuthenticated,
@@ -72,6 +73,7 @@ from qkdnode.coordination.machine import (
 )
 from qkdnode.coordination.security import KeySecurityStatement
 from qkdnode.coordination.wire import (
+    AuditHead,
     CoordinationMessage,
     Reserve,
     ReserveResult,
@@ -85,6 +87,7 @@ from qkdnode.node import rebootstrap
 from qkdnode.postprocess.pipeline import AliceBlock, BlockMessage, BobBlock
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 from qkdnode.store import StagedBlock
+from qkdnode.store.blocks import commit_op
 
 if TYPE_CHECKING:
     from qkdnode.node.session import PeerSession
@@ -200,6 +203,9 @@ class Exchange:
                 continue
             if isinstance(event, Rotated):
                 self.node.reporter.mode_changed(event.mode.value, "rotated")
+                self.node.audit.record(
+                    AuditKind.ROTATED, peer=self.node.peer_name, mode=event.mode.value
+                )
                 self._inputs_in.send_nowait(event)
             elif isinstance(event, BlockOpened):
                 self._inputs_in.send_nowait(PeerOpenedBlock(block_id=event.block_id))
@@ -216,6 +222,10 @@ class Exchange:
                     )
                 elif isinstance(coordination, ReserveResult):
                     self.node.reservations.on_result(coordination)
+                elif isinstance(coordination, AuditHead):
+                    self.node.audit.peer_head_received(
+                        PeerHead(seq=coordination.seq, chain_hash=coordination.chain_hash)
+                    )
                 else:
                     self._inputs_in.send_nowait(PeerMessage(message=coordination))
 
@@ -300,9 +310,21 @@ class Exchange:
                 node.store.stage_block(self._staged_block(effect, statement))
                 self._statements[block_id] = statement
             case CommitBlock(block_id=block_id, ledger_state=state, limbo=limbo):
-                node.store.commit_block(block_id, auth_ledger_state=ledger_state_to_bytes(state))
+                # the commit and its audit entry in one transaction
+                node.store.run(
+                    node.audit.around(
+                        commit_op(block_id, auth_ledger_state=ledger_state_to_bytes(state)),
+                        AuditKind.BLOCK_COMMITTED,
+                        lambda _: {
+                            "block_id": block_id,
+                            "limbo": limbo,
+                            "mode": self._mode().value,
+                        },
+                    )
+                )
                 if limbo:
                     log.info("block.limbo_committed", block=block_id)
+                await self._send_audit_head()
             case DropBlock(block_id=block_id):
                 node.store.drop_block(block_id)
                 log.info("block.limbo_dropped", block=block_id)
@@ -313,6 +335,7 @@ class Exchange:
                     else "ledgers diverged; pool refills from new keys"
                 )
                 log.warning("auth.ledger_reset", reason=reason)
+                node.audit.record(AuditKind.LEDGER_RESET, peer=node.peer_name, reason=reason)
             case BlockDone(block_id=block_id, outcome=outcome, auth=auth, keys=keys):
                 self._roles.pop(block_id, None)
                 self._records.pop(block_id, None)
@@ -328,12 +351,19 @@ class Exchange:
                 self._exhausted(level, needed)
             case RebootstrapDone():
                 rebootstrap.use_up(node.config.store.directory)
+                node.audit.record(AuditKind.REBOOTSTRAP_USED, peer=node.peer_name)
             case EndSession(reason=reason):
                 raise SessionEnded(reason)
             case Idle():
                 self.idle.set()
                 return node.role is Role.ALICE
         return False
+
+    async def _send_audit_head(self) -> None:
+        """Tell the peer this node's audit head (it keeps the last one: ``qkdnode.audit``)."""
+        head = self.node.audit.head()
+        if head is not None:
+            await self.send_message(AuditHead(seq=head.seq, chain_hash=head.chain_hash))
 
     def _start_role(self, block_id: int) -> None:
         records = self._records.pop(block_id)

@@ -364,11 +364,13 @@ async def run_alice(
     handle: Callable[[PeerSession], Awaitable[None]],
     *,
     uniform: Callable[[], float] = random.random,
+    on_failure: Callable[[BaseExceptionGroup[BaseException]], None] = lambda _: None,
 ) -> None:
     """Alice's loop: dial, run a session with ``handle``, on failure back off and redial.
 
     ``SecurityError``s are logged and retried like link failures (the peer or an attacker may
-    be at fault); ``handle`` returning normally ends the loop.
+    be at fault); ``handle`` returning normally ends the loop. ``on_failure`` sees the errors
+    of every session that ended with one (the audit trail records the security failures).
     """
     delays = backoff_delays(
         config.backoff_initial_s, config.backoff_max_s, config.backoff_jitter, uniform
@@ -382,6 +384,7 @@ async def run_alice(
             return
         except* _SESSION_ENDINGS as group:
             log.warning("channel.session_retry", errors=_describe_errors(group))
+            on_failure(group)
         if trio.current_time() - started_s >= config.backoff_max_s:
             # a session that lived longer than the longest backoff was healthy: retry fast;
             # sessions that keep failing early (each costs handshake key) back off further
@@ -397,8 +400,10 @@ async def serve_bob(
     handle: Callable[[PeerSession], Awaitable[None]],
     *,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+    on_failure: Callable[[BaseExceptionGroup[BaseException]], None] = lambda _: None,
 ) -> None:
-    """Bob: listen and run one session per accepted connection (errors end that session only)."""
+    """Bob: listen and run one session per accepted connection (errors end that session only;
+    ``on_failure`` sees them, as in ``run_alice``)."""
 
     handshakes = trio.Semaphore(MAX_UNAUTHENTICATED_CONNECTIONS)
 
@@ -424,6 +429,7 @@ async def serve_bob(
                 await handle(session)
         except* _SESSION_ENDINGS as group:
             log.warning("channel.session_ended", errors=_describe_errors(group))
+            on_failure(group)
         finally:
             authenticated()
 

@@ -12,6 +12,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from qkdnode.audit import AuditKind
 from qkdnode.channel.auth import BLOCK_DRAW_BITS, Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
@@ -34,6 +35,7 @@ from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import DecoySettings, FiniteKeyAnalysis, SecurityParameters
 from qkdnode.postprocess.pipeline import PipelineParameters
 from qkdnode.store import BlockState, KeyStore
+from qkdnode.store.audit import AuditTrail
 
 log = structlog.get_logger("qkdnode.node")
 
@@ -103,6 +105,9 @@ class Node:
         self.role = Role.ALICE if config.node.role == "alice" else Role.BOB
         self.store = store
         self.store_view = KeyStoreView(store)
+        # the tamper-evident audit trail in the same store (started with the store's first run)
+        self.audit = AuditTrail.start(store, node_name=config.node.name)
+        self.peer_name = config.peer.name
         self.blocks = blocks
         self.link = blocks.link
         self.params = _pipeline_parameters(config, blocks.link)
@@ -175,6 +180,7 @@ class Node:
                 prebind_size_bits=config.delivery.limits.key_size_bits,
             )
             self.reservations.manager = self.manager
+            self.manager.audit = self.audit
 
     @property
     def counters(self) -> NodeCounters:
@@ -234,6 +240,7 @@ class Node:
         )
         if decision is AttemptDecision.REBOOTSTRAP:
             log.warning("auth.rebootstrap", reason="operator re-bootstrap permit in force")
+            self.audit.record(AuditKind.REBOOTSTRAP_PERMIT_IN_FORCE, peer=self.peer_name)
         elif decision is AttemptDecision.KEY_DERIVED_REFUSED:
             log.warning(
                 "auth.key_derived_retry",

@@ -1,7 +1,8 @@
 """The key store's SQLite schema and its migrations.
 
 ``SCHEMA_VERSION`` history: 2 added ``deliveries`` and ``delivery_parts``; 3 added
-``deliveries.peer_confirmed`` (a version-2 store is migrated in place when opened).
+``deliveries.peer_confirmed``; 4 added the audit trail (``audit_log``, ``audit_state``,
+``audit_peer_head``). Older stores are migrated in place when opened.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Final
 from qkdnode.errors import KeyStoreError
 from qkdnode.store.transaction import Tx
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 DATABASE_NAME: Final = "keys.db"
 
 SCHEMA: Final = """
@@ -74,6 +75,27 @@ CREATE TABLE IF NOT EXISTS auth_ledger (
     singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
     state     BLOB NOT NULL
 ) STRICT;
+-- the tamper-evident audit trail (qkdnode.audit): append-only entries, the writer's state
+-- (its evolving key is overwritten at every entry) and the head of the PEER's trail as last
+-- received over the authenticated channel
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq        INTEGER PRIMARY KEY,
+    body       BLOB NOT NULL,
+    tag        BLOB NOT NULL,
+    chain_hash BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS audit_state (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    next_seq  INTEGER NOT NULL,
+    key       BLOB NOT NULL,
+    head      BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS audit_peer_head (
+    singleton     INTEGER PRIMARY KEY CHECK (singleton = 1),
+    seq           INTEGER NOT NULL,
+    chain_hash    BLOB NOT NULL,
+    received_at_s REAL NOT NULL
+) STRICT;
 """
 
 
@@ -95,6 +117,8 @@ def install_schema(tx: Tx, path: Path, node_name: str) -> None:
                 "ALTER TABLE deliveries ADD COLUMN peer_confirmed INTEGER NOT NULL"
                 " DEFAULT 0 CHECK (peer_confirmed IN (0, 1))"
             )
+            rows["schema_version"] = "3"
+        if rows.get("schema_version") == "3":  # in place: the audit tables (created above)
             tx.execute(
                 "UPDATE meta SET value = ? WHERE name = 'schema_version'",
                 (str(SCHEMA_VERSION),),

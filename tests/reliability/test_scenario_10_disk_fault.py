@@ -4,10 +4,13 @@ error`` after N commits). The daemon must stop (non-zero exit) within seconds of
 do nothing after it: no block staged or committed, no further session. Restarted normally, the
 pair carries on and both stores agree.
 
-Two failure points: N = 2 (the store's open and the next write succeed; the failure comes in
-the distillation loop, at the first block) and N = 8 (the failure hits the write-ahead
-persistence of the authentication-key ledger after the rotation to key-derived mode, inside
-the channel session's own tasks).
+Two failure points: N = 6 (the store's open, the audit trail's start, its entries for the
+start and the session, the first block's stage and the peer's audit head succeed; the failure
+comes in the distillation loop, at the first block's commit) and N = 12 (the failure hits the
+write-ahead persistence of the authentication-key ledger after the rotation to key-derived
+mode, inside the channel session's own tasks). The commits of a fresh Bob, in order: open,
+audit start, daemon_started, session_established, stage 1, peer head, commit 1 (with its audit
+entry), a ledger save, rotated, six ledger saves, stage 2, ...
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def _failed(pair: Pair) -> bool:
     )
 
 
-@pytest.mark.parametrize("fail_after", [2, 8])
+@pytest.mark.parametrize("fail_after", [6, 12])
 def test_a_failed_commit_stops_the_daemon_and_nothing_continues(
     tmp_path: Path, fail_after: int
 ) -> None:
