@@ -129,6 +129,26 @@ def test_ledger_deposit_takes_only_what_reaches_target_and_draw_respects_reserve
         assert key[:8].hex() not in text and "pool=" not in text
 
 
+def test_a_ledger_advanced_past_its_deposits_burns_them_as_they_arrive() -> None:
+    """Bob has only staged the block Alice committed and drew from: the handshake moves him to
+    her offset all the same, and the limbo commit's deposit leaves both with the same bits."""
+    first, second = bytes(range(200)), bytes(range(50, 250))
+    alice = AuthKeyLedger(target_bits=2048, reserve_bits=0)
+    bob = AuthKeyLedger(target_bits=2048, reserve_bits=0)
+    for ledger in (alice, bob):
+        ledger.deposit(first, mark_consumed_bits=0)
+    alice.deposit(second, mark_consumed_bits=0)  # committed at Alice, staged at Bob
+    alice.draw(1800, "block")  # Alice opened blocks from the second deposit too
+    assert alice.consumed_bits - bob.consumed_bits > bob.level_bits
+    bob.advance_to(alice.consumed_bits, tags_issued=0, forgery_bound=0.0)
+    assert bob.level_bits == 0 and bob.consumed_bits == alice.consumed_bits
+    bob.deposit(second, mark_consumed_bits=0)  # the limbo commit
+    assert bob.state.pool == alice.state.pool and bob.state == alice.state
+    assert bob.draw(248, "block") == alice.draw(248, "block")
+    with pytest.raises(ProtocolError, match="cannot advance"):
+        bob.advance_to(bob.consumed_bits - 8, tags_issued=0, forgery_bound=0.0)
+
+
 def test_ledger_fingerprint_tracks_public_counters_only() -> None:
     one, two = funded_ledger(1), funded_ledger(2)  # different key bytes, same counters
     assert one.fingerprint() == two.fingerprint()

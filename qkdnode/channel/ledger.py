@@ -141,7 +141,7 @@ class AuthKeyLedger:
                 raise ValueError(f"{name} must be a non-negative multiple of 8")
         if reserve_bits > target_bits:
             raise ValueError("reserve_bits must not exceed target_bits")
-        if state.deposited_bits - state.consumed_bits != len(state.pool) * 8:
+        if max(0, state.deposited_bits - state.consumed_bits) != len(state.pool) * 8:
             raise ValueError("ledger state is inconsistent: level != deposited - consumed")
         self._state = state
         self.observer = observer
@@ -223,9 +223,12 @@ class AuthKeyLedger:
         deposited = s.handshake_deposited + slots
         first = max(s.handshake_first, deposited - HANDSHAKE_SLOTS_HELD)
         held = (s.handshake_pool + handshake)[(first - _held_from(s)) * HANDSHAKE_SLOT_BYTES :]
+        # stream positions below the consumed offset (a handshake advanced past what was
+        # deposited here) are burned as they arrive
+        burned = min(taken, max(0, s.consumed_bits - s.deposited_bits) // 8)
         self._state = replace(
             s,
-            pool=s.pool + key[:taken],
+            pool=s.pool + key[burned:taken],
             deposited_bits=s.deposited_bits + taken * 8,
             deposit_digest=digest,
             handshake_pool=held,
@@ -321,10 +324,13 @@ class AuthKeyLedger:
         """Burn everything before ``offset_bits`` and raise the counters to at least the given.
 
         Used once a key-derived handshake has authenticated both sides' public ledger state.
+        The offset may lie past what was deposited here (the peer committed a block this side
+        has only staged): the pool is then empty, and the missing positions are burned when
+        their deposit arrives, in limbo resolution, so both sides hold the same bits again.
         """
         s = self._state
         skip_bits = offset_bits - s.consumed_bits
-        if skip_bits < 0 or skip_bits % 8 or skip_bits > self.level_bits:
+        if skip_bits < 0 or skip_bits % 8:
             raise ProtocolError("cannot advance the ledger there", field="offset_bits")
         if skip_bits and self.observer is not None:
             self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=skip_bits, purpose="sync"))
