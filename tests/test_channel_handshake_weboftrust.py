@@ -13,17 +13,25 @@ import pysequoia
 import pytest
 
 from qkdnode.channel.auth import Role, WebOfTrustCredentials
-from qkdnode.channel.connection import BlockAuthenticated, HandshakeComplete, Rotated
+from qkdnode.channel.connection import (
+    NEED_DATA,
+    BlockAuthenticated,
+    ConnectionState,
+    HandshakeComplete,
+    Rotated,
+)
 from qkdnode.channel.messages import MAX_CERTIFICATE_BYTES, SessionMode
 from qkdnode.channel.weboftrust import (
     Refusal,
     SecretCertificate,
     load_introducers,
     node_user_id,
+    sign_transcript,
+    verify_transcript,
 )
 from qkdnode.errors import AuthenticationFailed, WebOfTrustRefused
 from qkdnode.ops import pgp
-from tests.helpers_channel import assert_rejected, funded_ledger, make_pair
+from tests.helpers_channel import NAMED_ERRORS, assert_rejected, flip, funded_ledger, make_pair
 
 INTRODUCERS = ("so1", "so2", "so3")
 THRESHOLD = 2
@@ -168,3 +176,63 @@ def test_credentials_refuse_a_threshold_above_the_introducers_and_redact_the_key
             threshold=len(INTRODUCERS) + 1,
             peer_user_id=good.peer_user_id,
         )
+
+
+def test_a_changed_hash_prefix_verifies_in_openpgp_but_not_as_a_handshake_proof(
+    keys: dict[str, Path],
+) -> None:
+    """The two-byte hash prefix lies outside the signed data: OpenPGP accepts a signature whose
+    prefix was changed, the handshake does not (the proof's bytes enter the session keys)."""
+    certificate = keys["alice.vouched.3"].read_bytes()
+    secret = SecretCertificate(keys["alice.secret"].read_bytes())
+    transcript = b"a handshake transcript"
+    signature = sign_transcript(secret, transcript)
+    verify_transcript(certificate, transcript, signature, canonical_only=True)
+    assert signature[1] == len(signature) - 2  # a packet header of two bytes, then the body
+    hashed_bytes = int.from_bytes(signature[6:8], "big")
+    prefix_at = 2 + 6 + hashed_bytes + 2  # after the hashed area and the empty unhashed area
+    changed = flip(signature, prefix_at)
+    verify_transcript(certificate, transcript, changed)
+    with pytest.raises(AuthenticationFailed, match="hash prefix"):
+        verify_transcript(certificate, transcript, changed, canonical_only=True)
+    # an unhashed subpacket (a non-critical experimental one, type 100) added in transit
+    body = signature[2 : prefix_at - 2] + b"\x00\x03\x02\x64\x00" + signature[prefix_at:]
+    assert 192 <= len(body) < 8384  # a two-byte new-format length
+    header = bytes([0xC2, ((len(body) - 192) >> 8) + 192, (len(body) - 192) & 0xFF])
+    unhashed = header + body
+    verify_transcript(certificate, transcript, unhashed)
+    with pytest.raises(AuthenticationFailed, match="not canonical"):
+        verify_transcript(certificate, transcript, unhashed, canonical_only=True)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+@pytest.mark.slow  # one handshake per byte of the frame
+def test_a_flipped_byte_in_a_web_of_trust_reply_or_finish_never_completes(
+    keys: dict[str, Path], which: int
+) -> None:
+    now_s = time.time()
+    creds = (credentials(keys, "alice"), credentials(keys, "bob"))
+    probe = make_pair("web_of_trust", creds=creds, now_s=now_s)
+    probe.bob.receive_data(probe.alice.start_handshake())
+    probe.bob.next_event(now_s=now_s)
+    reply = probe.bob.data_to_send()
+    probe.alice.receive_data(reply)
+    probe.alice.next_event(now_s=now_s)
+    size = len(reply) if which == 1 else len(probe.alice.data_to_send())
+    for offset in range(size):
+        pair = make_pair("web_of_trust", creds=creds, seed=offset, now_s=now_s)
+        failed = False
+        try:
+            pair.bob.receive_data(pair.alice.start_handshake())
+            pair.bob.next_event(now_s=now_s)
+            reply = pair.bob.data_to_send()
+            pair.alice.receive_data(flip(reply, offset) if which == 1 else reply)
+            pair.alice.next_event(now_s=now_s)
+            finish = pair.alice.data_to_send()
+            pair.bob.receive_data(flip(finish, offset) if which == 2 else finish)
+            while pair.bob.next_event(now_s=now_s) is not NEED_DATA:
+                pass
+        except NAMED_ERRORS:
+            failed = True
+        # a longer length prefix leaves the receiver waiting (the session's timeout ends it)
+        assert failed or pair.bob.state is not ConnectionState.ESTABLISHED, offset

@@ -424,7 +424,7 @@ class Handshaker:
             now_s=now_s,
             local_copies=self._credentials.peer_certificate_copies,
         )
-        verify_transcript(chain[0], signed, proof)
+        verify_transcript(chain[0], signed, proof, canonical_only=True)
 
     @staticmethod
     def _finish_transcript(handshake: HandshakeState, chain: tuple[bytes, ...]) -> bytes:
