@@ -235,3 +235,14 @@ def test_web_of_trust_files_that_do_not_hold_what_they_should_are_refused_at_loa
         load_web_of_trust_credentials(config.auth, peer_name=config.peer.name)
     message = str(info.value)
     assert key in message and expected in message, message
+
+
+def test_web_of_trust_peer_user_id_replaces_the_node_name_form(web_of_trust_config: Path) -> None:
+    _edit(
+        web_of_trust_config,
+        "introducer_threshold = 2\n",
+        'introducer_threshold = 2\npeer_user_id = "QKD site B <qkd@b.example>"\n',
+    )
+    config = load_config(web_of_trust_config)
+    credentials = load_web_of_trust_credentials(config.auth, peer_name=config.peer.name)
+    assert credentials.peer_user_id == "QKD site B <qkd@b.example>"
