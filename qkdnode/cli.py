@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from qkdnode.demo.bootstrap import BOOTSTRAPS, WEB_OF_TRUST_INTRODUCERS, WEB_OF_TRUST_THRESHOLD
 from qkdnode.errors import ConfigError, KeyStoreError, QkdError
 
 
@@ -341,6 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     demo.add_argument("--block-pulses", type=int, default=None, help="pulses per block")
     demo.add_argument("--timeout-s", type=float, default=600.0, help="give up after this long")
+    demo.add_argument(
+        "--bootstrap",
+        choices=BOOTSTRAPS,
+        default="pki",
+        help="the trust anchor of the first session: X.509 PKI, pre-shared key, or a web of "
+        "trust of OpenPGP keys (3 officers, 2 vouches needed)",
+    )
+    demo.add_argument(
+        "--vouches",
+        type=int,
+        default=None,
+        choices=range(WEB_OF_TRUST_INTRODUCERS + 1),
+        metavar="N",
+        help="web of trust: how many officers vouch for each node (default: all "
+        f"{WEB_OF_TRUST_INTRODUCERS}; below {WEB_OF_TRUST_THRESHOLD} the peer is refused)",
+    )
 
     commands.add_parser(
         "status",

@@ -11,6 +11,7 @@ from qkdnode.channel.auth import (
     CertificateCredentials,
     PskCredentials,
     Role,
+    WebOfTrustCredentials,
 )
 from qkdnode.channel.connection import (
     NEED_DATA,
@@ -41,7 +42,7 @@ from tests.helpers_pki import NOW_S, credentials_pair
 
 TARGET_BITS = 64 * 1024
 
-Creds = CertificateCredentials | PskCredentials
+Creds = CertificateCredentials | PskCredentials | WebOfTrustCredentials
 
 
 RESERVE_BITS = 4 * 1024
@@ -80,9 +81,10 @@ def seeded_bytes(seed: int) -> Callable[[int], bytes]:
 class Pair:
     """Alice and Bob joined by a fake wire; ``send`` delivers and answers until quiet."""
 
-    def __init__(self, alice: PeerConnection, bob: PeerConnection) -> None:
+    def __init__(self, alice: PeerConnection, bob: PeerConnection, now_s: float = NOW_S) -> None:
         self.alice, self.bob = alice, bob
         self.events: dict[Role, list[Event]] = {Role.ALICE: [], Role.BOB: []}
+        self.now_s = now_s  # the clock both ends read
 
     def end(self, role: Role) -> PeerConnection:
         return self.alice if role is Role.ALICE else self.bob
@@ -93,7 +95,7 @@ class Pair:
         conn.receive_data(data)
         got: list[Event] = []
         while True:
-            event = conn.next_event(now_s=NOW_S)
+            event = conn.next_event(now_s=self.now_s)
             if isinstance(event, NeedData):
                 break
             got.append(event)
@@ -106,7 +108,7 @@ class Pair:
     def drain(self, role: Role) -> None:
         """Collect events a local call queued (e.g. BlockAuthenticated after close_block)."""
         conn = self.end(role)
-        while not isinstance(event := conn.next_event(now_s=NOW_S), NeedData):
+        while not isinstance(event := conn.next_event(now_s=self.now_s), NeedData):
             self.events[role].append(event)
 
     def handshake(self) -> None:
@@ -151,6 +153,7 @@ def make_pair(
     config: ChannelConfig | None = None,
     creds: tuple[Creds, Creds] | None = None,
     seed: int = 1,
+    now_s: float = NOW_S,
 ) -> Pair:
     a_cred, b_cred = creds if creds is not None else make_creds(mode)
     alice = PeerConnection(
@@ -169,7 +172,7 @@ def make_pair(
         config=config,
         random_bytes=seeded_bytes(seed + 1000),
     )
-    return Pair(alice, bob)
+    return Pair(alice, bob, now_s)
 
 
 def snapshot(conn: PeerConnection) -> tuple[object, ...]:
@@ -194,12 +197,15 @@ def rotated_pair(
 
 
 def assert_rejected(
-    conn: PeerConnection, data: bytes, error: type[QkdError] | tuple[type[QkdError], ...]
+    conn: PeerConnection,
+    data: bytes,
+    error: type[QkdError] | tuple[type[QkdError], ...],
+    now_s: float = NOW_S,
 ) -> QkdError:
     before = snapshot(conn)
     conn.receive_data(data)
     with pytest.raises(error) as info:
-        while conn.next_event(now_s=NOW_S) is not NEED_DATA:
+        while conn.next_event(now_s=now_s) is not NEED_DATA:
             pass
     assert snapshot(conn) == before
     assert conn.state is ConnectionState.ERROR

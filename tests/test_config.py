@@ -14,7 +14,8 @@ import pytest
 
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
 from qkdnode.errors import ConfigError
-from qkdnode.ops import issuance
+from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
+from qkdnode.ops import issuance, pgp
 from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,3 +132,117 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         "CapabilityBoundingSet=\n",
     ):
         assert setting in unit
+
+
+# ---- [auth] mode = "web-of-trust" --------------------------------------------------------------
+
+WEB_OF_TRUST_AUTH = """[auth]
+mode = "web-of-trust"
+certificate_file = "pgp/alice.asc"
+private_key_file = "pgp/alice.secret.asc"
+introducer_files = ["pgp/so1.asc", "pgp/so2.asc"]
+introducer_threshold = 2
+peer_certificate_files = ["pgp/bob.asc"]
+"""
+
+
+@pytest.fixture
+def web_of_trust_config(example_dir: Path) -> Path:
+    """alice.toml bootstrapping from a web of trust, keys made by `qkdnode pgp init`."""
+    keys = example_dir / "pgp"
+    for node in ("alice", "bob"):
+        pgp.init_node_key(keys, name=node)
+    for officer in ("so1", "so2"):
+        pgp.init_node_key(keys, name=officer, user_id=f"Officer <{officer}@x.test>")
+    path = example_dir / "alice.toml"
+    text = path.read_text()
+    start, end = text.index("[auth]\n"), text.index("pool_target_bits")
+    path.write_text(text[:start] + WEB_OF_TRUST_AUTH + text[end:])
+    return path
+
+
+def test_web_of_trust_auth_loads_and_its_credentials_load(web_of_trust_config: Path) -> None:
+    config = load_config(web_of_trust_config)
+    auth = config.auth
+    keys = web_of_trust_config.parent / "pgp"
+    assert auth.mode == "web-of-trust" and auth.ca_file is None and auth.psk_file is None
+    assert auth.introducer_files == (keys / "so1.asc", keys / "so2.asc")
+    assert auth.introducer_threshold == 2
+    assert auth.peer_certificate_files == (keys / "bob.asc",)
+    credentials = load_web_of_trust_credentials(auth, peer_name=config.peer.name)
+    assert credentials.threshold == 2 and len(credentials.introducers) == 2
+    assert credentials.peer_user_id == "qkdnode node bob"
+    assert len(credentials.peer_certificate_copies) == 1
+    assert b"-----BEGIN" not in credentials.own_certificate  # binary, as sent on the wire
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "expected"),
+    [
+        ("introducer_threshold = 2", "introducer_threshold = 3", "auth.introducer_threshold", "2"),
+        ("introducer_threshold = 2", "introducer_threshold = 0", "auth.introducer_threshold", "1"),
+        ("introducer_threshold = 2\n", "", "auth.introducer_threshold", "required"),
+        (
+            'introducer_files = ["pgp/so1.asc", "pgp/so2.asc"]',
+            "introducer_files = []",
+            "auth.introducer_files",
+            "at least one",
+        ),
+        ('"pgp/so2.asc"]', '"pgp/so9.asc"]', "auth.introducer_files[1]", "does not exist"),
+        ('"pgp/so2.asc"]', '"pgp/so1.asc"]', "auth.introducer_files", "duplicate"),
+        ('["pgp/bob.asc"]', '["pgp/carol.asc"]', "auth.peer_certificate_files[0]", "not exist"),
+        ('private_key_file = "pgp/alice.secret.asc"\n', "", "auth.private_key_file", "required"),
+        ('mode = "web-of-trust"', 'mode = "psk"', "auth.introducer_files", "web-of-trust only"),
+        ('mode = "web-of-trust"', 'mode = "wot"', "auth.mode", "'web-of-trust'"),
+    ],
+)
+def test_web_of_trust_mistakes_are_refused_naming_the_key(
+    web_of_trust_config: Path, old: str, new: str, key: str, expected: str
+) -> None:
+    _edit(web_of_trust_config, old, new)
+    with pytest.raises(ConfigError) as info:
+        load_config(web_of_trust_config)
+    message = str(info.value)
+    assert key in message and expected in message, message
+
+
+def test_web_of_trust_secret_key_readable_by_others_is_refused(web_of_trust_config: Path) -> None:
+    os.chmod(web_of_trust_config.parent / "pgp" / "alice.secret.asc", 0o644)
+    with pytest.raises(ConfigError, match=re.escape("auth.private_key_file")) as info:
+        load_config(web_of_trust_config)
+    assert "chmod 600" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key", "expected"),
+    [
+        ('"pgp/alice.asc"', '"pgp/bob.asc"', "auth.certificate_file", "private_key_file"),
+        ('"pgp/alice.secret.asc"', '"pgp/bob.asc"', "auth.private_key_file", "secret key"),
+        ('["pgp/so1.asc",', '["pgp/so1.secret.asc",', "auth.introducer_files[0]", "secret"),
+        ('["pgp/so1.asc",', '["pgp/so1.copy.asc",', "auth.introducer_threshold", "distinct"),
+        ('["pgp/bob.asc"]', '["alice.toml"]', "auth.peer_certificate_files[0]", "OpenPGP"),
+    ],
+)
+def test_web_of_trust_files_that_do_not_hold_what_they_should_are_refused_at_load(
+    web_of_trust_config: Path, old: str, new: str, key: str, expected: str
+) -> None:
+    keys = web_of_trust_config.parent / "pgp"
+    shutil.copy(keys / "so2.asc", keys / "so1.copy.asc")  # the same key as so2 in another file
+    os.chmod(keys / "bob.asc", 0o600)  # a (wrong) private key file passes the mode check
+    _edit(web_of_trust_config, old, new)
+    config = load_config(web_of_trust_config)
+    with pytest.raises(ConfigError) as info:
+        load_web_of_trust_credentials(config.auth, peer_name=config.peer.name)
+    message = str(info.value)
+    assert key in message and expected in message, message
+
+
+def test_web_of_trust_peer_user_id_replaces_the_node_name_form(web_of_trust_config: Path) -> None:
+    _edit(
+        web_of_trust_config,
+        "introducer_threshold = 2\n",
+        'introducer_threshold = 2\npeer_user_id = "QKD site B <qkd@b.example>"\n',
+    )
+    config = load_config(web_of_trust_config)
+    credentials = load_web_of_trust_credentials(config.auth, peer_name=config.peer.name)
+    assert credentials.peer_user_id == "QKD site B <qkd@b.example>"

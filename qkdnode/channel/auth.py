@@ -1,8 +1,10 @@
 """Authentication of the classical channel: credentials, handshake proofs, key schedule, tags.
 
-Bootstrap (certificate or PSK): an ephemeral hybrid key exchange (X25519, RFC 7748, and
-ML-KEM-768, FIPS 203) runs inside a handshake whose transcript each side signs (certificate:
-Ed25519 or ML-DSA-65, FIPS 204) or MACs with the PSK (HMAC-SHA256, RFC 2104). The session keys
+Bootstrap (certificate, web of trust or PSK): an ephemeral hybrid key exchange (X25519,
+RFC 7748, and ML-KEM-768, FIPS 203) runs inside a handshake whose transcript each side signs
+(X.509 certificate: Ed25519 or ML-DSA-65, FIPS 204; web of trust: a detached OpenPGP Ed25519
+signature by a key that k trusted introducers vouched for, see ``weboftrust``) or MACs with the
+PSK (HMAC-SHA256, RFC 2104). The session keys
 come from HKDF-SHA256 (RFC 5869) over both shared secrets and the mode secret (PSK, or a pool key
 in key-derived mode), salted with the transcript hash.
 
@@ -36,6 +38,8 @@ from qkdnode.errors import AuthenticationFailed, ProtocolError
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
 
+    from qkdnode.channel.weboftrust import SecretCertificate, TrustedIntroducer
+
 __all__ = [
     "BLOCK_DRAWS",
     "BLOCK_DRAW_BITS",
@@ -49,6 +53,7 @@ __all__ = [
     "LedgerState",
     "PskCredentials",
     "Role",
+    "WebOfTrustCredentials",
     "derive_session_keys",
 ]
 
@@ -107,7 +112,36 @@ class PskCredentials:
         return "PskCredentials(psk=<redacted>)"
 
 
-Credentials = CertificateCredentials | PskCredentials
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebOfTrustCredentials:
+    """Own OpenPGP certificate (as sent: with the introducers' certifications) and secret key,
+    the trusted introducers and the threshold k, the user ID the peer's certificate must
+    carry, and the node's own copies of the peer's certificate (their revocations count)."""
+
+    own_certificate: bytes
+    secret_key: SecretCertificate
+    introducers: tuple[TrustedIntroducer, ...]
+    threshold: int
+    peer_user_id: str
+    peer_certificate_copies: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        distinct = len({introducer.fingerprint for introducer in self.introducers})
+        if not 1 <= self.threshold <= distinct:
+            raise ValueError(
+                f"the threshold must be between 1 and the number of distinct introducers "
+                f"({distinct}), not {self.threshold}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"WebOfTrustCredentials(fingerprint={self.secret_key.fingerprint}, "
+            f"peer_user_id={self.peer_user_id!r}, threshold={self.threshold}, "
+            f"introducers={len(self.introducers)}, secret_key=<redacted>)"
+        )
+
+
+Credentials = CertificateCredentials | PskCredentials | WebOfTrustCredentials
 
 
 class HybridEphemeral:

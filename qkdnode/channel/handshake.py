@@ -1,11 +1,11 @@
 """The handshake and the session key schedule of one end of the classical channel.
 
 Handshake: Alice's Hello, Bob's HelloReply, Alice's Finish. Each side proves the transcript
-(certificate signature, PSK HMAC, or in key-derived mode an HMAC under a one-time handshake key
-from the authentication-key ledger) and both run an ephemeral hybrid key exchange (X25519 and
-ML-KEM-768). In key-derived mode the peers' public ledger states must match, allowing for a
-two-phase commit cut short, and each checked Hello uses up one handshake slot before any proof
-leaves.
+(X.509 certificate signature, OpenPGP signature by a key the web of trust accepts, PSK HMAC, or
+in key-derived mode an HMAC under a one-time handshake key from the authentication-key ledger)
+and both run an ephemeral hybrid key exchange (X25519 and ML-KEM-768). In key-derived mode the
+peers' public ledger states must match, allowing for a two-phase commit cut short, and each
+checked Hello uses up one handshake slot before any proof leaves.
 
 Key schedule: the session's control keys come from HKDF over both exchange secrets and the mode
 secret, salted with the final transcript hash; after rotation, from a fresh pool key. Block keys
@@ -34,6 +34,7 @@ from qkdnode.channel.auth import (
     PskCredentials,
     Role,
     SessionKeys,
+    WebOfTrustCredentials,
     derive_rotation_keys,
     derive_session_keys,
     hmac_proof,
@@ -56,6 +57,7 @@ from qkdnode.channel.messages import (
 )
 from qkdnode.channel.pki import certificate_der, sign, verify_peer_chain, verify_signature
 from qkdnode.channel.rules import ChannelConfig
+from qkdnode.channel.weboftrust import sign_transcript, verify_peer_certificate, verify_transcript
 from qkdnode.errors import AuthenticationFailed, AuthKeyExhausted, ProtocolError
 
 ZERO_DIGEST: Final = bytes(DIGEST_BYTES)
@@ -153,6 +155,8 @@ class Handshaker:
     def bootstrap_mode(self) -> SessionMode:
         if isinstance(self._credentials, CertificateCredentials):
             return SessionMode.CERTIFICATE
+        if isinstance(self._credentials, WebOfTrustCredentials):
+            return SessionMode.WEB_OF_TRUST
         return SessionMode.PSK
 
     # ---- the three handshake frames -------------------------------------------------------
@@ -314,6 +318,9 @@ class Handshaker:
         if mode is SessionMode.CERTIFICATE:
             assert isinstance(self._credentials, CertificateCredentials)
             return tuple(certificate_der(c) for c in self._credentials.certificate_chain)
+        if mode is SessionMode.WEB_OF_TRUST:
+            assert isinstance(self._credentials, WebOfTrustCredentials)
+            return (self._credentials.own_certificate,)
         return ()
 
     def _check_peer_ledger(
@@ -364,6 +371,8 @@ class Handshaker:
             return hmac_proof(handshake.pool_key, self.role, transcript)
         if isinstance(self._credentials, PskCredentials):
             return hmac_proof(self._credentials.psk, self.role, transcript)
+        if isinstance(self._credentials, WebOfTrustCredentials):
+            return sign_transcript(self._credentials.secret_key, proof_input(self.role, transcript))
         return sign(self._credentials.private_key, proof_input(self.role, transcript))
 
     def _verify_proof(
@@ -375,12 +384,17 @@ class Handshaker:
         now_s: float,
     ) -> None:
         peer = self.role.peer
-        if handshake.mode is not SessionMode.CERTIFICATE and chain:
-            raise ProtocolError("certificates are only sent in certificate mode", field="chain")
+        signed_modes = (SessionMode.CERTIFICATE, SessionMode.WEB_OF_TRUST)
+        if handshake.mode not in signed_modes and chain:
+            raise ProtocolError(
+                "certificates are only sent in certificate and web-of-trust mode", field="chain"
+            )
         if handshake.mode is SessionMode.KEY_DERIVED:
             verify_hmac_proof(handshake.pool_key, peer, transcript, proof)
         elif isinstance(self._credentials, PskCredentials):
             verify_hmac_proof(self._credentials.psk, peer, transcript, proof)
+        elif isinstance(self._credentials, WebOfTrustCredentials):
+            self._verify_web_of_trust_proof(chain, proof, proof_input(peer, transcript), now_s)
         else:
             key = verify_peer_chain(
                 chain,
@@ -389,6 +403,28 @@ class Handshaker:
                 now_s=now_s,
             )
             verify_signature(key, proof, proof_input(peer, transcript))
+
+    def _verify_web_of_trust_proof(
+        self, chain: tuple[bytes, ...], proof: bytes, signed: bytes, now_s: float
+    ) -> None:
+        """The peer's one OpenPGP certificate must carry k trusted introducers' vouches for the
+        expected user ID at ``now_s`` (``WebOfTrustRefused`` naming the reason otherwise), and
+        ``proof`` must be its signature over ``signed`` (``AuthenticationFailed``)."""
+        assert isinstance(self._credentials, WebOfTrustCredentials)
+        if len(chain) != 1:
+            raise ProtocolError(
+                f"web-of-trust mode sends exactly one OpenPGP certificate, not {len(chain)}",
+                field="certificate_chain",
+            )
+        verify_peer_certificate(
+            chain[0],
+            introducers=self._credentials.introducers,
+            threshold=self._credentials.threshold,
+            user_id=self._credentials.peer_user_id,
+            now_s=now_s,
+            local_copies=self._credentials.peer_certificate_copies,
+        )
+        verify_transcript(chain[0], signed, proof, canonical_only=True)
 
     @staticmethod
     def _finish_transcript(handshake: HandshakeState, chain: tuple[bytes, ...]) -> bytes:

@@ -44,6 +44,7 @@ class SessionMode(enum.Enum):
 
     CERTIFICATE = "certificate"
     PSK = "psk"
+    WEB_OF_TRUST = "web_of_trust"
     KEY_DERIVED = "key_derived"
 
 
@@ -246,7 +247,11 @@ class Hello:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply:
-    """Bob -> Alice: Bob's nonce and shares, his credentials and his proof over the transcript."""
+    """Bob -> Alice: Bob's nonce and shares, his credentials and his proof over the transcript.
+
+    ``certificate_chain`` holds his X.509 chain (DER, leaf first) in certificate mode, his one
+    OpenPGP certificate (binary, with its certifications) in web-of-trust mode, nothing
+    otherwise."""
 
     CODE: ClassVar[int] = 2
     SCHEMA: ClassVar[Mapping[str, FieldSpec]]
@@ -268,7 +273,8 @@ class HelloReply:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Finish:
-    """Alice -> Bob: Alice's credentials and her proof over the whole transcript."""
+    """Alice -> Bob: Alice's credentials (as in ``HelloReply``) and her proof over the whole
+    transcript."""
 
     CODE: ClassVar[int] = 3
     SCHEMA: ClassVar[Mapping[str, FieldSpec]]

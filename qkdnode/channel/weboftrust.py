@@ -66,6 +66,7 @@ MAX_SIGNATURE_BYTES = 4096
 _ED25519_OID = bytes.fromhex("2b06010401da470f01")  # 1.3.6.1.4.1.11591.15.1
 _ALGORITHM_EDDSA_LEGACY = 22
 _ALGORITHM_ED25519 = 27
+_TAG_SIGNATURE = 2
 _CERTIFICATION_TYPES = frozenset({0x10, 0x11, 0x12, 0x13})
 _CERTIFICATION_REVOCATION = 0x30
 _HASHES = {8: "sha256", 9: "sha384", 10: "sha512", 12: "sha3_256", 14: "sha3_512"}
@@ -468,11 +469,19 @@ def sign_transcript(secret_certificate: SecretCertificate, transcript: bytes) ->
     )
 
 
-def verify_transcript(peer_certificate: bytes, transcript: bytes, signature: bytes) -> None:
+def verify_transcript(
+    peer_certificate: bytes, transcript: bytes, signature: bytes, *, canonical_only: bool = False
+) -> None:
     """Check that ``signature`` is the peer's detached signature over exactly ``transcript``.
 
     Made by a signing-capable key of ``peer_certificate`` (valid now, by the OpenPGP library's
     clock and policy). Raises ``AuthenticationFailed`` otherwise, also for malformed input.
+
+    ``canonical_only`` (the handshake sets it) also refuses any encoding of a valid signature
+    other than the one ``sign_transcript`` makes: one new-format packet with a minimal length,
+    no unhashed subpackets, the right two-byte hash prefix, minimal MPIs. OpenPGP leaves those
+    bytes outside the signature, so without this check a changed byte there still verifies,
+    and the two ends of a handshake that goes on to hash the proof would disagree.
     """
     if len(signature) > MAX_SIGNATURE_BYTES:
         raise AuthenticationFailed(
@@ -495,6 +504,61 @@ def verify_transcript(peer_certificate: bytes, transcript: bytes, signature: byt
         ) from None
     if not any(getattr(v, "certificate", None) == cert.fingerprint for v in result.valid_sigs):
         raise AuthenticationFailed(f"no valid transcript signature by {cert.fingerprint}")
+    if canonical_only:
+        problem = _non_canonical_signature(transcript, signature)
+        if problem is not None:
+            raise AuthenticationFailed(f"the transcript signature is not canonical: {problem}")
+
+
+def _non_canonical_signature(transcript: bytes, signature: bytes) -> str | None:
+    """What makes ``signature`` (valid over ``transcript``) differ from the one encoding
+    ``sign_transcript`` gives, or None."""
+    try:
+        packets = list(PacketPile.from_bytes(signature))
+    except (RuntimeError, ValueError):
+        return "does not parse"
+    if len(packets) != 1 or packets[0].tag != Tag.Signature:
+        return "not exactly one signature packet"
+    body = packets[0].body
+    if signature != _new_format_header(_TAG_SIGNATURE, len(body)) + body:
+        return "not a new-format packet with a minimal length"
+    parsed = _parse_signature(body)
+    if parsed is None or parsed.hash_name is None or parsed.raw_signature is None:
+        return "not a version 4 Ed25519 signature over SHA-2 or SHA-3"
+    hashed_end = len(parsed.hashed_part)
+    if body[hashed_end : hashed_end + 2] != b"\x00\x00":
+        return "unhashed subpackets"
+    digest = hashlib.new(parsed.hash_name)
+    digest.update(transcript)
+    digest.update(parsed.hashed_part)
+    digest.update(b"\x04\xff" + len(parsed.hashed_part).to_bytes(4, "big"))
+    if digest.digest()[:2] != parsed.left16:
+        return "the hash prefix does not match"
+    algorithm = body[2]
+    if body[hashed_end + 4 :] != _ed25519_signature_material(algorithm, parsed.raw_signature):
+        return "non-minimal signature MPIs"
+    return None
+
+
+def _new_format_header(tag: int, length: int) -> bytes:
+    """RFC 9580 section 4.2.1: a new-format packet header with the shortest length encoding."""
+    if length < 192:
+        return bytes([0xC0 | tag, length])
+    if length < 8384:
+        return bytes([0xC0 | tag, ((length - 192) >> 8) + 192, (length - 192) & 0xFF])
+    return bytes([0xC0 | tag, 0xFF]) + length.to_bytes(4, "big")
+
+
+def _ed25519_signature_material(algorithm: int, raw_signature: bytes) -> bytes:
+    """The minimal encoding of a 64-byte Ed25519 signature: raw (Ed25519) or as two MPIs
+    without leading zeros (EdDSA legacy)."""
+    if algorithm == _ALGORITHM_ED25519:
+        return raw_signature
+    material = b""
+    for half in (raw_signature[:32], raw_signature[32:]):
+        value = int.from_bytes(half, "big")
+        material += value.bit_length().to_bytes(2, "big") + half.lstrip(b"\x00")
+    return material
 
 
 def make_certification(

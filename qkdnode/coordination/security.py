@@ -61,7 +61,8 @@ def key_security_statement(
     """The statement for a block authenticated in ``mode``, with the ledger as it stands when
     the block is staged (later than its tags, so the tag terms are an upper bound).
 
-    ``block_epsilon`` is eps_sec + eps_cor; ``chain_root`` names the bootstrap ("pki", "psk").
+    ``block_epsilon`` is eps_sec + eps_cor; ``chain_root`` names the bootstrap ("pki", "psk",
+    "web-of-trust").
     """
     if not 0.0 <= block_epsilon < 1.0:
         raise ValueError("block_epsilon must be in [0, 1)")

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the errors that refuse the peer's bootstrap credentials (names as logged)
+_REFUSALS = frozenset({"CertificateRejected", "WebOfTrustRefused"})
+
 
 @dataclass(slots=True)
 class Progress:
@@ -23,6 +26,8 @@ class Progress:
     auth_mode: str = "none"
     modes_seen: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # why Alice refused Bob's credentials (certificate or web-of-trust refusals), in order
+    refusals: list[str] = field(default_factory=list)
     started_s: float = field(default_factory=time.monotonic)
     first_commit_s: float | None = None
 
@@ -60,6 +65,10 @@ class Progress:
             reason = str(event.get("reason"))
             self.abort_reasons[reason] += 1
             return f"block {event.get('block')}: aborted ({reason}: {event.get('detail')})"
+        elif name == "channel.session_failed" and event.get("error") in _REFUSALS:
+            detail = str(event.get("detail"))
+            self.refusals.append(detail)
+            return f"peer refused: {detail}"
         elif event.get("level") in ("error", "critical"):
             self.errors.append(str(name))
             return f"error: {name} {event.get('error', '')}"

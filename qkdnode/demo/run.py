@@ -1,9 +1,12 @@
 """``qkdnode demo``: Alice and Bob as two real ``qkdnode run`` processes on loopback.
 
 The demo makes a work directory with a fresh PKI (``pki/ca.pem``, node certificates, SAE client
-certificates ``sae-a``/``sae-b``) and two configs, starts both nodes with the simulated link,
-follows their JSON logs to show progress, stops after ``--blocks`` block attempts, and proves that
-both stores hold the same keys. Nothing secret is printed: keys are compared, never shown.
+certificates ``sae-a``/``sae-b``), the bootstrap trust anchor (``--bootstrap``: the PKI, a
+pre-shared key, or a web of trust of OpenPGP keys, see ``bootstrap.py``) and two configs,
+starts both nodes with the simulated link, follows their JSON logs to show progress, stops after
+``--blocks`` block attempts (or when Alice refuses Bob's credentials before any block), and
+proves that both stores hold the same keys. Nothing secret is printed: keys are compared, never
+shown.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.demo.bootstrap import Bootstrap, auth_lines, make_bootstrap
 from qkdnode.demo.display import DemoDisplay
 from qkdnode.demo.progress import LogFollower, Progress
 from qkdnode.ops import issuance
@@ -45,8 +49,12 @@ def prepare_workdir(
     block_pulses: int,
     eve: float = 0.0,
     pool_target_bits: int = 32768,
+    bootstrap: Bootstrap = "pki",
+    vouches: int | None = None,
 ) -> DemoLayout:
-    """Fresh ports, PKI and the two node configs in ``workdir`` (also used by the tests)."""
+    """Fresh ports, PKI, the bootstrap trust anchor and the two node configs in ``workdir``
+    (also used by the tests). ``vouches``: web of trust only, how many introducers vouch for
+    each node (default: all of them)."""
     layout = DemoLayout(
         workdir=workdir,
         peer_port=free_port(),
@@ -55,6 +63,7 @@ def prepare_workdir(
         metrics_ports={"alice": free_port(), "bob": free_port()},
     )
     make_pki(layout)
+    make_bootstrap(workdir, bootstrap, vouches=vouches)
     decoy = decoy_settings_for(distance_km, block_pulses)
     for node in ("alice", "bob"):
         layout.config(node).write_text(
@@ -66,6 +75,7 @@ def prepare_workdir(
                 eve=eve,
                 decoy=decoy,
                 pool_target_bits=pool_target_bits,
+                bootstrap=bootstrap,
             )
         )
     return layout
@@ -151,6 +161,7 @@ def node_config_text(
     eve: float,
     decoy: DecoySettings,
     pool_target_bits: int = 32768,
+    bootstrap: Bootstrap = "pki",
 ) -> str:
     peer = "bob" if node == "alice" else "alice"
     address = f"127.0.0.1:{layout.peer_port}"
@@ -186,11 +197,7 @@ block_pulses = {block_pulses}
 cascade_variant = "subblock-reuse"
 
 [auth]
-mode = "pki"
-ca_file = "pki/ca.pem"
-certificate_file = "pki/{node}.pem"
-private_key_file = "pki/{node}.key"
-pool_target_bits = {pool_target_bits}
+{auth_lines(bootstrap, node)}pool_target_bits = {pool_target_bits}
 pool_reserve_bits = {pool_target_bits // 8}
 
 [store]
@@ -232,6 +239,19 @@ def read_keys(store_dir: Path) -> dict[str, bytes]:
     finally:
         db.close()
     return {str(key_id): bytes(material) for key_id, material in rows}
+
+
+def count_blocks(store_dir: Path) -> int:
+    """How many blocks the store has a record of, in any state (read-only)."""
+    path = store_dir / "keys.db"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        (count,) = db.execute("SELECT count(*) FROM blocks").fetchone()
+    finally:
+        db.close()
+    return int(count)
 
 
 def compare_stores(layout: DemoLayout, *, exact: bool) -> tuple[bool, int]:
@@ -336,6 +356,8 @@ def run_demo(args: argparse.Namespace) -> int:
         distance_km=args.distance_km,
         block_pulses=args.block_pulses or DEFAULT_BLOCK_PULSES,
         eve=args.eve,
+        bootstrap=args.bootstrap,
+        vouches=args.vouches,
     )
     # a SIGTERM to the demo must still stop both nodes (the finally below)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
@@ -347,7 +369,8 @@ def run_demo(args: argparse.Namespace) -> int:
     api_match, api_compared = False, 0
     with DemoDisplay(out, target_blocks=args.blocks) as display:
         display.message(
-            f"qkdnode demo in {workdir}: Alice and Bob on loopback, {args.distance_km} km"
+            f"qkdnode demo in {workdir}: Alice and Bob on loopback, {args.distance_km} km, "
+            f"bootstrap {args.bootstrap}"
         )
         for node in ("alice", "bob"):
             display.message(
@@ -361,6 +384,9 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             while progress.attempts < args.blocks:
                 follow()
+                if progress.refusals and not progress.committed:
+                    failed = f"the peer was refused: {progress.refusals[0]}"
+                    break
                 if any(p.poll() is not None for p in processes):
                     failed = f"a node exited early; see its .stderr and .log files in {workdir}"
                     break
@@ -390,6 +416,7 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             codes = stop_nodes(processes)
         summary = _summary(layout, progress, exact=True, api=(api_match, api_compared))
+        summary["bootstrap"] = args.bootstrap
         summary["exit_codes"] = {"alice": codes[1], "bob": codes[0]}
         if not args.keep_running or failed is not None:
             _print_summary(args, display, summary)
@@ -413,6 +440,8 @@ def _summary(
         "qber_mean": qber_mean,
         "auth_mode": progress.auth_mode,
         "auth_modes_seen": progress.modes_seen,
+        "peer_refusals": progress.refusals,
+        "blocks_recorded": {node: count_blocks(layout.store(node)) for node in ("alice", "bob")},
         # both stores hold identical keys and the delivery API gave identical keys to both SAEs
         "keys_match": stores_match and api[0],
         "keys_compared": compared,

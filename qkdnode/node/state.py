@@ -29,6 +29,7 @@ from qkdnode.node import rebootstrap
 from qkdnode.node.reporting import BlockReporter, NodeCounters
 from qkdnode.node.reservations import Reservations
 from qkdnode.node.session import SessionConfig, load_certificate_credentials, load_psk_file
+from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.cascade import CascadeVariant
@@ -201,6 +202,8 @@ class Node:
         if auth.mode == "psk":
             assert auth.psk_file is not None
             return load_psk_file(auth.psk_file)
+        if auth.mode == "web-of-trust":
+            return load_web_of_trust_credentials(auth, peer_name=self.config.peer.name)
         assert auth.certificate_file and auth.private_key_file and auth.ca_file
         return load_certificate_credentials(
             certificate_file=str(auth.certificate_file),
