@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
 import subprocess
 import sys
@@ -543,4 +544,7 @@ def test_a_block_key_into_a_filling_pool_still_refills_the_handshake_key_stream(
     assert taken == len(key)
     assert ledger.state.handshake_deposited == HANDSHAKE_SLOTS_PER_DEPOSIT
     assert ledger.level_bits == 8 * (len(key) - HANDSHAKE_SLOTS_PER_DEPOSIT * 32)
-    assert ledger.take_handshake_key(0) == key[-HANDSHAKE_SLOTS_PER_DEPOSIT * 32 :][:32]
+    slot = key[-HANDSHAKE_SLOTS_PER_DEPOSIT * 32 :][:32]
+    # the first key of the first slot: HMAC-SHA256 of the slot over the key's number
+    expected = hmac.digest(slot, b"qkdnode-v1 handshake key " + bytes(4), "sha256")
+    assert ledger.take_handshake_key(0) == expected

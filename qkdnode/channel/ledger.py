@@ -16,9 +16,13 @@ order, not against the level at the moment of the call.
 Handshake keys come from a stream of their own, disjoint from every pool bit (frame-MAC keys,
 Wegman–Carter hash keys and pads, rotation keys): each deposit appends up to
 ``HANDSHAKE_SLOTS_PER_DEPOSIT`` slots of 32 bytes taken from the block key after the pool's
-share, numbered from 0 for the ledger's whole life. A slot is used for one handshake attempt
-only (``take_handshake_key``) and burned with every lower slot before its key is returned;
-at most ``HANDSHAKE_SLOTS_HELD`` unused slots are kept (older ones are erased).
+share, numbered from 0 for the ledger's whole life. Each slot seeds
+``HANDSHAKE_KEYS_PER_SLOT`` handshake keys, HMAC-SHA256 of the slot over the key's number (a PRF
+under a uniform key: Bellare, "New proofs for NMAC and HMAC", CRYPTO 2006), so an attacker who
+makes every handshake attempt fail never runs the stream dry. Handshake keys are numbered
+``slot * HANDSHAKE_KEYS_PER_SLOT + n``; each is used for one attempt only
+(``take_handshake_key``) and burned with every lower number before it is returned; at most
+``HANDSHAKE_SLOTS_HELD`` slots are kept (older ones are erased).
 
 The state (``LedgerState``) is what the key store persists; its ``repr`` hides the pool.
 """
@@ -26,6 +30,7 @@ The state (``LedgerState``) is what the key store persists; its ``repr`` hides t
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -40,6 +45,8 @@ _DIGEST_INIT = hashlib.sha256(b"qkdnode-v1 auth-key deposits").digest()
 HANDSHAKE_SLOT_BYTES: Final = 32  # one handshake key (HANDSHAKE_KEY_BITS)
 HANDSHAKE_SLOTS_PER_DEPOSIT: Final = 8
 HANDSHAKE_SLOTS_HELD: Final = 64  # older unused slots are erased beyond this
+HANDSHAKE_KEYS_PER_SLOT: Final = 1 << 16
+_HANDSHAKE_KEY_LABEL: Final = b"qkdnode-v1 handshake key "
 # deposits the peer may hold that this side does not yet (blocks committed there, staged here)
 HANDSHAKE_SLOTS_LAG: Final = 4 * HANDSHAKE_SLOTS_PER_DEPOSIT
 
@@ -64,6 +71,8 @@ class LedgerState:
     handshake_pool: bytes = b""
     handshake_first: int = 0
     handshake_deposited: int = 0
+    # the keys of slot ``handshake_first`` below this number are used
+    handshake_next_key: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -72,8 +81,17 @@ class LedgerState:
             f"reserve_bits={self.reserve_bits}, tags_issued={self.tags_issued}, "
             f"forgery_bound={self.forgery_bound:.3e}, tag_key_epsilon={self.tag_key_epsilon:.3e}, "
             f"active={self.active}, "
-            f"handshake_slots={self.handshake_first}..{self.handshake_deposited})"
+            f"handshake_slots={self.handshake_first}..{self.handshake_deposited}, "
+            f"next_key={self.handshake_next_key})"
         )
+
+
+def _handshake_key(slot: bytes, number: int) -> bytes:
+    return hmac.digest(slot, _HANDSHAKE_KEY_LABEL + number.to_bytes(4, "big"), "sha256")
+
+
+def _first_unused(state: LedgerState) -> int:
+    return state.handshake_first * HANDSHAKE_KEYS_PER_SLOT + state.handshake_next_key
 
 
 def _held_from(state: LedgerState) -> int:
@@ -209,10 +227,14 @@ class AuthKeyLedger:
         if mark_consumed_bits < 0 or mark_consumed_bits > s.consumed_bits:
             raise ProtocolError("must be between 0 and the consumed offset", field="mark")
         need_bits = s.target_bits - (s.deposited_bits - mark_consumed_bits)
-        # the slots' share (at most 1/16 of the key) is kept from a pool still filling up, so
-        # every committed block of a real size refills the handshake-key stream
-        kept = HANDSHAKE_SLOT_BYTES * min(
-            HANDSHAKE_SLOTS_PER_DEPOSIT, len(key) // (16 * HANDSHAKE_SLOT_BYTES)
+        # the slots' share (one slot, and more up to 1/16 of the key) is kept from a pool
+        # still filling up, so every committed block of two slots or more refills the
+        # handshake-key stream
+        kept = (
+            HANDSHAKE_SLOT_BYTES
+            * min(HANDSHAKE_SLOTS_PER_DEPOSIT, max(1, len(key) // (16 * HANDSHAKE_SLOT_BYTES)))
+            if len(key) >= 2 * HANDSHAKE_SLOT_BYTES
+            else 0
         )
         taken = min(len(key) - kept, max(0, -(-need_bits // 8)))
         slots = min(HANDSHAKE_SLOTS_PER_DEPOSIT, (len(key) - taken) // HANDSHAKE_SLOT_BYTES)
@@ -222,6 +244,7 @@ class AuthKeyLedger:
         ).digest()
         deposited = s.handshake_deposited + slots
         first = max(s.handshake_first, deposited - HANDSHAKE_SLOTS_HELD)
+        next_key = s.handshake_next_key if first == s.handshake_first else 0
         held = (s.handshake_pool + handshake)[(first - _held_from(s)) * HANDSHAKE_SLOT_BYTES :]
         # stream positions below the consumed offset (a handshake advanced past what was
         # deposited here) are burned as they arrive
@@ -234,74 +257,79 @@ class AuthKeyLedger:
             handshake_pool=held,
             handshake_first=first,
             handshake_deposited=deposited,
+            handshake_next_key=next_key,
             tag_key_epsilon=s.tag_key_epsilon + (key_epsilon if taken or slots else 0.0),
         )
         return taken + len(handshake)
 
     @property
+    def holds_handshake_key(self) -> bool:
+        """True while a deposited slot has an unused handshake key."""
+        return self._state.handshake_first < self._state.handshake_deposited
+
+    @property
     def handshake_first(self) -> int:
-        """The index of the lowest unused handshake-key slot (every lower one is gone)."""
-        return self._state.handshake_first
+        """The number of the lowest unused handshake key (every lower one is gone)."""
+        return _first_unused(self._state)
+
+    def _used_through(self, number: int) -> LedgerState:
+        """The state with handshake key ``number`` and every lower one used."""
+        s = self._state
+        slot, key = divmod(max(_first_unused(s), number + 1), HANDSHAKE_KEYS_PER_SLOT)
+        drop = min(slot, s.handshake_deposited) - _held_from(s)
+        return replace(
+            s,
+            handshake_pool=s.handshake_pool[drop * HANDSHAKE_SLOT_BYTES :],
+            handshake_first=slot,
+            handshake_next_key=key,
+        )
+
+    def _report_handshake(self, number: int) -> None:
+        if self.observer is not None:
+            self.observer(
+                DrawRecord(
+                    offset_bits=number * HANDSHAKE_SLOT_BYTES * 8,
+                    nbits=HANDSHAKE_SLOT_BYTES * 8,
+                    purpose="handshake",
+                )
+            )
 
     def burn_handshake_through(self, index: int) -> None:
-        """Mark slot ``index`` and every lower one used, held here or not yet deposited (Bob
-        answered from a block he has staged and will commit); persisted by the observer."""
-        s = self._state
-        first = max(s.handshake_first, index + 1)
-        drop = min(first, s.handshake_deposited) - _held_from(s)
-        self._state = replace(
-            s, handshake_pool=s.handshake_pool[drop * HANDSHAKE_SLOT_BYTES :], handshake_first=first
-        )
-        if self.observer is not None:
-            self.observer(
-                DrawRecord(
-                    offset_bits=index * HANDSHAKE_SLOT_BYTES * 8,
-                    nbits=HANDSHAKE_SLOT_BYTES * 8,
-                    purpose="handshake",
-                )
-            )
+        """Mark handshake key ``index`` and every lower one used, its slot held here or not yet
+        deposited (Bob answered from a block he has staged and will commit); persisted by the
+        observer."""
+        self._state = self._used_through(index)
+        self._report_handshake(index)
 
     def responder_handshake_index(self) -> int | None:
-        """The slot Bob uses for the next handshake attempt, or None if he holds none.
+        """The handshake key Bob uses for the next attempt, or None if he holds no slot.
 
-        The lowest unused slot, but never one the initiator may already have erased: she may
-        hold up to ``HANDSHAKE_SLOTS_LAG`` more recent slots (blocks committed on her side,
+        The lowest unused key, but never in a slot the initiator may already have erased: she
+        may hold up to ``HANDSHAKE_SLOTS_LAG`` more recent slots (blocks committed on her side,
         still staged here) and erases beyond ``HANDSHAKE_SLOTS_HELD``. The choice depends on
-        this ledger only, so an unauthenticated Hello moves the stream by one slot.
+        this ledger only, so an unauthenticated Hello moves the stream by one key.
         """
         s = self._state
-        index = max(
-            s.handshake_first,
-            s.handshake_deposited - HANDSHAKE_SLOTS_HELD + HANDSHAKE_SLOTS_LAG,
-        )
-        return index if index < s.handshake_deposited else None
+        oldest = s.handshake_deposited - HANDSHAKE_SLOTS_HELD + HANDSHAKE_SLOTS_LAG
+        index = max(_first_unused(s), oldest * HANDSHAKE_KEYS_PER_SLOT)
+        return index if index // HANDSHAKE_KEYS_PER_SLOT < s.handshake_deposited else None
 
     def take_handshake_key(self, index: int) -> bytes:
-        """The handshake key in slot ``index``, used once: it and every lower slot are burned
-        (persisted by the observer before the key is returned). ``ProtocolError`` if the slot
-        is burned or was never deposited here."""
+        """Handshake key ``index``, used once: it and every lower key are burned (persisted by
+        the observer before the key is returned). ``ProtocolError`` if the key is burned or its
+        slot was never deposited here."""
         s = self._state
-        if not s.handshake_first <= index < s.handshake_deposited:
+        slot, number = divmod(index, HANDSHAKE_KEYS_PER_SLOT)
+        if not _first_unused(s) <= index or not slot < s.handshake_deposited:
             raise ProtocolError(
-                f"handshake key {index} is not held here "
-                f"(unused slots {s.handshake_first}..{s.handshake_deposited - 1})",
+                f"handshake key {index} is not held here (unused keys from "
+                f"{_first_unused(s)}, slots below {s.handshake_deposited})",
                 field="handshake_index",
             )
-        start = (index - _held_from(s)) * HANDSHAKE_SLOT_BYTES
-        key = s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES]
-        self._state = replace(
-            s,
-            handshake_pool=s.handshake_pool[start + HANDSHAKE_SLOT_BYTES :],
-            handshake_first=index + 1,
-        )
-        if self.observer is not None:
-            self.observer(
-                DrawRecord(
-                    offset_bits=index * HANDSHAKE_SLOT_BYTES * 8,
-                    nbits=HANDSHAKE_SLOT_BYTES * 8,
-                    purpose="handshake",
-                )
-            )
+        start = (slot - _held_from(s)) * HANDSHAKE_SLOT_BYTES
+        key = _handshake_key(s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES], number)
+        self._state = self._used_through(index)
+        self._report_handshake(index)
         return key
 
     def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
@@ -362,6 +390,7 @@ class AuthKeyLedger:
             # slot indices never repeat: a used or discarded handshake key stays behind
             handshake_first=s.handshake_deposited,
             handshake_deposited=s.handshake_deposited,
+            handshake_next_key=0,
         )
         if self.observer is not None:
             self.observer(DrawRecord(offset_bits=0, nbits=0, purpose="reset"))

@@ -23,7 +23,7 @@ import msgpack
 
 from qkdnode.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 NONCE_BYTES: Final = 32
 X25519_PUBLIC_BYTES: Final = 32
 MLKEM768_PUBLIC_BYTES: Final = 1184

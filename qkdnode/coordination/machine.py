@@ -580,9 +580,12 @@ class Coordinator:
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))
 
     def _close_bootstrap_window(self) -> None:
-        # the first commit that leaves the pool able to run key-derived closes the window, in
-        # the commit's own transaction: from then on only key-derived sessions
-        if self.ledger.can_pay(ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS):
+        # the first commit that leaves the pool able to run key-derived (two blocks after the
+        # rotation, and a handshake key for the next connection) closes the window, in the
+        # commit's own transaction: from then on only key-derived sessions
+        if self.ledger.holds_handshake_key and self.ledger.can_pay(
+            ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
+        ):
             self.ledger.close_bootstrap_window()
 
     def _finish_committed(self, block: _Block) -> None:
@@ -623,7 +626,10 @@ class Coordinator:
         if self.mode is not SessionMode.KEY_DERIVED:
             if self._blocks:
                 return  # before rotation: one block at a time, and rotation between blocks
-            if self.ledger.can_pay(ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS):
+            # rotation closes the window too: only with a handshake key for the next connection
+            if self.ledger.holds_handshake_key and self.ledger.can_pay(
+                ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
+            ):
                 self._out.append(AnnounceRotation())
                 self.phase = Phase.ROTATING
                 return

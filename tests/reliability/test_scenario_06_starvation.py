@@ -22,6 +22,7 @@ import trio
 
 from qkdnode.channel.auth import BLOCK_DRAW_BITS
 from qkdnode.channel.connection import PoolExhausted
+from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT
 from qkdnode.channel.messages import SessionMode
 from qkdnode.errors import AuthKeyExhausted
 from qkdnode.node.daemon import DaemonMustStop, Node, SessionEnded
@@ -72,20 +73,24 @@ def test_pool_runs_dry_without_going_below_the_reserve_and_opens_no_block() -> N
 
 
 def test_running_out_of_handshake_keys_never_falls_back_to_bootstrap() -> None:
-    """Handshake keys come from their own stream: each session uses one slot and no pool bit;
+    """Handshake keys come from their own stream: each session uses one key and no pool bit;
     with none left Bob refuses without a proof, and Alice's next Hello is key-derived again."""
     alice, bob, _, _ = ledger_pair(seed=66, target_bits=TARGET_BITS, reserve_bits=RESERVE_BITS)
     key_derived_wire(alice, bob, seed=61)
     pool = (alice.consumed_bits, alice.level_bits)
-    sessions = 0
-    while bob.responder_handshake_index() is not None:
-        wire = psk_pair(alice, bob, seed=700 + sessions)
+    for session in range(20):
+        first = bob.handshake_first
+        wire = psk_pair(alice, bob, seed=700 + session)
         handshake(wire)
         assert wire.alice.mode is SessionMode.KEY_DERIVED
-        sessions += 1
-        assert sessions < 100
+        assert alice.handshake_first == bob.handshake_first == first + 1  # one key each
     assert (alice.consumed_bits, alice.level_bits) == pool  # no pool bit for handshakes
     assert alice.state == bob.state
+    # every key of every slot held used up (no attacker gets this far: 2^16 keys a slot)
+    last = bob.state.handshake_deposited * HANDSHAKE_KEYS_PER_SLOT - 1
+    for ledger in (alice, bob):
+        ledger.burn_handshake_through(last)
+    assert bob.responder_handshake_index() is None
     wire = psk_pair(alice, bob, seed=799)
     with pytest.raises(AuthKeyExhausted):
         handshake(wire)
