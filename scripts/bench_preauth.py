@@ -97,6 +97,7 @@ class AttackStats:
     bytes_sent: int = 0
     max_bytes_accepted: int = 0  # most bytes one connection took before Bob closed it
     closed_by_bob: int = 0
+    answer_bytes: int = 0  # what Bob sent back before closing (a Close frame)
     seconds_to_close: list[float] = field(default_factory=list)
 
 
@@ -108,9 +109,12 @@ def run_attack(
     stats: AttackStats,
     stop: Any,
     interval_s: float,
+    attempts: int | None = None,
 ) -> None:
+    """Connect, send ``first``, stream ``streamed`` filler bytes, wait for Bob to close; again
+    every ``interval_s`` until ``stop`` is set (or ``attempts`` were made)."""
     filler = (b"\xc0" if "nils" in name else b"\x00") * CHUNK_BYTES
-    while not stop.is_set():
+    while not stop.is_set() and (attempts is None or stats.attempts < attempts):
         time.sleep(interval_s)
         stats.attempts += 1
         sent = 0
@@ -126,8 +130,9 @@ def run_attack(
                     sent += len(piece)
                     left -= len(piece)
                 sock.settimeout(20)
-                if sock.recv(1 << 16) == b"":
-                    stats.closed_by_bob += 1
+                while data := sock.recv(1 << 16):  # Bob may answer with a Close frame first
+                    stats.answer_bytes += len(data)
+                stats.closed_by_bob += 1
         except (ConnectionResetError, BrokenPipeError):
             stats.closed_by_bob += 1
         except OSError:
@@ -215,6 +220,7 @@ def attacker_process(
                 name: {
                     "attempts": s.attempts,
                     "closed_by_bob": s.closed_by_bob,
+                    "answer_bytes": s.answer_bytes,
                     "max_bytes_sent": s.max_bytes_accepted,
                     "median_s_to_close": round(float(np.median(s.seconds_to_close)), 4)
                     if s.seconds_to_close
