@@ -386,10 +386,11 @@ def run_resets(
     *,
     boundary_timeout_s: float = 900.0,
     recover_blocks: int = 2,
+    block_pulses: int = BLOCK_PULSES,
     log: Callable[[str], None] = lambda line: None,
 ) -> ResetsReport:
     started = time.monotonic()
-    pair = Pair.create(workdir, block_pulses=BLOCK_PULSES, distance_km=DISTANCE_KM)
+    pair = Pair.create(workdir, block_pulses=block_pulses, distance_km=DISTANCE_KM)
     thread = ProxyThread(pair.layout.peer_port)
     pair.route_alice_to(thread.start())
     watch = LedgerWatch()
@@ -450,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resets", type=int, default=100, help="resets per boundary")
     parser.add_argument("--boundaries", default=",".join(BOUNDARIES))
     parser.add_argument("--boundary-timeout-s", type=float, default=900.0)
+    parser.add_argument("--block-pulses", type=int, default=BLOCK_PULSES)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -465,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         args.resets,
         boundaries,
         boundary_timeout_s=args.boundary_timeout_s,
+        block_pulses=args.block_pulses,
         log=lambda line: print(line, flush=True),
     )
     print(f"\n{HEADER}")

@@ -78,3 +78,29 @@ def test_the_ledger_watch_sees_a_counter_going_back() -> None:
     watch.check("alice", next(states))
     assert any("went back" in p for p in watch.problems)
     assert any("inactive" in p for p in watch.problems)
+
+
+SMALL_BLOCK_PULSES = 1_000_000  # about 1.4 kbit of key per block at 5 km
+
+
+@pytest.mark.slow  # starts daemon processes; about 2 min
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "blocks with less than 4,096 bits of key deposit no handshake slot, yet the window "
+        "closes: after rotation one lost connection leaves Bob no handshake key "
+        "(AuthKeyExhausted) and no block commits again without an operator re-bootstrap"
+    ),
+)
+def test_small_blocks_recover_from_a_reset_after_rotation(tmp_path: Path) -> None:
+    report = run_resets(
+        tmp_path / "pair",
+        1,
+        ["hello"],
+        boundary_timeout_s=30.0,
+        recover_blocks=1,
+        block_pulses=SMALL_BLOCK_PULSES,
+    )
+    (row,) = report.results
+    assert row.bootstrap_sessions == row.bootstrap_blocks == row.ledger_resets == 0
+    assert row.commits_after >= 1, row.problems
