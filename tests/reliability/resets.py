@@ -48,6 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
+from qkdnode.channel.framing import HEADER_BYTES, LENGTH_BYTES
 from qkdnode.channel.ledger import LedgerState, ledger_state_from_bytes
 from tests.reliability.harness import Pair, StoreView, stores_agree
 from tests.reliability.proxy import CODES, Direction, Frame, ProxyThread, Rule
@@ -86,12 +89,15 @@ class BoundaryResult:
     commits_after: int
     seconds: float
     connections: int
+    hellos: int = 0
+    bootstrap_hellos: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (
             self.bootstrap_sessions == 0
+            and self.bootstrap_hellos == 0
             and self.bootstrap_blocks == 0
             and self.ledger_resets == 0
             and self.commits_after > 0
@@ -117,6 +123,8 @@ class SlotGate:
         self.committed_on: set[int] = set()  # connections that committed a block
         self.data_frames: dict[tuple[int, int], int] = {}
         self.clean: set[int] = set()  # connections let through because of low credit
+        self.hellos = 0
+        self.bootstrap_hellos = 0  # Hellos Alice sent in another mode than key-derived
 
     def sampled(self, held_slots: int) -> None:
         with self.lock:
@@ -132,6 +140,10 @@ class SlotGate:
             if frame.connection not in self.connections:
                 self.connections.add(frame.connection)
                 self.since_sample.add(frame.connection)
+            if frame.code == CODES["hello"] and frame.direction == "a2b":
+                self.hellos += 1
+                if hello_mode(frame) != KEY_DERIVED:
+                    self.bootstrap_hellos += 1
             control = frame.control()
             if frame.direction == "b2a" and control is not None and control[0] == "committed":
                 self.commits += 1
@@ -182,6 +194,18 @@ def stored_ledger(path: Path) -> bytes | None:
     finally:
         db.close()
     return None if row is None else bytes(row[0])
+
+
+def hello_mode(frame: Frame) -> str | None:
+    """The ``mode`` field of a Hello frame's payload (a msgpack map; any tag after it is
+    ignored), or None if it cannot be read."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(frame.raw[LENGTH_BYTES + HEADER_BYTES :])
+    try:
+        value = next(unpacker)
+    except (StopIteration, ValueError):
+        return None
+    return str(value.get("mode")) if isinstance(value, dict) else None
 
 
 def held_slots(state: LedgerState) -> int:
@@ -350,6 +374,8 @@ def run_boundary(
         commits_after=commits_after,
         seconds=round(time.monotonic() - started, 1),
         connections=len(gate.connections),
+        hellos=gate.hellos,
+        bootstrap_hellos=gate.bootstrap_hellos,
         problems=problems,
     )
 
@@ -433,14 +459,16 @@ def run_resets(
 
 
 HEADER = (
-    f"{'boundary':<12} {'resets':>6} {'conns':>6} {'boot sess':>9} {'boot blk':>8} "
+    f"{'boundary':<12} {'resets':>6} {'conns':>6} {'hellos':>6} {'boot hello':>10} "
+    f"{'boot sess':>9} {'boot blk':>8} "
     f"{'ledger rst':>10} {'commits after':>13} {'seconds':>8}  result"
 )
 
 
 def format_row(r: BoundaryResult) -> str:
     return (
-        f"{r.boundary:<12} {r.resets:>6} {r.connections:>6} {r.bootstrap_sessions:>9} "
+        f"{r.boundary:<12} {r.resets:>6} {r.connections:>6} {r.hellos:>6} "
+        f"{r.bootstrap_hellos:>10} {r.bootstrap_sessions:>9} "
         f"{r.bootstrap_blocks:>8} {r.ledger_resets:>10} {r.commits_after:>13} {r.seconds:>8.1f}  "
         f"{'PASS' if r.ok else 'FAIL ' + '; '.join(r.problems)[:300]}"
     )

@@ -8,12 +8,21 @@ long version with the same checks.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
-from tests.reliability.resets import BOUNDARIES, LedgerWatch, _violations, run_resets
+from tests.reliability.resets import (
+    BOUNDARIES,
+    HANDSHAKE_BOUNDARIES,
+    LedgerWatch,
+    _violations,
+    hello_mode,
+    run_resets,
+)
 
 RESETS_PER_BOUNDARY = 1
 
@@ -31,6 +40,8 @@ def test_resets_at_every_boundary_never_bring_bootstrap_back(tmp_path: Path) -> 
     assert list(rows) == list(BOUNDARIES)
     for boundary, row in rows.items():
         assert row.resets == RESETS_PER_BOUNDARY, (boundary, row.problems)
+        assert row.hellos >= 1 or boundary not in HANDSHAKE_BOUNDARIES, boundary
+        assert row.bootstrap_hellos == 0, (boundary, row.problems)
         assert row.bootstrap_sessions == 0, (boundary, row.problems)
         assert row.bootstrap_blocks == 0, (boundary, row.problems)
         assert row.ledger_resets == 0, (boundary, row.problems)
@@ -104,3 +115,15 @@ def test_small_blocks_recover_from_a_reset_after_rotation(tmp_path: Path) -> Non
     (row,) = report.results
     assert row.bootstrap_sessions == row.bootstrap_blocks == row.ledger_resets == 0
     assert row.commits_after >= 1, row.problems
+
+
+def test_hello_mode_reads_the_mode_of_a_hello_frame() -> None:
+    from qkdnode.channel.framing import pack_frame
+    from tests.reliability.proxy import CODES, Frame
+
+    for mode in ("key_derived", "certificate"):
+        payload = msgpack.packb({"protocol_version": 2, "mode": mode}, use_bin_type=True)
+        header = struct.pack(">BQQ", CODES["hello"], 0, 2**64 - 1)
+        raw = pack_frame(header, payload, b"")
+        frame = Frame(1, "a2b", 0, CODES["hello"], 0, 2**64 - 1, raw)
+        assert hello_mode(frame) == mode
