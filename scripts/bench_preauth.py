@@ -354,6 +354,8 @@ def wait_for_keys(layout: DemoLayout, keys: int, timeout_s: float) -> None:
                 query = "SELECT count(*) FROM keys WHERE state = 'available' AND position % 2 = 0"
                 if int(db.execute(query).fetchone()[0]) >= keys:
                     return
+            except sqlite3.OperationalError:
+                pass  # the daemon has not created its schema yet
             finally:
                 db.close()
         time.sleep(0.5)
