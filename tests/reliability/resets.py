@@ -23,15 +23,16 @@ bits of its key (``docs/authentication.md``). A boundary that stops blocks from 
 but ``commit``/``committed``) would empty the slot stream and turn the run into an outage, so the
 proxy only resets while the slots both nodes hold (sampled from the stores every 0.2 s) minus the
 connections opened since the sample stay at or above ``SLOT_MARGIN``; otherwise it lets the
-connection run until a block commits. A connection at a handshake boundary that ran clean is
-reset after its first commit (not counted).
+connection run until a block commits. At a handshake boundary the connection open at arming is
+reset at its next frame, and one that ran clean after its first commit (neither is counted).
 
-Checked from both daemons' structured logs and stores, from rotation on: no session established
-in bootstrap mode (``channel.session_established`` ``mode``), no block committed in bootstrap
-mode (``block.committed`` ``mode``/``auth_mode``), no ledger reset (``auth.ledger_reset`` in the
-log; in the stored ledger, sampled while the resets run: ``active`` stays true and
-``consumed_bits``, ``deposited_bits`` and ``handshake_first`` never go back), blocks commit again
-on both nodes once the resets stop, both stores agree at the end.
+Checked from the wire, both daemons' structured logs and stores, from rotation on: no Hello
+from Alice in another mode than key-derived (the proxy reads the Hello's ``mode``), no session
+established in bootstrap mode (``channel.session_established`` ``mode``), no block committed in
+bootstrap mode (``block.committed`` ``mode``/``auth_mode``), no ledger reset
+(``auth.ledger_reset`` in the log; in the stored ledger, sampled while the resets run: ``active``
+stays true and ``consumed_bits``, ``deposited_bits`` and ``handshake_first`` never go back),
+blocks commit again on both nodes once the resets stop, both stores agree at the end.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ from qkdnode.channel.ledger import LedgerState, ledger_state_from_bytes
 from tests.reliability.harness import Pair, StoreView, stores_agree
 from tests.reliability.proxy import CODES, Direction, Frame, ProxyThread, Rule
 
-BOOTSTRAP_MODES = frozenset({"certificate", "psk", "ed25519", "mldsa65"})
 KEY_DERIVED = "key_derived"
 MID_BLOCK_DATA_FRAME = 5
 SLOT_MARGIN = 3
