@@ -4,9 +4,10 @@ Alice connects to the proxy, the proxy connects to Bob. Each direction is cut in
 the channel's length prefix (``qkdnode.channel.framing``: ``u32 length | type u8 | seq u64 |
 block u64 | payload | tag``) and every frame passes through the rules: the first armed rule that
 matches a frame acts on it (flip a byte, drop, duplicate, hold back behind the next frame,
-truncate and cut the stream, delay, replace by a recorded frame, inject junk). Rules fire a set
-number of times. The proxy keeps a journal of what it did and of every connection's end, so a
-test can check that each tampering ended the session.
+truncate and cut the stream, delay, replace by a recorded frame, inject junk, or forward it and
+reset the TCP connection on both sides). Rules fire a set number of times. The proxy keeps a
+journal of what it did and of every connection's end, so a test can check that each tampering
+ended the session.
 
 ``ProxyThread`` runs the proxy in a background thread (the daemons are processes; the tests are
 plain synchronous code that sleeps and polls).
@@ -29,7 +30,16 @@ from qkdnode.channel.framing import HEADER_BYTES, LENGTH_BYTES
 
 Direction = Literal["a2b", "b2a"]
 Action = Literal[
-    "flip", "drop", "duplicate", "reorder", "truncate", "delay", "replay", "inject", "pass"
+    "flip",
+    "drop",
+    "duplicate",
+    "reorder",
+    "truncate",
+    "delay",
+    "replay",
+    "inject",
+    "reset",
+    "pass",
 ]
 
 # frame type codes (qkdnode.channel.messages)
@@ -49,6 +59,8 @@ CODES = {
 }
 NAMES = {code: name for name, code in CODES.items()}
 _HEADER = struct.Struct(">BQQ")
+_LINGER_0 = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+RESET_GRACE_S = 0.05  # after the last frame of a reset: the peer reads it, nothing else passes
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +156,8 @@ class MitmProxy:
         self.journal = Journal()
         self.lock = threading.Lock()
         self.open_connections = 0
+        # connections whose sockets are closed with RST (SO_LINGER 0) rather than FIN
+        self._resetting: set[int] = set()
 
     # ---- control (thread-safe) -------------------------------------------------------------
     def add(self, *rules: Rule) -> None:
@@ -196,6 +210,13 @@ class MitmProxy:
                 nursery.start_soon(self._pump, number, "a2b", downstream, upstream, counts, cancel)
                 nursery.start_soon(self._pump, number, "b2a", upstream, downstream, counts, cancel)
         finally:
+            with self.lock:
+                reset = number in self._resetting
+                self._resetting.discard(number)
+            if reset:
+                for stream in (downstream, upstream):
+                    with contextlib.suppress(OSError):
+                        stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, _LINGER_0)
             with trio.CancelScope(shield=True):
                 await downstream.aclose()
                 await upstream.aclose()
@@ -235,11 +256,21 @@ class MitmProxy:
                     code, seq, block = _HEADER.unpack_from(raw, LENGTH_BYTES)
                     frame = Frame(number, direction, counts[direction], code, seq, block, raw)
                     counts[direction] += 1
+                    with self.lock:
+                        frozen = number in self._resetting
+                    if frozen:
+                        continue  # the other direction is resetting: nothing more passes
                     out, held, stop, delay_s = self._apply(frame, held)
-                    if delay_s:
+                    if stop == "reset":
+                        with self.lock:
+                            self._resetting.add(number)
+                    if delay_s and stop != "reset":
                         await trio.sleep(delay_s)  # the peer sees a stall in this direction
                     if out:
                         await sink.send_all(out)
+                    if stop == "reset":
+                        # let the peer read the frame before the RST reaches it
+                        await trio.sleep(delay_s)
                     if stop:
                         return
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -247,8 +278,11 @@ class MitmProxy:
         finally:
             cancel.cancel()
 
-    def _apply(self, frame: Frame, held: bytes | None) -> tuple[bytes, bytes | None, bool, float]:
-        """(bytes to send now, frame held back for a reorder, cut the connection, delay)."""
+    def _apply(
+        self, frame: Frame, held: bytes | None
+    ) -> tuple[bytes, bytes | None, bool | Literal["reset"], float]:
+        """(bytes to send now, frame held back for a reorder, cut the connection (``"reset"``:
+        with RST on both sockets), delay)."""
         with self.lock:
             keep = frame.code != CODES["data"] or frame.index < 50
             if keep and len(self.journal.frames) < self.journal.record_limit:
@@ -277,6 +311,10 @@ class MitmProxy:
             return prefix, raw, False, 0.0  # sent after the next frame
         if action == "truncate":
             return prefix + raw[: max(0, min(rule.offset, len(raw) - 1))], None, True, 0.0
+        if action == "reset":
+            # the frame reaches its peer, then both TCP connections are reset: the boundary
+            # just after this frame
+            return prefix + raw, None, "reset", rule.delay_s or RESET_GRACE_S
         if action == "delay":
             return prefix + raw, None, False, rule.delay_s
         if action == "replay":
