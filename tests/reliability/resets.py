@@ -18,13 +18,13 @@ for key-derived blocks to commit again on both nodes. Boundaries (frame, directi
   ``committed``); the proxy reads the kind from the control frame's payload (authenticated, not
   encrypted).
 
-Every connection uses up one handshake slot and a committed block refills up to 8, one per 4,096
-bits of its key (``docs/authentication.md``). A boundary that stops blocks from committing (all
-but ``commit``/``committed``) would empty the slot stream and turn the run into an outage, so the
-proxy only resets while the slots both nodes hold (sampled from the stores every 0.2 s) minus the
-connections opened since the sample stay at or above ``SLOT_MARGIN``; otherwise it lets the
-connection run until a block commits. At a handshake boundary the connection open at arming is
-reset at its next frame, and one that ran clean after its first commit (neither is counted).
+Every connection uses up one handshake key; a slot seeds 2^16 of them and a committed block
+deposits up to 8 slots (``docs/authentication.md``). The proxy still counts them: it resets only
+while the keys both nodes hold (sampled from the stores every 0.2 s) minus the connections
+opened since stay at or above ``SLOT_MARGIN``, which with 2^16 keys a slot never stops a run,
+so the resets at a boundary are consecutive. At a handshake boundary the connection open at
+arming is reset at its next frame, and one that ran clean after its first commit (neither is
+counted).
 
 Checked from the wire, both daemons' structured logs and stores, from rotation on: no Hello
 from Alice in another mode than key-derived (the proxy reads the Hello's ``mode``), no session
@@ -52,7 +52,11 @@ from typing import Any
 import msgpack
 
 from qkdnode.channel.framing import HEADER_BYTES, LENGTH_BYTES
-from qkdnode.channel.ledger import LedgerState, ledger_state_from_bytes
+from qkdnode.channel.ledger import (
+    HANDSHAKE_KEYS_PER_SLOT,
+    LedgerState,
+    ledger_state_from_bytes,
+)
 from tests.reliability.harness import Pair, StoreView, stores_agree
 from tests.reliability.proxy import CODES, Direction, Frame, ProxyThread, Rule
 
@@ -209,7 +213,9 @@ def hello_mode(frame: Frame) -> str | None:
 
 
 def held_slots(state: LedgerState) -> int:
-    return max(0, state.handshake_deposited - state.handshake_first)
+    """The unused handshake keys a ledger holds (the name is the gate's unit of credit)."""
+    first = state.handshake_first * HANDSHAKE_KEYS_PER_SLOT + state.handshake_next_key
+    return max(0, state.handshake_deposited * HANDSHAKE_KEYS_PER_SLOT - first)
 
 
 @dataclass

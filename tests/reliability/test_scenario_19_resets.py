@@ -95,14 +95,8 @@ SMALL_BLOCK_PULSES = 1_000_000  # about 1.4 kbit of key per block at 5 km
 
 
 @pytest.mark.slow  # starts daemon processes; about 2 min
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "blocks with less than 4,096 bits of key deposit no handshake slot, yet the window "
-        "closes: after rotation one lost connection leaves Bob no handshake key "
-        "(AuthKeyExhausted) and no block commits again without an operator re-bootstrap"
-    ),
-)
+# blocks of about 1.4 kbit of key: each still deposits a handshake slot, so a reset after
+# rotation is followed by key-derived blocks again
 def test_small_blocks_recover_from_a_reset_after_rotation(tmp_path: Path) -> None:
     report = run_resets(
         tmp_path / "pair",
