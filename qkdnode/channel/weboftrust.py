@@ -29,10 +29,9 @@ an expired or revoked vouch is reported as such rather than as too few certifica
 
 pysequoia (0.1.35) parses certificates, checks self-signatures, revocation and expiry, makes
 keys and certifications and signs and verifies data, but has no call that verifies a
-third-party certification. This module therefore hashes the packets Sequoia parsed as RFC 9580
-section 5.2.4 prescribes for a version 4 certification (key packet, user ID, the signature's
-hashed part and trailer) and checks the Ed25519 signature with ``cryptography``. The test
-vectors made by gpg and sq check that computation both ways.
+third-party certification: ``openpgp_packets`` hashes the packets Sequoia parsed as RFC 9580
+section 5.2.4 prescribes and checks the Ed25519 certification with ``cryptography``; this
+module decides on trust.
 
 Proof of possession: ``sign_transcript`` makes a detached OpenPGP signature over the handshake
 transcript with the node's signing key, ``verify_transcript`` checks it against the peer's
@@ -45,57 +44,52 @@ only its fingerprint, and errors of the OpenPGP library are replaced by short me
 from __future__ import annotations
 
 import enum
-import hashlib
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NoReturn
 
 import pysequoia
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from pysequoia.packet import PacketPile, Tag
 
+from qkdnode.channel.openpgp_packets import (
+    MAX_CERTIFICATE_BYTES,
+    PublicKey,
+    Signature,
+    UserIdBinding,
+    expired,
+    holds_secret_keys,
+    issued_by,
+    non_canonical_signature,
+    parse_single_certificate,
+    primary_key,
+    signature_valid,
+    user_id_bindings,
+)
 from qkdnode.errors import AuthenticationFailed, WebOfTrustRefused
+
+__all__ = [
+    "FULL_TRUST_AMOUNT",
+    "MAX_CERTIFICATE_BYTES",
+    "MAX_SIGNATURE_BYTES",
+    "NODE_USER_ID_PREFIX",
+    "AcceptedPeer",
+    "Refusal",
+    "SecretCertificate",
+    "SetAside",
+    "TrustedIntroducer",
+    "load_introducers",
+    "make_certification",
+    "node_user_id",
+    "sign_transcript",
+    "verify_peer_certificate",
+    "verify_transcript",
+]
 
 NODE_USER_ID_PREFIX = "qkdnode node "
 FULL_TRUST_AMOUNT = 120
-MAX_CERTIFICATE_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 4096
 
-_ED25519_OID = bytes.fromhex("2b06010401da470f01")  # 1.3.6.1.4.1.11591.15.1
-_ALGORITHM_EDDSA_LEGACY = 22
-_ALGORITHM_ED25519 = 27
-_TAG_SIGNATURE = 2
 _CERTIFICATION_TYPES = frozenset({0x10, 0x11, 0x12, 0x13})
 _CERTIFICATION_REVOCATION = 0x30
-_HASHES = {8: "sha256", 9: "sha384", 10: "sha512", 12: "sha3_256", 14: "sha3_512"}
-# hashed subpackets this module understands; an unknown one marked critical voids the signature
-_SUBPACKET_CREATED = 2
-_SUBPACKET_EXPIRES_AFTER = 3
-_SUBPACKET_EXPORTABLE = 4
-_SUBPACKET_TRUST = 5
-_SUBPACKET_REVOCABLE = 7
-_SUBPACKET_ISSUER_KEY_ID = 16
-_SUBPACKET_NOTATION = 20
-_SUBPACKET_PREFERRED_KEY_SERVER = 24
-_SUBPACKET_POLICY_URI = 26
-_SUBPACKET_SIGNERS_USER_ID = 28
-_SUBPACKET_REVOCATION_REASON = 29
-_SUBPACKET_ISSUER_FINGERPRINT = 33
-_UNDERSTOOD_CRITICAL = frozenset(
-    {
-        _SUBPACKET_CREATED,
-        _SUBPACKET_EXPIRES_AFTER,
-        _SUBPACKET_EXPORTABLE,
-        _SUBPACKET_TRUST,
-        _SUBPACKET_REVOCABLE,
-        _SUBPACKET_ISSUER_KEY_ID,
-        _SUBPACKET_SIGNERS_USER_ID,
-        _SUBPACKET_REVOCATION_REASON,
-        _SUBPACKET_ISSUER_FINGERPRINT,
-    }
-)
 
 
 class Refusal(enum.StrEnum):
@@ -149,36 +143,6 @@ class AcceptedPeer:
     set_aside: tuple[SetAside, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class _PublicKey:
-    fingerprint: str
-    key_id: str
-    body: bytes
-    created_s: int
-    verifying_key: ed25519.Ed25519PublicKey = field(repr=False, compare=False)
-
-
-@dataclass(frozen=True, slots=True)
-class _Signature:
-    signature_type: int
-    hashed_part: bytes
-    hash_name: str | None  # None: a hash this module does not accept (SHA-1, MD5, ...)
-    left16: bytes
-    raw_signature: bytes | None = field(repr=False)  # None: not an Ed25519 signature
-    created_s: int
-    expires_after_s: int | None
-    issuer_fingerprint: str | None
-    issuer_key_id: str | None
-    trust_amount: int | None
-    critical_unknown: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _UserIdBinding:
-    user_id: bytes
-    signatures: tuple[_Signature, ...]
-
-
 class TrustedIntroducer:
     """An introducer's certificate, parsed once; its validity is checked at each verification."""
 
@@ -190,25 +154,25 @@ class TrustedIntroducer:
         Raises ``ValueError`` naming what is wrong: not one certificate, secret key material,
         or a primary key that is not Ed25519.
         """
-        cert = _parse_single_certificate(certificate, what="introducer certificate")
-        if _holds_secret_keys(certificate):
+        cert = parse_single_certificate(certificate, what="introducer certificate")
+        if holds_secret_keys(certificate):
             raise ValueError(
                 "an introducer certificate must not carry secret key material: export the "
                 "public certificate only"
             )
-        primary = _primary_key(bytes(cert))
+        primary = primary_key(bytes(cert))
         if primary is None:
             raise ValueError(
                 f"introducer certificate {cert.fingerprint}: the primary key is not Ed25519"
             )
         self._cert = cert
         self.fingerprint: str = cert.fingerprint
-        self.key: _PublicKey = primary
+        self.key: PublicKey = primary
 
     def valid_at(self, now_s: float) -> bool:
         """True when the introducer's key is neither revoked nor expired at ``now_s``."""
         try:
-            return not self._cert.is_revoked and not _expired(self._cert, now_s)
+            return not self._cert.is_revoked and not expired(self._cert, now_s)
         except RuntimeError:  # no valid self-signature at the library's clock
             return False
 
@@ -230,7 +194,7 @@ class SecretCertificate:
             tsk = pysequoia.Tsk.from_bytes(secret_certificate)
         except (RuntimeError, ValueError):
             raise ValueError("not an OpenPGP secret key") from None
-        if not _holds_secret_keys(secret_certificate):
+        if not holds_secret_keys(secret_certificate):
             raise ValueError("the OpenPGP data holds no secret key material")
         self._tsk = tsk
         self.fingerprint: str = tsk.extract_certificate().fingerprint
@@ -332,22 +296,22 @@ def _verify_peer_certificate(
         )
 
     try:
-        cert = _parse_single_certificate(peer_certificate, what="peer certificate")
+        cert = parse_single_certificate(peer_certificate, what="peer certificate")
     except ValueError as exc:
         refuse(Refusal.MALFORMED_CERTIFICATE, str(exc))
-    if _holds_secret_keys(peer_certificate):
+    if holds_secret_keys(peer_certificate):
         refuse(Refusal.MALFORMED_CERTIFICATE, "the peer sent secret key material")
     for local_copy in local_copies:
-        known = _parse_single_certificate(local_copy, what="local copy of the peer certificate")
+        known = parse_single_certificate(local_copy, what="local copy of the peer certificate")
         if known.fingerprint == cert.fingerprint:
             cert = cert.merge(known)
     packets = bytes(cert)
-    primary = _primary_key(packets)
+    primary = primary_key(packets)
     if primary is None:
         refuse(Refusal.UNSUPPORTED_ALGORITHM, f"{cert.fingerprint}: the primary key is not Ed25519")
     if cert.is_revoked:
         refuse(Refusal.PEER_KEY_REVOKED, f"{cert.fingerprint} is revoked by its owner")
-    if _expired(cert, now_s):
+    if expired(cert, now_s):
         refuse(Refusal.PEER_KEY_EXPIRED, f"{cert.fingerprint} expired at {cert.expiration}")
     if primary.created_s > now_s:
         refuse(Refusal.PEER_KEY_NOT_YET_VALID, f"{cert.fingerprint} was made in the future")
@@ -362,9 +326,9 @@ def _verify_peer_certificate(
     vouchers: list[str] = []
     set_aside: list[SetAside] = []
     expected = user_id.encode("utf-8")
-    for binding in _user_id_bindings(packets):
+    for binding in user_id_bindings(packets):
         third_party = [
-            s for s in binding.signatures if not _issued_by(s, primary.fingerprint, primary.key_id)
+            s for s in binding.signatures if not issued_by(s, primary.fingerprint, primary.key_id)
         ]
         if binding.user_id != expected:
             for signature in third_party:
@@ -397,16 +361,16 @@ def _verify_peer_certificate(
 
 
 def _judge_binding(
-    primary: _PublicKey,
-    binding: _UserIdBinding,
-    third_party: Sequence[_Signature],
+    primary: PublicKey,
+    binding: UserIdBinding,
+    third_party: Sequence[Signature],
     trusted: dict[str, TrustedIntroducer],
     by_key_id: dict[str, TrustedIntroducer],
     now_s: float,
 ) -> tuple[list[str], list[SetAside]]:
     """The introducers whose certification of this binding counts, and those set aside."""
-    certifications: dict[str, list[_Signature]] = {}
-    revocations: dict[str, list[_Signature]] = {}
+    certifications: dict[str, list[Signature]] = {}
+    revocations: dict[str, list[Signature]] = {}
     rejected: list[SetAside] = []
     for signature in third_party:
         is_certification = signature.signature_type in _CERTIFICATION_TYPES
@@ -421,7 +385,7 @@ def _judge_binding(
         if signature.critical_unknown or signature.raw_signature is None or not signature.hash_name:
             rejected.append(SetAside(introducer.fingerprint, Refusal.CERTIFICATION_MALFORMED))
             continue
-        if not _signature_valid(signature, introducer.key, primary, binding.user_id):
+        if not signature_valid(signature, introducer.key, primary, binding.user_id):
             rejected.append(SetAside(introducer.fingerprint, Refusal.CERTIFICATION_BAD_SIGNATURE))
             continue
         target = certifications if is_certification else revocations
@@ -440,7 +404,7 @@ def _judge_binding(
 
 
 def _judge_certification(
-    certifications: Sequence[_Signature], revocations: Sequence[_Signature], now_s: float
+    certifications: Sequence[Signature], revocations: Sequence[Signature], now_s: float
 ) -> Refusal | None:
     """None when the newest certification made by ``now_s`` holds, else why it does not."""
     made = [c for c in certifications if c.created_s <= now_s]
@@ -488,7 +452,7 @@ def verify_transcript(
             f"transcript signature of {len(signature)} bytes, more than {MAX_SIGNATURE_BYTES}"
         )
     try:
-        cert = _parse_single_certificate(peer_certificate, what="peer certificate")
+        cert = parse_single_certificate(peer_certificate, what="peer certificate")
         parsed = pysequoia.Sig.from_bytes(signature)
     except (RuntimeError, ValueError):
         raise AuthenticationFailed("transcript signature or peer certificate malformed") from None
@@ -505,60 +469,9 @@ def verify_transcript(
     if not any(getattr(v, "certificate", None) == cert.fingerprint for v in result.valid_sigs):
         raise AuthenticationFailed(f"no valid transcript signature by {cert.fingerprint}")
     if canonical_only:
-        problem = _non_canonical_signature(transcript, signature)
+        problem = non_canonical_signature(transcript, signature)
         if problem is not None:
             raise AuthenticationFailed(f"the transcript signature is not canonical: {problem}")
-
-
-def _non_canonical_signature(transcript: bytes, signature: bytes) -> str | None:
-    """What makes ``signature`` (valid over ``transcript``) differ from the one encoding
-    ``sign_transcript`` gives, or None."""
-    try:
-        packets = list(PacketPile.from_bytes(signature))
-    except (RuntimeError, ValueError):
-        return "does not parse"
-    if len(packets) != 1 or packets[0].tag != Tag.Signature:
-        return "not exactly one signature packet"
-    body = packets[0].body
-    if signature != _new_format_header(_TAG_SIGNATURE, len(body)) + body:
-        return "not a new-format packet with a minimal length"
-    parsed = _parse_signature(body)
-    if parsed is None or parsed.hash_name is None or parsed.raw_signature is None:
-        return "not a version 4 Ed25519 signature over SHA-2 or SHA-3"
-    hashed_end = len(parsed.hashed_part)
-    if body[hashed_end : hashed_end + 2] != b"\x00\x00":
-        return "unhashed subpackets"
-    digest = hashlib.new(parsed.hash_name)
-    digest.update(transcript)
-    digest.update(parsed.hashed_part)
-    digest.update(b"\x04\xff" + len(parsed.hashed_part).to_bytes(4, "big"))
-    if digest.digest()[:2] != parsed.left16:
-        return "the hash prefix does not match"
-    algorithm = body[2]
-    if body[hashed_end + 4 :] != _ed25519_signature_material(algorithm, parsed.raw_signature):
-        return "non-minimal signature MPIs"
-    return None
-
-
-def _new_format_header(tag: int, length: int) -> bytes:
-    """RFC 9580 section 4.2.1: a new-format packet header with the shortest length encoding."""
-    if length < 192:
-        return bytes([0xC0 | tag, length])
-    if length < 8384:
-        return bytes([0xC0 | tag, ((length - 192) >> 8) + 192, (length - 192) & 0xFF])
-    return bytes([0xC0 | tag, 0xFF]) + length.to_bytes(4, "big")
-
-
-def _ed25519_signature_material(algorithm: int, raw_signature: bytes) -> bytes:
-    """The minimal encoding of a 64-byte Ed25519 signature: raw (Ed25519) or as two MPIs
-    without leading zeros (EdDSA legacy)."""
-    if algorithm == _ALGORITHM_ED25519:
-        return raw_signature
-    material = b""
-    for half in (raw_signature[:32], raw_signature[32:]):
-        value = int.from_bytes(half, "big")
-        material += value.bit_length().to_bytes(2, "big") + half.lstrip(b"\x00")
-    return material
 
 
 def make_certification(
@@ -570,8 +483,8 @@ def make_certification(
     certificate, to be handed back to the peer's operator. Raises ``ValueError`` when the
     certificate does not parse or lacks that user ID.
     """
-    cert = _parse_single_certificate(peer_certificate, what="peer certificate")
-    if _holds_secret_keys(peer_certificate):
+    cert = parse_single_certificate(peer_certificate, what="peer certificate")
+    if holds_secret_keys(peer_certificate):
         raise ValueError("certify the public certificate, not the peer's secret key")
     if user_id not in {str(bound) for bound in cert.user_ids}:
         raise ValueError(
@@ -582,237 +495,8 @@ def make_certification(
     return bytes(certified)
 
 
-# ---- OpenPGP packet parsing over the packets Sequoia parsed ------------------------------------
-
-
-def _parse_single_certificate(data: bytes, *, what: str) -> pysequoia.Cert:
-    if len(data) > MAX_CERTIFICATE_BYTES:
-        raise ValueError(f"{what} of {len(data)} bytes, more than {MAX_CERTIFICATE_BYTES}")
-    try:
-        certs = pysequoia.Cert.split_bytes(data)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"{what} is not OpenPGP data") from None
-    if len(certs) != 1:
-        raise ValueError(f"{what} must hold exactly one certificate, not {len(certs)}")
-    return certs[0]
-
-
-def _holds_secret_keys(data: bytes) -> bool:
-    """Whether OpenPGP ``data`` (already parsed once as a certificate) has secret key packets."""
-    try:
-        return any(p.tag in (Tag.SecretKey, Tag.SecretSubkey) for p in PacketPile.from_bytes(data))
-    except (RuntimeError, ValueError):
-        return False
-
-
-def _expired(cert: pysequoia.Cert, now_s: float) -> bool:
-    expiration = cert.expiration
-    return expiration is not None and expiration.timestamp() <= now_s
-
-
-def _primary_key(packets: bytes) -> _PublicKey | None:
-    for packet in PacketPile.from_bytes(packets):
-        if packet.tag in (Tag.PublicKey, Tag.SecretKey):
-            fingerprint = packet.fingerprint
-            key_id = packet.key_id
-            if fingerprint is None or key_id is None:
-                return None
-            body = packet.body
-            if packet.tag == Tag.SecretKey:
-                return None  # secret keys are never judged here
-            point = _ed25519_point(body)
-            if point is None:
-                return None
-            return _PublicKey(
-                fingerprint=fingerprint,
-                key_id=key_id,
-                body=body,
-                created_s=int.from_bytes(body[1:5], "big"),
-                verifying_key=ed25519.Ed25519PublicKey.from_public_bytes(point),
-            )
-    return None
-
-
-def _ed25519_point(body: bytes) -> bytes | None:
-    """The 32-byte Ed25519 public key of a version 4 key packet body, or None."""
-    if len(body) < 6 or body[0] != 4:
-        return None
-    algorithm = body[5]
-    if algorithm == _ALGORITHM_ED25519:
-        return body[6:38] if len(body) == 38 else None
-    if algorithm != _ALGORITHM_EDDSA_LEGACY or len(body) < 7:
-        return None
-    oid_length = body[6]
-    oid = body[7 : 7 + oid_length]
-    rest = body[7 + oid_length :]
-    if oid != _ED25519_OID or len(rest) != 2 + 33 or rest[2] != 0x40:
-        return None
-    return rest[3:]
-
-
-def _user_id_bindings(packets: bytes) -> list[_UserIdBinding]:
-    """Each user ID packet with the signature packets that follow it."""
-    bindings: list[_UserIdBinding] = []
-    user_id: bytes | None = None
-    signatures: list[_Signature] = []
-
-    def close() -> None:
-        if user_id is not None:
-            bindings.append(_UserIdBinding(user_id, tuple(signatures)))
-
-    for packet in PacketPile.from_bytes(packets):
-        if packet.tag == Tag.Signature:
-            if user_id is not None:
-                parsed = _parse_signature(packet.body)
-                if parsed is not None:  # not even its issuer is legible: it cannot count
-                    signatures.append(parsed)
-            continue
-        close()
-        user_id, signatures = None, []
-        if packet.tag == Tag.UserID:
-            user_id = packet.body
-    close()
-    return bindings
-
-
-def _subpackets(area: bytes) -> list[tuple[int, bool, bytes]] | None:
-    """(type, critical, body) of each subpacket in ``area``, None when the area is malformed."""
-    found: list[tuple[int, bool, bytes]] = []
-    offset = 0
-    while offset < len(area):
-        first = area[offset]
-        if first < 192:
-            length, offset = first, offset + 1
-        elif first < 255:
-            if offset + 1 >= len(area):
-                return None
-            length = ((first - 192) << 8) + area[offset + 1] + 192
-            offset += 2
-        else:
-            if offset + 5 > len(area):
-                return None
-            length = int.from_bytes(area[offset + 1 : offset + 5], "big")
-            offset += 5
-        if length < 1 or offset + length > len(area):
-            return None
-        kind = area[offset]
-        found.append((kind & 0x7F, bool(kind & 0x80), area[offset + 1 : offset + length]))
-        offset += length
-    return found
-
-
-def _parse_signature(body: bytes) -> _Signature | None:
-    """A version 4 signature packet body, or None when its structure does not parse."""
-    if len(body) < 6 or body[0] != 4:
-        return None
-    signature_type, algorithm, hash_algorithm = body[1], body[2], body[3]
-    hashed_length = int.from_bytes(body[4:6], "big")
-    hashed_end = 6 + hashed_length
-    if hashed_end + 2 > len(body):
-        return None
-    unhashed_length = int.from_bytes(body[hashed_end : hashed_end + 2], "big")
-    unhashed_end = hashed_end + 2 + unhashed_length
-    if unhashed_end + 2 > len(body):
-        return None
-    hashed = _subpackets(body[6:hashed_end])
-    unhashed = _subpackets(body[hashed_end + 2 : unhashed_end])
-    if hashed is None or unhashed is None:
-        return None
-    left16 = body[unhashed_end : unhashed_end + 2]
-    raw = _raw_ed25519_signature(algorithm, body[unhashed_end + 2 :])
-    created_s: int | None = None
-    expires_after_s: int | None = None
-    issuer_fingerprint: str | None = None
-    issuer_key_id: str | None = None
-    trust_amount: int | None = None
-    critical_unknown = False
-    for kind, critical, value in hashed:
-        if kind == _SUBPACKET_CREATED and len(value) == 4:
-            created_s = int.from_bytes(value, "big")
-        elif kind == _SUBPACKET_EXPIRES_AFTER and len(value) == 4:
-            expires_after_s = int.from_bytes(value, "big") or None
-        elif kind == _SUBPACKET_ISSUER_FINGERPRINT and len(value) == 21 and value[0] == 4:
-            issuer_fingerprint = value[1:].hex()
-        elif kind == _SUBPACKET_ISSUER_KEY_ID and len(value) == 8:
-            issuer_key_id = value.hex()
-        elif kind == _SUBPACKET_TRUST and len(value) == 2:
-            trust_amount = value[1]
-        elif critical and kind not in _UNDERSTOOD_CRITICAL:
-            critical_unknown = True
-    # the unhashed area may name the issuer (gpg puts the key ID there); the signature check
-    # against that issuer's key is what makes the hint trustworthy
-    for kind, _critical, value in unhashed:
-        if kind == _SUBPACKET_ISSUER_FINGERPRINT and len(value) == 21 and value[0] == 4:
-            issuer_fingerprint = issuer_fingerprint or value[1:].hex()
-        elif kind == _SUBPACKET_ISSUER_KEY_ID and len(value) == 8:
-            issuer_key_id = issuer_key_id or value.hex()
-    if created_s is None:
-        return None
-    return _Signature(
-        signature_type=signature_type,
-        hashed_part=body[:hashed_end],
-        hash_name=_HASHES.get(hash_algorithm),
-        left16=left16,
-        raw_signature=raw,
-        created_s=created_s,
-        expires_after_s=expires_after_s,
-        issuer_fingerprint=issuer_fingerprint,
-        issuer_key_id=issuer_key_id,
-        trust_amount=trust_amount,
-        critical_unknown=critical_unknown,
-    )
-
-
-def _raw_ed25519_signature(algorithm: int, material: bytes) -> bytes | None:
-    """The 64-byte Ed25519 signature from an EdDSA (two MPIs) or Ed25519 (raw) signature."""
-    if algorithm == _ALGORITHM_ED25519:
-        return material if len(material) == 64 else None
-    if algorithm != _ALGORITHM_EDDSA_LEGACY:
-        return None
-    parts: list[bytes] = []
-    offset = 0
-    for _ in range(2):
-        if offset + 2 > len(material):
-            return None
-        bits = int.from_bytes(material[offset : offset + 2], "big")
-        size = math.ceil(bits / 8)
-        value = material[offset + 2 : offset + 2 + size]
-        if len(value) != size or size > 32:
-            return None
-        parts.append(value.rjust(32, b"\x00"))
-        offset += 2 + size
-    return parts[0] + parts[1] if offset == len(material) else None
-
-
-def _signature_valid(
-    signature: _Signature, signer: _PublicKey, subject: _PublicKey, user_id: bytes
-) -> bool:
-    """Whether ``signature`` by ``signer`` covers ``subject``'s key with ``user_id``."""
-    if signature.hash_name is None or signature.raw_signature is None:
-        return False
-    digest = hashlib.new(signature.hash_name)
-    digest.update(b"\x99" + len(subject.body).to_bytes(2, "big") + subject.body)
-    digest.update(b"\xb4" + len(user_id).to_bytes(4, "big") + user_id)
-    digest.update(signature.hashed_part)
-    digest.update(b"\x04\xff" + len(signature.hashed_part).to_bytes(4, "big"))
-    value = digest.digest()
-    if value[:2] != signature.left16:
-        return False
-    try:
-        signer.verifying_key.verify(signature.raw_signature, value)
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _issued_by(signature: _Signature, fingerprint: str, key_id: str) -> bool:
-    if signature.issuer_fingerprint is not None:
-        return signature.issuer_fingerprint == fingerprint
-    return signature.issuer_key_id == key_id
-
-
 def _issuer(
-    signature: _Signature,
+    signature: Signature,
     trusted: dict[str, TrustedIntroducer],
     by_key_id: dict[str, TrustedIntroducer],
 ) -> TrustedIntroducer | None:

@@ -3,7 +3,7 @@
 # made by `gpg --quick-sign-key`, a revoked certification, a revoked key and a detached transcript
 # signature. Every gpg call runs at a frozen time (--faked-system-time), in a throw-away
 # GNUPGHOME, without a passphrase. Made with gpg (GnuPG) 2.2.40; re-running it makes new keys,
-# so tests/test_weboftrust.py reads the fingerprints from the files, never from this script.
+# so tests/test_weboftrust_interop.py reads the fingerprints from the files, never from this script.
 #
 # Usage: tests/vectors/openpgp/make_gpg.sh   (writes into the folder it lives in)
 set -euo pipefail
