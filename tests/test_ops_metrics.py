@@ -347,3 +347,18 @@ def test_alert_rules_use_only_metrics_the_node_exports() -> None:
     metrics.set_link_status(link_status(LinkState.OPEN, ("timeout",)))  # alarms appear when raised
     exported = {name for name, _ in samples(metrics)}
     assert used and used <= exported, sorted(used - exported)
+
+
+def test_event_loop_lag_is_the_largest_probe_delay_of_the_last_minute() -> None:
+    clock = FakeClock()
+    metrics = make_metrics(clock)
+    assert value(metrics, "qkdnode_event_loop_lag_seconds") == 0.0
+    metrics.event_loop_lag(0.004)
+    clock.now += 10
+    metrics.event_loop_lag(0.250)  # the loop was blocked for a quarter second
+    clock.now += 10
+    metrics.event_loop_lag(-0.001)  # a timer cannot fire early: counted as 0
+    assert value(metrics, "qkdnode_event_loop_lag_seconds") == pytest.approx(0.250)
+    assert metrics.summary()["event_loop_lag_max_s"] == pytest.approx(0.250)
+    clock.now += 55  # the blocked probe is over a minute old now
+    assert value(metrics, "qkdnode_event_loop_lag_seconds") == 0.0

@@ -47,6 +47,7 @@ log = structlog.get_logger("qkdnode.node")
 
 GRACE_PERIOD_S: Final = 10.0
 LINK_RETRY_S: Final = 1.0
+LOOP_PROBE_INTERVAL_S: Final = 0.01
 
 
 # ---- sessions ----------------------------------------------------------------------------------
@@ -175,6 +176,14 @@ async def _watchdog(node: Node) -> None:
         await trio.sleep(interval_s)
 
 
+async def _probe_event_loop(node: Node) -> None:
+    """How late a short timer fires: the time the event loop was blocked, exported."""
+    while True:
+        started = trio.current_time()
+        await trio.sleep(LOOP_PROBE_INTERVAL_S)
+        node.metrics.event_loop_lag(trio.current_time() - started - LOOP_PROBE_INTERVAL_S)
+
+
 def _leaf_errors(error: BaseException) -> list[str]:
     if isinstance(error, BaseExceptionGroup):
         return [text for inner in error.exceptions for text in _leaf_errors(inner)]
@@ -247,6 +256,7 @@ async def _serve(
         with trio.CancelScope() as serving:
             nursery.start_soon(_watch_signals, node, serving, on_reopen, early_stops)
             nursery.start_soon(_watchdog, node)
+            nursery.start_soon(_probe_event_loop, node)
             nursery.start_soon(_stop_on_store_failure, node)
             if node.role is Role.ALICE:
                 nursery.start_soon(_run_alice, node, session_config)

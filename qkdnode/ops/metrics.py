@@ -48,6 +48,8 @@ AUTH_MODES: Final = ("none", *(mode.value for mode in SessionMode))
 ABORT_REASONS: Final = tuple(reason.value for reason in AbortReason)
 STORE_STATES: Final = ("staged", "available", "reserved", "delivered")
 DEFAULT_RATE_WINDOW_S: Final = 300.0
+# the event-loop lag reported is the largest seen over this long
+LOOP_LAG_WINDOW_S: Final = 60.0
 MAX_ALARM_LABELS: Final = 32
 # alarm names are lower-case words joined by underscores; anything else (say, a hex string)
 # is exported as "other"
@@ -139,6 +141,7 @@ class NodeMetrics:
         self._pool_target_bits = _count(pool_target_bits, "pool_target_bits")
         self._pool_consumed_bits: int | None = None
         self._pool_exhausted = False
+        self._loop_lags: collections.deque[tuple[float, float]] = collections.deque()
         self._key_epsilon: float | None = None
         self._store: dict[str, int] | None = None
         self._link_state: str | None = None
@@ -198,6 +201,13 @@ class NodeMetrics:
             "Bits disclosed by reconciliation and verification in committed blocks.",
             registry=r,
         )
+        self.loop_lag = Gauge(
+            "qkdnode_event_loop_lag_seconds",
+            f"Largest delay of the event loop's probe timer over the last {LOOP_LAG_WINDOW_S:g} s "
+            "(how long the loop was blocked).",
+            registry=r,
+        )
+        self.loop_lag.set_function(self.event_loop_lag_max_s)
         self.last_commit = Gauge(
             "qkdnode_last_commit_timestamp_seconds",
             "Unix time of the last committed block (0: none since start).",
@@ -320,6 +330,21 @@ class NodeMetrics:
             raise ValueError("epsilon_total must be in [0, 1]")
         self._key_epsilon = epsilon
         self.key_epsilon.set(epsilon)
+
+    def event_loop_lag(self, lag_s: float) -> None:
+        """One probe: the event loop ran a timer ``lag_s`` seconds late."""
+        now = self._clock()
+        self._loop_lags.append((now, max(0.0, _finite_or_nan(lag_s, "lag_s"))))
+        self._drop_old_lags(now)
+
+    def _drop_old_lags(self, now: float) -> None:
+        while self._loop_lags and self._loop_lags[0][0] < now - LOOP_LAG_WINDOW_S:
+            self._loop_lags.popleft()
+
+    def event_loop_lag_max_s(self) -> float:
+        """The largest probe delay over the last ``LOOP_LAG_WINDOW_S`` (0 without probes)."""
+        self._drop_old_lags(self._clock())
+        return max((lag for _, lag in self._loop_lags), default=0.0)
 
     def set_pool_exhausted(self, exhausted: bool) -> None:
         self._pool_exhausted = bool(exhausted)
@@ -462,6 +487,7 @@ class NodeMetrics:
             "link_state": self._link_state,
             "link_alarms": list(self._link_alarm_labels),
             "max_commit_age_s": self.max_commit_age_s,
+            "event_loop_lag_max_s": round(self.event_loop_lag_max_s(), 6),
         }
         problems = health_problems(summary, max_commit_age_s=self.max_commit_age_s)
         summary["problems"] = problems
