@@ -23,9 +23,7 @@ from qkdnode.ops.keyrate import simulate_keyrate_versus_distance
 from qkdnode.ops.report import plot_keyrate_versus_distance
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
-    DecoySettings,
     FiniteKeyAnalysis,
-    SecurityParameters,
     asymptotic_bb84_rate,
     asymptotic_decoy_bits_per_pulse,
     asymptotic_decoy_length,
@@ -45,17 +43,9 @@ from qkdnode.postprocess.keylength.lim2014_kl import (
 from qkdnode.postprocess.keylength.selection import deviation_for
 from qkdnode.postprocess.keylength.zhang2017 import chernoff_mean_lower, chernoff_mean_upper
 from tests.helpers_decoy_mc import mc_failures
+from tests.helpers_finitekey import LIM_SECURITY, SETTINGS
 
-SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
-SETTINGS = DecoySettings(
-    mu_signal=0.5,
-    mu_decoy=0.15,
-    mu_vacuum=2e-4,
-    p_signal=0.7,
-    p_decoy=0.2,
-    p_vacuum=0.1,
-    p_key_basis=0.9,
-)
+SECURITY = LIM_SECURITY
 ANALYSES = list(FiniteKeyAnalysis)
 
 

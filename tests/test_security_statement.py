@@ -26,7 +26,7 @@ from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.pipeline import BlockKey
 from qkdnode.simulation.store_model import StoreModel
 from qkdnode.simulation.stub import _statistics
-from tests.test_ops_metrics import make_metrics, value
+from tests.helpers_metrics import commit, make_metrics, value
 
 BLOCK_EPSILON = 1.01e-10
 
@@ -166,15 +166,7 @@ def test_the_block_log_and_metrics_report_the_statement_and_alert_past_the_budge
 
 def test_status_is_unhealthy_past_the_budget_and_while_the_pool_is_exhausted() -> None:
     metrics = make_metrics()
-    metrics.block_committed(
-        qber=0.02,
-        sifted_bits=1,
-        leak_bits=1,
-        reconciliation_efficiency=1.1,
-        secret_bits=256,
-        pool_level_bits=32768,
-        mode=SessionMode.KEY_DERIVED,
-    )
+    commit(metrics)
     metrics.set_peer_connected(True)
     metrics.key_security(5e-7)
     assert metrics.summary()["problems"] == []
@@ -186,14 +178,6 @@ def test_status_is_unhealthy_past_the_budget_and_while_the_pool_is_exhausted() -
     assert any("exhausted" in p and "qkdnode auth rebootstrap" in p for p in problems)
     assert value(metrics, "qkdnode_auth_pool_exhausted") == 1
     # a committed block means a block opened again
-    metrics.block_committed(
-        qber=0.02,
-        sifted_bits=1,
-        leak_bits=1,
-        reconciliation_efficiency=1.1,
-        secret_bits=256,
-        pool_level_bits=32768,
-        mode=SessionMode.KEY_DERIVED,
-    )
+    commit(metrics)
     assert value(metrics, "qkdnode_auth_pool_exhausted") == 0
     assert health_problems(metrics.summary(), max_commit_age_s=600.0) == []
