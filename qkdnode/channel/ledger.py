@@ -387,10 +387,9 @@ class AuthKeyLedger:
         self._state = LedgerState(
             target_bits=s.target_bits,
             reserve_bits=s.reserve_bits,
-            # slot indices never repeat: a used or discarded handshake key stays behind
-            handshake_first=s.handshake_deposited,
-            handshake_deposited=s.handshake_deposited,
-            handshake_next_key=0,
+            # the handshake-key stream starts again from slot 0 on both sides, so their numbers
+            # agree even where the diverged ledgers had deposited different slot counts; every
+            # key comes from new slots, so none repeats
         )
         if self.observer is not None:
             self.observer(DrawRecord(offset_bits=0, nbits=0, purpose="reset"))

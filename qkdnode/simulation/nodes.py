@@ -84,15 +84,16 @@ class Endpoint:
 
 
 class UseTracker:
-    """Which use each authentication-key byte of each node went to: pool bytes per ledger
-    epoch (a reset starts the pool's offsets again), handshake-key bytes by slot index."""
+    """Which use each authentication-key byte of each node went to: pool bytes and handshake
+    keys per ledger epoch (a reset starts both numberings again)."""
 
     def __init__(self, report: RunReport) -> None:
         self._report = report
         self._uses: dict[tuple[str, int], dict[int, tuple[str, int]]] = {}
 
     def use(self, node: SimNode, offset_bits: int, nbits: int, kind: str, link_id: int) -> None:
-        stream = -1 if kind == "handshake" else node.ledger_epoch
+        # handshake keys and pool bytes are numbered anew after a ledger reset
+        stream = -1 - node.ledger_epoch if kind == "handshake" else node.ledger_epoch
         uses = self._uses.setdefault((node.name, stream), {})
         key = (kind, link_id)
         for byte in range(offset_bits // 8, (offset_bits + nbits) // 8):
