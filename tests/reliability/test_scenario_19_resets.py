@@ -102,7 +102,7 @@ def test_small_blocks_recover_from_a_reset_after_rotation(tmp_path: Path) -> Non
         tmp_path / "pair",
         1,
         ["hello"],
-        boundary_timeout_s=30.0,
+        boundary_timeout_s=120.0,  # a loaded machine: the daemons' back-off and admission
         recover_blocks=1,
         block_pulses=SMALL_BLOCK_PULSES,
     )
