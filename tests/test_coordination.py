@@ -44,6 +44,7 @@ from qkdnode.coordination.planner import (
 from qkdnode.coordination.wire import (
     BlockInfo,
     Commit,
+    LedgerReset,
     Stage,
     Sync,
     SyncDone,
@@ -276,3 +277,35 @@ def test_bob_refuses_a_stage_that_reuses_a_stored_id_and_the_store_is_untouched(
     assert refused.value.field == reused and bob.ended
     assert store.block_state(block_id) == ("dropped" if reused == "block_id" else None)
     assert store.committed_keys(0) == ((stored_id, bytes(32)),)
+
+
+@pytest.mark.parametrize("mode", [SessionMode.PSK, SessionMode.KEY_DERIVED])
+def test_a_peers_ledger_reset_is_refused_without_the_operators_permit(mode: SessionMode) -> None:
+    """After the first commit only an operator reopens bootstrap: a LedgerReset from the peer,
+    in any session this node did not open under a re-bootstrap permit, ends the session and
+    leaves the active ledger as it was."""
+    bob = _machine(Role.BOB)
+    bob.ledger.deposit(bytes(range(256)) * 8, mark_consumed_bits=0)
+    bob.ledger.close_bootstrap_window()
+    before = bob.ledger.state
+    bob.receive(SessionStarted(mode=mode))
+    with pytest.raises(ProtocolError, match="ledger reset refused"):
+        bob.receive(PeerMessage(message=LedgerReset()))
+    assert bob.ended and bob.ledger.state == before and bob.ledger.active
+
+
+def test_with_the_operators_permit_a_reset_starts_a_new_ledger() -> None:
+    bob = Coordinator(
+        Role.BOB,
+        config=CoordinatorConfig(key_size_bits=256),
+        ledger=AuthKeyLedger(target_bits=8192, reserve_bits=1024),
+        store=StoreModel(),
+        planner=AuthPlanner(Role.BOB, operator_rebootstrap=True),
+        random_bytes=np.random.default_rng(5).bytes,
+    )
+    bob.ledger.deposit(bytes(range(256)) * 8, mark_consumed_bits=0)
+    bob.ledger.close_bootstrap_window()
+    bob.receive(SessionStarted(mode=SessionMode.PSK))
+    bob.receive(PeerMessage(message=LedgerReset()))
+    state = bob.ledger.state
+    assert not state.active and state.pool == b"" and state.handshake_deposited == 0

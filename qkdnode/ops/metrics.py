@@ -36,6 +36,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from qkdnode.channel.messages import SessionMode
+from qkdnode.config.auth import DEFAULT_SECURITY_BUDGET_EPSILON
 from qkdnode.link.interface import LinkState, LinkStatus
 from qkdnode.ops.status import DEFAULT_MAX_COMMIT_AGE_S, health_problems
 from qkdnode.postprocess.events import AbortReason
@@ -100,7 +101,7 @@ class NodeMetrics:
         saes: Iterable[str] = (),
         rate_window_s: float = DEFAULT_RATE_WINDOW_S,
         max_commit_age_s: float = DEFAULT_MAX_COMMIT_AGE_S,
-        security_budget_epsilon: float = 1e-6,
+        security_budget_epsilon: float = DEFAULT_SECURITY_BUDGET_EPSILON,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
