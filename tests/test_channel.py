@@ -150,6 +150,18 @@ def test_a_ledger_advanced_past_its_deposits_burns_them_as_they_arrive() -> None
         bob.advance_to(bob.consumed_bits - 8, tags_issued=0, forgery_bound=0.0)
 
 
+def test_an_advanced_ledger_is_persisted_at_its_new_offset_before_any_draw() -> None:
+    """The observer persists the state it is handed: after a handshake's advance that is the
+    new offset, so a crash before the next draw cannot bring the old one back (the peer would
+    then run ahead of this side a session's draws at a time)."""
+    persisted: list[int] = []
+    ledger = AuthKeyLedger(target_bits=2048, reserve_bits=0)
+    ledger.observer = lambda _record: persisted.append(ledger.consumed_bits)
+    ledger.deposit(bytes(range(200)), mark_consumed_bits=0)
+    ledger.advance_to(1024, tags_issued=3, forgery_bound=1e-30)
+    assert persisted == [1024]
+
+
 def test_ledger_fingerprint_tracks_public_counters_only() -> None:
     one, two = funded_ledger(1), funded_ledger(2)  # different key bytes, same counters
     assert one.fingerprint() == two.fingerprint()

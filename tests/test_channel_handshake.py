@@ -14,7 +14,7 @@ from qkdnode.channel.connection import (
     HandshakeComplete,
     PeerConnection,
 )
-from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT, AuthKeyLedger
 from qkdnode.channel.messages import SessionMode
 from qkdnode.errors import AuthenticationFailed, CertificateRejected, ProtocolError
 from tests.helpers_channel import (
@@ -48,6 +48,37 @@ def test_later_session_starts_key_derived_and_resyncs_offsets() -> None:
     assert ledgers[0].state == ledgers[1].state
     second.run_block(1)
     assert ledgers[0].state == ledgers[1].state
+
+
+def test_a_forged_reply_naming_a_key_far_ahead_burns_nothing_at_alice() -> None:
+    """An on-path forger answers Alice's Hello naming the last key of a slot she holds: his
+    proof fails and her handshake-key stream stays where it was, so the genuine Bob's next
+    key is still hers to verify (it used to burn every key below the named one: an outage)."""
+    pair = rotated_pair()
+    pair.run_block(0)
+    alice_ledger, bob_ledger = pair.alice.ledger, pair.bob.ledger
+    assert alice_ledger is not None and bob_ledger is not None
+    first_key = alice_ledger.handshake_first
+    slot = first_key // HANDSHAKE_KEYS_PER_SLOT
+    assert slot < alice_ledger.state.handshake_deposited
+    forger_ledger = AuthKeyLedger(
+        target_bits=bob_ledger.state.target_bits,
+        reserve_bits=0,
+        state=replace(
+            bob_ledger.state,
+            handshake_pool=bytes(len(bob_ledger.state.handshake_pool)),
+            handshake_next_key=HANDSHAKE_KEYS_PER_SLOT - 1,
+        ),
+    )
+    creds = (pair.alice._credentials, pair.bob._credentials)
+    forged = make_pair("psk", ledgers=(alice_ledger, forger_ledger), creds=creds, seed=11)
+    with pytest.raises(AuthenticationFailed):
+        forged.handshake()
+    assert alice_ledger.handshake_first == first_key
+    genuine = make_pair("psk", ledgers=(alice_ledger, bob_ledger), creds=creds, seed=12)
+    genuine.handshake()
+    assert genuine.alice.mode is SessionMode.KEY_DERIVED
+    assert alice_ledger.handshake_first == bob_ledger.handshake_first == first_key + 1
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "mldsa65"])

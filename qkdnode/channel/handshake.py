@@ -232,16 +232,20 @@ class Handshaker:
         now_s: float,
     ) -> tuple[Finish, bytes]:
         """Alice: checks Bob's reply and builds her Finish; returns it and the transcript hash
-        it proves. In key-derived mode the slot Bob named is used up first (a forged reply burns
-        it: it is never reused)."""
+        it proves. In key-derived mode the handshake key Bob named only verifies his proof
+        until it holds; then it and every lower key are used up, before her own proof leaves.
+        A forged or corrupted reply burns nothing, so it cannot move her stream ahead of his."""
         reply_fields = _fields_without_proof(message)
         th1 = transcript_hash(handshake.hello_payload, reply_fields)
         if handshake.mode is SessionMode.KEY_DERIVED:
             self._check_peer_ledger(ledger, handshake, message)
             assert ledger is not None
-            handshake.pool_key = ledger.take_handshake_key(message.ledger_handshake_index)
+            handshake.pool_key = ledger.peek_handshake_key(message.ledger_handshake_index)
             handshake.handshake_index = message.ledger_handshake_index
         self._verify_proof(handshake, message.certificate_chain, message.proof, th1, now_s)
+        if handshake.mode is SessionMode.KEY_DERIVED:
+            assert ledger is not None
+            ledger.take_handshake_key(message.ledger_handshake_index)
         x_shared = handshake.ephemeral.x25519_shared(message.x25519_public)
         k_shared = handshake.ephemeral.mlkem_decapsulate(message.mlkem_ciphertext)
         handshake.reply_fields = reply_fields
@@ -332,6 +336,7 @@ class Handshaker:
             raise ProtocolError("key-derived mode is not available here", field="mode")
         committed = ledger.state.deposit_digest
         staged = (self._staged or ledger).state.deposit_digest
+        staged_deposited_bits = (self._staged or ledger).state.deposited_bits
         if not (
             hmac.compare_digest(peer.ledger_deposit_digest, committed)
             or hmac.compare_digest(peer.ledger_deposit_digest, staged)
@@ -341,8 +346,17 @@ class Handshaker:
                 "authentication-key ledgers differ (deposit history)",
                 field="ledger_deposit_digest",
             )
-        if abs(peer.ledger_consumed_bits - ledger.consumed_bits) > self._config.max_resync_bits:
-            raise ProtocolError("ledger offsets too far apart", field="ledger_consumed_bits")
+        # an honest peer never draws a bit that was not deposited (committed or staged here);
+        # how far behind or ahead it is otherwise only says how many sessions died mid-block
+        deposited_bits = max(
+            ledger.state.deposited_bits, staged_deposited_bits, ledger.consumed_bits
+        )
+        if peer.ledger_consumed_bits > deposited_bits:
+            raise ProtocolError(
+                f"peer's ledger offset {peer.ledger_consumed_bits} lies past every bit "
+                f"deposited here ({deposited_bits})",
+                field="ledger_consumed_bits",
+            )
         handshake.ledger_offset_bits = max(ledger.consumed_bits, peer.ledger_consumed_bits)
         handshake.peer_tags = peer.ledger_tags
         handshake.peer_forgery_bound = peer.ledger_forgery_bound

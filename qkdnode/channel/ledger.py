@@ -314,10 +314,10 @@ class AuthKeyLedger:
         index = max(_first_unused(s), oldest * HANDSHAKE_KEYS_PER_SLOT)
         return index if index // HANDSHAKE_KEYS_PER_SLOT < s.handshake_deposited else None
 
-    def take_handshake_key(self, index: int) -> bytes:
-        """Handshake key ``index``, used once: it and every lower key are burned (persisted by
-        the observer before the key is returned). ``ProtocolError`` if the key is burned or its
-        slot was never deposited here."""
+    def peek_handshake_key(self, index: int) -> bytes:
+        """Handshake key ``index`` without using it, to verify a proof that names it; the state
+        is untouched. ``ProtocolError`` if the key is burned or its slot was never deposited
+        here."""
         s = self._state
         slot, number = divmod(index, HANDSHAKE_KEYS_PER_SLOT)
         if not _first_unused(s) <= index or not slot < s.handshake_deposited:
@@ -327,7 +327,13 @@ class AuthKeyLedger:
                 field="handshake_index",
             )
         start = (slot - _held_from(s)) * HANDSHAKE_SLOT_BYTES
-        key = _handshake_key(s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES], number)
+        return _handshake_key(s.handshake_pool[start : start + HANDSHAKE_SLOT_BYTES], number)
+
+    def take_handshake_key(self, index: int) -> bytes:
+        """Handshake key ``index``, used once: it and every lower key are burned (persisted by
+        the observer before the key is returned). ``ProtocolError`` if the key is burned or its
+        slot was never deposited here."""
+        key = self.peek_handshake_key(index)
         self._state = self._used_through(index)
         self._report_handshake(index)
         return key
@@ -360,8 +366,6 @@ class AuthKeyLedger:
         skip_bits = offset_bits - s.consumed_bits
         if skip_bits < 0 or skip_bits % 8:
             raise ProtocolError("cannot advance the ledger there", field="offset_bits")
-        if skip_bits and self.observer is not None:
-            self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=skip_bits, purpose="sync"))
         self._state = replace(
             s,
             pool=s.pool[skip_bits // 8 :],
@@ -369,6 +373,10 @@ class AuthKeyLedger:
             tags_issued=max(s.tags_issued, tags_issued),
             forgery_bound=max(s.forgery_bound, forgery_bound),
         )
+        # persisted now: a crash before the next draw must not bring the old offset back, or
+        # the peer's offset runs ahead of this one a session's draws at a time
+        if skip_bits and self.observer is not None:
+            self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=skip_bits, purpose="sync"))
 
     def record_tags(self, count: int, forgery_bound_each: float) -> None:
         """Account ``count`` one-time tags, each with forgery probability at most the given."""

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from qkdnode.channel.auth import BLOCK_DRAW_BITS, HANDSHAKE_KEY_BITS, ROTATION_KEY_BITS, Role
+from qkdnode.channel.auth import Role
 from qkdnode.channel.framing import DEFAULT_MAX_FRAME_BYTES
 from qkdnode.channel.messages import (
     MAX_CERTIFICATE_BYTES,
@@ -65,8 +65,6 @@ class ChannelConfig:
     - ``max_open_blocks``: blocks open at once (pipelining);
     - ``max_block_chunks``: longest block transcript per direction, in 16-byte chunks; sets the
       per-tag forgery bound (chunks + 1) / 2^128;
-    - ``max_resync_bits``: how far a key-derived handshake may move a ledger forward to meet
-      the peer's offset (left behind by a session that died mid-block);
     - ``max_session_age_s`` / ``max_session_frames``: a session's keys authenticate frames for
       at most this long / this many frames per direction (refused at the limit); the node then
       opens a new session with fresh keys.
@@ -75,7 +73,6 @@ class ChannelConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_open_blocks: int = 4
     max_block_chunks: int = 1 << 26
-    max_resync_bits: int = 8 * BLOCK_DRAW_BITS + HANDSHAKE_KEY_BITS + ROTATION_KEY_BITS
     allow_key_derived: bool = True
     max_session_age_s: float = 86_400.0
     max_session_frames: int = 1 << 40
@@ -83,7 +80,7 @@ class ChannelConfig:
     def __post_init__(self) -> None:
         if self.max_frame_bytes < MIN_MAX_FRAME_BYTES:
             raise ValueError(f"max_frame_bytes must be >= {MIN_MAX_FRAME_BYTES} (handshake frames)")
-        if self.max_open_blocks < 1 or self.max_block_chunks < 16 or self.max_resync_bits < 0:
+        if self.max_open_blocks < 1 or self.max_block_chunks < 16:
             raise ValueError("limits must be positive")
         if not self.max_session_age_s > 0 or self.max_session_frames < 16:
             raise ValueError("session limits must be positive")

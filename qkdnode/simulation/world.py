@@ -37,7 +37,6 @@ from qkdnode.channel.connection import (
     NEED_DATA,
     BlockAuthenticated,
     BlockOpened,
-    ChannelConfig,
     ConnectionLost,
     HandshakeComplete,
     PeerClosed,
@@ -161,7 +160,9 @@ class World:
         public = bob.ledger.state
         if not public.active:
             return
-        ahead_bits = 8 * self.rng.randrange(0, ChannelConfig().max_resync_bits // 8 + 1)
+        # up to one byte past what Bob holds: past every deposit it is refused before any
+        # handshake key is used
+        ahead_bits = 8 * self.rng.randrange(0, max(0, bob.ledger.level_bits) // 8 + 2)
         fake_pool = self.rng.randbytes(4096)
         fake = AuthKeyLedger(
             target_bits=public.target_bits,

@@ -5,11 +5,13 @@ Every limit is checked on the *receiving* side (a peer that ignores its own limi
 is built with a looser configuration or registry. Limits: frame size (``max_frame_bytes``, on
 the length prefix), bytes per feed (``max_feed_bytes``), field lengths (the kind's schema), open
 blocks (``max_open_blocks``), block transcript length per one-time tag (``max_block_chunks``,
-which sets the tag's forgery bound), ledger resynchronisation distance (``max_resync_bits``),
+which sets the tag's forgery bound), a peer's ledger offset (at most every bit deposited here),
 and session age (``max_session_age_s``).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
@@ -186,24 +188,36 @@ def test_block_transcript_accepted_at_the_chunk_limit_refused_one_over() -> None
     assert sent >= 3 and limit - 8 - _chunks(record) < used <= limit - 8
 
 
-@pytest.mark.parametrize("ahead_bits", [2048, 2056])
-def test_ledger_resync_accepted_at_the_limit_refused_one_byte_over(ahead_bits: int) -> None:
-    limit = 2048
+@pytest.mark.parametrize("past_deposits_bytes", [0, 1])
+def test_a_peer_offset_up_to_every_deposited_bit_is_accepted_one_byte_past_refused(
+    past_deposits_bytes: int,
+) -> None:
+    """How far a peer's ledger is ahead only says how many sessions died mid-block, so any
+    distance resynchronises; an offset past every bit deposited here is no honest peer's."""
     alice_ledger, bob_ledger, _, _ = ledger_pair(seed=181, target_bits=1 << 16)
     key_derived_wire(alice_ledger, bob_ledger, seed=182)
-    alice_ledger.draw(ahead_bits, "lost session", allow_reserve=True)
-    config = ChannelConfig(max_frame_bytes=1 << 20, max_resync_bits=limit)
+    # Alice spends her whole pool in sessions Bob never saw (the sync burns it on his side)
+    alice_ledger.draw(alice_ledger.level_bits, "lost sessions", allow_reserve=True)
+    assert alice_ledger.consumed_bits == bob_ledger.state.deposited_bits
+    if past_deposits_bytes:
+        alice_ledger._state = replace(
+            alice_ledger.state,
+            consumed_bits=alice_ledger.consumed_bits + 8 * past_deposits_bytes,
+        )
+    config = ChannelConfig(max_frame_bytes=1 << 20)
     wire = _psk_wire(
         alice_config=config, bob_config=config, ledgers=(alice_ledger, bob_ledger), seed=183
     )
-    if ahead_bits <= limit:
+    if not past_deposits_bytes:
         handshake(wire)
         assert wire.bob.state is ConnectionState.ESTABLISHED
         assert alice_ledger.state == bob_ledger.state
     else:
+        first_key = bob_ledger.handshake_first
         with pytest.raises(NAMED) as refused:
             handshake(wire)
         assert getattr(refused.value, "field", None) == "ledger_consumed_bits"
+        assert bob_ledger.handshake_first == first_key  # refused before a key is used
 
 
 def test_a_session_older_than_any_sane_limit_is_refused() -> None:
