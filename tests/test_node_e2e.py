@@ -105,7 +105,7 @@ def real_client_gets_the_same_key_at_both_daemons(layout: DemoLayout) -> None:
             f"localhost:{layout.kme_ports[node]}",
             str(pki_dir / f"{sae}.pem"),
             str(pki_dir / f"{sae}.key"),
-            str(pki_dir / "ca.pem"),
+            str(layout.node_ca_dir / "ca.pem"),
         )
 
     master, slave = client("alice", "sae-a"), client("bob", "sae-b")
