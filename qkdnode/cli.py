@@ -45,6 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from qkdnode.config import load_config
+    from qkdnode.node.auditing import leaf_exceptions
     from qkdnode.node.daemon import DaemonMustStop, run_daemon
     from qkdnode.ops.logging import configure_logging, reopen_log_output
     from qkdnode.ops.selftest import run_self_tests
@@ -69,7 +70,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except* (DaemonMustStop, KeyStoreError) as group:
         fatal.extend(group.exceptions)
     except* ConfigError as group:  # a file the config names does not load (a stale CRL, ...)
-        misconfigured.extend(group.exceptions)
+        misconfigured.extend(leaf_exceptions(group))
     for error in misconfigured:
         print(f"qkdnode: configuration error: {error}", file=sys.stderr)
     for error in fatal:

@@ -101,13 +101,26 @@ def test_a_revoked_sae_is_refused_after_sighup_and_served_before(layout: DemoLay
         with pytest.raises((ssl.SSLError, ConnectionError)):
             status_at_bob(layout, pki / "sae-b")
         assert status_at_bob(layout, same_sae_new_serial.certificate.with_suffix("")) == 200
+        # a CRL file that does not load on SIGHUP leaves the lists in force as they were
+        (layout.sae_ca_dir / "crl.pem").write_text("not a CRL\n")
+        bob.send_signal(signal.SIGHUP)
+        wait_for(
+            layout, "bob", bob, follower, event("pki.crl_reload_failed", setting="delivery.sae_crl")
+        )
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            status_at_bob(layout, pki / "sae-b")
+        assert status_at_bob(layout, same_sae_new_serial.certificate.with_suffix("")) == 200
         assert bob.poll() is None  # the same process throughout
     finally:
         assert stop_nodes([bob]) == [0]
-    (loaded,) = trail_entries(layout, "bob", "revocation_lists_loaded")[-1:]
-    assert (loaded["outcome"], loaded["revoked"]) == ("loaded", 1)
+    reloads = [
+        (entry["outcome"], entry.get("revoked"))
+        for entry in trail_entries(layout, "bob", "revocation_lists_loaded")
+        if entry["setting"] == "delivery.sae_crl"
+    ]
+    assert reloads == [("loaded", 1), ("refused", None)]
     refused = trail_entries(layout, "bob", "sae_certificate_refused")
-    assert [entry["reason"] for entry in refused] == ["certificate revoked"]
+    assert [entry["reason"] for entry in refused] == ["certificate revoked"] * 2
 
 
 def test_a_revoked_peer_node_is_refused_after_sighup_and_accepted_before(

@@ -563,10 +563,10 @@ async def serve_delivery(
     task_status: trio.TaskStatus[tuple[tuple[str, int], Path | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the TLS endpoint and, if configured, the Unix socket until cancelled (on ``server``,
-    whose ``ssl_context`` the caller may replace, or a new one)."""
+    whose ``ssl_context`` the caller may set beforehand and replace, or a new one)."""
     if server is None:
         server = DeliveryServer(app, config.server)
-    context, _ = delivery_ssl_context(config)
+    context = server.ssl_context or delivery_ssl_context(config)[0]
     async with trio.open_nursery() as nursery:
         address = await nursery.start(
             server.serve_tls, context, config.listen_host, config.listen_port

@@ -67,9 +67,10 @@ def config_in_force(config: NodeConfig) -> dict[str, AuditValue]:
     return fields
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``'s (nested) groups, or ``error`` itself."""
     if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
     return [error]
 
 
@@ -99,7 +100,7 @@ class SessionFailureRecorder:
         self.budget = budget or RecordingBudget(rate_per_s=FAILURES_PER_S, burst=FAILURE_BURST)
 
     def __call__(self, error: BaseException) -> None:
-        for leaf in _leaves(error):
+        for leaf in leaf_exceptions(error):
             if not isinstance(leaf, SecurityError):
                 continue
             kind = (

@@ -326,6 +326,10 @@ async def _serve(
         app = DeliveryApp.from_config(config.delivery, node.manager)
         app.observer = node.metrics.delivery_request
         server = DeliveryServer(app, config.delivery.server)
+        try:  # before any task runs: a CRL that does not load stops the start, named
+            server.ssl_context, _ = delivery_ssl_context(config.delivery)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.expected, file=str(config.file)) from None
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as serving:
             nursery.start_soon(
