@@ -60,7 +60,8 @@ class CertificatePurposeRejected(CertificateRejected):
 
     def __init__(self, role: str, detail: str) -> None:
         self.role = role
-        super().__init__(f"not a {role} certificate: {detail}")
+        article = "an" if role == "SAE" else "a"
+        super().__init__(f"not {article} {role} certificate: {detail}")
 
 
 class CertificateRevoked(CertificateRejected):

@@ -462,7 +462,7 @@ async def test_a_node_certificate_that_passes_tls_is_refused_as_no_sae_with_401(
         http("GET", "/api/v1/keys/sae-b/status"),
     )
     assert code == 401
-    assert str(body["message"]).startswith("not a SAE certificate: 'CN=sae-a' carries the qkdnode")
+    assert str(body["message"]).startswith("not an SAE certificate: 'CN=sae-a' carries the qkdnode")
     await status_ok(pair, pair.alice)
     (entry,) = refusals(tmp_path / "alice")
     assert entry["error"] == "CertificatePurposeRejected"
