@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from etsi_qkd_014_client import QKD014Client
 
+from qkdnode.audit.trail import AuditValue
 from qkdnode.channel.pki import NODE_PURPOSE_OID
 from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.config.delivery import ApiLimits, ServerLimits
@@ -418,10 +419,15 @@ async def test_curl_with_client_certificates_against_both_nodes(pair: Pair) -> N
 # ---- negative cases: each refused, and the server keeps serving ---------------------------------
 
 
-def refusals(directory: Path) -> list[dict[str, object]]:
-    """The fields of the ``sae_certificate_refused`` entries of a store's audit trail."""
-    entries = [record.entry() for record in read_trail(directory).records]
-    return [dict(e.fields) for e in entries if e.kind == "sae_certificate_refused"]
+async def refusals(directory: Path, count: int = 1) -> list[dict[str, AuditValue]]:
+    """The fields of the ``sae_certificate_refused`` entries of a store's audit trail, once
+    there are ``count`` of them: the server records a refusal after the client has seen it."""
+    while True:
+        entries = [record.entry() for record in read_trail(directory).records]
+        found = [dict(e.fields) for e in entries if e.kind == "sae_certificate_refused"]
+        if len(found) >= count:
+            return found
+        await trio.sleep(0.01)
 
 
 @pytest.mark.parametrize(
@@ -445,7 +451,7 @@ async def test_certificates_refused_at_the_tls_layer_are_recorded_in_the_audit_t
     with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
         await raw(pair.alice.port, context, http("GET", "/api/v1/keys/sae-b/status"))
     await status_ok(pair, pair.alice)
-    (entry,) = refusals(tmp_path / "alice")
+    (entry,) = await refusals(tmp_path / "alice")
     assert entry["reason"] == reason and entry["client"] == "127.0.0.1"
     nursery.cancel_scope.cancel()
 
@@ -464,7 +470,7 @@ async def test_a_node_certificate_that_passes_tls_is_refused_as_no_sae_with_401(
     assert code == 401
     assert str(body["message"]).startswith("not an SAE certificate: 'CN=sae-a' carries the qkdnode")
     await status_ok(pair, pair.alice)
-    (entry,) = refusals(tmp_path / "alice")
+    (entry,) = await refusals(tmp_path / "alice")
     assert entry["error"] == "CertificatePurposeRejected"
     assert entry["reason"] == body["message"]
     nursery.cancel_scope.cancel()
@@ -478,14 +484,13 @@ async def test_a_revoked_sae_is_served_until_the_crl_listing_it_is_loaded_then_r
     of the same SAE with another serial is not."""
     pair = await start_pair(nursery, tmp_path, certs, audit=True)
     node = pair.alice
-    now_s = datetime.datetime.now(datetime.UTC).timestamp()
 
     def context_with_crl(*revoked: Path) -> ssl.SSLContext:
         crl = issuance.issue_crl(certs.sae_ca_dir, revoked, out=tmp_path / "crl.pem")
         lists = parse_revocation_lists(
             crl.read_bytes(),
             ca_certificates=(x509.load_pem_x509_certificate(certs.sae_ca.read_bytes()),),
-            now_s=now_s,
+            now_s=datetime.datetime.now(datetime.UTC).timestamp(),
             source=str(crl),
             key="delivery.sae_crl",
         )
@@ -501,7 +506,7 @@ async def test_a_revoked_sae_is_served_until_the_crl_listing_it_is_loaded_then_r
             node.port, client_context(certs, "sae-a"), http("GET", "/api/v1/keys/sae-b/status")
         )
     await status_ok(pair, node, "sae-a-reissued")
-    (entry,) = refusals(tmp_path / "alice")
+    (entry,) = await refusals(tmp_path / "alice")
     assert entry["reason"] == "certificate revoked"
     nursery.cancel_scope.cancel()
 

@@ -215,10 +215,11 @@ def issue_crl(
 ) -> Path:
     """Write the CA's CRL (PEM; default ``CA_DIR/crl.pem``) revoking the certificates in
     ``revoked_certificates`` (PEM files; each must be issued by this CA), valid from
-    ``this_update`` (default: now) for ``validity_days``. Returns the path written."""
+    ``this_update`` (default: 5 minutes ago, as certificates, so that a node whose clock is a
+    little behind the CA's accepts it) for ``validity_days``. Returns the path written."""
     ca_key = load_private_key(ca_directory / CA_KEY)
     ca_cert = x509.load_pem_x509_certificate((ca_directory / CA_CERT).read_bytes())
-    start = this_update or _now()
+    start = this_update or (_now() - datetime.timedelta(minutes=5))
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)
