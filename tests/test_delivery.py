@@ -422,12 +422,13 @@ async def test_curl_with_client_certificates_against_both_nodes(pair: Pair) -> N
 async def refusals(directory: Path, count: int = 1) -> list[dict[str, AuditValue]]:
     """The fields of the ``sae_certificate_refused`` entries of a store's audit trail, once
     there are ``count`` of them: the server records a refusal after the client has seen it."""
-    while True:
+    for _ in range(3000):  # a bound, not a timing: the entry comes after one group commit
         entries = [record.entry() for record in read_trail(directory).records]
         found = [dict(e.fields) for e in entries if e.kind == "sae_certificate_refused"]
         if len(found) >= count:
             return found
         await trio.sleep(0.01)
+    pytest.fail(f"fewer than {count} refused certificates recorded")
 
 
 @pytest.mark.parametrize(
