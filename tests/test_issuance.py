@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import stat
 from pathlib import Path
@@ -74,3 +75,17 @@ def test_crl_lists_the_revoked_certificates_and_verifies_under_the_ca(
         key="k",
     )
     assert lists.next_update_s == crl.next_update_utc.timestamp()
+
+
+def test_qkdnode_pki_crl_revokes_the_named_certificates(tmp_path: Path) -> None:
+    from qkdnode.cli import main
+
+    assert main(["pki", "init", "--dir", str(tmp_path / "ca")]) == 0
+    assert main(["pki", "issue", "sae", "sae-a", "--dir", str(tmp_path / "ca")]) == 0
+    revoke = ["--revoke", str(tmp_path / "ca" / "sae-a.pem")]
+    assert main(["pki", "crl", "--dir", str(tmp_path / "ca"), *revoke, "--days", "3"]) == 0
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / issuance.CA_CRL).read_bytes())
+    sae = x509.load_pem_x509_certificate((tmp_path / "ca" / "sae-a.pem").read_bytes())
+    assert [entry.serial_number for entry in crl] == [sae.serial_number]
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == datetime.timedelta(days=3)
