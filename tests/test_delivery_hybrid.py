@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgpack
@@ -459,3 +459,98 @@ def test_pair_mistakes_name_the_key(
     with pytest.raises(ConfigError) as info:
         DeliveryConfig.from_table(delivery_table(pairs, **extra))  # type: ignore[arg-type]
     assert key in str(info.value) and expected in str(info.value), str(info.value)
+
+
+class _HybridPeer:
+    """Bob's node, pair (a, b) hybrid, behind a stand-in channel that uses the wire forms."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.manager = KeyManager(
+            store,
+            master_parity=1,
+            peer_reserve=self._unused,
+            local_saes={"b"},
+            peer_saes={"a"},
+            pair_kinds={("a", "b"): KeyKind.HYBRID},
+            kme_id="kb",
+            peer_kme_id="ka",
+            peer_reserve_hybrid=self._unused,
+        )
+        self.down = False
+
+    @staticmethod
+    async def _unused(*args: object) -> None:
+        raise AssertionError("bob is not master in these tests")
+
+    async def reserve(
+        self, keys: Sequence[DeliveryKey], master: str, slave: str, request: HybridRequest
+    ) -> HybridAnswer:
+        await trio.lowlevel.checkpoint()
+        if self.down:
+            raise OSError("channel down")
+        wire = msgpack.packb(
+            hybrid_reservation_to_wire(keys, master, slave, request), use_bin_type=True
+        )
+        return await self.manager.record_peer_hybrid_reservation(
+            *hybrid_reservation_from_wire(msgpack.unpackb(wire, raw=False))
+        )
+
+
+def alice_manager(store: KeyStore, peer: _HybridPeer, kind: KeyKind, *, seed: int) -> KeyManager:
+    return KeyManager(
+        store,
+        master_parity=0,
+        peer_reserve=peer._unused,
+        prebind_keys=4,
+        prebind_size_bits=256,
+        pair_kinds={("a", "b"): kind},
+        kme_id="ka",
+        peer_kme_id="kb",
+        peer_reserve_hybrid=peer.reserve,
+        random_bytes=seeded(seed),
+    )
+
+
+async def test_hybrid_keys_reserved_ahead_survive_a_restart_and_a_reconfigured_pair_drops_them(
+    tmp_path: Path,
+) -> None:
+    alice, bob = committed_stores(tmp_path, random_blocks(11, count=1, keys_per_block=64))
+    peer = _HybridPeer(bob)
+    async with trio.open_nursery() as nursery:
+        manager = alice_manager(alice, peer, KeyKind.HYBRID, seed=11)
+        await nursery.start(manager.run)
+        first = await manager.enc_keys(master_sae="a", slave_sae="b", number=1, size_bits=256)
+        with trio.fail_after(5):
+            while len(alice.master_reservations()) < 4:  # the pool, filled behind the request
+                await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    pooled = alice.master_reservations()
+    assert all(r.kind is KeyKind.HYBRID and r.peer_confirmed for r in pooled)
+    alice.close()
+
+    alice = KeyStore.open(tmp_path / "alice", node_name="alice")  # restart, peer unreachable
+    peer.down = True
+    async with trio.open_nursery() as nursery:
+        manager = alice_manager(alice, peer, KeyKind.HYBRID, seed=12)
+        await nursery.start(manager.run)
+        ahead = await manager.enc_keys(master_sae="a", slave_sae="b", number=2, size_bits=256)
+        nursery.cancel_scope.cancel()
+    assert [key_id for key_id, _ in ahead] == [r.key_id for r in pooled[:2]]
+    for key_id, material in [*first, *ahead]:
+        fetched = await peer.manager.dec_keys(slave_sae="b", master_sae="a", key_ids=[key_id])
+        assert fetched == [(key_id, material)]  # the same hybrid key at Bob
+    assert all(
+        material
+        not in {m for _, m in random_blocks(11, count=1, keys_per_block=64)[0].consumer_keys}
+        for _, material in [*first, *ahead]
+    )
+
+    # the pair is plain QKD after the next restart: its hybrid keys reserved ahead are released
+    async with trio.open_nursery() as nursery:
+        manager = alice_manager(alice, peer, KeyKind.QKD, seed=13)
+        await nursery.start(manager.run)
+        nursery.cancel_scope.cancel()
+    assert alice.master_reservations() == []
+    assert alice._query("SELECT COUNT(*) FROM deliveries WHERE mlkem_secret IS NOT NULL") == [(0,)]
+    alice.close()
+    bob.close()
