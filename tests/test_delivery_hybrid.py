@@ -554,3 +554,20 @@ async def test_hybrid_keys_reserved_ahead_survive_a_restart_and_a_reconfigured_p
     assert alice._query("SELECT COUNT(*) FROM deliveries WHERE mlkem_secret IS NOT NULL") == [(0,)]
     alice.close()
     bob.close()
+
+
+async def test_a_reservation_binding_other_kme_ids_is_refused_and_nothing_recorded(
+    tmp_path: Path,
+) -> None:
+    _, bob = committed_stores(tmp_path, random_blocks(12, count=1, keys_per_block=4))
+    peer = _HybridPeer(bob)
+    offer = HybridOffer(seeded(12))
+    for master_kme, slave_kme in (("kb", "ka"), ("ka", "other")):
+        request = HybridRequest(
+            mlkem_public=offer.public, master_kme_id=master_kme, slave_kme_id=slave_kme
+        )
+        with pytest.raises(ProtocolError) as info:
+            await peer.manager.record_peer_hybrid_reservation(layout_of(1), "a", "b", request)
+        assert info.value.field == "hybrid.kme_ids"
+    assert bob._query("SELECT COUNT(*) FROM deliveries") == [(0,)]
+    bob.close()
