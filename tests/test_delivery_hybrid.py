@@ -346,9 +346,10 @@ def test_reservation_format_2_round_trips_and_a_node_without_it_refuses_it() -> 
     # format 1 is unchanged: no version field
     assert set(reservation_to_wire(keys, "a", "b")) == {"master_sae", "slave_sae", "keys"}
     assert reservation_format(reservation_to_wire(keys, "a", "b")) == 1
-    with pytest.raises(ProtocolError, match="upgrade this node") as info:
-        reservation_format({"version": 3})
-    assert info.value.field == "version"
+    for version in (3, 2.0, True, "2"):
+        with pytest.raises(ProtocolError, match="upgrade this node") as info:
+            reservation_format({"version": version})
+        assert info.value.field == "version"
 
 
 def test_hybrid_reserve_result_has_its_own_kind_and_a_plain_one_is_unchanged() -> None:

@@ -677,13 +677,12 @@ def hybrid_reservation_to_wire(
 def reservation_format(message: Mapping[str, object]) -> int:
     """1 or 2 (module comment above); ProtocolError naming ``version`` for any other."""
     version = message.get("version", 1)
-    if isinstance(version, bool) or version not in RESERVATION_FORMATS:
+    if type(version) is not int or version not in RESERVATION_FORMATS:  # not bool, not 2.0
         raise ProtocolError(
             f"reservation format {str(version)[:16]} is not one this node reads"
             f" {RESERVATION_FORMATS}: upgrade this node",
             field="version",
         )
-    assert isinstance(version, int)
     return version
 
 
