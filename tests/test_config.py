@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
+from qkdnode.config.delivery import KeyKind
 from qkdnode.errors import ConfigError
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
@@ -95,6 +96,24 @@ def test_mistakes_are_refused_with_file_key_and_expectation(
     message = str(info.value)
     assert str(path) in message
     assert key in message and expected in message, message
+
+
+def test_the_example_hybrid_pair_loads_and_an_unknown_kind_names_file_and_key(
+    example_dir: Path,
+) -> None:
+    path = example_dir / "alice.toml"
+    commented = '# [[delivery.pairs]]\n# master_sae_id = "sae-a"\n# slave_sae_id = "sae-b"\n'
+    _edit(path, commented, commented.replace("# ", ""))
+    _edit(path, '# kind = "hybrid"', 'kind = "hybrid"')
+    config = load_config(path).delivery
+    assert config is not None and config.key_kind("sae-a", "sae-b") is KeyKind.HYBRID
+    assert config.key_kind("sae-b", "sae-a") is KeyKind.QKD
+    _edit(path, 'kind = "hybrid"', 'kind = "post-quantum"')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "delivery.pairs[0].kind" in message, message
+    assert "'qkd', 'hybrid'" in message
 
 
 def test_private_key_readable_by_others_is_refused(example_dir: Path) -> None:

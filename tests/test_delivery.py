@@ -4,12 +4,13 @@ quotas, and concurrent masters on both nodes never handing out a key twice."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import shutil
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,16 +24,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from etsi_qkd_014_client import QKD014Client
 
 from qkdnode.audit.trail import AuditValue
+from qkdnode.channel.messages import Control
 from qkdnode.channel.pki import NODE_PURPOSE_OID
 from qkdnode.channel.revocation import parse_revocation_lists
-from qkdnode.config.delivery import ApiLimits, ServerLimits
+from qkdnode.config.delivery import ApiLimits, KeyKind, ServerLimits
+from qkdnode.coordination.wire import (
+    CoordinationMessage,
+    Reserve,
+    control_from_wire,
+    control_to_wire,
+    make_registry,
+)
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
 from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
+from qkdnode.node.reservations import Reservations
 from qkdnode.ops import issuance
 from qkdnode.store.audit import AuditTrail, read_trail
 from qkdnode.store.keystore import DeliveryKey, KeyStore, StagedBlock
+from tests import helpers_hybrid
 
 LIMITS = ApiLimits(
     key_size_bits=256, min_key_size_bits=8, max_key_size_bits=2048, max_keys_per_request=64
@@ -178,6 +189,32 @@ def fill(stores: Sequence[KeyStore], *, seed: int, blocks: int, keys: int) -> li
     return staged
 
 
+REGISTRY = make_registry()
+NODES = ("alice", "bob")
+
+
+def channel_between(reservations: Mapping[str, Reservations]) -> None:
+    """Attach each node's Reservations to the other's through the control-message wire form
+    (typed -> (kind, body) -> schema check -> typed), answering in the sender's task."""
+
+    def send_to(peer: str) -> object:
+        async def send(message: CoordinationMessage) -> None:
+            await trio.sleep(0)  # a real channel round trip lets other requests interleave here
+            kind, body = control_to_wire(message)
+            REGISTRY.check(kind, body)
+            received = control_from_wire(Control(kind=kind, body=body))
+            if isinstance(received, Reserve):
+                back = NODES[1 - NODES.index(peer)]
+                await reservations[peer].answer(received, send_to(back))  # type: ignore[arg-type]
+            else:
+                reservations[peer].on_result(received)  # type: ignore[arg-type]
+
+        return send
+
+    for name in NODES:
+        reservations[name].attach(send_to(NODES[1 - NODES.index(name)]))  # type: ignore[arg-type]
+
+
 async def start_pair(
     nursery: trio.Nursery,
     tmp_path: Path,
@@ -187,7 +224,13 @@ async def start_pair(
     quota: FairUsePolicy | None = None,
     limits: ServerLimits = SERVER_LIMITS,
     audit: bool = False,
+    kinds: Mapping[str, Mapping[tuple[str, str], KeyKind]] | None = None,
 ) -> Pair:
+    """Alice and Bob serving ETSI 014 over TLS. ``kinds``: each node's configured pair kinds;
+    with them, reservations go through the nodes' Reservations and the control-message wire
+    (hybrid ones always do)."""
+    reservations = {name: Reservations() for name in NODES}
+    channel_between(reservations)
     stores = [
         KeyStore.open(tmp_path / "alice", node_name="alice"),
         KeyStore.open(tmp_path / "bob", node_name="bob"),
@@ -216,12 +259,18 @@ async def start_pair(
         managers[name] = KeyManager(
             store,
             master_parity=parity,
-            peer_reserve=wired(peer),  # type: ignore[arg-type]
+            # with ``kinds``, plain reservations too go through Reservations and the wire
+            peer_reserve=wired(peer) if kinds is None else reservations[name].peer_reserve,  # type: ignore[arg-type]
             local_saes=local,
             peer_saes=remote,
+            pair_kinds=(kinds or {}).get(name),
+            kme_id=f"kme-{name}",
+            peer_kme_id=f"kme-{peer}",
+            peer_reserve_hybrid=reservations[name].peer_reserve_hybrid,
         )
         if audit:
             managers[name].audit = AuditTrail.start(store, node_name=name)
+        reservations[name].manager = managers[name]
         app = DeliveryApp(
             manager=managers[name],
             limits=LIMITS,
@@ -726,4 +775,101 @@ async def test_concurrent_masters_on_both_nodes_never_hand_out_a_key_twice(
             "POST", f"/api/v1/keys/{master_sae}/dec_keys", body, slave
         )
         assert response.status == 200 and json.loads(response.body)["keys"] == [key]
+    nursery.cancel_scope.cancel()
+
+
+# ---- hybrid pairs --------------------------------------------------------------------------
+
+HYBRID_AB = {("sae-a", "sae-b"): KeyKind.HYBRID}  # (sae-a2, sae-b2) stays plain QKD
+
+
+def stored_qkd_keys(pair: Pair) -> set[bytes]:
+    return {material for block in pair.blocks for _, material in block.consumer_keys}
+
+
+def secrets_held(store: KeyStore) -> int:
+    rows = store._query("SELECT COUNT(*) FROM deliveries WHERE mlkem_secret IS NOT NULL")
+    return int(rows[0][0])
+
+
+async def test_real_client_gets_identical_hybrid_keys_at_both_nodes_and_plain_keys_unchanged(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    pair = await start_pair(nursery, tmp_path, certs, kinds={"alice": HYBRID_AB, "bob": HYBRID_AB})
+    qkd_keys = stored_qkd_keys(pair)
+    # Status says which kind each pair gets (its extension field); the real client accepts it
+    for master, slave, kind in (("sae-a", "sae-b", "hybrid"), ("sae-a2", "sae-b2", "qkd")):
+        code, body = await raw(
+            pair.alice.port,
+            client_context(pair.certs, master),
+            http("GET", f"/api/v1/keys/{slave}/status"),
+        )
+        assert code == 200 and body["status_extension"] == {"key_kind": kind}
+    code, status = await trio.to_thread.run_sync(
+        client(pair, pair.alice, "sae-a").get_status, "sae-b"
+    )
+    assert code == 200 and status.stored_key_count == 32
+
+    alice_a, bob_b = client(pair, pair.alice, "sae-a"), client(pair, pair.bob, "sae-b")
+    code, single = await trio.to_thread.run_sync(alice_a.get_key, "sae-b")
+    assert code == 200
+    code, more = await trio.to_thread.run_sync(lambda: alice_a.get_key("sae-b", number=3, size=512))
+    assert code == 200
+    keys = single.keys + more.keys
+    assert [len(base64.b64decode(k.key)) for k in keys] == [32, 64, 64, 64]  # requested sizes
+    assert base64.b64decode(keys[0].key) not in qkd_keys  # not the QKD key itself
+    assert secrets_held(pair.alice.store) == 0  # handed out at Alice: her secrets erased
+    assert secrets_held(pair.bob.store) == 4  # kept at Bob until his SAE fetches them
+
+    # Bob's first key is the documented combiner of its QKD bytes and its ML-KEM secret
+    first = uuid.UUID(keys[0].key_id)
+    (secret,) = pair.bob.store._query(
+        "SELECT mlkem_secret FROM deliveries WHERE delivery_id = ?", (str(first),)
+    )[0]
+    expected = helpers_hybrid.hybrid_key(
+        pair.blocks[0].consumer_keys[0][1],  # stored key 0 of block 1: Alice's partition
+        secret,
+        key_id=first,
+        master_sae="sae-a",
+        slave_sae="sae-b",
+        master_kme_id="kme-alice",
+        slave_kme_id="kme-bob",
+    )
+    assert base64.b64decode(keys[0].key) == expected
+    for key in keys:
+        code, fetched = await trio.to_thread.run_sync(
+            bob_b.get_key_with_key_IDs, "sae-a", [key.key_id]
+        )
+        assert code == 200
+        assert fetched.keys[0].key_id == key.key_id and fetched.keys[0].key == key.key
+    assert secrets_held(pair.bob.store) == 0
+
+    # the plain pair still gets the stored QKD bytes themselves, the same at both nodes
+    code, plain = await trio.to_thread.run_sync(
+        client(pair, pair.alice, "sae-a2").get_key, "sae-b2"
+    )
+    assert code == 200 and base64.b64decode(plain.keys[0].key) in qkd_keys
+    code, fetched = await trio.to_thread.run_sync(
+        client(pair, pair.bob, "sae-b2").get_key_with_key_IDs, "sae-a2", [plain.keys[0].key_id]
+    )
+    assert code == 200 and fetched.keys[0].key == plain.keys[0].key
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "kinds", [{"alice": HYBRID_AB, "bob": {}}, {"alice": {}, "bob": HYBRID_AB}], ids=["a", "b"]
+)
+async def test_a_pair_hybrid_on_one_node_only_is_refused_and_nothing_is_recorded(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    certs: Pki,
+    kinds: Mapping[str, Mapping[tuple[str, str], KeyKind]],
+) -> None:
+    pair = await start_pair(nursery, tmp_path, certs, kinds=kinds)
+    available = pair.alice.store.available_count(parity=0)
+    code, error = await trio.to_thread.run_sync(client(pair, pair.alice, "sae-a").get_key, "sae-b")
+    assert code == 503 and "could not reserve" in error.message
+    assert pair.bob.store._query("SELECT COUNT(*) FROM deliveries")[0][0] == 0
+    assert pair.alice.store._query("SELECT COUNT(*) FROM deliveries")[0][0] == 0
+    assert pair.alice.store.available_count(parity=0) == available  # released, not lost
     nursery.cancel_scope.cancel()

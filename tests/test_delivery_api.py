@@ -437,6 +437,7 @@ def test_openapi_document_describes_every_served_operation_and_message() -> None
         limits=LIMITS,
         stored_key_count=0,
         max_key_count=1,
+        key_kind="qkd",
     )
     for name in json.loads(served):
         assert f"{name}:" in text, name

@@ -12,6 +12,7 @@ is reproduced (``keylength.zhang2017`` says why); the deviations of ``zhang2017`
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,25 @@ def test_chernoff_bounds_at_zero_and_monotone() -> None:
     x = 10**12
     assert (highs[-1] - x) / math.sqrt(2 * x * log_inverse) == pytest.approx(1.0, rel=1e-3)
     assert (x - lows[-1]) / math.sqrt(2 * x * log_inverse) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_chernoff_bounds_lie_inside_the_relaxed_closed_form_interval() -> None:
+    # The closed-form inversions use the relaxed exponents (Mitzenmacher & Upfal, Probability
+    # and Computing, Thms 4.4 and 4.5): P(X >= (1+d) m) <= exp(-d^2 m / (2+d)) and
+    # P(X <= (1-d) m) <= exp(-d^2 m / 2). Set to L at m = x/(1+d1), resp. m = x/(1-d2):
+    #   (x - L) d1^2 - 3 L d1 - 2 L = 0,   x d2^2 + 2 L d2 - 2 L = 0.
+    # The exact exponents are larger for every d > 0, so the module's interval must lie inside.
+    rng = random.Random(2017)
+    for _ in range(500):
+        log_inverse = math.log(10.0 ** rng.uniform(2.0, 15.0))
+        # x > L, where the relaxed upper-tail inversion exists; up to 10^9 L
+        x = log_inverse * 10.0 ** rng.uniform(1e-3, 9.0)
+        d1 = (3 * log_inverse + math.sqrt(log_inverse**2 + 8 * log_inverse * x)) / (
+            2 * (x - log_inverse)
+        )
+        d2 = (-log_inverse + math.sqrt(log_inverse**2 + 2 * log_inverse * x)) / x
+        assert x / (1 + d1) <= chernoff_mean_lower(x, log_inverse) < x
+        assert x < chernoff_mean_upper(x, log_inverse) <= x / (1 - d2)
 
 
 # ---- no analysis exceeds the asymptotic rate of the same counts --------------------------------

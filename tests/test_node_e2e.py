@@ -6,6 +6,7 @@ stores afterwards (read-only). Blocks are small (few seconds each) to keep the d
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from qkdnode.demo.run import (
     start_node,
     stop_nodes,
 )
+from tests.reliability.harness import scan, windows
 
 pytestmark = pytest.mark.slow  # starts daemon processes
 
@@ -263,3 +265,56 @@ def test_sigterm_during_start_up_stops_the_node_cleanly(layout: DemoLayout) -> N
         stop_nodes([bob])
     events += [str(e["event"]) for e in follower.new_events()]
     assert "daemon.stopping" in events and events[-1] == "daemon.stopped", events
+
+
+def test_hybrid_pair_between_two_daemons_gets_identical_keys_with_the_real_client(
+    layout: DemoLayout,
+) -> None:
+    """Both configs make (sae-a master, sae-b slave) hybrid; (sae-b, sae-a) stays plain. The
+    ML-KEM exchange runs over the daemons' authenticated channel, reserving ahead included."""
+    pairs = '[[delivery.pairs]]\nmaster_sae_id = "sae-a"\nslave_sae_id = "sae-b"\nkind = "hybrid"\n'
+    for node in ("alice", "bob"):
+        path = layout.config(node)
+        path.write_text(path.read_text().replace("\n[metrics]", f"\n{pairs}\n[metrics]", 1))
+    running = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
+    try:
+        progress, follower = Progress(), LogFollower(layout.log("alice"))
+        wait_for(layout, progress, follower, lambda p: p.committed >= 2, running)
+        stored = set(read_keys(layout.store("alice")).values())
+
+        def client(node: str, sae: str) -> QKD014Client:
+            pki = layout.pki_dir
+            return QKD014Client(
+                f"localhost:{layout.kme_ports[node]}",
+                str(pki / f"{sae}.pem"),
+                str(pki / f"{sae}.key"),
+                str(layout.node_ca_dir / "ca.pem"),
+            )
+
+        delivered: list[bytes] = []
+        for master, slave, hybrid in (("alice", "bob", True), ("bob", "alice", False)):
+            sae_m, sae_s = f"sae-{master[0]}", f"sae-{slave[0]}"
+            code, container = client(master, sae_m).get_key(sae_s, number=3)
+            assert code == 200 and len(container.keys) == 3, container
+            for key in container.keys:
+                delivered.append(base64.b64decode(key.key))
+                assert (delivered[-1] in stored) is not hybrid
+                code, fetched = client(slave, sae_s).get_key_with_key_IDs(sae_m, [key.key_id])
+                assert code == 200 and fetched.keys[0].key == key.key
+    finally:
+        codes = stop_nodes(list(running.values()), timeout_s=GRACE_S + 5)
+    assert codes == [0, 0], codes
+    # the per-key ML-KEM secrets of keys still reserved ahead are in the stores, nowhere else
+    secrets = list(delivered)
+    for node in ("alice", "bob"):
+        db = sqlite3.connect(f"file:{layout.store(node) / 'keys.db'}?mode=ro", uri=True)
+        rows = db.execute("SELECT mlkem_secret FROM deliveries WHERE mlkem_secret IS NOT NULL")
+        held = [bytes(secret) for (secret,) in rows.fetchall()]
+        db.close()
+        assert held, f"{node} holds no hybrid key reserved ahead"
+        secrets += held
+    needles = windows(secrets)
+    assert scan(b"planted " + secrets[-1].hex().encode(), needles) > 0  # the scan finds one
+    for node in ("alice", "bob"):
+        for text in (layout.log(node), layout.workdir / f"{node}.stderr"):
+            assert scan(text.read_bytes(), needles) == 0, text

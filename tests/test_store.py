@@ -267,7 +267,7 @@ def test_a_version_2_store_gains_the_peer_confirmed_column_and_keeps_its_deliver
     store.run_batch([store.confirm_op([key_id])])
     assert store.master_reservations()[0].peer_confirmed
     version = store._conn.execute("SELECT value FROM meta WHERE name = 'schema_version'")
-    assert version.fetchone()[0] == "4"  # and on to the audit tables of version 4
+    assert version.fetchone()[0] == "5"  # and on to versions 4 (audit) and 5 (hybrid keys)
     store.close()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -11,6 +13,15 @@ from qkdnode.config.table import Table, existing_file, parse_host_port, resolve_
 from qkdnode.errors import ConfigError
 
 DEFAULT_PREBIND_KEYS: Final = 32  # per (master, slave) pair: [delivery] prebind_keys
+# HKDF-SHA256 expands to at most 255 blocks: the largest hybrid key (qkdnode.delivery.hybrid)
+HYBRID_MAX_KEY_SIZE_BITS: Final = 255 * 32 * 8
+
+
+class KeyKind(enum.Enum):
+    """What an SAE pair's delivered keys are (``[[delivery.pairs]] kind``)."""
+
+    QKD = "qkd"  # the QKD key itself (information-theoretic, the default)
+    HYBRID = "hybrid"  # QKD key combined with a fresh ML-KEM-768 secret (computational)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,6 +76,11 @@ class DeliveryConfig:
     unix_socket_mode: int = 0o600
     # the CRLs of the SAE CA (PEM), reread on SIGHUP; None: no revocation checking
     sae_crl: Path | None = None
+    # (master SAE, slave SAE) -> kind; pairs not listed get KeyKind.QKD
+    pair_kinds: Mapping[tuple[str, str], KeyKind] = field(default_factory=dict)
+
+    def key_kind(self, master_sae: str, slave_sae: str) -> KeyKind:
+        return self.pair_kinds.get((master_sae, slave_sae), KeyKind.QKD)
 
     @classmethod
     def from_table(cls, table: Table) -> DeliveryConfig:
@@ -111,6 +127,12 @@ class DeliveryConfig:
             raise ConfigError(table.key("unix_socket_sae"), "one of local_saes")
         burst = table.number("quota_burst_keys", 2000.0, minimum=1.0)
         sae_crl = table.optional_string("sae_crl")
+        pair_kinds = _pair_kinds(table, local_saes, peer_saes)
+        if KeyKind.HYBRID in pair_kinds.values() and max_size > HYBRID_MAX_KEY_SIZE_BITS:
+            raise ConfigError(
+                table.key("max_key_size_bits"),
+                f"at most {HYBRID_MAX_KEY_SIZE_BITS} when a pair is hybrid (HKDF-SHA256 limit)",
+            )
         config = cls(
             listen_host=host,
             listen_port=port,
@@ -137,9 +159,38 @@ class DeliveryConfig:
             unix_socket_sae=unix_sae,
             unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
             sae_crl=None if sae_crl is None else Path(sae_crl),
+            pair_kinds=pair_kinds,
         )
         table.finish()
         return config
+
+
+def _pair_kinds(
+    table: Table, local_saes: Sequence[str], peer_saes: Sequence[str]
+) -> dict[tuple[str, str], KeyKind]:
+    """``[[delivery.pairs]]``: master_sae_id, slave_sae_id (local or peer SAEs, one on each
+    node) and kind ("qkd" or "hybrid"); a pair named twice is refused."""
+    kinds: dict[tuple[str, str], KeyKind] = {}
+    for entry in table.table_list("pairs"):
+        master = entry.string("master_sae_id")
+        slave = entry.string("slave_sae_id")
+        for name, sae in (("master_sae_id", master), ("slave_sae_id", slave)):
+            if sae not in local_saes and sae not in peer_saes:
+                raise ConfigError(entry.key(name), "one of local_saes or peer_saes")
+        if (master in local_saes) == (slave in local_saes):
+            raise ConfigError(
+                entry.key("slave_sae_id"),
+                "an SAE of the other node than master_sae_id (one in local_saes, one in peer_saes)",
+            )
+        kind = KeyKind(entry.string("kind", KeyKind.QKD.value, choices=_KINDS))
+        if (master, slave) in kinds:
+            raise ConfigError(entry.key("master_sae_id"), "a pair not listed before")
+        kinds[(master, slave)] = kind
+        entry.finish()
+    return kinds
+
+
+_KINDS: Final = tuple(kind.value for kind in KeyKind)
 
 
 def read_delivery(table: Table, base: Path, key_size_bits: int) -> DeliveryConfig:

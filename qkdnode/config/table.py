@@ -134,6 +134,13 @@ class Table:
             raise ConfigError(self.key(name), "a table")
         return Table(value, self.key(name))
 
+    def table_list(self, name: str) -> list[Table]:
+        """An optional array of tables (``[[name]]``), each named ``name[i]``; [] if absent."""
+        value = self._get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ConfigError(self.key(name), "an array of tables ([[...]])")
+        return [Table(item, f"{self.key(name)}[{i}]") for i, item in enumerate(value)]
+
     def parsed(
         self, name: str, parse: Callable[[str], T], expected: str, default: T = _MISSING
     ) -> T:

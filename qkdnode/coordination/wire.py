@@ -6,8 +6,10 @@
 - Coordination (``Control`` frames, outside blocks): limbo reconciliation at session start
   (``Sync``, ``SyncReply``, ``SyncDone``, ``LedgerReset``, ``LedgerResetDone``), the two-phase
   commit of each block (``Stage``, ``Staged``, ``Commit``, ``Committed``), key reservations
-  for delivery (``Reserve``, ``ReserveResult``) and the head of the sender's audit trail after
-  each commit (``AuditHead``; the session shell handles it, not the coordination machine).
+  for delivery (``Reserve``, ``ReserveResult``; the answer to a hybrid reservation travels as
+  kind ``hybrid_reserve_result``, which only a node that sent one receives) and the head of the
+  sender's audit trail after each commit (``AuditHead``; the session shell handles it, not the
+  coordination machine).
 
 ``control_to_wire``/``control_from_wire`` and ``data_to_wire``/``data_from_wire`` convert between
 the typed messages and the channel's ``(kind, body)``; the channel has checked the body against
@@ -25,7 +27,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from qkdnode.channel.messages import Control, Data, FieldSpec, KindRegistry
+from qkdnode.channel.messages import (
+    MLKEM768_CIPHERTEXT_BYTES,
+    Control,
+    Data,
+    FieldSpec,
+    KindRegistry,
+)
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.block_messages import MESSAGE_TYPES, BlockMessage
 from qkdnode.postprocess.wire import decode_block_message, encode_block_message
@@ -45,6 +53,13 @@ _ID = FieldSpec(kind="int", min_value=0, max_value=MAX_ID)
 def _ids(max_count: int) -> FieldSpec:
     return FieldSpec(kind="bytes", max_len=8 * max_count)
 
+
+_RESERVE_RESULT: Final = {
+    "request_id": _ID,
+    "ok": FieldSpec(kind="bool"),
+    "detail": FieldSpec(kind="bytes", max_len=512),
+    "burned_key_ids": FieldSpec(kind="bytes", max_len=16 * 65536),
+}
 
 CONTROL_SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
     # session start: both sides resolve every block staged but not committed on either side
@@ -73,11 +88,15 @@ CONTROL_SCHEMAS: Final[dict[str, dict[str, FieldSpec]]] = {
         "request_id": _ID,
         "reservation": FieldSpec(kind="bytes", min_len=1, max_len=1 << 20),
     },
-    "reserve_result": {
-        "request_id": _ID,
-        "ok": FieldSpec(kind="bool"),
-        "detail": FieldSpec(kind="bytes", max_len=512),
-        "burned_key_ids": FieldSpec(kind="bytes", max_len=16 * 65536),
+    "reserve_result": _RESERVE_RESULT,
+    # the peer recorded a hybrid reservation (format 2): its ML-KEM-768 ciphertext for the
+    # master's encapsulation key and the key confirmation (qkdnode.delivery.hybrid)
+    "hybrid_reserve_result": {
+        **_RESERVE_RESULT,
+        "mlkem_ciphertext": FieldSpec(
+            kind="bytes", min_len=MLKEM768_CIPHERTEXT_BYTES, max_len=MLKEM768_CIPHERTEXT_BYTES
+        ),
+        "mlkem_confirmation": FieldSpec(kind="bytes", min_len=32, max_len=32),
     },
     # the sender's audit trail after entry ``seq`` has chain hash ``chain_hash`` (qkdnode.audit)
     "audit_head": {"seq": _ID, "chain_hash": FieldSpec(kind="bytes", min_len=32, max_len=32)},
@@ -228,10 +247,21 @@ class Reserve:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReserveResult:
+    """The peer's answer to a Reserve; the ML-KEM fields are set (and the kind on the wire is
+    ``hybrid_reserve_result``) only when it recorded a hybrid reservation."""
+
     request_id: int
     ok: bool
     detail: str
     burned_key_ids: tuple[uuid.UUID, ...]
+    mlkem_ciphertext: bytes = b""
+    mlkem_confirmation: bytes = b""
+
+    def __repr__(self) -> str:  # the ML-KEM fields are public, but long
+        return (
+            f"ReserveResult(request_id={self.request_id}, ok={self.ok}, detail={self.detail!r},"
+            f" burned_key_ids={len(self.burned_key_ids)}, hybrid={bool(self.mlkem_ciphertext)})"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -323,12 +353,17 @@ def control_to_wire(message: CoordinationMessage) -> tuple[str, Body]:
         case Reserve(request_id=request_id, reservation=reservation):
             return "reserve", {"request_id": request_id, "reservation": reservation}
         case ReserveResult(request_id=request_id, ok=ok, detail=detail, burned_key_ids=burned):
-            return "reserve_result", {
+            body: Body = {
                 "request_id": request_id,
                 "ok": ok,
                 "detail": detail.encode()[:512],
                 "burned_key_ids": pack_uuids(burned),
             }
+            if not message.mlkem_ciphertext:
+                return "reserve_result", body
+            body["mlkem_ciphertext"] = message.mlkem_ciphertext
+            body["mlkem_confirmation"] = message.mlkem_confirmation
+            return "hybrid_reserve_result", body
         case AuditHead(seq=seq, chain_hash=head):
             return "audit_head", {"seq": seq, "chain_hash": head}
     raise TypeError(f"not a coordination message: {type(message).__name__}")
@@ -373,10 +408,11 @@ def control_from_wire(control: Control) -> CoordinationMessage:
             return Reserve(
                 request_id=_int(body, "request_id"), reservation=_blob(body, "reservation")
             )
-        case "reserve_result":
+        case "reserve_result" | "hybrid_reserve_result":
             ok = body["ok"]
             if not isinstance(ok, bool):
                 raise ProtocolError("expected a bool", field="ok")
+            hybrid = kind == "hybrid_reserve_result"
             return ReserveResult(
                 request_id=_int(body, "request_id"),
                 ok=ok,
@@ -384,6 +420,8 @@ def control_from_wire(control: Control) -> CoordinationMessage:
                 burned_key_ids=tuple(
                     unpack_uuids(_blob(body, "burned_key_ids"), field="burned_key_ids")
                 ),
+                mlkem_ciphertext=_blob(body, "mlkem_ciphertext") if hybrid else b"",
+                mlkem_confirmation=_blob(body, "mlkem_confirmation") if hybrid else b"",
             )
         case "audit_head":
             return AuditHead(seq=_int(body, "seq"), chain_hash=_blob(body, "chain_hash"))

@@ -139,8 +139,13 @@ def status_body(
     limits: ApiLimits,
     stored_key_count: int,
     max_key_count: int,
+    key_kind: str,
 ) -> bytes:
-    """The Status data format (ETSI GS QKD 014 V1.1.1, 6.1); additional slave SAEs: none."""
+    """The Status data format (ETSI GS QKD 014 V1.1.1, 6.1); additional slave SAEs: none.
+
+    ``status_extension`` says which kind of key the pair gets: ``{"key_kind": "qkd"}`` (the
+    QKD key itself) or ``{"key_kind": "hybrid"}`` (combined with ML-KEM-768, computational).
+    """
     return _dump(
         {
             "source_KME_ID": source_kme_id,
@@ -154,6 +159,7 @@ def status_body(
             "max_key_size": limits.max_key_size_bits,
             "min_key_size": limits.min_key_size_bits,
             "max_SAE_ID_count": 0,
+            "status_extension": {"key_kind": key_kind},
         }
     )
 

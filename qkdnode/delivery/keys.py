@@ -38,11 +38,19 @@ peer for that (master, slave) pair first. The peer's acknowledgement is noted in
 pool outlives a restart; reservations without that note (a request or top-up cut short) are
 released at start, and the peer refuses, so this node erases, any of their stored keys it had
 already recorded.
+
+Hybrid pairs (``[[delivery.pairs]] kind = "hybrid"``, :mod:`qkdnode.delivery.hybrid`): step 2
+also runs one ML-KEM-768 exchange per reservation. The reservation carries this node's ephemeral
+encapsulation key, the peer answers with the ciphertext and a key confirmation, and both nodes
+keep one secret per delivery key (recorded with the reservation there, with the confirmation
+here); step 3 hands out the combination of the QKD bytes and that secret, and erases the secret.
+The peer refuses a reservation whose kind is not the one configured there for the pair.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -54,7 +62,16 @@ import trio
 from qkdnode.audit import AuditKind
 from qkdnode.audit.budget import RecordingBudget
 from qkdnode.audit.trail import AuditValue
+from qkdnode.config.delivery import KeyKind
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, MSG_NOT_SLAVE, ApiError
+from qkdnode.delivery.hybrid import (
+    HybridAnswer,
+    HybridOffer,
+    HybridRequest,
+    KeyCombiner,
+    answer_offer,
+    pair_combiner,
+)
 from qkdnode.errors import ProtocolError, SecurityError
 from qkdnode.store.audit import AuditTrail
 from qkdnode.store.groupcommit import GroupCommit
@@ -71,6 +88,12 @@ from qkdnode.store.keystore import (
 PeerReserve = Callable[[Sequence[DeliveryKey], str, str], Awaitable[None]]
 """``peer_reserve(keys, master_sae, slave_sae)``: the peer durably records the reservation, or
 raises (ReservationRejected carried over from the peer when it refuses stored keys)."""
+
+PeerReserveHybrid = Callable[
+    [Sequence[DeliveryKey], str, str, HybridRequest], Awaitable[HybridAnswer | None]
+]
+"""``peer_reserve_hybrid(keys, master_sae, slave_sae, request)``: as PeerReserve, for a hybrid
+pair; the peer's ML-KEM answer, or None if it recorded the keys without one."""
 
 _log = structlog.get_logger(__name__)
 
@@ -101,13 +124,29 @@ class KeyManager:
         group_commit: GroupCommit | None = None,
         prebind_keys: int = 0,
         prebind_size_bits: int = 256,
+        pair_kinds: Mapping[tuple[str, str], KeyKind] | None = None,
+        kme_id: str = "",
+        peer_kme_id: str = "",
+        peer_reserve_hybrid: PeerReserveHybrid | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         """``prebind_keys``: delivery keys of ``prebind_size_bits`` to keep reserved ahead per
-        (master, slave) pair while :meth:`run` runs (module doc); 0 reserves only on request."""
+        (master, slave) pair while :meth:`run` runs (module doc); 0 reserves only on request.
+        ``pair_kinds``: the (master, slave) pairs that are not plain QKD; hybrid pairs need
+        ``kme_id``, ``peer_kme_id`` (bound into their keys) and ``peer_reserve_hybrid``;
+        ``random_bytes`` seeds their ML-KEM key pairs."""
         if master_parity not in (0, 1):
             raise ValueError("master_parity must be 0 or 1")
         if prebind_keys < 0 or prebind_size_bits <= 0 or prebind_size_bits % 8:
             raise ValueError("prebind_keys >= 0 and prebind_size_bits a positive multiple of 8")
+        self._pair_kinds = dict(pair_kinds or {})
+        if KeyKind.HYBRID in self._pair_kinds.values() and (
+            not kme_id or not peer_kme_id or peer_reserve_hybrid is None
+        ):
+            raise ValueError("hybrid pairs need kme_id, peer_kme_id and peer_reserve_hybrid")
+        self.kme_id, self.peer_kme_id = kme_id, peer_kme_id
+        self._peer_reserve_hybrid = peer_reserve_hybrid
+        self._random_bytes = random_bytes
         self._store = store
         self.master_parity = master_parity
         self._peer_reserve = peer_reserve
@@ -134,6 +173,10 @@ class KeyManager:
             rate_per_s=REFUSALS_RECORDED_PER_S, burst=REFUSALS_RECORDED_BURST
         )
 
+    def key_kind(self, master_sae: str, slave_sae: str) -> KeyKind:
+        """The kind of key the (master, slave) pair gets (plain QKD unless configured)."""
+        return self._pair_kinds.get((master_sae, slave_sae), KeyKind.QKD)
+
     def stored_key_count(self, master_sae: str | None = None, slave_sae: str | None = None) -> int:
         """Keys this node can hand out as master (its half of the partition), counting those
         reserved ahead for the (master, slave) pair if one is given."""
@@ -150,6 +193,8 @@ class KeyManager:
                 reservation.peer_confirmed
                 and self._prebind_keys
                 and reservation.size_bits == self._prebind_size_bits
+                # a pair whose kind was reconfigured gets keys of its new kind only
+                and reservation.kind == self.key_kind(*pair)
                 and (pair in self._pools or len(self._pools) < MAX_POOLS)
             ):
                 self._pools.setdefault(pair, deque()).append(reservation.key_id)
@@ -246,6 +291,7 @@ class KeyManager:
         """Steps 1 and 2 for these delivery keys. False if key material is short (nothing
         changed); if the peer does not record them, the reservation is released (the stored
         keys it reports used up are erased) and its exception propagates."""
+        kind = self.key_kind(master_sae, slave_sae)
         # committed once asked for, even if this task is cancelled meanwhile (see GroupCommit)
         layout = await self._commits.run(
             self._store.reserve_op(
@@ -255,13 +301,17 @@ class KeyManager:
                 master_sae=master_sae,
                 slave_sae=slave_sae,
                 keep_available=keep_available,
+                kind=kind,
             )
         )
         if layout is None:
             return False
         try:
             with trio.fail_after(self._peer_timeout_s):
-                await self._peer_reserve(layout, master_sae, slave_sae)
+                if kind is KeyKind.HYBRID:
+                    await self._reserve_hybrid(layout, master_sae, slave_sae)
+                else:
+                    await self._peer_reserve(layout, master_sae, slave_sae)
         except ReservationRejected as exc:
             await self._release(delivery_ids, burn=exc.burned_key_ids)
             raise
@@ -269,6 +319,45 @@ class KeyManager:
             await self._release(delivery_ids)
             raise
         return True
+
+    async def _reserve_hybrid(
+        self, layout: Sequence[DeliveryKey], master_sae: str, slave_sae: str
+    ) -> None:
+        """Step 2 of a hybrid pair: the peer records the keys and answers the ML-KEM offer;
+        the per-key secrets are noted here with the peer's confirmation. Raises
+        ReservationRejected when the peer's answer is missing or does not confirm."""
+        assert self._peer_reserve_hybrid is not None  # checked in __init__
+        offer = HybridOffer(self._random_bytes)
+        request = HybridRequest(
+            mlkem_public=offer.public, master_kme_id=self.kme_id, slave_kme_id=self.peer_kme_id
+        )
+        answer = await self._peer_reserve_hybrid(layout, master_sae, slave_sae, request)
+        if answer is None:
+            raise ReservationRejected(
+                "the peer node recorded a hybrid reservation without an ML-KEM answer"
+            )
+        key_ids = [key.key_id for key in layout]
+        try:
+            secrets = offer.accept(answer, key_ids)
+        except ProtocolError as exc:
+            raise ReservationRejected(f"hybrid reservation: {exc}") from None
+        await self._commits.run(self._store.confirm_op(key_ids, mlkem_secrets=secrets))
+
+    def _combiner(self, master_sae: str, slave_sae: str, role: str) -> KeyCombiner | None:
+        """The hybrid combiner of the pair's keys handed out here as ``role`` (the store's
+        record of each key, not the configuration, says whether it is hybrid: a pair
+        reconfigured meanwhile still gets the kind it reserved). None without KME IDs."""
+        if not (self.kme_id and self.peer_kme_id):
+            return None  # the store refuses a hybrid key then
+        master_kme, slave_kme = (
+            (self.kme_id, self.peer_kme_id) if role == "master" else (self.peer_kme_id, self.kme_id)
+        )
+        return pair_combiner(
+            master_sae=master_sae,
+            slave_sae=slave_sae,
+            master_kme_id=master_kme,
+            slave_kme_id=slave_kme,
+        )
 
     async def enc_keys(
         self, *, master_sae: str, slave_sae: str, number: int, size_bits: int
@@ -346,7 +435,11 @@ class KeyManager:
         self, delivery_ids: Sequence[uuid.UUID], master_sae: str, slave_sae: str
     ) -> list[tuple[uuid.UUID, bytes]]:
         op = self._store.take_op(
-            delivery_ids, role="master", master_sae=master_sae, slave_sae=slave_sae
+            delivery_ids,
+            role="master",
+            master_sae=master_sae,
+            slave_sae=slave_sae,
+            combine=self._combiner(master_sae, slave_sae, "master"),
         )
         return await self._commits.run(self._audited(op, "master", master_sae, slave_sae))
 
@@ -409,7 +502,11 @@ class KeyManager:
         try:
             with self._commits.request():
                 op = self._store.take_op(
-                    key_ids, role="slave", master_sae=master_sae, slave_sae=slave_sae
+                    key_ids,
+                    role="slave",
+                    master_sae=master_sae,
+                    slave_sae=slave_sae,
+                    combine=self._combiner(master_sae, slave_sae, "slave"),
                 )
                 return await self._commits.run(self._audited(op, "slave", master_sae, slave_sae))
         except DeliveryRefused:
@@ -425,15 +522,63 @@ class KeyManager:
         Durable on return (concurrent reservations share one commit). Raises ProtocolError
         (ReservationRejected when stored keys are not available here) and records nothing then;
         delivery keys of the peer that the refusal proves lost are erased here (KeyStore doc).
+        A pair configured hybrid here is refused: its keys would differ at the two ends.
         """
+        self._check_peer_pair(master_sae, slave_sae, KeyKind.QKD)
+        await self._record(keys, master_sae, slave_sae, None)
+
+    async def record_peer_hybrid_reservation(
+        self,
+        keys: Sequence[DeliveryKey],
+        master_sae: str,
+        slave_sae: str,
+        request: HybridRequest,
+    ) -> HybridAnswer:
+        """As :meth:`record_peer_reservation`, for a hybrid pair: encapsulate to the peer's
+        ML-KEM key, record each key's secret with the reservation, return the answer.
+
+        Raises ProtocolError when the pair is not hybrid here or the KME IDs the peer binds
+        are not this node's pair of KME IDs (the two ends would derive different keys).
+        """
+        self._check_peer_pair(master_sae, slave_sae, KeyKind.HYBRID)
+        if (request.master_kme_id, request.slave_kme_id) != (self.peer_kme_id, self.kme_id):
+            raise ProtocolError(
+                "the peer binds other KME IDs into hybrid keys: its kme_id and peer_kme_id must"
+                " be this node's peer_kme_id and kme_id",
+                field="hybrid.kme_ids",
+            )
+        answer, secrets = answer_offer(request, [key.key_id for key in keys])
+        await self._record(keys, master_sae, slave_sae, secrets)
+        return answer
+
+    def _check_peer_pair(self, master_sae: str, slave_sae: str, kind: KeyKind) -> None:
         if self._local_saes is not None and slave_sae not in self._local_saes:
             raise ProtocolError("slave SAE is not attached to this node", field="slave_sae")
         if self._peer_saes is not None and master_sae not in self._peer_saes:
             raise ProtocolError("master SAE is not attached to the peer node", field="master_sae")
+        configured = self.key_kind(master_sae, slave_sae)
+        if configured is not kind:
+            raise ProtocolError(
+                f"the pair is configured kind = {configured.value!r} here but the peer reserved"
+                f" {kind.value!r} keys: both nodes' [[delivery.pairs]] must agree",
+                field="kind",
+            )
+
+    async def _record(
+        self,
+        keys: Sequence[DeliveryKey],
+        master_sae: str,
+        slave_sae: str,
+        mlkem_secrets: Mapping[uuid.UUID, bytes] | None,
+    ) -> None:
         with self._commits.request():
             refused = await self._commits.run(
                 self._store.record_peer_reservation_op(
-                    keys, parity=1 - self.master_parity, master_sae=master_sae, slave_sae=slave_sae
+                    keys,
+                    parity=1 - self.master_parity,
+                    master_sae=master_sae,
+                    slave_sae=slave_sae,
+                    mlkem_secrets=mlkem_secrets,
                 )
             )
         if refused is not None:
@@ -517,3 +662,61 @@ def _wire_uuid(value: object, field: str) -> uuid.UUID:
     if not isinstance(value, bytes) or len(value) != 16:
         raise ProtocolError("expected 16 bytes", field=field)
     return uuid.UUID(bytes=value)
+
+
+# Reservation formats. 1: the map of reservation_to_wire, without a ``version`` field (the form
+# older nodes send and read). 2: {"version": 2, "reservation": <format 1>, "hybrid": {...}}, for
+# hybrid pairs. A node without hybrid delivery finds no ``master_sae`` at the top of format 2
+# and refuses the reservation, recording nothing.
+RESERVATION_FORMATS: Final = (1, 2)
+
+
+def hybrid_reservation_to_wire(
+    keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str, request: HybridRequest
+) -> dict[str, object]:
+    """Format 2: the reservation and the master's ML-KEM-768 encapsulation key and KME IDs."""
+    return {
+        "version": 2,
+        "reservation": reservation_to_wire(keys, master_sae, slave_sae),
+        "hybrid": {
+            "mlkem_public": request.mlkem_public,
+            "master_kme_id": request.master_kme_id,
+            "slave_kme_id": request.slave_kme_id,
+        },
+    }
+
+
+def reservation_format(message: Mapping[str, object]) -> int:
+    """1 or 2 (module comment above); ProtocolError naming ``version`` for any other."""
+    version = message.get("version", 1)
+    if type(version) is not int or version not in RESERVATION_FORMATS:  # not bool, not 2.0
+        raise ProtocolError(
+            f"reservation format {str(version)[:16]} is not one this node reads"
+            f" {RESERVATION_FORMATS}: upgrade this node",
+            field="version",
+        )
+    return version
+
+
+def hybrid_reservation_from_wire(
+    message: Mapping[str, object],
+) -> tuple[list[DeliveryKey], str, str, HybridRequest]:
+    """Parse :func:`hybrid_reservation_to_wire` output; ProtocolError naming the bad field."""
+    if reservation_format(message) != 2:
+        raise ProtocolError("expected reservation format 2", field="version")
+    inner, hybrid = message.get("reservation"), message.get("hybrid")
+    if not isinstance(inner, Mapping):
+        raise ProtocolError("expected a map", field="reservation")
+    if not isinstance(hybrid, Mapping):
+        raise ProtocolError("expected a map", field="hybrid")
+    keys, master_sae, slave_sae = reservation_from_wire(inner)
+    public = hybrid.get("mlkem_public")
+    kme_ids = hybrid.get("master_kme_id"), hybrid.get("slave_kme_id")
+    if not isinstance(public, bytes):
+        raise ProtocolError("expected bytes", field="hybrid.mlkem_public")
+    if not all(isinstance(kme, str) and 0 < len(kme) <= 4096 for kme in kme_ids):
+        raise ProtocolError("expected KME IDs of 1..4096 characters", field="hybrid.kme_ids")
+    request = HybridRequest(
+        mlkem_public=public, master_kme_id=str(kme_ids[0]), slave_kme_id=str(kme_ids[1])
+    )
+    return keys, master_sae, slave_sae, request

@@ -246,6 +246,7 @@ class DeliveryApp:
             limits=self.limits,
             stored_key_count=self.manager.stored_key_count(master_sae, slave_sae),
             max_key_count=self._max_key_count,
+            key_kind=self.manager.key_kind(master_sae, slave_sae).value,
         )
 
     async def _enc_keys(self, master_sae: str, request: EncKeysRequest) -> Response:

@@ -33,6 +33,7 @@ from qkdnode.errors import ConfigError, KeyStoreError, LinkError
 from qkdnode.link.blocks import open_block_source
 from qkdnode.node.auditing import SessionFailureRecorder, config_in_force
 from qkdnode.node.exchange import DaemonMustStop, Exchange, SessionEnded
+from qkdnode.node.loopsteps import StepTimer
 from qkdnode.node.session import (
     PeerSession,
     SessionConfig,
@@ -342,6 +343,7 @@ async def _serve(
             )
             nursery.start_soon(_watchdog, node)
             nursery.start_soon(_probe_event_loop, node)
+            trio.lowlevel.add_instrument(StepTimer(node.metrics.event_loop_step))
             nursery.start_soon(_stop_on_store_failure, node)
             if node.role is Role.ALICE:
                 nursery.start_soon(_run_alice, node, session_config)

@@ -5,6 +5,10 @@ The master side's node asks the peer to record durably that some delivery keys b
 coordination messages over the current session; they are answered at once, concurrently (a
 consumer must not wait for a block to finish), at most ``RESERVATIONS_IN_FLIGHT`` at a time, so
 that the peer's concurrent ``enc_keys`` share store commits here (group commit).
+
+A hybrid pair's reservation (format 2, ``qkdnode.delivery.keys``) carries the master's ML-KEM-768
+encapsulation key; the answer carries the ciphertext and key confirmation. Both travel in control
+frames, authenticated like every frame of the session.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ import structlog
 import trio
 
 from qkdnode.coordination.wire import CoordinationMessage, Reserve, ReserveResult
-from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
+from qkdnode.delivery.hybrid import HybridAnswer, HybridRequest
+from qkdnode.delivery.keys import (
+    KeyManager,
+    hybrid_reservation_from_wire,
+    hybrid_reservation_to_wire,
+    reservation_format,
+    reservation_from_wire,
+    reservation_to_wire,
+)
 from qkdnode.errors import ProtocolError, QkdError
 from qkdnode.store.keystore import DeliveryKey, ReservationRejected
 
@@ -41,6 +53,7 @@ class _Waiting:
 
     done: trio.Event
     error: Exception | None = None
+    answer: HybridAnswer | None = None  # a hybrid reservation's ML-KEM answer
 
 
 class Reservations:
@@ -70,6 +83,21 @@ class Reservations:
         self, keys: Sequence[DeliveryKey], master_sae: str, slave_sae: str
     ) -> None:
         """Have the peer node durably record that ``keys`` belong to (master, slave)."""
+        await self._request(reservation_to_wire(keys, master_sae, slave_sae))
+
+    async def peer_reserve_hybrid(
+        self,
+        keys: Sequence[DeliveryKey],
+        master_sae: str,
+        slave_sae: str,
+        request: HybridRequest,
+    ) -> HybridAnswer | None:
+        """As :meth:`peer_reserve` for a hybrid pair: the peer's ML-KEM answer (None if it
+        recorded the keys without one)."""
+        wire = hybrid_reservation_to_wire(keys, master_sae, slave_sae, request)
+        return (await self._request(wire)).answer
+
+    async def _request(self, reservation: dict[str, object]) -> _Waiting:
         send = self._send
         if send is None:
             raise NoPeerSession("no session with the peer node")
@@ -78,15 +106,14 @@ class Reservations:
         waiting = _Waiting(trio.Event())
         self._waiting[request_id] = waiting
         try:
-            wire = msgpack.packb(
-                reservation_to_wire(keys, master_sae, slave_sae), use_bin_type=True
-            )
+            wire = msgpack.packb(reservation, use_bin_type=True)
             await send(Reserve(request_id=request_id, reservation=wire))
             await waiting.done.wait()
         finally:
             self._waiting.pop(request_id, None)
         if waiting.error is not None:
             raise waiting.error
+        return waiting
 
     def on_result(self, result: ReserveResult) -> None:
         waiting = self._waiting.get(result.request_id)
@@ -96,6 +123,14 @@ class Reservations:
             waiting.error = ReservationRejected(
                 result.detail, burned_key_ids=list(result.burned_key_ids)
             )
+        elif result.mlkem_ciphertext:
+            try:
+                waiting.answer = HybridAnswer(
+                    mlkem_ciphertext=result.mlkem_ciphertext,
+                    confirmation=result.mlkem_confirmation,
+                )
+            except ProtocolError as exc:
+                waiting.error = exc
         waiting.done.set()
 
     # ---- the peer's requests ----------------------------------------------------------------
@@ -114,14 +149,21 @@ class Reservations:
     async def answer(self, request: Reserve, send: SendMessage) -> None:
         """Record the peer's reservation durably and answer it."""
         burned: list[uuid.UUID] = []
+        answer: HybridAnswer | None = None
         try:
             message = msgpack.unpackb(request.reservation, raw=False)
             if not isinstance(message, dict):
                 raise ProtocolError("must be a map", field="reservation")
-            keys, master_sae, slave_sae = reservation_from_wire(message)
             if self.manager is None:
                 raise ProtocolError("key delivery is not configured here", field="reservation")
-            await self.manager.record_peer_reservation(keys, master_sae, slave_sae)
+            if reservation_format(message) == 2:
+                keys, master_sae, slave_sae, hybrid = hybrid_reservation_from_wire(message)
+                answer = await self.manager.record_peer_hybrid_reservation(
+                    keys, master_sae, slave_sae, hybrid
+                )
+            else:
+                keys, master_sae, slave_sae = reservation_from_wire(message)
+                await self.manager.record_peer_reservation(keys, master_sae, slave_sae)
             ok, detail = True, ""
         except ReservationRejected as exc:
             ok, detail, burned = False, str(exc), list(exc.burned_key_ids)
@@ -135,5 +177,7 @@ class Reservations:
                 ok=ok,
                 detail=detail[:512],
                 burned_key_ids=tuple(burned),
+                mlkem_ciphertext=b"" if answer is None else answer.mlkem_ciphertext,
+                mlkem_confirmation=b"" if answer is None else answer.confirmation,
             )
         )

@@ -52,6 +52,7 @@ from qkdnode.errors import (
     ProtocolError,
     QkdError,
 )
+from qkdnode.node.loopsteps import unauthenticated_connection
 
 log = structlog.get_logger("qkdnode.channel")
 
@@ -410,6 +411,7 @@ async def serve_bob(
     handshakes = trio.Semaphore(MAX_UNAUTHENTICATED_CONNECTIONS)
 
     async def on_stream(stream: trio.SocketStream) -> None:
+        mark = unauthenticated_connection()
         if handshakes.value == 0:
             # every handshake slot is taken by connections not yet authenticated: refuse
             log.warning("channel.connection_refused", reason="too many unauthenticated")
@@ -421,6 +423,7 @@ async def serve_bob(
 
         def authenticated() -> None:
             nonlocal held
+            mark.authenticated()
             if held:
                 held = False
                 handshakes.release()

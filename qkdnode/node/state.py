@@ -186,6 +186,10 @@ class Node:
                 peer_saes=config.delivery.peer_saes,
                 prebind_keys=config.delivery.prebind_keys,
                 prebind_size_bits=config.delivery.limits.key_size_bits,
+                pair_kinds=config.delivery.pair_kinds,
+                kme_id=config.delivery.kme_id,
+                peer_kme_id=config.delivery.peer_kme_id,
+                peer_reserve_hybrid=self.reservations.peer_reserve_hybrid,
             )
             self.reservations.manager = self.manager
             self.manager.audit = self.audit

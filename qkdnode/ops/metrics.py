@@ -33,7 +33,7 @@ from typing import Any, Final
 import h11
 import structlog
 import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qkdnode.channel.messages import SessionMode
 from qkdnode.config.auth import DEFAULT_SECURITY_BUDGET_EPSILON
@@ -51,6 +51,7 @@ STORE_STATES: Final = ("staged", "available", "reserved", "delivered")
 DEFAULT_RATE_WINDOW_S: Final = 300.0
 # the event-loop lag reported is the largest seen over this long
 LOOP_LAG_WINDOW_S: Final = 60.0
+LOOP_STEP_BUCKETS_S: Final = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 MAX_ALARM_LABELS: Final = 32
 # alarm names are lower-case words joined by underscores; anything else (say, a hex string)
 # is exported as "other"
@@ -209,6 +210,14 @@ class NodeMetrics:
             registry=r,
         )
         self.loop_lag.set_function(self.event_loop_lag_max_s)
+        self.loop_steps = Histogram(
+            "qkdnode_event_loop_step_seconds",
+            "Task steps of 1 ms or more (the event loop runs nothing else meanwhile), by task; "
+            'task="unauthenticated_connection" counts every connection not yet authenticated.',
+            ["task"],
+            buckets=LOOP_STEP_BUCKETS_S,
+            registry=r,
+        )
         self.last_commit = Gauge(
             "qkdnode_last_commit_timestamp_seconds",
             "Unix time of the last committed block (0: none since start).",
@@ -337,6 +346,10 @@ class NodeMetrics:
         now = self._clock()
         self._loop_lags.append((now, max(0.0, _finite_or_nan(lag_s, "lag_s"))))
         self._drop_old_lags(now)
+
+    def event_loop_step(self, task: str, seconds: float) -> None:
+        """One task step that held the event loop for ``seconds`` (``loopsteps.StepTimer``)."""
+        self.loop_steps.labels(task=task).observe(max(0.0, _finite_or_nan(seconds, "seconds")))
 
     def _drop_old_lags(self, now: float) -> None:
         while self._loop_lags and self._loop_lags[0][0] < now - LOOP_LAG_WINDOW_S:

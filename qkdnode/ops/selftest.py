@@ -19,6 +19,10 @@ fails too). Provenance of every vector:
   ``tests/reliability/naive.py`` (``python -m tests.reliability.naive`` prints them) and pinned;
   ``tests/reliability/test_scenario_17_selftest.py`` re-derives them and fails if they drift.
 
+- hybrid delivery key (``delivery.hybrid``, docs/delivery.md): our own construction over
+  HKDF-SHA256 (RFC 5869); the vector was computed by the independent hmac/hashlib
+  implementation in ``tests/helpers_hybrid.py`` and pinned; the scenario 17 test re-derives it.
+
 ``run_self_tests()`` raises :class:`SelfTestFailed` naming the first failing test; it takes a few
 milliseconds. Messages name the test, never a value.
 """
@@ -102,6 +106,15 @@ TOEPLITZ_M: Final = 24
 TOEPLITZ_OUTPUT: Final = "11fe10"
 
 
+# hybrid delivery key: ML-KEM shared secret bytes 0..31, key ID below, QKD key bytes 100..131
+HYBRID_SHARED: Final = bytes(range(32))
+HYBRID_KEY_ID: Final = "00112233-4455-6677-8899-aabbccddeeff"
+HYBRID_QKD_KEY: Final = bytes(range(100, 132))
+HYBRID_IDS: Final = ("sae-a", "sae-b", "kme-a", "kme-b")  # master/slave SAE, master/slave KME
+HYBRID_PER_KEY_SECRET: Final = "7bd2430cf6e8755fecce4cb46eacff4ee875db09d68af4b984157dd59ff4f711"
+HYBRID_OUTPUT: Final = "67a7905392381dbd28c36cf8ce013b9d3751c66d00c7b8b956590b060ae8e761"
+
+
 # ---- the tests --------------------------------------------------------------------------------
 
 
@@ -161,6 +174,27 @@ def check_toeplitz() -> None:
     _same("toeplitz", np.packbits(out, bitorder="little").tobytes(), TOEPLITZ_OUTPUT)
 
 
+def check_hybrid_combiner() -> None:
+    import uuid
+
+    from qkdnode.delivery.hybrid import combine, per_key_secrets
+
+    key_id = uuid.UUID(HYBRID_KEY_ID)
+    secret = per_key_secrets(HYBRID_SHARED, [key_id])[key_id]
+    _same("hybrid_combiner", secret, HYBRID_PER_KEY_SECRET)
+    master_sae, slave_sae, master_kme, slave_kme = HYBRID_IDS
+    derived = combine(
+        HYBRID_QKD_KEY,
+        secret,
+        key_id=key_id,
+        master_sae=master_sae,
+        slave_sae=slave_sae,
+        master_kme_id=master_kme,
+        slave_kme_id=slave_kme,
+    )
+    _same("hybrid_combiner", derived, HYBRID_OUTPUT)
+
+
 def check_ed25519() -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -212,6 +246,7 @@ SELF_TESTS: Final[tuple[tuple[str, Callable[[], None]], ...]] = (
     ("polyhash_gf128", check_polyhash_gf128),
     ("verification_hash", check_verification_hash),
     ("toeplitz", check_toeplitz),
+    ("hybrid_combiner", check_hybrid_combiner),
     ("ed25519", check_ed25519),
     ("ml_dsa_65", check_mldsa65),
 )

@@ -8,6 +8,12 @@ stored keys and records the delivery keys (role ``master``); the peer records th
 key cut from it has been delivered on this node: each node's copy only serves its own SAE, so it
 is never needed after that.
 
+Hybrid delivery keys (``kind = 'hybrid'``, :mod:`qkdnode.delivery.hybrid`) also keep, per key,
+the secret derived from the reservation's ML-KEM-768 exchange (``mlkem_secret``): recorded with
+the peer's reservation on the slave's node and with the peer's confirmation on the master's, so
+a key reserved ahead or not yet fetched survives a restart. It is erased like the material: set
+to NULL when the key is handed out, deleted with a released or dead reservation.
+
 Every function here returns a :class:`StoreOp`, run alone (``KeyStore.run``) or in a group
 commit (``KeyStore.run_batch``); its arguments are checked when it is made.
 """
@@ -15,11 +21,15 @@ commit (``KeyStore.run_batch``); its arguments are checked when it is made.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from qkdnode.config.delivery import KeyKind
 from qkdnode.errors import KeyStoreError, ProtocolError, SecurityError
 from qkdnode.store.transaction import StoreOp, Tx
+
+KeyCombiner = Callable[[uuid.UUID, bytes, bytes], bytes]
+"""``combine(delivery key ID, QKD bytes, ML-KEM secret)``: the hybrid key handed out."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -70,6 +80,7 @@ class MasterReservation:
     slave_sae: str
     size_bits: int
     peer_confirmed: bool
+    kind: KeyKind = KeyKind.QKD
 
 
 def reserve_op(
@@ -80,6 +91,7 @@ def reserve_op(
     master_sae: str,
     slave_sae: str,
     keep_available: int = 0,
+    kind: KeyKind = KeyKind.QKD,
 ) -> StoreOp[list[DeliveryKey] | None]:
     """Reserve stored keys for ``len(delivery_ids)`` delivery keys of ``size_bits`` each.
 
@@ -89,6 +101,7 @@ def reserve_op(
     ``reserved`` for (master, slave) and records the layout. The op's value is None, changing
     nothing, if too few keys are available, or if fewer than ``keep_available`` stored keys of
     the parity would stay available afterwards. Bad arguments raise ValueError at once.
+    Hybrid keys (``kind``) get their ML-KEM secrets from :func:`confirm_op`.
     """
     if size_bits <= 0 or size_bits % 8 or not delivery_ids or keep_available < 0:
         raise ValueError(
@@ -129,7 +142,7 @@ def reserve_op(
             " WHERE key_id = ? AND state = 'available'",
             [(master_sae, slave_sae, key_id) for key_id, _ in chosen],
         )
-        _insert_deliveries(tx, layout, "master", master_sae, slave_sae)
+        _insert_deliveries(tx, layout, "master", master_sae, slave_sae, kind=kind)
         return layout
 
     # not durable: if a power cut loses this reservation, its stored keys are available
@@ -145,8 +158,11 @@ def record_peer_reservation_op(
     parity: int,
     master_sae: str,
     slave_sae: str,
+    mlkem_secrets: Mapping[uuid.UUID, bytes] | None = None,
 ) -> StoreOp[ReservationRejected | None]:
     """Durably record, on the slave's node, the delivery keys the peer (master) reserved.
+
+    With ``mlkem_secrets`` (one per delivery key) the keys are hybrid and keep their secret.
 
     Every stored key named must be available here at a position of ``parity`` (the master
     node's partition); parts must lie inside their stored key, not overlap, and add up to the
@@ -155,27 +171,32 @@ def record_peer_reservation_op(
     recording nothing; stored keys recorded here for earlier delivery keys of the master are a
     sign that the master lost those: they are erased, with the rest of their stored keys, in the
     same transaction. Recording the same reservation again is a no-op (a retry after a lost
-    acknowledgement).
+    acknowledgement; a hybrid key still reserved takes the retry's new secret).
     """
     if not keys:
         raise ProtocolError("no keys in reservation", field="keys")
     delivery_ids = [str(k.key_id) for k in keys]
     if len(set(delivery_ids)) != len(delivery_ids):
         raise ProtocolError("repeated delivery key ID", field="keys")
+    kind = KeyKind.QKD if mlkem_secrets is None else KeyKind.HYBRID
+    if mlkem_secrets is not None and set(mlkem_secrets) != {k.key_id for k in keys}:
+        raise ValueError("one ML-KEM secret per delivery key")
     stored_ids = sorted({str(p.key_id) for k in keys for p in k.parts})
 
     def run(tx: Tx) -> ReservationRejected | None:
         existing = tx.select_in(
-            "SELECT delivery_id, role, master_sae, slave_sae FROM deliveries"
+            "SELECT delivery_id, role, master_sae, slave_sae, kind FROM deliveries"
             " WHERE delivery_id IN ({})",
             delivery_ids,
         )
         if existing:
             if (
                 len(existing) == len(keys)
-                and all(row[1:] == ("slave", master_sae, slave_sae) for row in existing)
+                and all(row[1:] == ("slave", master_sae, slave_sae, kind.value) for row in existing)
                 and _same_layout(tx, keys)
             ):
+                if mlkem_secrets is not None:
+                    _store_secrets(tx, "slave", mlkem_secrets)
                 return None
             raise ProtocolError("delivery key ID already in use", field="keys")
         rows = {
@@ -226,7 +247,9 @@ def record_peer_reservation_op(
             "UPDATE keys SET state = 'reserved', master_sae = ?, slave_sae = ? WHERE key_id = ?",
             [(master_sae, slave_sae, key_id) for key_id in stored_ids],
         )
-        _insert_deliveries(tx, keys, "slave", master_sae, slave_sae)
+        _insert_deliveries(
+            tx, keys, "slave", master_sae, slave_sae, kind=kind, mlkem_secrets=mlkem_secrets
+        )
         return None
 
     return StoreOp(run)
@@ -294,6 +317,12 @@ def release_op(
                 ids,
             )
         ]
+        if tx.select_in(
+            "SELECT 1 FROM deliveries WHERE role = 'master' AND state = 'reserved'"
+            " AND mlkem_secret IS NOT NULL AND delivery_id IN ({})",
+            ids,
+        ):
+            tx.erased = True  # hybrid secrets deleted below must leave the WAL too
         tx.execute_in(
             "DELETE FROM delivery_parts WHERE delivery_id IN (SELECT delivery_id FROM"
             " deliveries WHERE role = 'master' AND state = 'reserved' AND delivery_id IN ({}))",
@@ -327,10 +356,13 @@ def release_op(
     return StoreOp(run)
 
 
-def confirm_op(delivery_ids: Sequence[uuid.UUID]) -> StoreOp[None]:
-    """Note that the peer durably recorded these master-side reservations (not durable
-    itself: if a power cut loses the note, they are released at the next start and the
-    peer refuses, and so erases, their stored keys when they are offered again)."""
+def confirm_op(
+    delivery_ids: Sequence[uuid.UUID], *, mlkem_secrets: Mapping[uuid.UUID, bytes] | None = None
+) -> StoreOp[None]:
+    """Note that the peer durably recorded these master-side reservations, with the ML-KEM
+    secrets of hybrid ones (not durable itself: if a power cut loses the note, they are
+    released at the next start and the peer refuses, and so erases, their stored keys when
+    they are offered again; the take that hands them out is durable)."""
     ids = [str(i) for i in delivery_ids]
 
     def run(tx: Tx) -> None:
@@ -339,6 +371,8 @@ def confirm_op(delivery_ids: Sequence[uuid.UUID]) -> StoreOp[None]:
             " WHERE role = 'master' AND state = 'reserved' AND delivery_id IN ({})",
             ids,
         )
+        if mlkem_secrets is not None:
+            _store_secrets(tx, "master", mlkem_secrets)
 
     return StoreOp(run, durable=False)
 
@@ -349,13 +383,16 @@ def take_op(
     role: str,
     master_sae: str,
     slave_sae: str,
+    combine: KeyCombiner | None = None,
 ) -> StoreOp[list[tuple[uuid.UUID, bytes]]]:
     """Hand out reserved delivery keys exactly once: the op's value is their bytes, in order.
 
     All or nothing: every ID must be a ``reserved`` delivery key of this node's ``role`` for
     ``master_sae`` (else DeliveryRefused) and ``slave_sae`` (else NotKeyOwner); repeated IDs
     raise DeliveryRefused at once. The keys become ``delivered``; a stored key's material is
-    erased once every delivery key cut from it is delivered here.
+    erased once every delivery key cut from it is delivered here. A hybrid key's bytes are
+    ``combine(key ID, QKD bytes, its ML-KEM secret)`` and its secret is erased; one without its
+    secret, or without ``combine``, raises KeyStoreError and nothing is handed out.
     """
     ids = [str(i) for i in delivery_ids]
     if len(set(ids)) != len(ids):
@@ -365,8 +402,8 @@ def take_op(
         rows = {
             row[0]: row[1:]
             for row in tx.select_in(
-                "SELECT delivery_id, role, state, master_sae, slave_sae FROM deliveries"
-                " WHERE delivery_id IN ({})",
+                "SELECT delivery_id, role, state, master_sae, slave_sae, kind, mlkem_secret"
+                " FROM deliveries WHERE delivery_id IN ({})",
                 ids,
             )
         }
@@ -390,7 +427,14 @@ def take_op(
                 raise KeyStoreError("delivery key part without stored material")
             pieces[delivery_id].append(bytes(material[offset : offset + length]))
             touched.add(stored_id)
-        tx.execute_in("UPDATE deliveries SET state = 'delivered' WHERE delivery_id IN ({})", ids)
+        hybrid = {key_id: rows[key_id][5] for key_id in ids if rows[key_id][4] == "hybrid"}
+        if hybrid and (combine is None or any(s is None for s in hybrid.values())):
+            raise KeyStoreError("hybrid delivery key without its ML-KEM secret or combiner")
+        tx.execute_in(
+            "UPDATE deliveries SET state = 'delivered', mlkem_secret = NULL"
+            " WHERE delivery_id IN ({})",
+            ids,
+        )
         tx.execute_in(
             "UPDATE keys SET state = 'delivered', material = NULL WHERE key_id IN ({})"
             " AND NOT EXISTS (SELECT 1 FROM delivery_parts dp JOIN deliveries d"
@@ -398,7 +442,15 @@ def take_op(
             sorted(touched),
         )
         tx.erased = True
-        return [(uuid.UUID(key_id), b"".join(pieces[key_id])) for key_id in ids]
+        keys = []
+        for key_id in ids:
+            material = b"".join(pieces[key_id])
+            secret = hybrid.get(key_id)
+            if secret is not None:
+                assert combine is not None  # checked above
+                material = combine(uuid.UUID(key_id), material, bytes(secret))
+            keys.append((uuid.UUID(key_id), material))
+        return keys
 
     return StoreOp(run)
 
@@ -425,12 +477,31 @@ def _cut(
 
 
 def _insert_deliveries(
-    tx: Tx, keys: Sequence[DeliveryKey], role: str, master_sae: str, slave_sae: str
+    tx: Tx,
+    keys: Sequence[DeliveryKey],
+    role: str,
+    master_sae: str,
+    slave_sae: str,
+    *,
+    kind: KeyKind,
+    mlkem_secrets: Mapping[uuid.UUID, bytes] | None = None,
 ) -> None:
+    secrets = mlkem_secrets or {}
     tx.executemany(
-        "INSERT INTO deliveries (delivery_id, role, state, master_sae, slave_sae, size_bits)"
-        " VALUES (?, ?, 'reserved', ?, ?, ?)",
-        [(str(k.key_id), role, master_sae, slave_sae, k.size_bits) for k in keys],
+        "INSERT INTO deliveries (delivery_id, role, state, master_sae, slave_sae, size_bits,"
+        " kind, mlkem_secret) VALUES (?, ?, 'reserved', ?, ?, ?, ?, ?)",
+        [
+            (
+                str(k.key_id),
+                role,
+                master_sae,
+                slave_sae,
+                k.size_bits,
+                kind.value,
+                secrets.get(k.key_id),
+            )
+            for k in keys
+        ],
     )
     tx.executemany(
         "INSERT INTO delivery_parts (delivery_id, seq, key_id, offset_bytes, length_bytes)"
@@ -441,3 +512,13 @@ def _insert_deliveries(
             for seq, p in enumerate(k.parts)
         ],
     )
+
+
+def _store_secrets(tx: Tx, role: str, mlkem_secrets: Mapping[uuid.UUID, bytes]) -> None:
+    """Set the ML-KEM secrets of hybrid delivery keys of ``role`` still reserved here."""
+    tx.executemany(
+        "UPDATE deliveries SET mlkem_secret = ? WHERE delivery_id = ? AND role = ?"
+        " AND kind = 'hybrid' AND state = 'reserved'",
+        [(secret, str(key_id), role) for key_id, secret in mlkem_secrets.items()],
+    )
+    tx.erased = True  # an overwritten secret must leave the WAL too

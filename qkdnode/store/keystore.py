@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from qkdnode.config.delivery import KeyKind
 from qkdnode.errors import KeyStoreError
 from qkdnode.store import deliveries
 from qkdnode.store.blocks import (
@@ -206,7 +207,7 @@ class KeyStore(Database):
     def master_reservations(self) -> list[MasterReservation]:
         """This node's reserved, not yet delivered, master-side delivery keys, oldest first."""
         rows = self._query(
-            "SELECT delivery_id, master_sae, slave_sae, size_bits, peer_confirmed"
+            "SELECT delivery_id, master_sae, slave_sae, size_bits, peer_confirmed, kind"
             " FROM deliveries WHERE role = 'master' AND state = 'reserved' ORDER BY rowid"
         )
         return [
@@ -216,8 +217,9 @@ class KeyStore(Database):
                 slave_sae=slave_sae,
                 size_bits=int(size_bits),
                 peer_confirmed=bool(confirmed),
+                kind=KeyKind(kind),
             )
-            for key_id, master_sae, slave_sae, size_bits, confirmed in rows
+            for key_id, master_sae, slave_sae, size_bits, confirmed, kind in rows
         ]
 
     # ---- authentication-key pool ------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``SCHEMA_VERSION`` history: 2 added ``deliveries`` and ``delivery_parts``; 3 added
 ``deliveries.peer_confirmed``; 4 added the audit trail (``audit_log``, ``audit_state``,
-``audit_peer_head``). Older stores are migrated in place when opened.
+``audit_peer_head``); 5 added ``deliveries.kind`` and ``deliveries.mlkem_secret`` (hybrid
+delivery keys). Older stores are migrated in place when opened.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Final
 from qkdnode.errors import KeyStoreError
 from qkdnode.store.transaction import Tx
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 DATABASE_NAME: Final = "keys.db"
 
 SCHEMA: Final = """
@@ -56,7 +57,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     size_bits   INTEGER NOT NULL,
     -- master side: the peer acknowledged its durable record (a reservation made ahead of
     -- requests survives a restart only then)
-    peer_confirmed INTEGER NOT NULL DEFAULT 0 CHECK (peer_confirmed IN (0, 1))
+    peer_confirmed INTEGER NOT NULL DEFAULT 0 CHECK (peer_confirmed IN (0, 1)),
+    kind        TEXT NOT NULL DEFAULT 'qkd' CHECK (kind IN ('qkd', 'hybrid')),
+    -- hybrid keys: the key's own ML-KEM secret (qkdnode.delivery.hybrid) while it is reserved,
+    -- NULL for QKD keys, before the master has it, and once the key is handed out
+    mlkem_secret BLOB
 ) STRICT;
 CREATE TABLE IF NOT EXISTS delivery_parts (
     delivery_id  TEXT NOT NULL REFERENCES deliveries (delivery_id),
@@ -119,6 +124,16 @@ def install_schema(tx: Tx, path: Path, node_name: str) -> None:
             )
             rows["schema_version"] = "3"
         if rows.get("schema_version") == "3":  # in place: the audit tables (created above)
+            rows["schema_version"] = "4"
+        if rows.get("schema_version") == "4":  # in place: two columns more
+            columns = {row[1] for row in tx.execute("PRAGMA table_info(deliveries)")}
+            if "kind" not in columns:
+                tx.execute(
+                    "ALTER TABLE deliveries ADD COLUMN kind TEXT NOT NULL DEFAULT 'qkd'"
+                    " CHECK (kind IN ('qkd', 'hybrid'))"
+                )
+            if "mlkem_secret" not in columns:
+                tx.execute("ALTER TABLE deliveries ADD COLUMN mlkem_secret BLOB")
             tx.execute(
                 "UPDATE meta SET value = ? WHERE name = 'schema_version'",
                 (str(SCHEMA_VERSION),),

@@ -1,6 +1,7 @@
 """Scenarios 19 and 21 between two daemon processes: TCP resets at every boundary after rotation.
 
-    scripts/soak_resets [--resets N] [--boundaries hello,stage,...] [--json OUT]
+    scripts/soak_resets [--resets N] [--boundaries hello,stage,...] [--crash alice|bob|both]
+                        [--json OUT]
 
 The pair runs behind the MITM proxy (``tests/reliability/proxy.py``). It bootstraps and rotates
 to key-derived authentication first (the bootstrap window closes at the first committed block
@@ -17,6 +18,9 @@ for key-derived blocks to commit again on both nodes. Boundaries (frame, directi
   control frame of that kind (Alice sends ``stage`` and ``commit``, Bob ``staged`` and
   ``committed``); the proxy reads the kind from the control frame's payload (authenticated, not
   encrypted).
+
+With ``--crash``, each reset also kills that node (``both``: Alice and Bob in turn) with
+SIGKILL at the boundary, and the run starts it again: a crash or restart at any boundary.
 
 Every connection uses up one handshake key; a slot seeds 2^16 of them and a committed block
 deposits up to 8 slots (``docs/authentication.md``). The proxy still counts them: it resets only
@@ -39,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -87,6 +93,7 @@ HANDSHAKE_BOUNDARIES = frozenset({"hello", "hello_reply", "finish", "sync"})
 class BoundaryResult:
     boundary: str
     resets: int
+    crashes: int
     bootstrap_sessions: int
     bootstrap_blocks: int
     ledger_resets: int
@@ -294,6 +301,18 @@ def rotate(pair: Pair, *, timeout_s: float) -> None:
     pair.wait(rotated, timeout_s=timeout_s, what="rotation to key-derived")
 
 
+def restart_killed(pair: Pair, crash: tuple[str, ...]) -> None:
+    """Start again a node this run killed (``crash``); any other exit is a failure."""
+    for node, process in pair.processes.items():
+        code = process.poll()
+        if code is None:
+            continue
+        if node in crash and code == -signal.SIGKILL:
+            pair.start(node)
+            continue
+        raise AssertionError(f"{node} exited with {code}: {pair.stderr(node)[-1500:]}")
+
+
 def run_boundary(
     pair: Pair,
     thread: ProxyThread,
@@ -303,9 +322,11 @@ def run_boundary(
     *,
     timeout_s: float,
     recover_blocks: int = 2,
+    crash: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda line: None,
 ) -> BoundaryResult:
-    """Reset ``resets`` times at ``boundary``, stop, wait for ``recover_blocks`` key-derived
+    """Reset ``resets`` times at ``boundary`` (with ``crash``, also kill -9 those nodes in
+    turn at each reset and start them again), stop, wait for ``recover_blocks`` key-derived
     commits on both nodes; check the logs and ledgers of the whole phase."""
     proxy = thread.proxy
     pair.poll()
@@ -315,7 +336,21 @@ def run_boundary(
     gate = SlotGate(boundary, slots, proxy.journal.connections)
     started = time.monotonic()
     fired_before = len(proxy.tamperings())
-    reset_rule = Rule(action="reset", times=resets, predicate=gate.reset_here)
+    crashes = {"count": 0}
+
+    def reset_or_crash_here(frame: Frame) -> bool:
+        hit = gate.reset_here(frame)
+        if hit and crash:
+            # kill -9 in the proxy thread, before the frame's successor can pass: the node
+            # dies exactly at the boundary (its store holds what it wrote before the frame)
+            node = crash[crashes["count"] % len(crash)]
+            crashes["count"] += 1
+            process = pair.processes[node]
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+        return hit
+
+    reset_rule = Rule(action="reset", times=resets, predicate=reset_or_crash_here)
     recycle_rule = Rule(action="reset", times=10**6, predicate=gate.recycle_here)
     proxy.add(reset_rule, recycle_rule)
     problems: list[str] = []
@@ -326,9 +361,7 @@ def run_boundary(
             pair.poll()
             states = watch.sample(pair)
             gate.sampled(min((held_slots(s) for s in states.values()), default=0))
-            for node, process in pair.processes.items():
-                if process.poll() is not None:
-                    raise AssertionError(f"{node} exited: {pair.stderr(node)[-1500:]}")
+            restart_killed(pair, crash)
             now = time.monotonic()
             if now > deadline:
                 problems.append(
@@ -351,6 +384,10 @@ def run_boundary(
         problems.append(f"journal shows {len(fired)} resets for {done} fired")
     stopped = {node: len(pair.events[node]) for node in ("alice", "bob")}
     try:
+        if crash:
+            while any(pair.processes[n].poll() is not None for n in crash):
+                restart_killed(pair, crash)
+                time.sleep(0.2)
         pair.wait(
             lambda p: all(
                 sum(
@@ -374,6 +411,7 @@ def run_boundary(
     return BoundaryResult(
         boundary=boundary,
         resets=done,
+        crashes=crashes["count"],
         bootstrap_sessions=sessions,
         bootstrap_blocks=blocks,
         ledger_resets=ledger_resets,
@@ -419,6 +457,7 @@ def run_resets(
     boundary_timeout_s: float = 900.0,
     recover_blocks: int = 2,
     block_pulses: int = BLOCK_PULSES,
+    crash: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda line: None,
 ) -> ResetsReport:
     started = time.monotonic()
@@ -442,6 +481,7 @@ def run_resets(
                 resets,
                 timeout_s=boundary_timeout_s,
                 recover_blocks=recover_blocks,
+                crash=crash,
                 log=log,
             )
             results.append(result)
@@ -465,7 +505,7 @@ def run_resets(
 
 
 HEADER = (
-    f"{'boundary':<12} {'resets':>6} {'conns':>6} {'hellos':>6} {'boot hello':>10} "
+    f"{'boundary':<12} {'resets':>6} {'kills':>5} {'conns':>6} {'hellos':>6} {'boot hello':>10} "
     f"{'boot sess':>9} {'boot blk':>8} "
     f"{'ledger rst':>10} {'commits after':>13} {'seconds':>8}  result"
 )
@@ -473,7 +513,7 @@ HEADER = (
 
 def format_row(r: BoundaryResult) -> str:
     return (
-        f"{r.boundary:<12} {r.resets:>6} {r.connections:>6} {r.hellos:>6} "
+        f"{r.boundary:<12} {r.resets:>6} {r.crashes:>5} {r.connections:>6} {r.hellos:>6} "
         f"{r.bootstrap_hellos:>10} {r.bootstrap_sessions:>9} "
         f"{r.bootstrap_blocks:>8} {r.ledger_resets:>10} {r.commits_after:>13} {r.seconds:>8.1f}  "
         f"{'PASS' if r.ok else 'FAIL ' + '; '.join(r.problems)[:300]}"
@@ -488,7 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-pulses", type=int, default=BLOCK_PULSES)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--crash",
+        choices=("alice", "bob", "both"),
+        default=None,
+        help="also kill -9 this node (both: each in turn) at every reset, then start it again",
+    )
     args = parser.parse_args(argv)
+    crash = {None: (), "alice": ("alice",), "bob": ("bob",), "both": ("alice", "bob")}[args.crash]
     boundaries = [b for b in args.boundaries.split(",") if b]
     unknown = [b for b in boundaries if b not in BOUNDARIES]
     if unknown:
@@ -502,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         boundaries,
         boundary_timeout_s=args.boundary_timeout_s,
         block_pulses=args.block_pulses,
+        crash=crash,
         log=lambda line: print(line, flush=True),
     )
     print(f"\n{HEADER}")

@@ -24,6 +24,7 @@ def test_all_self_tests_pass_and_cover_every_primitive() -> None:
         "polyhash_gf128",
         "verification_hash",
         "toeplitz",
+        "hybrid_combiner",
         "ed25519",
         "ml_dsa_65",
     ]
@@ -47,6 +48,27 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
     )
 
 
+def test_the_hybrid_vector_equals_the_independent_implementation() -> None:
+    import uuid
+
+    from tests.helpers_hybrid import hybrid_key, per_key_secret
+
+    key_id = uuid.UUID(selftest.HYBRID_KEY_ID)
+    secret = per_key_secret(selftest.HYBRID_SHARED, key_id)
+    assert secret.hex() == selftest.HYBRID_PER_KEY_SECRET
+    master_sae, slave_sae, master_kme, slave_kme = selftest.HYBRID_IDS
+    expected = hybrid_key(
+        selftest.HYBRID_QKD_KEY,
+        secret,
+        key_id=key_id,
+        master_sae=master_sae,
+        slave_sae=slave_sae,
+        master_kme_id=master_kme,
+        slave_kme_id=slave_kme,
+    )
+    assert expected.hex() == selftest.HYBRID_OUTPUT
+
+
 @pytest.mark.parametrize(
     ("name", "target", "broken"),
     [
@@ -54,6 +76,7 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
         ("verification_hash", "qkdnode.postprocess.verification.polynomial_hash", lambda *a: 0),
         ("toeplitz", "qkdnode.postprocess.amplification.toeplitz_hash", None),
         ("ed25519", "qkdnode.channel.pki.verify_signature", lambda *a: None),
+        ("hybrid_combiner", "qkdnode.delivery.hybrid.combine", lambda qkd, *a, **k: qkd),
     ],
 )
 def test_a_broken_primitive_fails_its_self_test_by_name(

@@ -2,7 +2,8 @@
 reset at each boundary (after Alice's key-derived Hello, after Bob's reply, after the handshake,
 after the limbo sync, mid-block, after each of stage / staged / commit / committed), each
 followed by a key-derived commit on both nodes. No session and no block in bootstrap mode, no
-ledger reset (log and stored ledger), stores agree. ``scripts/soak_resets --resets 100`` runs the
+ledger reset (log and stored ledger), stores agree. The same with a kill -9 of Alice or Bob at
+each handshake and commit boundary. ``scripts/soak_resets --resets 100 [--crash both]`` runs the
 long version with the same checks.
 """
 
@@ -48,6 +49,37 @@ def test_resets_at_every_boundary_never_bring_bootstrap_back(tmp_path: Path) -> 
         assert row.commits_after >= 1, (boundary, row.problems)
         assert not row.problems, (boundary, row.problems)
     assert report.ledger_samples > 0
+    assert not report.ledger_problems
+    assert not report.store_problems
+    assert report.exit_codes == {"alice": 0, "bob": 0}
+
+
+CRASH_BOUNDARIES = ["hello", "hello_reply", "finish", "mid_block", "commit", "committed"]
+
+
+@pytest.mark.slow  # starts daemon processes; about 70 s
+def test_kill_9_at_handshake_and_commit_boundaries_never_brings_bootstrap_back(
+    tmp_path: Path,
+) -> None:
+    """A crash of either node (kill -9 at the boundary, then a restart) at the handshake and
+    two-phase commit boundaries: the restarted node comes back key-derived, the stored ledgers
+    never go back, the stores agree."""
+    report = run_resets(
+        tmp_path / "pair",
+        2,
+        CRASH_BOUNDARIES,
+        boundary_timeout_s=120.0,
+        recover_blocks=1,
+        crash=("alice", "bob"),
+    )
+    for row in report.results:
+        assert row.resets == row.crashes == 2, (row.boundary, row.problems)
+        assert row.bootstrap_hellos == row.bootstrap_sessions == row.bootstrap_blocks == 0, (
+            row.boundary,
+            row.problems,
+        )
+        assert row.ledger_resets == 0 and row.commits_after >= 1, (row.boundary, row.problems)
+        assert not row.problems, (row.boundary, row.problems)
     assert not report.ledger_problems
     assert not report.store_problems
     assert report.exit_codes == {"alice": 0, "bob": 0}

@@ -24,8 +24,9 @@ class FiniteKeyAnalysis(StrEnum):
 
     - ``lim2014``: the paper as published, Hoeffding's quadratic bound with the total basis
       count for every class;
-    - ``zhang2017``: the multiplicative Chernoff bound inverted at the observed count, the
-      E_L/E_U of Zhang, Zhao, Razavi, Ma, PRA 95, 012333 (2017), per class, inside the
+    - ``zhang2017``: the multiplicative Chernoff bound inverted at the observed count, in the
+      E_L/E_U form a public re-implementation of Zhang, Zhao, Razavi, Ma, PRA 95, 012333
+      (2017) uses (the paper's own equations could not be read), per class, inside the
       [LCWXZ14] framework: "Lim 2014 with Zhang 2017's Chernoff inversion". It is not the
       key-rate formula of that paper (a GLLP-type rate in another framework, see
       ``zhang2017``), and no figure or table of that paper is reproduced;

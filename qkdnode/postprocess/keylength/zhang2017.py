@@ -3,25 +3,32 @@
 [ZZRM17] Z. Zhang, Q. Zhao, M. Razavi, X. Ma, "Improved key-rate bounds for practical
 decoy-state quantum-key-distribution systems", PRA 95, 012333 (2017), arXiv:1611.02524.
 
-What is taken from [ZZRM17]: bound the expected count of each intensity class by the
-multiplicative Chernoff bound inverted at its own observed count x (their E_L(x) =
-x/(1+delta_1), E_U(x) = x/(1-delta_2)), instead of Hoeffding with the total basis count. What is
-not: their key-rate formula, parameter estimation and failure-probability split. The stored copy
-of the paper gave its abstract only; a public re-implementation of it (read, not used) computes
-a GLLP-type rate M_1^L (1 - h(e_1^U)) - f M h(E) + 5 log2(eps), with Y_1 and e_1 bounded from the
-gains and error gains of one basis, each expectation bounded with delta(eps/2), and a further
-Chernoff step from the expected to the observed single-photon count. That is a different
-framework from [LCWXZ14]'s (no test-basis phase-error sampling term gamma), and its equation
-numbers could not be read here. This module is therefore "Lim 2014 with Zhang 2017's Chernoff
-inversion": [LCWXZ14] (PRA 89, 022307) Eqs. (1)-(5) and the eps split of Eq. (B4), each
-Hoeffding deviation replaced by a Chernoff deviation with the same failure probability
-eps = eps_sec/21 (see ``decoy`` for why the class counts are sums of independent trials). It
-reproduces no figure or table of [ZZRM17] (a public catalogue reads their Table 3, BB84 row,
-N = 10^10 at 100 km, as 3.04e-6 bits per pulse; with a different rate formula and an
-unconfirmed parameter set, matching it would test nothing of this module). The deviation itself
-is checked against exact Poisson tails (tests/test_keylength_analyses.py). It is not the default
-(see ``common.FiniteKeyAnalysis``): ``lim2014_kl``'s relative-entropy interval lies inside this
-one.
+What is taken from [ZZRM17], as far as the text read shows: bound the expected count of each
+intensity class by the multiplicative Chernoff bound inverted at its own observed count x, in
+the form E_L(x) = x/(1+delta_1), E_U(x) = x/(1-delta_2) that a public re-implementation of the
+paper uses, instead of Hoeffding with the total basis count. What is not: their key-rate
+formula, parameter estimation and failure-probability split. The stored copies of the paper
+(its PRA text and abstract pages) return the title, the abstract and the opening sentences
+of Sec. I only. The abstract says the bound is tighter than the earlier Chernoff-based analyses
+and has a smaller failure probability; it gives no equation, parameter or figure value, so no
+equation number of [ZZRM17] is cited here. The public re-implementation (read to cross-check,
+not used) computes a GLLP-type rate M_1^L (1 - h(e_1^U)) - f M h(E) + 5 log2(eps), with Y_1
+and e_1 bounded from the gains and error gains of one basis, and a further Chernoff step from
+the expected to the observed single-photon count. Its delta is a closed form, the root of the
+relaxed upper-tail exponent delta^2 m/(2+delta) = ln(2/eps) at m = x/(1+delta), used for both
+sides. The exact exponents below give an interval inside that one at the same failure
+probability (tests/test_keylength_analyses.py); if the closed form is the paper's bound, this
+deviation is at least as tight; the text read does not show whether it is. That rate is a
+different framework from [LCWXZ14]'s (no test-basis phase-error sampling term gamma). This
+module is therefore "Lim 2014 with Zhang 2017's Chernoff inversion": [LCWXZ14] (PRA 89,
+022307) Eqs. (1)-(5) and the eps split of Eq. (B4), each Hoeffding deviation replaced by a
+Chernoff deviation with the same failure probability eps = eps_sec/21 (see ``decoy`` for why
+the class counts are sums of independent trials). It reproduces no figure or table of
+[ZZRM17] (a public catalogue reads their Table 3, BB84 row, N = 10^10 at 100 km, as 3.04e-6
+bits per pulse; with a different rate formula and an unconfirmed parameter set, matching it
+would test nothing of this module). The deviation itself is checked against exact Poisson
+tails (tests/test_keylength_analyses.py). It is not the default (see
+``common.FiniteKeyAnalysis``): ``lim2014_kl``'s relative-entropy interval lies inside this one.
 
 Proof of the deviation, for X a sum of independent Bernoulli trials with mean m and
 L = ln(1/eps) (Chernoff; Mitzenmacher & Upfal, Probability and Computing, Thms 4.4 and 4.5):
