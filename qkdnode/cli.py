@@ -45,6 +45,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from qkdnode.config import load_config
+    from qkdnode.node.auditing import leaf_exceptions
     from qkdnode.node.daemon import DaemonMustStop, run_daemon
     from qkdnode.ops.logging import configure_logging, reopen_log_output
     from qkdnode.ops.selftest import run_self_tests
@@ -61,15 +62,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     passed = run_self_tests()
     structlog.get_logger("qkdnode.node").info("daemon.self_tests", passed=passed)
     fatal: list[BaseException] = []
+    misconfigured: list[BaseException] = []
     try:
         return trio.run(
             lambda: run_daemon(config, on_reopen=reopen_log_output, early_stops=early_stops)
         )
     except* (DaemonMustStop, KeyStoreError) as group:
         fatal.extend(group.exceptions)
+    except* ConfigError as group:  # a file the config names does not load (a stale CRL, ...)
+        misconfigured.extend(leaf_exceptions(group))
+    for error in misconfigured:
+        print(f"qkdnode: configuration error: {error}", file=sys.stderr)
     for error in fatal:
         print(f"qkdnode: stopping: {error}", file=sys.stderr)
-    return 1
+    return 2 if misconfigured and not fatal else 1
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
@@ -79,6 +85,15 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     if args.pki_command == "init":
         files = issuance.init_ca(directory, common_name=args.name, algorithm=args.algorithm)
         print(f"CA certificate {files.certificate}, key {files.private_key} (mode 0600)")
+        return 0
+    if args.pki_command == "crl":
+        path = issuance.issue_crl(
+            directory,
+            tuple(Path(p) for p in args.revoke),
+            out=Path(args.out) if args.out else None,
+            validity_days=args.days,
+        )
+        print(f"CRL {path}: {len(args.revoke)} revoked, next update in {args.days:g} days")
         return 0
     out = Path(args.out) if args.out else directory / args.name
     files = issuance.issue_certificate(
@@ -281,6 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     issue.add_argument("--host", action="append", help="SAN host name or address (repeatable)")
     issue.add_argument("--days", type=int, default=825)
+    crl = pki_commands.add_parser(
+        "crl", help="write the CA's revocation list (DIR/crl.pem) listing --revoke certificates"
+    )
+    crl.add_argument("--dir", required=True, help="the CA directory")
+    crl.add_argument("--revoke", action="append", default=[], help="a certificate's PEM file")
+    crl.add_argument("--out", help="the CRL file (default: DIR/crl.pem)")
+    crl.add_argument("--days", type=float, default=7.0, help="days until its nextUpdate")
 
     pgp = commands.add_parser("pgp", help="OpenPGP keys and vouches for the web-of-trust bootstrap")
     pgp_commands = pgp.add_subparsers(dest="pgp_command", required=True)

@@ -51,6 +51,35 @@ class CertificateRejected(SecurityError):
     """The peer certificate failed chain, validity, key usage or name-pinning checks."""
 
 
+class CertificatePurposeRejected(CertificateRejected):
+    """The certificate's extended key usage does not allow the role it was presented for: an
+    SAE certificate on the peer channel, a node certificate at the key-delivery API.
+
+    ``role`` is the role it was presented for (``"node"`` or ``"SAE"``); the message names the
+    subject and what its extended key usage lacks or carries."""
+
+    def __init__(self, role: str, detail: str) -> None:
+        self.role = role
+        article = "an" if role == "SAE" else "a"
+        super().__init__(f"not {article} {role} certificate: {detail}")
+
+
+class CertificateRevoked(CertificateRejected):
+    """A certificate of the chain is listed in its issuer's certificate revocation list.
+
+    ``serial`` is the revoked certificate's serial number (hex), ``issuer`` its issuer's name."""
+
+    def __init__(self, *, subject: str, serial: str, issuer: str) -> None:
+        self.serial = serial
+        self.issuer = issuer
+        super().__init__(f"certificate {subject!r} (serial {serial}) is revoked by {issuer!r}")
+
+
+class RevocationUnknown(CertificateRejected):
+    """The revocation status of a certificate of the chain cannot be decided: no CRL of its
+    issuer is configured, or that CRL is stale (past its nextUpdate) or not yet valid."""
+
+
 class WebOfTrustRefused(CertificateRejected):
     """The peer's OpenPGP certificate lacks enough valid vouches from trusted introducers.
 

@@ -299,7 +299,7 @@ class Sampler:
 
     def _tls(self, node: str, sae: str) -> http.client.HTTPSConnection:
         pki = self.layout.pki_dir
-        context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        context = ssl.create_default_context(cafile=str(self.layout.node_ca_dir / "ca.pem"))
         context.load_cert_chain(str(pki / f"{sae}.pem"), str(pki / f"{sae}.key"))
         return http.client.HTTPSConnection(
             "localhost", self.layout.kme_ports[node], context=context, timeout=15

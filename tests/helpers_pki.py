@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from qkdnode.channel.auth import CertificateCredentials
-from qkdnode.channel.pki import SigningKey
+from qkdnode.channel.pki import NODE_PURPOSE_OID, SAE_PURPOSE_OID, SigningKey
 
 NOW_S = 1_750_000_000.0  # a fixed "now" for every test
 _NOW = dt.datetime.fromtimestamp(NOW_S, tz=dt.UTC)
@@ -72,13 +72,21 @@ def make_node_certificate(
     *,
     expired: bool = False,
     signing_usage: bool = True,
+    purposes: tuple[str, ...] = ("node",),
 ) -> tuple[x509.Certificate, SigningKey]:
+    """A leaf for ``name``; ``purposes``: the qkdnode purposes in its extendedKeyUsage ("node"
+    with serverAuth, "sae" with clientAuth; none: no extendedKeyUsage at all)."""
     key = new_key(algorithm)
     if expired:
         before, after = _NOW - dt.timedelta(days=60), _NOW - dt.timedelta(days=1)
     else:
         before, after = _NOW - dt.timedelta(days=1), _NOW + dt.timedelta(days=90)
-    cert = (
+    usages: list[x509.ObjectIdentifier] = []
+    if "node" in purposes:
+        usages += [ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier(NODE_PURPOSE_OID)]
+    if "sae" in purposes:
+        usages += [ExtendedKeyUsageOID.CLIENT_AUTH, x509.ObjectIdentifier(SAE_PURPOSE_OID)]
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca.certificate.subject)
@@ -88,15 +96,10 @@ def make_node_certificate(
         .not_valid_after(after)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(_usage(signing=signing_usage, ca=False), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca.key, None)
     )
-    return cert, key
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return builder.sign(ca.key, None), key
 
 
 def credentials_pair(
@@ -119,3 +122,30 @@ def credentials_pair(
         peer_name="alice.qkd.test",
     )
     return alice, bob, ca
+
+
+def make_crl(
+    ca: TestCa,
+    revoked: tuple[x509.Certificate, ...] = (),
+    *,
+    from_s: float = NOW_S - 3600.0,
+    until_s: float = NOW_S + 86400.0,
+) -> bytes:
+    """``ca``'s CRL (PEM) listing ``revoked``, valid from ``from_s`` until ``until_s``."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    start = dt.datetime.fromtimestamp(from_s, tz=dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.certificate.subject)
+        .last_update(start)
+        .next_update(dt.datetime.fromtimestamp(until_s, tz=dt.UTC))
+    )
+    for certificate in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(certificate.serial_number)
+            .revocation_date(start)
+            .build()
+        )
+    return builder.sign(ca.key, None).public_bytes(Encoding.PEM)

@@ -16,7 +16,16 @@ from qkdnode.channel.connection import (
 )
 from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT, AuthKeyLedger
 from qkdnode.channel.messages import SessionMode
-from qkdnode.errors import AuthenticationFailed, CertificateRejected, ProtocolError
+from qkdnode.channel.revocation import parse_revocation_lists
+from qkdnode.errors import (
+    AuthenticationFailed,
+    CertificatePurposeRejected,
+    CertificateRejected,
+    CertificateRevoked,
+    ProtocolError,
+    RevocationUnknown,
+)
+from tests import helpers_pki
 from tests.helpers_channel import (
     NAMED_ERRORS,
     REGISTRY,
@@ -28,7 +37,13 @@ from tests.helpers_channel import (
     offsets,
     rotated_pair,
 )
-from tests.helpers_pki import NOW_S, credentials_pair, make_ca, make_node_certificate
+from tests.helpers_pki import (
+    NOW_S,
+    credentials_pair,
+    make_ca,
+    make_crl,
+    make_node_certificate,
+)
 
 
 def test_later_session_starts_key_derived_and_resyncs_offsets() -> None:
@@ -105,6 +120,70 @@ def test_bad_certificate_is_rejected(algorithm: str, flaw: str) -> None:
     assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
     error = assert_rejected(pair.alice, pair.bob.data_to_send(), CertificateRejected)
     assert "pool" not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("purposes", "detail"),
+    [
+        (("sae",), "carries the qkdnode SAE purpose"),
+        (("node", "sae"), "carries the qkdnode SAE purpose"),
+        ((), "lacks the qkdnode node purpose"),
+    ],
+)
+def test_a_certificate_that_is_not_a_nodes_is_refused_on_the_channel(
+    purposes: tuple[str, ...], detail: str
+) -> None:
+    """An SAE certificate (or one without the node purpose) from the nodes' own CA, naming the
+    pinned peer, valid in every other way: refused as not a node certificate."""
+    alice_c, bob_c, ca = credentials_pair("ed25519")
+    cert, key = make_node_certificate(ca, "bob.qkd.test", "ed25519", purposes=purposes)
+    bad_bob = replace(bob_c, certificate_chain=(cert,), private_key=key)
+    pair = make_pair("ed25519", creds=(alice_c, bad_bob))
+    pair.bob.receive_data(pair.alice.start_handshake())
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    error = assert_rejected(pair.alice, pair.bob.data_to_send(), CertificatePurposeRejected)
+    assert detail in str(error) and "CN=bob.qkd.test" in str(error)
+
+
+def _checking(
+    credentials: CertificateCredentials, crl: bytes, ca: helpers_pki.TestCa
+) -> CertificateCredentials:
+    lists = parse_revocation_lists(
+        crl, ca_certificates=(ca.certificate,), now_s=NOW_S, source="crl.pem", key="auth.crl_file"
+    )
+    return replace(credentials, revocation=lists)
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "mldsa65"])
+def test_a_peer_revoked_in_the_crl_is_refused_and_one_not_listed_is_accepted(
+    algorithm: str,
+) -> None:
+    alice_c, bob_c, ca = credentials_pair(algorithm)
+    other, _ = make_node_certificate(ca, "carol.qkd.test", algorithm)
+    accepting = _checking(alice_c, make_crl(ca, (other,)), ca)
+    pair = make_pair(algorithm, creds=(accepting, bob_c))
+    pair.handshake()
+    assert pair.alice.mode is SessionMode.CERTIFICATE
+
+    refusing = _checking(alice_c, make_crl(ca, (other, bob_c.certificate_chain[0])), ca)
+    pair = make_pair(algorithm, creds=(refusing, bob_c))
+    pair.bob.receive_data(pair.alice.start_handshake())
+    assert pair.bob.next_event(now_s=NOW_S) is NEED_DATA
+    error = assert_rejected(pair.alice, pair.bob.data_to_send(), CertificateRevoked)
+    assert isinstance(error, CertificateRevoked)
+    assert error.serial == f"{bob_c.certificate_chain[0].serial_number:x}"
+
+
+def test_a_crl_past_its_next_update_refuses_every_peer() -> None:
+    alice_c, bob_c, ca = credentials_pair("ed25519")
+    checking = _checking(alice_c, make_crl(ca, until_s=NOW_S + 60.0), ca)
+    pair = make_pair("ed25519", creds=(checking, bob_c))
+    pair.bob.receive_data(pair.alice.start_handshake())
+    assert pair.bob.next_event(now_s=NOW_S + 61.0) is NEED_DATA
+    error = assert_rejected(
+        pair.alice, pair.bob.data_to_send(), RevocationUnknown, now_s=NOW_S + 61.0
+    )
+    assert "not current" in str(error)
 
 
 def test_wrong_psk_is_rejected() -> None:

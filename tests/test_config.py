@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import shutil
@@ -24,10 +25,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def example_dir(tmp_path: Path) -> Path:
-    """config/alice.toml and bob.toml with their absolute paths moved into tmp_path."""
-    issuance.init_ca(tmp_path / "pki")
+    """config/alice.toml and bob.toml with their absolute paths moved into tmp_path, and the
+    files they name laid out as docs/operations.md does (two CAs, each with its CRL)."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    for ca in ("node-ca", "sae-ca"):
+        issuance.init_ca(tmp_path / ca)
+        shutil.copy(tmp_path / ca / issuance.CA_CERT, pki / f"{ca}.pem")
+        issuance.issue_crl(tmp_path / ca, out=pki / f"{ca}.crl.pem")
     for node in ("alice", "bob"):
-        issuance.issue_certificate(tmp_path / "pki", node, tmp_path / "pki" / node, purpose="node")
+        issuance.issue_certificate(tmp_path / "node-ca", node, pki / node, purpose="node")
         text = (REPO / "config" / f"{node}.toml").read_text()
         text = text.replace("/etc/qkdnode/pki/", f"{tmp_path}/pki/")
         text = text.replace("/var/lib/qkdnode/", f"{tmp_path}/state/")
@@ -71,6 +78,9 @@ def _edit(path: Path, old: str, new: str) -> None:
             "> 0",
         ),
         ("pki/alice.pem", "pki/nobody.pem", "auth.certificate_file", "does not exist"),
+        ("node-ca.crl.pem", "nowhere.crl.pem", "auth.crl_file", "does not exist"),
+        ("sae-ca.crl.pem", "nowhere.crl.pem", "delivery.sae_crl", "does not exist"),
+        ('mode = "pki"', 'mode = "psk"\npsk_file = "bob.toml"', "auth.crl_file", "pki only"),
         ('connect = "192.0.2.20:7000"', 'connect = "nowhere"', "peer.connect", "host:port"),
         ("key_size_bits = 256            # must", "key_size_bits = 512 # must", "delivery", "256"),
         ("[node]\n", "[nodes]\nname = 1\n[node]\n", "nodes", "unknown"),
@@ -129,6 +139,37 @@ def test_qkdnode_run_reports_config_errors_with_exit_status_2(example_dir: Path)
     )
     assert result.returncode == 2
     assert "link.fiber_kms" in result.stderr and "alice.toml" in result.stderr
+
+
+def test_example_configs_name_two_cas_each_with_its_crl(example_dir: Path) -> None:
+    config = load_config(example_dir / "alice.toml")
+    assert config.delivery is not None
+    assert config.auth.ca_file != config.delivery.sae_ca
+    assert config.auth.crl_file == example_dir / "pki" / "node-ca.crl.pem"
+    assert config.delivery.sae_crl == example_dir / "pki" / "sae-ca.crl.pem"
+
+
+@pytest.mark.parametrize("setting", ["auth.crl_file", "delivery.sae_crl"])
+def test_qkdnode_run_refuses_a_stale_crl_with_exit_status_2_naming_the_setting(
+    example_dir: Path, setting: str
+) -> None:
+    """A CRL past its nextUpdate stops the start: the daemon would refuse every certificate of
+    that CA anyway, and says why before it serves anything."""
+    ca = "node-ca" if setting == "auth.crl_file" else "sae-ca"
+    issuance.issue_crl(
+        example_dir / ca,
+        out=example_dir / "pki" / f"{ca}.crl.pem",
+        this_update=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10),
+        validity_days=1.0,
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "qkdnode", "run", "--config", str(example_dir / "bob.toml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"bob.toml: {setting}: expected" in result.stderr and "is not current" in result.stderr
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:

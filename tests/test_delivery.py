@@ -18,9 +18,15 @@ import h11
 import numpy as np
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from etsi_qkd_014_client import QKD014Client
 
+from qkdnode.audit.trail import AuditValue
 from qkdnode.channel.messages import Control
+from qkdnode.channel.pki import NODE_PURPOSE_OID
+from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.config.delivery import ApiLimits, KeyKind, ServerLimits
 from qkdnode.coordination.wire import (
     CoordinationMessage,
@@ -35,6 +41,7 @@ from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation
 from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
 from qkdnode.node.reservations import Reservations
 from qkdnode.ops import issuance
+from qkdnode.store.audit import AuditTrail, read_trail
 from qkdnode.store.keystore import DeliveryKey, KeyStore, StagedBlock
 from tests import helpers_hybrid
 
@@ -52,19 +59,55 @@ SERVER_LIMITS = ServerLimits(
 
 @dataclass
 class Pki:
-    ca: Path
+    node_ca: Path  # issues the KMEs' certificates: the clients trust it
+    sae_ca: Path  # issues the SAEs' certificates: the KMEs trust it
+    sae_ca_dir: Path
     alice: issuance.IssuedFiles
     bob: issuance.IssuedFiles
     sae: dict[str, issuance.IssuedFiles]
 
 
+def node_certificate_with_client_auth(ca_dir: Path, name: str, out: Path) -> issuance.IssuedFiles:
+    """A node certificate that clientAuth lets through TLS: only the qkdnode purposes tell it
+    from an SAE's (an operator's own CA might issue such node certificates)."""
+    ca_key = issuance.load_private_key(ca_dir / issuance.CA_KEY)
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / issuance.CA_CERT).read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [
+                    ExtendedKeyUsageOID.CLIENT_AUTH,
+                    ExtendedKeyUsageOID.SERVER_AUTH,
+                    x509.ObjectIdentifier(NODE_PURPOSE_OID),
+                ]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, None)
+    )
+    files = issuance.IssuedFiles(out.with_suffix(".pem"), out.with_suffix(".key"))
+    issuance.write_certificate(files.certificate, certificate)
+    issuance.write_private_key(files.private_key, key)
+    return files
+
+
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     root = tmp_path_factory.mktemp("pki")
-    issuance.init_ca(root / "ca")
+    issuance.init_ca(root / "node-ca", common_name="node CA")
+    issuance.init_ca(root / "sae-ca", common_name="SAE CA")
     issuance.init_ca(root / "other-ca")
     sae = {
-        name: issuance.issue_certificate(root / "ca", name, root / name, purpose="sae")
+        name: issuance.issue_certificate(root / "sae-ca", name, root / name, purpose="sae")
         for name in ("sae-a", "sae-a2", "sae-b", "sae-b2", "sae-x")
     }
     sae["foreign"] = issuance.issue_certificate(
@@ -72,17 +115,35 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     )
     past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=30)
     sae["expired"] = issuance.issue_certificate(
-        root / "ca",
+        root / "sae-ca",
         "sae-a",
         root / "expired",
         purpose="sae",
         not_valid_before=past,
         validity_days=1,
     )
+    # node certificates presented as SAEs: from the nodes' own CA (the one the KMEs do not
+    # trust for SAEs), and from the SAE CA (as if one CA issued both kinds)
+    sae["node"] = issuance.issue_certificate(
+        root / "node-ca", "sae-a", root / "node-sae-a", purpose="node"
+    )
+    sae["node-shared-ca"] = issuance.issue_certificate(
+        root / "sae-ca", "sae-a", root / "shared-node-sae-a", purpose="node"
+    )
+    sae["node-client-auth"] = node_certificate_with_client_auth(
+        root / "sae-ca", "sae-a", root / "client-auth-node-sae-a"
+    )
+    sae["sae-a-reissued"] = issuance.issue_certificate(
+        root / "sae-ca", "sae-a", root / "sae-a-reissued", purpose="sae"
+    )
     return Pki(
-        ca=root / "ca" / issuance.CA_CERT,
-        alice=issuance.issue_certificate(root / "ca", "kme-alice", root / "alice", purpose="node"),
-        bob=issuance.issue_certificate(root / "ca", "kme-bob", root / "bob", purpose="node"),
+        node_ca=root / "node-ca" / issuance.CA_CERT,
+        sae_ca=root / "sae-ca" / issuance.CA_CERT,
+        sae_ca_dir=root / "sae-ca",
+        alice=issuance.issue_certificate(
+            root / "node-ca", "kme-alice", root / "alice", purpose="node"
+        ),
+        bob=issuance.issue_certificate(root / "node-ca", "kme-bob", root / "bob", purpose="node"),
         sae=sae,
     )
 
@@ -162,6 +223,7 @@ async def start_pair(
     keys: int = 64,
     quota: FairUsePolicy | None = None,
     limits: ServerLimits = SERVER_LIMITS,
+    audit: bool = False,
     kinds: Mapping[str, Mapping[tuple[str, str], KeyKind]] | None = None,
 ) -> Pair:
     """Alice and Bob serving ETSI 014 over TLS. ``kinds``: each node's configured pair kinds;
@@ -206,6 +268,8 @@ async def start_pair(
             peer_kme_id=f"kme-{peer}",
             peer_reserve_hybrid=reservations[name].peer_reserve_hybrid,
         )
+        if audit:
+            managers[name].audit = AuditTrail.start(store, node_name=name)
         reservations[name].manager = managers[name]
         app = DeliveryApp(
             manager=managers[name],
@@ -220,7 +284,7 @@ async def start_pair(
             max_key_count=1000,
         )
         server = DeliveryServer(app, limits)
-        context = server_ssl_context(cert.certificate, cert.private_key, certs.ca)
+        context = server_ssl_context(cert.certificate, cert.private_key, certs.sae_ca)
         _, port = await nursery.start(server.serve_tls, context, "127.0.0.1", 0)
         nodes.append(Node(store, managers[name], app, server, port))
     return Pair(nodes[0], nodes[1], blocks, certs)
@@ -236,12 +300,15 @@ async def pair(nursery: trio.Nursery, tmp_path: Path, certs: Pki) -> AsyncIterat
 def client(pair: Pair, node: Node, sae: str) -> QKD014Client:
     files = pair.certs.sae[sae]
     return QKD014Client(
-        f"127.0.0.1:{node.port}", str(files.certificate), str(files.private_key), str(pair.certs.ca)
+        f"127.0.0.1:{node.port}",
+        str(files.certificate),
+        str(files.private_key),
+        str(pair.certs.node_ca),
     )
 
 
 def client_context(certs: Pki, sae: str | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(certs.ca))
+    context = ssl.create_default_context(cafile=str(certs.node_ca))
     if sae is not None:
         files = certs.sae[sae]
         context.load_cert_chain(files.certificate, files.private_key)
@@ -360,7 +427,7 @@ async def test_curl_with_client_certificates_against_both_nodes(pair: Pair) -> N
             "--key",
             str(files.private_key),
             "--cacert",
-            str(pair.certs.ca),
+            str(pair.certs.node_ca),
             *extra,
             f"https://localhost:{node.port}/api/v1/keys/{path}",
         ]
@@ -401,15 +468,97 @@ async def test_curl_with_client_certificates_against_both_nodes(pair: Pair) -> N
 # ---- negative cases: each refused, and the server keeps serving ---------------------------------
 
 
-@pytest.mark.parametrize("who", ["none", "foreign", "expired"])
-async def test_tls_refuses_missing_foreign_and_expired_client_certificates(
-    pair: Pair, who: str
+async def refusals(directory: Path, count: int = 1) -> list[dict[str, AuditValue]]:
+    """The fields of the ``sae_certificate_refused`` entries of a store's audit trail, once
+    there are ``count`` of them: the server records a refusal after the client has seen it."""
+    for _ in range(3000):  # a bound, not a timing: the entry comes after one group commit
+        entries = [record.entry() for record in read_trail(directory).records]
+        found = [dict(e.fields) for e in entries if e.kind == "sae_certificate_refused"]
+        if len(found) >= count:
+            return found
+        await trio.sleep(0.01)
+    pytest.fail(f"fewer than {count} refused certificates recorded")
+
+
+@pytest.mark.parametrize(
+    ("who", "reason"),
+    [
+        ("none", "no client certificate"),
+        ("foreign", "unable to get local issuer certificate"),
+        ("expired", "certificate has expired"),
+        # the client sends the node CA with its certificate: the chain ends at an untrusted root
+        ("node", "self-signed certificate in certificate chain"),
+        ("node-shared-ca", "unsuitable certificate purpose"),
+    ],
+)
+async def test_certificates_refused_at_the_tls_layer_are_recorded_in_the_audit_trail(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki, who: str, reason: str
 ) -> None:
-    await status_ok(pair, pair.alice)
-    context = client_context(pair.certs, None if who == "none" else who)
+    """Among them node certificates, whether from the nodes' CA or from the SAE CA: a node
+    certificate has no clientAuth, so TLS refuses it before any request."""
+    pair = await start_pair(nursery, tmp_path, certs, audit=True)
+    context = client_context(certs, None if who == "none" else who)
     with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
         await raw(pair.alice.port, context, http("GET", "/api/v1/keys/sae-b/status"))
     await status_ok(pair, pair.alice)
+    (entry,) = await refusals(tmp_path / "alice")
+    assert entry["reason"] == reason and entry["client"] == "127.0.0.1"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_node_certificate_that_passes_tls_is_refused_as_no_sae_with_401(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    """clientAuth, the SAE CA, the CN of a local SAE: only the qkdnode node purpose tells it
+    from an SAE's certificate, and that refuses it, named, and recorded."""
+    pair = await start_pair(nursery, tmp_path, certs, audit=True)
+    code, body = await raw(
+        pair.alice.port,
+        client_context(certs, "node-client-auth"),
+        http("GET", "/api/v1/keys/sae-b/status"),
+    )
+    assert code == 401
+    assert str(body["message"]).startswith("not an SAE certificate: 'CN=sae-a' carries the qkdnode")
+    await status_ok(pair, pair.alice)
+    (entry,) = await refusals(tmp_path / "alice")
+    assert entry["error"] == "CertificatePurposeRejected"
+    assert entry["reason"] == body["message"]
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_revoked_sae_is_served_until_the_crl_listing_it_is_loaded_then_refused(
+    nursery: trio.Nursery, tmp_path: Path, certs: Pki
+) -> None:
+    """The server's TLS context is replaced as SIGHUP does (the daemon's SIGHUP itself is in
+    test_node_revocation.py): the listed certificate is refused from then on, a certificate
+    of the same SAE with another serial is not."""
+    pair = await start_pair(nursery, tmp_path, certs, audit=True)
+    node = pair.alice
+
+    def context_with_crl(*revoked: Path) -> ssl.SSLContext:
+        crl = issuance.issue_crl(certs.sae_ca_dir, revoked, out=tmp_path / "crl.pem")
+        lists = parse_revocation_lists(
+            crl.read_bytes(),
+            ca_certificates=(x509.load_pem_x509_certificate(certs.sae_ca.read_bytes()),),
+            now_s=datetime.datetime.now(datetime.UTC).timestamp(),
+            source=str(crl),
+            key="delivery.sae_crl",
+        )
+        return server_ssl_context(
+            certs.alice.certificate, certs.alice.private_key, certs.sae_ca, sae_crl=lists
+        )
+
+    node.server.ssl_context = context_with_crl()
+    await status_ok(pair, node)  # sae-a, accepted under a CRL that lists nothing
+    node.server.ssl_context = context_with_crl(certs.sae["sae-a"].certificate)
+    with pytest.raises((trio.BrokenResourceError, ssl.SSLError)):
+        await raw(
+            node.port, client_context(certs, "sae-a"), http("GET", "/api/v1/keys/sae-b/status")
+        )
+    await status_ok(pair, node, "sae-a-reissued")
+    (entry,) = await refusals(tmp_path / "alice")
+    assert entry["reason"] == "certificate revoked"
+    nursery.cancel_scope.cancel()
 
 
 async def test_unknown_sae_gets_401(pair: Pair) -> None:

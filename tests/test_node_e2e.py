@@ -107,7 +107,7 @@ def real_client_gets_the_same_key_at_both_daemons(layout: DemoLayout) -> None:
             f"localhost:{layout.kme_ports[node]}",
             str(pki_dir / f"{sae}.pem"),
             str(pki_dir / f"{sae}.key"),
-            str(pki_dir / "ca.pem"),
+            str(layout.node_ca_dir / "ca.pem"),
         )
 
     master, slave = client("alice", "sae-a"), client("bob", "sae-b")
@@ -288,7 +288,7 @@ def test_hybrid_pair_between_two_daemons_gets_identical_keys_with_the_real_clien
                 f"localhost:{layout.kme_ports[node]}",
                 str(pki / f"{sae}.pem"),
                 str(pki / f"{sae}.key"),
-                str(pki / "ca.pem"),
+                str(layout.node_ca_dir / "ca.pem"),
             )
 
         delivered: list[bytes] = []

@@ -71,6 +71,8 @@ class AuditKind(enum.Enum):
     CERTIFICATE_REJECTED = "certificate_rejected"
     BLOCK_COMMITTED = "block_committed"  # a block's keys became deliverable (key count, mode)
     SAE_REQUEST_REFUSED = "sae_request_refused"  # ETSI 014 request answered with an error
+    SAE_CERTIFICATE_REFUSED = "sae_certificate_refused"  # a client certificate at the ETSI 014 API
+    REVOCATION_LISTS_LOADED = "revocation_lists_loaded"  # a CRL file reread on SIGHUP
     KEYS_DELIVERED = "keys_delivered"  # key IDs handed to an SAE (never the keys)
     PEER_TRAIL_ROLLED_BACK = "peer_trail_rolled_back"  # the peer's head went backwards
 

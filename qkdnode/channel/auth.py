@@ -38,6 +38,7 @@ from qkdnode.errors import AuthenticationFailed, ProtocolError
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
 
+    from qkdnode.channel.revocation import RevocationLists
     from qkdnode.channel.weboftrust import SecretCertificate, TrustedIntroducer
 
 __all__ = [
@@ -87,12 +88,14 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CertificateCredentials:
-    """Own chain (leaf first) and signing key, the trust anchor, and the pinned peer name."""
+    """Own chain (leaf first) and signing key, the trust anchor, the pinned peer name, and the
+    CRLs the peer's chain is checked against (None: no revocation checking)."""
 
     certificate_chain: tuple[Certificate, ...]
     private_key: SigningKey
     trust_anchor: Certificate
     peer_name: str
+    revocation: RevocationLists | None = None
 
     def __repr__(self) -> str:
         return f"CertificateCredentials(peer_name={self.peer_name!r}, private_key=<redacted>)"

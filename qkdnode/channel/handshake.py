@@ -415,6 +415,7 @@ class Handshaker:
                 trust_anchor=self._credentials.trust_anchor,
                 peer_name=self._credentials.peer_name,
                 now_s=now_s,
+                revocation=self._credentials.revocation,
             )
             verify_signature(key, proof, proof_input(peer, transcript))
 

@@ -10,7 +10,18 @@ Ed25519 keys (checked with cryptography 50), so the chain is verified here by ha
 - every certificate, the anchor included, is valid at ``now_s``;
 - the leaf is not a CA, has keyUsage digitalSignature and an Ed25519 or ML-DSA-65 key;
 - the leaf names the pinned peer (a subjectAltName dNSName, else the subject commonName);
-- no certificate carries an unknown critical extension.
+- the leaf is a node certificate (``require_purpose``: extendedKeyUsage with the qkdnode node
+  purpose, without the SAE purpose);
+- no certificate carries an unknown critical extension;
+- with revocation lists (``qkdnode.channel.revocation``), no certificate of the chain is revoked
+  by its issuer's current CRL.
+
+Certificate purposes: node and SAE certificates are told apart by two extendedKeyUsage OIDs of
+the project, in the UUID arc 2.25 (ITU-T X.667: unique without registration). A node
+certificate carries ``NODE_PURPOSE_OID`` (and serverAuth: it is also the key-delivery API's TLS
+server certificate), an SAE certificate ``SAE_PURPOSE_OID`` and clientAuth. No certificate may
+carry both; a certificate without extendedKeyUsage, or with anyExtendedKeyUsage only, has
+neither purpose.
 
 ``cryptography.x509`` is imported inside the functions: importing it loads ``email.utils`` and
 with it the ``socket`` module (no I/O is done), which the layering test forbids at import time.
@@ -19,14 +30,30 @@ with it the ``socket`` module (no I/O is done), which the layering test forbids 
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+import enum
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
-from qkdnode.errors import CertificateRejected
+from qkdnode.errors import CertificatePurposeRejected, CertificateRejected
 
 if TYPE_CHECKING:
     from cryptography.x509 import Certificate
+
+    from qkdnode.channel.revocation import RevocationLists
+
+NODE_PURPOSE_OID: Final = "2.25.87266052744845668935047399623459310005"
+SAE_PURPOSE_OID: Final = "2.25.293650551042669245780940779933592811963"
+SERVER_AUTH_OID: Final = "1.3.6.1.5.5.7.3.1"
+CLIENT_AUTH_OID: Final = "1.3.6.1.5.5.7.3.2"
+
+
+class Purpose(enum.Enum):
+    """The role a certificate is presented for."""
+
+    NODE = "node"  # a node on the classical channel (and the key-delivery TLS server)
+    SAE = "SAE"  # a key consumer at the key-delivery API (a TLS client)
+
 
 SigningKey = ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey
 VerifyingKey = ed25519.Ed25519PublicKey | mldsa.MLDSA65PublicKey
@@ -44,16 +71,25 @@ def verify_peer_chain(
     trust_anchor: Certificate,
     peer_name: str,
     now_s: float,
+    revocation: RevocationLists | None = None,
 ) -> VerifyingKey:
     """Check the peer's chain (leaf first) and return the leaf's public key.
 
-    Raises ``CertificateRejected`` naming the failed check; never any other exception.
+    Raises ``CertificateRejected`` naming the failed check (``CertificatePurposeRejected`` for
+    a certificate that is not a node's, ``CertificateRevoked`` and ``RevocationUnknown`` when
+    ``revocation`` is given); never any other exception.
     """
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
 
     try:
-        return _verify_chain(chain_der, trust_anchor=trust_anchor, peer_name=peer_name, now_s=now_s)
+        return _verify_chain(
+            chain_der,
+            trust_anchor=trust_anchor,
+            peer_name=peer_name,
+            now_s=now_s,
+            revocation=revocation,
+        )
     except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         # lazily parsed fields of a malformed certificate fail on first access
         raise CertificateRejected(f"malformed peer certificate ({type(exc).__name__})") from None
@@ -65,6 +101,7 @@ def _verify_chain(
     trust_anchor: Certificate,
     peer_name: str,
     now_s: float,
+    revocation: RevocationLists | None,
 ) -> VerifyingKey:
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature
@@ -124,7 +161,40 @@ def _verify_chain(
         names = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if peer_name not in names:
         raise CertificateRejected("peer certificate does not name the pinned peer")
+    require_purpose(leaf, Purpose.NODE)
+    if revocation is not None:
+        revocation.check_chain(chain, issuers, now_s=now_s)
     return key
+
+
+def require_purpose(certificate: Certificate, purpose: Purpose) -> None:
+    """Raise ``CertificatePurposeRejected`` unless ``certificate`` may act as ``purpose``: its
+    extendedKeyUsage names that qkdnode purpose (an SAE's also clientAuth) and not the other."""
+    from cryptography import x509
+
+    usage = _extension(certificate, x509.ExtendedKeyUsage)
+    oids = set() if usage is None else {oid.dotted_string for oid in usage}
+    own, other = (
+        (NODE_PURPOSE_OID, SAE_PURPOSE_OID)
+        if purpose is Purpose.NODE
+        else (SAE_PURPOSE_OID, NODE_PURPOSE_OID)
+    )
+    subject = certificate.subject.rfc4514_string()
+    if other in oids:
+        other_role = Purpose.SAE if purpose is Purpose.NODE else Purpose.NODE
+        raise CertificatePurposeRejected(
+            purpose.value,
+            f"{subject!r} carries the qkdnode {other_role.value} purpose ({other})",
+        )
+    if own not in oids:
+        raise CertificatePurposeRejected(
+            purpose.value,
+            f"{subject!r} lacks the qkdnode {purpose.value} purpose ({own}) in extendedKeyUsage",
+        )
+    if purpose is Purpose.SAE and CLIENT_AUTH_OID not in oids:
+        raise CertificatePurposeRejected(
+            purpose.value, f"{subject!r} lacks clientAuth in extendedKeyUsage"
+        )
 
 
 def _check_issuer(issuer: Certificate, *, below: int, x509: Any) -> None:

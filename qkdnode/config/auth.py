@@ -36,12 +36,15 @@ class AuthSection:
     peer_certificate_files: tuple[Path, ...] = ()
     # the user ID the peer's certificate must carry; None: "qkdnode node <peer.name>"
     peer_user_id: str | None = None
+    # pki: the CRLs the peer's chain is checked against (reread on SIGHUP); None: no checking
+    crl_file: Path | None = None
 
 
 def read_auth(table: Table, base: Path) -> AuthSection:
     """Files are resolved against ``base`` and must exist; key files must be private (mode 600).
 
-    ``pki``: ``ca_file``, ``certificate_file`` (PEM chain), ``private_key_file``.
+    ``pki``: ``ca_file``, ``certificate_file`` (PEM chain), ``private_key_file``, optionally
+    ``crl_file`` (PEM CRLs; their content is checked when the daemon loads them).
     ``psk``: ``psk_file``.
     ``web-of-trust``: ``certificate_file`` (the node's OpenPGP certificate with its vouches),
     ``private_key_file`` (its OpenPGP secret key), ``introducer_files`` (at least one),
@@ -68,6 +71,8 @@ def read_auth(table: Table, base: Path) -> AuthSection:
             "blocks and alerts; re-bootstrap with `qkdnode auth rebootstrap --config FILE` on "
             "each node",
         )
+    if not pki and table.has("crl_file"):
+        raise ConfigError(table.key("crl_file"), f"no crl_file in mode {mode!r} (pki only)")
     for name in ("introducer_files", "introducer_threshold", "peer_certificate_files"):
         if not web_of_trust and table.has(name):
             raise ConfigError(table.key(name), f"no {name} in mode {mode!r} (web-of-trust only)")
@@ -122,6 +127,7 @@ def read_auth(table: Table, base: Path) -> AuthSection:
         introducer_threshold=threshold,
         peer_certificate_files=peer_copies,
         peer_user_id=peer_user_id,
+        crl_file=file("crl_file", required=False),
     )
     if section.pool_reserve_bits >= section.pool_target_bits:
         raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")

@@ -74,6 +74,8 @@ class DeliveryConfig:
     unix_socket_path: Path | None = None
     unix_socket_sae: str | None = None
     unix_socket_mode: int = 0o600
+    # the CRLs of the SAE CA (PEM), reread on SIGHUP; None: no revocation checking
+    sae_crl: Path | None = None
     # (master SAE, slave SAE) -> kind; pairs not listed get KeyKind.QKD
     pair_kinds: Mapping[tuple[str, str], KeyKind] = field(default_factory=dict)
 
@@ -124,6 +126,7 @@ class DeliveryConfig:
         if unix_sae is not None and unix_sae not in local_saes:
             raise ConfigError(table.key("unix_socket_sae"), "one of local_saes")
         burst = table.number("quota_burst_keys", 2000.0, minimum=1.0)
+        sae_crl = table.optional_string("sae_crl")
         pair_kinds = _pair_kinds(table, local_saes, peer_saes)
         if KeyKind.HYBRID in pair_kinds.values() and max_size > HYBRID_MAX_KEY_SIZE_BITS:
             raise ConfigError(
@@ -155,6 +158,7 @@ class DeliveryConfig:
             unix_socket_path=None if unix_path is None else Path(unix_path),
             unix_socket_sae=unix_sae,
             unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
+            sae_crl=None if sae_crl is None else Path(sae_crl),
             pair_kinds=pair_kinds,
         )
         table.finish()
@@ -204,5 +208,6 @@ def read_delivery(table: Table, base: Path, key_size_bits: int) -> DeliveryConfi
         certificate=file("certificate", config.certificate),
         private_key=file("private_key", config.private_key, secret=True),
         sae_ca=file("sae_ca", config.sae_ca),
+        sae_crl=None if config.sae_crl is None else file("sae_crl", config.sae_crl),
         unix_socket_path=None if unix_path is None else resolve_path(str(unix_path), base),
     )

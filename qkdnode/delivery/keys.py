@@ -467,15 +467,27 @@ class KeyManager:
         """Record a refused request of ``sae`` in the audit trail, durably (refusals that
         arrive together share one commit); past the SAE's budget it is counted into its next
         entry instead (``qkdnode.audit.budget``)."""
+        await self._record_budgeted(AuditKind.SAE_REQUEST_REFUSED, "sae", sae, fields)
+
+    async def record_certificate_refusal(
+        self, client: str, fields: Mapping[str, AuditValue]
+    ) -> None:
+        """Record a client certificate refused at the TLS endpoint (``client``: its address),
+        as :meth:`record_refusal` does, within a budget per address."""
+        await self._record_budgeted(AuditKind.SAE_CERTIFICATE_REFUSED, "client", client, fields)
+
+    async def _record_budgeted(
+        self, kind: AuditKind, source_field: str, source: str, fields: Mapping[str, AuditValue]
+    ) -> None:
         if self.audit is None:
             return
-        suppressed = self._refusal_budget.admit(sae, trio.current_time())
+        suppressed = self._refusal_budget.admit(f"{kind.value} {source}", trio.current_time())
         if suppressed is None:
             return
-        entry = {"sae": sae, **fields}
+        entry = {source_field: source, **fields}
         if suppressed:
             entry["suppressed_before"] = suppressed
-        await self._commits.run(self.audit.op(AuditKind.SAE_REQUEST_REFUSED, entry))
+        await self._commits.run(self.audit.op(kind, entry))
 
     async def _release(
         self, delivery_ids: Sequence[uuid.UUID], *, burn: Collection[uuid.UUID] = ()

@@ -2,8 +2,18 @@
 
 Thin I/O shell around :mod:`qkdnode.delivery.api` (parsing), :mod:`.fairuse` (quotas) and
 :mod:`.keys` (the key manager). The caller's SAE ID is the CN of its client certificate, verified
-against the SAE CA during the handshake (TLS 1.2 minimum, 1.3 preferred); on the Unix socket it is
-the SAE the socket is configured for, and the socket's file mode is the access control.
+against the SAE CA during the handshake (TLS 1.2 minimum, 1.3 preferred), with the SAE CA's CRLs
+when ``sae_crl`` is set (OpenSSL checks every certificate of the chain; a stale CRL refuses); on
+the Unix socket it is the SAE the socket is configured for, and the socket's file mode is the
+access control.
+
+After the handshake the client certificate must be an SAE certificate
+(``qkdnode.channel.pki.require_purpose``): a node certificate, or one without the SAE purpose, gets
+401 with the reason and the connection is closed. Refused certificates, at the TLS layer or
+after it, are recorded in the audit trail (``sae_certificate_refused``, within a budget per client
+address). The TLS context is read when a connection is accepted: replacing
+``DeliveryServer.ssl_context`` (the daemon does on SIGHUP, with a reread CRL) applies to
+connections accepted from then on; connections already open carry on under the old one.
 
 Limits against misbehaving clients: at most ``max_connections`` at once (more are closed at
 once), a TLS handshake deadline, one deadline per request covering headers and body (slowloris),
@@ -12,12 +22,15 @@ a header size and a body size limit. Every refusal is a JSON error and ends only
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import socket
 import ssl
 import stat
+import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +40,12 @@ from typing import Final
 import h11
 import structlog
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from qkdnode.audit.trail import AuditValue
+from qkdnode.channel.pki import Purpose, require_purpose
+from qkdnode.channel.revocation import RevocationLists, parse_revocation_lists
 from qkdnode.config.delivery import ApiLimits, DeliveryConfig, ServerLimits
 from qkdnode.delivery.api import (
     MSG_UNAUTHORIZED,
@@ -43,22 +61,68 @@ from qkdnode.delivery.api import (
 )
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy, QuotaExceeded
 from qkdnode.delivery.keys import KeyManager
-from qkdnode.errors import ConfigError, KeyStoreError
+from qkdnode.errors import CertificateRejected, ConfigError, KeyStoreError
 
 RECEIVE_BYTES: Final = 16384
 _log = structlog.get_logger(__name__)
 
 
-def server_ssl_context(certificate: Path, private_key: Path, sae_ca: Path) -> ssl.SSLContext:
-    """Server side of mutual TLS: TLS 1.2 minimum (1.3 preferred), client certificate required."""
+def server_ssl_context(
+    certificate: Path,
+    private_key: Path,
+    sae_ca: Path,
+    *,
+    sae_crl: RevocationLists | None = None,
+) -> ssl.SSLContext:
+    """Server side of mutual TLS: TLS 1.2 minimum (1.3 preferred), client certificate required,
+    and with ``sae_crl`` every certificate of the client's chain checked against its issuer's
+    CRL (``VERIFY_CRL_CHECK_CHAIN``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(certificate, private_key)
     context.load_verify_locations(cafile=sae_ca)
+    if sae_crl is not None:
+        # OpenSSL reads CRLs from a file only: the CRLs checked when loaded, re-encoded, so
+        # that it loads exactly those
+        with tempfile.NamedTemporaryFile(suffix=".pem") as crl_file:
+            crl_file.write(b"".join(crl.public_bytes(Encoding.PEM) for crl in sae_crl.crls))
+            crl_file.flush()
+            context.load_verify_locations(cafile=crl_file.name)
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN
     context.set_alpn_protocols(["http/1.1"])
     return context
+
+
+def read_sae_crl(config: DeliveryConfig, *, now_s: float) -> RevocationLists | None:
+    """The CRLs of ``delivery.sae_crl`` checked against the SAE CA (None when not set);
+    ``ConfigError`` naming the key if they do not load."""
+    if config.sae_crl is None:
+        return None
+    try:
+        data = config.sae_crl.read_bytes()
+        ca_certificates = x509.load_pem_x509_certificates(config.sae_ca.read_bytes())
+    except OSError as exc:
+        raise ConfigError("delivery.sae_crl", f"readable files ({exc.strerror})") from None
+    return parse_revocation_lists(
+        data,
+        ca_certificates=ca_certificates,
+        now_s=now_s,
+        source=str(config.sae_crl),
+        key="delivery.sae_crl",
+    )
+
+
+def delivery_ssl_context(
+    config: DeliveryConfig, *, now_s: float | None = None
+) -> tuple[ssl.SSLContext, RevocationLists | None]:
+    """The endpoint's TLS context from the config's files, and the SAE CRLs in it."""
+    revocation = read_sae_crl(config, now_s=time.time() if now_s is None else now_s)
+    context = server_ssl_context(
+        config.certificate, config.private_key, config.sae_ca, sae_crl=revocation
+    )
+    return context, revocation
 
 
 def certificate_sae_id(peer_certificate: object) -> str | None:
@@ -211,6 +275,25 @@ class DeliveryApp:
         return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
 
 
+def _client_address(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    return str(address[0]) if isinstance(address, tuple) else str(address)
+
+
+def _certificate_refusal(cause: BaseException | None) -> dict[str, AuditValue] | None:
+    """The audit fields of a handshake refused for the client's certificate (verification
+    failed, or none was sent); None for any other handshake failure (a port scan, a client
+    without a common protocol version)."""
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return {"error": "SSLCertVerificationError", "reason": str(cause.verify_message)}
+    if isinstance(cause, ssl.SSLError) and cause.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return {"error": "SSLError", "reason": "no client certificate"}
+    return None
+
+
 def _error_message(body: bytes) -> str:
     """The ``message`` of an ETSI 014 error body (ours: never key material)."""
     try:
@@ -238,6 +321,8 @@ class DeliveryServer:
         self.limits = limits
         self.active_connections = 0
         self._too_large = f"request body larger than {limits.max_body_bytes} bytes"
+        # the TLS context of connections accepted from now on (set by ``serve_tls``)
+        self.ssl_context: ssl.SSLContext | None = None
 
     async def serve_tls(
         self,
@@ -247,13 +332,17 @@ class DeliveryServer:
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on host:port (0 = any free port); ``started`` reports the bound address."""
+        """Listen on host:port (0 = any free port); ``started`` reports the bound address.
+        Each connection uses ``self.ssl_context`` as it is when the connection is accepted."""
+        self.ssl_context = ssl_context
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()
         task_status.started((bound[0], bound[1]))
 
         async def handler(stream: trio.SocketStream) -> None:
-            await self._guarded(stream, lambda: self._tls_connection(stream, ssl_context))
+            context = self.ssl_context
+            assert context is not None
+            await self._guarded(stream, lambda: self._tls_connection(stream, context))
 
         await trio.serve_listeners(handler, listeners)
 
@@ -310,21 +399,54 @@ class DeliveryServer:
 
     async def _tls_connection(self, tcp: trio.SocketStream, context: ssl.SSLContext) -> None:
         tls = trio.SSLStream(tcp, context, server_side=True, https_compatible=True)
+        client = _client_address(tcp)
         with trio.move_on_after(self.limits.handshake_timeout_s) as deadline:
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
-                # no certificate, another CA, expired: refused at the TLS layer
-                _log.info("TLS handshake refused", reason=str(exc.__cause__ or exc)[:200])
+                # no certificate, another CA, expired, revoked: refused at the TLS layer
+                cause = exc.__cause__
+                _log.info("TLS handshake refused", reason=str(cause or exc)[:200])
+                refusal = _certificate_refusal(cause)
+                if refusal is not None:
+                    await self._record_certificate_refusal(client, refusal)
                 return
         if deadline.cancelled_caught:
             _log.info("TLS handshake timed out")
             return
+        try:
+            certificate = x509.load_der_x509_certificate(tls.getpeercert(binary_form=True) or b"")
+            require_purpose(certificate, Purpose.SAE)
+        except (CertificateRejected, ValueError) as exc:
+            error = type(exc).__name__ if isinstance(exc, CertificateRejected) else "malformed"
+            await self._refuse_certificate(tls, client, error, str(exc))
+            return
         sae_id = certificate_sae_id(tls.getpeercert())
         if sae_id is None:
-            _log.info("client certificate without a single CN")
+            await self._refuse_certificate(
+                tls, client, "CertificateRejected", "client certificate without a single CN"
+            )
             return
         await self._http(tls, sae_id)
+
+    async def _record_certificate_refusal(self, client: str, fields: dict[str, AuditValue]) -> None:
+        try:
+            await self.app.manager.record_certificate_refusal(client, fields)
+        except KeyStoreError as exc:
+            _log.error("key store failure while serving", error=str(exc))
+
+    async def _refuse_certificate(
+        self, stream: trio.abc.Stream, client: str, error: str, reason: str
+    ) -> None:
+        """Record the refusal, answer the connection's first request with 401 naming
+        ``reason``, and close it."""
+        _log.info("client certificate refused", error=error, reason=reason[:200])
+        await self._record_certificate_refusal(client, {"error": error, "reason": reason})
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        with trio.move_on_after(self.limits.request_timeout_s):
+            with contextlib.suppress(_Reject, h11.RemoteProtocolError):  # answered all the same
+                await self._read_request(stream, conn)
+            await self._send(stream, conn, 401, error_body(reason), (), close=True)
 
     async def _http(self, stream: trio.abc.Stream, sae_id: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
@@ -438,11 +560,14 @@ async def serve_delivery(
     config: DeliveryConfig,
     app: DeliveryApp,
     *,
+    server: DeliveryServer | None = None,
     task_status: trio.TaskStatus[tuple[tuple[str, int], Path | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the TLS endpoint and, if configured, the Unix socket until cancelled."""
-    server = DeliveryServer(app, config.server)
-    context = server_ssl_context(config.certificate, config.private_key, config.sae_ca)
+    """Run the TLS endpoint and, if configured, the Unix socket until cancelled (on ``server``,
+    whose ``ssl_context`` the caller may set beforehand and replace, or a new one)."""
+    if server is None:
+        server = DeliveryServer(app, config.server)
+    context = server.ssl_context or delivery_ssl_context(config)[0]
     async with trio.open_nursery() as nursery:
         address = await nursery.start(
             server.serve_tls, context, config.listen_host, config.listen_port

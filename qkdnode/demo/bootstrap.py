@@ -1,7 +1,8 @@
 """The demo's bootstrap trust anchors: what ``qkdnode demo --bootstrap pki|psk|web-of-trust``
 writes into the work directory, and the ``[auth]`` lines of each node's config.
 
-- ``pki``: the demo CA's node certificates (the PKI the key-delivery TLS uses anyway).
+- ``pki``: the demo's node CA, its CRL and the node certificates (the key-delivery TLS uses the
+  node certificates anyway).
 - ``psk``: one random 32-byte pre-shared key, ``psk/peer.psk`` (mode 0600), on both nodes.
 - ``web-of-trust``: ``qkdnode pgp init`` for Alice, Bob and ``WEB_OF_TRUST_INTRODUCERS``
   security officers, and ``qkdnode pgp vouch`` of each node's certificate by the first
@@ -73,7 +74,8 @@ def auth_lines(bootstrap: Bootstrap, node: str) -> str:
     if bootstrap == "pki":
         return (
             'mode = "pki"\n'
-            'ca_file = "pki/ca.pem"\n'
+            'ca_file = "pki/node-ca/ca.pem"\n'
+            'crl_file = "pki/node-ca/crl.pem"\n'
             f'certificate_file = "pki/{node}.pem"\n'
             f'private_key_file = "pki/{node}.key"\n'
         )

@@ -1,7 +1,8 @@
 """``qkdnode demo``: Alice and Bob as two real ``qkdnode run`` processes on loopback.
 
-The demo makes a work directory with a fresh PKI (``pki/ca.pem``, node certificates, SAE client
-certificates ``sae-a``/``sae-b``), the bootstrap trust anchor (``--bootstrap``: the PKI, a
+The demo makes a work directory with a fresh PKI (two CAs: ``pki/node-ca/`` issues the node
+certificates, ``pki/sae-ca/`` the SAE client certificates ``sae-a``/``sae-b``; each CA's empty CRL
+``crl.pem``, re-signed at every start), the bootstrap trust anchor (``--bootstrap``: the PKI, a
 pre-shared key, or a web of trust of OpenPGP keys, see ``bootstrap.py``) and two configs,
 starts both nodes with the simulated link, follows their JSON logs to show progress, stops after
 ``--blocks`` block attempts (or when Alice refuses Bob's credentials before any block), and
@@ -25,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.demo.bootstrap import Bootstrap, auth_lines, make_bootstrap
@@ -109,6 +110,16 @@ class DemoLayout:
     def pki_dir(self) -> Path:
         return self.workdir / "pki"
 
+    @property
+    def node_ca_dir(self) -> Path:
+        """The CA of the node certificates (the peer channel; the KMEs' TLS server certificates)."""
+        return self.pki_dir / "node-ca"
+
+    @property
+    def sae_ca_dir(self) -> Path:
+        """The CA of the SAE client certificates."""
+        return self.pki_dir / "sae-ca"
+
     def config(self, node: str) -> Path:
         return self.workdir / f"{node}.toml"
 
@@ -119,15 +130,23 @@ class DemoLayout:
         return self.workdir / f"{node}-store"
 
 
+DEMO_CRL_DAYS: Final = 30.0
+
+
 def make_pki(layout: DemoLayout) -> None:
+    """Two CAs, the node and SAE certificates (made once per work directory), and each CA's
+    empty CRL (re-signed every time, so that a reused work directory never has a stale one)."""
     directory = layout.pki_dir
-    if (directory / "ca.pem").exists():
-        return
-    issuance.init_ca(directory, common_name="qkdnode demo CA")
-    for node in ("alice", "bob"):
-        issuance.issue_certificate(directory, node, directory / node, purpose="node")
-    for sae in ("sae-a", "sae-b"):
-        issuance.issue_certificate(directory, sae, directory / sae, purpose="sae")
+    node_ca, sae_ca = layout.node_ca_dir, layout.sae_ca_dir
+    if not (node_ca / issuance.CA_CERT).exists():
+        issuance.init_ca(node_ca, common_name="qkdnode demo node CA")
+        issuance.init_ca(sae_ca, common_name="qkdnode demo SAE CA")
+        for node in ("alice", "bob"):
+            issuance.issue_certificate(node_ca, node, directory / node, purpose="node")
+        for sae in ("sae-a", "sae-b"):
+            issuance.issue_certificate(sae_ca, sae, directory / sae, purpose="sae")
+    for ca in (node_ca, sae_ca):
+        issuance.issue_crl(ca, validity_days=DEMO_CRL_DAYS)
 
 
 def decoy_settings_for(distance_km: float, block_pulses: int) -> DecoySettings:
@@ -207,7 +226,8 @@ directory = "{node}-store"
 listen = "127.0.0.1:{layout.kme_ports[node]}"
 certificate = "pki/{node}.pem"
 private_key = "pki/{node}.key"
-sae_ca = "pki/ca.pem"
+sae_ca = "pki/sae-ca/ca.pem"
+sae_crl = "pki/sae-ca/crl.pem"
 kme_id = "{node}"
 peer_kme_id = "{peer}"
 local_saes = ["{SAE_OF[node]}"]
@@ -271,7 +291,7 @@ def _api(
     """One ETSI 014 call to ``node``'s KME as that node's SAE, over mutual TLS."""
     pki_dir = layout.pki_dir
     sae = SAE_OF[node]
-    context = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+    context = ssl.create_default_context(cafile=str(layout.node_ca_dir / issuance.CA_CERT))
     context.load_cert_chain(str(pki_dir / f"{sae}.pem"), str(pki_dir / f"{sae}.key"))
     connection = http.client.HTTPSConnection(
         "localhost", layout.kme_ports[node], context=context, timeout=30

@@ -42,6 +42,7 @@ def config_in_force(config: NodeConfig) -> dict[str, AuditValue]:
         "peer_address": ":".join(map(str, config.peer.connect or config.peer.listen or ())),
         "auth_mode": auth.mode,
         "ca_file": _path(auth.ca_file),
+        "crl_file": _path(auth.crl_file),
         "certificate_file": _path(auth.certificate_file),
         "psk_file": _path(auth.psk_file),
         "pool_target_bits": auth.pool_target_bits,
@@ -59,15 +60,17 @@ def config_in_force(config: NodeConfig) -> dict[str, AuditValue]:
             "peer_kme_id": delivery.peer_kme_id,
             "delivery_address": f"{delivery.listen_host}:{delivery.listen_port}",
             "sae_ca": str(delivery.sae_ca),
+            "sae_crl": _path(delivery.sae_crl),
             "local_saes": delivery.local_saes,
             "peer_saes": delivery.peer_saes,
         }
     return fields
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``'s (nested) groups, or ``error`` itself."""
     if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
     return [error]
 
 
@@ -97,7 +100,7 @@ class SessionFailureRecorder:
         self.budget = budget or RecordingBudget(rate_per_s=FAILURES_PER_S, burst=FAILURE_BURST)
 
     def __call__(self, error: BaseException) -> None:
-        for leaf in _leaves(error):
+        for leaf in leaf_exceptions(error):
             if not isinstance(leaf, SecurityError):
                 continue
             kind = (

@@ -9,8 +9,10 @@ planner, signals and systemd.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import signal
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -19,9 +21,15 @@ import trio
 
 from qkdnode.audit import AuditKind
 from qkdnode.channel.auth import Role
+from qkdnode.channel.revocation import RevocationLists
 from qkdnode.config import NodeConfig
-from qkdnode.delivery.server import DeliveryApp, serve_delivery
-from qkdnode.errors import KeyStoreError, LinkError
+from qkdnode.delivery.server import (
+    DeliveryApp,
+    DeliveryServer,
+    delivery_ssl_context,
+    serve_delivery,
+)
+from qkdnode.errors import ConfigError, KeyStoreError, LinkError
 from qkdnode.link.blocks import open_block_source
 from qkdnode.node.auditing import SessionFailureRecorder, config_in_force
 from qkdnode.node.exchange import DaemonMustStop, Exchange, SessionEnded
@@ -132,6 +140,7 @@ async def _watch_signals(
     cancel: trio.CancelScope,
     on_reopen: Callable[[], None],
     early_stops: Sequence[int],
+    reloads: Sequence[Callable[[], None]] = (),
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         # checked once the receiver exists, so no stop request falls between the two
@@ -142,9 +151,68 @@ async def _watch_signals(
             if signum == signal.SIGHUP:
                 on_reopen()
                 log.info("daemon.log_reopened")
+                for reload in reloads:
+                    reload()
                 continue
             await _stop_gracefully(node, cancel, signum)
             return
+
+
+def _reload_revocation_lists(
+    node: Node, setting: str, load: Callable[[], RevocationLists | None]
+) -> None:
+    """Reread one CRL file (SIGHUP): logged and recorded in the audit trail either way; when
+    it does not load, the lists in force stay."""
+    try:
+        lists = load()
+    except (ConfigError, OSError, ssl.SSLError) as exc:
+        log.error(
+            "pki.crl_reload_failed", setting=setting, error=f"{type(exc).__name__}: {exc}"[:300]
+        )
+        node.audit.record(
+            AuditKind.REVOCATION_LISTS_LOADED, setting=setting, outcome="refused", error=str(exc)
+        )
+        return
+    if lists is None:
+        return
+    next_update = dt.datetime.fromtimestamp(lists.next_update_s, tz=dt.UTC).isoformat()
+    log.info(
+        "pki.crl_reloaded",
+        setting=setting,
+        file=lists.source,
+        crls=len(lists.crls),
+        revoked=lists.revoked_count,
+        next_update=next_update,
+    )
+    node.audit.record(
+        AuditKind.REVOCATION_LISTS_LOADED,
+        setting=setting,
+        outcome="loaded",
+        file=lists.source,
+        crls=len(lists.crls),
+        revoked=lists.revoked_count,
+        next_update=next_update,
+    )
+
+
+def _revocation_reloads(node: Node, server: DeliveryServer | None) -> list[Callable[[], None]]:
+    """What SIGHUP rereads besides the log: ``auth.crl_file`` (new handshakes check against
+    it) and ``delivery.sae_crl`` (a new TLS context for new connections)."""
+    reloads: list[Callable[[], None]] = []
+    if node.config.auth.crl_file is not None:
+        reloads.append(
+            lambda: _reload_revocation_lists(node, "auth.crl_file", node.reload_revocation_lists)
+        )
+    delivery = node.config.delivery
+    if server is not None and delivery is not None and delivery.sae_crl is not None:
+
+        def load_sae_crl() -> RevocationLists | None:
+            context, lists = delivery_ssl_context(delivery)
+            server.ssl_context = context
+            return lists
+
+        reloads.append(lambda: _reload_revocation_lists(node, "delivery.sae_crl", load_sae_crl))
+    return reloads
 
 
 async def _stop_gracefully(node: Node, cancel: trio.CancelScope, signum: int) -> None:
@@ -212,7 +280,8 @@ async def run_daemon(
             │                            reader or Eve's fibre proxy
             └── nursery
                 ├── _watch_signals       SIGTERM/SIGINT: stop (blocks in flight finish within
-                │                        GRACE_PERIOD_S), SIGHUP: reopen the log
+                │                        GRACE_PERIOD_S), SIGHUP: reopen the log, reread
+                │                        the CRL files (auth.crl_file, delivery.sae_crl)
                 ├── _watchdog            systemd WATCHDOG=1 while the loop and store answer
                 ├── _stop_on_store_failure
                 ├── _run_alice           dial, one session at a time, back off and redial
@@ -253,9 +322,25 @@ async def _serve(
         pool_level_bits=node.ledger.level_bits,
         keys_available=node.store.counts().available,
     )
+    server = None
+    if config.delivery is not None and node.manager is not None:
+        app = DeliveryApp.from_config(config.delivery, node.manager)
+        app.observer = node.metrics.delivery_request
+        server = DeliveryServer(app, config.delivery.server)
+        try:  # before any task runs: a CRL that does not load stops the start, named
+            server.ssl_context, _ = delivery_ssl_context(config.delivery)
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.expected, file=str(config.file)) from None
     async with trio.open_nursery() as nursery:
         with trio.CancelScope() as serving:
-            nursery.start_soon(_watch_signals, node, serving, on_reopen, early_stops)
+            nursery.start_soon(
+                _watch_signals,
+                node,
+                serving,
+                on_reopen,
+                early_stops,
+                _revocation_reloads(node, server),
+            )
             nursery.start_soon(_watchdog, node)
             nursery.start_soon(_probe_event_loop, node)
             trio.lowlevel.add_instrument(StepTimer(node.metrics.event_loop_step))
@@ -264,11 +349,11 @@ async def _serve(
                 nursery.start_soon(_run_alice, node, session_config)
             else:
                 await nursery.start(_run_bob, node, session_config)
-            if config.delivery is not None and node.manager is not None:
+            if config.delivery is not None and node.manager is not None and server is not None:
                 await nursery.start(node.manager.run)
-                app = DeliveryApp.from_config(config.delivery, node.manager)
-                app.observer = node.metrics.delivery_request
-                address, unix_path = await nursery.start(serve_delivery, config.delivery, app)
+                address, unix_path = await nursery.start(
+                    functools.partial(serve_delivery, server=server), config.delivery, server.app
+                )
                 log.info(
                     "delivery.listening",
                     url=f"https://{address[0]}:{address[1]}/api/v1/keys/",

@@ -16,6 +16,7 @@ timeouts wrap the protocol calls, never live inside them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -42,6 +43,7 @@ from qkdnode.channel.connection import (
     Rotated,
 )
 from qkdnode.channel.messages import CloseReason
+from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.errors import (
     AuthenticationFailed,
     AuthKeyExhausted,
@@ -467,9 +469,16 @@ def load_psk_file(path: str | os.PathLike[str]) -> PskCredentials:
 
 
 def load_certificate_credentials(
-    *, certificate_file: str, key_file: str, ca_file: str, peer_name: str
+    *,
+    certificate_file: str,
+    key_file: str,
+    ca_file: str,
+    peer_name: str,
+    crl_file: str | None = None,
+    now_s: float | None = None,
 ) -> CertificateCredentials:
-    """Load a PEM chain (leaf first), its private key (Ed25519 or ML-DSA-65) and the CA."""
+    """Load a PEM chain (leaf first), its private key (Ed25519 or ML-DSA-65), the CA and, with
+    ``crl_file``, the CRLs the peer's chain is checked against (current at ``now_s``)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
@@ -479,6 +488,32 @@ def load_certificate_credentials(
     key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
     if not isinstance(key, ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey):
         raise ConfigError("channel.key_file", "an Ed25519 or ML-DSA-65 private key", file=key_file)
-    return CertificateCredentials(
+    credentials = CertificateCredentials(
         certificate_chain=chain, private_key=key, trust_anchor=anchor, peer_name=peer_name
     )
+    if crl_file is None:
+        return credentials
+    return with_revocation_lists(
+        credentials, crl_file, now_s=time.time() if now_s is None else now_s
+    )
+
+
+def with_revocation_lists(
+    credentials: CertificateCredentials, crl_file: str, *, now_s: float
+) -> CertificateCredentials:
+    """``credentials`` checking the peer against the CRLs of ``crl_file`` (read now);
+    ``ConfigError`` naming ``auth.crl_file`` if they do not load."""
+    try:
+        data = Path(crl_file).read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            "auth.crl_file", f"a readable file ({crl_file}: {exc.strerror})"
+        ) from None
+    lists = parse_revocation_lists(
+        data,
+        ca_certificates=(credentials.trust_anchor,),
+        now_s=now_s,
+        source=crl_file,
+        key="auth.crl_file",
+    )
+    return dataclasses.replace(credentials, revocation=lists)

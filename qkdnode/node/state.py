@@ -13,22 +13,29 @@ import structlog
 import trio
 
 from qkdnode.audit import AuditKind
-from qkdnode.channel.auth import BLOCK_DRAW_BITS, Credentials, Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, CertificateCredentials, Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
 from qkdnode.channel.messages import SessionMode
+from qkdnode.channel.revocation import RevocationLists
 from qkdnode.config import NodeConfig
 from qkdnode.coordination.events import StagedShare
 from qkdnode.coordination.planner import AttemptDecision, AuthPlanner, HandshakeAdmission
 from qkdnode.coordination.security import KeySecurityStatement, key_security_statement
 from qkdnode.coordination.wire import make_registry
 from qkdnode.delivery.keys import KeyManager
+from qkdnode.errors import ConfigError
 from qkdnode.link.blocks import BlockSource
 from qkdnode.link.interface import QuantumLink
 from qkdnode.node import rebootstrap
 from qkdnode.node.reporting import BlockReporter, NodeCounters
 from qkdnode.node.reservations import Reservations
-from qkdnode.node.session import SessionConfig, load_certificate_credentials, load_psk_file
+from qkdnode.node.session import (
+    SessionConfig,
+    load_certificate_credentials,
+    load_psk_file,
+    with_revocation_lists,
+)
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
@@ -209,12 +216,32 @@ class Node:
         if auth.mode == "web-of-trust":
             return load_web_of_trust_credentials(auth, peer_name=self.config.peer.name)
         assert auth.certificate_file and auth.private_key_file and auth.ca_file
-        return load_certificate_credentials(
+        credentials = load_certificate_credentials(
             certificate_file=str(auth.certificate_file),
             key_file=str(auth.private_key_file),
             ca_file=str(auth.ca_file),
             peer_name=self.config.peer.name,
         )
+        return self._with_crl(credentials) if auth.crl_file is not None else credentials
+
+    def _with_crl(self, credentials: CertificateCredentials) -> CertificateCredentials:
+        assert self.config.auth.crl_file is not None
+        try:
+            return with_revocation_lists(
+                credentials, str(self.config.auth.crl_file), now_s=time.time()
+            )
+        except ConfigError as exc:
+            raise ConfigError(exc.key, exc.expected, file=str(self.config.file)) from None
+
+    def reload_revocation_lists(self) -> RevocationLists | None:
+        """Reread ``auth.crl_file`` (on SIGHUP): handshakes from now on check the peer against
+        it, a session already authenticated carries on. ``ConfigError`` if the file does not
+        load, and the lists in force stay; None without a ``crl_file``."""
+        credentials = self.credentials
+        if self.config.auth.crl_file is None or not isinstance(credentials, CertificateCredentials):
+            return None
+        self.credentials = self._with_crl(credentials)
+        return self.credentials.revocation
 
     def session_config(self) -> SessionConfig:
         peer = self.config.peer

@@ -5,9 +5,15 @@ This module makes keys and certificates; checking a peer's chain is ``qkdnode.ch
 - ``init`` makes a CA (Ed25519 by default, ML-DSA-65 by option).
 - ``issue node NAME`` makes a node certificate for the classical channel (Ed25519 by default,
   ML-DSA-65 by option; key usage digitalSignature) that also serves the key-delivery API over TLS
-  (``serverAuth``, SAN = the given host names and addresses).
-- ``issue sae SAE_ID`` makes an SAE client certificate (CN = SAE ID, ``clientAuth``) with an ECDSA
-  P-256 key, which every TLS 1.2 and 1.3 client library can present.
+  (SAN = the given host names and addresses). extendedKeyUsage: the qkdnode node purpose and
+  ``serverAuth`` (``qkdnode.channel.pki``), no clientAuth: it is no TLS client anywhere.
+- ``issue sae SAE_ID`` makes an SAE client certificate (CN = SAE ID) with an ECDSA P-256 key,
+  which every TLS 1.2 and 1.3 client library can present. extendedKeyUsage: the qkdnode SAE
+  purpose and ``clientAuth``.
+- ``crl`` makes the CA's certificate revocation list (PEM), listing the given certificates.
+
+Node and SAE certificates are best issued by two CAs (the demo does so): each side then trusts
+only the CA of the certificates it accepts, and the extendedKeyUsage check is a second barrier.
 
 Private keys are written with mode 0600 (created so, never chmod-ed after the fact) and are never
 part of the repository: tests and the demo generate their own.
@@ -27,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from qkdnode.channel.pki import NODE_PURPOSE_OID, SAE_PURPOSE_OID
 from qkdnode.errors import ConfigError
 
 Algorithm = Literal["ed25519", "ml-dsa-65", "ecdsa-p256"]
@@ -34,6 +41,7 @@ SigningKey = ed25519.Ed25519PrivateKey | mldsa.MLDSA65PrivateKey | ec.EllipticCu
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
+CA_CRL = "crl.pem"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,9 +158,9 @@ def issue_certificate(
     key = generate_key(algorithm)
     start = not_valid_before or (_now() - datetime.timedelta(minutes=5))
     usages = (
-        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        [ExtendedKeyUsageOID.SERVER_AUTH, x509.ObjectIdentifier(NODE_PURPOSE_OID)]
         if purpose == "node"
-        else [ExtendedKeyUsageOID.CLIENT_AUTH]
+        else [ExtendedKeyUsageOID.CLIENT_AUTH, x509.ObjectIdentifier(SAE_PURPOSE_OID)]
     )
     builder = (
         x509.CertificateBuilder()
@@ -195,3 +203,45 @@ def issue_certificate(
     write_private_key(files.private_key, key)
     write_certificate(files.certificate, certificate)
     return files
+
+
+def issue_crl(
+    ca_directory: Path,
+    revoked_certificates: tuple[Path, ...] = (),
+    *,
+    out: Path | None = None,
+    validity_days: float = 7.0,
+    this_update: datetime.datetime | None = None,
+) -> Path:
+    """Write the CA's CRL (PEM; default ``CA_DIR/crl.pem``) revoking the certificates in
+    ``revoked_certificates`` (PEM files; each must be issued by this CA), valid from
+    ``this_update`` (default: 5 minutes ago, as certificates, so that a node whose clock is a
+    little behind the CA's accepts it) for ``validity_days``. Returns the path written."""
+    ca_key = load_private_key(ca_directory / CA_KEY)
+    ca_cert = x509.load_pem_x509_certificate((ca_directory / CA_CERT).read_bytes())
+    start = this_update or (_now() - datetime.timedelta(minutes=5))
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(start)
+        .next_update(start + datetime.timedelta(days=validity_days))
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    for path in revoked_certificates:
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+        if certificate.issuer != ca_cert.subject:
+            raise ConfigError(str(path), f"a certificate issued by the CA in {ca_directory}")
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(certificate.serial_number)
+            .revocation_date(start)
+            .build()
+        )
+    crl = builder.sign(ca_key, _signature_hash(ca_key))
+    path = out or ca_directory / CA_CRL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    return path

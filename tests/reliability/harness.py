@@ -391,7 +391,7 @@ def tls_context(layout: DemoLayout, sae: str | None, *, ca_dir: Path | None = No
     from ``ca_dir`` (default: the pair's PKI)."""
     import ssl
 
-    context = ssl.create_default_context(cafile=str(layout.pki_dir / "ca.pem"))
+    context = ssl.create_default_context(cafile=str(layout.node_ca_dir / "ca.pem"))
     if sae is not None:
         directory = ca_dir or layout.pki_dir
         context.load_cert_chain(str(directory / f"{sae}.pem"), str(directory / f"{sae}.key"))
@@ -437,12 +437,14 @@ def api(
 
 
 def add_sae_certificates(layout: DemoLayout, *names: str) -> None:
-    """Issue SAE client certificates from the pair's CA (e.g. an extra or unauthorised SAE)."""
+    """Issue SAE client certificates from the pair's SAE CA (e.g. an extra or unauthorised SAE)."""
     from qkdnode.ops import issuance
 
     for name in names:
         if not (layout.pki_dir / f"{name}.pem").exists():
-            issuance.issue_certificate(layout.pki_dir, name, layout.pki_dir / name, purpose="sae")
+            issuance.issue_certificate(
+                layout.sae_ca_dir, name, layout.pki_dir / name, purpose="sae"
+            )
 
 
 def edit_config(layout: DemoLayout, node: str, old: str, new: str) -> None:
