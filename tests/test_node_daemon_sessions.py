@@ -83,6 +83,7 @@ def _fake_node() -> Any:
 
     return SimpleNamespace(
         exchange=None,
+        current_session=None,
         reservations=Reservations(),
         blocks=SimpleNamespace(reset=reset),
         reporter=SimpleNamespace(mode_changed=lambda mode, reason: None),
@@ -119,3 +120,39 @@ async def test_a_stale_sessions_teardown_leaves_the_newer_session_in_place(
         assert node.reservations._send == current.send_message
         new.ended.set()
     assert node.exchange is None and node.reservations._send is None
+
+
+async def test_a_newer_session_stops_the_one_before_it_before_its_exchange_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale session (its peer crashed, its frames still in flight) must not stage or commit
+    after the newer session has resolved limbo: it is stopped first, and waited for."""
+    order: list[str] = []
+
+    class Recording(_FakeExchange):
+        def __init__(self, node: object, session: Any) -> None:
+            super().__init__(node, session)
+            self.name = session.name
+
+        async def run(self) -> None:
+            order.append(f"{self.name} runs")
+            try:
+                await self.ended.wait()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(0)  # a teardown that takes a checkpoint
+                order.append(f"{self.name} stopped")
+
+    monkeypatch.setattr(daemon, "Exchange", Recording)
+    node = _fake_node()
+    old, new = _fake_session(), _fake_session()
+    old.name, new.name = "old", "new"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon.run_session, node, old)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(daemon.run_session, node, new)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["old runs", "old stopped", "new runs"]
+        assert node.exchange is not None and node.exchange.name == "new"
+        new.ended.set()
+    assert order[-1] == "new stopped" and node.current_session is None

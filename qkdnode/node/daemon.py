@@ -63,7 +63,29 @@ LOOP_PROBE_INTERVAL_S: Final = 0.01
 
 
 async def run_session(node: Node, session: PeerSession) -> None:
-    """One authenticated session: the exchange drives it; reservations use it meanwhile."""
+    """One authenticated session: the exchange drives it; reservations use it meanwhile.
+
+    One session at a time: a newer one first ends the session before it (whose peer crashed,
+    or whose frames are still in flight) and waits until that one has stopped, so a stale
+    session never stages or commits a block after the new one has resolved limbo."""
+    previous = node.current_session
+    if previous is not None:
+        previous_scope, previous_done = previous
+        log.info("session.superseded", detail="a newer session authenticated")
+        previous_scope.cancel()
+        await previous_done.wait()
+    done = trio.Event()
+    with trio.CancelScope() as scope:
+        node.current_session = (scope, done)
+        try:
+            await _run_exchange(node, session)
+        finally:
+            if node.current_session == (scope, done):
+                node.current_session = None
+            done.set()
+
+
+async def _run_exchange(node: Node, session: PeerSession) -> None:
     exchange = Exchange(node, session)
     mode = session.connection.mode
     node.reporter.mode_changed(mode.value if mode is not None else "none", "session established")

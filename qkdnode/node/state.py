@@ -173,6 +173,8 @@ class Node:
             security_budget_epsilon=config.auth.security_budget_epsilon,
         )
         self.exchange: SessionControl | None = None
+        # the session running now: its cancel scope and the event set once it has stopped
+        self.current_session: tuple[trio.CancelScope, trio.Event] | None = None
         self._last_connection: PeerConnection | None = None
         self.reservations = Reservations()
         self.manager: KeyManager | None = None

@@ -281,6 +281,10 @@ class World:
             )
         if node is self.alice:
             self.report.sessions += 1
+        # one session at a time, as in the daemon: a newer one ends the sessions before it
+        for other in list(node.endpoints):
+            if other is not endpoint and other.coordinator is not None:
+                self.end(other, "superseded by a newer session", tell_peer=True)
         endpoint.coordinator = Coordinator(
             node.role,
             config=CoordinatorConfig(

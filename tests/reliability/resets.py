@@ -46,6 +46,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -337,6 +338,7 @@ def run_boundary(
     started = time.monotonic()
     fired_before = len(proxy.tamperings())
     crashes = {"count": 0}
+    killed: list[subprocess.Popen[bytes]] = []
 
     def reset_or_crash_here(frame: Frame) -> bool:
         hit = gate.reset_here(frame)
@@ -348,6 +350,7 @@ def run_boundary(
             process = pair.processes[node]
             if process.poll() is None:
                 os.kill(process.pid, signal.SIGKILL)
+                killed.append(process)
         return hit
 
     reset_rule = Rule(action="reset", times=resets, predicate=reset_or_crash_here)
@@ -385,9 +388,9 @@ def run_boundary(
     stopped = {node: len(pair.events[node]) for node in ("alice", "bob")}
     try:
         if crash:
-            while any(pair.processes[n].poll() is not None for n in crash):
-                restart_killed(pair, crash)
-                time.sleep(0.2)
+            for process in killed:  # a kill sent as the last reset fired may not have landed
+                process.wait(timeout=10)
+            restart_killed(pair, crash)
         pair.wait(
             lambda p: all(
                 sum(
