@@ -32,6 +32,7 @@ from qkdnode.node.session import SessionConfig, load_certificate_credentials, lo
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
+from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import DecoySettings, FiniteKeyAnalysis, SecurityParameters
 from qkdnode.postprocess.pipeline import PipelineParameters
@@ -70,6 +71,7 @@ def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParam
         sample_bits=pp.sample_bits,
         decoy=decoy,
         finite_key=FiniteKeyAnalysis(pp.finite_key),
+        pa_family=AmplificationFamily(pp.pa_family),
     )
 
 
