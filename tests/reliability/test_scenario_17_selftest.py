@@ -24,6 +24,7 @@ def test_all_self_tests_pass_and_cover_every_primitive() -> None:
         "polyhash_gf128",
         "verification_hash",
         "toeplitz",
+        "pa_mersenne",
         "ed25519",
         "ml_dsa_65",
     ]
@@ -34,6 +35,7 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
     assert expected["gf128_hash"] == selftest.POLY128_HASH
     assert expected["gf128_tag"] == selftest.POLY128_TAG
     assert expected["toeplitz"] == selftest.TOEPLITZ_OUTPUT
+    assert expected["pa_mersenne"] == selftest.PA_MERSENNE_OUTPUT
     for field_bits, key, value in selftest.MERSENNE_VECTORS:
         assert naive.MERSENNE_KEYS[field_bits] == key
         assert value == expected[f"mersenne_{field_bits}"]
@@ -45,6 +47,14 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
         naive.TOEPLITZ_INPUT,
         naive.TOEPLITZ_SEED,
     )
+    assert (selftest.PA_MERSENNE_INPUT, selftest.PA_MERSENNE_SEED) == (
+        naive.PA_MERSENNE_INPUT,
+        naive.PA_MERSENNE_SEED,
+    )
+    assert (selftest.PA_MERSENNE_N, selftest.PA_MERSENNE_M) == (
+        naive.PA_MERSENNE_N,
+        naive.PA_MERSENNE_M,
+    )
 
 
 @pytest.mark.parametrize(
@@ -53,6 +63,7 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
         ("polyhash_gf128", "qkdnode.channel.polyhash.PolyHash.finish", lambda self: bytes(16)),
         ("verification_hash", "qkdnode.postprocess.verification.polynomial_hash", lambda *a: 0),
         ("toeplitz", "qkdnode.postprocess.amplification.toeplitz_hash", None),
+        ("pa_mersenne", "qkdnode.postprocess.amplification_mersenne.mersenne_hash", None),
         ("ed25519", "qkdnode.channel.pki.verify_signature", lambda *a: None),
     ],
 )
