@@ -1,6 +1,7 @@
 """Multiply-add modulo a Mersenne prime (mersenne-gmp-v1): bit-exact against Python integers,
-the exponent table, the collision probability δ by enumeration, the key-length charge, the seed's
-checks, both nodes' keys, and the wire's refusal of another or an unknown family."""
+the exponent table, the collision probability δ <= 2^-m by enumerating every seed, the key sized
+as for any two-universal family, the seed's checks, both nodes' keys, and the wire's refusal of
+another or an unknown family."""
 
 from __future__ import annotations
 
@@ -85,7 +86,8 @@ def test_extreme_inputs_and_seeds_are_bit_exact() -> None:
         exponent = mers.mersenne_exponent(n)
         size = mers.seed_part_bytes(n)
         largest = ((1 << exponent) - 2).to_bytes(size, "little")
-        for a, b in ((largest, largest), (bytes(size), largest), (largest, bytes(size))):
+        one = (1).to_bytes(size, "little")
+        for a, b in ((largest, largest), (one, largest), (largest, bytes(size))):
             for bits in (np.ones(n, dtype=np.uint8), np.zeros(n, dtype=np.uint8)):
                 got = mers.mersenne_hash(bits, a + b, n)
                 expected = reference_hash(
@@ -130,31 +132,30 @@ def test_the_exponents_up_to_21701_pass_the_lucas_lehmer_test() -> None:
 @pytest.mark.parametrize("exponent", [5, 7])
 def test_collision_probability_by_enumerating_every_seed(exponent: int) -> None:
     prime = (1 << exponent) - 1
-    a, b = np.meshgrid(np.arange(prime), np.arange(prime), indexing="ij")
+    # every seed of the family: a in Z_p* (1 .. p-1), b in Z_p
+    a, b = np.meshgrid(np.arange(1, prime), np.arange(prime), indexing="ij")
     rng = np.random.default_rng(exponent)
     for m in range(exponent):
         delta = mers.collision_probability(exponent, m)
-        assert delta == Fraction(1, 2**m) + Fraction(2**m - 1, 2**m * prime**2)
+        assert delta == Fraction(2 ** (exponent - m) - 1, prime)
+        assert delta <= Fraction(1, 2**m)  # two-universal
         for _ in range(6):
             x, y = (int(v) for v in rng.choice(prime, size=2, replace=False))
             hx = ((a * x + b) % prime) % (1 << m)
             hy = ((a * y + b) % prime) % (1 << m)
-            # the same for every pair x != y: the family is exactly δ-almost two-universal
-            assert Fraction(int(np.count_nonzero(hx == hy)), prime**2) == delta, (x, y, m)
+            # the same for every pair x != y, and exactly the formula
+            assert Fraction(int(np.count_nonzero(hx == hy)), a.size) == delta, (x, y, m)
 
 
-def test_one_bit_of_key_pays_for_delta() -> None:
-    # the docstring's condition: η_{ℓ-1} = (2^(ℓ-1) − 1)/p² <= 2^(ℓ-1-H) for H = n + 1 >= H_min
-    for n in range(1, 140):
-        prime = (1 << mers.mersenne_exponent(n)) - 1
-        for length in range(1, n + 1):
-            eta = Fraction(2 ** (length - 1) - 1, prime**2)
-            assert eta <= Fraction(2 ** (length - 1), 2 ** (n + 1)), (n, length)
-    assert AmplificationFamily.MERSENNE_GMP_V1.key_length_charge_bits == 1
-    assert AmplificationFamily.TOEPLITZ_FFT_V1.key_length_charge_bits == 0
+def test_with_a_zero_multiplier_allowed_the_family_would_not_be_two_universal() -> None:
+    # why a = 0 is excluded: over all of Z_p x Z_p the collision probability exceeds 2^-m
+    prime, m = 31, 2
+    a, b = np.meshgrid(np.arange(prime), np.arange(prime), indexing="ij")
+    hx, hy = ((a * 3 + b) % prime) % 4, ((a * 17 + b) % prime) % 4
+    assert Fraction(int(np.count_nonzero(hx == hy)), a.size) > Fraction(1, 2**m)
 
 
-def test_both_nodes_get_the_same_key_one_bit_shorter_than_the_bound() -> None:
+def test_both_nodes_get_the_same_key_of_the_two_universal_length() -> None:
     emissions, detections = make_block(
         np.random.default_rng(51), pulse_count=2_000_000, vacuum_qber=0.02, p_key_basis=0.7
     )
@@ -172,7 +173,12 @@ def test_both_nodes_get_the_same_key_one_bit_shorter_than_the_bound() -> None:
         leak_ec_bits=stats.reconciliation_bits + stats.verification_bits,
         security=SECURITY,
     )
-    assert stats.final_key_bits == bound - 1 == alice.key.shape[0] > 0
+    # two-universal: no charge, the key is as long as with Toeplitz hashing
+    assert stats.final_key_bits == bound == alice.key.shape[0] > 0
+    toeplitz, _ = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(52))
+    assert isinstance(toeplitz, BlockKey)
+    assert toeplitz.statistics == stats
+    assert not np.array_equal(toeplitz.key, alice.key)
     seeds = [m for _, m in transcript.messages if isinstance(m, AmplificationSeed)]
     assert len(seeds) == 1 and not any(isinstance(m, ToeplitzSeed) for _, m in transcript.messages)
     assert seeds[0].input_bits == stats.reconciled_bits
@@ -220,7 +226,15 @@ def test_seeds_outside_z_p_or_of_the_wrong_size_are_refused() -> None:
     padded[-1] = 0x80
     good = _seed_body()["seed"]
     assert isinstance(good, bytes)
-    for seed in (prime + good[size:], good[:size] + prime, bytes(padded) + good[size:], good[1:]):
+    zero = bytes(size)
+    bad_seeds = (
+        prime + good[size:],
+        good[:size] + prime,
+        bytes(padded) + good[size:],
+        good[1:],
+        zero + good[size:],  # a = 0
+    )
+    for seed in bad_seeds:
         with pytest.raises(ProtocolError) as info:
             decode_block_message("amplification_seed", _seed_body(seed=seed))
         assert info.value.field == "amplification_seed.seed"
@@ -232,22 +246,23 @@ def test_seeds_outside_z_p_or_of_the_wrong_size_are_refused() -> None:
         assert info.value.field == f"amplification_seed.{name}"
 
 
-def test_the_draw_rejects_p_itself() -> None:
-    class Fixed:
-        """A generator whose bytes are p first, then a fixed value."""
+def test_the_draw_rejects_p_and_a_zero_multiplier() -> None:
+    class Scripted:
+        """A generator whose byte strings come from a script."""
 
-        def __init__(self) -> None:
-            self.calls = 0
+        def __init__(self, script: list[bytes]) -> None:
+            self.script = script
 
         def bytes(self, size: int) -> bytes:
-            self.calls += 1
-            return b"\xff" * size if self.calls == 1 else b"\x05" * size
+            return self.script.pop(0)[:size].ljust(size, b"\x00")
 
-    fixed = Fixed()
-    seed = mers.draw_mersenne_seed(100, fixed)  # type: ignore[arg-type]
-    assert fixed.calls == 3  # k = 107: 14 bytes, the first draw was 2^107 − 1 after masking
+    size = mers.seed_part_bytes(100)  # k = 107: 14 bytes, 5 padding bits masked off
+    ones, zero, five = b"\xff" * size, bytes(size), b"\x05" * size
+    scripted = Scripted([ones, zero, five, zero])
+    seed = mers.draw_mersenne_seed(100, scripted)  # type: ignore[arg-type]
+    assert scripted.script == []  # a: p and 0 drawn again; b = 0 kept
     a, b = _split(seed, 100)
-    assert a == b == int.from_bytes(b"\x05" * 13 + b"\x05", "little") & ((1 << 107) - 1)
+    assert (a, b) == (int.from_bytes(five, "little") & ((1 << 107) - 1), 0)
 
 
 def _run_with(

@@ -7,7 +7,9 @@ with ProtocolError(field="pa_family") / (field="family"), so the block aborts be
 - ``toeplitz-fft-v1``: Toeplitz hashing by float64 FFT (``amplification``), two-universal, seed
   n + m − 1 bits, message ``ToeplitzSeed`` (the wire form of earlier releases, unchanged).
 - ``mersenne-gmp-v1``: ((a·x + b) mod p) mod 2^m with p = 2^k − 1 (``amplification_mersenne``),
-  δ-almost two-universal, charged one bit of key; seed 2k bits, message ``AmplificationSeed``.
+  two-universal; seed 2k bits, message ``AmplificationSeed``.
+
+Both families are two-universal, so the finite-key bound sizes the key the same way for either.
 """
 
 from __future__ import annotations
@@ -30,13 +32,6 @@ class AmplificationFamily(enum.Enum):
 
     TOEPLITZ_FFT_V1 = "toeplitz-fft-v1"
     MERSENNE_GMP_V1 = "mersenne-gmp-v1"
-
-    @property
-    def key_length_charge_bits(self) -> int:
-        """Bits the final key gives up for the family's δ (0 for a two-universal family)."""
-        if self is AmplificationFamily.MERSENNE_GMP_V1:
-            return mersenne.KEY_LENGTH_CHARGE_BITS
-        return 0
 
     @property
     def max_input_bits(self) -> int | None:

@@ -2,36 +2,35 @@
 
 The family. For an input x of n bits (the integer Σ_j x[j] 2^j, bit order as in ``bitpack``),
 an output of m bits (0 <= m <= n) and the Mersenne prime p = 2^k − 1 with k the smallest exponent
-of :data:`MERSENNE_EXPONENTS` above n (so 0 <= x < 2^n <= p), the seed is a pair (a, b) drawn
-uniformly from Z_p × Z_p and
+of :data:`MERSENNE_EXPONENTS` above n (so 0 <= x < 2^n <= p − 1), the seed is a pair (a, b)
+drawn uniformly from Z_p* × Z_p (a ≠ 0) and
 
     h_{a,b}(x) = ((a·x + b) mod p) mod 2^m,    out[i] = bit i of h_{a,b}(x).
 
-Universality. [CW79] (Carter & Wegman, JCSS 18, 143 (1979), the family H_1 of Section 3): for
-x ≠ y in Z_p the map (a, b) ↦ (a·x + b, a·y + b) mod p is a bijection of Z_p² (its determinant
-x − y is invertible mod p), so for uniform (a, b) the pair (r, s) is uniform on Z_p². The outputs
-collide iff r ≡ s (mod 2^m). Among the residues 0 .. p − 1 = 2^k − 2, every m-bit pattern occurs
-2^(k−m) times except the all-ones pattern, which occurs 2^(k−m) − 1 times (2^k − 1 itself is
-missing). Summing the squares of these counts over p²:
+Universality: the family H_1 of Carter & Wegman, JCSS 18, 143 (1979), Section 3, as proved in
+Cormen, Leiserson, Rivest, Stein, "Introduction to Algorithms", 3rd ed., Theorem 11.5, step by
+step for our p and 2^m:
 
-    δ = Pr[h(x) = h(y)] = ((2^m − 1)·2^(2(k−m)) + (2^(k−m) − 1)²) / p² = 2^−m + (1 − 2^−m)/p²,
+1. For x ≠ y in Z_p let r = (a·x + b) mod p and s = (a·y + b) mod p. Then r − s ≡ a·(x − y)
+   (mod p) is non-zero, since p is prime and neither a nor x − y is 0 mod p (x, y < p).
+2. Given (r, s), a = (r − s)·(x − y)^−1 mod p and b = (r − a·x) mod p are unique, so
+   (a, b) ↦ (r, s) is a bijection from Z_p* × Z_p (p(p − 1) seeds) onto the p(p − 1) pairs
+   r ≠ s: for a uniform seed, (r, s) is uniform on them.
+3. The outputs collide iff r ≡ s (mod 2^m). Among 0 .. p − 1 = 2^k − 2 every m-bit pattern
+   occurs L = 2^(k−m) times, except the all-ones pattern, L − 1 times (2^k − 1 is missing). The
+   ordered pairs r ≠ s with the same pattern number (2^m − 1)·L(L − 1) + (L − 1)(L − 2)
+   = (L − 1)(2^k − 2), so
 
-for every x ≠ y (:func:`collision_probability` gives it exactly). The family is δ-almost
-two-universal with 2^m·δ − 1 = η_m = (2^m − 1)/p² > 0: not two-universal, but very nearly.
+       δ = Pr[h(x) = h(y)] = (L − 1)(2^k − 2) / ((2^k − 1)(2^k − 2)) = (2^(k−m) − 1) / (2^k − 1)
 
-Charge in the key length. The leftover hash lemma for a δ-almost two-universal family into m bits
-([TSSR11] Tomamichel, Schaffner, Smith, Renner, IEEE TIT 57, 5524 (2011), arXiv:1002.2436, the
-main theorem) bounds the distance from a uniform key by ½·sqrt((2^m·δ − 1) + 2^(m − H)), where
-H is the (smoothed) min-entropy of x given Eve's information; a two-universal family has the
-first term ≤ 0, which is the form the finite-key analyses use to size the key ℓ. Hashing to
-m = ℓ − 1 bits instead:
+   for every pair x ≠ y (:func:`collision_probability`), and δ <= 2^(k−m) / 2^k = 2^−m.
 
-    η_m + 2^(m − H) <= 2^(ℓ − H)   ⇔   η_m <= 2^(ℓ − 1 − H) = 2^(m − H),
-
-which holds because η_m < 2^m / p² and p² >= 2^(2n) >= 2^(n + 1) >= 2^H (H <= n + 1 for an
-n-bit input, smoothing included, for ε < ½). So the key of ℓ − 1 bits is as secret as the
-ℓ-bit key of a two-universal family: the family costs :data:`KEY_LENGTH_CHARGE_BITS` = 1 bit per
-block and nothing in ε.
+So the family is two-universal in the sense the leftover hash lemma needs (collision
+probability at most 2^−m for every pair; Tomamichel et al., Nat. Commun. 3, 634 (2012) and
+Tomamichel, Schaffner, Smith, Renner, IEEE TIT 57, 5524 (2011), whose δ-almost two-universal
+term 2^m·δ − 1 is <= 0 here): the finite-key analyses size its key exactly as Toeplitz's, with
+no charge. (Drawing a from all of Z_p, a = 0 included, would give δ = 2^−m + (1 − 2^−m)/p²,
+slightly above 2^−m.)
 
 Computation (GMP through gmpy2): y = a·x + b < p·2^k; since 2^k ≡ 1 (mod p),
 y ≡ (y mod 2^k) + ⌊y / 2^k⌋ < 2p, and one conditional subtraction of p gives y mod p. Memory is
@@ -66,9 +65,6 @@ MERSENNE_EXPONENTS: Final[tuple[int, ...]] = (
 #: Largest input the family hashes (the input must be below the largest prime of the table).
 MAX_INPUT_BITS: Final = MERSENNE_EXPONENTS[-1] - 1
 
-#: Bits by which the key is shortened to pay for δ (module docstring, "Charge in the key length").
-KEY_LENGTH_CHARGE_BITS: Final = 1
-
 
 def mersenne_exponent(input_bits: int) -> int:
     """The exponent k of the prime 2^k − 1 for ``input_bits`` bits: the smallest k > input_bits.
@@ -86,33 +82,37 @@ def seed_part_bytes(input_bits: int) -> int:
 
 
 def collision_probability(exponent: int, output_bits: int) -> Fraction:
-    """δ = 2^−m + (1 − 2^−m)/p² exactly, p = 2^exponent − 1, m = ``output_bits`` < exponent.
-
-    Exact rational arithmetic on p²: meant for checks at small exponents.
-    """
+    """δ = (2^(k−m) − 1) / (2^k − 1) exactly, k = ``exponent``, m = ``output_bits`` < k."""
     if not 0 <= output_bits < exponent:
         raise ValueError(f"output_bits must be in [0, {exponent}), got {output_bits}")
-    prime = (1 << exponent) - 1
-    return Fraction(1, 1 << output_bits) + Fraction((1 << output_bits) - 1, (1 << output_bits)) / (
-        prime * prime
-    )
+    return Fraction((1 << (exponent - output_bits)) - 1, (1 << exponent) - 1)
 
 
-def _check_part(part: bytes, exponent: int, *, field: str) -> None:
-    """A k-bit little-endian value below 2^k − 1: padding bits zero and not all ones."""
+def _check_part(part: bytes, exponent: int, *, nonzero: bool, field: str) -> None:
+    """A k-bit little-endian value below 2^k − 1 (and not 0 when ``nonzero``)."""
     spare = len(part) * 8 - exponent
     if spare and part[-1] >> (8 - spare):
         raise ProtocolError("padding bits of the last byte must be zero", field=field)
     top = (1 << (8 - spare)) - 1 if spare else 0xFF
     if part[:-1].count(0xFF) == len(part) - 1 and part[-1] == top:
         raise ProtocolError("must be below the prime 2^k − 1", field=field)
+    if nonzero and not part.strip(b"\x00"):
+        raise ProtocolError("the multiplier must not be 0", field=field)
+
+
+def _check_seed(seed: bytes, exponent: int, *, field: str) -> None:
+    size = packed_length(exponent)
+    _check_part(seed[:size], exponent, nonzero=True, field=field)
+    _check_part(seed[size:], exponent, nonzero=False, field=field)
 
 
 def draw_mersenne_seed(input_bits: int, rng: np.random.Generator) -> bytes:
-    """a ‖ b, each uniform on Z_p (k-bit little-endian, ⌈k/8⌉ bytes), by rejection of p itself.
+    """a ‖ b, a uniform on Z_p* and b on Z_p (k-bit little-endian, ⌈k/8⌉ bytes each).
 
-    The leftover hash lemma needs the seed independent of the key and of Eve's information: seed
-    ``rng`` from OS entropy for each block, as for the Toeplitz seed.
+    Each is drawn as k uniform bits and drawn again when it falls outside its range (the value
+    p, or 0 for a: probability at most 2^(1−k)). The leftover hash lemma needs the seed
+    independent of the key and of Eve's information: seed ``rng`` from OS entropy for each
+    block, as for the Toeplitz seed.
     """
     exponent = mersenne_exponent(input_bits)
     size = packed_length(exponent)
@@ -123,9 +123,9 @@ def draw_mersenne_seed(input_bits: int, rng: np.random.Generator) -> bytes:
         if spare:
             raw[-1] &= (1 << (8 - spare)) - 1
         try:
-            _check_part(bytes(raw), exponent, field="seed")
+            _check_part(bytes(raw), exponent, nonzero=not parts, field="seed")
         except ProtocolError:
-            continue  # the value p (probability 2^−k): draw again
+            continue
         parts.append(bytes(raw))
     return parts[0] + parts[1]
 
@@ -145,8 +145,7 @@ def mersenne_hash(bits: Bits, seed: bytes, output_bits: int) -> Bits:
     size = packed_length(exponent)
     if not isinstance(seed, bytes) or len(seed) != 2 * size:
         raise ProtocolError(f"expected {2 * size} bytes", field="seed")
-    _check_part(seed[:size], exponent, field="seed")
-    _check_part(seed[size:], exponent, field="seed")
+    _check_seed(seed, exponent, field="seed")
     # imported here: gmpy2's import loads importlib.metadata and with it socket and selectors,
     # which a pure module must not pull in when it is merely imported
     import gmpy2
@@ -173,7 +172,7 @@ class AmplificationSeed:
 
     ``family`` names the family and its version; this release knows only ``mersenne-gmp-v1``
     (the Toeplitz family travels as ``ToeplitzSeed``). For it ``seed`` is a ‖ b, each ⌈k/8⌉
-    bytes, k-bit little-endian and below 2^k − 1. An unknown family is refused with
+    bytes, k-bit little-endian and below 2^k − 1, a not 0. An unknown family is refused with
     ProtocolError(field="family"). The seed is public once sent; ``repr`` shows only the shape.
     """
 
@@ -203,9 +202,7 @@ class AmplificationSeed:
             raise ProtocolError(
                 f"expected {2 * size} bytes for {self.input_bits} input bits", field="seed"
             )
-        exponent = mersenne_exponent(self.input_bits)
-        _check_part(self.seed[:size], exponent, field="seed")
-        _check_part(self.seed[size:], exponent, field="seed")
+        _check_seed(self.seed, mersenne_exponent(self.input_bits), field="seed")
 
     def __repr__(self) -> str:
         return (

@@ -37,8 +37,8 @@ class PipelineParameters:
     single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
     tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
     bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
-    ``pa_family`` is the privacy-amplification family; the final key gives up its
-    ``key_length_charge_bits`` (``amplification_family``).
+    ``pa_family`` is the privacy-amplification family (``amplification_family``); both are
+    two-universal, and an input longer than the family hashes aborts the block.
     """
 
     cascade_variant: CascadeVariant
@@ -70,30 +70,7 @@ def final_key_length(
     """The secret key length the finite-key bound allows (0 = none), from public data only.
 
     ``error_positions_disclosed``: the reconciliation transcript reveals W (Cascade does).
-    The bound is for a two-universal family; a δ-almost two-universal ``params.pa_family``
-    takes its charge off it (``amplification_mersenne``, "Charge in the key length").
     """
-    bound = _two_universal_key_length(
-        params,
-        key_bits=key_bits,
-        key_counts_per_intensity=key_counts_per_intensity,
-        statistics=statistics,
-        leak_ec_bits=leak_ec_bits,
-        error_positions_disclosed=error_positions_disclosed,
-    )
-    charge = params.pa_family.key_length_charge_bits
-    return max(bound - charge, 0) if charge else bound
-
-
-def _two_universal_key_length(
-    params: PipelineParameters,
-    *,
-    key_bits: int,
-    key_counts_per_intensity: tuple[int, int, int],
-    statistics: TestBasisStatistics,
-    leak_ec_bits: int,
-    error_positions_disclosed: bool,
-) -> int:
     if params.decoy is None:
         # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
         # sample the phase-error rate is estimated from (not the key-basis QBER sample).
