@@ -4,7 +4,8 @@
 Usage::
 
     .venv/bin/python scripts/bench_postprocess.py [--quick] [--n LIST] [--qber LIST]
-        [--variant LIST] [--frames-10k N] [--frames N] [--json OUT.json]
+        [--variant LIST] [--frames-10k N] [--frames N] [--no-pa] [--pa-sizes LIST]
+        [--pa-family LIST] [--json OUT.json]
 
 Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n", "f", "f_se",
 "fer", "fer_upper95", "frames", "round_trips", "mbit_s", "alice_ms", "bob_ms", "peak_mb", ...}``.
@@ -21,13 +22,22 @@ Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n"
   call); permutations are computed fresh by each role for each frame (no cache: cold).
   ``--frames-10k N`` runs N frames at every n <= 10^4 (FER evidence), ``--frames N`` everywhere
   else.
-- ``stage "pa"``: ``qkdnode.postprocess.amplification.toeplitz_hash`` on 10^6 and 10^7 input
-  bits (output n/2); mbit_s is of input bits. Skipped with a note if the module is missing.
+- ``stage "pa"``: privacy amplification of n input bits to n/2, one row per family and size
+  (default 10^6, 10^7, 10^8; ``--pa-sizes``, ``--pa-family``): ``toeplitz-fft-v1``
+  (``amplification.toeplitz_hash``) and ``mersenne-gmp-v1``
+  (``amplification_mersenne.mersenne_hash``). Each row runs in a fresh subprocess: input and seed
+  drawn, one untimed call, then ``repeats`` timed calls (5 / 3 / 1 at <= 10^6 / <= 10^7 / more);
+  mbit_s = n / median seconds of a call. ``peak_mb`` = the subprocess's VmHWM (peak resident
+  memory; GMP's and FFT buffers included, which tracemalloc misses), ``base_mb`` = its VmRSS
+  before the first call (interpreter, numpy, the input of n bytes and the seed), ``maxrss_mb`` =
+  ru_maxrss. ``check``: bit-exact against a dense GF(2) product (Toeplitz) or against Python
+  integers (Mersenne) on small sizes, in the parent. ``load_1min`` = the 1-minute load average
+  when the row started.
 - ``stage "baseline"``: ``numpy.sort`` of 10^6 random uint32, as Mbit/s of 10^6 "bits", to
   quote speed ratios against this machine in this run.
 
-peak_mb: ``tracemalloc`` peak of traced allocations (numpy buffers are traced) during one extra
-frame run alone, after the timed frames; Python interpreter baseline excluded.
+peak_mb of Cascade rows: ``tracemalloc`` peak of traced allocations (numpy buffers are traced)
+during one extra frame run alone, after the timed frames; Python interpreter baseline excluded.
 """
 
 from __future__ import annotations
@@ -35,6 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
+import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -173,72 +187,122 @@ def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, see
     }
 
 
-def _load_toeplitz() -> Callable[..., np.ndarray] | None:
-    try:
-        from qkdnode.postprocess.amplification import toeplitz_hash
-    except ImportError:
-        return None
-    return toeplitz_hash
+PA_FAMILIES = ("toeplitz-fft-v1", "mersenne-gmp-v1")
 
 
-def _dense_check(toeplitz_hash: Callable[..., np.ndarray]) -> str:
-    """Compare with a dense GF(2) product on a small size under the two usual conventions."""
+def _dense_check() -> str:
+    """Toeplitz: compare with a dense GF(2) product, T[i, j] = s[i - j + n - 1], on a small size."""
+    from qkdnode.postprocess.amplification import toeplitz_hash
+
     rng = np.random.default_rng(77)
     n, m = 300, 120
     bits = rng.integers(0, 2, n, dtype=np.uint8)
     seed_bits = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
     got = np.asarray(toeplitz_hash(bits, seed_bits, m)).astype(np.int64)
-    i = np.arange(m)[:, None]
-    j = np.arange(n)[None, :]
-    for name, index in (("T[i,j]=s[i-j+n-1]", i - j + n - 1), ("T[i,j]=s[j-i+m-1]", j - i + m - 1)):
-        dense = seed_bits[index].astype(np.int64)
-        if np.array_equal((dense @ bits.astype(np.int64)) % 2, got):
-            return f"bit-exact vs dense ({name})"
-    return "NOT equal to a dense product under either usual convention: check the convention"
+    index = np.arange(m)[:, None] - np.arange(n)[None, :] + n - 1
+    dense = seed_bits[index].astype(np.int64)
+    if np.array_equal((dense @ bits.astype(np.int64)) % 2, got):
+        return "bit-exact vs dense product"
+    return "NOT equal to the dense product"
 
 
-def bench_pa(sizes: list[int]) -> list[Row]:
-    toeplitz_hash = _load_toeplitz()
-    if toeplitz_hash is None:
-        return [
-            {
-                "stage": "pa",
-                "variant": "toeplitz-fft",
-                "n": n,
-                "skipped": "qkdnode.postprocess.amplification.toeplitz_hash not available",
-            }
-            for n in sizes
-        ]
-    check = _dense_check(toeplitz_hash)
-    rows = []
-    rng = np.random.default_rng(99)
-    for n in sizes:
-        out = n // 2
+def _integer_check() -> str:
+    """Mersenne: compare with ((a x + b) mod p) mod 2^m in Python integers on a few sizes."""
+    from qkdnode.postprocess import amplification_mersenne as mers
+
+    rng = np.random.default_rng(78)
+    for n in (1, 606, 607, 3_000, 20_000):
+        m = n // 2
         bits = rng.integers(0, 2, n, dtype=np.uint8)
-        seed_bits = rng.integers(0, 2, n + out - 1, dtype=np.uint8)
+        seed = mers.draw_mersenne_seed(n, rng)
+        size = mers.seed_part_bytes(n)
+        a, b = int.from_bytes(seed[:size], "little"), int.from_bytes(seed[size:], "little")
+        x = int("".join(str(int(v)) for v in bits[::-1]), 2)
+        y = ((a * x + b) % ((1 << mers.mersenne_exponent(n)) - 1)) % (1 << m)
+        if mers.mersenne_hash(bits, seed, m).tolist() != [(y >> i) & 1 for i in range(m)]:
+            return f"NOT equal to Python integers at n={n}"
+    return "bit-exact vs Python integers"
+
+
+def _status_mb(key: str) -> float:
+    """VmHWM / VmRSS of this process from /proc/self/status, in MB (10^6 bytes)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024 / 1e6
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def pa_row(family: str, n: int) -> Row:
+    """One PA row, in this process (run it in a fresh subprocess: the peak is the process's)."""
+    rng = np.random.default_rng(99)
+    out = n // 2
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    hash_once: Callable[[], np.ndarray]
+    if family == "toeplitz-fft-v1":
+        from qkdnode.postprocess.amplification import draw_toeplitz_seed, toeplitz_hash
+
+        seed_bits = draw_toeplitz_seed(n, out, rng)
+        seed_bytes = (seed_bits.size + 7) // 8
+
+        def hash_once() -> np.ndarray:
+            return toeplitz_hash(bits, seed_bits, out)
+    else:
+        from qkdnode.postprocess.amplification_mersenne import draw_mersenne_seed, mersenne_hash
+
+        seed = draw_mersenne_seed(n, rng)
+        seed_bytes = len(seed)
+
+        def hash_once() -> np.ndarray:
+            return mersenne_hash(bits, seed, out)
+
+    load_1min = os.getloadavg()[0]
+    base_mb = _status_mb("VmRSS")
+    hash_once()  # untimed: imports, first-touch of buffers
+    repeats = 5 if n <= 10**6 else 3 if n <= 10**7 else 1
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        toeplitz_hash(bits, seed_bits, out)
-        wall_s = time.perf_counter() - start
-        tracemalloc.start()
-        toeplitz_hash(bits, seed_bits, out)
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        rows.append(
-            {
-                "stage": "pa",
-                "variant": "toeplitz-fft",
-                "qber": None,
-                "n": n,
-                "output_bits": out,
-                "f": None,
-                "fer": None,
-                "frames": 1,
-                "round_trips": 0,
-                "mbit_s": round(n / wall_s / 1e6, 3),
-                "peak_mb": round(peak / 1e6, 1),
-                "check": check,
-            }
-        )
+        hash_once()
+        times.append(time.perf_counter() - start)
+    wall_s = statistics.median(times)
+    return {
+        "stage": "pa",
+        "variant": family,
+        "qber": None,
+        "n": n,
+        "output_bits": out,
+        "seed_bytes": seed_bytes,
+        "f": None,
+        "fer": None,
+        "frames": repeats,
+        "round_trips": 0,
+        "seconds": round(wall_s, 4),
+        "mbit_s": round(n / wall_s / 1e6, 3),
+        "peak_mb": round(_status_mb("VmHWM"), 1),
+        "base_mb": round(base_mb, 1),
+        "maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6, 1),
+        "load_1min": round(load_1min, 2),
+    }
+
+
+def bench_pa(sizes: list[int], families: list[str]) -> list[Row]:
+    """One row per (family, size), each measured in a fresh subprocess (see ``pa_row``)."""
+    checks = {"toeplitz-fft-v1": _dense_check(), "mersenne-gmp-v1": _integer_check()}
+    rows = []
+    for n in sizes:
+        for family in families:
+            command = [sys.executable, __file__, "--pa-row", f"{family}:{n}"]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                rows.append(
+                    {"stage": "pa", "variant": family, "n": n, "skipped": f"failed: {tail}"}
+                )
+                continue
+            row: Row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["check"] = checks[family]
+            rows.append(row)
     return rows
 
 
@@ -269,7 +333,10 @@ def print_row(row: Row) -> None:
     elif "skipped" in row:
         print(f"{row['stage']:9} {row['variant']:15} n={row['n']:<8} SKIPPED: {row['skipped']}")
     else:
-        extra = f"  peak {row.get('peak_mb')} MB  {row.get('check', '')}"
+        extra = (
+            f"  peak {row.get('peak_mb')} MB (before the call {row.get('base_mb')} MB)"
+            f"  load {row.get('load_1min')}  {row.get('check', '')}"
+        )
         print(
             f"{row['stage']:9} {row['variant']:15} n={row['n']:<8} {row['mbit_s']:7.3f} Mbit/s"
             + (extra if row["stage"] == "pa" else ""),
@@ -286,8 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames-10k", type=int, help="frames per row at n <= 10^4 (FER runs)")
     parser.add_argument("--frames", type=int, help="frames per row at n > 10^4")
     parser.add_argument("--no-pa", action="store_true", help="skip privacy amplification rows")
+    parser.add_argument("--no-cascade", action="store_true", help="skip the Cascade rows")
+    parser.add_argument("--pa-sizes", help="comma-separated PA input sizes (default 1e6,1e7,1e8)")
+    parser.add_argument(
+        "--pa-family", help=f"comma-separated PA families (default {','.join(PA_FAMILIES)})"
+    )
+    parser.add_argument("--pa-row", help=argparse.SUPPRESS)  # FAMILY:N, one row (subprocess)
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.pa_row:
+        family, n = args.pa_row.split(":")
+        print(json.dumps(pa_row(family, int(float(n)))))
+        return 0
 
     if args.n:
         sizes = [int(float(x)) for x in args.n.split(",")]
@@ -305,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = [bench_baseline()]
     print_row(rows[0])
-    for n in sizes:
+    for n in [] if args.no_cascade else sizes:
         for qber in qbers:
             for index, variant in enumerate(variants):
                 frames = frames_for(n, args.quick)
@@ -317,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print_row(row)
     if not args.no_pa:
-        for row in bench_pa([10**6] if args.quick else [10**6, 10**7]):
+        if args.pa_sizes:
+            pa_sizes = [int(float(x)) for x in args.pa_sizes.split(",")]
+        else:
+            pa_sizes = [10**6] if args.quick else [10**6, 10**7, 10**8]
+        families = args.pa_family.split(",") if args.pa_family else list(PA_FAMILIES)
+        for row in bench_pa(pa_sizes, families):
             rows.append(row)
             print_row(row)
     if args.json:

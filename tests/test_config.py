@@ -15,9 +15,11 @@ import pytest
 
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
 from qkdnode.config.delivery import KeyKind
+from qkdnode.config.postprocess import PA_FAMILIES
 from qkdnode.errors import ConfigError
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
+from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,6 +56,9 @@ def test_example_configs_load(example_dir: Path) -> None:
     # the config names the pipeline's decoy analyses, and defaults to the pipeline's default
     assert set(typing.get_args(FiniteKey)) == {a.value for a in FiniteKeyAnalysis}
     assert alice.postprocess.finite_key == DEFAULT_FINITE_KEY_ANALYSIS.value
+    # the config names exactly the pipeline's privacy-amplification families
+    assert set(PA_FAMILIES) == {family.value for family in AmplificationFamily}
+    assert alice.postprocess.pa_family == bob.postprocess.pa_family == "toeplitz-fft-v1"
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -70,6 +75,12 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("fiber_km = 25.0", "fiber_km = -1.0", "link.fiber_km", ">= 0"),
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
+        (
+            'pa_family = "toeplitz-fft-v1"',
+            'pa_family = "mersenne-gmp-v2"',
+            "postprocess.pa_family",
+            "mersenne-gmp-v1",
+        ),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),
         (
             "security_budget_epsilon = 1e-6",

@@ -70,7 +70,7 @@ IO_MODULES = frozenset(
 # what a fresh interpreter must not have loaded (time, threading and the like are loaded by
 # numpy and cryptography themselves; the static check above keeps pure code from using them)
 LOADED_NEVER = ("trio", "socket", "ssl", "sqlite3", "asyncio", "selectors", "termios", "h11")
-THIRD_PARTY = frozenset({"numpy", "msgpack", "cryptography", "numba", "pysequoia"})
+THIRD_PARTY = frozenset({"numpy", "msgpack", "cryptography", "numba", "pysequoia", "gmpy2"})
 
 
 def _module_name(path: Path) -> str:

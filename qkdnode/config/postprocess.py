@@ -1,5 +1,5 @@
 """The ``[postprocess]`` section: block size, Cascade variant, security model, finite-key
-analysis and the epsilons."""
+analysis, privacy-amplification family and the epsilons."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ SecurityModel = Literal["decoy", "single_photon"]
 # the decoy finite-key analyses (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values)
 FiniteKey = Literal["lim2014", "zhang2017", "lim2014-kl"]
 FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "zhang2017", "lim2014-kl")
+# the privacy-amplification families (qkdnode.postprocess.amplification_family values); both
+# nodes must name the same one
+PA_FAMILIES: tuple[str, ...] = ("toeplitz-fft-v1", "mersenne-gmp-v1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +27,7 @@ class PostprocessSection:
     eps_cor: float
     qber_threshold: float
     sample_bits: int
+    pa_family: str
 
 
 def read_postprocess(table: Table) -> PostprocessSection:
@@ -51,6 +55,7 @@ def read_postprocess(table: Table) -> PostprocessSection:
         eps_cor=open_interval("eps_cor", 1e-12, 1),
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
         sample_bits=table.integer("sample_bits", 1024, minimum=0),
+        pa_family=table.string("pa_family", "toeplitz-fft-v1", choices=PA_FAMILIES),
     )
     table.finish()
     return section

@@ -39,6 +39,7 @@ from qkdnode.node.session import (
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
+from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import DecoySettings, FiniteKeyAnalysis, SecurityParameters
 from qkdnode.postprocess.pipeline import PipelineParameters
@@ -77,6 +78,7 @@ def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParam
         sample_bits=pp.sample_bits,
         decoy=decoy,
         finite_key=FiniteKeyAnalysis(pp.finite_key),
+        pa_family=AmplificationFamily(pp.pa_family),
     )
 
 

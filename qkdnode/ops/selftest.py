@@ -14,7 +14,8 @@ fails too). Provenance of every vector:
   pairwise-consistency test (sign, verify, and reject a changed message) with that key pair
   covers signing and verification;
 - GF(2^128) Wegman-Carter hash (``channel.polyhash``), the Mersenne-prime verification hash
-  (``postprocess.verification``) and Toeplitz hashing (``postprocess.amplification``): our own
+  (``postprocess.verification``), Toeplitz hashing (``postprocess.amplification``) and
+  multiply-add modulo a Mersenne prime with GMP (``postprocess.amplification_mersenne``): our own
   constructions; the vectors were computed by the naive reference implementations in
   ``tests/reliability/naive.py`` (``python -m tests.reliability.naive`` prints them) and pinned;
   ``tests/reliability/test_scenario_17_selftest.py`` re-derives them and fails if they drift.
@@ -104,6 +105,16 @@ TOEPLITZ_SEED: Final = bytes((29 * i + 11) % 256 for i in range(11))
 TOEPLITZ_N: Final = 64
 TOEPLITZ_M: Final = 24
 TOEPLITZ_OUTPUT: Final = "11fe10"
+PA_MERSENNE_INPUT: Final = bytes((11 * i + 7) % 256 for i in range(75))
+PA_MERSENNE_SEED: Final = (
+    bytes((17 * i + 1) % 256 for i in range(75)) + b"\x15"
+    + bytes((23 * i + 9) % 256 for i in range(75)) + b"\x2a"
+)  # fmt: skip
+PA_MERSENNE_N: Final = 600
+PA_MERSENNE_M: Final = 300
+PA_MERSENNE_OUTPUT: Final = (
+    "e81a99a88b86ddd4b0b529516dc499b1df638483a52e6354c7c38d6b9f6d1a6a30af27e01b0f"
+)
 
 
 # hybrid delivery key: ML-KEM shared secret bytes 0..31, key ID below, QKD key bytes 100..131
@@ -195,6 +206,13 @@ def check_hybrid_combiner() -> None:
     _same("hybrid_combiner", derived, HYBRID_OUTPUT)
 
 
+def check_pa_mersenne() -> None:
+    from qkdnode.postprocess.amplification_mersenne import mersenne_hash
+
+    out = mersenne_hash(_bits(PA_MERSENNE_INPUT, PA_MERSENNE_N), PA_MERSENNE_SEED, PA_MERSENNE_M)
+    _same("pa_mersenne", np.packbits(out, bitorder="little").tobytes(), PA_MERSENNE_OUTPUT)
+
+
 def check_ed25519() -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -247,6 +265,7 @@ SELF_TESTS: Final[tuple[tuple[str, Callable[[], None]], ...]] = (
     ("verification_hash", check_verification_hash),
     ("toeplitz", check_toeplitz),
     ("hybrid_combiner", check_hybrid_combiner),
+    ("pa_mersenne", check_pa_mersenne),
     ("ed25519", check_ed25519),
     ("ml_dsa_65", check_mldsa65),
 )

@@ -13,6 +13,7 @@ from typing import Final
 
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.amplification import ToeplitzSeed
+from qkdnode.postprocess.amplification_mersenne import AmplificationSeed
 from qkdnode.postprocess.cascade import ParityAnswer, ParityQuery
 from qkdnode.postprocess.estimation import (
     SampleDisclosure,
@@ -104,6 +105,7 @@ BlockMessage = (
     | ReconciliationDone
     | VerificationTag
     | ToeplitzSeed
+    | AmplificationSeed
     | KeyLength
     | VerificationResult
     | BlockAbort
@@ -123,6 +125,7 @@ MESSAGE_TYPES: dict[str, type[BlockMessage]] = {
     "reconciliation_done": ReconciliationDone,
     "verification_tag": VerificationTag,
     "toeplitz_seed": ToeplitzSeed,
+    "amplification_seed": AmplificationSeed,
     "key_length": KeyLength,
     "verification_result": VerificationResult,
     "block_abort": BlockAbort,

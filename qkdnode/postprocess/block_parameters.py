@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.estimation import (
     SampleOutcome,
@@ -36,6 +37,8 @@ class PipelineParameters:
     single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
     tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
     bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
+    ``pa_family`` is the privacy-amplification family (``amplification_family``); both are
+    two-universal, and an input longer than the family hashes aborts the block.
     """
 
     cascade_variant: CascadeVariant
@@ -44,9 +47,11 @@ class PipelineParameters:
     sample_bits: int = 1024
     decoy: DecoySettings | None = None
     finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
+    pa_family: AmplificationFamily = AmplificationFamily.TOEPLITZ_FFT_V1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "finite_key", FiniteKeyAnalysis(self.finite_key))
+        object.__setattr__(self, "pa_family", AmplificationFamily(self.pa_family))
         if not 0.0 < self.qber_threshold < 0.5:
             raise ValueError("qber_threshold must be in (0, 0.5)")
         if self.sample_bits < 0:
@@ -107,6 +112,12 @@ def estimation_decision(
     """
     if (empty := check_block_not_empty(key_bits)) is not None:
         return empty
+    limit = params.pa_family.max_input_bits
+    if limit is not None and key_bits > limit:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail=f"{key_bits} key bits exceed the {limit} bits {params.pa_family.value} hashes",
+        )
     if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
         return high
     test_bits = sum(statistics.counts)

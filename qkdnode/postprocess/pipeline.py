@@ -9,7 +9,8 @@ message flow of one block (B = Bob, A = Alice):
 4. A -> B  ``TestBasisStatistics``  or ``BlockAbort``   (A decides; B re-checks the same decision)
 5. B -> A  ``ParityQuery``  /  A -> B ``ParityAnswer``   (one round trip per Cascade level) ...
 6. B -> A  ``ReconciliationDone``
-7. A -> B  ``VerificationTag``, ``ToeplitzSeed``, ``KeyLength``   (A sizes the key from the ledger)
+7. A -> B  ``VerificationTag``, the seed, ``KeyLength``   (A sizes the key from the ledger; the seed
+   is a ``ToeplitzSeed`` or an ``AmplificationSeed`` by ``params.pa_family``)
 8. B -> A  ``VerificationResult``                    (B checks the tag and the length)
 
 Either role ends with a :class:`BlockKey` (identical key bits on both sides) or a
@@ -23,8 +24,9 @@ Everything the transcript discloses about the key is recorded in the role's
 + verification tag bits; Bob's queries and ``errors_corrected`` disclose the error positions,
 which the decoy bound accounts for on the entropy side, see ``leakage``).
 
-Randomness (sample positions, Cascade seed, verification hash key, Toeplitz seed) is Alice's and
-comes from the injected generator, which the caller must seed from OS entropy for every block.
+Randomness (sample positions, Cascade seed, verification hash key, amplification seed) is
+Alice's and comes from the injected generator, which the caller must seed from OS entropy for
+every block.
 
 The messages the pipeline defines are in ``block_messages``; the parameters, the early abort and
 the key length both sides compute in ``block_parameters``; this module holds the two roles.
@@ -40,7 +42,14 @@ import numpy as np
 
 from qkdnode.config.node import Role
 from qkdnode.errors import ProtocolError
-from qkdnode.postprocess.amplification import ToeplitzSeed, draw_toeplitz_seed, toeplitz_hash
+from qkdnode.postprocess.amplification import ToeplitzSeed
+from qkdnode.postprocess.amplification_family import (
+    AmplificationMessage,
+    amplify,
+    check_amplification_seed,
+    draw_amplification_seed,
+)
+from qkdnode.postprocess.amplification_mersenne import AmplificationSeed
 from qkdnode.postprocess.block_messages import (
     MESSAGE_TYPES,
     RECONCILIATION_SEED_BYTES,
@@ -343,12 +352,14 @@ class AliceBlock(_BlockRole):
                 AbortReason.NO_POSITIVE_KEY,
                 f"leak of {self.ledger.leak_ec_bits} bits leaves no key",
             )
-        seed_bits = draw_toeplitz_seed(int(self._key.shape[0]), length, self._rng)
-        self._toeplitz = ToeplitzSeed.from_bits(
-            seed_bits, input_bits=int(self._key.shape[0]), output_bits=length
+        self._amplification = draw_amplification_seed(
+            self.params.pa_family,
+            input_bits=int(self._key.shape[0]),
+            output_bits=length,
+            rng=self._rng,
         )
         self._state = "await_result"
-        return [tag, self._toeplitz, KeyLength(final_key_bits=length)]
+        return [tag, self._amplification, KeyLength(final_key_bits=length)]
 
     def _key_length(self) -> int:
         return final_key_length(
@@ -370,7 +381,7 @@ class AliceBlock(_BlockRole):
                 reason=AbortReason.VERIFICATION_FAILED, detail="Bob's key failed verification"
             )
             return []
-        key = toeplitz_hash(self._key, self._toeplitz.seed_bits(), self._toeplitz.output_bits)
+        key = amplify(self._key, self._amplification)
         self.outcome = BlockKey(key=key, statistics=self._block_statistics(key))
         return []
 
@@ -491,11 +502,18 @@ class BobBlock(_BlockRole):
         return self._next_question()
 
     def _on_confirmation(self, messages: list[BlockMessage]) -> list[BlockMessage]:
-        self._expect(messages, VerificationTag, ToeplitzSeed, KeyLength)
-        tag, toeplitz, length = messages
-        assert isinstance(tag, VerificationTag) and isinstance(toeplitz, ToeplitzSeed)
-        assert isinstance(length, KeyLength)
+        seed_type: type[BlockMessage] = ToeplitzSeed
+        if len(messages) == 3 and isinstance(messages[1], AmplificationSeed):
+            seed_type = AmplificationSeed
+        self._expect(messages, VerificationTag, seed_type, KeyLength)
+        tag, seed, length = messages
+        assert isinstance(tag, VerificationTag) and isinstance(length, KeyLength)
+        assert isinstance(seed, ToeplitzSeed | AmplificationSeed)
+        amplification: AmplificationMessage = seed
         corrected = self._reconciler.corrected_bits
+        check_amplification_seed(
+            amplification, self.params.pa_family, input_bits=int(corrected.shape[0])
+        )
         self._state = "done"
         try:
             verify_tag(corrected, tag, eps_cor=self.params.security.eps_cor, ledger=self.ledger)
@@ -513,14 +531,12 @@ class BobBlock(_BlockRole):
             leak_ec_bits=self.ledger.leak_ec_bits,
             error_positions_disclosed=self.ledger.error_positions_disclosed,
         )
-        if length.final_key_bits != expected or toeplitz.output_bits != expected:
+        if length.final_key_bits != expected or amplification.output_bits != expected:
             raise ProtocolError(
                 f"peer sized the key at {length.final_key_bits} bits, this side at {expected}",
                 field="final_key_bits",
             )
-        if toeplitz.input_bits != corrected.shape[0]:
-            raise ProtocolError("does not match the reconciled key length", field="input_bits")
-        key = toeplitz_hash(corrected, toeplitz.seed_bits(), expected)
+        key = amplify(corrected, amplification)
         self.outcome = BlockKey(
             key=key,
             statistics=BlockStatistics(

@@ -63,6 +63,13 @@ def toeplitz(bits: list[int], seed: list[int], output_bits: int) -> list[int]:
     return [sum(seed[i - j + n - 1] & bits[j] for j in range(n)) % 2 for i in range(output_bits)]
 
 
+def mersenne_pa(bits: list[int], a: int, b: int, exponent: int, output_bits: int) -> list[int]:
+    """((a x + b) mod (2^exponent − 1)) mod 2^output_bits, x = Σ bits[j] 2^j, as bits."""
+    x = sum(bit << j for j, bit in enumerate(bits))
+    y = ((a * x + b) % ((1 << exponent) - 1)) % (1 << output_bits)
+    return [(y >> i) & 1 for i in range(output_bits)]
+
+
 def pack_bits_le(bits: list[int]) -> bytes:
     out = bytearray((len(bits) + 7) // 8)
     for i, bit in enumerate(bits):
@@ -81,6 +88,13 @@ MERSENNE_KEYS = {61: 0x0123456789ABCDEF % ((1 << 61) - 1), 127: (1 << 126) + 0x1
 TOEPLITZ_INPUT = bytes((13 * i + 5) % 256 for i in range(8))
 TOEPLITZ_SEED = bytes((29 * i + 11) % 256 for i in range(11))
 TOEPLITZ_N, TOEPLITZ_M = 64, 24
+# mersenne-gmp-v1 on 600 bits: k = 607, a and b are 76 bytes each, the top bit of byte 75 zero
+PA_MERSENNE_INPUT = bytes((11 * i + 7) % 256 for i in range(75))
+PA_MERSENNE_SEED = (
+    bytes((17 * i + 1) % 256 for i in range(75)) + b"\x15"
+    + bytes((23 * i + 9) % 256 for i in range(75)) + b"\x2a"
+)  # fmt: skip
+PA_MERSENNE_N, PA_MERSENNE_M, PA_MERSENNE_EXPONENT = 600, 300, 607
 
 
 def expected_vectors() -> dict[str, str]:
@@ -97,6 +111,14 @@ def expected_vectors() -> dict[str, str]:
         TOEPLITZ_M,
     )
     out["toeplitz"] = pack_bits_le(toe).hex()
+    pa = mersenne_pa(
+        bits_of(PA_MERSENNE_INPUT, PA_MERSENNE_N),
+        int.from_bytes(PA_MERSENNE_SEED[:76], "little"),
+        int.from_bytes(PA_MERSENNE_SEED[76:], "little"),
+        PA_MERSENNE_EXPONENT,
+        PA_MERSENNE_M,
+    )
+    out["pa_mersenne"] = pack_bits_le(pa).hex()
     return out
 
 

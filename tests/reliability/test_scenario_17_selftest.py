@@ -25,6 +25,7 @@ def test_all_self_tests_pass_and_cover_every_primitive() -> None:
         "verification_hash",
         "toeplitz",
         "hybrid_combiner",
+        "pa_mersenne",
         "ed25519",
         "ml_dsa_65",
     ]
@@ -35,6 +36,7 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
     assert expected["gf128_hash"] == selftest.POLY128_HASH
     assert expected["gf128_tag"] == selftest.POLY128_TAG
     assert expected["toeplitz"] == selftest.TOEPLITZ_OUTPUT
+    assert expected["pa_mersenne"] == selftest.PA_MERSENNE_OUTPUT
     for field_bits, key, value in selftest.MERSENNE_VECTORS:
         assert naive.MERSENNE_KEYS[field_bits] == key
         assert value == expected[f"mersenne_{field_bits}"]
@@ -45,6 +47,14 @@ def test_pinned_vectors_equal_the_naive_reference() -> None:
     assert (selftest.TOEPLITZ_INPUT, selftest.TOEPLITZ_SEED) == (
         naive.TOEPLITZ_INPUT,
         naive.TOEPLITZ_SEED,
+    )
+    assert (selftest.PA_MERSENNE_INPUT, selftest.PA_MERSENNE_SEED) == (
+        naive.PA_MERSENNE_INPUT,
+        naive.PA_MERSENNE_SEED,
+    )
+    assert (selftest.PA_MERSENNE_N, selftest.PA_MERSENNE_M) == (
+        naive.PA_MERSENNE_N,
+        naive.PA_MERSENNE_M,
     )
 
 
@@ -75,6 +85,7 @@ def test_the_hybrid_vector_equals_the_independent_implementation() -> None:
         ("polyhash_gf128", "qkdnode.channel.polyhash.PolyHash.finish", lambda self: bytes(16)),
         ("verification_hash", "qkdnode.postprocess.verification.polynomial_hash", lambda *a: 0),
         ("toeplitz", "qkdnode.postprocess.amplification.toeplitz_hash", None),
+        ("pa_mersenne", "qkdnode.postprocess.amplification_mersenne.mersenne_hash", None),
         ("ed25519", "qkdnode.channel.pki.verify_signature", lambda *a: None),
         ("hybrid_combiner", "qkdnode.delivery.hybrid.combine", lambda qkd, *a, **k: qkd),
     ],
