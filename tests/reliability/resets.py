@@ -58,6 +58,7 @@ from typing import Any
 
 import msgpack
 
+from qkdnode.channel.auth import BLOCK_DRAW_BITS
 from qkdnode.channel.framing import HEADER_BYTES, LENGTH_BYTES
 from qkdnode.channel.ledger import (
     HANDSHAKE_KEYS_PER_SLOT,
@@ -88,6 +89,11 @@ BOUNDARIES: dict[str, tuple[Direction, int, str | None]] = {
     "committed": ("b2a", CODES["control"], "committed"),
 }
 HANDSHAKE_BOUNDARIES = frozenset({"hello", "hello_reply", "finish", "sync"})
+# a reset at these costs the block's draws (1,024 pool bits) and commits nothing; the run has
+# the daemons' default pool (the demo's is 32 kbit) and starts such a series only once the pool
+# can pay every block of it above the reserve, as it can after a few commits
+DRAWING_BOUNDARIES = frozenset(BOUNDARIES) - HANDSHAKE_BOUNDARIES
+POOL_TARGET_BITS = 1 << 20
 
 
 @dataclass
@@ -302,6 +308,24 @@ def rotate(pair: Pair, *, timeout_s: float) -> None:
     pair.wait(rotated, timeout_s=timeout_s, what="rotation to key-derived")
 
 
+def wait_for_pool(
+    pair: Pair, watch: LedgerWatch, above_reserve_bits: int, *, timeout_s: float
+) -> None:
+    """Wait until both stored ledgers hold ``above_reserve_bits`` above their reserve."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = watch.sample(pair)
+        levels = [s.deposited_bits - s.consumed_bits - s.reserve_bits for s in states.values()]
+        if len(levels) == 2 and min(levels) >= above_reserve_bits:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the pools hold {levels} bits above the reserve, not {above_reserve_bits}"
+            )
+        pair.poll()
+        time.sleep(0.5)
+
+
 def restart_killed(pair: Pair, crash: tuple[str, ...]) -> None:
     """Start again a node this run killed (``crash``); any other exit is a failure."""
     for node, process in pair.processes.items():
@@ -330,6 +354,8 @@ def run_boundary(
     turn at each reset and start them again), stop, wait for ``recover_blocks`` key-derived
     commits on both nodes; check the logs and ledgers of the whole phase."""
     proxy = thread.proxy
+    if boundary in DRAWING_BOUNDARIES:
+        wait_for_pool(pair, watch, (resets + 4) * BLOCK_DRAW_BITS, timeout_s=timeout_s / 2)
     pair.poll()
     marks = {node: len(pair.events[node]) for node in ("alice", "bob")}
     states = watch.sample(pair)
@@ -464,7 +490,12 @@ def run_resets(
     log: Callable[[str], None] = lambda line: None,
 ) -> ResetsReport:
     started = time.monotonic()
-    pair = Pair.create(workdir, block_pulses=block_pulses, distance_km=DISTANCE_KM)
+    pair = Pair.create(
+        workdir,
+        block_pulses=block_pulses,
+        distance_km=DISTANCE_KM,
+        pool_target_bits=POOL_TARGET_BITS,
+    )
     thread = ProxyThread(pair.layout.peer_port)
     pair.route_alice_to(thread.start())
     watch = LedgerWatch()
