@@ -206,3 +206,40 @@ async def test_every_task_waiting_for_room_in_the_send_queue_is_woken() -> None:
             session._room.set()
             await trio.testing.wait_all_tasks_blocked()
     assert sorted(sent) == ["a", "b"]
+
+
+async def test_the_side_closing_a_block_last_gets_its_authentication_without_more_peer_bytes() -> (
+    None
+):
+    # Bob closes first; Alice's own close then completes the block: the event must reach her
+    # although Bob sends nothing more (before, it waited for Bob's next keepalive ping)
+    left, right = trio.testing.memory_stream_pair()
+    config = SessionConfig()
+    bob_events: list[object] = []
+
+    async def bob() -> None:
+        async with open_session(right, conn(Role.BOB), config) as session:
+            async for event in session.events():
+                bob_events.append(event)
+                if isinstance(event, Data):
+                    await session.send(lambda c: c.close_block(0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob)
+        async with open_session(left, conn(Role.ALICE), config) as alice:
+            await alice.send(lambda c: c.open_block(0))
+            await alice.send(lambda c: c.send_data(0, "blob", {"data": b"x"}))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(isinstance(e, BlockAuthenticated) for e in bob_events)
+            assert alice.connection.open_blocks == (0,)  # Bob's close has arrived, hers not sent
+            seen: list[object] = []
+
+            async def take() -> None:
+                seen.append(await alice.next_event())
+
+            nursery.start_soon(take)
+            await alice.send(lambda c: c.close_block(0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(seen) == 1 and isinstance(seen[0], BlockAuthenticated)
+        nursery.cancel_scope.cancel()
+    assert any(isinstance(e, BlockAuthenticated) for e in bob_events)
