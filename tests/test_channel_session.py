@@ -29,6 +29,7 @@ from qkdnode.node.session import (
     PeerSession,
     SessionConfig,
     backoff_delays,
+    dial,
     load_psk_file,
     open_session,
     serve_bob,
@@ -243,3 +244,23 @@ async def test_the_side_closing_a_block_last_gets_its_authentication_without_mor
             assert len(seen) == 1 and isinstance(seen[0], BlockAuthenticated)
         nursery.cancel_scope.cancel()
     assert any(isinstance(e, BlockAuthenticated) for e in bob_events)
+
+
+async def test_both_ends_of_the_peer_connection_send_without_nagle_delay() -> None:
+    config = SessionConfig(port=0)
+    nodelay: dict[str, int] = {}
+
+    async def bob_handle(session: PeerSession) -> None:
+        stream = session._stream
+        assert isinstance(stream, trio.SocketStream)
+        nodelay["bob"] = stream.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_bob, config, lambda: conn(Role.BOB), bob_handle)
+        port = listeners[0].socket.getsockname()[1]
+        stream = await dial("127.0.0.1", port, config)
+        nodelay["alice"] = stream.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY)
+        async with open_session(stream, conn(Role.ALICE), config):
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert nodelay == {"alice": 1, "bob": 1}

@@ -438,6 +438,8 @@ async def serve_bob(
     handshakes = trio.Semaphore(MAX_UNAUTHENTICATED_CONNECTIONS)
 
     async def on_stream(stream: trio.SocketStream) -> None:
+        # small frames each turn: never held back for coalescing (as on Alice's side)
+        stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
         if handshakes.value == 0:
             # every handshake slot is taken by connections not yet authenticated: refuse
             log.warning("channel.connection_refused", reason="too many unauthenticated")
