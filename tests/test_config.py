@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from qkdnode.channel.rules import ChannelConfig
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
+from qkdnode.config.postprocess import MAX_BLOCKS_IN_FLIGHT
 from qkdnode.errors import ConfigError
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
@@ -46,6 +48,9 @@ def test_example_configs_load(example_dir: Path) -> None:
     # the config names the pipeline's decoy analyses, and defaults to the pipeline's default
     assert set(typing.get_args(FiniteKey)) == {a.value for a in FiniteKeyAnalysis}
     assert alice.postprocess.finite_key == DEFAULT_FINITE_KEY_ANALYSIS.value
+    # one block at a time unless configured; never more than the channel lets open at once
+    assert alice.postprocess.blocks_in_flight == 1
+    assert ChannelConfig().max_open_blocks == MAX_BLOCKS_IN_FLIGHT
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -60,6 +65,8 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("[postprocess]\n", "[postprocess]\nblock_size = 3\n", "postprocess.block_size", "unknown"),
         ("block_pulses = 40000000", 'block_pulses = "many"', "postprocess.block_pulses", "integer"),
         ("fiber_km = 25.0", "fiber_km = -1.0", "link.fiber_km", ">= 0"),
+        ("blocks_in_flight = 1", "blocks_in_flight = 5", "postprocess.blocks_in_flight", "<= 4"),
+        ("blocks_in_flight = 1", "blocks_in_flight = 0", "postprocess.blocks_in_flight", ">= 1"),
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),

@@ -19,6 +19,7 @@ import trio.testing
 from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
+from qkdnode.link.blocks import SimulatedBlocks
 from qkdnode.link.eve import EveAttack
 from qkdnode.link.fibre import BlockStart, PulseFrame, encode_block_start, encode_pulse_frame
 from qkdnode.link.physics import Receiver, Source
@@ -379,3 +380,37 @@ async def test_a_seed_gives_the_same_records_block_after_block() -> None:
             assert np.array_equal(getattr(alice, name), getattr(alice2, name))
         for name in ("pulse_index", "basis", "bit"):
             assert np.array_equal(getattr(bob, name), getattr(bob2, name))
+
+
+async def test_bob_keeps_blocks_read_ahead_until_alice_announces_them() -> None:
+    # two blocks open at once: Bob reads both from the fibre before Alice's first announcement
+    config = SimulatedLinkConfig(fiber_km=10.0, chunk_pulses=10_000)
+    send, receive = memory_fibre()
+    alice = SimulatedBlocks(
+        SimulatedAliceLink(config, fibre=send, rng=np.random.default_rng(1)), 30_000
+    )
+    bob = SimulatedBlocks(
+        SimulatedBobLink(config, fibre=receive, rng=np.random.default_rng(2)), 30_000
+    )
+    sent: list[EmissionRecords] = []
+
+    async def emit(blocks: int) -> None:
+        for _ in range(blocks):
+            sent.append(await alice.alice_block())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(emit, 4)
+        for _ in range(4):
+            await bob.bob_prefetch()
+    first, second, third, fourth = (records.first_pulse_index for records in sent)
+    taken = await bob.bob_block(first)
+    assert taken is not None and taken.first_pulse_index == first
+    assert await bob.bob_block(first) is None  # taken once
+    # the second block was aborted on Alice's side: asking for the third forgets it
+    taken = await bob.bob_block(third)
+    assert taken is not None and taken.first_pulse_index == third
+    assert await bob.bob_block(second) is None
+    assert await bob.bob_block(fourth) is not None
+    assert await bob.bob_block(fourth + 30_000) is None  # never read
+    await alice.reset()
+    await bob.reset()

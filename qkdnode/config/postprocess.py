@@ -12,6 +12,7 @@ SecurityModel = Literal["decoy", "single_photon"]
 # the decoy finite-key analyses (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values)
 FiniteKey = Literal["lim2014", "zhang2017", "lim2014-kl"]
 FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "zhang2017", "lim2014-kl")
+MAX_BLOCKS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -24,6 +25,8 @@ class PostprocessSection:
     eps_cor: float
     qber_threshold: float
     sample_bits: int
+    # Alice opens up to this many blocks at once once the session is key-derived (Bob follows)
+    blocks_in_flight: int
 
 
 def read_postprocess(table: Table) -> PostprocessSection:
@@ -51,6 +54,10 @@ def read_postprocess(table: Table) -> PostprocessSection:
         eps_cor=open_interval("eps_cor", 1e-12, 1),
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
         sample_bits=table.integer("sample_bits", 1024, minimum=0),
+        # at most the channel's limit on open blocks (qkdnode.channel.rules.ChannelConfig)
+        blocks_in_flight=table.integer(
+            "blocks_in_flight", 1, minimum=1, maximum=MAX_BLOCKS_IN_FLIGHT
+        ),
     )
     table.finish()
     return section

@@ -127,7 +127,7 @@ class Exchange:
             node.role,
             config=CoordinatorConfig(
                 key_size_bits=node.config.store.key_size_bits,
-                max_in_flight=1,
+                max_in_flight=node.config.postprocess.blocks_in_flight,
                 block_epsilon=node.block_epsilon,
             ),
             ledger=node.ledger,
