@@ -5,25 +5,11 @@ from __future__ import annotations
 import pytest
 import structlog
 
-from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.ledger import AuthKeyLedger
-from qkdnode.channel.messages import SessionMode
 from qkdnode.node.reporting import BlockReporter, nearest_rank
 from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.events import AbortReason, BlockAborted
-from tests.helpers_metrics import FakeClock, make_metrics
-
-
-def _auth(block_id: int) -> BlockAuthenticated:
-    return BlockAuthenticated(
-        block_id=block_id,
-        mode=SessionMode.KEY_DERIVED,
-        ledger_mark_bits=0,
-        auth_bits_spent=0,
-        frames_sent=1,
-        frames_received=1,
-        forgery_bound_total=0.0,
-    )
+from tests.helpers_metrics import FakeClock, key_derived_authentication, make_metrics
 
 
 def test_a_round_trip_runs_from_a_reply_to_the_peers_next_turn() -> None:
@@ -55,7 +41,11 @@ def test_a_round_trip_runs_from_a_reply_to_the_peers_next_turn() -> None:
             reporter.role_returned(7, replied=call == "replied")
     with structlog.testing.capture_logs() as logs:
         reporter.block_done(
-            7, BlockAborted(reason=AbortReason.PEER_ABORTED), _auth(7), keys=0, pool_bytes=0
+            7,
+            BlockAborted(reason=AbortReason.PEER_ABORTED),
+            key_derived_authentication(7),
+            keys=0,
+            pool_bytes=0,
         )
     (turns,) = [entry for entry in logs if entry["event"] == "block.turns"]
     assert turns["round_trip_ms"] == pytest.approx([3.0, 6.0])
