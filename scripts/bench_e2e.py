@@ -1,7 +1,7 @@
 """End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link.
 
     python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--seconds S]
-                                [--sifted-bits N] --json OUT
+                                [--sifted-bits N] [--in-flight K] --json OUT
 
 For each distance the block size is chosen for about ``--sifted-bits`` sifted key bits per block
 (10^6 by default) with decoy settings optimised for that distance and block size. A distance runs
@@ -114,7 +114,7 @@ NODES = ("alice", "bob")
 
 
 def run_distance(
-    distance_km: float, blocks: int, sifted_bits: int, steady_s: float
+    distance_km: float, blocks: int, sifted_bits: int, steady_s: float, in_flight: int
 ) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
     settings = decoy_settings_for(distance_km, block_pulses)
@@ -124,6 +124,14 @@ def run_distance(
         layout = prepare_workdir(
             workdir, distance_km=distance_km, block_pulses=block_pulses, pool_target_bits=65536
         )
+        if in_flight > 1:
+            for node in NODES:
+                path = layout.config(node)
+                path.write_text(
+                    path.read_text().replace(
+                        "[postprocess]\n", f"[postprocess]\nblocks_in_flight = {in_flight}\n", 1
+                    )
+                )
         processes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
         followers = {node: LogFollower(layout.log(node)) for node in NODES}
         events: list[dict[str, Any]] = []
@@ -213,6 +221,7 @@ def run_distance(
     return {
         "link": "simulated",
         "distance_km": distance_km,
+        "blocks_in_flight": in_flight,
         "blocks": len(committed),
         "blocks_aborted": len(events) - len(committed),
         "block_pulses": block_pulses,
@@ -260,6 +269,9 @@ def main() -> int:
         help="seconds after the first committed block per distance, at least",
     )
     parser.add_argument("--sifted-bits", type=int, default=1_000_000)
+    parser.add_argument(
+        "--in-flight", type=int, default=1, help="[postprocess] blocks_in_flight of both daemons"
+    )
     parser.add_argument("--quick", action="store_true", help="25 km, 3 blocks of 2.5e5 bits")
     parser.add_argument("--json", required=True, help="write the rows here")
     args = parser.parse_args()
@@ -275,7 +287,7 @@ def main() -> int:
         f"{'lag ms A/B':>11}"
     )
     for distance in distances:
-        row = run_distance(distance, blocks, sifted_bits, steady_s)
+        row = run_distance(distance, blocks, sifted_bits, steady_s, args.in_flight)
         rows.append(row)
         print(
             f"{row['distance_km']:>5.0f} {row['blocks']:>6} {row['secret_bits_per_s']!s:>11} "
