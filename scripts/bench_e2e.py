@@ -1,14 +1,26 @@
 """End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link.
 
-    python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--sifted-bits N] --json OUT
+    python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--seconds S]
+                                [--sifted-bits N] [--in-flight K] --json OUT
 
 For each distance the block size is chosen for about ``--sifted-bits`` sifted key bits per block
-(10^6 by default) with decoy settings optimised for that distance and block size. Each row reports
-secret bits per second and per pulse (counted after the authentication-key pool took its share),
-the finite-key bound (the daemons' default analysis, vacuum term dropped for two-way Cascade)
-for the *same observed counts* with reconciliation at the Shannon limit
-(f = 1, leak = n h(Q)), their ratio, the mean QBER, each daemon's CPU seconds, and the seconds to
-the first committed block.
+(10^6 by default) with decoy settings optimised for that distance and block size. A distance runs
+until ``--blocks`` blocks are done and ``--seconds`` (120 by default) have passed since the first
+committed block. Each row reports secret bits per second and per pulse (counted after the
+authentication-key pool took its share), the finite-key bound (the daemons' default analysis,
+vacuum term dropped for two-way Cascade) for the *same observed counts* with reconciliation at the
+Shannon limit (f = 1, leak = n h(Q)), their ratio, the mean QBER, each daemon's CPU seconds, and
+the seconds to the first committed block. Measured in the same run, over the steady state (from
+the first committed block to the last block):
+
+- ``sifted_bits_per_s``: committed sifted bits after the first block / that wall time;
+- ``round_trip_ms_p50`` / ``_p99``: Bob's round trips inside a block (his reply queued to
+  Alice's answer handed to his role, from his ``block.turns`` log), pooled over the blocks;
+- ``cpu_util_alice`` / ``_bob``: CPU seconds of each daemon / wall seconds (1.0 = one core);
+- ``peak_mb``: each daemon's peak resident memory (VmHWM) at the end;
+- ``event_loop_lag_max_ms``: the largest ``qkdnode_event_loop_lag_seconds`` (the metric keeps the
+  largest lag of the last 60 s) read every 2 s from 60 s after the first committed block on
+  (from the first block on in a shorter run).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +83,39 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def run_distance(distance_km: float, blocks: int, sifted_bits: int) -> dict[str, Any]:
+def peak_resident_mb(pid: int) -> float:
+    """VmHWM of a live process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/PID/status")
+
+
+def event_loop_lag_s(url: str) -> float | None:
+    """The node's ``qkdnode_event_loop_lag_seconds`` (None if the metrics do not answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("qkdnode_event_loop_lag_seconds"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def nearest_rank(sorted_values: list[float], fraction: float) -> float | None:
+    if not sorted_values:
+        return None
+    return sorted_values[max(1, math.ceil(fraction * len(sorted_values))) - 1]
+
+
+NODES = ("alice", "bob")
+
+
+def run_distance(
+    distance_km: float, blocks: int, sifted_bits: int, steady_s: float, in_flight: int
+) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
     settings = decoy_settings_for(distance_km, block_pulses)
     with tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
@@ -79,26 +124,67 @@ def run_distance(distance_km: float, blocks: int, sifted_bits: int) -> dict[str,
         layout = prepare_workdir(
             workdir, distance_km=distance_km, block_pulses=block_pulses, pool_target_bits=65536
         )
+        if in_flight > 1:
+            for node in NODES:
+                path = layout.config(node)
+                path.write_text(
+                    path.read_text().replace(
+                        "[postprocess]\n", f"[postprocess]\nblocks_in_flight = {in_flight}\n", 1
+                    )
+                )
         processes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
-        follower = LogFollower(layout.log("alice"))
+        followers = {node: LogFollower(layout.log(node)) for node in NODES}
         events: list[dict[str, Any]] = []
+        # each node's round trips (ms) by block, from its block.turns entries
+        turns: dict[str, dict[int, list[float]]] = {node: {} for node in NODES}
+        lags_s: dict[str, list[float]] = {node: [] for node in NODES}
         started = time.monotonic()
-        deadline = started + 120 + 60 * blocks
-        cpu = {"alice": 0.0, "bob": 0.0}
+        deadline = started + 120 + 60 * blocks + steady_s
+        cpu_first: dict[str, float] = {}
+        first_s = 0.0
+        next_scrape_s = 0.0
         try:
-            while len(events) < blocks:
-                for event in follower.new_events():
-                    if event.get("event") in ("block.committed", "block.aborted"):
-                        events.append(event | {"t_s": time.monotonic() - started})
+            while len(events) < blocks or not cpu_first or time.monotonic() - first_s < steady_s:
+                for node, follower in followers.items():
+                    for event in follower.new_events():
+                        name = event.get("event")
+                        if name == "block.turns":
+                            turns[node][int(event["block"])] = list(event["round_trip_ms"])
+                        elif node == "alice" and name in ("block.committed", "block.aborted"):
+                            events.append(event | {"t_s": time.monotonic() - started})
+                            if name == "block.committed" and not cpu_first:
+                                first_s = time.monotonic()
+                                cpu_first = {n: cpu_seconds(p.pid) for n, p in processes.items()}
                 if any(p.poll() is not None for p in processes.values()):
                     raise RuntimeError(f"a daemon exited; see {workdir}")
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise RuntimeError(f"timed out after {len(events)} blocks")
+                if cpu_first and now >= next_scrape_s:
+                    next_scrape_s = now + 2.0
+                    # the metric is a maximum over 60 s: from then on it covers steady state only
+                    if now - first_s >= min(60.0, steady_s):
+                        for node in NODES:
+                            lag = event_loop_lag_s(layout.metrics_url(node))
+                            if lag is not None:
+                                lags_s[node].append(lag)
                 time.sleep(0.1)
-            cpu = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            wall_s = time.monotonic() - first_s
+            cpu_end = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            peak_mb = {name: round(peak_resident_mb(p.pid), 1) for name, p in processes.items()}
+            time.sleep(1.0)  # Bob's entry for the last block follows Alice's commit
+            for node, follower in followers.items():
+                for event in follower.new_events():
+                    if event.get("event") == "block.turns":
+                        turns[node][int(event["block"])] = list(event["round_trip_ms"])
         finally:
             stop_nodes(list(processes.values()))
+    cpu = cpu_end
     committed = [e for e in events if e["event"] == "block.committed"]
+    steady_blocks = [int(e["block"]) for e in events[1:]]
+    round_trips_ms = sorted(
+        value for block in steady_blocks for value in turns["bob"].get(block, [])
+    )
     secret_bits = sum(int(e["secret_bits"]) for e in committed)
     bound_bits = 0
     for event in committed:
@@ -122,15 +208,27 @@ def run_distance(distance_km: float, blocks: int, sifted_bits: int) -> dict[str,
     # rate over the steady state: from the first block's end to the last block's end
     span_s = events[-1]["t_s"] - events[0]["t_s"]
     steady_secret = secret_bits - (int(committed[0]["secret_bits"]) if committed else 0)
+    steady_sifted = sum(int(e["sifted_bits"]) for e in committed[1:])
+    sifted_per_s = round(steady_sifted / span_s, 1) if span_s > 0 else None
+    block_sifted = round(sum(int(e["sifted_bits"]) for e in committed) / max(len(committed), 1))
+    # post-processing throughput of a node: sifted bits over the wall time of the block's
+    # exchange after the link delivered its records (Alice's log; Bob's is the same span)
+    pp_sifted_per_s = round(
+        sum(int(e["sifted_bits"]) for e in committed)
+        / max(sum(float(e["postprocess_s"]) for e in committed), 1e-9)
+    )
     pulses = block_pulses * len(committed)
     return {
+        "link": "simulated",
         "distance_km": distance_km,
+        "blocks_in_flight": in_flight,
         "blocks": len(committed),
         "blocks_aborted": len(events) - len(committed),
         "block_pulses": block_pulses,
-        "sifted_bits_per_block": round(
-            sum(int(e["sifted_bits"]) for e in committed) / max(len(committed), 1)
-        ),
+        "sifted_bits_per_block": block_sifted,
+        "block_sifted_bits": block_sifted,
+        "steady_s": round(span_s, 1),
+        "sifted_bits_per_s": sifted_per_s,
         "secret_bits_per_s": round(steady_secret / span_s, 1) if span_s > 0 else None,
         "secret_bits_per_pulse": secret_bits / pulses if pulses else 0.0,
         "bound_bits_per_pulse": bound_bits / pulses if pulses else 0.0,
@@ -140,17 +238,19 @@ def run_distance(distance_km: float, blocks: int, sifted_bits: int) -> dict[str,
             sum(float(e["reconciliation_efficiency"]) for e in committed) / max(len(committed), 1),
             4,
         ),
-        "sifted_bits_per_s_per_node": round(
-            sum(int(e["sifted_bits"]) for e in committed[1:]) / span_s, 1
-        )
-        if span_s > 0
-        else None,
-        # post-processing throughput of a node: sifted bits over the wall time of the block's
-        # exchange after the link delivered its records (Alice's log; Bob's is the same span)
-        "postprocess_sifted_bits_per_s": round(
-            sum(int(e["sifted_bits"]) for e in committed)
-            / max(sum(float(e["postprocess_s"]) for e in committed), 1e-9)
-        ),
+        "sifted_bits_per_s_per_node": sifted_per_s,
+        "postprocess_sifted_bits_per_s": pp_sifted_per_s,
+        "pp_sifted_bits_per_s": pp_sifted_per_s,
+        "round_trip_ms_p50": nearest_rank(round_trips_ms, 0.5),
+        "round_trip_ms_p99": nearest_rank(round_trips_ms, 0.99),
+        "round_trips_timed": len(round_trips_ms),
+        "cpu_util_alice": round((cpu_end["alice"] - cpu_first["alice"]) / wall_s, 3),
+        "cpu_util_bob": round((cpu_end["bob"] - cpu_first["bob"]) / wall_s, 3),
+        "peak_mb": peak_mb,
+        "event_loop_lag_max_ms": {
+            node: round(1000 * max(values), 1) if values else None
+            for node, values in lags_s.items()
+        },
         "cpu_s_per_node": {name: round(value, 2) for name, value in cpu.items()},
         "first_block_s": round(events[0]["t_s"], 2),
     }
@@ -161,23 +261,33 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--km", default="10,25,50", help="comma-separated distances")
-    parser.add_argument("--blocks", type=int, default=5, help="blocks per distance")
+    parser.add_argument("--blocks", type=int, default=5, help="blocks per distance, at least")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=120.0,
+        help="seconds after the first committed block per distance, at least",
+    )
     parser.add_argument("--sifted-bits", type=int, default=1_000_000)
+    parser.add_argument(
+        "--in-flight", type=int, default=1, help="[postprocess] blocks_in_flight of both daemons"
+    )
     parser.add_argument("--quick", action="store_true", help="25 km, 3 blocks of 2.5e5 bits")
     parser.add_argument("--json", required=True, help="write the rows here")
     args = parser.parse_args()
     distances = [float(x) for x in args.km.split(",")]
-    blocks, sifted_bits = args.blocks, args.sifted_bits
+    blocks, sifted_bits, steady_s = args.blocks, args.sifted_bits, args.seconds
     if args.quick:
-        distances, blocks, sifted_bits = [25.0], 3, 250_000
+        distances, blocks, sifted_bits, steady_s = [25.0], 3, 250_000, 0.0
     rows = []
     print(
         f"{'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
         f"{'ratio':>6} {'QBER':>7} {'f':>6} {'sifted b/s':>11} {'pp b/s':>10} {'cpu A/B s':>12} "
-        f"{'first s':>7}"
+        f"{'first s':>7} {'rt p50/p99 ms':>14} {'util A/B':>11} {'peak MB A/B':>12} "
+        f"{'lag ms A/B':>11}"
     )
     for distance in distances:
-        row = run_distance(distance, blocks, sifted_bits)
+        row = run_distance(distance, blocks, sifted_bits, steady_s, args.in_flight)
         rows.append(row)
         print(
             f"{row['distance_km']:>5.0f} {row['blocks']:>6} {row['secret_bits_per_s']!s:>11} "
@@ -186,7 +296,11 @@ def main() -> int:
             f"{row['reconciliation_efficiency']:>6} {row['sifted_bits_per_s_per_node']!s:>11} "
             f"{row['postprocess_sifted_bits_per_s']:>10} "
             f"{row['cpu_s_per_node']['alice']:>5}/{row['cpu_s_per_node']['bob']:<6} "
-            f"{row['first_block_s']:>7}",
+            f"{row['first_block_s']:>7} "
+            f"{row['round_trip_ms_p50']!s:>6}/{row['round_trip_ms_p99']!s:<7} "
+            f"{row['cpu_util_alice']:>5}/{row['cpu_util_bob']:<5} "
+            f"{row['peak_mb']['alice']:>6}/{row['peak_mb']['bob']:<5} "
+            f"{row['event_loop_lag_max_ms']['alice']!s:>5}/{row['event_loop_lag_max_ms']['bob']!s:<5}",
             flush=True,
         )
     Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

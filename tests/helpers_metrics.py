@@ -1,12 +1,26 @@
 """A node's metrics with a fake clock, and readers of its exposition (shared by the metrics,
-status and security-statement tests)."""
+status, security-statement and block-log tests)."""
 
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.messages import SessionMode
 from qkdnode.ops.metrics import NodeMetrics
+
+
+def key_derived_authentication(block_id: int) -> BlockAuthenticated:
+    """A block's authentication as the channel reports it (key-derived, one frame each way)."""
+    return BlockAuthenticated(
+        block_id=block_id,
+        mode=SessionMode.KEY_DERIVED,
+        ledger_mark_bits=0,
+        auth_bits_spent=0,
+        frames_sent=1,
+        frames_received=1,
+        forgery_bound_total=0.0,
+    )
 
 
 class FakeClock:

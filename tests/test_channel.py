@@ -265,6 +265,20 @@ def test_bootstrap_handshake_then_blocks(mode: str) -> None:
     assert PongReceived(nonce=9) in pair.events[Role.ALICE]
 
 
+def test_the_last_close_of_a_block_queues_its_authentication_for_the_shell_to_fetch() -> None:
+    pair = make_pair("psk")
+    pair.handshake()
+    pair.deliver(Role.BOB, pair.alice.open_block(0))
+    pair.deliver(Role.BOB, pair.alice.close_block(0))
+    pending = [pair.bob.has_pending_events]
+    pair.deliver(Role.ALICE, pair.bob.close_block(0))  # no bytes reach Bob after this
+    pending.append(pair.bob.has_pending_events)
+    pair.drain(Role.BOB)
+    pending.append(pair.bob.has_pending_events)
+    assert pending == [False, True, False]
+    assert isinstance(pair.events[Role.BOB][-1], BlockAuthenticated)
+
+
 @pytest.mark.slow  # runs long
 def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
     draws: tuple[list[DrawRecord], list[DrawRecord]] = ([], [])

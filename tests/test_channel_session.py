@@ -29,6 +29,7 @@ from qkdnode.node.session import (
     PeerSession,
     SessionConfig,
     backoff_delays,
+    dial,
     load_psk_file,
     open_session,
     serve_bob,
@@ -206,3 +207,60 @@ async def test_every_task_waiting_for_room_in_the_send_queue_is_woken() -> None:
             session._room.set()
             await trio.testing.wait_all_tasks_blocked()
     assert sorted(sent) == ["a", "b"]
+
+
+async def test_the_side_closing_a_block_last_gets_its_authentication_without_more_peer_bytes() -> (
+    None
+):
+    # Bob closes first; Alice's own close then completes the block: the event must reach her
+    # although Bob sends nothing more (before, it waited for Bob's next keepalive ping)
+    left, right = trio.testing.memory_stream_pair()
+    config = SessionConfig()
+    bob_events: list[object] = []
+
+    async def bob() -> None:
+        async with open_session(right, conn(Role.BOB), config) as session:
+            async for event in session.events():
+                bob_events.append(event)
+                if isinstance(event, Data):
+                    await session.send(lambda c: c.close_block(0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob)
+        async with open_session(left, conn(Role.ALICE), config) as alice:
+            await alice.send(lambda c: c.open_block(0))
+            await alice.send(lambda c: c.send_data(0, "blob", {"data": b"x"}))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not any(isinstance(e, BlockAuthenticated) for e in bob_events)
+            assert alice.connection.open_blocks == (0,)  # Bob's close has arrived, hers not sent
+            seen: list[object] = []
+
+            async def take() -> None:
+                seen.append(await alice.next_event())
+
+            nursery.start_soon(take)
+            await alice.send(lambda c: c.close_block(0))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(seen) == 1 and isinstance(seen[0], BlockAuthenticated)
+        nursery.cancel_scope.cancel()
+    assert any(isinstance(e, BlockAuthenticated) for e in bob_events)
+
+
+async def test_both_ends_of_the_peer_connection_send_without_nagle_delay() -> None:
+    config = SessionConfig(port=0)
+    nodelay: dict[str, int] = {}
+
+    async def bob_handle(session: PeerSession) -> None:
+        stream = session._stream
+        assert isinstance(stream, trio.SocketStream)
+        nodelay["bob"] = stream.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_bob, config, lambda: conn(Role.BOB), bob_handle)
+        port = listeners[0].socket.getsockname()[1]
+        stream = await dial("127.0.0.1", port, config)
+        nodelay["alice"] = stream.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY)
+        async with open_session(stream, conn(Role.ALICE), config):
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert nodelay == {"alice": 1, "bob": 1}

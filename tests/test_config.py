@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from qkdnode.channel.rules import ChannelConfig
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
 from qkdnode.config.delivery import KeyKind
-from qkdnode.config.postprocess import PA_FAMILIES
+from qkdnode.config.postprocess import MAX_BLOCKS_IN_FLIGHT, PA_FAMILIES
 from qkdnode.errors import ConfigError
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
@@ -59,6 +60,9 @@ def test_example_configs_load(example_dir: Path) -> None:
     # the config names exactly the pipeline's privacy-amplification families
     assert set(PA_FAMILIES) == {family.value for family in AmplificationFamily}
     assert alice.postprocess.pa_family == bob.postprocess.pa_family == "toeplitz-fft-v1"
+    # one block at a time unless configured; never more than the channel lets open at once
+    assert alice.postprocess.blocks_in_flight == 1
+    assert ChannelConfig().max_open_blocks == MAX_BLOCKS_IN_FLIGHT
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -73,6 +77,8 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("[postprocess]\n", "[postprocess]\nblock_size = 3\n", "postprocess.block_size", "unknown"),
         ("block_pulses = 40000000", 'block_pulses = "many"', "postprocess.block_pulses", "integer"),
         ("fiber_km = 25.0", "fiber_km = -1.0", "link.fiber_km", ">= 0"),
+        ("blocks_in_flight = 1", "blocks_in_flight = 5", "postprocess.blocks_in_flight", "<= 4"),
+        ("blocks_in_flight = 1", "blocks_in_flight = 0", "postprocess.blocks_in_flight", ">= 1"),
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         (

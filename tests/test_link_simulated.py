@@ -8,16 +8,21 @@ import math
 import subprocess
 import sys
 import textwrap
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
-from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.config.link import EveConfig, SimulatedLinkConfig
 from qkdnode.errors import BadDeviceData, LinkError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
+from qkdnode.link.blocks import SimulatedBlocks
+from qkdnode.link.eve import EveAttack
 from qkdnode.link.fibre import BlockStart, PulseFrame, encode_block_start, encode_pulse_frame
+from qkdnode.link.physics import Receiver, Source
 from qkdnode.link.simulated import (
     SimulatedAliceLink,
     SimulatedBobLink,
@@ -340,3 +345,72 @@ async def test_ends_built_from_config_meet_over_tcp() -> None:
     assert received.detection_count > 100
     await alice.aclose()
     await bob.aclose()
+
+
+async def test_the_links_physics_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # emission, detection and Eve's attack each run in a worker thread, never on trio's
+    trio_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {"emit": set(), "detect": set(), "attack": set()}
+    for owner, name, label in (
+        (Source, "emit", "emit"),
+        (Receiver, "detect", "detect"),
+        (EveAttack, "apply", "attack"),
+    ):
+        original = getattr(owner, name)
+
+        def traced(self: object, *args: Any, _f: Any = original, _l: str = label) -> Any:
+            threads[_l].add(threading.get_ident())
+            return _f(self, *args)
+
+        monkeypatch.setattr(owner, name, traced)
+    config = SimulatedLinkConfig(fiber_km=10.0, chunk_pulses=20_000)
+    eve = EveConfig(intercept_resend_fraction=0.1)
+    pairs = await run_blocks(config, blocks=2, pulse_count=50_000, seed=3, eve=eve)
+    assert len(pairs) == 2
+    assert all(threads.values()), threads
+    assert all(trio_thread not in seen for seen in threads.values())
+
+
+async def test_a_seed_gives_the_same_records_block_after_block() -> None:
+    config = SimulatedLinkConfig(fiber_km=25.0, chunk_pulses=7_000)
+    first = await run_blocks(config, blocks=2, pulse_count=30_000, seed=11)
+    again = await run_blocks(config, blocks=2, pulse_count=30_000, seed=11)
+    for (alice, bob), (alice2, bob2) in zip(first, again, strict=True):
+        for name in ("bit", "basis", "intensity"):
+            assert np.array_equal(getattr(alice, name), getattr(alice2, name))
+        for name in ("pulse_index", "basis", "bit"):
+            assert np.array_equal(getattr(bob, name), getattr(bob2, name))
+
+
+async def test_bob_keeps_blocks_read_ahead_until_alice_announces_them() -> None:
+    # two blocks open at once: Bob reads both from the fibre before Alice's first announcement
+    config = SimulatedLinkConfig(fiber_km=10.0, chunk_pulses=10_000)
+    send, receive = memory_fibre()
+    alice = SimulatedBlocks(
+        SimulatedAliceLink(config, fibre=send, rng=np.random.default_rng(1)), 30_000
+    )
+    bob = SimulatedBlocks(
+        SimulatedBobLink(config, fibre=receive, rng=np.random.default_rng(2)), 30_000
+    )
+    sent: list[EmissionRecords] = []
+
+    async def emit(blocks: int) -> None:
+        for _ in range(blocks):
+            sent.append(await alice.alice_block())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(emit, 4)
+        for _ in range(4):
+            await bob.bob_prefetch()
+    first, second, third, fourth = (records.first_pulse_index for records in sent)
+    taken = await bob.bob_block(first)
+    assert taken is not None and taken.first_pulse_index == first
+    assert await bob.bob_block(first) is None  # taken once
+    # the second block was aborted on Alice's side: asking for the third forgets it
+    taken = await bob.bob_block(third)
+    assert taken is not None and taken.first_pulse_index == third
+    assert await bob.bob_block(second) is None
+    assert await bob.bob_block(fourth) is not None
+    assert await bob.bob_block(fourth + 30_000) is None  # never read
+    await alice.reset()
+    await bob.reset()

@@ -7,6 +7,7 @@ stores afterwards (read-only). Blocks are small (few seconds each) to keep the d
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import signal
@@ -16,7 +17,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from etsi_qkd_014_client import QKD014Client
@@ -167,6 +170,44 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     for key in list(read_keys(layout.store("alice")).values())[:50]:
         assert key.hex() not in text
     audit_trails_verify_and_an_altered_entry_is_named(layout)
+
+
+def test_with_two_blocks_in_flight_the_next_block_opens_before_this_one_commits(
+    layout: DemoLayout,
+) -> None:
+    for node in ("alice", "bob"):
+        path = layout.config(node)
+        path.write_text(
+            path.read_text().replace("[postprocess]\n", "[postprocess]\nblocks_in_flight = 2\n")
+        )
+    nodes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
+    try:
+        progress, follower = Progress(), LogFollower(layout.log("alice"))
+        wait_for(layout, progress, follower, lambda p: p.committed >= 6, nodes)
+    finally:
+        codes = stop_nodes(list(nodes.values()), timeout_s=GRACE_S + 5)
+    assert codes == [0, 0], codes
+    assert progress.aborted == 0
+    match, compared = compare_stores(layout, exact=True)
+    assert match and compared > 100
+    committed = [
+        event
+        for event in map(json.loads, layout.log("alice").read_text().splitlines())
+        if event.get("event") == "block.committed"
+    ]
+    assert [e["block"] for e in committed] == sorted(e["block"] for e in committed)
+
+    def seconds(event: dict[str, Any]) -> float:
+        return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+
+    # a block opened (its link time and post-processing before its commit) while the one
+    # before it was still open; before rotation blocks go one at a time
+    opened_early = [
+        later["block"]
+        for earlier, later in itertools.pairwise(committed)
+        if seconds(later) - later["link_s"] - later["postprocess_s"] < seconds(earlier)
+    ]
+    assert opened_early, [(e["block"], e["timestamp"], e["link_s"]) for e in committed]
 
 
 def audit_verify(*arguments: str) -> subprocess.CompletedProcess[str]:

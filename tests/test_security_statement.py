@@ -7,7 +7,6 @@ import pytest
 import structlog.testing
 
 from qkdnode.channel.auth import Role
-from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.ledger import (
     AuthKeyLedger,
     LedgerState,
@@ -26,7 +25,7 @@ from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.pipeline import BlockKey
 from qkdnode.simulation.store_model import StoreModel
 from qkdnode.simulation.stub import _statistics
-from tests.helpers_metrics import commit, make_metrics, value
+from tests.helpers_metrics import commit, key_derived_authentication, make_metrics, value
 
 BLOCK_EPSILON = 1.01e-10
 
@@ -128,15 +127,7 @@ def _report(reporter: BlockReporter, block_id: int, tag_keys: float) -> None:
     statement = key_security_statement(
         mode=SessionMode.KEY_DERIVED, ledger=state, block_epsilon=BLOCK_EPSILON, chain_root="pki"
     )
-    auth = BlockAuthenticated(
-        block_id=block_id,
-        mode=SessionMode.KEY_DERIVED,
-        ledger_mark_bits=0,
-        auth_bits_spent=0,
-        frames_sent=1,
-        frames_received=1,
-        forgery_bound_total=0.0,
-    )
+    auth = key_derived_authentication(block_id)
     key = BlockKey(key=np.zeros(512, dtype=np.uint8), statistics=_statistics(512))
     reporter.block_done(block_id, key, auth, keys=2, pool_bytes=0, statement=statement)
 

@@ -200,6 +200,13 @@ class PeerConnection:
         return tuple(self._blocks)
 
     @property
+    def has_pending_events(self) -> bool:
+        """True when events are queued for ``next_event`` without more received data: a send
+        can finish a block (``close_block`` by the side that closes last) or refuse one
+        (``open_block`` on an exhausted pool), and the shell must then fetch the event."""
+        return bool(self._events)
+
+    @property
     def bootstrap_mode(self) -> SessionMode:
         return self._handshaker.bootstrap_mode
 

@@ -15,6 +15,7 @@ FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "zhang2017", "lim2014-k
 # the privacy-amplification families (qkdnode.postprocess.amplification_family values); both
 # nodes must name the same one
 PA_FAMILIES: tuple[str, ...] = ("toeplitz-fft-v1", "mersenne-gmp-v1")
+MAX_BLOCKS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -28,6 +29,8 @@ class PostprocessSection:
     qber_threshold: float
     sample_bits: int
     pa_family: str
+    # Alice opens up to this many blocks at once once the session is key-derived (Bob follows)
+    blocks_in_flight: int
 
 
 def read_postprocess(table: Table) -> PostprocessSection:
@@ -56,6 +59,10 @@ def read_postprocess(table: Table) -> PostprocessSection:
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
         sample_bits=table.integer("sample_bits", 1024, minimum=0),
         pa_family=table.string("pa_family", "toeplitz-fft-v1", choices=PA_FAMILIES),
+        # at most the channel's limit on open blocks (qkdnode.channel.rules.ChannelConfig)
+        blocks_in_flight=table.integer(
+            "blocks_in_flight", 1, minimum=1, maximum=MAX_BLOCKS_IN_FLIGHT
+        ),
     )
     table.finish()
     return section

@@ -51,13 +51,17 @@ class BlockSource(Protocol):
 class SimulatedBlocks:
     """The simulated link: Alice's source emits a block when asked, over a fibre connection that
     is renewed at every session (so no pulses of a broken session's block can be taken for the
-    next one). Bob must read the fibre before Alice's announcement, or her source would wait."""
+    next one). Bob must read the fibre before Alice's announcement, or her source would wait.
+
+    Bob reads one block per block opened, in order, and keeps what he read by first pulse index
+    until Alice announces it: with several blocks open he may read ahead of her announcements.
+    """
 
     def __init__(self, link: QuantumLink, pulse_count: int) -> None:
         self._link = link
         self._pulse_count = pulse_count
         self._open = False
-        self._prefetched: DetectionRecords | None = None
+        self._prefetched: dict[int, DetectionRecords] = {}
 
     @property
     def link(self) -> QuantumLink:
@@ -76,7 +80,7 @@ class SimulatedBlocks:
             raise
 
     async def reset(self) -> None:
-        self._prefetched = None
+        self._prefetched.clear()
         if self._open:
             self._open = False
             with trio.CancelScope(shield=True):
@@ -92,13 +96,13 @@ class SimulatedBlocks:
         records = await self._records()
         if not isinstance(records, DetectionRecords):
             raise LinkError("the link gave Alice's records to Bob")
-        self._prefetched = records
+        self._prefetched[records.first_pulse_index] = records
 
     async def bob_block(self, first_pulse_index: int) -> DetectionRecords | None:
-        records, self._prefetched = self._prefetched, None
-        if records is None or records.first_pulse_index != first_pulse_index:
-            return None
-        return records
+        # Alice announces blocks in pulse order: what lies before this one is never asked for
+        for index in [i for i in self._prefetched if i < first_pulse_index]:
+            del self._prefetched[index]
+        return self._prefetched.pop(first_pulse_index, None)
 
 
 class SerialBlocks:

@@ -170,6 +170,8 @@ async def run_eve_proxy(
                 if isinstance(frame, BlockStart):
                     await downstream.send_all(encode_frame(frame))
                 else:
-                    await downstream.send_all(encode_frame(attack.apply(frame)))
+                    # the attack's physics off the event loop, like the link's own
+                    attacked = await trio.to_thread.run_sync(attack.apply, frame)
+                    await downstream.send_all(encode_frame(attacked))
     finally:
         await downstream.aclose()

@@ -7,7 +7,10 @@ eavesdropper (``qkdnode.link.eve``) can sit on the stream as a proxy.
 
 All physics is in ``qkdnode.link.physics`` (pure, seeded by the injected Generators). Alice sends
 a BLOCK frame then the block's pulses in chunks of ``chunk_pulses``; Bob turns each chunk into
-detections as it arrives, so memory is bounded by one block's records plus one chunk.
+detections as it arrives, so memory is bounded by one block's records plus one chunk. Each
+chunk's physics (Alice's emission and its encoding, Bob's detection) runs in a worker thread,
+one chunk at a time and in order, so the event loop stays free and a seed gives the same
+records as a single thread would.
 
 The simulated fibre carries Alice's states (basis, bit) in clear, as a real fibre carries the
 photons: a simulated link is for tests, demos and benchmarks, never for keys that matter.
@@ -32,7 +35,7 @@ from qkdnode.link.fibre import (
     encode_pulse_frame,
 )
 from qkdnode.link.interface import LinkParameters, LinkState, LinkStatus, Role
-from qkdnode.link.physics import AfterpulseCarry, Receiver, Source
+from qkdnode.link.physics import U8, AfterpulseCarry, Receiver, Source
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 SendOpener = Callable[[], Awaitable[trio.abc.SendStream]]
@@ -262,25 +265,18 @@ class SimulatedAliceLink(_SimulatedEnd):
         bit = np.empty(pulse_count, dtype=np.uint8)
         basis = np.empty(pulse_count, dtype=np.uint8)
         intensity = np.empty(pulse_count, dtype=np.uint8)
-        span = self._parameters.fibre_transmittance
         completed = False
         try:
             await self._send(
                 encode_block_start(BlockStart(first_pulse_index=first, pulse_count=pulse_count))
             )
             for offset in range(0, pulse_count, self._config.chunk_pulses):
-                size = min(self._config.chunk_pulses, pulse_count - offset)
-                emission = self._source.emit(size, self._rng)
-                bit[offset : offset + size] = emission.bit
-                basis[offset : offset + size] = emission.basis
-                intensity[offset : offset + size] = emission.intensity
-                frame = PulseFrame(
-                    first_pulse_index=first + offset,
-                    span_transmittance=span,
-                    pulses=emission.pulses,
+                chunk = slice(offset, min(offset + self._config.chunk_pulses, pulse_count))
+                frame = await trio.to_thread.run_sync(
+                    self._emit, first, chunk, (bit, basis, intensity)
                 )
-                await self._send(encode_pulse_frame(frame))
-                self._pulses += size
+                await self._send(frame)
+                self._pulses += chunk.stop - chunk.start
             completed = True
         finally:
             if not completed and self._state is LinkState.OPEN:
@@ -289,6 +285,21 @@ class SimulatedAliceLink(_SimulatedEnd):
         self._next_pulse_index = first + pulse_count
         self._blocks += 1
         return EmissionRecords(first_pulse_index=first, bit=bit, basis=basis, intensity=intensity)
+
+    def _emit(self, first: int, chunk: slice, records: tuple[U8, U8, U8]) -> bytes:
+        """Emit the pulses of ``chunk`` (offsets in the block starting at pulse ``first``):
+        Alice's bit, basis and intensity go into ``records``, the fibre frame is returned."""
+        emission = self._source.emit(chunk.stop - chunk.start, self._rng)
+        bit, basis, intensity = records
+        bit[chunk] = emission.bit
+        basis[chunk] = emission.basis
+        intensity[chunk] = emission.intensity
+        frame = PulseFrame(
+            first_pulse_index=first + chunk.start,
+            span_transmittance=self._parameters.fibre_transmittance,
+            pulses=emission.pulses,
+        )
+        return encode_pulse_frame(frame)
 
     async def _send(self, data: bytes) -> None:
         assert self._stream is not None
@@ -369,8 +380,12 @@ class SimulatedBobLink(_SimulatedEnd):
                         f"pulse frame at {frame.first_pulse_index} (+{frame.pulse_count}) does "
                         f"not continue the block at {expected}"
                     )
-                detections, self._carry = self._receiver.detect(
-                    frame.pulses, frame.span_transmittance, self._rng, self._carry
+                detections, self._carry = await trio.to_thread.run_sync(
+                    self._receiver.detect,
+                    frame.pulses,
+                    frame.span_transmittance,
+                    self._rng,
+                    self._carry,
                 )
                 indices.append(detections.offset + expected)
                 bases.append(detections.basis)

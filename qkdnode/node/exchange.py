@@ -127,7 +127,7 @@ class Exchange:
             node.role,
             config=CoordinatorConfig(
                 key_size_bits=node.config.store.key_size_bits,
-                max_in_flight=1,
+                max_in_flight=node.config.postprocess.blocks_in_flight,
                 block_epsilon=node.block_epsilon,
             ),
             ledger=node.ledger,
@@ -276,7 +276,9 @@ class Exchange:
 
     async def _run_role(self, block_id: int, messages: tuple[BlockMessage, ...]) -> None:
         role = self._roles[block_id]
+        self.node.reporter.role_called(block_id)
         reply = await trio.to_thread.run_sync(role.receive, list(messages))
+        self.node.reporter.role_returned(block_id, replied=bool(reply))
         self._inputs_in.send_nowait(
             RoleAdvanced(block_id=block_id, messages=tuple(reply), outcome=role.outcome)
         )
@@ -301,7 +303,8 @@ class Exchange:
             case TakeRecords() | PrefetchRecords():
                 self._link_jobs_in.send_nowait(effect)
             case StartRole(block_id=block_id):
-                self._start_role(block_id)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._start_role, block_id, self._records.pop(block_id))
             case FeedRole(block_id=block_id, messages=messages):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_role, block_id, messages)
@@ -365,19 +368,24 @@ class Exchange:
         if head is not None:
             await self.send_message(AuditHead(seq=head.seq, chain_hash=head.chain_hash))
 
-    def _start_role(self, block_id: int) -> None:
-        records = self._records.pop(block_id)
-        first: list[BlockMessage] = []
-        role: AliceBlock | BobBlock
-        if isinstance(records, EmissionRecords):
-            role = AliceBlock(records, self.node.params, _fresh_rng())
-        else:
-            role = BobBlock(records, self.node.params)
-            first = role.start()
+    async def _start_role(self, block_id: int, records: EmissionRecords | DetectionRecords) -> None:
+        # off the event loop: Bob's first turn encodes every detection of the block
+        self.node.reporter.role_called(block_id)
+        role, first = await trio.to_thread.run_sync(self._new_role, records)
+        self.node.reporter.role_returned(block_id, replied=bool(first))
         self._roles[block_id] = role
         self._inputs_in.send_nowait(
             RoleAdvanced(block_id=block_id, messages=tuple(first), outcome=role.outcome)
         )
+
+    def _new_role(
+        self, records: EmissionRecords | DetectionRecords
+    ) -> tuple[AliceBlock | BobBlock, list[BlockMessage]]:
+        """A block's role and its first turn (Bob's; Alice waits for his)."""
+        if isinstance(records, EmissionRecords):
+            return AliceBlock(records, self.node.params, _fresh_rng()), []
+        role = BobBlock(records, self.node.params)
+        return role, role.start()
 
     def _staged_block(self, effect: StageBlock, statement: KeySecurityStatement) -> StagedBlock:
         stats = effect.key.statistics

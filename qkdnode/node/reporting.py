@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -33,6 +34,29 @@ class NodeCounters:
 
 
 @dataclass(slots=True)
+class TurnClock:
+    """One block's turns as this node sees them (monotonic seconds).
+
+    A round trip runs from this node's role returning a reply (queued for the peer at once) to
+    the peer's next turn being handed to this node's role: two hops plus the peer's work.
+    """
+
+    round_trips_s: list[float] = field(default_factory=list)
+    # time inside this node's role calls, hand-offs to and from the worker thread included
+    role_s: float = 0.0
+    replied_s: float | None = None
+    fed_s: float | None = None
+
+
+def nearest_rank(sorted_values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile of ascending ``sorted_values`` (nan when empty)."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(slots=True)
 class BlockReporter:
     """Counts, logs and exports each finished block; times the link and post-processing."""
 
@@ -44,8 +68,10 @@ class BlockReporter:
     counters: NodeCounters = field(default_factory=NodeCounters)
     # the budget alert fires once per crossing, not on every block past it
     _over_budget: bool = False
+    clock: Callable[[], float] = time.monotonic
     # per block in flight: when it opened and when its records arrived (monotonic seconds)
     _times: dict[int, tuple[float, float]] = field(default_factory=dict)
+    _turns: dict[int, TurnClock] = field(default_factory=dict)
 
     def mode_changed(self, mode: str, reason: str) -> None:
         self.counters.mode = mode
@@ -67,12 +93,30 @@ class BlockReporter:
         self._over_budget = over
 
     def block_started(self, block_id: int) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._times[block_id] = (now, now)
 
     def records_taken(self, block_id: int) -> None:
-        started, _ = self._times.get(block_id, (time.monotonic(), 0.0))
-        self._times[block_id] = (started, time.monotonic())
+        started, _ = self._times.get(block_id, (self.clock(), 0.0))
+        self._times[block_id] = (started, self.clock())
+
+    def role_called(self, block_id: int) -> None:
+        """This node's role is handed a turn of the peer (or, for its first turn, started)."""
+        now = self.clock()
+        turns = self._turns.setdefault(block_id, TurnClock())
+        if turns.replied_s is not None:
+            turns.round_trips_s.append(now - turns.replied_s)
+            turns.replied_s = None
+        turns.fed_s = now
+
+    def role_returned(self, block_id: int, *, replied: bool) -> None:
+        """This node's role returned, with a reply for the peer or without."""
+        now = self.clock()
+        turns = self._turns.setdefault(block_id, TurnClock())
+        if turns.fed_s is not None:
+            turns.role_s += now - turns.fed_s
+            turns.fed_s = None
+        turns.replied_s = now if replied else None
 
     def block_done(
         self,
@@ -86,8 +130,22 @@ class BlockReporter:
     ) -> None:
         """Count, log and export one finished block; a committed block reports its
         ``statement`` (the security statement its keys were staged with)."""
-        now = time.monotonic()
+        now = self.clock()
         started, records = self._times.pop(block_id, (now, now))
+        turns = self._turns.pop(block_id, TurnClock())
+        round_trips_s = sorted(turns.round_trips_s)
+        # every round trip, for benchmarks; the block's percentiles go in its own entry
+        log.info(
+            "block.turns",
+            block=block_id,
+            round_trip_ms=[round(1000 * value, 3) for value in turns.round_trips_s],
+            role_s=round(turns.role_s, 4),
+        )
+        timing = {
+            "round_trip_ms_p50": _ms(nearest_rank(round_trips_s, 0.5)),
+            "round_trip_ms_p99": _ms(nearest_rank(round_trips_s, 0.99)),
+            "role_s": round(turns.role_s, 3),
+        }
         # the authentication budget of the block: bits drawn from the pool (0 while the session
         # is bootstrap-authenticated), frames tagged, and the accumulated forgery bound
         budget = {
@@ -112,6 +170,7 @@ class BlockReporter:
                 mode=counters.mode,
                 link_s=link_s,
                 postprocess_s=postprocess_s,
+                **timing,
                 **budget,
             )
         else:
@@ -153,6 +212,7 @@ class BlockReporter:
                 errors_corrected=stats.errors_corrected,
                 link_s=link_s,
                 postprocess_s=postprocess_s,
+                **timing,
                 **budget,
                 **({} if statement is None else statement.fields()),
             )
@@ -163,3 +223,7 @@ class BlockReporter:
             f"{counters.blocks_aborted} aborted, {counters.secret_bits} secret bits, "
             f"auth {counters.mode}"
         )
+
+
+def _ms(value_s: float) -> float | None:
+    return None if math.isnan(value_s) else round(1000 * value_s, 3)

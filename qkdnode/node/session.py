@@ -4,11 +4,14 @@ The pure connection never blocks; this module owns every await. Shape (h11's tri
 timeouts wrap the protocol calls, never live inside them.
 
 - ``PeerSession`` drives one connection over one stream. A writer task sends queued frames in
-  batches (one ``send_all`` per batch: many small Cascade frames per syscall); a reader task feeds
-  received bytes to the connection and puts its events on a bounded channel; a keepalive task
-  pings when the link is idle. Frames are produced by calling a method of the connection only
-  when there is room in the send queue (``await session.send(lambda c: c.send_data(...))``), so
-  frame order always equals sequence-number order and the queue stays bounded.
+  batches (one ``send_all`` per batch: many small Cascade frames per syscall); a receiver task
+  reads the stream and a dispatcher feeds what it read to the connection and puts the
+  connection's events on a bounded channel; a keepalive task pings when the link is idle.
+  Frames are produced by calling a method of the connection only when there is room in the
+  send queue (``await session.send(lambda c: c.send_data(...))``), so frame order always equals
+  sequence-number order and the queue stays bounded. An event that a send produces (the block
+  closed last by this side is authenticated at once) wakes the dispatcher: it is delivered
+  without waiting for the peer's next bytes.
 - ``dial`` (Alice) retries with capped exponential backoff and jitter; ``serve`` (Bob) accepts.
 - Files (certificates, keys, PSK) are read here, never in the pure core: ``load_psk_file``
   refuses a PSK readable by group or others.
@@ -16,6 +19,7 @@ timeouts wrap the protocol calls, never live inside them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -127,6 +131,11 @@ class PeerSession:
         self._events_in, self._events_out = trio.open_memory_channel[Event](
             config.event_queue_events
         )
+        # bytes read from the stream, or None: events are queued in the connection. Unbuffered:
+        # the receiver reads at most one chunk ahead of the dispatcher.
+        self._incoming_in, self._incoming_out = trio.open_memory_channel[bytes | bytearray | None](
+            0
+        )
         self._last_receive_s = trio.current_time()
         self._last_send_s = trio.current_time()
         self._writing = False
@@ -149,6 +158,8 @@ class PeerSession:
                 self._room = trio.Event()
             await self._room.wait()
         self._enqueue(produce(self.connection))
+        if self.connection.has_pending_events:
+            self._wake_dispatcher()
 
     async def next_event(self) -> Event:
         """The next event from the peer (raises what the reader raised once the session ends)."""
@@ -186,13 +197,31 @@ class PeerSession:
             if not self._queue:
                 self._drained.set()
 
-    async def _reader(self) -> None:
-        conn = self.connection
+    def _wake_dispatcher(self) -> None:
+        # refused when the dispatcher is not waiting: it is then inside its loop and fetches
+        # every queued event before it waits again (or it has ended with the session)
+        with contextlib.suppress(
+            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            self._incoming_in.send_nowait(None)
+
+    async def _receiver(self) -> None:
+        """Read the stream and hand each chunk to the dispatcher (``b""``: the stream ended)."""
         while True:
             with trio.fail_after(self.config.read_timeout_s):
                 data = await self._stream.receive_some(self.config.receive_chunk_bytes)
             self._last_receive_s = trio.current_time()
-            conn.receive_data(data)
+            await self._incoming_in.send(data)
+            if not data:
+                return
+
+    async def _dispatcher(self) -> None:
+        """Feed received bytes to the connection and deliver its events, in order."""
+        conn = self.connection
+        while True:
+            data = await self._incoming_out.receive()
+            if data is not None:
+                conn.receive_data(data)
             while True:
                 event = conn.next_event(now_s=_wall_clock_s())
                 reply = conn.data_to_send()
@@ -222,8 +251,9 @@ class PeerSession:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._keepalive)
+                nursery.start_soon(self._receiver)
                 task_status.started()
-                await self._reader()
+                await self._dispatcher()
                 nursery.cancel_scope.cancel()
         except* (QkdError, trio.TooSlowError, trio.BrokenResourceError) as group:
             error = group.exceptions[0]
@@ -412,6 +442,8 @@ async def serve_bob(
 
     async def on_stream(stream: trio.SocketStream) -> None:
         mark = unauthenticated_connection()
+        # small frames each turn: never held back for coalescing (as on Alice's side)
+        stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
         if handshakes.value == 0:
             # every handshake slot is taken by connections not yet authenticated: refuse
             log.warning("channel.connection_refused", reason="too many unauthenticated")

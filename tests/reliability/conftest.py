@@ -20,7 +20,9 @@ from tests.reliability.proxy import ProxyThread
 @pytest.fixture(scope="session")
 def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxied]:
     workdir: Path = tmp_path_factory.mktemp("reliability") / "pair"
-    pair = Pair.create(workdir, log_level="debug")
+    # pings often enough that every frame type passes the proxy: a busy pair idles only while
+    # the link makes the next block
+    pair = Pair.create(workdir, log_level="debug", keepalive_interval_s=0.25)
     # scenario 13: a second SAE at Alice and a small quota per SAE; scenario 12: an SAE the
     # CA knows but no node authorises
     add_sae_certificates(pair.layout, "sae-a2", "sae-x")

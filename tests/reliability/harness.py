@@ -83,6 +83,7 @@ class Pair:
         alice_port: int | None = None,
         log_level: str = "info",
         io_timeout_s: float = 5.0,
+        keepalive_interval_s: float = 1.0,
         pool_target_bits: int = 32768,
         extra_auth: str = "",
         eve: float = 0.0,
@@ -100,7 +101,7 @@ class Pair:
             text = path.read_text()
             text = text.replace(
                 "[link]\n",
-                f"io_timeout_s = {io_timeout_s}\nkeepalive_interval_s = 1.0\n"
+                f"io_timeout_s = {io_timeout_s}\nkeepalive_interval_s = {keepalive_interval_s}\n"
                 "reconnect_max_delay_s = 1.0\n\n[link]\n",
                 1,
             )
