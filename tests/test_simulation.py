@@ -264,9 +264,21 @@ def test_a_newer_session_ends_the_one_before_it_before_limbo_is_resolved() -> No
     assert report.liveness_failures == 0
 
 
-def test_the_seed_that_found_the_stale_session_defect_replays_clean() -> None:
-    # 10^5-session run at 4 in flight, seed 13045: Bob's stale session staged a delayed block
-    # after the new session's limbo sync dropped it on Alice
-    report = simulate_run(13045, SimSettings(in_flight=4), trace=True)
-    assert any("superseded" in t for t in report.trace)
+@pytest.mark.parametrize(
+    ("seed", "in_flight", "situation"),
+    [
+        # Bob's stale session staged a delayed block after the new session's limbo sync
+        (13045, 4, "superseded"),
+        # a forged HelloReply named a key far ahead; Alice used to burn every key below it
+        (17773, 1, "fault forge"),
+        # Bob crashed after each handshake before his advanced offset was persisted
+        (4749, 4, "crash bob"),
+    ],
+)
+def test_the_seeds_that_found_the_last_defects_replay_clean(
+    seed: int, in_flight: int, situation: str
+) -> None:
+    # seeds of the 10^5-session runs that found a lasting outage
+    report = simulate_run(seed, SimSettings(in_flight=in_flight), trace=True)
+    assert any(situation in t for t in report.trace)
     assert report.violations == [] and report.liveness_failures == 0
