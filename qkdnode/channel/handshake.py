@@ -4,8 +4,9 @@ Handshake: Alice's Hello, Bob's HelloReply, Alice's Finish. Each side proves the
 (X.509 certificate signature, OpenPGP signature by a key the web of trust accepts, PSK HMAC, or
 in key-derived mode an HMAC under a one-time handshake key from the authentication-key ledger)
 and both run an ephemeral hybrid key exchange (X25519 and ML-KEM-768). In key-derived mode the
-peers' public ledger states must match, allowing for a two-phase commit cut short, and each
-checked Hello uses up one handshake slot before any proof leaves.
+peers' public ledger states must match, allowing for a two-phase commit cut short; each
+checked Hello uses up one handshake key at Bob before any proof leaves, and Alice uses the key
+Bob names only once his proof under it verifies.
 
 Key schedule: the session's control keys come from HKDF over both exchange secrets and the mode
 secret, salted with the final transcript hash; after rotation, from a fresh pool key. Block keys

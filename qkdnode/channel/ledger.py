@@ -21,8 +21,9 @@ share, numbered from 0 for the ledger's whole life. Each slot seeds
 under a uniform key: Bellare, "New proofs for NMAC and HMAC", CRYPTO 2006), so an attacker who
 makes every handshake attempt fail never runs the stream dry. Handshake keys are numbered
 ``slot * HANDSHAKE_KEYS_PER_SLOT + n``; each is used for one attempt only
-(``take_handshake_key``) and burned with every lower number before it is returned; at most
-``HANDSHAKE_SLOTS_HELD`` slots are kept (older ones are erased).
+(``take_handshake_key``) and burned with every lower number before it is returned;
+``peek_handshake_key`` computes one without using it (Alice checks Bob's proof with it first);
+at most ``HANDSHAKE_SLOTS_HELD`` slots are kept (older ones are erased).
 
 The state (``LedgerState``) is what the key store persists; its ``repr`` hides the pool.
 """
@@ -136,7 +137,7 @@ class AuthKeyLedger:
     - ``draw(nbits, purpose)`` consumes fresh bits, raising ``AuthKeyExhausted`` if the level
       would fall below ``reserve_bits`` (``allow_reserve=True`` may dig into the reserve but
       never below zero);
-    - ``take_handshake_key(index)`` uses one slot of the separate handshake-key stream.
+    - ``take_handshake_key(index)`` uses one key of the separate handshake-key stream.
     Sizes are whole bytes (multiples of 8 bits).
     """
 
