@@ -246,7 +246,7 @@ class Handshaker:
         self._verify_proof(handshake, message.certificate_chain, message.proof, th1, now_s)
         if handshake.mode is SessionMode.KEY_DERIVED:
             assert ledger is not None
-            ledger.take_handshake_key(message.ledger_handshake_index)
+            ledger.burn_handshake_through(message.ledger_handshake_index)  # checked by the peek
         x_shared = handshake.ephemeral.x25519_shared(message.x25519_public)
         k_shared = handshake.ephemeral.mlkem_decapsulate(message.mlkem_ciphertext)
         handshake.reply_fields = reply_fields
