@@ -94,6 +94,13 @@ def _edit(path: Path, old: str, new: str) -> None:
             "auth.security_budget_epsilon",
             "> 0",
         ),
+        (
+            "rotation_pool_bits = 65792",
+            "rotation_pool_bits = 1040385",
+            "auth.rotation_pool_bits",
+            "at most auth.pool_target_bits - auth.pool_reserve_bits (1040384)",
+        ),
+        ("rotation_pool_bits = 65792", "rotation_pool_bits = 2303", "auth.rotation", ">= 2304"),
         ("pki/alice.pem", "pki/nobody.pem", "auth.certificate_file", "does not exist"),
         ("node-ca.crl.pem", "nowhere.crl.pem", "auth.crl_file", "does not exist"),
         ("sae-ca.crl.pem", "nowhere.crl.pem", "delivery.sae_crl", "does not exist"),

@@ -14,13 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qkdnode.channel.auth import Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, ROTATION_KEY_BITS, Role
 from qkdnode.channel.connection import BlockAuthenticated
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import Control, SessionMode
+from qkdnode.config.auth import MIN_ROTATION_POOL_BITS
 from qkdnode.coordination.events import (
+    AnnounceRotation,
     CommitBlock,
     CoordinatorConfig,
+    OpenBlock,
     PeerBlockData,
     PeerMessage,
     PeerOpenedBlock,
@@ -61,10 +64,12 @@ from qkdnode.simulation.stub import _statistics
 from qkdnode.simulation.world import simulate_run
 
 
-def _machine(role: Role, store: StoreModel | None = None) -> Coordinator:
+def _machine(
+    role: Role, store: StoreModel | None = None, *, rotation_pool_bits: int = MIN_ROTATION_POOL_BITS
+) -> Coordinator:
     return Coordinator(
         role,
-        config=CoordinatorConfig(key_size_bits=256),
+        config=CoordinatorConfig(key_size_bits=256, rotation_pool_bits=rotation_pool_bits),
         ledger=AuthKeyLedger(target_bits=8192, reserve_bits=1024),
         store=store if store is not None else StoreModel(),
         planner=AuthPlanner(role),
@@ -213,20 +218,55 @@ def test_a_limbo_block_the_ledger_cannot_take_as_staged_leaves_the_ledger_untouc
     assert bob.ledger.state == before and store.block_state(5) == "staged"
 
 
-def test_the_first_commit_that_can_run_key_derived_closes_the_bootstrap_window() -> None:
+# the commit below leaves 7,680 pool bits, 6,656 above the 1,024-bit reserve
+@pytest.mark.parametrize(
+    ("rotation_pool_bits", "rotates"),
+    [(MIN_ROTATION_POOL_BITS, True), (6656, True), (6664, False)],
+)
+def test_the_first_commit_closes_the_window_and_alice_rotates_once_the_pool_holds_the_margin(
+    rotation_pool_bits: int, rotates: bool
+) -> None:
     store = StoreModel()
     store.stage_block(
         5, key_ids=[], consumer_keys=[], pool_material=bytes(range(256)) * 4, ledger_mark_bits=0
     )
-    alice = _machine(Role.ALICE, store)
-    assert not alice.ledger.active
+    alice = _machine(Role.ALICE, store, rotation_pool_bits=rotation_pool_bits)
+    assert not alice.ledger.state.active
     alice.receive(SessionStarted(mode=SessionMode.PSK))
     effects = alice.receive(
         PeerMessage(message=SyncReply(staged=(), committed=(5,), last_block_id=5))
     )
     (commit,) = [e for e in effects if isinstance(e, CommitBlock)]
-    # closed in the very state the commit persists, not before it
+    assert len(commit.ledger_state.pool) * 8 - commit.ledger_state.reserve_bits == 6656
+    # the window is closed in the very state the commit persists, not before it, whatever the
+    # margin: the next connection is key-derived
     assert commit.ledger_state.active and alice.ledger.active
+    # this session rotates now, or goes on with a bootstrap block to fill the pool
+    assert any(isinstance(e, AnnounceRotation) for e in effects) is rotates
+    assert any(isinstance(e, OpenBlock) for e in effects) is not rotates
+
+
+def test_a_first_commit_that_cannot_pay_a_rotation_and_two_blocks_leaves_the_window_open() -> None:
+    store = StoreModel()
+    # 256 bytes: 224 to the pool (1,792 bits, 768 above the reserve) and one handshake slot
+    store.stage_block(
+        5, key_ids=[], consumer_keys=[], pool_material=bytes(range(256)), ledger_mark_bits=0
+    )
+    alice = _machine(Role.ALICE, store)
+    alice.receive(SessionStarted(mode=SessionMode.PSK))
+    effects = alice.receive(
+        PeerMessage(message=SyncReply(staged=(), committed=(5,), last_block_id=5))
+    )
+    (commit,) = [e for e in effects if isinstance(e, CommitBlock)]
+    assert alice.ledger.holds_handshake_key
+    assert not commit.ledger_state.active and not alice.ledger.active
+    assert not any(isinstance(e, AnnounceRotation) for e in effects)
+
+
+def test_the_coordinator_refuses_a_rotation_pool_below_a_rotation_and_two_blocks() -> None:
+    with pytest.raises(ValueError, match="rotation_pool_bits"):
+        CoordinatorConfig(key_size_bits=256, rotation_pool_bits=MIN_ROTATION_POOL_BITS - 8)
+    assert MIN_ROTATION_POOL_BITS == ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
 
 
 @pytest.mark.parametrize("reused", ["key_ids", "block_id"])
@@ -297,7 +337,7 @@ def test_a_peers_ledger_reset_is_refused_without_the_operators_permit(mode: Sess
 def test_with_the_operators_permit_a_reset_starts_a_new_ledger() -> None:
     bob = Coordinator(
         Role.BOB,
-        config=CoordinatorConfig(key_size_bits=256),
+        config=CoordinatorConfig(key_size_bits=256, rotation_pool_bits=MIN_ROTATION_POOL_BITS),
         ledger=AuthKeyLedger(target_bits=8192, reserve_bits=1024),
         store=StoreModel(),
         planner=AuthPlanner(Role.BOB, operator_rebootstrap=True),

@@ -14,6 +14,7 @@ from qkdnode.channel.ledger import (
     ledger_state_to_bytes,
 )
 from qkdnode.channel.messages import SessionMode
+from qkdnode.config.auth import MIN_ROTATION_POOL_BITS
 from qkdnode.coordination.events import CommitBlock, CoordinatorConfig, PeerMessage, SessionStarted
 from qkdnode.coordination.machine import Coordinator
 from qkdnode.coordination.planner import AuthPlanner
@@ -98,7 +99,11 @@ def test_the_machine_charges_each_committed_block_to_the_tag_keys() -> None:
     )
     alice = Coordinator(
         Role.ALICE,
-        config=CoordinatorConfig(key_size_bits=256, block_epsilon=BLOCK_EPSILON),
+        config=CoordinatorConfig(
+            key_size_bits=256,
+            block_epsilon=BLOCK_EPSILON,
+            rotation_pool_bits=MIN_ROTATION_POOL_BITS,
+        ),
         ledger=_ledger(),
         store=store,
         planner=AuthPlanner(Role.ALICE),
@@ -172,3 +177,43 @@ def test_status_is_unhealthy_past_the_budget_and_while_the_pool_is_exhausted() -
     commit(metrics)
     assert value(metrics, "qkdnode_auth_pool_exhausted") == 0
     assert health_problems(metrics.summary(), max_commit_age_s=600.0) == []
+
+
+def test_a_key_derived_pool_under_half_its_rotation_margin_warns_once_per_crossing() -> None:
+    ledger = AuthKeyLedger(target_bits=65_536, reserve_bits=1024)
+    reporter = BlockReporter(
+        metrics=make_metrics(),
+        notifier=SystemdNotifier(),
+        ledger=ledger,
+        key_size_bits=256,
+        security_budget_epsilon=1e-6,
+        rotation_pool_bits=8192,  # low below 4,096 bits above the reserve
+    )
+    key = BlockKey(key=np.zeros(512, dtype=np.uint8), statistics=_statistics(512))
+
+    def commit_with_headroom(block_id: int, headroom_bits: int) -> None:
+        level = ledger.level_bits - ledger.state.reserve_bits
+        if level > headroom_bits:
+            ledger.draw(level - headroom_bits, "test")
+        elif level < headroom_bits:
+            ledger.deposit(bytes(4096), mark_consumed_bits=ledger.consumed_bits)
+            ledger.draw(ledger.level_bits - ledger.state.reserve_bits - headroom_bits, "test")
+        reporter.block_done(
+            block_id, key, key_derived_authentication(block_id), keys=2, pool_bytes=0
+        )
+
+    with structlog.testing.capture_logs() as logs:
+        reporter.mode_changed("certificate", "session established")
+        ledger.close_bootstrap_window()
+        commit_with_headroom(1, 2048)  # low, but the session has not rotated: no warning
+        reporter.mode_changed("key_derived", "rotated")
+        commit_with_headroom(2, 8192)
+        commit_with_headroom(3, 4096)  # exactly half: not low
+        commit_with_headroom(4, 4088)  # low: warned
+        commit_with_headroom(5, 1024)  # still low: no second warning
+        commit_with_headroom(6, 16384)  # refilled
+        commit_with_headroom(7, 0)  # low again: warned again
+    warnings = [entry for entry in logs if entry["event"] == "auth.pool_low"]
+    assert [entry["block"] for entry in warnings] == [4, 7]
+    assert warnings[-1]["pool_level_bits"] == 1024 and warnings[-1]["log_level"] == "warning"
+    assert "postprocess.block_pulses" in warnings[0]["detail"]

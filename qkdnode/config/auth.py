@@ -13,6 +13,11 @@ AuthMode = Literal["pki", "psk", "web-of-trust"]
 AUTH_MODES: tuple[AuthMode, ...] = ("pki", "psk", "web-of-trust")
 # about 10^4 blocks at the default eps_sec + eps_cor (see docs/authentication.md)
 DEFAULT_SECURITY_BUDGET_EPSILON = 1e-6
+# the pool bits above the reserve that close the bootstrap window: at least the rotation key
+# (256) and two blocks' draws (2 x 1,024); by default 64 blocks' draws, enough for 64 failed
+# blocks (16 sessions cut with 4 blocks in flight) before the first key-derived commit
+MIN_ROTATION_POOL_BITS = 256 + 2 * 1024
+DEFAULT_ROTATION_POOL_BITS = 256 + 64 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -26,6 +31,8 @@ class AuthSection:
     psk_file: Path | None
     pool_target_bits: int
     pool_reserve_bits: int
+    # the bootstrap window closes (Alice rotates) once the pool holds this much above the reserve
+    rotation_pool_bits: int = DEFAULT_ROTATION_POOL_BITS
     # alert once a committed key's epsilon (its security statement) exceeds this
     security_budget_epsilon: float = DEFAULT_SECURITY_BUDGET_EPSILON
     # web of trust: the trusted introducers' OpenPGP certificates, how many of them must have
@@ -115,6 +122,9 @@ def read_auth(table: Table, base: Path) -> AuthSection:
         psk_file=file("psk_file", required=mode == "psk", secret=True),
         pool_target_bits=table.integer("pool_target_bits", 1 << 20, minimum=1024),
         pool_reserve_bits=table.integer("pool_reserve_bits", 1 << 13, minimum=0),
+        rotation_pool_bits=table.integer(
+            "rotation_pool_bits", DEFAULT_ROTATION_POOL_BITS, minimum=MIN_ROTATION_POOL_BITS
+        ),
         security_budget_epsilon=table.number(
             "security_budget_epsilon",
             DEFAULT_SECURITY_BUDGET_EPSILON,
@@ -131,5 +141,12 @@ def read_auth(table: Table, base: Path) -> AuthSection:
     )
     if section.pool_reserve_bits >= section.pool_target_bits:
         raise ConfigError("auth.pool_reserve_bits", "less than auth.pool_target_bits")
+    room_bits = section.pool_target_bits - section.pool_reserve_bits
+    if section.rotation_pool_bits > room_bits:
+        raise ConfigError(
+            "auth.rotation_pool_bits",
+            f"at most auth.pool_target_bits - auth.pool_reserve_bits ({room_bits}): the pool "
+            "must be able to hold it above the reserve, or the bootstrap window never closes",
+        )
     table.finish()
     return section

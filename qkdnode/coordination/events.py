@@ -16,6 +16,7 @@ from typing import Final, Protocol
 from qkdnode.channel.connection import BlockAuthenticated, Rotated
 from qkdnode.channel.ledger import LedgerState
 from qkdnode.channel.messages import SessionMode
+from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS, MIN_ROTATION_POOL_BITS
 from qkdnode.coordination.wire import BlockData, CoordinationMessage
 from qkdnode.postprocess.pipeline import BlockKey, BlockMessage, BlockOutcome
 
@@ -49,11 +50,14 @@ class CoordinatorConfig:
     """``key_size_bits``: consumer key size; ``max_in_flight``: blocks open at once in a
     key-derived session (at most the channel's ``max_open_blocks``); ``block_epsilon``: each
     block key's distance from uniform (eps_sec + eps_cor), charged to the ledger's
-    ``tag_key_epsilon`` when the key enters the pool."""
+    ``tag_key_epsilon`` when the key enters the pool; ``rotation_pool_bits``: the pool bits
+    above the reserve that the first commit must leave for the bootstrap window to close (and
+    Alice to rotate): bootstrap sessions go on committing until the pool holds that much."""
 
     key_size_bits: int
     max_in_flight: int = 1
     block_epsilon: float = 0.0
+    rotation_pool_bits: int = DEFAULT_ROTATION_POOL_BITS
 
     def __post_init__(self) -> None:
         if self.key_size_bits <= 0 or self.key_size_bits % 8:
@@ -62,6 +66,8 @@ class CoordinatorConfig:
             raise ValueError("max_in_flight must be at least 1")
         if not 0.0 <= self.block_epsilon < 1.0:
             raise ValueError("block_epsilon must be in [0, 1)")
+        if self.rotation_pool_bits < MIN_ROTATION_POOL_BITS:
+            raise ValueError(f"rotation_pool_bits must be at least {MIN_ROTATION_POOL_BITS}")
 
 
 # ---- inputs ---------------------------------------------------------------------------------

@@ -44,10 +44,11 @@ from typing import Final, TypeVar
 
 import numpy as np
 
-from qkdnode.channel.auth import BLOCK_DRAW_BITS, ROTATION_KEY_BITS, Role
+from qkdnode.channel.auth import BLOCK_DRAW_BITS, Role
 from qkdnode.channel.connection import BlockAuthenticated, Rotated
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import SessionMode
+from qkdnode.config.auth import MIN_ROTATION_POOL_BITS
 from qkdnode.coordination.events import (
     REMOTE_INPUTS,
     AnnounceRotation,
@@ -579,13 +580,16 @@ class Coordinator:
         self._close_bootstrap_window()
         self._out.append(CommitBlock(block_id=block.block_id, ledger_state=self.ledger.state))
 
+    def _pool_holds(self, nbits: int) -> bool:
+        # ``nbits`` above the reserve, and a handshake key for the next connection
+        return self.ledger.holds_handshake_key and self.ledger.can_pay(nbits)
+
     def _close_bootstrap_window(self) -> None:
-        # the first commit that leaves the pool able to run key-derived (two blocks after the
-        # rotation, and a handshake key for the next connection) closes the window, in the
-        # commit's own transaction: from then on only key-derived sessions
-        if self.ledger.holds_handshake_key and self.ledger.can_pay(
-            ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
-        ):
+        # the first commit that leaves the pool able to run key-derived (the rotation and two
+        # blocks) closes the window, in the commit's own transaction: from then on only
+        # key-derived sessions. This session stays bootstrap-authenticated until the pool also
+        # holds the rotation margin (``_open_blocks``)
+        if self._pool_holds(MIN_ROTATION_POOL_BITS):
             self.ledger.close_bootstrap_window()
 
     def _finish_committed(self, block: _Block) -> None:
@@ -626,10 +630,9 @@ class Coordinator:
         if self.mode is not SessionMode.KEY_DERIVED:
             if self._blocks:
                 return  # before rotation: one block at a time, and rotation between blocks
-            # rotation closes the window too: only with a handshake key for the next connection
-            if self.ledger.holds_handshake_key and self.ledger.can_pay(
-                ROTATION_KEY_BITS + 2 * BLOCK_DRAW_BITS
-            ):
+            # rotate once the pool can ride out normal operation: a session cut before then
+            # comes back key-derived all the same (the window closed at the first commit)
+            if self._pool_holds(self.config.rotation_pool_bits):
                 self._out.append(AnnounceRotation())
                 self.phase = Phase.ROTATING
                 return

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS
 from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.demo.bootstrap import Bootstrap, auth_lines, make_bootstrap
 from qkdnode.demo.display import DemoDisplay
@@ -218,6 +219,7 @@ cascade_variant = "subblock-reuse"
 [auth]
 {auth_lines(bootstrap, node)}pool_target_bits = {pool_target_bits}
 pool_reserve_bits = {pool_target_bits // 8}
+rotation_pool_bits = {min(DEFAULT_ROTATION_POOL_BITS, pool_target_bits - pool_target_bits // 8)}
 
 [store]
 directory = "{node}-store"

@@ -129,6 +129,7 @@ class Exchange:
                 key_size_bits=node.config.store.key_size_bits,
                 max_in_flight=node.config.postprocess.blocks_in_flight,
                 block_epsilon=node.block_epsilon,
+                rotation_pool_bits=node.config.auth.rotation_pool_bits,
             ),
             ledger=node.ledger,
             store=node.store_view,

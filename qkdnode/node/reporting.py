@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from qkdnode.channel.auth import BLOCK_DRAW_BITS
 from qkdnode.channel.connection import BlockAuthenticated
-from qkdnode.channel.ledger import AuthKeyLedger
+from qkdnode.channel.ledger import HANDSHAKE_SLOT_BYTES, AuthKeyLedger
+from qkdnode.channel.messages import SessionMode
+from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS
 from qkdnode.coordination.security import KeySecurityStatement
 from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
@@ -65,9 +68,12 @@ class BlockReporter:
     ledger: AuthKeyLedger
     key_size_bits: int
     security_budget_epsilon: float
+    # below half of this above the reserve, an active pool is low (see ``_report_pool``)
+    rotation_pool_bits: int = DEFAULT_ROTATION_POOL_BITS
     counters: NodeCounters = field(default_factory=NodeCounters)
-    # the budget alert fires once per crossing, not on every block past it
+    # the budget and low-pool alerts fire once per crossing, not on every block past it
     _over_budget: bool = False
+    _pool_low: bool = False
     clock: Callable[[], float] = time.monotonic
     # per block in flight: when it opened and when its records arrived (monotonic seconds)
     _times: dict[int, tuple[float, float]] = field(default_factory=dict)
@@ -91,6 +97,25 @@ class BlockReporter:
                 "(qkdnode auth rebootstrap) starts a new chain, a smaller eps_sec slows the growth",
             )
         self._over_budget = over
+
+    def _report_pool(self, block_id: int) -> None:
+        # a key-derived commit that leaves the pool under half the margin it had at rotation:
+        # blocks give less key than they cost, or fail more often than they commit
+        headroom_bits = self.ledger.level_bits - self.ledger.state.reserve_bits
+        key_derived = self.counters.mode == SessionMode.KEY_DERIVED.value
+        low = key_derived and 2 * headroom_bits < self.rotation_pool_bits
+        if low and not self._pool_low:
+            log.warning(
+                "auth.pool_low",
+                block=block_id,
+                pool_level_bits=self.ledger.level_bits,
+                pool_reserve_bits=self.ledger.state.reserve_bits,
+                detail="the pool is not refilling: each committed block must give more key "
+                f"than its authentication costs ({BLOCK_DRAW_BITS} pool bits and a "
+                f"{8 * HANDSHAKE_SLOT_BYTES}-bit handshake slot); raise "
+                "postprocess.block_pulses, or look for failing blocks",
+            )
+        self._pool_low = low
 
     def block_started(self, block_id: int) -> None:
         now = self.clock()
@@ -218,6 +243,7 @@ class BlockReporter:
             )
             if statement is not None:
                 self._report_security(block_id, statement)
+            self._report_pool(block_id)
         self.notifier.status(
             f"{counters.blocks_committed} blocks committed, "
             f"{counters.blocks_aborted} aborted, {counters.secret_bits} secret bits, "

@@ -173,6 +173,7 @@ class Node:
             ledger=self.ledger,
             key_size_bits=config.store.key_size_bits,
             security_budget_epsilon=config.auth.security_budget_epsilon,
+            rotation_pool_bits=config.auth.rotation_pool_bits,
         )
         self.exchange: SessionControl | None = None
         # the session running now: its cancel scope and the event set once it has stopped

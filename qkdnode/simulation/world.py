@@ -260,6 +260,8 @@ class World:
         if isinstance(event, HandshakeComplete):
             self._on_handshake(endpoint, event.mode)
             return
+        if isinstance(event, Rotated):
+            self.note(f"rotated {endpoint.node.name} {endpoint.link_id}")
         if isinstance(event, Rotated | BlockAuthenticated):
             self.feed(endpoint, event)
         elif isinstance(event, BlockOpened):

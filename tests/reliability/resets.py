@@ -71,8 +71,9 @@ from tests.reliability.proxy import CODES, Direction, Frame, ProxyThread, Rule
 KEY_DERIVED = "key_derived"
 MID_BLOCK_DATA_FRAME = 5
 SLOT_MARGIN = 3
-# a short fibre and blocks of 4 Mpulses: ~16 kbit per block, ~2.5 s each on loopback; the first
-# commit pays for the rotation (10,496 bits of pool share) and closes the bootstrap window
+# a short fibre and blocks of 4 Mpulses: ~16 kbit per block, ~2.5 s each on loopback; the
+# bootstrap session commits until the pool holds its reserve and the rotation pool
+# (``auth.rotation_pool_bits``), about 13 blocks with POOL_TARGET_BITS, then rotates
 BLOCK_PULSES = 4_000_000
 DISTANCE_KM = 5.0
 
@@ -270,7 +271,8 @@ def _after(pair: Pair, node: str, start: int, event: str) -> list[dict[str, Any]
 
 
 def _violations(pair: Pair, marks: dict[str, int]) -> tuple[int, int, int, list[str]]:
-    """(bootstrap sessions, bootstrap blocks, ledger resets, details) since ``marks``."""
+    """(bootstrap sessions, bootstrap blocks, ledger resets, details) since ``marks``; the
+    details also name every exhausted pool."""
     sessions = blocks = resets = 0
     details = []
     for node in ("alice", "bob"):
@@ -289,6 +291,9 @@ def _violations(pair: Pair, marks: dict[str, int]) -> tuple[int, int, int, list[
         found = _after(pair, node, marks[node], "auth.ledger_reset")
         resets += len(found)
         details.extend(f"{node} auth.ledger_reset at {e.get('timestamp')}" for e in found)
+        # normal operation, resets included, never runs the pool dry
+        for event in _after(pair, node, marks[node], "auth.pool_exhausted"):
+            details.append(f"{node} auth.pool_exhausted at {event.get('timestamp')}")
     return sessions, blocks, resets, details
 
 
@@ -486,6 +491,7 @@ def run_resets(
     boundary_timeout_s: float = 900.0,
     recover_blocks: int = 2,
     block_pulses: int = BLOCK_PULSES,
+    pool_target_bits: int = POOL_TARGET_BITS,
     crash: tuple[str, ...] = (),
     log: Callable[[str], None] = lambda line: None,
 ) -> ResetsReport:
@@ -494,7 +500,7 @@ def run_resets(
         workdir,
         block_pulses=block_pulses,
         distance_km=DISTANCE_KM,
-        pool_target_bits=POOL_TARGET_BITS,
+        pool_target_bits=pool_target_bits,
     )
     thread = ProxyThread(pair.layout.peer_port)
     pair.route_alice_to(thread.start())
