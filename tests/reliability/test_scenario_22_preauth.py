@@ -52,7 +52,14 @@ def test_attacks_before_authentication_are_refused_cheaply(tmp_path: Path) -> No
     pair = Pair.create(tmp_path / "pair", block_pulses=4_000_000, distance_km=5.0)
     pair.start_both()
     try:
-        pair.wait(lambda p: p.committed("alice") >= 2, timeout_s=120, what="two commits")
+        # the attacks start after the rotation: the state the window must survive
+        pair.wait(
+            lambda p: any(
+                e.get("auth_mode") == "key_derived" for e in p.named("alice", "block.committed")
+            ),
+            timeout_s=120,
+            what="a key-derived commit",
+        )
         bob_pid = pair.processes["bob"].pid
         rss_before = max(_rss_kib(bob_pid) for _ in range(5))
         peak = [rss_before]
