@@ -13,6 +13,11 @@ Rows: {"mode", "frame_bytes", "frames", "seconds", "frames_per_s", "mbit_s", "ru
 ``runs_frames_per_s``); mbit_s counts payload bytes; ``load_1min`` is the machine's 1-minute
 load average when the row started. Targets for key-derived mode: >= 10,000 frames/s at 1 KiB,
 >= 1 Gbit/s at 64 KiB.
+
+``--primitives`` adds one row per frame size with the cost of each per-frame step alone, in
+microseconds per frame on one side (median of 5 runs of a loop): the frame MAC
+(HMAC-SHA256 as ``FrameMac.tag`` computes it), the transcript's Poly1305 update, the SHA-256
+update of the bootstrap transcript, and the msgpack encoding of the Data payload.
 """
 
 from __future__ import annotations
@@ -35,10 +40,17 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qkdnode.channel.auth import CertificateCredentials, Credentials, PskCredentials, Role
+from qkdnode.channel.auth import (
+    BlockTranscript,
+    CertificateCredentials,
+    Credentials,
+    FrameMac,
+    PskCredentials,
+    Role,
+)
 from qkdnode.channel.connection import ChannelConfig, PeerConnection, Rotated
 from qkdnode.channel.ledger import AuthKeyLedger
-from qkdnode.channel.messages import Data, FieldSpec, KindRegistry
+from qkdnode.channel.messages import Data, FieldSpec, KindRegistry, encode_payload
 from qkdnode.node.session import PeerSession, SessionConfig, open_session, serve_bob
 
 FRAME_SIZES = (64, 1024, 16384, 65536)
@@ -165,6 +177,34 @@ async def _run(mode: str, frame_bytes: int, frames: int) -> float:
     return elapsed
 
 
+def _primitives(frame_bytes: int) -> dict[str, float]:
+    """Microseconds per frame of each per-frame step alone (see the module docstring)."""
+    header = bytes(17)
+    message = Data(block_id=0, kind="blob", body={"data": bytes(frame_bytes)})
+    payload = encode_payload(message, _registry())
+    mac = FrameMac(bytes(32), bytes(16), Role.ALICE)
+    poly = BlockTranscript(r=bytes(range(16)), s=bytes(16), hmac_key=None)
+    sha = BlockTranscript(hmac_key=bytes(32))
+    registry = _registry()
+    steps: dict[str, Callable[[], object]] = {
+        "hmac_sha256_us": lambda: mac.tag(header, payload),
+        "poly1305_us": lambda: poly.absorb(header, payload),
+        "sha256_transcript_us": lambda: sha.absorb(header, payload),
+        "msgpack_encode_us": lambda: encode_payload(message, registry),
+    }
+    loops = max(50, (1 << 24) // max(frame_bytes, 64))
+    out = {}
+    for name, step in steps.items():
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(loops):
+                step()
+            runs.append((time.perf_counter() - start) / loops * 1e6)
+        out[name] = round(statistics.median(runs), 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows to this file")
@@ -172,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--sizes", default=",".join(str(s) for s in FRAME_SIZES))
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per row (median)")
+    parser.add_argument("--primitives", action="store_true", help="add per-step cost rows")
     args = parser.parse_args(argv)
     rows = []
     print(f"{'mode':22} {'frame_bytes':>11} {'frames':>7} {'frames/s':>10} {'Mbit/s':>8}")
@@ -198,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mode:22} {frame_bytes:>11} {frames:>7} {row['frames_per_s']:>10} "
                 f"{row['mbit_s']:>8}"
             )
+    if args.primitives:
+        for frame_bytes in (int(s) for s in args.sizes.split(",")):
+            row = {"mode": "primitives", "frame_bytes": frame_bytes, **_primitives(frame_bytes)}
+            rows.append(row)
+            print(f"{'primitives':22} {frame_bytes:>11} {row}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"command": " ".join(sys.argv), "rows": rows}, out, indent=2)
