@@ -171,7 +171,7 @@ def test_block_transcript_tag_is_poly1305_over_length_prefixed_records() -> None
 
 
 def test_forgery_bound_is_bernsteins_for_the_longest_transcript_allowed() -> None:
-    # 8 ceil(L / 16) / 2^106 (Bernstein 2005, Theorem 3.3)
+    # 8 ceil(L / 16) / 2^106 (Bernstein 2005, section 3)
     assert forgery_bound(0) == 0.0
     assert forgery_bound(1) == forgery_bound(16) == 8 / 2.0**106
     assert forgery_bound(17) == 16 / 2.0**106

@@ -11,12 +11,12 @@ r clamped (22 of its 128 bits cleared, leaving 2^106 values). Computed by OpenSS
 
 Bound: for distinct messages m, m' of at most L bytes and any g, the probability over a uniform
 clamped r that H_r(m) - H_r(m') = g (mod 2^128) is at most 8 ceil(L / 16) / 2^106 (Bernstein,
-"The Poly1305-AES message-authentication code", FSE 2005, LNCS 3557, section 3, Theorem 3.3):
-the family is epsilon-almost-Delta-universal for subtraction modulo 2^128. With s uniform and
-independent of r, a tag hides H_r(m), and a forger who sees one (message, tag) pair and submits
-one other pair of at most L bytes succeeds with probability at most epsilon = 8 ceil(L / 16) /
-2^106, unconditionally (Wegman & Carter, JCSS 22:265, 1981, section 3). Reusing r or s voids
-this; each ``OneTimeTag`` therefore tags or verifies exactly once.
+"The Poly1305-AES message-authentication code", FSE 2005, LNCS 3557, section 3): the family is
+epsilon-almost-Delta-universal for subtraction modulo 2^128. With s uniform and independent of
+r, a tag hides H_r(m), and a forger who sees one (message, tag) pair and submits one other pair
+of at most L bytes succeeds with probability at most epsilon = 8 ceil(L / 16) / 2^106,
+unconditionally (Wegman & Carter, JCSS 22:265, 1981). Reusing r or s voids this; each
+``OneTimeTag`` therefore tags or verifies exactly once.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def check_against_stream(ledger: RecordingLedger) -> int:
 
 
 def naive_forgery_bound(tags: int, max_block_chunks: int) -> float:
-    """Bernstein 2005, Theorem 3.3: 8 ceil(L / 16) / 2^106 per one-time Poly1305 tag, for
+    """Bernstein 2005, section 3: 8 ceil(L / 16) / 2^106 per one-time Poly1305 tag, for
     transcripts of at most L = 16 max_block_chunks bytes."""
     return tags * 8 * max_block_chunks / 2.0**106
 
