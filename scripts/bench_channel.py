@@ -36,7 +36,7 @@ import numpy as np
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,6 +51,7 @@ from qkdnode.channel.auth import (
 from qkdnode.channel.connection import ChannelConfig, PeerConnection, Rotated
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import Data, FieldSpec, KindRegistry, encode_payload
+from qkdnode.channel.pki import NODE_PURPOSE_OID
 from qkdnode.node.session import PeerSession, SessionConfig, open_session, serve_bob
 
 FRAME_SIZES = (64, 1024, 16384, 65536)
@@ -79,6 +80,10 @@ def _certificates(algorithm: str) -> tuple[CertificateCredentials, CertificateCr
             decipher_only=False,
         )
 
+    # node certificates carry the qkdnode node purpose (docs/authentication.md)
+    node_purpose = x509.ExtendedKeyUsage(
+        [x509.ObjectIdentifier(NODE_PURPOSE_OID), ExtendedKeyUsageOID.SERVER_AUTH]
+    )
     ca_key = new()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
     ca = (
@@ -106,6 +111,7 @@ def _certificates(algorithm: str) -> tuple[CertificateCredentials, CertificateCr
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(me)]), critical=False)
             .add_extension(usage(False), critical=True)
+            .add_extension(node_purpose, critical=False)
             .sign(ca_key, None)
         )
         creds.append(
