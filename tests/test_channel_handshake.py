@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from qkdnode.channel import wegman_carter
 from qkdnode.channel.auth import BLOCK_DRAW_BITS, CertificateCredentials, PskCredentials, Role
 from qkdnode.channel.connection import (
     NEED_DATA,
@@ -15,7 +16,7 @@ from qkdnode.channel.connection import (
     PeerConnection,
 )
 from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT, AuthKeyLedger
-from qkdnode.channel.messages import SessionMode
+from qkdnode.channel.messages import BLOCK_TAG_FAMILIES, PROTOCOL_VERSION, SessionMode
 from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.errors import (
     AuthenticationFailed,
@@ -355,6 +356,8 @@ def test_a_peer_with_another_block_tag_family_is_refused_by_name(
     assert isinstance(error, ProtocolError) and error.field == "protocol_version"
     for part in ("version 3", "gf128-polyhash-v1", "version 4", "poly1305-v1"):
         assert part in str(error)
+    # the version names the family the blocks use
+    assert BLOCK_TAG_FAMILIES[PROTOCOL_VERSION] == wegman_carter.FAMILY == "poly1305-v1"
     assert (None if bob_ledger is None else bob_ledger.state) == before
     # the same pair at one version completes
     fresh = make_pair("psk")
