@@ -17,6 +17,7 @@ from qkdnode.channel.auth import (
     BLOCK_DRAW_BITS,
     HANDSHAKE_KEY_BITS,
     ROTATION_KEY_BITS,
+    BlockTranscript,
     PskCredentials,
     Role,
 )
@@ -45,7 +46,7 @@ from qkdnode.channel.messages import (
     decode_payload,
     encode_payload,
 )
-from qkdnode.channel.polyhash import PolyHash, gf_mul, wegman_carter_tag
+from qkdnode.channel.wegman_carter import OneTimeTag, forgery_bound
 from qkdnode.errors import (
     AuthenticationFailed,
     AuthKeyExhausted,
@@ -65,42 +66,128 @@ from tests.helpers_channel import (
     snapshot,
 )
 from tests.helpers_pki import NOW_S, credentials_pair
-from tests.reliability.naive import gf128_mul, gf128_poly_hash
+from tests.reliability.naive import poly1305, transcript_tag
 
 # ---- in-memory shuttle (h11's ConnectionPair idea) --------------------------------------------
 
 
-# ---- Wegman–Carter polynomial hash: known answers from a naive implementation ----------------
-# (the schoolbook GF(2^128) reference lives in tests/reliability/naive.py, shared with the
-# start-up self-test vectors)
+# ---- Wegman–Carter tag: one-time Poly1305 --------------------------------------------------
+# (the independent reference lives in tests/reliability/naive.py, shared with the start-up
+# self-test vectors)
+
+# RFC 8439: section 2.5.2, and test vectors #1 and #5 to #10 of appendix A.3 (key r || s, hex)
+RFC8439_VECTORS = [
+    (
+        "85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b",
+        b"Cryptographic Forum Research Group".hex(),
+        "a8061dc1305136c6c22b8baf0c0127a9",
+    ),
+    ("00" * 32, "00" * 64, "00" * 16),
+    ("02" + "00" * 31, "ff" * 16, "03" + "00" * 15),
+    ("02" + "00" * 15 + "ff" * 16, "02" + "00" * 15, "03" + "00" * 15),
+    ("01" + "00" * 31, "ff" * 16 + "f0" + "ff" * 15 + "11" + "00" * 15, "05" + "00" * 15),
+    ("01" + "00" * 31, "ff" * 16 + "fb" + "fe" * 15 + "01" * 16, "00" * 16),
+    ("02" + "00" * 31, "fd" + "ff" * 15, "fa" + "ff" * 15),
+    (
+        "01" + "00" * 7 + "04" + "00" * 7 + "00" * 16,
+        "e33594d7505e43b9" + "00" * 8 + "3394d7505e4379cd01" + "00" * 7 + "00" * 16
+        + "01" + "00" * 15,
+        "14" + "00" * 7 + "55" + "00" * 7,
+    ),
+]  # fmt: skip
 
 
-def test_polyhash_matches_naive_evaluation() -> None:
-    rng = np.random.default_rng(2024)
+@pytest.mark.parametrize(("key_hex", "message_hex", "tag_hex"), RFC8439_VECTORS)
+def test_one_time_tag_gives_the_rfc8439_vectors_at_every_split(
+    key_hex: str, message_hex: str, tag_hex: str
+) -> None:
+    key, message, expected = (bytes.fromhex(h) for h in (key_hex, message_hex, tag_hex))
+    assert poly1305(key, message) == expected  # the naive reference agrees with the RFC
+    for split in range(len(message) + 1):
+        tag = OneTimeTag(key[:16], key[16:])
+        tag.update(message[:split])
+        tag.update(message[split:])
+        assert tag.message_bytes == len(message)
+        assert tag.finish() == expected
+        checker = OneTimeTag(key[:16], key[16:])
+        checker.update(message)
+        checker.verify(expected)
+
+
+def test_one_time_tag_matches_the_naive_reference_fed_in_random_pieces() -> None:
+    rng = np.random.default_rng(1305)
+    for _ in range(40):
+        key = rng.bytes(32)
+        message = rng.bytes(int(rng.integers(0, 3000)))
+        cuts = sorted(int(c) for c in rng.integers(0, len(message) + 1, size=5))
+        tag = OneTimeTag(key[:16], key[16:])
+        for lo, hi in zip([0, *cuts], [*cuts, len(message)], strict=True):
+            tag.update(message[lo:hi])
+        assert tag.finish() == poly1305(key, message)
+
+
+def test_one_time_tag_is_used_once_and_rejects_a_changed_tag() -> None:
+    key = bytes(range(32))
+    tag = OneTimeTag(key[:16], key[16:])
+    tag.update(b"transcript")
+    good = tag.finish()
+    for use in (lambda: tag.update(b"more"), tag.finish, lambda: tag.verify(good)):
+        with pytest.raises(ProtocolError):
+            use()
+    for bad in (flip(good, 0), flip(good, 15), good + b"\x00", good[:15], b""):
+        checker = OneTimeTag(key[:16], key[16:])
+        checker.update(b"transcript")
+        with pytest.raises(AuthenticationFailed):
+            checker.verify(bad)
+        with pytest.raises(ProtocolError):  # a second check under the same key is refused
+            checker.verify(good)
+    for r, s in ((bytes(15), bytes(16)), (bytes(16), bytes(17))):
+        with pytest.raises(ProtocolError):
+            OneTimeTag(r, s)
+    assert key.hex() not in repr(tag) and key[:16].hex() not in repr(OneTimeTag(key[:16], key[16:]))
+
+
+def test_block_transcript_tag_is_poly1305_over_length_prefixed_records() -> None:
+    rng = np.random.default_rng(17)
     for _ in range(20):
-        a, b = (int.from_bytes(rng.bytes(16), "big") for _ in range(2))
-        assert gf_mul(a, b) == gf128_mul(a, b)
-    for _ in range(10):
-        key = rng.bytes(16)
-        records = [rng.bytes(int(n)) for n in rng.integers(0, 70, size=int(rng.integers(1, 5)))]
-        hasher = PolyHash(key)
-        for record in records:
-            hasher.absorb(record)
-        assert hasher.finish() == gf128_poly_hash(key, records)
-        pad = rng.bytes(16)
-        tag = wegman_carter_tag(gf128_poly_hash(key, records), pad)
-        assert bytes(x ^ y for x, y in zip(tag, pad, strict=True)) == gf128_poly_hash(key, records)
+        r, s = rng.bytes(16), rng.bytes(16)
+        records = [rng.bytes(int(n)) for n in rng.integers(0, 200, size=int(rng.integers(1, 6)))]
+        expected = transcript_tag(r, s, records)
+        sender = BlockTranscript(r=r, s=s, hmac_key=None)
+        receiver = BlockTranscript(r=r, s=s, hmac_key=None)
+        for record in records[:-1]:
+            cut = len(record) // 3
+            sender.absorb(record[:cut], record[cut:])  # a record given in parts is one record
+            receiver.absorb(record)
+        sender.absorb(records[-1])
+        assert sender.message_bytes == sum(8 + len(record) for record in records)
+        assert sender.tag() == expected
+        receiver.verify_final(records[-1], expected)
+    # a record boundary moved is another transcript
+    boundary = BlockTranscript(r=r, s=s, hmac_key=None)
+    boundary.absorb(b"ab")
+    with pytest.raises(AuthenticationFailed):
+        boundary.verify_final(b"c", transcript_tag(r, s, [b"a", b"bc"]))
 
 
-def test_polyhash_vectorised_path_matches_naive_on_long_records() -> None:
-    rng = np.random.default_rng(77)
-    key = rng.bytes(16)
-    records = [rng.bytes(5000), rng.bytes(3), rng.bytes(1500)]  # 313 and 94 chunks: numpy lanes
-    hasher = PolyHash(key)
-    for record in records:
-        hasher.absorb(record)
-    assert hasher.chunks > 400
-    assert hasher.finish() == gf128_poly_hash(key, records)
+def test_forgery_bound_is_bernsteins_for_the_longest_transcript_allowed() -> None:
+    # 8 ceil(L / 16) / 2^106 (Bernstein 2005, section 3)
+    assert forgery_bound(0) == 0.0
+    assert forgery_bound(1) == forgery_bound(16) == 8 / 2.0**106
+    assert forgery_bound(17) == 16 / 2.0**106
+    assert ChannelConfig().max_block_chunks == 1 << 26
+    assert ChannelConfig().tag_forgery_bound == 2.0**-77  # 8 * 2^26 / 2^106
+    assert ChannelConfig(max_block_chunks=1000).tag_forgery_bound == 8000 / 2.0**106
+
+
+def test_a_key_derived_block_records_two_tags_at_the_configured_bound() -> None:
+    pair = rotated_pair()
+    ledger = pair.alice.ledger
+    assert ledger is not None
+    tags, bound = ledger.tags_issued, ledger.forgery_bound
+    pair.run_block(0)
+    assert ledger.tags_issued == tags + 2
+    assert ledger.forgery_bound == pytest.approx(bound + 2 * 2.0**-77, rel=1e-12)
 
 
 # ---- ledger ---------------------------------------------------------------------------------
@@ -310,7 +397,8 @@ def test_rotation_then_1000_key_derived_blocks_keep_ledgers_equal() -> None:
         assert taken[Role.ALICE] == taken[Role.BOB] == spent_bits // 8 + slot_bytes
         assert pair.alice.ledger.state == pair.bob.ledger.state
     assert pair.alice.ledger.tags_issued == 2000
-    assert 0 < pair.alice.ledger.forgery_bound < 1e-20
+    # 2,000 one-time Poly1305 tags at 8 * 2^26 / 2^106 each
+    assert pair.alice.ledger.forgery_bound == pytest.approx(2000 * 2.0**-77, rel=1e-9)
     # no one-time bit drawn twice: pool draws tile [0, consumed) without overlap, same on both
     # sides (the handshake-key stream and state changes are not pool draws)
     assert draws[0] == draws[1]

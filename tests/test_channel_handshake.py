@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from qkdnode.channel import wegman_carter
 from qkdnode.channel.auth import BLOCK_DRAW_BITS, CertificateCredentials, PskCredentials, Role
 from qkdnode.channel.connection import (
     NEED_DATA,
@@ -15,7 +16,7 @@ from qkdnode.channel.connection import (
     PeerConnection,
 )
 from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT, AuthKeyLedger
-from qkdnode.channel.messages import SessionMode
+from qkdnode.channel.messages import BLOCK_TAG_FAMILIES, PROTOCOL_VERSION, SessionMode
 from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.errors import (
     AuthenticationFailed,
@@ -331,3 +332,34 @@ def test_every_key_derived_hello_uses_up_its_own_handshake_slot_and_no_pool_bit(
     second.handshake()
     assert second.alice.mode is SessionMode.KEY_DERIVED
     assert alice_ledger.handshake_first == bob_ledger.handshake_first == used[-1] + 2
+
+
+@pytest.mark.parametrize("mode", ["psk", "key_derived"])
+def test_a_peer_with_another_block_tag_family_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A Hello of protocol version 3 (GF(2^128) block tags) is refused before anything else,
+    naming both versions and both tag families; a key-derived one uses up no handshake key."""
+    if mode == "psk":
+        pair = make_pair("psk")
+    else:
+        rotated = rotated_pair()
+        rotated.run_block(0)
+        ledgers = (rotated.alice.ledger, rotated.bob.ledger)
+        pair = make_pair("psk", ledgers=ledgers)
+    with monkeypatch.context() as patched:
+        patched.setattr("qkdnode.channel.handshake.PROTOCOL_VERSION", 3)
+        hello = pair.alice.start_handshake()
+    bob_ledger = pair.bob.ledger
+    before = None if bob_ledger is None else bob_ledger.state
+    error = assert_rejected(pair.bob, hello, ProtocolError)
+    assert isinstance(error, ProtocolError) and error.field == "protocol_version"
+    for part in ("version 3", "gf128-polyhash-v1", "version 4", "poly1305-v1"):
+        assert part in str(error)
+    # the version names the family the blocks use
+    assert BLOCK_TAG_FAMILIES[PROTOCOL_VERSION] == wegman_carter.FAMILY == "poly1305-v1"
+    assert (None if bob_ledger is None else bob_ledger.state) == before
+    # the same pair at one version completes
+    fresh = make_pair("psk")
+    fresh.handshake()
+    assert fresh.bob.state is ConnectionState.ESTABLISHED

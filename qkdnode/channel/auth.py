@@ -10,8 +10,8 @@ in key-derived mode), salted with the transcript hash.
 
 Key-derived authentication (after rotation): per block, six fresh keys are drawn from the
 authentication-key ledger in a fixed order (``BLOCK_DRAWS``): per direction an HMAC-SHA256 key
-for every frame of the block, a polynomial-hash key and a one-time pad for the Wegman–Carter tag
-over the block transcript (``polyhash``).
+for every frame of the block, and Poly1305's r (``hash_*``) and s (``pad_*``) for the one-time
+Wegman–Carter tag over the block transcript (``wegman_carter``).
 
 The authentication-key ledger itself lives in ``ledger.py`` and is re-exported here.
 """
@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qkdnode.channel.ledger import AuthKeyLedger, DrawRecord, LedgerState
 from qkdnode.channel.pki import SigningKey
-from qkdnode.channel.polyhash import BLOCK_BYTES, PolyHash, wegman_carter_tag
+from qkdnode.channel.wegman_carter import TAG_BYTES as WC_TAG_BYTES
+from qkdnode.channel.wegman_carter import OneTimeTag
 from qkdnode.errors import AuthenticationFailed, ProtocolError
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ MIN_PSK_BYTES: Final = 32
 HANDSHAKE_KEY_BITS: Final = 256
 ROTATION_KEY_BITS: Final = 256
 # Order in which a key-derived block draws its keys: (name, bits). Both sides use this order.
+# hash_* is Poly1305's r, pad_* its s (``wegman_carter``).
 BLOCK_DRAWS: Final = (
     ("mac_a2b", 256),
     ("mac_b2a", 256),
@@ -276,57 +278,74 @@ class FrameMac:
 class BlockTranscript:
     """The tag over one direction's block transcript.
 
-    Key-derived mode: Wegman–Carter (polynomial hash under a fresh key, XOR a fresh pad).
-    Bootstrap modes: HMAC-SHA256 under the direction's session key over a SHA-256 transcript.
+    The transcript is the sequence of records (each Data frame's header and payload, then the
+    close record), each absorbed as ``u64 length || record``: an injective encoding.
+    Key-derived mode: Wegman–Carter, a one-time Poly1305 under fresh pool keys r and s
+    (``wegman_carter``), fed as frames pass. Bootstrap modes: HMAC-SHA256 under the
+    direction's session key over a SHA-256 of the transcript.
     """
 
-    __slots__ = ("_hash", "_hmac_key", "_pad", "_poly")
+    __slots__ = ("_hash", "_hmac_key", "_one_time")
 
     def __init__(
-        self, *, hash_key: bytes | None = None, pad: bytes | None = None, hmac_key: bytes | None
+        self, *, r: bytes | None = None, s: bytes | None = None, hmac_key: bytes | None
     ) -> None:
-        self._poly = PolyHash(hash_key) if hash_key is not None else None
-        self._pad = pad
+        """``r`` and ``s`` (16 bytes each): a one-time Poly1305 key; else ``hmac_key``."""
+        self._one_time: OneTimeTag | None = None
+        self._hash: hashlib._Hash | None = None
+        if r is not None or s is not None:
+            if r is None or s is None:
+                raise ProtocolError("a one-time tag needs both r and s", field="tag_key")
+            self._one_time = OneTimeTag(r, s)
+        else:
+            self._hash = hashlib.sha256(_LABEL + b"block")
         self._hmac_key = hmac_key
-        self._hash = hashlib.sha256(_LABEL + b"block") if self._poly is None else None
 
     def __repr__(self) -> str:
-        return f"BlockTranscript(wegman_carter={self._poly is not None})"
+        return f"BlockTranscript(wegman_carter={self._one_time is not None})"
 
     @property
     def one_time(self) -> bool:
-        return self._poly is not None
+        return self._one_time is not None
 
     @property
-    def chunks(self) -> int:
-        return self._poly.chunks if self._poly is not None else 0
+    def message_bytes(self) -> int:
+        """Bytes of a one-time transcript so far (0 for HMAC transcripts, which have no limit)."""
+        return self._one_time.message_bytes if self._one_time is not None else 0
 
-    def absorb(self, record: bytes) -> None:
-        if self._poly is not None:
-            self._poly.absorb(record)
-        else:
-            assert self._hash is not None
-            self._hash.update(len(record).to_bytes(8, "big"))
-            self._hash.update(record)
+    def absorb(self, *parts: bytes) -> None:
+        """Append one record, given as the parts it is the concatenation of (no copy made)."""
+        sink = self._one_time if self._one_time is not None else self._hash
+        assert sink is not None
+        sink.update(sum(map(len, parts)).to_bytes(8, "big"))
+        for part in parts:
+            sink.update(part)
 
     def tag(self) -> bytes:
-        """Finish the transcript and return its tag (16 bytes WC, 32 bytes HMAC)."""
-        if self._poly is not None:
-            assert self._pad is not None
-            return wegman_carter_tag(self._poly.finish(), self._pad)
+        """Finish the transcript and return its tag (16 bytes Poly1305, 32 bytes HMAC); a
+        one-time transcript's key is spent by this."""
+        if self._one_time is not None:
+            return self._one_time.finish()
         assert self._hash is not None and self._hmac_key is not None
         return hmac.digest(self._hmac_key, self._hash.digest(), "sha256")
 
-    def peek_tag(self, final_record: bytes) -> bytes:
-        """The tag after absorbing ``final_record``, computed on a copy (state unchanged)."""
-        twin = BlockTranscript.__new__(BlockTranscript)
-        twin._poly = self._poly.copy() if self._poly is not None else None
-        twin._pad = self._pad
-        twin._hmac_key = self._hmac_key
-        twin._hash = self._hash.copy() if self._hash is not None else None
-        twin.absorb(final_record)
-        return twin.tag()
+    def verify_final(self, final_record: bytes, tag: bytes) -> None:
+        """Absorb ``final_record`` and check the peer's ``tag`` over the whole transcript in
+        constant time; raises ``AuthenticationFailed``. A one-time transcript's key is spent by
+        this check whatever its outcome (a second check under it would void the bound); an
+        HMAC transcript is left as it was."""
+        if self._one_time is not None:
+            self.absorb(final_record)
+            self._one_time.verify(tag)
+            return
+        assert self._hash is not None and self._hmac_key is not None
+        twin = self._hash.copy()
+        twin.update(len(final_record).to_bytes(8, "big"))
+        twin.update(final_record)
+        expected = hmac.digest(self._hmac_key, twin.digest(), "sha256")
+        if not hmac.compare_digest(expected, tag):
+            raise AuthenticationFailed("block transcript tag does not verify")
 
     @property
     def tag_bytes(self) -> int:
-        return BLOCK_BYTES if self._poly is not None else TAG_BYTES
+        return WC_TAG_BYTES if self._one_time is not None else TAG_BYTES

@@ -1,8 +1,8 @@
 """One open block's authentication: its frame MACs, both transcripts, and the close record.
 
 In key-derived mode a block draws six fresh keys from the pool (``BLOCK_DRAWS``: per direction a
-frame MAC key, a polynomial-hash key and a one-time pad for the Wegman-Carter transcript tag); in
-a bootstrap session it uses the session's control keys and HMAC transcripts. Each side's
+frame MAC key, and Poly1305's r and s for the one-time Wegman–Carter transcript tag); in a
+bootstrap session it uses the session's control keys and HMAC transcripts. Each side's
 BlockClose tags its transcript ended by the close record (block id, frame count, ledger
 fingerprint), so both sides agree on every frame of the block before its keys are committed.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from qkdnode.channel.auth import (
     BLOCK_DRAW_BITS,
@@ -24,7 +25,7 @@ from qkdnode.channel.channel_events import BlockAuthenticated
 from qkdnode.channel.handshake import ZERO_DIGEST
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import BlockClose, SessionMode
-from qkdnode.channel.polyhash import BLOCK_BYTES
+from qkdnode.channel.wegman_carter import CHUNK_BYTES
 from qkdnode.errors import AuthenticationFailed, ProtocolError
 
 
@@ -46,7 +47,8 @@ class OpenBlock:
     received_close: bool = False
 
     def own_close(self) -> BlockClose:
-        """This side's BlockClose: ends its transcript with the close record and tags it."""
+        """This side's BlockClose: ends its transcript with the close record and tags it (the
+        room for the close record was kept by ``check_transcript_room``)."""
         self.send_transcript.absorb(close_record(self.block_id, self.frames_sent, self.fingerprint))
         return BlockClose(
             block_id=self.block_id,
@@ -57,15 +59,15 @@ class OpenBlock:
 
     def verify_peer_close(self, message: BlockClose) -> None:
         """Raises unless the peer's BlockClose counts the frames received here, names the same
-        ledger fingerprint and tags exactly the transcript received here; changes nothing."""
+        ledger fingerprint and tags exactly the transcript received here. The tag is checked
+        last and once: a one-time key is spent by its check whatever the outcome, and a
+        failed check fails the connection, so no block state is used after it."""
         if message.frames != self.frames_received:
             raise ProtocolError("frame count differs from frames received", field="frames")
         if not hmac.compare_digest(message.ledger_fingerprint, self.fingerprint):
             raise AuthenticationFailed("authentication-key ledgers differ between the peers")
         final = close_record(self.block_id, message.frames, message.ledger_fingerprint)
-        expected = self.recv_transcript.peek_tag(final)
-        if not hmac.compare_digest(expected, message.transcript_tag):
-            raise AuthenticationFailed("block transcript tag does not verify")
+        self.recv_transcript.verify_final(final, message.transcript_tag)
 
     def authenticated(
         self, session_mode: SessionMode, forgery_bound_total: float
@@ -91,7 +93,8 @@ def key_derived_block(
     ledger: AuthKeyLedger,
     tag_forgery_bound: float,
 ) -> OpenBlock:
-    """A block keyed by six keys drawn now from the pool; records its two transcript tags."""
+    """A block keyed by six keys drawn now from the pool (sizes and order of ``BLOCK_DRAWS``);
+    records its two one-time transcript tags, each with ``tag_forgery_bound``, in the ledger."""
     keys = {name: ledger.draw(bits, f"block {name}") for name, bits in BLOCK_DRAWS}
     ledger.record_tags(2, tag_forgery_bound)
     mine, theirs = ("a2b", "b2a") if role is Role.ALICE else ("b2a", "a2b")
@@ -100,10 +103,10 @@ def key_derived_block(
         send_mac=FrameMac(keys[f"mac_{mine}"], session_id, role),
         recv_mac=FrameMac(keys[f"mac_{theirs}"], session_id, role.peer),
         send_transcript=BlockTranscript(
-            hash_key=keys[f"hash_{mine}"], pad=keys[f"pad_{mine}"], hmac_key=None
+            r=keys[f"hash_{mine}"], s=keys[f"pad_{mine}"], hmac_key=None
         ),
         recv_transcript=BlockTranscript(
-            hash_key=keys[f"hash_{theirs}"], pad=keys[f"pad_{theirs}"], hmac_key=None
+            r=keys[f"hash_{theirs}"], s=keys[f"pad_{theirs}"], hmac_key=None
         ),
         fingerprint=ledger.fingerprint(),
         mark_bits=ledger.consumed_bits,
@@ -141,11 +144,16 @@ def close_record(block_id: int, frames: int, fingerprint: bytes) -> bytes:
 def check_transcript_room(
     transcript: BlockTranscript, record_bytes: int, *, max_block_chunks: int
 ) -> None:
-    """A one-time (Wegman-Carter) transcript must stay within ``max_block_chunks``, which the
-    forgery bound assumed; raises ``ProtocolError`` before the record would pass it."""
+    """A one-time (Wegman–Carter) transcript must stay within ``max_block_chunks`` 16-byte
+    chunks, the length its forgery bound assumes: raises ``ProtocolError`` before a record of
+    ``record_bytes`` would leave no room for the close record."""
     if not transcript.one_time:
         return
-    chunks = (record_bytes + 8 + BLOCK_BYTES - 1) // BLOCK_BYTES
-    # keep room for the final record and the length chunk
-    if transcript.chunks + chunks + 8 > max_block_chunks:
+    after = transcript.message_bytes + LENGTH_PREFIX_BYTES + record_bytes + CLOSE_ROOM_BYTES
+    if after > max_block_chunks * CHUNK_BYTES:
         raise ProtocolError("block transcript exceeds max_block_chunks", field="block")
+
+
+# each record is absorbed as u64 length || record; the close record ends every transcript
+LENGTH_PREFIX_BYTES: Final = 8
+CLOSE_ROOM_BYTES: Final = LENGTH_PREFIX_BYTES + len(close_record(0, 0, ZERO_DIGEST))

@@ -302,7 +302,7 @@ class PeerConnection:
             len(header) + len(payload),
             max_block_chunks=self.config.max_block_chunks,
         )
-        block.send_transcript.absorb(header + payload)
+        block.send_transcript.absorb(header, payload)
         block.frames_sent += 1
         return self._emit_payload(Data.CODE, payload, block_id, block.send_mac, header=header)
 
@@ -461,7 +461,7 @@ class PeerConnection:
             max_block_chunks=self.config.max_block_chunks,
         )
         self._recv_seq += 1
-        block.recv_transcript.absorb(frame.header + frame.payload)
+        block.recv_transcript.absorb(frame.header, frame.payload)
         block.frames_received += 1
         return message
 

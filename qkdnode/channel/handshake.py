@@ -46,6 +46,7 @@ from qkdnode.channel.auth import (
 )
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import (
+    BLOCK_TAG_FAMILIES,
     DIGEST_BYTES,
     PROTOCOL_VERSION,
     Finish,
@@ -122,6 +123,20 @@ def check_rotation_announce(
         raise AuthKeyExhausted("the pool cannot pay for rotation and a first block")
 
 
+def check_protocol_version(peer_version: int) -> None:
+    """Raises ``ProtocolError`` (field ``protocol_version``) naming both versions and their
+    block transcript tag families unless the peer speaks this node's version."""
+    if peer_version != PROTOCOL_VERSION:
+        theirs = BLOCK_TAG_FAMILIES.get(peer_version, "unknown here")
+        ours = BLOCK_TAG_FAMILIES[PROTOCOL_VERSION]
+        raise ProtocolError(
+            f"peer speaks channel protocol version {peer_version} (block tag {theirs}), this "
+            f"node version {PROTOCOL_VERSION} (block tag {ours}): both nodes need the same "
+            "protocol version",
+            field="protocol_version",
+        )
+
+
 class Handshaker:
     """One side's part of the handshake: builds and checks Hello, HelloReply and Finish, and
     derives the session keys once both sides are authenticated."""
@@ -185,6 +200,7 @@ class Handshaker:
     ) -> tuple[HandshakeState, HelloReply]:
         """Bob: checks Alice's Hello and builds his proven reply. A key-derived Hello uses up
         one handshake slot here, before any proof leaves, whatever happens next."""
+        check_protocol_version(message.protocol_version)
         mode = SessionMode(message.mode)
         ephemeral = HybridEphemeral(self._random_bytes)
         handshake = HandshakeState(mode=mode, ephemeral=ephemeral, hello_payload=hello_payload)

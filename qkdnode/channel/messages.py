@@ -23,7 +23,10 @@ import msgpack
 
 from qkdnode.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 3
+# The channel protocol version, sent in the Hello; it names the block transcript tag family
+# (``BLOCK_TAG_FAMILIES``), so peers with different families refuse each other by name.
+PROTOCOL_VERSION: Final = 4
+BLOCK_TAG_FAMILIES: Final = {3: "gf128-polyhash-v1", 4: "poly1305-v1"}
 NONCE_BYTES: Final = 32
 X25519_PUBLIC_BYTES: Final = 32
 MLKEM768_PUBLIC_BYTES: Final = 1184
@@ -411,9 +414,7 @@ _CHAIN: Final = FieldSpec(
 _PROOF: Final = FieldSpec(kind="bytes", min_len=32, max_len=MAX_PROOF_BYTES)
 
 Hello.SCHEMA = {
-    "protocol_version": FieldSpec(
-        kind="int", min_value=PROTOCOL_VERSION, max_value=PROTOCOL_VERSION
-    ),
+    "protocol_version": u64(),  # any version parses; the handshake refuses others by name
     "mode": FieldSpec(kind="str", min_len=1, max_len=16),
     "nonce": exact_bytes(NONCE_BYTES),
     "x25519_public": exact_bytes(X25519_PUBLIC_BYTES),

@@ -48,7 +48,7 @@ from qkdnode.channel.messages import (
     RotationAck,
     RotationAnnounce,
 )
-from qkdnode.channel.polyhash import forgery_bound
+from qkdnode.channel.wegman_carter import CHUNK_BYTES, forgery_bound
 from qkdnode.errors import ProtocolError
 
 # block ids are the store's signed 64-bit keys, and never the header's NO_BLOCK
@@ -63,8 +63,9 @@ class ChannelConfig:
 
     - ``max_frame_bytes``: largest frame accepted (checked on the length prefix);
     - ``max_open_blocks``: blocks open at once (pipelining);
-    - ``max_block_chunks``: longest block transcript per direction, in 16-byte chunks; sets the
-      per-tag forgery bound (chunks + 1) / 2^128;
+    - ``max_block_chunks``: longest block transcript per direction, in 16-byte chunks (the
+      close record included); sets the per-tag forgery bound of the one-time Poly1305 tag,
+      8 chunks / 2^106 (``wegman_carter``);
     - ``max_session_age_s`` / ``max_session_frames``: a session's keys authenticate frames for
       at most this long / this many frames per direction (refused at the limit); the node then
       opens a new session with fresh keys.
@@ -87,7 +88,8 @@ class ChannelConfig:
 
     @property
     def tag_forgery_bound(self) -> float:
-        return forgery_bound(self.max_block_chunks)
+        """Forgery bound of one block transcript tag at the longest transcript allowed."""
+        return forgery_bound(CHUNK_BYTES * self.max_block_chunks)
 
     def check_block_open(self, block_id: int, next_block_id: int, open_blocks: int) -> None:
         """Raises unless ``block_id`` may open now: ids strictly increase, stay below the

@@ -8,7 +8,8 @@ quantum key distribution", arXiv:1409.3525), ε is the sum of:
 - ``epsilon_block``: the block's own distillation, eps_sec + eps_cor (privacy amplification
   sized by the finite-key bound, and the verification tag);
 - ``epsilon_tag_forgery``: every Wegman–Carter tag since the ledger began may have been forged
-  with probability at most (L + 1) / 2^128 (``qkdnode.channel.polyhash``); the ledger sums them;
+  with probability at most 8 ceil(L / 16) / 2^106 (one-time Poly1305,
+  ``qkdnode.channel.wegman_carter``); the ledger sums them;
 - ``epsilon_tag_keys``: those tags were keyed with pool bits of earlier blocks, each only as
   close to uniform as that block's own ε (Portmann, "Key recycling in authentication",
   IEEE Trans. Inf. Theory 60, 4383 (2014)); the ledger sums them at each deposit.

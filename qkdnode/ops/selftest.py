@@ -13,7 +13,11 @@ fails too). Provenance of every vector:
   the vector file when pinned). Signing is hedged, so signatures have no fixed vector: a
   pairwise-consistency test (sign, verify, and reject a changed message) with that key pair
   covers signing and verification;
-- GF(2^128) Wegman-Carter hash (``channel.polyhash``), the Mersenne-prime verification hash
+- Poly1305, the one-time block transcript tag (``channel.wegman_carter``): RFC 8439, section
+  2.5.2 (key, message "Cryptographic Forum Research Group", tag), fed in two pieces as the
+  transcript feeds it; and the transcript's own record encoding (``channel.auth.BlockTranscript``)
+  with a vector pinned as below;
+- the block transcript encoding, the Mersenne-prime verification hash
   (``postprocess.verification``), Toeplitz hashing (``postprocess.amplification``) and
   multiply-add modulo a Mersenne prime with GMP (``postprocess.amplification_mersenne``): our own
   constructions; the vectors were computed by the naive reference implementations in
@@ -88,12 +92,18 @@ _MLDSA_SEED: Final = bytes.fromhex(
 _MLDSA_PUBLIC_SHA256: Final = "b0cc1d6464e1528a478108d4be94be4aca4c7ae69d9595b1e6b752713442022a"
 _MLDSA_MESSAGE: Final = b"qkdnode ML-DSA-65 self-test"
 
+# RFC 8439, 2.5.2: Poly1305 key r || s, message, tag
+_POLY1305_KEY: Final = bytes.fromhex(
+    "85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b"
+)
+_POLY1305_MESSAGE: Final = b"Cryptographic Forum Research Group"
+_POLY1305_TAG: Final = "a8061dc1305136c6c22b8baf0c0127a9"
+
 # Inputs of our own constructions (mirrored in tests/reliability/naive.py) and pinned outputs.
-POLY128_KEY: Final = bytes(range(16))
-POLY128_RECORDS: Final = (b"", b"abc", bytes(range(40)))
-POLY128_PAD: Final = bytes(range(16, 32))
-POLY128_HASH: Final = "8455d265716f9d7ed9a8710a6800a121"
-POLY128_TAG: Final = "9444c076657a8b69c1b16b11741dbf3e"
+TRANSCRIPT_R: Final = bytes(range(16))
+TRANSCRIPT_S: Final = bytes(range(16, 32))
+TRANSCRIPT_RECORDS: Final = (b"", b"abc", bytes(range(40)))
+TRANSCRIPT_TAG: Final = "f3377a9f2669200d05fbd8dd7bfb8cb0"
 MERSENNE_DATA: Final = bytes((7 * i + 3) % 256 for i in range(38))
 MERSENNE_BITS: Final = 300
 MERSENNE_VECTORS: Final = (
@@ -147,17 +157,28 @@ def check_hmac_sha256() -> None:
         _same("hmac_sha256", hmac.new(key, data, "sha256").digest(), expected)
 
 
-def check_polyhash_gf128() -> None:
-    from qkdnode.channel.polyhash import PolyHash, verify_tag, wegman_carter_tag
+def check_poly1305() -> None:
+    from qkdnode.channel.auth import BlockTranscript
+    from qkdnode.channel.wegman_carter import OneTimeTag
 
-    hasher = PolyHash(POLY128_KEY)
-    for record in POLY128_RECORDS:
-        hasher.absorb(record)
-    value = hasher.finish()
-    _same("polyhash_gf128", value, POLY128_HASH)
-    tag = wegman_carter_tag(value, POLY128_PAD)
-    _same("polyhash_gf128", tag, POLY128_TAG)
-    _expect_rejection("polyhash_gf128", lambda: verify_tag(tag, _flip_first_byte(tag)))
+    tag = OneTimeTag(_POLY1305_KEY[:16], _POLY1305_KEY[16:])
+    tag.update(_POLY1305_MESSAGE[:5])
+    tag.update(_POLY1305_MESSAGE[5:])
+    _same("poly1305", tag.finish(), _POLY1305_TAG)
+    transcript = BlockTranscript(r=TRANSCRIPT_R, s=TRANSCRIPT_S, hmac_key=None)
+    for record in TRANSCRIPT_RECORDS:
+        transcript.absorb(record)
+    expected = transcript.tag()
+    _same("poly1305", expected, TRANSCRIPT_TAG)
+    # the receiver's side: the right tag verifies, a changed one is rejected
+    for tag_hex, accepts in ((TRANSCRIPT_TAG, True), (_flip_first_byte(expected).hex(), False)):
+        receiver = BlockTranscript(r=TRANSCRIPT_R, s=TRANSCRIPT_S, hmac_key=None)
+        for record in TRANSCRIPT_RECORDS[:-1]:
+            receiver.absorb(record)
+        check = functools.partial(
+            receiver.verify_final, TRANSCRIPT_RECORDS[-1], bytes.fromhex(tag_hex)
+        )
+        (_expect_accepted if accepts else _expect_rejection)("poly1305", check)
 
 
 def check_verification_hash() -> None:
@@ -261,7 +282,7 @@ def _expect_rejection(name: str, check: Callable[[], None]) -> None:
 
 SELF_TESTS: Final[tuple[tuple[str, Callable[[], None]], ...]] = (
     ("hmac_sha256", check_hmac_sha256),
-    ("polyhash_gf128", check_polyhash_gf128),
+    ("poly1305", check_poly1305),
     ("verification_hash", check_verification_hash),
     ("toeplitz", check_toeplitz),
     ("hybrid_combiner", check_hybrid_combiner),

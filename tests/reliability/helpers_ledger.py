@@ -30,7 +30,9 @@ def check_against_stream(ledger: RecordingLedger) -> int:
 
 
 def naive_forgery_bound(tags: int, max_block_chunks: int) -> float:
-    return tags * (max_block_chunks + 1) / 2.0**128
+    """Bernstein 2005, section 3: 8 ceil(L / 16) / 2^106 per one-time Poly1305 tag, for
+    transcripts of at most L = 16 max_block_chunks bytes."""
+    return tags * 8 * max_block_chunks / 2.0**106
 
 
 def ledgers_through_key_derived_connections(blocks: int) -> None:

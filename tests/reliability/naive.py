@@ -1,40 +1,57 @@
 """Naive, independent reference implementations used to generate and re-check pinned vectors.
 
-Written from the definitions (module docstrings of ``qkdnode.channel.polyhash``,
-``qkdnode.postprocess.verification`` and ``qkdnode.postprocess.amplification``), sharing no code
-with them: schoolbook GF(2^128) arithmetic, Horner modulo a Mersenne prime on Python ints, and
-the Toeplitz matrix product written out entry by entry.
+Written from the definitions (RFC 8439 for Poly1305, the module docstrings of
+``qkdnode.channel.wegman_carter``, ``qkdnode.postprocess.verification`` and
+``qkdnode.postprocess.amplification``), sharing no code with them: Horner modulo 2^130 - 5 and
+modulo a Mersenne prime on Python ints, and the Toeplitz matrix product written out entry by
+entry.
 """
 
 from __future__ import annotations
 
-
-def gf128_mul(a: int, b: int) -> int:
-    """Carry-less schoolbook product reduced by x^128 + x^7 + x^2 + x + 1."""
-    product = 0
-    for i in range(128):
-        if (b >> i) & 1:
-            product ^= a << i
-    modulus = (1 << 128) | 0x87
-    for degree in range(254, 127, -1):
-        if (product >> degree) & 1:
-            product ^= modulus << (degree - 128)
-    return product
+import hmac
 
 
-def gf128_poly_hash(key: bytes, records: list[bytes]) -> bytes:
-    """H_h over u64-length-prefixed, zero-padded records, then the total byte length chunk."""
-    data = b""
-    for record in records:
-        data += len(record).to_bytes(8, "big") + record
-        data += bytes(-len(data) % 16)
-    chunks = [int.from_bytes(data[i : i + 16], "big") for i in range(0, len(data), 16)]
-    chunks.append(len(data))
-    h = int.from_bytes(key, "big")
-    y = 0
-    for chunk in chunks:  # Horner: y <- (y + m_i) h
-        y = gf128_mul(y ^ chunk, h)
-    return y.to_bytes(16, "big")
+def poly1305(key: bytes, message: bytes) -> bytes:
+    """RFC 8439, section 2.5.1, on Python ints: clamp r, accumulate (acc + chunk) r modulo
+    2^130 - 5 over 16-byte chunks with a 1 byte appended, add s, keep 128 bits."""
+    assert len(key) == 32
+    r = int.from_bytes(key[:16], "little") & 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
+    s = int.from_bytes(key[16:], "little")
+    prime = (1 << 130) - 5
+    acc = 0
+    for start in range(0, len(message), 16):
+        chunk = message[start : start + 16] + b"\x01"
+        acc = (acc + int.from_bytes(chunk, "little")) * r % prime
+    return ((acc + s) % (1 << 128)).to_bytes(16, "little")
+
+
+class StreamingPoly1305:
+    """``cryptography``'s ``Poly1305`` interface (update, finalize, verify) on ``poly1305``
+    above, buffering the message: slow, but a live connection holding it can be deep-copied
+    (OpenSSL's contexts cannot), which tests that copy connections need."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+        self._message = bytearray()
+
+    def update(self, data: bytes) -> None:
+        self._message += data
+
+    def finalize(self) -> bytes:
+        return poly1305(self._key, bytes(self._message))
+
+    def verify(self, tag: bytes) -> None:
+        from cryptography.exceptions import InvalidSignature
+
+        if not hmac.compare_digest(self.finalize(), tag):
+            raise InvalidSignature
+
+
+def transcript_tag(r: bytes, s: bytes, records: list[bytes]) -> bytes:
+    """The block transcript tag: Poly1305 under r || s over u64-length-prefixed records."""
+    message = b"".join(len(record).to_bytes(8, "big") + record for record in records)
+    return poly1305(r + s, message)
 
 
 def bits_of(data: bytes, count: int) -> list[int]:
@@ -79,9 +96,9 @@ def pack_bits_le(bits: list[int]) -> bytes:
 
 # ---- the inputs of the pinned self-test vectors (also used by qkdnode.ops.selftest) ----------
 
-POLY128_KEY = bytes(range(16))
-POLY128_RECORDS = [b"", b"abc", bytes(range(40))]
-POLY128_PAD = bytes(range(16, 32))
+TRANSCRIPT_R = bytes(range(16))
+TRANSCRIPT_S = bytes(range(16, 32))
+TRANSCRIPT_RECORDS = [b"", b"abc", bytes(range(40))]
 MERSENNE_DATA = bytes((7 * i + 3) % 256 for i in range(38))
 MERSENNE_BITS = 300
 MERSENNE_KEYS = {61: 0x0123456789ABCDEF % ((1 << 61) - 1), 127: (1 << 126) + 0x1234567}
@@ -99,10 +116,9 @@ PA_MERSENNE_N, PA_MERSENNE_M, PA_MERSENNE_EXPONENT = 600, 300, 607
 
 def expected_vectors() -> dict[str, str]:
     """The pinned values, recomputed naively (hex)."""
-    poly = gf128_poly_hash(POLY128_KEY, POLY128_RECORDS)
-    tag = bytes(x ^ y for x, y in zip(poly, POLY128_PAD, strict=True))
+    tag = transcript_tag(TRANSCRIPT_R, TRANSCRIPT_S, TRANSCRIPT_RECORDS)
     bits = bits_of(MERSENNE_DATA, MERSENNE_BITS)
-    out = {"gf128_hash": poly.hex(), "gf128_tag": tag.hex()}
+    out = {"transcript_tag": tag.hex()}
     for field_bits, key in MERSENNE_KEYS.items():
         out[f"mersenne_{field_bits}"] = format(mersenne_poly_hash(bits, key, field_bits), "x")
     toe = toeplitz(

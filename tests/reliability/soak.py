@@ -23,7 +23,10 @@ from qkdnode.ops.selftest import run_self_tests
 from tests.helpers_store import reserve, take
 from tests.reliability.fuzz_targets import TARGETS
 from tests.reliability.harness import DeliveryAudit, Pair, scan, stores_agree, windows
-from tests.reliability.helpers_ledger import ledgers_through_key_derived_connections
+from tests.reliability.helpers_ledger import (
+    ledgers_through_key_derived_connections,
+    naive_forgery_bound,
+)
 from tests.reliability.memory import tamper_session_frames
 
 Row = tuple[str, str, bool, float]
@@ -169,7 +172,7 @@ def ledger_tags(blocks: int) -> Row:
     return (
         "5 ledger (connections)",
         f"{tags} tags, 0 bits drawn twice, ledgers equal, 512 bits per tag, "
-        f"forgery bound {tags * ((1 << 26) + 1) / 2.0**128:.2e}",
+        f"forgery bound {naive_forgery_bound(tags, 1 << 26):.2e}",
         True,
         0.0,
     )

@@ -21,7 +21,7 @@ from tests.reliability import naive
 def test_all_self_tests_pass_and_cover_every_primitive() -> None:
     assert selftest.run_self_tests() == [
         "hmac_sha256",
-        "polyhash_gf128",
+        "poly1305",
         "verification_hash",
         "toeplitz",
         "hybrid_combiner",
@@ -33,16 +33,18 @@ def test_all_self_tests_pass_and_cover_every_primitive() -> None:
 
 def test_pinned_vectors_equal_the_naive_reference() -> None:
     expected = naive.expected_vectors()
-    assert expected["gf128_hash"] == selftest.POLY128_HASH
-    assert expected["gf128_tag"] == selftest.POLY128_TAG
+    assert expected["transcript_tag"] == selftest.TRANSCRIPT_TAG
     assert expected["toeplitz"] == selftest.TOEPLITZ_OUTPUT
     assert expected["pa_mersenne"] == selftest.PA_MERSENNE_OUTPUT
     for field_bits, key, value in selftest.MERSENNE_VECTORS:
         assert naive.MERSENNE_KEYS[field_bits] == key
         assert value == expected[f"mersenne_{field_bits}"]
     # the inputs are the same on both sides
-    assert selftest.POLY128_KEY == naive.POLY128_KEY
-    assert list(selftest.POLY128_RECORDS) == naive.POLY128_RECORDS
+    assert (selftest.TRANSCRIPT_R, selftest.TRANSCRIPT_S) == (
+        naive.TRANSCRIPT_R,
+        naive.TRANSCRIPT_S,
+    )
+    assert list(selftest.TRANSCRIPT_RECORDS) == naive.TRANSCRIPT_RECORDS
     assert selftest.MERSENNE_DATA == naive.MERSENNE_DATA
     assert (selftest.TOEPLITZ_INPUT, selftest.TOEPLITZ_SEED) == (
         naive.TOEPLITZ_INPUT,
@@ -82,7 +84,8 @@ def test_the_hybrid_vector_equals_the_independent_implementation() -> None:
 @pytest.mark.parametrize(
     ("name", "target", "broken"),
     [
-        ("polyhash_gf128", "qkdnode.channel.polyhash.PolyHash.finish", lambda self: bytes(16)),
+        ("poly1305", "qkdnode.channel.wegman_carter.OneTimeTag.finish", lambda self: bytes(16)),
+        ("poly1305", "qkdnode.channel.wegman_carter.OneTimeTag.verify", lambda self, tag: None),
         ("verification_hash", "qkdnode.postprocess.verification.polynomial_hash", lambda *a: 0),
         ("toeplitz", "qkdnode.postprocess.amplification.toeplitz_hash", None),
         ("pa_mersenne", "qkdnode.postprocess.amplification_mersenne.mersenne_hash", None),

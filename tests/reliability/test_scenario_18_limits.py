@@ -19,7 +19,6 @@ from qkdnode.channel.auth import Role
 from qkdnode.channel.connection import ChannelConfig, ConnectionState, PeerConnection
 from qkdnode.channel.framing import LENGTH_BYTES, FrameReader
 from qkdnode.channel.messages import FieldSpec, KindRegistry
-from qkdnode.channel.polyhash import BLOCK_BYTES
 from qkdnode.errors import ProtocolError
 from tests.helpers_pki import NOW_S
 from tests.reliability.memory import (
@@ -151,41 +150,49 @@ def test_open_blocks_accepted_up_to_the_limit_refused_one_over(limit: int) -> No
     assert len(wire.bob.open_blocks) == limit
 
 
-def _chunks(record_bytes: int) -> int:
-    """16-byte chunks of one absorbed record: u64 length + record, zero-padded (polyhash)."""
-    return -(-(record_bytes + 8) // BLOCK_BYTES)
-
-
-def test_block_transcript_accepted_at_the_chunk_limit_refused_one_over() -> None:
+@pytest.mark.parametrize("over_bytes", [0, 1])
+def test_block_transcript_accepted_at_the_chunk_limit_refused_one_over(over_bytes: int) -> None:
+    """The transcript (records with their u64 lengths, and room for the close record) may
+    fill ``16 * max_block_chunks`` bytes, the length the forgery bound assumes, exactly."""
     limit = 400
     alice_ledger, bob_ledger, _, _ = ledger_pair(seed=18, target_bits=1 << 16)
     first = key_derived_wire(alice_ledger, bob_ledger, seed=180)  # rotates the ledgers
     del first
+    # one byte over: Alice ignores the limit (the ledgers then record other bounds, so that
+    # block could not close); at the limit both keep it and the block closes
+    loose = ChannelConfig(max_frame_bytes=1 << 20)
+    limited = ChannelConfig(max_frame_bytes=1 << 20, max_block_chunks=limit)
     wire = _psk_wire(
-        alice_config=ChannelConfig(max_frame_bytes=1 << 20),
-        bob_config=ChannelConfig(max_frame_bytes=1 << 20, max_block_chunks=limit),
+        alice_config=loose if over_bytes else limited,
+        bob_config=limited,
         ledgers=(alice_ledger, bob_ledger),
         seed=181,
     )
     handshake(wire)
     _deliver(wire.bob, wire.alice.open_block(0))
-    # Bob keeps room for the final record and the length chunk: 8 chunks
+    # the close record: "close", block id and frame count as u64, the 32-byte fingerprint
+    close_room = 8 + 5 + 16 + 32
     used = 0
-    sent = 0
-    while True:
-        frame = wire.alice.send_data(0, "big", {"blob": bytes(100)})
+    for size in (1000, 2000):
+        frame = wire.alice.send_data(0, "big", {"blob": bytes(size)})
         record = len(frame) - LENGTH_BYTES - 32  # header + payload; the 32-byte MAC is not hashed
-        fits = used + _chunks(record) + 8 <= limit
-        if fits:
-            _deliver(wire.bob, frame)
-            used += _chunks(record)
-            sent += 1
-            continue
+        _deliver(wire.bob, frame)
+        used += 8 + record
+    overhead = record - 2000  # header and msgpack framing of a blob of 256..65535 bytes
+    size = 16 * limit - close_room - used - 8 - overhead + over_bytes
+    assert 256 <= size < 65536
+    last = wire.alice.send_data(0, "big", {"blob": bytes(size)})
+    assert len(last) - LENGTH_BYTES - 32 == overhead + size
+    if over_bytes:
         with pytest.raises(ProtocolError) as refused:
-            _deliver(wire.bob, frame)
+            _deliver(wire.bob, last)
         assert refused.value.field == "block"
-        break
-    assert sent >= 3 and limit - 8 - _chunks(record) < used <= limit - 8
+        return
+    _deliver(wire.bob, last)
+    # the full transcript still gets its tag, and it verifies
+    _deliver(wire.bob, wire.alice.close_block(0))
+    _deliver(wire.alice, wire.bob.close_block(0))
+    assert wire.bob.open_blocks == wire.alice.open_blocks == ()
 
 
 @pytest.mark.parametrize("past_deposits_bytes", [0, 1])
