@@ -152,6 +152,9 @@ class Decide:
         if type(self.commit) is not bool:
             raise ProtocolError("must be a bool", field="commit")
 
+    def __repr__(self) -> str:
+        return f"Decide(key_id={self.key_id}, route={'/'.join(self.route)}, commit={self.commit})"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Outcome:
@@ -171,6 +174,12 @@ class Outcome:
         _check_text(self.reason, "reason", MAX_REASON_CHARS, min_chars=0)
         if self.committed and self.reason:
             raise ProtocolError("a committed outcome has no reason", field="reason")
+
+    def __repr__(self) -> str:
+        return (
+            f"Outcome(key_id={self.key_id}, route={'/'.join(self.route)}, "
+            f"committed={self.committed}, reason={self.reason!r})"
+        )
 
 
 RelayMessage = Forward | Prepared | Decide | Outcome

@@ -35,9 +35,10 @@ SAE_OF: Final = {"A": "sae-a", "R": "sae-r", "C": "sae-c"}
 class RelaySimSettings:
     """What a run looks like; every choice inside a run is drawn from its seed.
 
-    ``crash_at_event``: (event number, node) crashes that node right after the run's n-th
-    event (a message handled or an effect applied), once; with it the run is scripted: one
-    relay along ``scripted_route`` and no random fault."""
+    ``scripted``: one relay along ``scripted_route``, no random fault, no deadline, straight
+    to the quiet phase; ``crash_at_event`` (n, node) then crashes that node right after the
+    run's n-th event (an input handled or an effect applied), once; ``scripted_corrupt_pad``
+    flips a bit of the terminal's incoming pad first, so the confirmation aborts the relay."""
 
     warmup_steps_max: int = 150
     fault_steps_max: int = 400
@@ -46,16 +47,18 @@ class RelaySimSettings:
     fault_probability: float = 0.06
     handout_probability: float = 0.05
     key_bits_choices: tuple[int, ...] = (128, 256, 1024)
-    pad_deposit_bits: int = 8 * 1024
-    pad_deposit_probability: float = 0.02
-    pad_initial_bits: int = 8 * 4096
+    pad_deposit_bits: int = 8 * 512
+    pad_deposit_probability: float = 0.04
+    pad_initial_bits: int = 8 * 768
     retransmit_interval_steps: int = 30
     down_steps_max: int = 40
-    abort_after_steps_min: int = 20
-    abort_after_steps_max: int = 400
+    abort_after_steps_min: int = 5
+    abort_after_steps_max: int = 300
     faults: tuple[str, ...] = RELAY_FAULTS
     crash_at_event: tuple[int, str] | None = None
+    scripted: bool = False
     scripted_route: tuple[str, ...] = ("A", "R", "C")
+    scripted_corrupt_pad: bool = False
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ Invariants (``RelayRunReport`` counters):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 import uuid
@@ -123,7 +124,7 @@ class RelayWorld:
         self.faults_on = False
         self.requests_on = True
         self._factory = machine_factory
-        self._crash_pending = settings.crash_at_event
+        self._crash_pending: tuple[int, str] | None = None  # armed by a scripted run
         self.pipes: dict[tuple[str, str], deque[_Envelope]] = {}
         for a, b in LINKS:
             self.pipes[(a, b)] = deque()
@@ -145,7 +146,7 @@ class RelayWorld:
             )
             self.nodes[name] = node
         for pipe in self.pipes:
-            self._produce(pipe, settings.pad_initial_bits // 8, lag=False)
+            self._produce(pipe, settings.pad_initial_bits // 8, lag_steps_max=0)
         for node in self.nodes.values():
             self._start(node)
 
@@ -271,7 +272,7 @@ class RelayWorld:
 
     def request(self, node: RelayNode) -> None:
         routes: list[tuple[str, ...]] = [r for r in ROUTES if r[0] == node.name]
-        if self.settings.crash_at_event is not None:
+        if self.settings.scripted:
             routes = [self.settings.scripted_route]
         route = self.rng.choice(routes)
         request = RelayRequested(
@@ -289,7 +290,7 @@ class RelayWorld:
             node.store.hand_out(self.rng.choice(ids))
             self.report.keys_handed_out += 1
 
-    def _produce(self, pipe: tuple[str, str], nbytes: int, *, lag: bool) -> None:
+    def _produce(self, pipe: tuple[str, str], nbytes: int, *, lag_steps_max: int) -> None:
         """The link of ``pipe`` made ``nbytes`` more pad for that direction: both ends get it,
         each at its own step."""
         self.material[pipe].extend(self.rng.randbytes(nbytes))
@@ -298,12 +299,12 @@ class RelayWorld:
             (sender, receiver, Direction.OUT),
             (receiver, sender, Direction.IN),
         ):
-            due = self.step_count + (self.rng.randint(1, 60) if lag else 0)
+            due = self.step_count + self.rng.randint(0, lag_steps_max)
             self.pending_deposits.append((due, node, peer, direction))
         self._deposit_due()
 
     def _produce_now(self, pipe: tuple[str, str]) -> None:
-        self._produce(pipe, self.settings.pad_deposit_bits // 8, lag=False)
+        self._produce(pipe, self.settings.pad_deposit_bits // 8, lag_steps_max=8)
 
     def _deposit_due(self) -> None:
         keep = []
@@ -342,7 +343,7 @@ class RelayWorld:
             self.crash(self.nodes[self.rng.choice(NODES)])
         elif fault == "pad_lag":
             direction = self.rng.choice(sorted(self.pipes))
-            self._produce(direction, self.settings.pad_deposit_bits // 8, lag=True)
+            self._produce(direction, self.settings.pad_deposit_bits // 8, lag_steps_max=60)
         elif fault == "pad_corrupt":
             injected = self._corrupt_pad()
         else:
@@ -494,6 +495,27 @@ class RelayWorld:
                     )
 
 
+def crash_at_every_boundary(
+    route: tuple[str, ...] = ("A", "R", "C"),
+    *,
+    abort: bool = False,
+    seed: int = 0,
+    machine_factory: MachineFactory = RelayMachine,
+) -> list[RelayRunReport]:
+    """One scripted relay along ``route`` (committed, or with ``abort`` aborted by its
+    confirmation), crashed at every event boundary of a clean run in turn: after each input a
+    node handles and after each effect it applies (so also between a store write and the send
+    that follows it), once for each node on the route. One report per (event, node)."""
+    settings = RelaySimSettings(scripted=True, scripted_route=route, scripted_corrupt_pad=abort)
+    clean = simulate_relay_run(seed, settings, machine_factory=machine_factory)
+    reports = [clean]
+    for event in range(1, clean.events + 1):
+        for node in route:
+            crashing = dataclasses.replace(settings, crash_at_event=(event, node))
+            reports.append(simulate_relay_run(seed, crashing, machine_factory=machine_factory))
+    return reports
+
+
 def simulate_relay_run(
     seed: int,
     settings: RelaySimSettings | None = None,
@@ -506,17 +528,24 @@ def simulate_relay_run(
     started = time.perf_counter()
     world = RelayWorld(seed, settings, machine_factory)
     rng = world.rng
-    scripted = settings.crash_at_event is not None
-    for _ in range(rng.randint(0, settings.warmup_steps_max) if not scripted else 0):
-        world.step()
-    if scripted:  # one relay, started at once
+    if settings.scripted:
         world.requests_on = False
-        world.request(world.nodes[settings.scripted_route[0]])
-    world.faults_on = not scripted
-    for _ in range(rng.randint(1, settings.fault_steps_max) if not scripted else 200):
-        world.step()
-    world.faults_on = False
-    world.requests_on = False
+        world.report.events = 0  # boundaries are counted from the request on
+        world._crash_pending = settings.crash_at_event
+        route = settings.scripted_route
+        if settings.scripted_corrupt_pad:
+            world.nodes[route[-1]].store.corrupt(route[-2], Direction.IN, 0)
+        world.request(world.nodes[route[0]])
+        for relay in world.started.values():
+            relay.abort_at_step = -1  # no deadline
+    else:
+        for _ in range(rng.randint(0, settings.warmup_steps_max)):
+            world.step()
+        world.faults_on = True
+        for _ in range(rng.randint(1, settings.fault_steps_max)):
+            world.step()
+        world.faults_on = False
+        world.requests_on = False
     quiet_from = world.step_count
     while not world.quiet():
         if world.step_count - quiet_from > settings.quiet_steps_max:
