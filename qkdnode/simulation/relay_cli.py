@@ -5,9 +5,10 @@
 
 Runs seeds S .. S+N-1 and prints one row: {"runs", "steps", "requests", "relays_started",
 "relays_committed", "relays_aborted", "tag_mismatch_aborts", "refused_at_request",
-"keys_handed_out", "messages_delivered", "faults_injected", "crashes", "hop_allocations",
-"pad_bits_allocated", "payload_bits_relayed", "pad_bits_per_relayed_bit", "delivered_twice",
-"lost", "half_relayed", "pad_reused", "pad_misaccounted", "protocol_errors", "seconds"}, then
+"keys_handed_out", "messages_delivered", "faults_injected", "crashes",
+"crashes_between_effects", "hop_allocations", "pad_bits_allocated", "payload_bits_relayed",
+"pad_bits_per_relayed_bit", "delivered_twice", "lost", "half_relayed", "pad_reused",
+"pad_misaccounted", "protocol_errors", "seconds"}, then
 the first failing seed of each kind with the command that replays it (``--runs 1 --trace``
 prints the run step by step; a seed replays exactly). ``--boundaries`` instead crashes each
 node of a two-hop relay at every event boundary, once for a committed and once for an aborted
@@ -39,6 +40,7 @@ COUNTERS: Final = (
     "messages_delivered",
     "faults_injected",
     "crashes",
+    "crashes_between_effects",
     "hop_allocations",
     "pad_bits_allocated",
     "payload_bits_relayed",

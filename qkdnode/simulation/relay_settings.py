@@ -78,6 +78,7 @@ class RelayRunReport:
     messages_delivered: int = 0
     faults_injected: int = 0
     crashes: int = 0
+    crashes_between_effects: int = 0
     pad_bits_allocated: int = 0
     payload_bits_relayed: int = 0
     hop_allocations: int = 0

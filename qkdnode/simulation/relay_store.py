@@ -44,6 +44,7 @@ class RelayStoreModel:
         self, neighbours: tuple[str, ...], on_deliverable: Callable[[uuid.UUID, bytes], None]
     ) -> None:
         self._records: dict[uuid.UUID, RelayRecord] = {}
+        self._unfinished: set[uuid.UUID] = set()
         self._deliverable: dict[uuid.UUID, bytes] = {}
         self._pads = {(peer, d): PadStream() for peer in neighbours for d in Direction}
         self._on_deliverable = on_deliverable
@@ -56,7 +57,7 @@ class RelayStoreModel:
         return self._records.get(key_id)
 
     def unfinished_relays(self) -> list[RelayRecord]:
-        return [r for _, r in sorted(self._records.items()) if not r.state.finished]
+        return [self._records[key_id] for key_id in sorted(self._unfinished)]
 
     def available_bits(self, peer: str, direction: Direction) -> int:
         return 8 * len(self._pads[(peer, direction)].material)
@@ -100,6 +101,10 @@ class RelayStoreModel:
                 stream.cursor_bits = span.end_bits
         before = self._records.get(record.key_id)
         self._records[record.key_id] = record
+        if record.state.finished:
+            self._unfinished.discard(record.key_id)
+        else:
+            self._unfinished.add(record.key_id)
         if record.deliverable and not (before is not None and before.deliverable):
             self._deliverable[record.key_id] = record.key
             self._on_deliverable(record.key_id, record.key)

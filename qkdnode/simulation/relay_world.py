@@ -217,6 +217,7 @@ class RelayWorld:
         for index, effect in enumerate(effects):
             if index == mid_crash_at:
                 self.report.faults_injected += 1
+                self.report.crashes_between_effects += 1
                 self.note(f"fault crash_mid_effects {node.name} before {type(effect).__name__}")
                 self.crash(node)
             if node.machine is None:
@@ -501,12 +502,19 @@ def crash_at_every_boundary(
     abort: bool = False,
     seed: int = 0,
     machine_factory: MachineFactory = RelayMachine,
+    quiet_steps_max: int | None = None,
 ) -> list[RelayRunReport]:
     """One scripted relay along ``route`` (committed, or with ``abort`` aborted by its
     confirmation), crashed at every event boundary of a clean run in turn: after each input a
     node handles and after each effect it applies (so also between a store write and the send
     that follows it), once for each node on the route. One report per (event, node)."""
-    settings = RelaySimSettings(scripted=True, scripted_route=route, scripted_corrupt_pad=abort)
+    settings = RelaySimSettings(
+        scripted=True,
+        scripted_route=route,
+        scripted_corrupt_pad=abort,
+    )
+    if quiet_steps_max is not None:
+        settings = dataclasses.replace(settings, quiet_steps_max=quiet_steps_max)
     clean = simulate_relay_run(seed, settings, machine_factory=machine_factory)
     reports = [clean]
     for event in range(1, clean.events + 1):
