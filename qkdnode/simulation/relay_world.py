@@ -467,6 +467,7 @@ class RelayWorld:
 
     def _check_pads(self) -> None:
         report = self.report
+        hops_paid: dict[uuid.UUID, set[tuple[str, str]]] = {}
         for sender, receiver in sorted(self.pipes):
             out = self.nodes[sender].store.stream(receiver, Direction.OUT)
             into = self.nodes[receiver].store.stream(sender, Direction.IN)
@@ -478,6 +479,7 @@ class RelayWorld:
                         "pad_misaccounted", f"relay {key_id} allocated twice {sender}->{receiver}"
                     )
                 allocated[key_id] = (start, end)
+                hops_paid.setdefault(key_id, set()).add((sender, receiver))
                 if relay is None or end - start != payload_bits(relay.key_bits):
                     report.violate(
                         "pad_misaccounted",
@@ -485,8 +487,21 @@ class RelayWorld:
                     )
                 report.pad_bits_allocated += end - start
                 report.hop_allocations += 1
-                if relay is not None:
-                    report.payload_bits_relayed += payload_bits(relay.key_bits)
+            # the bits the sender actually sent on this hop, from its stored Forwards
+            sent_bits = sum(
+                8 * len(record.forward_out.ciphertext)
+                for record in self.nodes[sender].store.records().values()
+                if record.forward_out is not None
+                and record.pad_out is not None
+                and record.pad_out.peer == receiver
+            )
+            report.payload_bits_relayed += sent_bits
+            if sent_bits != sum(end - start for start, end, _ in out.spent):
+                report.violate(
+                    "pad_misaccounted",
+                    f"{sender}->{receiver}: {sent_bits} bits sent, "
+                    f"{sum(e - s for s, e, _ in out.spent)} pad bits allocated",
+                )
             for start, end, key_id in into.spent:
                 if allocated.get(key_id) != (start, end):
                     report.violate(
@@ -494,6 +509,15 @@ class RelayWorld:
                         f"{receiver} took {start}..{end} from {sender} for relay {key_id}, "
                         f"allocated {allocated.get(key_id)}",
                     )
+        for key_id, relay in self.started.items():
+            origin = self.nodes[relay.route[0]].store.relay(key_id)
+            hops = set(zip(relay.route, relay.route[1:], strict=False))
+            committed = origin is not None and origin.state is RelayState.COMMITTED
+            if committed and hops_paid.get(key_id) != hops:
+                report.violate(
+                    "pad_misaccounted",
+                    f"committed relay {key_id} paid hops {hops_paid.get(key_id)}, not {hops}",
+                )
 
 
 def crash_at_every_boundary(
