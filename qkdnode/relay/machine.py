@@ -187,31 +187,24 @@ class RelayMachine:
         route = event.route
         if route[0] != self.node:
             raise RuntimeError("a relay starts at its origin: the route must begin here")
-        following = route[1]
-        bits = payload_bits(event.key_bits)
-        refusal = ""
-        if following not in self.config.neighbours:
-            refusal = f"no link to {following}"
-        elif event.master_sae_id not in self.config.local_sae_ids:
+        span, refusal = self._outgoing_span(route[1], payload_bits(event.key_bits))
+        if event.master_sae_id not in self.config.local_sae_ids:
             refusal = "the master SAE is not served here"
-        else:
-            cursor = self._pads.next_offset_bits(following)
-            if cursor + bits > self._pads.available_bits(following, Direction.OUT):
-                refusal = f"the pad stream to {following} holds too few bits"
         if refusal:
             self._out.append(RelayRefused(route=route, reason=refusal))
             return
+        assert span is not None
+        following = route[1]
         key_id = self._new_key_id()
         key = self._random_bytes(event.key_bits // 8)
         confirmation_key = self._random_bytes(CONFIRMATION_KEY_BITS // 8)
-        span = PadRange(peer=following, direction=Direction.OUT, offset_bits=cursor, bits=bits)
         forward = Forward(
             key_id=key_id,
             route=route,
             master_sae_id=event.master_sae_id,
             slave_sae_id=event.slave_sae_id,
             key_bits=event.key_bits,
-            pad_offset_bits=cursor,
+            pad_offset_bits=span.offset_bits,
             ciphertext=_xor(key + confirmation_key, self._pads.pad(span)),
         )
         record = RelayRecord(
@@ -283,22 +276,12 @@ class RelayMachine:
         assert record is None and isinstance(message, Forward)
         span_in = self._incoming_span(message)
         following = _neighbour(message.route, self.node, +1)
-        refusal = self._incoming_refusal(span_in)
-        span_out = span_in
-        if refusal:
-            pass
-        elif following not in self.config.neighbours:
-            refusal = f"no link to {following}"
-        else:
-            cursor = self._pads.next_offset_bits(following)
-            span_out = PadRange(
-                peer=following, direction=Direction.OUT, offset_bits=cursor, bits=span_in.bits
-            )
-            if span_out.end_bits > self._pads.available_bits(following, Direction.OUT):
-                refusal = f"the pad stream to {following} holds too few bits"
+        span_out, refusal = self._outgoing_span(following, span_in.bits)
+        refusal = self._incoming_refusal(span_in) or refusal
         if refusal:
             self._refuse_forward(message, Position.MIDDLE, span_in, refusal)
             return
+        assert span_out is not None
         payload = _xor(message.ciphertext, self._pads.pad(span_in))
         forward = dataclasses.replace(
             message,
@@ -326,6 +309,16 @@ class RelayMachine:
         stored = dataclasses.replace(stored, key=key, tag=tag)
         self._save(stored, PadSpend(range=span_in, used=True))
         self._send_prepared(stored)
+
+    def _outgoing_span(self, peer: str, bits: int) -> tuple[PadRange | None, str]:
+        """The next ``bits`` of the outgoing stream to ``peer``, or why there are none."""
+        if peer not in self.config.neighbours:
+            return None, f"no link to {peer}"
+        cursor = self._pads.next_offset_bits(peer)
+        span = PadRange(peer=peer, direction=Direction.OUT, offset_bits=cursor, bits=bits)
+        if span.end_bits > self._pads.available_bits(peer, Direction.OUT):
+            return None, f"the pad stream to {peer} holds too few bits"
+        return span, ""
 
     def _incoming_refusal(self, span: PadRange) -> str:
         if span.end_bits > self._pads.available_bits(span.peer, Direction.IN):
