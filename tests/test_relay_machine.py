@@ -465,3 +465,26 @@ def test_no_key_pad_or_tag_appears_in_any_repr() -> None:
         for start in range(0, len(secret) - 6, 6):
             window = secret[start : start + 6]
             assert window.hex() not in blob and repr(window)[2:-1] not in blob
+
+
+def test_a_route_past_a_node_without_that_link_is_refused_there() -> None:
+    net = RelayNet(seed=21)
+    request = RelayRequested(
+        route=("A", "R", "X"), master_sae_id="sae-a", slave_sae_id="sae-x", key_bits=256
+    )
+    effects = net.feed("A", request)
+    key_id = next(e.key_id for e in effects if isinstance(e, RelayStarted))
+    net.run(retransmit_rounds=0)
+    assert net.record("A", key_id).reason == "no link to X"
+    assert set(net.states(key_id).values()) == {RelayState.ABORTED}
+    assert net.stores["R"].stream("A", Direction.IN).spent == [(0, 512, key_id)]
+
+
+def test_a_request_for_a_master_sae_served_elsewhere_is_refused() -> None:
+    net = RelayNet(seed=22)
+    request = RelayRequested(
+        route=("A", "R", "C"), master_sae_id="sae-c", slave_sae_id="sae-c", key_bits=256
+    )
+    assert net.feed("A", request) == [
+        RelayRefused(route=("A", "R", "C"), reason="the master SAE is not served here")
+    ]
