@@ -25,8 +25,9 @@ from qkdnode.relay.events import (
     SaveRelay,
     SendRelay,
 )
-from qkdnode.relay.machine import _TRANSITIONS, RelayMachine, confirmation_tag
+from qkdnode.relay.machine import _TRANSITIONS, RelayMachine
 from qkdnode.relay.messages import Decide, Forward, Outcome, Prepared, RelayMessage
+from qkdnode.relay.payload import confirmation_tag
 from tests.helpers_relay import SAE, RelayNet
 
 

@@ -4,6 +4,7 @@
   route, their strict schemas and wire forms;
 - ``events``: the machine's inputs and effects, the stored ``RelayRecord`` and the read-only
   views of the store and the pad streams;
+- ``payload``: the hop's one-time pad and the end-to-end confirmation tag;
 - ``machine``: ``RelayMachine``, every relay through one node: two-phase commit along the
   route, one pad bit per relayed bit per hop, crash-safe by storing before sending.
 

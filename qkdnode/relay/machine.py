@@ -34,13 +34,11 @@ Rules (docs/relay.md states them with the reasons):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import uuid
 from collections.abc import Callable
 from typing import Final
 
-from qkdnode.channel.polyhash import PolyHash, wegman_carter_tag
 from qkdnode.errors import ProtocolError
 from qkdnode.relay.events import (
     AbortRequested,
@@ -73,32 +71,9 @@ from qkdnode.relay.messages import (
     RelayMessage,
     payload_bits,
 )
+from qkdnode.relay.payload import ciphertext_digest, confirmation_tag, one_time_pad
 
 _KEY_ID_DRAWS: Final = 4
-
-
-def confirmation_tag(
-    key_id: uuid.UUID, route: tuple[str, ...], key: bytes, confirmation_key: bytes
-) -> bytes:
-    """``H_r(key_id, route, key) XOR s`` with ``confirmation_key = r || s`` (16 bytes each):
-    a one-time Wegman–Carter tag, uniform whatever the key, so it may travel in the clear."""
-    if len(confirmation_key) != CONFIRMATION_KEY_BITS // 8:
-        raise ValueError("the confirmation key is 32 bytes")
-    hasher = PolyHash(confirmation_key[:16])
-    hasher.absorb(key_id.bytes)
-    hasher.absorb("/".join(route).encode("ascii"))
-    hasher.absorb(key)
-    return wegman_carter_tag(hasher.finish(), confirmation_key[16:])
-
-
-def _xor(data: bytes, pad: bytes) -> bytes:
-    if len(data) != len(pad):
-        raise ValueError("data and pad differ in length")
-    return (int.from_bytes(data, "big") ^ int.from_bytes(pad, "big")).to_bytes(len(data), "big")
-
-
-def _digest(ciphertext: bytes) -> bytes:
-    return hashlib.sha256(ciphertext).digest()
 
 
 Handler = Callable[["RelayMachine", "RelayRecord | None", "RelayMessage"], None]
@@ -205,7 +180,7 @@ class RelayMachine:
             slave_sae_id=event.slave_sae_id,
             key_bits=event.key_bits,
             pad_offset_bits=span.offset_bits,
-            ciphertext=_xor(key + confirmation_key, self._pads.pad(span)),
+            ciphertext=one_time_pad(key + confirmation_key, self._pads.pad(span)),
         )
         record = RelayRecord(
             key_id=key_id,
@@ -282,11 +257,11 @@ class RelayMachine:
             self._refuse_forward(message, Position.MIDDLE, span_in, refusal)
             return
         assert span_out is not None
-        payload = _xor(message.ciphertext, self._pads.pad(span_in))
+        payload = one_time_pad(message.ciphertext, self._pads.pad(span_in))
         forward = dataclasses.replace(
             message,
             pad_offset_bits=span_out.offset_bits,
-            ciphertext=_xor(payload, self._pads.pad(span_out)),
+            ciphertext=one_time_pad(payload, self._pads.pad(span_out)),
         )
         stored = _first_record(message, Position.MIDDLE, RelayState.PENDING, span_in)
         stored = dataclasses.replace(stored, pad_out=span_out, forward_out=forward)
@@ -302,7 +277,7 @@ class RelayMachine:
         if refusal:
             self._refuse_forward(message, Position.TERMINAL, span_in, refusal)
             return
-        payload = _xor(message.ciphertext, self._pads.pad(span_in))
+        payload = one_time_pad(message.ciphertext, self._pads.pad(span_in))
         key, confirmation_key = payload[: message.key_bits // 8], payload[message.key_bits // 8 :]
         tag = confirmation_tag(message.key_id, message.route, key, confirmation_key)
         stored = _first_record(message, Position.TERMINAL, RelayState.PREPARED, span_in)
@@ -524,7 +499,7 @@ def _first_record(
         key_bits=message.key_bits,
         state=state,
         pad_in=span_in,
-        in_digest=_digest(message.ciphertext),
+        in_digest=ciphertext_digest(message.ciphertext),
     )
 
 
@@ -536,7 +511,7 @@ def _check_same_forward(record: RelayRecord, message: Forward) -> None:
         and record.slave_sae_id == message.slave_sae_id
         and record.key_bits == message.key_bits
         and span.offset_bits == message.pad_offset_bits
-        and hmac.compare_digest(record.in_digest, _digest(message.ciphertext))
+        and hmac.compare_digest(record.in_digest, ciphertext_digest(message.ciphertext))
     )
     if not same:
         raise ProtocolError("key ID known here with other contents", field="key_id")

@@ -17,7 +17,7 @@ messages to it lost), also between the effects of one input (``crash_mid_effects
 store write, before the send that follows it); delay a pad deposit at one end; flip a pad bit at
 one end (the two ends then decrypt different keys: the confirmation must abort the relay).
 
-Invariants (``RelayRunReport`` counters):
+Invariants (``RelayRunReport`` counters; ``relay_invariants`` checks the final ones):
 
 - ``delivered_twice``: a key ID becomes deliverable twice at a node;
 - ``lost``: a key deliverable at one end of a relay and not at the other, or with other bytes;
@@ -55,13 +55,13 @@ from qkdnode.relay.events import (
     RelayRefused,
     RelayRequested,
     RelayStarted,
-    RelayState,
     RetransmitDue,
     SaveRelay,
     SendRelay,
 )
 from qkdnode.relay.machine import RelayMachine
-from qkdnode.relay.messages import decode_message, encode_message, payload_bits
+from qkdnode.relay.messages import decode_message, encode_message
+from qkdnode.simulation.relay_invariants import check_final
 from qkdnode.simulation.relay_settings import (
     LINKS,
     NODES,
@@ -103,7 +103,7 @@ class RelayNode:
     machine: RelayMachine | None = None
     down_until_step: int = 0
     retransmit_at_step: int = 0
-    delivered: dict[uuid.UUID, bytes] = field(default_factory=dict)  # ever deliverable here
+    delivered: dict[uuid.UUID, bytes] = field(default_factory=dict, repr=False)  # ever deliverable
 
 
 def _neighbours(name: str) -> tuple[str, ...]:
@@ -420,105 +420,6 @@ class RelayWorld:
                 return False
         return True
 
-    # ---- final invariants -----------------------------------------------------------------------
-    def check_final(self) -> None:
-        report = self.report
-        records = {name: node.store.records() for name, node in self.nodes.items()}
-        for key_id, relay in sorted(self.started.items()):
-            route = relay.route
-            origin, terminal = self.nodes[route[0]], self.nodes[route[-1]]
-            states = {name: records[name].get(key_id) for name in route}
-            unfinished = [n for n, r in states.items() if r is not None and not r.state.finished]
-            origin_record = states[route[0]]
-            if origin_record is None or unfinished:
-                report.violate("half_relayed", f"relay {key_id} unfinished at {unfinished}")
-                continue
-            committed = origin_record.state is RelayState.COMMITTED
-            if committed:
-                report.relays_committed += 1
-            else:
-                report.relays_aborted += 1
-                if origin_record.reason.startswith("confirmation tag differs"):
-                    report.tag_mismatch_aborts += 1
-            outcomes = {n: r.state for n, r in states.items() if r is not None}
-            if committed and any(s is not RelayState.COMMITTED for s in outcomes.values()):
-                report.violate("lost", f"relay {key_id} committed at the origin, not at all")
-            if not committed and RelayState.COMMITTED in outcomes.values():
-                report.violate("lost", f"relay {key_id} aborted at the origin, committed elsewhere")
-            if committed and len(outcomes) != len(route):
-                report.violate("lost", f"relay {key_id} committed with nodes that never saw it")
-            at_origin = origin.delivered.get(key_id)
-            at_terminal = terminal.delivered.get(key_id)
-            if at_origin != at_terminal:
-                report.violate(
-                    "lost",
-                    f"relay {key_id}: deliverable at origin {at_origin is not None}, at "
-                    f"terminal {at_terminal is not None}, equal {at_origin == at_terminal}",
-                )
-            if not committed:
-                held = [n for n, r in states.items() if r is not None and r.key]
-                if held:
-                    report.violate("half_relayed", f"aborted relay {key_id} still held at {held}")
-        for name, by_id in records.items():
-            stray = [k for k in by_id if k not in self.started]
-            if stray:
-                report.violate("half_relayed", f"{name} holds relays never started: {stray}")
-        self._check_pads()
-
-    def _check_pads(self) -> None:
-        report = self.report
-        hops_paid: dict[uuid.UUID, set[tuple[str, str]]] = {}
-        for sender, receiver in sorted(self.pipes):
-            out = self.nodes[sender].store.stream(receiver, Direction.OUT)
-            into = self.nodes[receiver].store.stream(sender, Direction.IN)
-            allocated: dict[uuid.UUID, tuple[int, int]] = {}
-            for start, end, key_id in out.spent:
-                relay = self.started.get(key_id)
-                if key_id in allocated:
-                    report.violate(
-                        "pad_misaccounted", f"relay {key_id} allocated twice {sender}->{receiver}"
-                    )
-                allocated[key_id] = (start, end)
-                hops_paid.setdefault(key_id, set()).add((sender, receiver))
-                if relay is None or end - start != payload_bits(relay.key_bits):
-                    report.violate(
-                        "pad_misaccounted",
-                        f"allocation {start}..{end} {sender}->{receiver} is not a relay's payload",
-                    )
-                report.pad_bits_allocated += end - start
-                report.hop_allocations += 1
-            # the bits the sender actually sent on this hop, from its stored Forwards
-            sent_bits = sum(
-                8 * len(record.forward_out.ciphertext)
-                for record in self.nodes[sender].store.records().values()
-                if record.forward_out is not None
-                and record.pad_out is not None
-                and record.pad_out.peer == receiver
-            )
-            report.payload_bits_relayed += sent_bits
-            if sent_bits != sum(end - start for start, end, _ in out.spent):
-                report.violate(
-                    "pad_misaccounted",
-                    f"{sender}->{receiver}: {sent_bits} bits sent, "
-                    f"{sum(e - s for s, e, _ in out.spent)} pad bits allocated",
-                )
-            for start, end, key_id in into.spent:
-                if allocated.get(key_id) != (start, end):
-                    report.violate(
-                        "pad_misaccounted",
-                        f"{receiver} took {start}..{end} from {sender} for relay {key_id}, "
-                        f"allocated {allocated.get(key_id)}",
-                    )
-        for key_id, relay in self.started.items():
-            origin = self.nodes[relay.route[0]].store.relay(key_id)
-            hops = set(zip(relay.route, relay.route[1:], strict=False))
-            committed = origin is not None and origin.state is RelayState.COMMITTED
-            if committed and hops_paid.get(key_id) != hops:
-                report.violate(
-                    "pad_misaccounted",
-                    f"committed relay {key_id} paid hops {hops_paid.get(key_id)}, not {hops}",
-                )
-
 
 def crash_at_every_boundary(
     route: tuple[str, ...] = ("A", "R", "C"),
@@ -591,7 +492,7 @@ def simulate_relay_run(
             )
             break
         world.step()
-    world.check_final()
+    check_final(world)
     report = world.report
     report.steps = world.step_count
     report.seconds = time.perf_counter() - started
