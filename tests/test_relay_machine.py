@@ -16,6 +16,7 @@ from qkdnode.relay.events import (
     PadRange,
     PeerMessage,
     Position,
+    RelayConfig,
     RelayFinished,
     RelayRefused,
     RelayRequested,
@@ -489,3 +490,14 @@ def test_a_request_for_a_master_sae_served_elsewhere_is_refused() -> None:
     assert net.feed("A", request) == [
         RelayRefused(route=("A", "R", "C"), reason="the master SAE is not served here")
     ]
+
+
+def test_a_bad_configuration_or_request_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="node"):
+        RelayConfig(node="a b", neighbours=frozenset(), local_sae_ids=frozenset())
+    with pytest.raises(ValueError, match="own neighbour"):
+        RelayConfig(node="A", neighbours=frozenset({"A"}), local_sae_ids=frozenset())
+    with pytest.raises(ValueError, match="route"):
+        RelayRequested(route=("A", "A"), master_sae_id="a", slave_sae_id="c", key_bits=256)
+    with pytest.raises(ValueError, match="key_bits"):
+        RelayRequested(route=("A", "C"), master_sae_id="a", slave_sae_id="c", key_bits=100)

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Protocol
 
+from qkdnode.errors import ProtocolError
 from qkdnode.relay.messages import (
     MAX_SAE_ID_CHARS,
     Forward,
@@ -158,9 +159,12 @@ class RelayConfig:
     local_sae_ids: frozenset[str]
 
     def __post_init__(self) -> None:
-        check_node_name(self.node, "node")
-        for name in self.neighbours:
-            check_node_name(name, "neighbours")
+        try:
+            check_node_name(self.node, "node")
+            for name in self.neighbours:
+                check_node_name(name, "neighbours")
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
         if self.node in self.neighbours:
             raise ValueError("a node is not its own neighbour")
         for sae in self.local_sae_ids:
@@ -182,8 +186,11 @@ class RelayRequested:
     key_bits: int
 
     def __post_init__(self) -> None:
-        check_route(self.route)
-        check_key_bits(self.key_bits)
+        try:
+            check_route(self.route)
+            check_key_bits(self.key_bits)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
         for sae in (self.master_sae_id, self.slave_sae_id):
             if not 1 <= len(sae) <= MAX_SAE_ID_CHARS or not sae.isprintable():
                 raise ValueError(f"an SAE ID is 1..{MAX_SAE_ID_CHARS} printable characters")
