@@ -24,6 +24,7 @@ PURE_PACKAGES = (
     "qkdnode.coordination",
     "qkdnode.postprocess",
     "qkdnode.config",
+    "qkdnode.relay",
 )
 PURE_MODULES = (
     "qkdnode",
