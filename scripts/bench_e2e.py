@@ -1,7 +1,15 @@
-"""End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link.
+"""End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link, or
+replaying a recording of it.
 
     python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--seconds S]
-                                [--sifted-bits N] [--in-flight K] --json OUT
+                                [--sifted-bits N] [--in-flight K]
+                                [--link simulated,replay] [--replay-blocks B] --json OUT
+
+``--link replay`` first records ``--replay-blocks`` blocks (20 by default) of the simulated link
+with the same config (``qkdnode link record``, before the daemons start), then both daemons
+replay them from disk in a loop (``[link] backend = "replay"``, no ``[delivery]``): the link
+costs a file read instead of the simulator's CPU, and a steady state longer than the recording
+reuses its raw data (right for throughput; ``replay_laps`` says how often it was reused).
 
 For each distance the block size is chosen for about ``--sifted-bits`` sifted key bits per block
 (10^6 by default) with decoy settings optimised for that distance and block size. A distance runs
@@ -18,6 +26,10 @@ the first committed block to the last block):
   Alice's answer handed to his role, from his ``block.turns`` log), pooled over the blocks;
 - ``cpu_util_alice`` / ``_bob``: CPU seconds of each daemon / wall seconds (1.0 = one core);
 - ``peak_mb``: each daemon's peak resident memory (VmHWM) at the end;
+- ``link_s_per_block`` / ``postprocess_s_per_block`` / ``round_trips_per_block``: Alice's wait
+  for the link's records, the post-processing exchange after it, and Cascade's round trips, mean
+  over the steady blocks; ``role_s_per_block``: each node's time inside its post-processing role
+  (worker-thread hand-offs included), mean over the same blocks;
 - ``event_loop_lag_max_ms``: the largest ``qkdnode_event_loop_lag_seconds`` (the metric keeps the
   largest lag of the last 60 s) read every 2 s from 60 s after the first committed block on
   (from the first block on in a shorter run).
@@ -29,6 +41,8 @@ import argparse
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,10 +125,39 @@ def nearest_rank(sorted_values: list[float], fraction: float) -> float | None:
 
 
 NODES = ("alice", "bob")
+RECORDING = "recording"
+
+
+def record_and_use_replay(workdir: Path, configs: list[Path], blocks: int) -> float:
+    """Record ``blocks`` blocks of the simulated link of Alice's config (seconds taken), then
+    point both configs at the recording, looped, without ``[delivery]`` (a replay refuses it)."""
+    started = time.monotonic()
+    record = ["link", "record", "--config", str(configs[0]), "--blocks", str(blocks)]
+    subprocess.run(
+        [sys.executable, "-m", "qkdnode", *record, "--out", RECORDING, "--seed", "20261204"],
+        cwd=workdir,
+        check=True,
+    )
+    recording_s = time.monotonic() - started
+    link = f'[link]\nbackend = "replay"\ndirectory = "{RECORDING}"\nloop = true\n\n'
+    for path in configs:
+        text = re.sub(r"\[link\]\n.*?\n(?=\[postprocess\])", link, path.read_text(), flags=re.S)
+        path.write_text(re.sub(r"\[delivery\]\n.*?\n(?=\[metrics\])", "", text, flags=re.S))
+    return recording_s
+
+
+def mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def run_distance(
-    distance_km: float, blocks: int, sifted_bits: int, steady_s: float, in_flight: int
+    distance_km: float,
+    blocks: int,
+    sifted_bits: int,
+    steady_s: float,
+    in_flight: int,
+    link: str = "simulated",
+    replay_blocks: int = 20,
 ) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
     settings = decoy_settings_for(distance_km, block_pulses)
@@ -124,6 +167,10 @@ def run_distance(
         layout = prepare_workdir(
             workdir, distance_km=distance_km, block_pulses=block_pulses, pool_target_bits=65536
         )
+        recording_s = None
+        if link == "replay":
+            configs = [layout.config(node) for node in NODES]
+            recording_s = round(record_and_use_replay(workdir, configs, replay_blocks), 1)
         if in_flight > 1:
             for node in NODES:
                 path = layout.config(node)
@@ -135,8 +182,9 @@ def run_distance(
         processes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
         followers = {node: LogFollower(layout.log(node)) for node in NODES}
         events: list[dict[str, Any]] = []
-        # each node's round trips (ms) by block, from its block.turns entries
+        # each node's round trips (ms) and time in its role (s) by block, from block.turns
         turns: dict[str, dict[int, list[float]]] = {node: {} for node in NODES}
+        role_s: dict[str, dict[int, float]] = {node: {} for node in NODES}
         lags_s: dict[str, list[float]] = {node: [] for node in NODES}
         started = time.monotonic()
         deadline = started + 120 + 60 * blocks + steady_s
@@ -150,6 +198,7 @@ def run_distance(
                         name = event.get("event")
                         if name == "block.turns":
                             turns[node][int(event["block"])] = list(event["round_trip_ms"])
+                            role_s[node][int(event["block"])] = float(event["role_s"])
                         elif node == "alice" and name in ("block.committed", "block.aborted"):
                             events.append(event | {"t_s": time.monotonic() - started})
                             if name == "block.committed" and not cpu_first:
@@ -177,6 +226,7 @@ def run_distance(
                 for event in follower.new_events():
                     if event.get("event") == "block.turns":
                         turns[node][int(event["block"])] = list(event["round_trip_ms"])
+                        role_s[node][int(event["block"])] = float(event["role_s"])
         finally:
             stop_nodes(list(processes.values()))
     cpu = cpu_end
@@ -218,8 +268,9 @@ def run_distance(
         / max(sum(float(e["postprocess_s"]) for e in committed), 1e-9)
     )
     pulses = block_pulses * len(committed)
+    steady = events[1:]
     return {
-        "link": "simulated",
+        "link": link,
         "distance_km": distance_km,
         "blocks_in_flight": in_flight,
         "blocks": len(committed),
@@ -253,6 +304,24 @@ def run_distance(
         },
         "cpu_s_per_node": {name: round(value, 2) for name, value in cpu.items()},
         "first_block_s": round(events[0]["t_s"], 2),
+        "link_s_per_block": mean([float(e["link_s"]) for e in steady]),
+        "postprocess_s_per_block": mean([float(e["postprocess_s"]) for e in steady]),
+        "round_trips_per_block": mean(
+            [float(e["round_trips"]) for e in steady if e["event"] == "block.committed"]
+        ),
+        "role_s_per_block": {
+            node: mean([role_s[node][b] for b in steady_blocks if b in role_s[node]])
+            for node in NODES
+        },
+        **(
+            {
+                "replay_recorded_blocks": replay_blocks,
+                "replay_laps": round(len(events) / replay_blocks, 2),
+                "recording_s": recording_s,
+            }
+            if link == "replay"
+            else {}
+        ),
     }
 
 
@@ -272,25 +341,40 @@ def main() -> int:
     parser.add_argument(
         "--in-flight", type=int, default=1, help="[postprocess] blocks_in_flight of both daemons"
     )
+    parser.add_argument(
+        "--link",
+        default="simulated",
+        help="comma-separated: simulated (the simulator runs in the daemons), replay (a "
+        "recording of it read from disk)",
+    )
+    parser.add_argument(
+        "--replay-blocks", type=int, default=20, help="blocks recorded for --link replay"
+    )
     parser.add_argument("--quick", action="store_true", help="25 km, 3 blocks of 2.5e5 bits")
     parser.add_argument("--json", required=True, help="write the rows here")
     args = parser.parse_args()
     distances = [float(x) for x in args.km.split(",")]
+    links = args.link.split(",")
+    if not set(links) <= {"simulated", "replay"} or args.replay_blocks < 1:
+        parser.error("--link takes simulated and/or replay; --replay-blocks at least 1")
     blocks, sifted_bits, steady_s = args.blocks, args.sifted_bits, args.seconds
     if args.quick:
         distances, blocks, sifted_bits, steady_s = [25.0], 3, 250_000, 0.0
     rows = []
     print(
-        f"{'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
+        f"{'link':>9} {'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
         f"{'ratio':>6} {'QBER':>7} {'f':>6} {'sifted b/s':>11} {'pp b/s':>10} {'cpu A/B s':>12} "
         f"{'first s':>7} {'rt p50/p99 ms':>14} {'util A/B':>11} {'peak MB A/B':>12} "
         f"{'lag ms A/B':>11}"
     )
-    for distance in distances:
-        row = run_distance(distance, blocks, sifted_bits, steady_s, args.in_flight)
+    for link, distance in [(link, km) for km in distances for link in links]:
+        row = run_distance(
+            distance, blocks, sifted_bits, steady_s, args.in_flight, link, args.replay_blocks
+        )
         rows.append(row)
         print(
-            f"{row['distance_km']:>5.0f} {row['blocks']:>6} {row['secret_bits_per_s']!s:>11} "
+            f"{row['link']:>9} {row['distance_km']:>5.0f} {row['blocks']:>6} "
+            f"{row['secret_bits_per_s']!s:>11} "
             f"{row['secret_bits_per_pulse']:>10.3e} {row['bound_bits_per_pulse']:>10.3e} "
             f"{row['ratio_to_bound']!s:>6} {row['qber']:>7.4f} "
             f"{row['reconciliation_efficiency']:>6} {row['sifted_bits_per_s_per_node']!s:>11} "
