@@ -213,7 +213,8 @@ class ReplayBlocks:
     async def reset(self) -> None:
         """A new session: Alice carries on with her sequence; what was read ahead is kept
         (reads are by position, so nothing of a broken session can leak into the next)."""
-        await self._link.open()
+        if not self._ended:
+            await self._link.open()
 
     async def alice_block(self) -> EmissionRecords:
         position = self._next
