@@ -26,6 +26,8 @@ the first committed block to the last block):
   Alice's answer handed to his role, from his ``block.turns`` log), pooled over the blocks;
 - ``cpu_util_alice`` / ``_bob``: CPU seconds of each daemon / wall seconds (1.0 = one core);
 - ``peak_mb``: each daemon's peak resident memory (VmHWM) at the end;
+- ``runqueue_wait_alice`` / ``_bob``: seconds the daemon's threads were runnable but waited for
+  a CPU / wall seconds (threads that ended meanwhile are missed): what a shared machine costs;
 - ``link_s_per_block`` / ``postprocess_s_per_block`` / ``round_trips_per_block``: Alice's wait
   for the link's records, the post-processing exchange after it, and Cascade's round trips, mean
   over the steady blocks; ``role_s_per_block``: each node's time inside its post-processing role
@@ -95,6 +97,18 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def runqueue_wait_s(pid: int) -> dict[int, float]:
+    """Seconds each thread of a live process spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, Linux): high on a machine whose cores are taken by others."""
+    waits: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            waits[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return waits
 
 
 def peak_resident_mb(pid: int) -> float:
@@ -189,6 +203,7 @@ def run_distance(
         started = time.monotonic()
         deadline = started + 120 + 60 * blocks + steady_s
         cpu_first: dict[str, float] = {}
+        wait_first: dict[str, dict[int, float]] = {}
         first_s = 0.0
         next_scrape_s = 0.0
         try:
@@ -204,6 +219,9 @@ def run_distance(
                             if name == "block.committed" and not cpu_first:
                                 first_s = time.monotonic()
                                 cpu_first = {n: cpu_seconds(p.pid) for n, p in processes.items()}
+                                wait_first = {
+                                    n: runqueue_wait_s(p.pid) for n, p in processes.items()
+                                }
                 if any(p.poll() is not None for p in processes.values()):
                     raise RuntimeError(f"a daemon exited; see {workdir}")
                 now = time.monotonic()
@@ -220,6 +238,7 @@ def run_distance(
                 time.sleep(0.1)
             wall_s = time.monotonic() - first_s
             cpu_end = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            wait_end = {name: runqueue_wait_s(p.pid) for name, p in processes.items()}
             peak_mb = {name: round(peak_resident_mb(p.pid), 1) for name, p in processes.items()}
             time.sleep(1.0)  # Bob's entry for the last block follows Alice's commit
             for node, follower in followers.items():
@@ -297,6 +316,14 @@ def run_distance(
         "round_trips_timed": len(round_trips_ms),
         "cpu_util_alice": round((cpu_end["alice"] - cpu_first["alice"]) / wall_s, 3),
         "cpu_util_bob": round((cpu_end["bob"] - cpu_first["bob"]) / wall_s, 3),
+        **{
+            f"runqueue_wait_{node}": round(
+                sum(w - wait_first[node].get(tid, 0.0) for tid, w in wait_end[node].items())
+                / wall_s,
+                3,
+            )
+            for node in NODES
+        },
         "peak_mb": peak_mb,
         "event_loop_lag_max_ms": {
             node: round(1000 * max(values), 1) if values else None
@@ -365,7 +392,7 @@ def main() -> int:
         f"{'link':>9} {'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
         f"{'ratio':>6} {'QBER':>7} {'f':>6} {'sifted b/s':>11} {'pp b/s':>10} {'cpu A/B s':>12} "
         f"{'first s':>7} {'rt p50/p99 ms':>14} {'util A/B':>11} {'peak MB A/B':>12} "
-        f"{'lag ms A/B':>11}"
+        f"{'lag ms A/B':>11} {'rq wait A/B':>11}"
     )
     for link, distance in [(link, km) for km in distances for link in links]:
         row = run_distance(
@@ -384,7 +411,9 @@ def main() -> int:
             f"{row['round_trip_ms_p50']!s:>6}/{row['round_trip_ms_p99']!s:<7} "
             f"{row['cpu_util_alice']:>5}/{row['cpu_util_bob']:<5} "
             f"{row['peak_mb']['alice']:>6}/{row['peak_mb']['bob']:<5} "
-            f"{row['event_loop_lag_max_ms']['alice']!s:>5}/{row['event_loop_lag_max_ms']['bob']!s:<5}",
+            f"{row['event_loop_lag_max_ms']['alice']!s:>5}/"
+            f"{row['event_loop_lag_max_ms']['bob']!s:<5} "
+            f"{row['runqueue_wait_alice']:>5}/{row['runqueue_wait_bob']:<5}",
             flush=True,
         )
     Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -382,6 +382,8 @@ async def test_the_end_of_the_recording_stops_alice_cleanly(recording: Path) -> 
         status = alice.link.status()
         assert status.blocks == 3 and "recording_ended" in status.alarms
         assert status.state is LinkState.CLOSED
+        await alice.reset()  # a new session does not bring the recording back
+        assert alice.link.status().state is LinkState.CLOSED
 
 
 async def test_a_corrupt_block_is_a_link_error_and_the_next_block_carries_on(copy: Path) -> None:
