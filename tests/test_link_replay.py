@@ -420,3 +420,25 @@ async def test_replay_link_conforms_to_the_link_interface(recording: Path) -> No
     assert isinstance(await alice.next_block(PULSES), EmissionRecords)
     await alice.aclose()
     assert alice.status().state is LinkState.CLOSED and alice.status().pulses_sent == PULSES
+
+
+def test_the_record_command_refuses_other_backends_and_a_used_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qkdnode.cli import main
+
+    path = _example_config(tmp_path)
+    text = path.read_text().replace("block_pulses = 40000000", "block_pulses = 20000", 1)
+    path.write_text(text)
+    out = tmp_path / "rec"
+    assert main(["link", "record", "--config", str(path), "--blocks", "2", "--out", str(out)]) == 0
+    assert "recorded 2 blocks of 20000 pulses" in capsys.readouterr().out
+    assert read_manifest(out).pulses_per_block == 20000
+    assert main(["link", "record", "--config", str(path), "--blocks", "1", "--out", str(out)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    link = '[link]\nbackend = "replay"\ndirectory = "rec"\n\n'
+    replay = re.sub(r"\[link\]\n.*?\n(?=\[postprocess\])", link, text, flags=re.S)
+    start = replay.index("[delivery]")
+    path.write_text(replay[:start] + replay[replay.index("\n[", start + 1) + 1 :])
+    assert main(["link", "record", "--config", str(path), "--blocks", "1", "--out", "x"]) == 2
+    assert "link.backend" in capsys.readouterr().err
