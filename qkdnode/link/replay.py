@@ -262,9 +262,10 @@ class ReplayBlocks:
         self._start_reads(position + 1)
         await read.done.wait()
         if read.error is not None:
-            log.warning("link.failed", error=str(read.error), error_type="BadDeviceData")
-            self._link.failed(read.error)
-            raise read.error
+            error = read.error
+            log.warning("link.failed", error=str(error), error_type=type(error).__name__)
+            self._link.failed(error)
+            raise error
         assert read.records is not None
         self._link.taken(read.records)
         return read.records
