@@ -258,6 +258,46 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_link(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import trio
+
+    from qkdnode.config import SimulatedLinkConfig, load_config
+    from qkdnode.link.recorder import record_simulated
+
+    config = load_config(args.config)
+    link = config.link
+    if not isinstance(link, SimulatedLinkConfig):
+        raise ConfigError(
+            "link.backend", '"simulated" (the recorder runs the simulated link)', file=args.config
+        )
+    if args.blocks < 1:
+        print("qkdnode: --blocks must be at least 1", file=sys.stderr)
+        return 2
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(8), "little")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"qkdnode: {out} is not empty: choose a new directory", file=sys.stderr)
+        return 2
+    manifest = trio.run(
+        lambda: record_simulated(
+            link,
+            blocks=args.blocks,
+            pulse_count=config.postprocess.block_pulses,
+            out=out,
+            seed=seed,
+        )
+    )
+    detections = sum(block.detections for block in manifest.blocks)
+    print(
+        f"recorded {len(manifest.blocks)} blocks of {manifest.pulses_per_block} pulses "
+        f"({detections} detections, seed {seed}) in {out}"
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from qkdnode.demo.run import run_demo
 
@@ -355,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--store", required=True, help="the node's store directory")
     show.add_argument("--json", action="store_true", help="one JSON list on stdout")
 
+    link = commands.add_parser("link", help="quantum-link tools")
+    link_commands = link.add_subparsers(dest="link_command", required=True)
+    record = link_commands.add_parser(
+        "record",
+        help="record the simulated link of a node's config for the replay backend "
+        "(test only: a recording holds both sides' raw bits)",
+    )
+    record.add_argument("--config", required=True, help="a node's TOML file (simulated link)")
+    record.add_argument("--blocks", type=int, required=True, help="blocks of block_pulses")
+    record.add_argument("--out", required=True, help="a new (or empty) directory")
+    record.add_argument("--seed", type=int, help="the simulator's seed (default: random)")
+
     demo = commands.add_parser("demo", help="run Alice and Bob on loopback and show keys grow")
     demo.add_argument("--blocks", type=int, default=6, help="stop after N block attempts")
     demo.add_argument("--distance-km", type=float, default=25.0)
@@ -417,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_pki(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "link":
+            return _cmd_link(args)
         if args.command == "auth":
             return _cmd_auth(args)
         if args.command == "pgp":

@@ -1,7 +1,15 @@
-"""End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link.
+"""End-to-end benchmark: two `qkdnode run` daemons on loopback with the simulated link, or
+replaying a recording of it.
 
     python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--seconds S]
-                                [--sifted-bits N] [--in-flight K] --json OUT
+                                [--sifted-bits N] [--in-flight K]
+                                [--link simulated,replay] [--replay-blocks B] --json OUT
+
+``--link replay`` first records ``--replay-blocks`` blocks (20 by default) of the simulated link
+with the same config (``qkdnode link record``, before the daemons start), then both daemons
+replay them from disk in a loop (``[link] backend = "replay"``, no ``[delivery]``): the link
+costs a file read instead of the simulator's CPU, and a steady state longer than the recording
+reuses its raw data (right for throughput; ``replay_laps`` says how often it was reused).
 
 For each distance the block size is chosen for about ``--sifted-bits`` sifted key bits per block
 (10^6 by default) with decoy settings optimised for that distance and block size. A distance runs
@@ -18,6 +26,12 @@ the first committed block to the last block):
   Alice's answer handed to his role, from his ``block.turns`` log), pooled over the blocks;
 - ``cpu_util_alice`` / ``_bob``: CPU seconds of each daemon / wall seconds (1.0 = one core);
 - ``peak_mb``: each daemon's peak resident memory (VmHWM) at the end;
+- ``runqueue_wait_alice`` / ``_bob``: seconds the daemon's threads were runnable but waited for
+  a CPU / wall seconds (threads that ended meanwhile are missed): what a shared machine costs;
+- ``link_s_per_block`` / ``postprocess_s_per_block`` / ``round_trips_per_block``: Alice's wait
+  for the link's records, the post-processing exchange after it, and Cascade's round trips, mean
+  over the steady blocks; ``role_s_per_block``: each node's time inside its post-processing role
+  (worker-thread hand-offs included), mean over the same blocks;
 - ``event_loop_lag_max_ms``: the largest ``qkdnode_event_loop_lag_seconds`` (the metric keeps the
   largest lag of the last 60 s) read every 2 s from 60 s after the first committed block on
   (from the first block on in a shorter run).
@@ -29,6 +43,8 @@ import argparse
 import json
 import math
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +99,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
+def runqueue_wait_s(pid: int) -> dict[int, float]:
+    """Seconds each thread of a live process spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, Linux): high on a machine whose cores are taken by others."""
+    waits: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            waits[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile
+    return waits
+
+
 def peak_resident_mb(pid: int) -> float:
     """VmHWM of a live process, from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -111,10 +139,39 @@ def nearest_rank(sorted_values: list[float], fraction: float) -> float | None:
 
 
 NODES = ("alice", "bob")
+RECORDING = "recording"
+
+
+def record_and_use_replay(workdir: Path, configs: list[Path], blocks: int) -> float:
+    """Record ``blocks`` blocks of the simulated link of Alice's config (seconds taken), then
+    point both configs at the recording, looped, without ``[delivery]`` (a replay refuses it)."""
+    started = time.monotonic()
+    record = ["link", "record", "--config", str(configs[0]), "--blocks", str(blocks)]
+    subprocess.run(
+        [sys.executable, "-m", "qkdnode", *record, "--out", RECORDING, "--seed", "20261204"],
+        cwd=workdir,
+        check=True,
+    )
+    recording_s = time.monotonic() - started
+    link = f'[link]\nbackend = "replay"\ndirectory = "{RECORDING}"\nloop = true\n\n'
+    for path in configs:
+        text = re.sub(r"\[link\]\n.*?\n(?=\[postprocess\])", link, path.read_text(), flags=re.S)
+        path.write_text(re.sub(r"\[delivery\]\n.*?\n(?=\[metrics\])", "", text, flags=re.S))
+    return recording_s
+
+
+def mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def run_distance(
-    distance_km: float, blocks: int, sifted_bits: int, steady_s: float, in_flight: int
+    distance_km: float,
+    blocks: int,
+    sifted_bits: int,
+    steady_s: float,
+    in_flight: int,
+    link: str = "simulated",
+    replay_blocks: int = 20,
 ) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
     settings = decoy_settings_for(distance_km, block_pulses)
@@ -124,6 +181,10 @@ def run_distance(
         layout = prepare_workdir(
             workdir, distance_km=distance_km, block_pulses=block_pulses, pool_target_bits=65536
         )
+        recording_s = None
+        if link == "replay":
+            configs = [layout.config(node) for node in NODES]
+            recording_s = round(record_and_use_replay(workdir, configs, replay_blocks), 1)
         if in_flight > 1:
             for node in NODES:
                 path = layout.config(node)
@@ -135,12 +196,14 @@ def run_distance(
         processes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
         followers = {node: LogFollower(layout.log(node)) for node in NODES}
         events: list[dict[str, Any]] = []
-        # each node's round trips (ms) by block, from its block.turns entries
+        # each node's round trips (ms) and time in its role (s) by block, from block.turns
         turns: dict[str, dict[int, list[float]]] = {node: {} for node in NODES}
+        role_s: dict[str, dict[int, float]] = {node: {} for node in NODES}
         lags_s: dict[str, list[float]] = {node: [] for node in NODES}
         started = time.monotonic()
         deadline = started + 120 + 60 * blocks + steady_s
         cpu_first: dict[str, float] = {}
+        wait_first: dict[str, dict[int, float]] = {}
         first_s = 0.0
         next_scrape_s = 0.0
         try:
@@ -150,11 +213,15 @@ def run_distance(
                         name = event.get("event")
                         if name == "block.turns":
                             turns[node][int(event["block"])] = list(event["round_trip_ms"])
+                            role_s[node][int(event["block"])] = float(event["role_s"])
                         elif node == "alice" and name in ("block.committed", "block.aborted"):
                             events.append(event | {"t_s": time.monotonic() - started})
                             if name == "block.committed" and not cpu_first:
                                 first_s = time.monotonic()
                                 cpu_first = {n: cpu_seconds(p.pid) for n, p in processes.items()}
+                                wait_first = {
+                                    n: runqueue_wait_s(p.pid) for n, p in processes.items()
+                                }
                 if any(p.poll() is not None for p in processes.values()):
                     raise RuntimeError(f"a daemon exited; see {workdir}")
                 now = time.monotonic()
@@ -171,12 +238,14 @@ def run_distance(
                 time.sleep(0.1)
             wall_s = time.monotonic() - first_s
             cpu_end = {name: cpu_seconds(p.pid) for name, p in processes.items()}
+            wait_end = {name: runqueue_wait_s(p.pid) for name, p in processes.items()}
             peak_mb = {name: round(peak_resident_mb(p.pid), 1) for name, p in processes.items()}
             time.sleep(1.0)  # Bob's entry for the last block follows Alice's commit
             for node, follower in followers.items():
                 for event in follower.new_events():
                     if event.get("event") == "block.turns":
                         turns[node][int(event["block"])] = list(event["round_trip_ms"])
+                        role_s[node][int(event["block"])] = float(event["role_s"])
         finally:
             stop_nodes(list(processes.values()))
     cpu = cpu_end
@@ -218,8 +287,9 @@ def run_distance(
         / max(sum(float(e["postprocess_s"]) for e in committed), 1e-9)
     )
     pulses = block_pulses * len(committed)
+    steady = events[1:]
     return {
-        "link": "simulated",
+        "link": link,
         "distance_km": distance_km,
         "blocks_in_flight": in_flight,
         "blocks": len(committed),
@@ -246,6 +316,14 @@ def run_distance(
         "round_trips_timed": len(round_trips_ms),
         "cpu_util_alice": round((cpu_end["alice"] - cpu_first["alice"]) / wall_s, 3),
         "cpu_util_bob": round((cpu_end["bob"] - cpu_first["bob"]) / wall_s, 3),
+        **{
+            f"runqueue_wait_{node}": round(
+                sum(w - wait_first[node].get(tid, 0.0) for tid, w in wait_end[node].items())
+                / wall_s,
+                3,
+            )
+            for node in NODES
+        },
         "peak_mb": peak_mb,
         "event_loop_lag_max_ms": {
             node: round(1000 * max(values), 1) if values else None
@@ -253,6 +331,24 @@ def run_distance(
         },
         "cpu_s_per_node": {name: round(value, 2) for name, value in cpu.items()},
         "first_block_s": round(events[0]["t_s"], 2),
+        "link_s_per_block": mean([float(e["link_s"]) for e in steady]),
+        "postprocess_s_per_block": mean([float(e["postprocess_s"]) for e in steady]),
+        "round_trips_per_block": mean(
+            [float(e["round_trips"]) for e in steady if e["event"] == "block.committed"]
+        ),
+        "role_s_per_block": {
+            node: mean([role_s[node][b] for b in steady_blocks if b in role_s[node]])
+            for node in NODES
+        },
+        **(
+            {
+                "replay_recorded_blocks": replay_blocks,
+                "replay_laps": round(len(events) / replay_blocks, 2),
+                "recording_s": recording_s,
+            }
+            if link == "replay"
+            else {}
+        ),
     }
 
 
@@ -272,25 +368,40 @@ def main() -> int:
     parser.add_argument(
         "--in-flight", type=int, default=1, help="[postprocess] blocks_in_flight of both daemons"
     )
+    parser.add_argument(
+        "--link",
+        default="simulated",
+        help="comma-separated: simulated (the simulator runs in the daemons), replay (a "
+        "recording of it read from disk)",
+    )
+    parser.add_argument(
+        "--replay-blocks", type=int, default=20, help="blocks recorded for --link replay"
+    )
     parser.add_argument("--quick", action="store_true", help="25 km, 3 blocks of 2.5e5 bits")
     parser.add_argument("--json", required=True, help="write the rows here")
     args = parser.parse_args()
     distances = [float(x) for x in args.km.split(",")]
+    links = args.link.split(",")
+    if not set(links) <= {"simulated", "replay"} or args.replay_blocks < 1:
+        parser.error("--link takes simulated and/or replay; --replay-blocks at least 1")
     blocks, sifted_bits, steady_s = args.blocks, args.sifted_bits, args.seconds
     if args.quick:
         distances, blocks, sifted_bits, steady_s = [25.0], 3, 250_000, 0.0
     rows = []
     print(
-        f"{'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
+        f"{'link':>9} {'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
         f"{'ratio':>6} {'QBER':>7} {'f':>6} {'sifted b/s':>11} {'pp b/s':>10} {'cpu A/B s':>12} "
         f"{'first s':>7} {'rt p50/p99 ms':>14} {'util A/B':>11} {'peak MB A/B':>12} "
-        f"{'lag ms A/B':>11}"
+        f"{'lag ms A/B':>11} {'rq wait A/B':>11}"
     )
-    for distance in distances:
-        row = run_distance(distance, blocks, sifted_bits, steady_s, args.in_flight)
+    for link, distance in [(link, km) for km in distances for link in links]:
+        row = run_distance(
+            distance, blocks, sifted_bits, steady_s, args.in_flight, link, args.replay_blocks
+        )
         rows.append(row)
         print(
-            f"{row['distance_km']:>5.0f} {row['blocks']:>6} {row['secret_bits_per_s']!s:>11} "
+            f"{row['link']:>9} {row['distance_km']:>5.0f} {row['blocks']:>6} "
+            f"{row['secret_bits_per_s']!s:>11} "
             f"{row['secret_bits_per_pulse']:>10.3e} {row['bound_bits_per_pulse']:>10.3e} "
             f"{row['ratio_to_bound']!s:>6} {row['qber']:>7.4f} "
             f"{row['reconciliation_efficiency']:>6} {row['sifted_bits_per_s_per_node']!s:>11} "
@@ -300,7 +411,9 @@ def main() -> int:
             f"{row['round_trip_ms_p50']!s:>6}/{row['round_trip_ms_p99']!s:<7} "
             f"{row['cpu_util_alice']:>5}/{row['cpu_util_bob']:<5} "
             f"{row['peak_mb']['alice']:>6}/{row['peak_mb']['bob']:<5} "
-            f"{row['event_loop_lag_max_ms']['alice']!s:>5}/{row['event_loop_lag_max_ms']['bob']!s:<5}",
+            f"{row['event_loop_lag_max_ms']['alice']!s:>5}/"
+            f"{row['event_loop_lag_max_ms']['bob']!s:<5} "
+            f"{row['runqueue_wait_alice']:>5}/{row['runqueue_wait_bob']:<5}",
             flush=True,
         )
     Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))

@@ -8,8 +8,9 @@ group or others. Units live in every name.
 This package imports nothing but :mod:`qkdnode.errors`; one module per section:
 
 - ``table``: the strict table reader every section uses (``Table``, ``parse_host_port``);
-- ``node`` (``[node]``, ``[peer]``), ``link`` (``[link]``, ``[link.eve]``, serial devices),
-  ``postprocess``, ``auth``, ``store``, ``delivery``, ``ops`` (``[logging]``, ``[metrics]``);
+- ``node`` (``[node]``, ``[peer]``), ``link`` (``[link]``, ``[link.eve]``, serial devices,
+  replayed recordings), ``postprocess``, ``auth``, ``store``, ``delivery``, ``ops``
+  (``[logging]``, ``[metrics]``);
 - ``load``: ``NodeConfig``, ``parse_config`` and ``load_config`` over the whole file.
 """
 
@@ -19,6 +20,7 @@ from qkdnode.config.link import (
     EveConfig,
     LinkBackend,
     LinkParameters,
+    ReplayLinkConfig,
     SerialLinkConfig,
     SimulatedLinkConfig,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "NodeSection",
     "PeerSection",
     "PostprocessSection",
+    "ReplayLinkConfig",
     "Role",
     "SecurityModel",
     "SerialLinkConfig",

@@ -1,4 +1,5 @@
-"""The ``[link]`` section: the simulated link and its eavesdropper, or a serial-attached device.
+"""The ``[link]`` section: the simulated link and its eavesdropper, a serial-attached device, or
+a replayed recording.
 
 Frozen dataclasses with units in every name. ``from_table`` reads a TOML table strictly (unknown
 keys and wrong types are refused, naming the dotted key in ``ConfigError``); ranges are checked
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
 from typing import Any, Final, Literal, Self
 
-from qkdnode.config.table import REQUIRED, Table
+from qkdnode.config.table import REQUIRED, Table, resolve_path
 from qkdnode.errors import ConfigError
 
-LinkBackend = Literal["simulated", "serial"]
+LinkBackend = Literal["simulated", "serial", "replay"]
 
 # Photon numbers above this are clipped by the fibre encoding (6 bits per pulse). With
 # mu <= MAX_MU the clipped tail has probability < 1e-25 per pulse.
@@ -319,7 +321,53 @@ def _check_serial(v: Mapping[str, Any], key: Key) -> None:
     _require(1 <= version <= 255, key("expected_protocol_version"), "an integer in [1, 255]")
 
 
-LinkConfig = SimulatedLinkConfig | SerialLinkConfig
+# A replay node writes this file into its store directory: keys distilled from a recording are
+# known to whoever holds its files, so such a store must never serve keys (``qkdnode.config.load``)
+REPLAY_STORE_MARKER: Final = "REPLAY-KEYS-NOT-SECRET"
+MAX_READ_AHEAD_BLOCKS: Final = 8
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplayLinkConfig:
+    """``[link] backend = "replay"``: blocks read from a recording (``qkdnode link record``).
+
+    ``directory`` holds the recording (``manifest.json``, ``alice/``, ``bob/``; relative to the
+    config file); each node reads its own role's files. ``loop``: after the last block start
+    again from the first (raw data reused: for throughput measurements only); without it the
+    node makes no block after the last one. ``read_ahead_blocks``: blocks read from disk ahead
+    of the one asked for (each held in memory; Alice's about 3 bytes per pulse).
+
+    Test only: keys distilled from a recording are not secret (its files hold both sides' raw
+    bits), so a replay node refuses ``[delivery]`` and marks its store (``REPLAY_STORE_MARKER``).
+    """
+
+    directory: Path
+    loop: bool = False
+    read_ahead_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            0 <= self.read_ahead_blocks <= MAX_READ_AHEAD_BLOCKS,
+            "link.read_ahead_blocks",
+            f"an integer in [0, {MAX_READ_AHEAD_BLOCKS}]",
+        )
+
+    @classmethod
+    def from_table(cls, table: Table, base: Path) -> Self:
+        """Read the replay keys of ``[link]`` (the caller reads ``backend`` first)."""
+        text = table.string("directory")
+        _require(bool(text), table.key("directory"), "a non-empty path of a recording")
+        read_ahead = table.integer("read_ahead_blocks", 1, minimum=0, maximum=MAX_READ_AHEAD_BLOCKS)
+        section = cls(
+            directory=resolve_path(text, base),
+            loop=table.boolean("loop", False),
+            read_ahead_blocks=read_ahead,
+        )
+        table.finish()
+        return section
+
+
+LinkConfig = SimulatedLinkConfig | SerialLinkConfig | ReplayLinkConfig
 # the dataclasses of the [link] section, read and checked by the helpers above
 _LinkSection = SimulatedLinkConfig | EveConfig | SerialLinkConfig
 
@@ -329,12 +377,18 @@ def _values(config: _LinkSection) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
-def read_link(table: Table) -> tuple[LinkBackend, LinkConfig, EveConfig]:
-    """The ``[link]`` table: the backend's config and Eve's (inactive unless configured)."""
-    backend = table.string("backend", "simulated", choices=("simulated", "serial"))
+def read_link(table: Table, base: Path = Path()) -> tuple[LinkBackend, LinkConfig, EveConfig]:
+    """The ``[link]`` table: the backend's config and Eve's (inactive unless configured).
+
+    ``base``: the config file's directory (a replay directory is relative to it)."""
+    backend = table.string("backend", "simulated", choices=("simulated", "serial", "replay"))
     if backend == "serial":
         if table.has("eve"):
             raise ConfigError(table.key("eve"), "no eavesdropper with a serial device")
         return "serial", SerialLinkConfig.from_table(table), EveConfig()
+    if backend == "replay":
+        if table.has("eve"):
+            raise ConfigError(table.key("eve"), "no eavesdropper with a replayed recording")
+        return "replay", ReplayLinkConfig.from_table(table, base), EveConfig()
     eve = EveConfig.from_table(table.table("eve", required=False))
     return "simulated", SimulatedLinkConfig.from_table(table), eve

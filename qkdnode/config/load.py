@@ -11,7 +11,13 @@ from pathlib import Path
 
 from qkdnode.config.auth import AuthSection, read_auth
 from qkdnode.config.delivery import DeliveryConfig, read_delivery
-from qkdnode.config.link import EveConfig, LinkBackend, LinkConfig, read_link
+from qkdnode.config.link import (
+    REPLAY_STORE_MARKER,
+    EveConfig,
+    LinkBackend,
+    LinkConfig,
+    read_link,
+)
 from qkdnode.config.node import NodeSection, PeerSection, read_node, read_peer
 from qkdnode.config.ops import LoggingSection, read_logging, read_metrics_listen
 from qkdnode.config.postprocess import PostprocessSection, read_postprocess
@@ -24,8 +30,9 @@ from qkdnode.errors import ConfigError
 class NodeConfig:
     """The whole configuration of one node.
 
-    ``link`` is a ``SimulatedLinkConfig`` when ``link_backend`` is ``"simulated"`` and a
-    ``SerialLinkConfig`` when it is ``"serial"``; ``eve`` is inactive unless configured.
+    ``link`` is a ``SimulatedLinkConfig`` when ``link_backend`` is ``"simulated"``, a
+    ``SerialLinkConfig`` when it is ``"serial"`` and a ``ReplayLinkConfig`` when it is
+    ``"replay"``; ``eve`` is inactive unless configured.
     """
 
     file: Path
@@ -57,7 +64,7 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
     root = Table(data, "")
     node = read_node(root.table("node"))
     peer = read_peer(root.table("peer"))
-    link_backend, link, eve = read_link(root.table("link"))
+    link_backend, link, eve = read_link(root.table("link"), base)
     postprocess = read_postprocess(root.table("postprocess"))
     auth = read_auth(root.table("auth"), base)
     store = read_store(root.table("store"), base)
@@ -68,6 +75,7 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
     logging = read_logging(root.table("logging", required=False), base)
     metrics_listen = read_metrics_listen(root.table("metrics", required=False))
     root.finish()
+    _refuse_replayed_keys_for_delivery(link_backend, delivery, store)
     return NodeConfig(
         file=file,
         node=node,
@@ -82,6 +90,28 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
         logging=logging,
         metrics_listen=metrics_listen,
     )
+
+
+def _refuse_replayed_keys_for_delivery(
+    link_backend: LinkBackend, delivery: DeliveryConfig | None, store: StoreSection
+) -> None:
+    """Keys distilled from a recording are known to whoever holds its files: they never reach
+    a consumer, neither from a replay node nor later from the store it filled."""
+    if delivery is None:
+        return
+    if link_backend == "replay":
+        raise ConfigError(
+            "delivery",
+            'no [delivery] section with link.backend = "replay" (keys distilled from a '
+            "recording are not secret: its files hold both sides' raw bits)",
+        )
+    marker = store.directory / REPLAY_STORE_MARKER
+    if marker.exists():
+        raise ConfigError(
+            "store.directory",
+            f"a store that never held keys from a replayed recording ({marker} says this one "
+            "did; its keys are not secret: use a fresh store directory)",
+        )
 
 
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:

@@ -1,11 +1,11 @@
 """The quantum link as the node sees it: block by block, built from the config.
 
 ``open_block_source(config)`` builds the configured backend and runs whatever it needs in the
-background (a serial device's reader, Eve's fibre proxy) in a nursery of its own, for as long
-as the ``async with`` lasts. The node takes blocks through the ``BlockSource`` it yields:
-Alice takes a block and announces its first pulse index in the channel block; Bob takes the
-block with that index, or ``None`` when his side does not have those pulses (the block is then
-aborted on both sides).
+background (a serial device's reader, Eve's fibre proxy, a replay's reads ahead) in a nursery
+of its own, for as long as the ``async with`` lasts. The node takes blocks through the
+``BlockSource`` it yields: Alice takes a block and announces its first pulse index in the
+channel block; Bob takes the block with that index, or ``None`` when his side does not have
+those pulses (the block is then aborted on both sides).
 """
 
 from __future__ import annotations
@@ -19,13 +19,19 @@ import numpy as np
 import structlog
 import trio
 
-from qkdnode.config.link import SimulatedLinkConfig
+from qkdnode.config.link import (
+    REPLAY_STORE_MARKER,
+    ReplayLinkConfig,
+    SerialLinkConfig,
+    SimulatedLinkConfig,
+)
 from qkdnode.errors import LinkError
 from qkdnode.link.interface import QuantumLink
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 if TYPE_CHECKING:
     from qkdnode.config import EveConfig, NodeConfig
+    from qkdnode.link.replay import ReplayBlocks
     from qkdnode.link.serial import SerialLink
 
 log = structlog.get_logger("qkdnode.link")
@@ -148,15 +154,18 @@ async def open_block_source(config: NodeConfig) -> AsyncIterator[BlockSource]:
     """The configured backend as a ``BlockSource``; its background tasks live in here."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
     pulses = config.postprocess.block_pulses
-    source: SimulatedBlocks | SerialBlocks | None = None
+    source: SimulatedBlocks | SerialBlocks | ReplayBlocks | None = None
     try:
         async with trio.open_nursery() as nursery:
             if isinstance(config.link, SimulatedLinkConfig):
                 link = _simulated_link(config, config.link, rng, nursery)
                 source = SimulatedBlocks(link, pulses)
+            elif isinstance(config.link, ReplayLinkConfig):
+                source = await _replay_blocks(config, config.link, nursery)
             else:
                 from qkdnode.link.serial import SerialLink
 
+                assert isinstance(config.link, SerialLinkConfig)
                 serial = SerialBlocks(SerialLink(config.link, role=config.node.role), pulses)
                 source = serial
                 await nursery.start(serial.run)
@@ -169,6 +178,33 @@ async def open_block_source(config: NodeConfig) -> AsyncIterator[BlockSource]:
         if source is not None:
             with trio.CancelScope(shield=True):
                 await source.link.aclose()
+
+
+async def _replay_blocks(
+    config: NodeConfig, link: ReplayLinkConfig, nursery: trio.Nursery
+) -> ReplayBlocks:
+    """The replayed recording; its store is marked, since its keys are not secret."""
+    from qkdnode.link.replay import ReplayBlocks, ReplayLink, open_recording
+
+    manifest = open_recording(link, block_pulses=config.postprocess.block_pulses)
+    marker = config.store.directory / REPLAY_STORE_MARKER
+    marker.write_text(
+        "This store holds keys distilled from a replayed link recording. They are not secret:\n"
+        "the recording's files hold both sides' raw bits. qkdnode refuses [delivery] with it.\n"
+    )
+    log.warning(
+        "link.replay_keys_not_secret",
+        directory=str(link.directory),
+        blocks=len(manifest.blocks),
+        loop=link.loop,
+        detail="test only: keys from a recording are known to whoever holds its files"
+        + (" and repeat with every loop" if link.loop else "")
+        + "; no key delivery, and this store must never serve keys",
+    )
+    replay = ReplayLink(link, manifest, config.node.role)
+    await replay.open()
+    log.info("link.opened", backend="replay", source=manifest.source, loop=link.loop)
+    return ReplayBlocks(replay, config.postprocess.block_pulses, nursery)
 
 
 def _simulated_link(
