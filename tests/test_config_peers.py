@@ -68,8 +68,8 @@ master_parity = 0
 """
 
 
-@pytest.fixture
-def relay_config(tmp_path: Path) -> Path:
+def write_relay_config(tmp_path: Path) -> Path:
+    """R's config (``RELAY``) in ``tmp_path`` with the files it names."""
     for name in ("a.psk", "c.psk", "kme.key"):
         path = tmp_path / name
         path.write_text(os.urandom(32).hex())
@@ -79,6 +79,11 @@ def relay_config(tmp_path: Path) -> Path:
     path = tmp_path / "r.toml"
     path.write_text(RELAY)
     return path
+
+
+@pytest.fixture
+def relay_config(tmp_path: Path) -> Path:
+    return write_relay_config(tmp_path)
 
 
 def _edit(path: Path, old: str, new: str) -> None:
