@@ -195,23 +195,22 @@ async def _supervise_link(
     carries ``peer``."""
     structlog.contextvars.bind_contextvars(peer=node.peer_name)
     delay_s = LINK_RESTART_S
-    started = False
+    starting = True
     while True:
         began_s = trio.current_time()
         try:
-            if started:
-                await _run_link(node, session_config)
-            else:
-                await _run_link(node, session_config, task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_run_link, node, session_config)
+                if starting:
+                    starting = False
+                    task_status.started()
             return  # the session loop ended by itself: the daemon is stopping
         except Exception as error:
             # trio's nurseries raise groups; any error of this link is handled here
-            if not started or _fatal(error):
+            if starting or _fatal(error):
                 raise
             log.error("link.failed", errors=_leaf_errors(error), restart_in_s=delay_s)
             node.metrics.set_peer_connected(False)
-        finally:
-            started = True
         if trio.current_time() - began_s >= LINK_RESTART_MAX_S:
             delay_s = LINK_RESTART_S  # it ran well for a while: restart fast again
         await trio.sleep(delay_s)
