@@ -1,9 +1,10 @@
 """A node with two peers, end to end: three ``qkdnode run`` processes in a chain A–R–C on loopback.
 
 R is Bob on its link with A (it listens for A) and Alice on its link with C (it dials C); each
-link has its own simulated fibre and pre-shared key. Both links commit key-derived blocks; then C
-stops, and the link A–R keeps committing while R's other link is down; C comes back and its link
-commits again. Each link's keys agree between its two stores.
+link has its own simulated fibre and pre-shared key. R's ETSI 014 server delivers the keys of its
+link with A (``[delivery] peer = "A"``), as A's does. Both links commit key-derived blocks; then
+C stops, and the link A–R keeps committing and delivering while R's other link is down; C comes
+back and its link commits again. Each link's keys agree between its two stores.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ import pytest
 
 from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS
 from qkdnode.demo.progress import LogFollower
-from qkdnode.demo.run import decoy_settings_for, free_port, read_keys, stop_nodes
+from qkdnode.demo.run import (
+    DemoLayout,
+    decoy_settings_for,
+    free_port,
+    make_pki,
+    prove_keys_through_api,
+    read_keys,
+    stop_nodes,
+)
 from qkdnode.postprocess.finitekey import DecoySettings
 from tests.reliability.harness import REPO, wait_until_catches_sigterm
 
@@ -63,6 +72,25 @@ rotation_pool_bits = {rotation}
 """
 
 
+def _delivery(kme: str, peer_kme: str, kme_port: int, *, a_side: bool) -> str:
+    """The KMEs of the link A–R: A's KME as the demo's "alice" (SAE sae-a), R's as "bob"."""
+    certificate = "alice" if a_side else "bob"
+    local, remote = ("sae-a", "sae-b") if a_side else ("sae-b", "sae-a")
+    return f"""
+[delivery]
+{"" if a_side else 'peer = "A"'}
+listen = "127.0.0.1:{kme_port}"
+certificate = "pki/{certificate}.pem"
+private_key = "pki/{certificate}.key"
+sae_ca = "pki/sae-ca/ca.pem"
+kme_id = "{kme}"
+peer_kme_id = "{peer_kme}"
+local_saes = ["{local}"]
+peer_saes = ["{remote}"]
+master_parity = {0 if a_side else 1}
+"""
+
+
 def _common(node: str, metrics_port: int) -> str:
     return f"""
 [postprocess]
@@ -88,6 +116,8 @@ class Chain:
 
     workdir: Path
     metrics_ports: dict[str, int]
+    # the ETSI 014 servers of the link A–R, as the demo's "alice" (A) and "bob" (R)
+    kmes: DemoLayout
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     followers: dict[str, LogFollower] = field(default_factory=dict)
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -103,6 +133,15 @@ class Chain:
             path.chmod(0o600)
         peer_ar, peer_rc, fibre_ar, fibre_rc = (free_port() for _ in range(4))
         metrics = {node: free_port() for node in NODES}
+        kmes = DemoLayout(
+            workdir=workdir,
+            peer_port=peer_ar,
+            fibre_port=fibre_ar,
+            kme_ports={"alice": free_port(), "bob": free_port()},
+            metrics_ports={},
+        )
+        make_pki(kmes)
+        kme_a, kme_r = kmes.kme_ports["alice"], kmes.kme_ports["bob"]
         configs = {
             "A": f"""[node]
 name = "A"
@@ -116,7 +155,8 @@ keepalive_interval_s = 1.0
 reconnect_max_delay_s = 1.0
 
 {_link_table("[link]", fibre_ar, decoy)}
-{_auth_table("[auth]", "ar")}{_common("A", metrics["A"])}""",
+{_auth_table("[auth]", "ar")}{_delivery("A", "R", kme_a, a_side=True)}\
+{_common("A", metrics["A"])}""",
             "R": f"""[node]
 name = "R"
 
@@ -138,7 +178,8 @@ keepalive_interval_s = 1.0
 reconnect_max_delay_s = 1.0
 
 {_link_table("[peers.link]", fibre_rc, decoy)}
-{_auth_table("[peers.auth]", "rc")}{_common("R", metrics["R"])}""",
+{_auth_table("[peers.auth]", "rc")}{_delivery("R", "A", kme_r, a_side=False)}\
+{_common("R", metrics["R"])}""",
             "C": f"""[node]
 name = "C"
 role = "bob"
@@ -154,7 +195,7 @@ keepalive_interval_s = 1.0
         }
         for node, text in configs.items():
             (workdir / f"{node}.toml").write_text(text)
-        chain = cls(workdir, metrics)
+        chain = cls(workdir, metrics, kmes)
         for node in NODES:
             chain.followers[node] = LogFollower(workdir / f"{node}.log")
             chain.events[node] = []
@@ -288,6 +329,8 @@ def test_a_relay_node_runs_two_links_and_one_peer_stopping_leaves_the_other_comm
     for peer in ("A", "C"):
         assert f'qkdnode_peer_connected{{peer="{peer}"}} 1.0' in text, text[:2000]
         assert f'qkdnode_blocks_total{{outcome="committed",peer="{peer}"}}' in text
+    # R delivers its link with A's keys: a master at either end, the same key at the other
+    assert prove_keys_through_api(chain.kmes) == (True, 8)
     code, shown = chain.status("R")
     assert "node R (bob), peer A: healthy" in shown, shown
     assert "node R (alice), peer C: healthy" in shown, shown
@@ -314,6 +357,7 @@ def test_a_relay_node_runs_two_links_and_one_peer_stopping_leaves_the_other_comm
     assert code == 1 and "C: peer not connected" in summary["problems"], summary["problems"]
     assert links["A"]["peer_connected"] and not links["C"]["peer_connected"]
     assert not any(problem.startswith("A:") for problem in summary["problems"])
+    assert prove_keys_through_api(chain.kmes) == (True, 8)
 
     # C comes back: its link with R commits again
     mark = len(chain.events["R"])
