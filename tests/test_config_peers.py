@@ -168,6 +168,12 @@ def test_the_single_peer_form_is_a_list_of_one(relay_config: Path) -> None:
             "exactly one of listen",
         ),
         ('name = "r"\n', 'name = "r"\nrole = "bob"\n', "node.role", "set per link"),
+        (
+            'connect = "127.0.0.1:7002"',
+            'listen = "127.0.0.1:7001"',
+            "peers[1].listen",
+            "no other peer listens on",
+        ),
         ('name = "r"\n', 'name = "r"\n\n[peer]\nname = "x"\n', "peer", "not both"),
         (
             'store_directory = "elsewhere/c"',

@@ -67,6 +67,8 @@ def read_peers(
             raise ConfigError(entry.key("name"), f"a name not used by another peer ({name!r})")
         role = entry.string("role", choices=("alice", "bob"))
         channel = read_peer_channel(entry, name=name)
+        if channel.listen is not None and any(link.peer.listen == channel.listen for link in links):
+            raise ConfigError(entry.key("listen"), "an address no other peer listens on")
         if entry.has("link"):
             backend, link, eve = read_link(entry.table("link"))
         elif default_link is not None:
