@@ -56,7 +56,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         fmt=config.logging.format,
         file=config.logging.file,
         node=config.node.name,
-        peer=config.peer.name,
+        # with several peers each link's tasks bind their own (qkdnode.node.daemon)
+        peer=None if config.several_peers else config.peer.name,
     )
     # known-answer tests of every primitive the node relies on; a failure stops start-up
     passed = run_self_tests()
@@ -150,18 +151,34 @@ def _cmd_auth(args: argparse.Namespace) -> int:
     from qkdnode.audit import AuditKind
     from qkdnode.store.audit import record_in_store
 
+    # the permit is per link: it lives in that link's store directory
+    if args.peer is not None:
+        link = config.peer_named(args.peer)
+    elif config.several_peers:
+        names = ", ".join(link.name for link in config.peers)
+        print(
+            f"qkdnode: {config.file} has several peers ({names}): name the link to "
+            "re-bootstrap with --peer NAME",
+            file=sys.stderr,
+        )
+        return 2
+    else:
+        link = config.peers[0]
+    directory = link.store_directory
     now_s = time.time()
-    path = rebootstrap.grant(config.store.directory, now_s=now_s, valid_s=args.valid_minutes * 60.0)
+    path = rebootstrap.grant(directory, now_s=now_s, valid_s=args.valid_minutes * 60.0)
     record_in_store(
-        config.store.directory,
+        directory,
         AuditKind.REBOOTSTRAP_PERMIT_GRANTED,
         {"expires_at_s": now_s + args.valid_minutes * 60.0, "user": _operator_name()},
         time_s=now_s,
     )
+    towards = f" towards {link.name}" if config.several_peers else ""
     print(
-        f"re-bootstrap permit for {config.node.name}: {path}, valid {args.valid_minutes:g} min "
-        "for one bootstrap session; the peer node needs its own permit. Both authentication-key "
-        "ledgers are reset in that session, authenticated by the bootstrap credentials."
+        f"re-bootstrap permit for {config.node.name}{towards}: {path}, valid "
+        f"{args.valid_minutes:g} min for one bootstrap session; the peer node needs its own "
+        "permit. Both authentication-key ledgers are reset in that session, authenticated by "
+        "the bootstrap credentials."
     )
     return 0
 
@@ -370,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     again.add_argument("--config", required=True, help="the node's TOML file")
     again.add_argument("--valid-minutes", type=float, default=60.0)
+    again.add_argument(
+        "--peer", help="the link to re-bootstrap, by its peer's name (required with several peers)"
+    )
 
     audit = commands.add_parser("audit", help="check or print the node's audit trail")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)

@@ -119,6 +119,17 @@ def test_log_history_and_merge(tmp_path: Path) -> None:
     assert rates == [(T0 + 10.0 * b, 256 * b / 10.0) for b in (2, 3, 4)]
 
 
+def test_log_history_of_one_link_of_a_node_with_several_peers() -> None:
+    def tagged(peer: str, line: str) -> str:
+        return json.dumps(json.loads(line.removeprefix("<6>")) | {"peer": peer})
+
+    events = [line for line in log_lines() if line.lstrip("<6>").startswith("{")]
+    lines = [tagged("a", line) for line in events[1:3]] + [tagged("c", line) for line in events]
+    assert [p.block_id for p in report.read_log_history(lines, peer="a")] == [1, 2]
+    assert [p.block_id for p in report.read_log_history(lines, peer="c")] == [1, 2, 4, 3]
+    assert len(report.read_log_history(lines)) == 6
+
+
 def _is_png(path: Path) -> bool:
     data = path.read_bytes()
     return len(data) > 1000 and data.startswith(PNG_SIGNATURE)

@@ -8,9 +8,9 @@ group or others. Units live in every name.
 This package imports nothing but :mod:`qkdnode.errors`; one module per section:
 
 - ``table``: the strict table reader every section uses (``Table``, ``parse_host_port``);
-- ``node`` (``[node]``, ``[peer]``), ``link`` (``[link]``, ``[link.eve]``, serial devices,
-  replayed recordings), ``postprocess``, ``auth``, ``store``, ``delivery``, ``ops``
-  (``[logging]``, ``[metrics]``);
+- ``node`` (``[node]``, ``[peer]``), ``peers`` (``[[peers]]``: a node's links), ``link``
+  (``[link]``, ``[link.eve]``, serial devices, replayed recordings), ``postprocess``, ``auth``,
+  ``store``, ``delivery``, ``ops`` (``[logging]``, ``[metrics]``);
 - ``load``: ``NodeConfig``, ``parse_config`` and ``load_config`` over the whole file.
 """
 
@@ -27,6 +27,7 @@ from qkdnode.config.link import (
 from qkdnode.config.load import NodeConfig, load_config, parse_config
 from qkdnode.config.node import NodeSection, PeerSection, Role
 from qkdnode.config.ops import LoggingSection
+from qkdnode.config.peers import PeerLink
 from qkdnode.config.postprocess import FiniteKey, PostprocessSection, SecurityModel
 from qkdnode.config.store import StoreSection
 
@@ -42,6 +43,7 @@ __all__ = [
     "LoggingSection",
     "NodeConfig",
     "NodeSection",
+    "PeerLink",
     "PeerSection",
     "PostprocessSection",
     "ReplayLinkConfig",

@@ -78,6 +78,8 @@ class DeliveryConfig:
     sae_crl: Path | None = None
     # (master SAE, slave SAE) -> kind; pairs not listed get KeyKind.QKD
     pair_kinds: Mapping[tuple[str, str], KeyKind] = field(default_factory=dict)
+    # the link whose keys are delivered (a [[peers]] name); None: the only peer
+    peer: str | None = None
 
     def key_kind(self, master_sae: str, slave_sae: str) -> KeyKind:
         return self.pair_kinds.get((master_sae, slave_sae), KeyKind.QKD)
@@ -160,6 +162,7 @@ class DeliveryConfig:
             unix_socket_mode=table.integer("unix_socket_mode", 0o600, minimum=0, maximum=0o777),
             sae_crl=None if sae_crl is None else Path(sae_crl),
             pair_kinds=pair_kinds,
+            peer=table.optional_string("peer"),
         )
         table.finish()
         return config

@@ -1,4 +1,5 @@
-"""The ``[node]`` and ``[peer]`` sections: who this node is and how it reaches its peer."""
+"""The ``[node]`` and ``[peer]`` sections: who this node is and how it reaches its peer (the
+channel part of a ``[[peers]]`` entry too: ``qkdnode.config.peers``)."""
 
 from __future__ import annotations
 
@@ -40,14 +41,34 @@ def read_node(table: Table) -> NodeSection:
     return section
 
 
+def read_node_name(table: Table) -> str:
+    """``[node]`` of a node with ``[[peers]]``: its name only (the role is per link)."""
+    if table.has("role"):
+        raise ConfigError(
+            table.key("role"),
+            "no role here with [[peers]]: this node's role is set per link (peers[i].role)",
+        )
+    name = table.string("name")
+    table.finish()
+    return name
+
+
 def read_peer(table: Table) -> PeerSection:
     """Refuses a section with both or neither of ``listen`` and ``connect``."""
+    section = read_peer_channel(table, name=table.string("name"))
+    table.finish()
+    return section
+
+
+def read_peer_channel(table: Table, *, name: str) -> PeerSection:
+    """The classical-channel keys of ``table`` (``[peer]`` or a ``[[peers]]`` entry), which
+    must have exactly one of ``listen`` and ``connect``; other keys are left to the caller."""
 
     def positive_s(name: str, default: float) -> float:
         return table.number(name, default, minimum=0, exclusive_minimum=True)
 
     section = PeerSection(
-        name=table.string("name"),
+        name=name,
         listen=address(table, "listen"),
         connect=address(table, "connect"),
         connect_timeout_s=positive_s("connect_timeout_s", 10.0),
@@ -57,6 +78,7 @@ def read_peer(table: Table) -> PeerSection:
         max_frame_bytes=table.integer("max_frame_bytes", 64 << 20, minimum=4096),
     )
     if (section.listen is None) == (section.connect is None):
-        raise ConfigError("peer", "exactly one of listen (host:port) or connect (host:port)")
-    table.finish()
+        raise ConfigError(
+            table.path or "peer", "exactly one of listen (host:port) or connect (host:port)"
+        )
     return section

@@ -31,6 +31,11 @@ class Table:
         self._path = path
         self._seen: set[str] = set()
 
+    @property
+    def path(self) -> str:
+        """The table's dotted path ("" for the file's root)."""
+        return self._path
+
     def key(self, name: str) -> str:
         return f"{self._path}.{name}" if self._path else name
 

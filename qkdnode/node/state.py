@@ -1,5 +1,5 @@
-"""What lives as long as the daemon: ``Node`` (config, store, ledger, link, metrics, the
-authentication planner, reservations) and the store as the coordination machine reads it."""
+"""What lives as long as the daemon, per link: ``Node`` (config, store, ledger, link, metrics,
+the authentication planner, reservations) and the store as the coordination machine reads it."""
 
 from __future__ import annotations
 
@@ -108,7 +108,9 @@ class KeyStoreView:
 
 
 class Node:
-    """One node's state shared by its tasks: config, store, ledger, link, counters."""
+    """One link's state shared by its tasks: config, store, ledger, link, counters. ``config``
+    is the single-peer view of the link (``NodeConfig.for_peer``): a node with several peers
+    runs one ``Node`` per peer."""
 
     def __init__(self, config: NodeConfig, store: KeyStore, blocks: BlockSource) -> None:
         self.config = config

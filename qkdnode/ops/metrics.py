@@ -6,10 +6,14 @@ methods as things happen (``block_committed``, ``block_aborted``, ``set_mode``,
 ``set_peer_connected``, ``delivery_request``, ...); values that are cheaper to read than to push
 (store counts, link status, the ledger) are read by *refreshers* run just before each scrape.
 
+A node with several peers has one ``NodeMetrics`` per link, served together by
+``LinkMetricsSet``: every sample of a link carries a ``peer`` label (its peer's name).
+
 ``serve_metrics`` is a trio task (``nursery.start``) answering, over plain HTTP/1.1 (h11):
 
 - ``GET /metrics``: the Prometheus text exposition format (version 0.0.4);
-- ``GET /status``: a JSON health summary (see :meth:`NodeMetrics.summary`) read by
+- ``GET /status``: a JSON health summary (see :meth:`NodeMetrics.summary`; with several peers
+  ``{"node", "links": [one summary per link], "problems", "healthy"}``) read by
   ``qkdnode status``; HTTP 200 when healthy, 503 when not.
 
 The listener is meant for loopback (the default ``127.0.0.1``). Nothing secret is exported:
@@ -26,14 +30,16 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import h11
 import structlog
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from qkdnode.channel.messages import SessionMode
 from qkdnode.config.auth import DEFAULT_SECURITY_BUDGET_EPSILON
@@ -509,6 +515,66 @@ class NodeMetrics:
         return summary
 
 
+# ---- several links -----------------------------------------------------------------------------
+
+
+class MetricsSource(Protocol):
+    """What the listener serves: one node's metrics or a ``LinkMetricsSet``."""
+
+    def exposition(self) -> bytes: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+
+class _PeerLabelled(Collector):
+    """Every link's families merged by name, each sample labelled with its link's ``peer``
+    (``qkdnode_info`` has the label already)."""
+
+    def __init__(self, links: Sequence[NodeMetrics]) -> None:
+        self._links = links
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for link in self._links:
+            for family in link.registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                for sample in family.samples:
+                    labels = dict(sample.labels)
+                    labels.setdefault("peer", link.peer)
+                    merged.samples.append(sample._replace(labels=labels))
+        return list(families.values())
+
+
+class LinkMetricsSet:
+    """The metrics of a node with several peers, one ``NodeMetrics`` per link, served as one:
+    ``/metrics`` with a ``peer`` label on every sample, ``/status`` listing the links (healthy
+    when every link is; each problem names its peer)."""
+
+    def __init__(self, *, node: str, links: Sequence[NodeMetrics]) -> None:
+        if len({link.peer for link in links}) != len(links):
+            raise ValueError("one NodeMetrics per peer")
+        self.node = node
+        self.links = tuple(links)
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_PeerLabelled(self.links))
+
+    def __repr__(self) -> str:
+        return f"LinkMetricsSet(node={self.node!r}, peers={[m.peer for m in self.links]!r})"
+
+    def exposition(self) -> bytes:
+        for link in self.links:
+            link.refresh()
+        return generate_latest(self._registry)
+
+    def summary(self) -> dict[str, Any]:
+        links = [link.summary() for link in self.links]
+        problems = [f"{s['peer']}: {problem}" for s in links for problem in s["problems"]]
+        return {"node": self.node, "links": links, "problems": problems, "healthy": not problems}
+
+
 # ---- the HTTP listener ------------------------------------------------------------------------
 
 
@@ -533,7 +599,7 @@ def is_loopback(host: str) -> bool:
 
 
 async def serve_metrics(
-    metrics: NodeMetrics,
+    metrics: MetricsSource,
     host: str = "127.0.0.1",
     port: int = 0,
     *,
@@ -570,7 +636,7 @@ async def serve_metrics(
     await trio.serve_listeners(handler, listeners)
 
 
-def respond(metrics: NodeMetrics, method: str, target: str) -> tuple[int, str, bytes]:
+def respond(metrics: MetricsSource, method: str, target: str) -> tuple[int, str, bytes]:
     """(HTTP status, content type, body) for one request: the routing, free of I/O."""
     path = target.split("?", 1)[0]
     if method not in ("GET", "HEAD"):
@@ -591,7 +657,7 @@ def _json_default(value: object) -> object:
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, metrics: NodeMetrics, limits: MetricsServerLimits
+    stream: trio.SocketStream, metrics: MetricsSource, limits: MetricsServerLimits
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
     while True:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    qkdnode report --store DIR [--log FILE] --out DIR [--no-distance] [--pulses N]
+    qkdnode report --store DIR [--log FILE [--peer NAME]] --out DIR [--no-distance] [--pulses N]
         [--finite-key lim2014-kl|zhang2017|lim2014]
 
 From the store's ``blocks`` table (committed blocks and their ``stats``) and/or the node's JSON
@@ -109,9 +109,11 @@ def read_store_history(store_dir: Path) -> list[BlockPoint]:
     return points
 
 
-def read_log_history(lines: Iterable[str]) -> list[BlockPoint]:
+def read_log_history(lines: Iterable[str], *, peer: str | None = None) -> list[BlockPoint]:
     """Blocks from JSON log lines (``block.committed`` and ``block.aborted``); other lines and
-    lines that are not JSON are skipped. A journald priority prefix (``<6>``) is removed."""
+    lines that are not JSON are skipped. A journald priority prefix (``<6>``) is removed. With
+    ``peer``, only the blocks of the link to that peer (a node with several peers logs them all
+    in one file, each line with its ``peer``)."""
     points = []
     for line in lines:
         text = line.strip()
@@ -127,7 +129,7 @@ def read_log_history(lines: Iterable[str]) -> list[BlockPoint]:
         ):
             continue
         block_id = _int(event.get("block"))
-        if block_id is None:
+        if block_id is None or (peer is not None and event.get("peer") != peer):
             continue
         committed = event["event"] == "block.committed"
         efficiency = _float(event.get("reconciliation_efficiency"))
@@ -357,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--store", type=Path, help="the node's store directory")
     parser.add_argument("--log", type=Path, help="the node's JSON log file")
+    parser.add_argument(
+        "--peer", help="the blocks of the link to this peer only (a node with several peers)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
     parser.add_argument(
         "--no-distance", action="store_true", help="skip the key rate versus distance plot"
@@ -394,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log: list[BlockPoint] = []
         if args.log is not None:
             with args.log.open(encoding="utf-8", errors="replace") as handle:
-                log = read_log_history(handle)
+                log = read_log_history(handle, peer=args.peer)
     except (OSError, sqlite3.Error, json.JSONDecodeError) as exc:
         print(f"qkdnode report: cannot read the history: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """``qkdnode status``: a human summary of a running node, with an exit status for monitors.
 
 It fetches ``/status`` from the node's metrics listener (``[metrics] listen`` of ``--config``,
-or ``--url``) and prints peer connection, authentication mode, pool level against its reserve,
-age of the last committed block, blocks committed and aborted, and keys in the store.
+or ``--url``) and prints, for each link of the node (each peer), peer connection,
+authentication mode, pool level against its reserve, age of the last committed block, blocks
+committed and aborted, and keys in the store.
 
 Exit status (usable by monitoring and as a systemd ``ExecCondition``/health check):
 
@@ -89,9 +90,19 @@ def health_problems(summary: Mapping[str, Any], *, max_commit_age_s: float) -> l
 
 
 def validate_summary(value: object) -> dict[str, Any]:
-    """The summary if it has the fields and types we rely on; else ``StatusUnavailable``."""
+    """The summary if it has the fields and types we rely on; else ``StatusUnavailable``. A
+    node with several peers answers ``{"node", "links": [...]}``: each link is checked."""
     if not isinstance(value, dict):
         raise StatusUnavailable("the answer is not a JSON object")
+    if "links" in value:
+        links = value["links"]
+        if not isinstance(value.get("node"), str) or not isinstance(links, list) or not links:
+            raise StatusUnavailable("the answer has no valid 'links'")
+        for link in links:
+            validate_summary(link)
+            if "links" in link or not isinstance(link.get("peer"), str):
+                raise StatusUnavailable("the answer has a link without a valid 'peer'")
+        return value
     for name, kind in _REQUIRED.items():
         field = value.get(name)
         if not isinstance(field, kind) or (kind is int and isinstance(field, bool)):
@@ -231,11 +242,22 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     except StatusUnavailable as exc:
         print(f"qkdnode status: node not answering: {exc}", file=out)
         return EXIT_NOT_ANSWERING
-    problems = health_problems(summary, max_commit_age_s=args.max_commit_age_s)
+    links: list[dict[str, Any]] = summary.get("links", [summary])
+    per_link = [health_problems(link, max_commit_age_s=args.max_commit_age_s) for link in links]
+    if "links" in summary:  # several peers: each problem names its link
+        problems: list[str] = []
+        for link, found in zip(links, per_link, strict=True):
+            link |= {"problems": found, "healthy": not found}
+            problems.extend(f"{link['peer']}: {problem}" for problem in found)
+    else:
+        problems = per_link[0]
     if args.json:
         print(json.dumps(summary | {"problems": problems, "healthy": not problems}), file=out)
     else:
-        print(format_summary(summary, problems), file=out)
+        text = "\n".join(
+            format_summary(link, found) for link, found in zip(links, per_link, strict=True)
+        )
+        print(text, file=out)
     return EXIT_UNHEALTHY if problems else EXIT_HEALTHY
 
 
