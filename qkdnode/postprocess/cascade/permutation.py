@@ -36,6 +36,12 @@ generator (Fisher-Yates with ``random_interval`` on buffered 32-bit halves), in 
 than the two 16-bit radix sorts of v1. numpy does not promise that stream across versions, so the
 first call checks numpy against the plain-Python specification on small sizes and falls back to
 the (slow, pure-Python) specification if they ever disagree.
+
+Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, and
+a session reuses Alice's seed, so frames of the same length reuse the permutations of every pass.
+The last permutations (and their inverses) computed are kept, least recently used first out,
+within ``PERMUTATION_CACHE_BYTES``; cached arrays are read-only. It is a memo of a pure function:
+the result is the same with or without it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+from collections import OrderedDict
 from typing import Final
 
 import numpy as np
@@ -53,6 +60,9 @@ from qkdnode.errors import ProtocolError
 SEED_BYTES: Final = 32
 PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v2"
 MAX_BITS: Final = 2**31 - 1  # permuted positions travel as int32
+
+# Permutations and inverses kept for reuse (module doc): 4 passes of a 10**6-bit frame take 32 MB.
+PERMUTATION_CACHE_BYTES: Final = 160 * 2**20
 
 _PCG_MULTIPLIER: Final = 0x2360ED051FC65DA44385DF649FCCF645
 _MASK64: Final = (1 << 64) - 1
@@ -125,9 +135,51 @@ def numpy_follows_specification() -> bool:
     return True
 
 
-def cascade_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
-    """The permutation of the module specification: ``perm[i]`` = original index at position i."""
+def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
     state, inc = pcg64_state(seed, n, pass_index)
     if numpy_follows_specification():
         return _numpy_permutation(state, inc, n)
     return np.array(_python_permutation(state, inc, n), dtype=np.int32)
+
+
+_cache: OrderedDict[tuple[bytes, int, int, bool], NDArray[np.int32]] = OrderedDict()
+
+
+def _cached(seed: bytes, n: int, pass_index: int, inverse: bool) -> NDArray[np.int32]:
+    key = (check_seed(seed), n, pass_index, inverse)
+    found = _cache.get(key)
+    if found is not None:
+        _cache.move_to_end(key)
+        return found
+    if inverse:
+        perm = _cached(seed, n, pass_index, False)
+        result = np.empty(n, dtype=np.int32)
+        result[perm] = np.arange(n, dtype=np.int32)
+    else:
+        result = _draw_permutation(seed, n, pass_index)
+    result.flags.writeable = False
+    if result.nbytes <= PERMUTATION_CACHE_BYTES:
+        _cache[key] = result
+        used = sum(array.nbytes for array in _cache.values())
+        while used > PERMUTATION_CACHE_BYTES:
+            _, dropped = _cache.popitem(last=False)
+            used -= dropped.nbytes
+    return result
+
+
+def cascade_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
+    """The permutation of the module specification: ``perm[i]`` = original index at position i.
+
+    Read-only; repeated calls reuse a cached array (module doc).
+    """
+    return _cached(seed, n, pass_index, False)
+
+
+def cascade_inverse_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
+    """``inverse[perm[i]] = i``: the permuted position of every original index (read-only)."""
+    return _cached(seed, n, pass_index, True)
+
+
+def clear_permutation_cache() -> None:
+    """Drop every cached permutation (benchmarks measure the cold path with it)."""
+    _cache.clear()

@@ -1,0 +1,534 @@
+"""Compiled kernels of both Cascade roles (numba, see ``qkdnode.postprocess.jit``).
+
+Bob's state lives in flat arrays over the *global* position space of the active passes
+(position ``i`` of pass ``p`` is ``g = p * n + i``), so no kernel ever resizes an array:
+
+- ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
+- ``part_of[g]``: the pass-local start of the part holding ``g``;
+- at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
+  (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
+  and ``part_code[s]`` (length class and parity, see ``part_code``);
+- ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
+  run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
+  proportional to the passes' length / 4096 plus their number.
+
+Parts only ever split, so a start stays a start. Every decision (which parts are searched, where
+they are cut, what is deduced) is the one documented in ``reconciler``; these kernels only keep
+the state incrementally: a round costs the questions it asks and the bits it touches, not n.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from qkdnode.postprocess.jit import helper, kernel
+
+# Part code: bit 7 = odd; bits 0-6 = length class, the length itself up to EXACT_LENGTHS, then
+# classes by thresholds (see ``reconciler.length_class_thresholds``).
+EXACT_LENGTHS = 64
+ODD_CODE = 128
+
+
+@helper
+def _length_class(length: int, thresholds: NDArray[np.int64]) -> int:
+    if length <= EXACT_LENGTHS:
+        return length
+    return EXACT_LENGTHS + int(np.searchsorted(thresholds, length, side="right"))
+
+
+@helper
+def _code(length: int, odd: int, thresholds: NDArray[np.int64]) -> np.uint8:
+    return np.uint8(_length_class(length, thresholds) | (ODD_CODE if odd else 0))
+
+
+@helper
+def _set_odd(
+    part_odd: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    g: int,
+    odd: int,
+) -> None:
+    if part_odd[g] != odd:
+        part_odd[g] = odd
+        step = 1 if odd else -1
+        odd_count64[g >> 6] += step
+        odd_count4096[g >> 12] += step
+
+
+@helper
+def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
+    acc = 0
+    for g in range(start, end):
+        acc ^= pbits[g]
+    return acc
+
+
+@helper
+def _odd_parts(
+    part_odd: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+) -> NDArray[np.int64]:
+    total = 0
+    for c in range(odd_count4096.shape[0]):
+        total += odd_count4096[c]
+    out = np.empty(total, dtype=np.int64)
+    k = 0
+    for c in range(odd_count4096.shape[0]):
+        if odd_count4096[c] == 0:
+            continue
+        for w in range(c << 6, min((c + 1) << 6, odd_count64.shape[0])):
+            if odd_count64[w] == 0:
+                continue
+            for g in range(w << 6, min((w + 1) << 6, part_odd.shape[0])):
+                if part_odd[g]:
+                    out[k] = g
+                    k += 1
+    return out
+
+
+@helper
+def _correct(
+    positions: NDArray[np.int64],
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+) -> None:
+    for k in range(positions.shape[0]):
+        position = positions[k]
+        bits[position] ^= 1
+        for p in range(active):
+            base = p * n
+            g = base + inverse_all[base + position]
+            pbits[g] ^= 1
+            local = part_of[g]
+            s = base + local
+            odd = 1 - part_odd[s]
+            _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+            part_code[s] = _code(part_end[s] - local, odd, thresholds)
+
+
+@kernel
+def bob_activate(
+    p: int,
+    n: int,
+    size: int,
+    top_alice: NDArray[np.uint8],
+    bits: NDArray[np.uint8],
+    perm_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_alice: NDArray[np.uint8],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+) -> None:
+    """Pass ``p``: Bob's permuted bits and its top-level blocks as parts (``perm_all`` filled)."""
+    base = p * n
+    for i in range(n):
+        pbits[base + i] = bits[perm_all[base + i]]
+    for j in range(top_alice.shape[0]):
+        start = j * size
+        end = min(start + size, n)
+        for i in range(start, end):
+            part_of[base + i] = start
+        s = base + start
+        odd = top_alice[j] ^ _parity(pbits, s, base + end)
+        part_end[s] = end
+        part_alice[s] = top_alice[j]
+        _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+        part_code[s] = _code(end - start, odd, thresholds)
+
+
+@kernel
+def bob_correct(
+    positions: NDArray[np.int64],
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+) -> None:
+    """Flip Bob's bits at the distinct original ``positions``; update every active pass."""
+    _correct(
+        positions,
+        active,
+        n,
+        bits,
+        inverse_all,
+        pbits,
+        part_of,
+        part_end,
+        part_odd,
+        part_code,
+        odd_count64,
+        odd_count4096,
+        thresholds,
+    )
+
+
+@kernel
+def bob_fix_known_errors(
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    perm_all: NDArray[np.int32],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+) -> tuple[NDArray[np.int64], int]:
+    """Flip every bit that is an odd part of length 1 in some pass, until none is left.
+
+    Returns the global starts of the odd parts left (increasing, none of length 1) and the
+    number of bits flipped.
+    """
+    corrected = 0
+    while True:
+        parts = _odd_parts(part_odd, odd_count64, odd_count4096)
+        singles = 0
+        for k in range(parts.shape[0]):
+            s = parts[k]
+            if part_end[s] - (s % n) == 1:
+                singles += 1
+        if singles == 0:
+            return parts, corrected
+        found = np.empty(singles, dtype=np.int64)
+        j = 0
+        for k in range(parts.shape[0]):
+            s = parts[k]
+            if part_end[s] - (s % n) == 1:
+                found[j] = perm_all[s]
+                j += 1
+        positions = np.unique(found)
+        _correct(
+            positions,
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_of,
+            part_end,
+            part_odd,
+            part_code,
+            odd_count64,
+            odd_count4096,
+            thresholds,
+        )
+        corrected += positions.shape[0]
+
+
+@kernel
+def bob_select_classic(
+    parts: NDArray[np.int64],
+    n: int,
+    sizes: NDArray[np.int64],
+    block_offset: NDArray[np.int64],
+) -> NDArray[np.int64]:
+    """Classic Cascade: the first odd part of every top-level block holding an odd number."""
+    out = np.empty(parts.shape[0], dtype=np.int64)
+    k = 0
+    i = 0
+    m = parts.shape[0]
+    while i < m:
+        p = parts[i] // n
+        block = block_offset[p] + (parts[i] - p * n) // sizes[p]
+        j = i + 1
+        while j < m:
+            q = parts[j] // n
+            if block_offset[q] + (parts[j] - q * n) // sizes[q] != block:
+                break
+            j += 1
+        if (j - i) & 1:
+            out[k] = parts[i]
+            k += 1
+        i = j
+    return out[:k]
+
+
+@kernel
+def bob_even_cuts(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    part_end: NDArray[np.int32],
+    small_length: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
+    m = parts.shape[0]
+    cuts = np.empty((m, arity - 1), dtype=np.int64)
+    small = np.empty(m, dtype=np.int64)
+    count = 0
+    for k in range(m):
+        s = parts[k]
+        base = s - s % n
+        end = base + part_end[s]
+        length = end - s
+        for f in range(1, arity):
+            cuts[k, f - 1] = min(max(s + (length * f) // arity, s + 1), end - 1)
+        if length <= small_length:
+            small[count] = k
+            count += 1
+    return cuts, small[:count]
+
+
+@kernel
+def bob_log_odds(
+    parts: NDArray[np.int64],
+    active: int,
+    n: int,
+    perm_all: NDArray[np.int32],
+    inverse_all: NDArray[np.int32],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_code: NDArray[np.uint8],
+    table: NDArray[np.float32],
+    prior: np.float32,
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Per bit of ``parts`` (concatenated): prior plus the log-likelihood ratios of the parts
+    holding that bit in every other active pass, added in pass order in float32; and the
+    length of every part."""
+    m = parts.shape[0]
+    lengths = np.empty(m, dtype=np.int64)
+    total = 0
+    for k in range(m):
+        s = parts[k]
+        lengths[k] = part_end[s] - s % n
+        total += lengths[k]
+    out = np.empty(total, dtype=np.float32)
+    j = 0
+    for k in range(m):
+        s = parts[k]
+        own = s // n
+        for g in range(s, s + lengths[k]):
+            position = perm_all[g]
+            acc = prior
+            for p in range(active):
+                if p != own:
+                    base = p * n
+                    h = base + inverse_all[base + position]
+                    acc = acc + table[part_code[base + part_of[h]]]
+            out[j] = acc
+            j += 1
+    return out, lengths
+
+
+@kernel
+def bob_weighted_cuts(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    lengths: NDArray[np.int64],
+    weight: NDArray[np.float32],
+    arity: int,
+) -> NDArray[np.int64]:
+    """Cut the small parts at their weight quantiles (``reconciler._cuts``), in place.
+
+    ``starts``/``lengths``: the small parts, whose weights are concatenated in ``weight``. If
+    some part has a single bit of positive weight, nothing is cut and the global positions of
+    those bits are returned (certain errors); else an empty array.
+    """
+    m = small.shape[0]
+    total_bits = weight.shape[0]
+    offset = np.empty(m, dtype=np.int64)
+    acc = 0
+    for k in range(m):
+        offset[k] = acc
+        acc += lengths[k]
+    open_count = np.empty(total_bits + 1, dtype=np.int32)
+    open_count[0] = 0
+    for i in range(total_bits):
+        open_count[i + 1] = open_count[i] + (1 if weight[i] > 0.0 else 0)
+    first_open = np.empty(m, dtype=np.int64)
+    last_open = np.empty(m, dtype=np.int64)
+    opened = np.empty(m, dtype=np.int64)
+    singles = 0
+    for k in range(m):
+        lo = offset[k]
+        hi = lo + lengths[k] - 1
+        before = open_count[lo]
+        opened[k] = open_count[lo + lengths[k]] - before
+        first = np.searchsorted(open_count, before + 1) - 1
+        last = np.searchsorted(open_count, before + max(opened[k], 1)) - 1
+        first_open[k] = min(max(first, lo), hi)
+        last_open[k] = min(max(last, lo), hi)
+        if opened[k] == 1:
+            singles += 1
+    if singles:
+        found = np.empty(singles, dtype=np.int64)
+        j = 0
+        for k in range(m):
+            if opened[k] == 1:
+                found[j] = starts[k] + first_open[k] - offset[k]
+                j += 1
+        return found
+    cum0 = np.empty(total_bits + 1, dtype=np.float64)
+    cum0[0] = 0.0
+    running = 0.0
+    for i in range(total_bits):
+        running += np.float64(weight[i])
+        cum0[i + 1] = running
+    cum = cum0[1:]
+    for k in range(m):
+        if opened[k] <= 1:
+            continue  # no open bit (inconsistent parities): keep the plain halving
+        lo = offset[k]
+        base = cum0[lo]
+        total = cum0[lo + lengths[k]] - base
+        for f in range(1, arity):
+            target = base + total * (f / arity)
+            at = np.searchsorted(cum, target)
+            at = min(max(at, first_open[k]), last_open[k])
+            # before or after the bit where the target is reached, whichever is nearer
+            chosen = at if abs(cum0[at] - target) <= abs(cum[at] - target) else at + 1
+            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
+            if arity > 2:
+                chosen = np.searchsorted(open_count, open_count[chosen])
+            cuts[small[k], f - 1] = starts[k] + chosen - lo
+    return np.empty(0, dtype=np.int64)
+
+
+@kernel
+def bob_query(
+    parts: NDArray[np.int64], cuts: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """The asked ranges of a round: (part start, range start, range end = cut) per question.
+
+    A part's ranges follow one another from its start; repeated cuts (parts shorter than the
+    arity) are dropped.
+    """
+    m, width = cuts.shape
+    rows = np.empty(m * width, dtype=np.int64)
+    left = np.empty(m * width, dtype=np.int64)
+    right = np.empty(m * width, dtype=np.int64)
+    k = 0
+    for i in range(m):
+        previous = parts[i]
+        for f in range(width):
+            cut = cuts[i, f]
+            if f == 0 or cut > cuts[i, f - 1]:
+                rows[k] = parts[i]
+                left[k] = previous
+                right[k] = cut
+                previous = cut
+                k += 1
+    return rows[:k], left[:k], right[:k]
+
+
+@kernel
+def bob_receive(
+    parities: NDArray[np.uint8],
+    rows: NDArray[np.int64],
+    right: NDArray[np.int64],
+    left: NDArray[np.int64],
+    n: int,
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_alice: NDArray[np.uint8],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+) -> None:
+    """Split every asked part at its cuts: each asked range becomes a part with Alice's parity;
+    the rest of the part is derived (its parity xor the asked ones)."""
+    m = rows.shape[0]
+    i = 0
+    while i < m:
+        s = rows[i]
+        base = s - s % n
+        end = base + part_end[s]
+        rest_alice = part_alice[s]
+        rest_odd = part_odd[s]
+        j = i
+        while j < m and rows[j] == s:
+            start = left[j]
+            cut = right[j]
+            alice = parities[j]
+            odd = alice ^ _parity(pbits, start, cut)
+            rest_alice ^= alice
+            rest_odd ^= odd
+            if start != s:
+                for g in range(start, cut):
+                    part_of[g] = start - base
+            part_end[start] = cut - base
+            part_alice[start] = alice
+            _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
+            part_code[start] = _code(cut - start, odd, thresholds)
+            j += 1
+        start = right[j - 1]
+        for g in range(start, end):
+            part_of[g] = start - base
+        part_end[start] = end - base
+        part_alice[start] = rest_alice
+        _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
+        part_code[start] = _code(end - start, rest_odd, thresholds)
+        i = j
+
+
+@kernel
+def responder_prefix(
+    bits: NDArray[np.uint8], perm: NDArray[np.int32], prefix: NDArray[np.uint8]
+) -> None:
+    """``prefix[i + 1]`` = parity of ``bits[perm[0..i]]``, ``prefix[0]`` = 0."""
+    acc = 0
+    prefix[0] = 0
+    for i in range(perm.shape[0]):
+        acc ^= bits[perm[i]]
+        prefix[i + 1] = acc
+
+
+@kernel
+def responder_answer(
+    prefix_all: NDArray[np.uint8],
+    n: int,
+    tops: NDArray[np.int64],
+    ranges: NDArray[np.int64],
+    out: NDArray[np.uint8],
+) -> None:
+    """Alice's parities: every requested top-level block of ``tops`` (pass, size, count) in
+    order, then every range of ``ranges`` (pass, start, end); pass ``p``'s prefix parities are
+    ``prefix_all[p * (n + 1):(p + 1) * (n + 1)]``."""
+    k = 0
+    for t in range(tops.shape[0]):
+        base = tops[t, 0] * (n + 1)
+        size = tops[t, 1]
+        for j in range(tops[t, 2]):
+            start = j * size
+            end = min(start + size, n)
+            out[k] = prefix_all[base + end] ^ prefix_all[base + start]
+            k += 1
+    for r in range(ranges.shape[0]):
+        base = ranges[r, 0] * (n + 1)
+        out[k] = prefix_all[base + ranges[r, 2]] ^ prefix_all[base + ranges[r, 1]]
+        k += 1
