@@ -7,7 +7,13 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``part_of[g]``: the pass-local start of the part holding ``g``;
 - at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
   (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
-  and ``part_code[s]`` (length class and parity, see ``part_code``);
+  and ``part_code[s]`` (length class and parity, see ``reconciler``);
+- ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
+  bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
+  random positions, and one load is cheaper than two;
+- ``cross[g]`` (sub-block reuse, while exactly two passes are active): the position in the other
+  pass of the bit at ``g`` (pass-local), so the weights of that phase, where nearly all of them
+  are computed, cost one random load per bit;
 - ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
   run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
   proportional to the passes' length / 4096 plus their number.
@@ -28,6 +34,8 @@ from qkdnode.postprocess.jit import helper, kernel
 # classes by thresholds (see ``reconciler.length_class_thresholds``).
 EXACT_LENGTHS = 64
 ODD_CODE = 128
+SHORT_PART = 256
+LONG_PART = 255  # never the code of a part of at most SHORT_PART bits (class <= 72)
 
 
 @helper
@@ -40,6 +48,26 @@ def _length_class(length: int, thresholds: NDArray[np.int64]) -> int:
 @helper
 def _code(length: int, odd: int, thresholds: NDArray[np.int64]) -> np.uint8:
     return np.uint8(_length_class(length, thresholds) | (ODD_CODE if odd else 0))
+
+
+@helper
+def _set_code(
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    s: int,
+    length: int,
+    odd: int,
+    thresholds: NDArray[np.int64],
+    mark_long: bool,
+) -> None:
+    code = _code(length, odd, thresholds)
+    part_code[s] = code
+    if length <= SHORT_PART:
+        for g in range(s, s + length):
+            pos_code[g] = code
+    elif mark_long:
+        for g in range(s, s + length):
+            pos_code[g] = LONG_PART
 
 
 @helper
@@ -71,6 +99,8 @@ def _odd_parts(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
 ) -> NDArray[np.int64]:
+    # part_odd's length is a multiple of 4096: read it 8 flags at a time
+    words = part_odd.view(np.uint64)
     total = 0
     for c in range(odd_count4096.shape[0]):
         total += odd_count4096[c]
@@ -79,13 +109,16 @@ def _odd_parts(
     for c in range(odd_count4096.shape[0]):
         if odd_count4096[c] == 0:
             continue
-        for w in range(c << 6, min((c + 1) << 6, odd_count64.shape[0])):
+        for w in range(c << 6, (c + 1) << 6):
             if odd_count64[w] == 0:
                 continue
-            for g in range(w << 6, min((w + 1) << 6, part_odd.shape[0])):
-                if part_odd[g]:
-                    out[k] = g
-                    k += 1
+            for word in range(w << 3, (w + 1) << 3):
+                if words[word] == 0:
+                    continue
+                for g in range(word << 3, (word + 1) << 3):
+                    if part_odd[g]:
+                        out[k] = g
+                        k += 1
     return out
 
 
@@ -101,6 +134,7 @@ def _correct(
     part_end: NDArray[np.int32],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
@@ -116,7 +150,7 @@ def _correct(
             s = base + local
             odd = 1 - part_odd[s]
             _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-            part_code[s] = _code(part_end[s] - local, odd, thresholds)
+            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False)
 
 
 @kernel
@@ -133,6 +167,7 @@ def bob_activate(
     part_alice: NDArray[np.uint8],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
@@ -151,7 +186,7 @@ def bob_activate(
         part_end[s] = end
         part_alice[s] = top_alice[j]
         _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-        part_code[s] = _code(end - start, odd, thresholds)
+        _set_code(part_code, pos_code, s, end - start, odd, thresholds, True)
 
 
 @kernel
@@ -166,6 +201,7 @@ def bob_correct(
     part_end: NDArray[np.int32],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
@@ -182,6 +218,7 @@ def bob_correct(
         part_end,
         part_odd,
         part_code,
+        pos_code,
         odd_count64,
         odd_count4096,
         thresholds,
@@ -200,6 +237,7 @@ def bob_fix_known_errors(
     part_end: NDArray[np.int32],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
@@ -238,6 +276,7 @@ def bob_fix_known_errors(
             part_end,
             part_odd,
             part_code,
+            pos_code,
             odd_count64,
             odd_count4096,
             thresholds,
@@ -301,44 +340,71 @@ def bob_even_cuts(
 
 
 @kernel
+def bob_cross(
+    n: int, perm_all: NDArray[np.int32], inverse_all: NDArray[np.int32]
+) -> NDArray[np.int32]:
+    """``cross`` of passes 0 and 1 (module doc)."""
+    cross = np.empty(2 * n, dtype=np.int32)
+    for i in range(n):
+        cross[i] = inverse_all[n + perm_all[i]]
+    for i in range(n):
+        cross[n + i] = inverse_all[perm_all[n + i]]
+    return cross
+
+
+@kernel
 def bob_log_odds(
     parts: NDArray[np.int64],
     active: int,
     n: int,
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
+    cross: NDArray[np.int32],
     part_of: NDArray[np.int32],
     part_end: NDArray[np.int32],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     table: NDArray[np.float32],
     prior: np.float32,
-) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+) -> NDArray[np.float32]:
     """Per bit of ``parts`` (concatenated): prior plus the log-likelihood ratios of the parts
-    holding that bit in every other active pass, added in pass order in float32; and the
-    length of every part."""
+    holding that bit in every other active pass, added in pass order in float32. ``cross``
+    is used when exactly two passes are active (else it may be empty)."""
     m = parts.shape[0]
-    lengths = np.empty(m, dtype=np.int64)
     total = 0
     for k in range(m):
         s = parts[k]
-        lengths[k] = part_end[s] - s % n
-        total += lengths[k]
+        total += part_end[s] - s % n
     out = np.empty(total, dtype=np.float32)
     j = 0
     for k in range(m):
         s = parts[k]
         own = s // n
-        for g in range(s, s + lengths[k]):
+        end = own * n + part_end[s]
+        if active == 2:
+            other = (1 - own) * n
+            for g in range(s, end):
+                h = other + cross[g]
+                code = pos_code[h]
+                if code == LONG_PART:
+                    code = part_code[other + part_of[h]]
+                out[j] = prior + table[code]
+                j += 1
+            continue
+        for g in range(s, end):
             position = perm_all[g]
             acc = prior
             for p in range(active):
                 if p != own:
                     base = p * n
                     h = base + inverse_all[base + position]
-                    acc = acc + table[part_code[base + part_of[h]]]
+                    code = pos_code[h]
+                    if code == LONG_PART:
+                        code = part_code[base + part_of[h]]
+                    acc = acc + table[code]
             out[j] = acc
             j += 1
-    return out, lengths
+    return out
 
 
 @kernel
@@ -456,6 +522,7 @@ def bob_receive(
     part_alice: NDArray[np.uint8],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
@@ -484,7 +551,7 @@ def bob_receive(
             part_end[start] = cut - base
             part_alice[start] = alice
             _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
-            part_code[start] = _code(cut - start, odd, thresholds)
+            _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False)
             j += 1
         start = right[j - 1]
         for g in range(start, end):
@@ -492,7 +559,7 @@ def bob_receive(
         part_end[start] = end - base
         part_alice[start] = rest_alice
         _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
-        part_code[start] = _code(end - start, rest_odd, thresholds)
+        _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False)
         i = j
 
 

@@ -160,10 +160,13 @@ class CascadeReconciler:
         self._part_of = np.empty(size, dtype=np.int32)
         self._part_end = np.empty(size, dtype=np.int32)
         self._part_alice = np.empty(size, dtype=np.uint8)
-        self._part_odd = np.zeros(size, dtype=np.uint8)
         self._part_code = np.empty(size, dtype=np.uint8)
-        self._odd_count64 = np.zeros(-(-size // 64), dtype=np.int32)
-        self._odd_count4096 = np.zeros(-(-size // 4096), dtype=np.int32)
+        self._pos_code = np.empty(size, dtype=np.uint8)
+        self._cross = np.zeros(0, dtype=np.int32)  # filled when pass 1 is activated
+        padded = -(-size // 4096) * 4096  # the kernels scan it by 64-bit words
+        self._part_odd = np.zeros(padded, dtype=np.uint8)
+        self._odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+        self._odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
         self._thresholds = length_class_thresholds()
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
@@ -302,15 +305,17 @@ class CascadeReconciler:
         bit, or the even sibling found when bisecting down to one bit).
         """
         q = self._q_now()
-        log_odds, _ = kernels.bob_log_odds(
+        log_odds = kernels.bob_log_odds(
             part,
             self._active,
             self._n,
             self._perm_all,
             self._inverse_all,
+            self._cross,
             self._part_of,
             self._part_end,
             self._part_code,
+            self._pos_code,
             self._lr_table(),
             np.float32(math.log(q / (1.0 - q))),
         )
@@ -363,6 +368,7 @@ class CascadeReconciler:
             self._part_alice,
             self._part_odd,
             self._part_code,
+            self._pos_code,
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
@@ -388,11 +394,14 @@ class CascadeReconciler:
             self._part_alice,
             self._part_odd,
             self._part_code,
+            self._pos_code,
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
         )
         self._active = p + 1
+        if self._weighted and p == 1:  # the weights of the two-pass phase (``kernels``)
+            self._cross = kernels.bob_cross(n, self._perm_all, self._inverse_all)
 
     def _correct(self, positions: NDArray[np.int64]) -> None:
         """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
@@ -407,6 +416,7 @@ class CascadeReconciler:
             self._part_end,
             self._part_odd,
             self._part_code,
+            self._pos_code,
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
@@ -429,6 +439,7 @@ class CascadeReconciler:
             self._part_end,
             self._part_odd,
             self._part_code,
+            self._pos_code,
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
