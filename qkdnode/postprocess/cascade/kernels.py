@@ -42,12 +42,30 @@ LONG_PART = 255  # never the code of a part of at most SHORT_PART bits (class <=
 def _length_class(length: int, thresholds: NDArray[np.int64]) -> int:
     if length <= EXACT_LENGTHS:
         return length
-    return EXACT_LENGTHS + int(np.searchsorted(thresholds, length, side="right"))
+    above = 0
+    while above < thresholds.shape[0] and thresholds[above] <= length:
+        above += 1
+    return EXACT_LENGTHS + above
 
 
 @helper
 def _code(length: int, odd: int, thresholds: NDArray[np.int64]) -> np.uint8:
     return np.uint8(_length_class(length, thresholds) | (ODD_CODE if odd else 0))
+
+
+@helper
+def _search_left(values: NDArray[np.generic], target: float) -> int:
+    """First index i with values[i] >= target in the non-decreasing ``values`` (numpy's
+    ``searchsorted``, side left); written out because numpy's compiles slowly in numba."""
+    lo = 0
+    hi = values.shape[0]
+    while lo < hi:
+        middle = (lo + hi) >> 1
+        if values[middle] < target:
+            lo = middle + 1
+        else:
+            hi = middle
+    return lo
 
 
 @helper
@@ -241,11 +259,13 @@ def bob_fix_known_errors(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    marks: NDArray[np.uint8],
 ) -> tuple[NDArray[np.int64], int]:
     """Flip every bit that is an odd part of length 1 in some pass, until none is left.
 
     Returns the global starts of the odd parts left (increasing, none of length 1) and the
-    number of bits flipped.
+    number of bits flipped. ``marks`` (n zeros, left zero) deduplicates bits found in several
+    passes.
     """
     corrected = 0
     while True:
@@ -261,10 +281,13 @@ def bob_fix_known_errors(
         j = 0
         for k in range(parts.shape[0]):
             s = parts[k]
-            if part_end[s] - (s % n) == 1:
+            if part_end[s] - (s % n) == 1 and marks[perm_all[s]] == 0:
+                marks[perm_all[s]] = 1
                 found[j] = perm_all[s]
                 j += 1
-        positions = np.unique(found)
+        positions = found[:j]
+        for k in range(j):
+            marks[positions[k]] = 0
         _correct(
             positions,
             active,
@@ -442,8 +465,8 @@ def bob_weighted_cuts(
         hi = lo + lengths[k] - 1
         before = open_count[lo]
         opened[k] = open_count[lo + lengths[k]] - before
-        first = np.searchsorted(open_count, before + 1) - 1
-        last = np.searchsorted(open_count, before + max(opened[k], 1)) - 1
+        first = _search_left(open_count, before + 1) - 1
+        last = _search_left(open_count, before + max(opened[k], 1)) - 1
         first_open[k] = min(max(first, lo), hi)
         last_open[k] = min(max(last, lo), hi)
         if opened[k] == 1:
@@ -471,13 +494,13 @@ def bob_weighted_cuts(
         total = cum0[lo + lengths[k]] - base
         for f in range(1, arity):
             target = base + total * (f / arity)
-            at = np.searchsorted(cum, target)
+            at = _search_left(cum, target)
             at = min(max(at, first_open[k]), last_open[k])
             # before or after the bit where the target is reached, whichever is nearer
             chosen = at if abs(cum0[at] - target) <= abs(cum[at] - target) else at + 1
             chosen = min(max(chosen, first_open[k] + 1), last_open[k])
             if arity > 2:
-                chosen = np.searchsorted(open_count, open_count[chosen])
+                chosen = _search_left(open_count, open_count[chosen])
             cuts[small[k], f - 1] = starts[k] + chosen - lo
     return np.empty(0, dtype=np.int64)
 

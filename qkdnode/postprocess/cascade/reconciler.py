@@ -168,6 +168,7 @@ class CascadeReconciler:
         self._odd_count64 = np.zeros(padded // 64, dtype=np.int32)
         self._odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
         self._thresholds = length_class_thresholds()
+        self._marks = np.zeros(n, dtype=np.uint8)
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
         self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
@@ -443,6 +444,7 @@ class CascadeReconciler:
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
+            self._marks,
         )
         self.errors_corrected += int(corrected)
         return parts
