@@ -110,3 +110,22 @@ def sift_bob_split(
                 t += 1
             j += 1
     return key_bits, key_intensity, test_bits, test_intensity
+
+
+@kernel
+def remove_sorted_positions(
+    bits: NDArray[np.uint8], positions: NDArray[np.int64]
+) -> NDArray[np.uint8]:
+    """``bits`` without the elements at ``positions`` (strictly increasing, in range), in order."""
+    out = np.empty(bits.shape[0] - positions.shape[0], dtype=np.uint8)
+    j = 0
+    k = 0
+    skip = positions[0] if positions.shape[0] else bits.shape[0]
+    for i in range(bits.shape[0]):
+        if i == skip:
+            j += 1
+            skip = positions[j] if j < positions.shape[0] else bits.shape[0]
+        else:
+            out[k] = bits[i]
+            k += 1
+    return out
