@@ -32,7 +32,7 @@ def test_kernel_removal_equals_the_mask(length: int, fraction: float, data_seed:
 def test_sample_exchange_is_the_same_with_and_without_the_kernel(sample_bits: int) -> None:
     rng = np.random.default_rng(sample_bits)
     alice = rng.integers(0, 2, 2**20 + 5, dtype=np.uint8)
-    bob = alice ^ (rng.random(alice.shape[0]) < 0.03).astype(np.uint8)
+    bob = alice ^ (rng.random(2**20 + 5) < 0.03).astype(np.uint8)
     results = []
     for threshold in (0, 2**62):
         with pytest.MonkeyPatch.context() as patch:
