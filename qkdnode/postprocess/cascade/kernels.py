@@ -69,6 +69,15 @@ def _search_left(values: NDArray[np.generic], target: float) -> int:
 
 
 @helper
+def _exponent(log_odds: np.float32) -> np.float32:
+    """-clip(log_odds, -50, 50) in float32, or +inf for a known-right bit (below -1000): then
+    1 / (1 + exp(.)) is the bit's weight, exactly 0 when known."""
+    if log_odds < -1000.0:
+        return np.float32(np.inf)
+    return -min(max(log_odds, np.float32(-50.0)), np.float32(50.0))
+
+
+@helper
 def _set_code(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -390,9 +399,10 @@ def bob_log_odds(
     table: NDArray[np.float32],
     prior: np.float32,
 ) -> NDArray[np.float32]:
-    """Per bit of ``parts`` (concatenated): prior plus the log-likelihood ratios of the parts
-    holding that bit in every other active pass, added in pass order in float32. ``cross``
-    is used when exactly two passes are active (else it may be empty)."""
+    """Per bit of ``parts`` (concatenated): the log-odds of an error (prior plus the
+    log-likelihood ratios of the parts holding that bit in every other active pass, added in
+    pass order in float32), returned as ``_exponent`` of it. ``cross`` is used when exactly two
+    passes are active (else it may be empty)."""
     m = parts.shape[0]
     total = 0
     for k in range(m):
@@ -411,7 +421,7 @@ def bob_log_odds(
                 code = pos_code[h]
                 if code == LONG_PART:
                     code = part_code[other + part_of[h]]
-                out[j] = prior + table[code]
+                out[j] = _exponent(prior + table[code])
                 j += 1
             continue
         for g in range(s, end):
@@ -425,7 +435,7 @@ def bob_log_odds(
                     if code == LONG_PART:
                         code = part_code[base + part_of[h]]
                     acc = acc + table[code]
-            out[j] = acc
+            out[j] = _exponent(acc)
             j += 1
     return out
 
@@ -436,17 +446,21 @@ def bob_weighted_cuts(
     small: NDArray[np.int64],
     starts: NDArray[np.int64],
     lengths: NDArray[np.int64],
-    weight: NDArray[np.float32],
+    exp_exponent: NDArray[np.float32],
     arity: int,
 ) -> NDArray[np.int64]:
     """Cut the small parts at their weight quantiles (``reconciler._cuts``), in place.
 
-    ``starts``/``lengths``: the small parts, whose weights are concatenated in ``weight``. If
+    ``starts``/``lengths``: the small parts; ``exp_exponent``: numpy's float32 ``exp`` of
+    ``bob_log_odds``, so a bit's weight is 1 / (1 + that), in float32 as numpy computes it. If
     some part has a single bit of positive weight, nothing is cut and the global positions of
     those bits are returned (certain errors); else an empty array.
     """
     m = small.shape[0]
-    total_bits = weight.shape[0]
+    total_bits = exp_exponent.shape[0]
+    weight = np.empty(total_bits, dtype=np.float32)
+    for i in range(total_bits):
+        weight[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
     offset = np.empty(m, dtype=np.int64)
     acc = 0
     for k in range(m):

@@ -47,9 +47,10 @@ Implementation: all active passes live in one *global* position space, position 
 position, and at each part's start its end, Alice's parity, the syndrome and a length code) is
 kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
 the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
-added in float32 in the kernel, in pass order; the logistic step from log-odds to weights runs in
-numpy (its float32 ``exp`` is numpy's own), so every cut, and therefore every query, is the one of
-the numpy formulation kept in the tests as the reference.
+added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
+only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, add and divide
+around it in the kernels, so every cut, and therefore every query, is the one of the numpy
+formulation kept in the tests as the reference.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ _KNOWN_RIGHT: Final = 1
 # the others (>= -_LR_CAP each over <= 15 other passes, plus the prior log(q / (1 - q)) > -50).
 _LR_CAP: Final = 30.0
 _KNOWN_LR: Final = -1.0e4
+
+
+def _class_length_minus_1() -> NDArray[np.float64]:
+    """s - 1 for the representative length s of every length class (the middle of the class in
+    log scale above _EXACT_LENGTHS)."""
+    cls = np.arange(128, dtype=np.float64)
+    steps = (cls - _EXACT_LENGTHS + 0.5) / _CODES_PER_DOUBLING
+    length = np.where(cls <= _EXACT_LENGTHS, np.maximum(cls, 1.0), _EXACT_LENGTHS * 2.0**steps)
+    minus_1: NDArray[np.float64] = length - 1.0
+    minus_1.flags.writeable = False
+    return minus_1
+
+
+_CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 
 
 def length_class(length: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -288,10 +303,7 @@ class CascadeReconciler:
         q_now = self._q_now()
         if self._lr_cache is not None and self._lr_cache[0] == q_now:
             return self._lr_cache[1]
-        cls = np.arange(128, dtype=np.float64)
-        steps = (cls - _EXACT_LENGTHS + 0.5) / _CODES_PER_DOUBLING
-        length = np.where(cls <= _EXACT_LENGTHS, np.maximum(cls, 1.0), _EXACT_LENGTHS * 2.0**steps)
-        rs = np.exp((length - 1.0) * math.log1p(-2.0 * q_now))
+        rs = np.exp(_CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q_now))
         with np.errstate(divide="ignore"):
             lr = np.minimum(np.log1p(rs) - np.log1p(-rs), _LR_CAP)
         table: NDArray[np.float32] = np.concatenate((-lr, lr)).astype(np.float32)
@@ -300,13 +312,12 @@ class CascadeReconciler:
         return table
 
     def _split_weights(self, part: NDArray[np.int64]) -> NDArray[np.float32]:
-        """Per bit of the parts: probability of an error given every other pass (naive Bayes).
-
-        Exactly 0 for a bit known to be right: a part of length 1 in another pass (a corrected
-        bit, or the even sibling found when bisecting down to one bit).
-        """
+        """Per bit of the parts: exp(-log-odds of an error given every other pass) (naive
+        Bayes), the bit's error probability being 1 / (1 + that); +inf (probability exactly 0)
+        for a bit known to be right: a part of length 1 in another pass (a corrected bit, or
+        the even sibling found when bisecting down to one bit)."""
         q = self._q_now()
-        log_odds = kernels.bob_log_odds(
+        exponent = kernels.bob_log_odds(
             part,
             self._active,
             self._n,
@@ -320,16 +331,11 @@ class CascadeReconciler:
             self._lr_table(),
             np.float32(math.log(q / (1.0 - q))),
         )
-        # A known bit's ratio (_KNOWN_LR) outweighs all others: its sum stays far below -1000.
-        known = log_odds < -1000.0
-        # weight = 1 / (1 + exp(-log_odds)), in place; > 0 (>= ~2e-22) unless known
-        np.clip(log_odds, -50.0, 50.0, out=log_odds)
-        np.negative(log_odds, out=log_odds)
-        np.exp(log_odds, out=log_odds)
-        log_odds += 1.0
-        weight: NDArray[np.float32] = np.reciprocal(log_odds, out=log_odds)
-        weight[known] = 0.0
-        return weight
+        # weight = 1 / (1 + exp(-clip(log_odds, -50, 50))), > 0 (>= ~2e-22) unless known (0).
+        # numpy's own float32 exp here; the clip before and the rest after are exact float32
+        # operations, done in the kernels.
+        np.exp(exponent, out=exponent)
+        return exponent
 
     def _cuts(
         self, part: NDArray[np.int64], arity: int
@@ -346,10 +352,10 @@ class CascadeReconciler:
         if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
             return cuts, np.zeros(0, dtype=np.int64)
         starts = part[small]
-        weight = self._split_weights(starts)
+        exp_exponent = self._split_weights(starts)
         lengths = self._part_end[starts] - starts % self._n
         found = kernels.bob_weighted_cuts(
-            cuts, small, starts, lengths.astype(np.int64), weight, arity
+            cuts, small, starts, lengths.astype(np.int64), exp_exponent, arity
         )
         return cuts, found
 
