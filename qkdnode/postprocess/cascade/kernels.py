@@ -54,21 +54,6 @@ def _code(length: int, odd: int, thresholds: NDArray[np.int64]) -> np.uint8:
 
 
 @helper
-def _search_left(values: NDArray[np.generic], target: float) -> int:
-    """First index i with values[i] >= target in the non-decreasing ``values`` (numpy's
-    ``searchsorted``, side left); written out because numpy's compiles slowly in numba."""
-    lo = 0
-    hi = values.shape[0]
-    while lo < hi:
-        middle = (lo + hi) >> 1
-        if values[middle] < target:
-            lo = middle + 1
-        else:
-            hi = middle
-    return lo
-
-
-@helper
 def _exponent(log_odds: np.float32) -> np.float32:
     """-clip(log_odds, -50, 50) in float32, or +inf for a known-right bit (below -1000): then
     1 / (1 + exp(.)) is the bit's weight, exactly 0 when known."""
@@ -456,35 +441,44 @@ def bob_weighted_cuts(
     some part has a single bit of positive weight, nothing is cut and the global positions of
     those bits are returned (certain errors); else an empty array.
     """
+    # Every search stays inside its part: the numpy formulation searched the concatenation of
+    # all parts, but after its clipping to the part's open bits the result is the same.
     m = small.shape[0]
     total_bits = exp_exponent.shape[0]
     weight = np.empty(total_bits, dtype=np.float32)
+    cum0 = np.empty(total_bits + 1, dtype=np.float64)
+    cum0[0] = 0.0
+    running = 0.0
     for i in range(total_bits):
-        weight[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
+        w = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
+        weight[i] = w
+        running += np.float64(w)
+        cum0[i + 1] = running
     offset = np.empty(m, dtype=np.int64)
-    acc = 0
-    for k in range(m):
-        offset[k] = acc
-        acc += lengths[k]
-    open_count = np.empty(total_bits + 1, dtype=np.int32)
-    open_count[0] = 0
-    for i in range(total_bits):
-        open_count[i + 1] = open_count[i] + (1 if weight[i] > 0.0 else 0)
     first_open = np.empty(m, dtype=np.int64)
     last_open = np.empty(m, dtype=np.int64)
     opened = np.empty(m, dtype=np.int64)
     singles = 0
+    lo = 0
     for k in range(m):
-        lo = offset[k]
+        offset[k] = lo
         hi = lo + lengths[k] - 1
-        before = open_count[lo]
-        opened[k] = open_count[lo + lengths[k]] - before
-        first = _search_left(open_count, before + 1) - 1
-        last = _search_left(open_count, before + max(opened[k], 1)) - 1
-        first_open[k] = min(max(first, lo), hi)
-        last_open[k] = min(max(last, lo), hi)
-        if opened[k] == 1:
+        first = -1
+        last = -1
+        count = 0
+        for i in range(lo, hi + 1):
+            if weight[i] > 0.0:
+                if first < 0:
+                    first = i
+                last = i
+                count += 1
+        # no open bit: both at the part's last bit
+        first_open[k] = first if first >= 0 else hi
+        last_open[k] = last if last >= 0 else hi
+        opened[k] = count
+        if count == 1:
             singles += 1
+        lo = hi + 1
     if singles:
         found = np.empty(singles, dtype=np.int64)
         j = 0
@@ -493,28 +487,31 @@ def bob_weighted_cuts(
                 found[j] = starts[k] + first_open[k] - offset[k]
                 j += 1
         return found
-    cum0 = np.empty(total_bits + 1, dtype=np.float64)
-    cum0[0] = 0.0
-    running = 0.0
-    for i in range(total_bits):
-        running += np.float64(weight[i])
-        cum0[i + 1] = running
-    cum = cum0[1:]
     for k in range(m):
         if opened[k] <= 1:
             continue  # no open bit (inconsistent parities): keep the plain halving
         lo = offset[k]
+        end = lo + lengths[k]
         base = cum0[lo]
-        total = cum0[lo + lengths[k]] - base
+        total = cum0[end] - base
         for f in range(1, arity):
             target = base + total * (f / arity)
-            at = _search_left(cum, target)
-            at = min(max(at, first_open[k]), last_open[k])
+            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
+            a = lo + 1
+            b = end + 1
+            while a < b:
+                middle = (a + b) >> 1
+                if cum0[middle] < target:
+                    a = middle + 1
+                else:
+                    b = middle
+            at = min(max(a - 1, first_open[k]), last_open[k])
             # before or after the bit where the target is reached, whichever is nearer
-            chosen = at if abs(cum0[at] - target) <= abs(cum[at] - target) else at + 1
+            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
             chosen = min(max(chosen, first_open[k] + 1), last_open[k])
-            if arity > 2:
-                chosen = _search_left(open_count, open_count[chosen])
+            if arity > 2:  # the leftmost cut with the same open bits on its left
+                while not weight[chosen - 1] > 0.0:
+                    chosen -= 1
             cuts[small[k], f - 1] = starts[k] + chosen - lo
     return np.empty(0, dtype=np.int64)
 
