@@ -362,10 +362,10 @@ def bob_cross(
 ) -> NDArray[np.int32]:
     """``cross`` of passes 0 and 1 (module doc)."""
     cross = np.empty(2 * n, dtype=np.int32)
-    for i in range(n):
-        cross[i] = inverse_all[n + perm_all[i]]
-    for i in range(n):
-        cross[n + i] = inverse_all[perm_all[n + i]]
+    for j in range(n):  # the bit at pass-1 position j sits at pass-0 position i, and back
+        i = inverse_all[perm_all[n + j]]
+        cross[n + j] = i
+        cross[i] = j
     return cross
 
 
