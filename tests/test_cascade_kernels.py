@@ -122,23 +122,35 @@ def test_compiled_reconciler_with_a_cold_and_a_warm_permutation_cache() -> None:
 def test_cached_permutations_are_read_only_and_equal_a_fresh_draw() -> None:
     seed = bytes(range(32))
     first = cascade_permutation(seed, 5_000, 3)
-    assert cascade_permutation(seed, 5_000, 3) is first
+    assert np.shares_memory(cascade_permutation(seed, 5_000, 3), first)
     assert not first.flags.writeable
     permutation_module.clear_permutation_cache()
     again = cascade_permutation(seed, 5_000, 3)
-    assert again is not first and np.array_equal(again, first)
+    assert not np.shares_memory(again, first) and np.array_equal(again, first)
     inverse = permutation_module.cascade_inverse_permutation(seed, 5_000, 3)
     assert np.array_equal(inverse[first], np.arange(5_000))
 
 
 def test_permutation_cache_stays_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one set of 1,000 bits holds 4,000 bytes per pass drawn: three sets of one pass fit
     monkeypatch.setattr(permutation_module, "PERMUTATION_CACHE_BYTES", 3 * 4_000)
     permutation_module.clear_permutation_cache()
-    for pass_index in range(5):
-        cascade_permutation(bytes(32), 1_000, pass_index)
-    kept = sum(a.nbytes for a in permutation_module._cache.values())
+    for first_byte in range(5):
+        cascade_permutation(bytes([first_byte]) + bytes(31), 1_000, 0)
+    kept = sum(entry.nbytes for entry in permutation_module._cache.values())
     assert kept <= 3 * 4_000 and len(permutation_module._cache) == 3
+    # a set larger than the budget is not kept, but still answers
+    perm = cascade_permutation(bytes(32), 10_000, 1)
+    assert perm.shape == (10_000,) and len(permutation_module._cache) == 0
     permutation_module.clear_permutation_cache()
+
+
+def test_cross_map_links_passes_zero_and_one() -> None:
+    permutations = permutation_module.permutation_set(bytes(range(32)), 3_000)
+    cross = permutations.cross01()
+    perm0, perm1 = permutations.perm(0), permutations.perm(1)
+    assert np.array_equal(perm1[cross[:3_000]], perm0)
+    assert np.array_equal(perm0[cross[3_000:]], perm1)
 
 
 def test_length_class_thresholds_give_numpys_length_class() -> None:

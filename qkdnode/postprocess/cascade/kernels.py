@@ -357,19 +357,6 @@ def bob_even_cuts(
 
 
 @kernel
-def bob_cross(
-    n: int, perm_all: NDArray[np.int32], inverse_all: NDArray[np.int32]
-) -> NDArray[np.int32]:
-    """``cross`` of passes 0 and 1 (module doc)."""
-    cross = np.empty(2 * n, dtype=np.int32)
-    for j in range(n):  # the bit at pass-1 position j sits at pass-0 position i, and back
-        i = inverse_all[perm_all[n + j]]
-        cross[n + j] = i
-        cross[i] = j
-    return cross
-
-
-@kernel
 def bob_log_odds(
     parts: NDArray[np.int64],
     active: int,

@@ -65,11 +65,7 @@ from numpy.typing import NDArray
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.cascade import kernels
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery, encode_triples
-from qkdnode.postprocess.cascade.permutation import (
-    cascade_inverse_permutation,
-    cascade_permutation,
-    check_seed,
-)
+from qkdnode.postprocess.cascade.permutation import check_seed, permutation_set
 from qkdnode.postprocess.cascade.responder import check_frame_bits
 from qkdnode.postprocess.cascade.variants import CascadeVariant
 from qkdnode.postprocess.finitekey import binary_entropy
@@ -102,6 +98,8 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 
 
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
+_EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
+_EMPTY_READ_ONLY.flags.writeable = False
 
 
 def length_class(length: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -169,15 +167,19 @@ class CascadeReconciler:
         # ``cascade.kernels``).
         size = passes * n
         self._active = 0
-        self._perm_all = np.empty(size, dtype=np.int32)
-        self._inverse_all = np.empty(size, dtype=np.int32)
+        # The session's permutations of every pass (cached per seed and n), indexed in place.
+        self._perms = permutation_set(self._seed, n)
+        self._perm_all = self._perms.perm_all
+        self._inverse_all = self._perms.inverse_all
         self._pbits = np.empty(size, dtype=np.uint8)
         self._part_of = np.empty(size, dtype=np.int32)
         self._part_end = np.empty(size, dtype=np.int32)
         self._part_alice = np.empty(size, dtype=np.uint8)
         self._part_code = np.empty(size, dtype=np.uint8)
         self._pos_code = np.empty(size, dtype=np.uint8)
-        self._cross = np.zeros(0, dtype=np.int32)  # filled when pass 1 is activated
+        # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
+        # compiled signature).
+        self._cross = _EMPTY_READ_ONLY
         padded = -(-size // 4096) * 4096  # the kernels scan it by 64-bit words
         self._part_odd = np.zeros(padded, dtype=np.uint8)
         self._odd_count64 = np.zeros(padded // 64, dtype=np.int32)
@@ -385,9 +387,8 @@ class CascadeReconciler:
     def _activate(self) -> None:
         n = self._n
         p = self._active
-        base = p * n
-        self._perm_all[base : base + n] = cascade_permutation(self._seed, n, p)
-        self._inverse_all[base : base + n] = cascade_inverse_permutation(self._seed, n, p)
+        self._perms.perm(p)  # drawn into perm_all / inverse_all unless cached
+        self._perms.inverse(p)
         kernels.bob_activate(
             p,
             n,
@@ -408,7 +409,7 @@ class CascadeReconciler:
         )
         self._active = p + 1
         if self._weighted and p == 1:  # the weights of the two-pass phase (``kernels``)
-            self._cross = kernels.bob_cross(n, self._perm_all, self._inverse_all)
+            self._cross = self._perms.cross01()
 
     def _correct(self, positions: NDArray[np.int64]) -> None:
         """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
