@@ -199,3 +199,18 @@ def test_compiled_responder_equals_reference_on_arbitrary_valid_queries(
         query = ParityQuery(round_index=round_index, top_blocks=tops.tobytes(), ranges=ranges)
         assert compiled.answer(query) == reference.answer(query)
     assert compiled.parity_bits_sent == reference.parity_bits_sent
+
+
+def test_state_arrays_are_reused_by_the_next_frame_with_the_same_results() -> None:
+    from qkdnode.postprocess.cascade import reconciler as reconciler_module
+
+    reconciler_module._Workspace._pool.clear()
+    # a classic frame may finish with odd parts left in even blocks; the next frame, reusing
+    # its arrays, must still equal the reference
+    for index, variant in enumerate([*ALL_VARIANTS, *ALL_VARIANTS]):
+        _lock_step(20_000 + 37 * index, 0.04, 0.05, variant, 100 + index)
+        assert len(reconciler_module._Workspace._pool) >= 1
+    pooled = reconciler_module._Workspace._pool[0]
+    _, bob, seed = _frame(3, 20_000, 0.04)  # as long as the last frame, of its variant
+    reused = CascadeReconciler(bob, seed=seed, variant=ALL_VARIANTS[-1], qber_estimate=0.04)
+    assert reused._workspace is pooled

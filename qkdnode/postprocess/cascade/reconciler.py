@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Final
+from typing import ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -98,6 +98,8 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 
 
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
+# Bob's state arrays kept for the next frames (see _Workspace).
+_POOL: Final = 2
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
 _EMPTY_READ_ONLY.flags.writeable = False
 
@@ -131,6 +133,48 @@ def length_class_thresholds() -> NDArray[np.int64]:
         out[k - 1] = candidates[int(np.argmax(reached))]
     out.flags.writeable = False
     return out
+
+
+class _Workspace:
+    """Bob's state arrays (``cascade.kernels``) for frames of up to ``capacity`` positions
+    over all passes, reused by the next frame once a frame has finished: fresh arrays of tens of
+    megabytes cost a frame its page faults. At most ``_POOL`` are kept."""
+
+    _pool: ClassVar[list[_Workspace]] = []
+
+    def __init__(self, capacity: int, n: int) -> None:
+        self.capacity = capacity
+        self.n = n
+        self.pbits = np.empty(capacity, dtype=np.uint8)
+        self.part_of = np.empty(capacity, dtype=np.int32)
+        self.part_end = np.empty(capacity, dtype=np.int32)
+        self.part_alice = np.empty(capacity, dtype=np.uint8)
+        self.part_code = np.empty(capacity, dtype=np.uint8)
+        self.pos_code = np.empty(capacity, dtype=np.uint8)
+        padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
+        self.part_odd = np.zeros(padded, dtype=np.uint8)
+        self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+        self.odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
+        self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
+
+    @classmethod
+    def take(cls, size: int, n: int) -> _Workspace:
+        """A pooled workspace of at least ``size`` positions (at most twice that), reset, or a
+        new one."""
+        for index, work in enumerate(cls._pool):
+            if size <= work.capacity <= 2 * size and n <= work.n <= 2 * n:
+                del cls._pool[index]
+                # a classic Cascade frame may finish with odd parts left (in even blocks)
+                work.part_odd.fill(0)
+                work.odd_count64.fill(0)
+                work.odd_count4096.fill(0)
+                return work
+        return cls(size, n)
+
+    def give_back(self) -> None:
+        """Return to the pool (its frame has finished and never touches it again)."""
+        self._pool.insert(0, self)
+        del self._pool[_POOL:]
 
 
 class CascadeReconciler:
@@ -171,21 +215,24 @@ class CascadeReconciler:
         self._perms = permutation_set(self._seed, n)
         self._perm_all = self._perms.perm_all
         self._inverse_all = self._perms.inverse_all
-        self._pbits = np.empty(size, dtype=np.uint8)
-        self._part_of = np.empty(size, dtype=np.int32)
-        self._part_end = np.empty(size, dtype=np.int32)
-        self._part_alice = np.empty(size, dtype=np.uint8)
-        self._part_code = np.empty(size, dtype=np.uint8)
-        self._pos_code = np.empty(size, dtype=np.uint8)
+        self._workspace = _Workspace.take(size, n)
+        work = self._workspace
+        self._pbits, self._part_of, self._part_end = work.pbits, work.part_of, work.part_end
+        self._part_alice, self._part_code, self._pos_code = (
+            work.part_alice,
+            work.part_code,
+            work.pos_code,
+        )
+        self._part_odd, self._odd_count64, self._odd_count4096 = (
+            work.part_odd,
+            work.odd_count64,
+            work.odd_count4096,
+        )
+        self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
         # compiled signature).
         self._cross = _EMPTY_READ_ONLY
-        padded = -(-size // 4096) * 4096  # the kernels scan it by 64-bit words
-        self._part_odd = np.zeros(padded, dtype=np.uint8)
-        self._odd_count64 = np.zeros(padded // 64, dtype=np.int32)
-        self._odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
         self._thresholds = length_class_thresholds()
-        self._marks = np.zeros(n, dtype=np.uint8)
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
         self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
@@ -487,5 +534,6 @@ class CascadeReconciler:
                 self._activate()
                 continue
             self._finished = True
+            self._workspace.give_back()
             self._query = None
             return
