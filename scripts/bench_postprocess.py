@@ -25,7 +25,9 @@ Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n"
   and an empty permutation cache (the first frame of a session: permutations drawn); ``warm`` =
   every frame with the session's seed after one untimed frame (Alice reuses the seed, so the
   permutations of every pass are cached). The compiled kernels are loaded (or compiled) by an
-  untimed small frame of every variant before the first row.
+  untimed small frame of every variant before the first row. ``--implementation numpy`` runs
+  the numpy roles kept in the tests as the reference (``implementation`` column), for a
+  before/after ratio in the same run.
   ``--frames-10k N`` runs N frames at every n <= 10^4 (FER evidence), ``--frames N`` everywhere
   else.
 - ``stage "pa"``: privacy amplification of n input bits to n/2, one row per family and size
@@ -121,13 +123,23 @@ def run_cascade_frame(
     variant: CascadeVariant,
     qber: float,
     role_s: list[float] | None = None,
-) -> tuple[CascadeReconciler, CascadeResponder]:
-    """Both roles to the end; adds [responder seconds, reconciler seconds] to ``role_s``."""
+    implementation: str = "compiled",
+) -> tuple[Any, Any]:
+    """Both roles to the end; adds [responder seconds, reconciler seconds] to ``role_s``.
+
+    ``implementation`` "numpy": the numpy roles the tests keep as the reference.
+    """
+    responder_class: Any = CascadeResponder
+    reconciler_class: Any = CascadeReconciler
+    if implementation == "numpy":
+        from tests.helpers_cascade_reference import ReferenceReconciler, ReferenceResponder
+
+        responder_class, reconciler_class = ReferenceResponder, ReferenceReconciler
     clock = time.thread_time
     t0 = clock()
-    responder = CascadeResponder(alice, seed=seed, variant=variant)
+    responder = responder_class(alice, seed=seed, variant=variant)
     t1 = clock()
-    reconciler = CascadeReconciler(bob, seed=seed, variant=variant, qber_estimate=qber)
+    reconciler = reconciler_class(bob, seed=seed, variant=variant, qber_estimate=qber)
     t2 = clock()
     alice_s, bob_s = t1 - t0, t2 - t1
     while True:
@@ -150,7 +162,13 @@ def run_cascade_frame(
 
 
 def bench_cascade(
-    variant: CascadeVariant, qber: float, n: int, frames: int, seed: int, cache: str
+    variant: CascadeVariant,
+    qber: float,
+    n: int,
+    frames: int,
+    seed: int,
+    cache: str,
+    implementation: str = "compiled",
 ) -> Row:
     rng = np.random.default_rng(seed)
     efficiencies: list[float] = []
@@ -176,7 +194,7 @@ def bench_cascade(
         frame_role_s = [0.0, 0.0]
         start = time.perf_counter()
         reconciler, responder = run_cascade_frame(
-            alice, bob, frame_seed, variant, qber, frame_role_s
+            alice, bob, frame_seed, variant, qber, frame_role_s, implementation
         )
         wall_s += time.perf_counter() - start
         deployed_s += max(frame_role_s)
@@ -192,7 +210,7 @@ def bench_cascade(
     alice = rng.integers(0, 2, n, dtype=np.uint8)
     bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
     tracemalloc.start()
-    run_cascade_frame(alice, bob, rng.bytes(32), variant, qber)
+    run_cascade_frame(alice, bob, rng.bytes(32), variant, qber, implementation=implementation)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {
@@ -216,6 +234,7 @@ def bench_cascade(
         "bob_ms": round(role_s[1] / frames * 1e3, 2),
         "peak_mb": round(peak / 1e6, 1),
         "permutation_cache": cache,
+        "implementation": implementation,
         "load_1min": round(os.getloadavg()[0], 2),
     }
 
@@ -390,7 +409,7 @@ def print_row(row: Row) -> None:
             f"(<{row['fer_upper95']:.1e} @95%, {row['frames']:>4} frames) "
             f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s "
             f"(alice {row['alice_ms']} ms, bob {row['bob_ms']} ms /frame; one thread "
-            f"{row['mbit_s_one_thread']:.3f}) {row['permutation_cache']} "
+            f"{row['mbit_s_one_thread']:.3f}) {row['implementation']} {row['permutation_cache']} "
             f"peak {row['peak_mb']} MB load {row['load_1min']}",
             flush=True,
         )
@@ -426,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", default="cold,warm", help="permutation cache states (default cold,warm)"
     )
     parser.add_argument("--no-jit-row", action="store_true", help="skip the numba compile rows")
+    parser.add_argument(
+        "--implementation",
+        default="compiled",
+        help="Cascade roles: compiled (default), numpy (the tests' reference), or both",
+    )
     parser.add_argument("--warm-up-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-pa", action="store_true", help="skip privacy amplification rows")
     parser.add_argument("--no-cascade", action="store_true", help="skip the Cascade rows")
@@ -474,12 +498,19 @@ def main(argv: list[str] | None = None) -> int:
                     frames = args.frames_10k
                 elif n > 10**4 and args.frames:
                     frames = args.frames
-                for cache in args.cache.split(","):
-                    row = bench_cascade(
-                        variant, qber, n, frames, seed=n + int(qber * 1e4) + index, cache=cache
-                    )
-                    rows.append(row)
-                    print_row(row)
+                for implementation in args.implementation.split(","):
+                    for cache in args.cache.split(","):
+                        row = bench_cascade(
+                            variant,
+                            qber,
+                            n,
+                            frames,
+                            seed=n + int(qber * 1e4) + index,
+                            cache=cache,
+                            implementation=implementation,
+                        )
+                        rows.append(row)
+                        print_row(row)
     if not args.no_pa:
         if args.pa_sizes:
             pa_sizes = [int(float(x)) for x in args.pa_sizes.split(",")]
