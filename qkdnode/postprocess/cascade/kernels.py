@@ -417,13 +417,14 @@ def bob_weighted_cuts(
     cuts: NDArray[np.int64],
     small: NDArray[np.int64],
     starts: NDArray[np.int64],
-    lengths: NDArray[np.int64],
+    n: int,
+    part_end: NDArray[np.int32],
     exp_exponent: NDArray[np.float32],
     arity: int,
 ) -> NDArray[np.int64]:
     """Cut the small parts at their weight quantiles (``reconciler._cuts``), in place.
 
-    ``starts``/``lengths``: the small parts; ``exp_exponent``: numpy's float32 ``exp`` of
+    ``starts``: the small parts (global starts); ``exp_exponent``: numpy's float32 ``exp`` of
     ``bob_log_odds``, so a bit's weight is 1 / (1 + that), in float32 as numpy computes it. If
     some part has a single bit of positive weight, nothing is cut and the global positions of
     those bits are returned (certain errors); else an empty array.
@@ -431,6 +432,9 @@ def bob_weighted_cuts(
     # Every search stays inside its part: the numpy formulation searched the concatenation of
     # all parts, but after its clipping to the part's open bits the result is the same.
     m = small.shape[0]
+    lengths = np.empty(m, dtype=np.int64)
+    for k in range(m):
+        lengths[k] = part_end[starts[k]] - starts[k] % n
     total_bits = exp_exponent.shape[0]
     weight = np.empty(total_bits, dtype=np.float32)
     cum0 = np.empty(total_bits + 1, dtype=np.float64)
@@ -505,9 +509,10 @@ def bob_weighted_cuts(
 
 @kernel
 def bob_query(
-    parts: NDArray[np.int64], cuts: NDArray[np.int64]
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
-    """The asked ranges of a round: (part start, range start, range end = cut) per question.
+    parts: NDArray[np.int64], cuts: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+    """The asked ranges of a round: (part start, range start, range end = cut) per question,
+    global, and the wire triples (pass, start, end), pass-local.
 
     A part's ranges follow one another from its start; repeated cuts (parts shorter than the
     arity) are dropped.
@@ -516,18 +521,24 @@ def bob_query(
     rows = np.empty(m * width, dtype=np.int64)
     left = np.empty(m * width, dtype=np.int64)
     right = np.empty(m * width, dtype=np.int64)
+    triples = np.empty((m * width, 3), dtype=np.int32)
     k = 0
     for i in range(m):
         previous = parts[i]
+        pass_index = previous // n
+        base = pass_index * n
         for f in range(width):
             cut = cuts[i, f]
             if f == 0 or cut > cuts[i, f - 1]:
                 rows[k] = parts[i]
                 left[k] = previous
                 right[k] = cut
+                triples[k, 0] = pass_index
+                triples[k, 1] = previous - base
+                triples[k, 2] = cut - base
                 previous = cut
                 k += 1
-    return rows[:k], left[:k], right[:k]
+    return rows[:k], left[:k], right[:k], triples[:k]
 
 
 @kernel

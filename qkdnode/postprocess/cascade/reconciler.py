@@ -402,9 +402,8 @@ class CascadeReconciler:
             return cuts, np.zeros(0, dtype=np.int64)
         starts = part[small]
         exp_exponent = self._split_weights(starts)
-        lengths = self._part_end[starts] - starts % self._n
         found = kernels.bob_weighted_cuts(
-            cuts, small, starts, lengths.astype(np.int64), exp_exponent, arity
+            cuts, small, starts, self._n, self._part_end, exp_exponent, arity
         )
         return cuts, found
 
@@ -522,10 +521,7 @@ class CascadeReconciler:
                 if found.shape[0]:  # certain errors: correct them, no question needed
                     self._correct(np.unique(self._perm_all[found].astype(np.int64)))
                     continue
-                rows, left, right = kernels.bob_query(part, cuts)
-                pass_index = left // self._n
-                local = pass_index * self._n
-                triples = np.column_stack((pass_index, left - local, right - local))
+                rows, left, right, triples = kernels.bob_query(part, cuts, self._n)
                 self._planned = (rows, left, right)
                 self._expected_bits = int(rows.shape[0])
                 self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
