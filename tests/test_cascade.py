@@ -227,13 +227,20 @@ def test_permutation_at_full_size_matches_specification() -> None:
     assert perm.tolist() == _naive_permutation(b"\xa5" * 32, n, 2)
 
 
-def test_python_fallback_equals_numpy_path() -> None:
-    # The slow path used if numpy's shuffle ever changes must give the same permutation.
-    assert permutation_module.numpy_follows_specification()
+def test_python_specification_equals_compiled_path() -> None:
     state, inc = permutation_module.pcg64_state(SEED, 3000, 5)
     assert permutation_module._python_permutation(state, inc, 3000) == (
         cascade_permutation(SEED, 3000, 5).tolist()
     )
+
+
+def test_compiled_permutation_equals_numpy_at_a_million() -> None:
+    # numpy's Generator.permutation with PCG64 implements the same specification
+    assert permutation_module.numpy_follows_specification()
+    for pass_index in (0, 3):
+        state, inc = permutation_module.pcg64_state(b"\x5a" * 32, 10**6, pass_index)
+        expected = permutation_module._numpy_permutation(state, inc, 10**6)
+        assert np.array_equal(cascade_permutation(b"\x5a" * 32, 10**6, pass_index), expected)
 
 
 def test_permutation_is_uniform_on_small_sizes() -> None:

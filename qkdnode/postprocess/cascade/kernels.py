@@ -631,3 +631,73 @@ def responder_answer(
         base = ranges[r, 0] * (n + 1)
         out[k] = prefix_all[base + ranges[r, 2]] ^ prefix_all[base + ranges[r, 1]]
         k += 1
+
+
+@helper
+def _mul_64x64(a: np.uint64, b: np.uint64) -> tuple[np.uint64, np.uint64]:
+    """The 128-bit product of two 64-bit words as (high, low) words."""
+    low32 = np.uint64(0xFFFFFFFF)
+    half = np.uint64(32)
+    a0 = a & low32
+    a1 = a >> half
+    b0 = b & low32
+    b1 = b >> half
+    p00 = a0 * b0
+    p01 = a0 * b1
+    p10 = a1 * b0
+    p11 = a1 * b1
+    middle = (p00 >> half) + (p01 & low32) + (p10 & low32)
+    low = (middle << half) | (p00 & low32)
+    high = p11 + (p01 >> half) + (p10 >> half) + (middle >> half)
+    return high, low
+
+
+@kernel
+def pcg64_permutation(
+    state_high: np.uint64,
+    state_low: np.uint64,
+    inc_high: np.uint64,
+    inc_low: np.uint64,
+    n: int,
+) -> NDArray[np.int32]:
+    """The Fisher-Yates shuffle of ``permutation``'s specification v2, from the 128-bit PCG64
+    state and increment given as (high, low) 64-bit words: one XSL-RR word per step (state
+    advanced first), two 32-bit draws per word (low half first), masked rejection sampling."""
+    mult_high = np.uint64(0x2360ED051FC65DA4)
+    mult_low = np.uint64(0x4385DF649FCCF645)
+    one = np.uint64(1)
+    perm = np.arange(n).astype(np.int32)
+    spare = np.uint64(0)
+    have_spare = False
+    for i in range(n - 1, 0, -1):
+        bound = np.uint64(i)
+        mask = bound
+        mask |= mask >> one
+        mask |= mask >> np.uint64(2)
+        mask |= mask >> np.uint64(4)
+        mask |= mask >> np.uint64(8)
+        mask |= mask >> np.uint64(16)
+        while True:
+            if have_spare:
+                draw = spare
+                have_spare = False
+            else:
+                # state = state * multiplier + increment (mod 2**128)
+                high, low = _mul_64x64(state_low, mult_low)
+                high += state_low * mult_high + state_high * mult_low
+                state_low = low + inc_low
+                state_high = high + inc_high + (one if state_low < low else np.uint64(0))
+                x = state_high ^ state_low
+                rotation = state_high >> np.uint64(58)
+                word = (x >> rotation) | (x << ((np.uint64(64) - rotation) & np.uint64(63)))
+                draw = word & np.uint64(0xFFFFFFFF)
+                spare = word >> np.uint64(32)
+                have_spare = True
+            j = draw & mask
+            if j <= bound:
+                break
+        k = np.int64(j)
+        swap = perm[i]
+        perm[i] = perm[k]
+        perm[k] = swap
+    return perm

@@ -31,11 +31,12 @@ looks at the bits in the order ``bits[perm]``. The rejection sampling makes ever
 permutations equally likely given a uniform PCG stream (no ties, unlike the v1 sort of 32-bit
 keys). The v1 domain string is not accepted: a peer on v1 fails at verification, never silently.
 
-Implementation: this is exactly what numpy's ``Generator.permutation`` does with a ``PCG64`` bit
-generator (Fisher-Yates with ``random_interval`` on buffered 32-bit halves), in C, ~2.5x faster
-than the two 16-bit radix sorts of v1. numpy does not promise that stream across versions, so the
-first call checks numpy against the plain-Python specification on small sizes and falls back to
-the (slow, pure-Python) specification if they ever disagree.
+Implementation: the numba kernel ``kernels.pcg64_permutation`` follows the specification
+directly (128-bit state in two 64-bit words), on int32. It is exactly what numpy's
+``Generator.permutation`` does with a ``PCG64`` bit generator (Fisher-Yates with
+``random_interval`` on buffered 32-bit halves), which the tests use as a second reference with the
+plain-Python specification below; numpy does not promise that stream across versions, the
+kernel does not depend on it.
 
 Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, and
 a session reuses Alice's seed, so frames of the same length reuse the permutations of every pass.
@@ -57,6 +58,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.cascade import kernels
 
 SEED_BYTES: Final = 32
 PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v2"
@@ -107,7 +109,7 @@ def _numpy_permutation(state: int, inc: int, n: int) -> NDArray[np.int32]:
 
 
 def _python_permutation(state: int, inc: int, n: int) -> list[int]:
-    """The specification, literally, in Python integers (reference and fallback)."""
+    """The specification, literally, in Python integers (the tests' reference)."""
     perm = list(range(n))
     spare: int | None = None
     for i in range(n - 1, 0, -1):
@@ -130,7 +132,8 @@ def _python_permutation(state: int, inc: int, n: int) -> list[int]:
 
 @functools.cache
 def numpy_follows_specification() -> bool:
-    """Whether this numpy's ``Generator.permutation`` equals the specification (checked once)."""
+    """Whether this numpy's ``Generator.permutation`` equals the specification (checked once;
+    the tests then use numpy as a fast second reference)."""
     for n, pass_index in ((1, 0), (2, 1), (97, 2), (1000, 3)):
         state, inc = pcg64_state(bytes(range(32)), n, pass_index)
         if _numpy_permutation(state, inc, n).tolist() != _python_permutation(state, inc, n):
@@ -140,9 +143,14 @@ def numpy_follows_specification() -> bool:
 
 def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
     state, inc = pcg64_state(seed, n, pass_index)
-    if numpy_follows_specification():
-        return _numpy_permutation(state, inc, n)
-    return np.array(_python_permutation(state, inc, n), dtype=np.int32)
+    perm: NDArray[np.int32] = kernels.pcg64_permutation(
+        np.uint64(state >> 64),
+        np.uint64(state & _MASK64),
+        np.uint64(inc >> 64),
+        np.uint64(inc & _MASK64),
+        n,
+    )
+    return perm
 
 
 class PermutationSet:
