@@ -210,7 +210,7 @@ def test_state_arrays_are_reused_by_the_next_frame_with_the_same_results() -> No
     for index, variant in enumerate([*ALL_VARIANTS, *ALL_VARIANTS]):
         _lock_step(20_000 + 37 * index, 0.04, 0.05, variant, 100 + index)
         assert len(reconciler_module._Workspace._pool) >= 1
-    pooled = reconciler_module._Workspace._pool[0]
+    pooled = reconciler_module._Workspace._pool[-1]
     _, bob, seed = _frame(3, 20_000, 0.04)  # as long as the last frame, of its variant
     reused = CascadeReconciler(bob, seed=seed, variant=ALL_VARIANTS[-1], qber_estimate=0.04)
     assert reused._workspace is pooled

@@ -223,9 +223,12 @@ _cache: OrderedDict[tuple[bytes, int], PermutationSet] = OrderedDict()
 def _trim() -> None:
     """Drop the least recently used sets until the rest fit in PERMUTATION_CACHE_BYTES (the
     most recent one stays even if larger: its user holds it anyway)."""
-    used = sum(entry.nbytes for entry in _cache.values())
+    used = sum(entry.nbytes for entry in list(_cache.values()))
     while used > PERMUTATION_CACHE_BYTES and len(_cache) > 1:
-        _, dropped = _cache.popitem(last=False)
+        try:
+            _, dropped = _cache.popitem(last=False)
+        except KeyError:  # emptied meanwhile
+            break
         used -= dropped.nbytes
     if used > PERMUTATION_CACHE_BYTES:
         _cache.clear()

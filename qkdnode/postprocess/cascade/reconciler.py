@@ -160,21 +160,35 @@ class _Workspace:
     @classmethod
     def take(cls, size: int, n: int) -> _Workspace:
         """A pooled workspace of at least ``size`` positions (at most twice that), reset, or a
-        new one."""
-        for index, work in enumerate(cls._pool):
+        new one. Each pool operation is one atomic list call, so roles may live in threads."""
+        unfit = []
+        found = None
+        while found is None:
+            try:
+                work = cls._pool.pop()
+            except IndexError:
+                break
             if size <= work.capacity <= 2 * size and n <= work.n <= 2 * n:
-                del cls._pool[index]
-                # a classic Cascade frame may finish with odd parts left (in even blocks)
-                work.part_odd.fill(0)
-                work.odd_count64.fill(0)
-                work.odd_count4096.fill(0)
-                return work
-        return cls(size, n)
+                found = work
+            else:
+                unfit.append(work)
+        cls._pool.extend(unfit)
+        if found is None:
+            return cls(size, n)
+        # a classic Cascade frame may finish with odd parts left (in even blocks)
+        found.part_odd.fill(0)
+        found.odd_count64.fill(0)
+        found.odd_count4096.fill(0)
+        return found
 
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again)."""
-        self._pool.insert(0, self)
-        del self._pool[_POOL:]
+        self._pool.append(self)
+        while len(self._pool) > _POOL:
+            try:
+                self._pool.pop(0)
+            except IndexError:
+                break
 
 
 class CascadeReconciler:
