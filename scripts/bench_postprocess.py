@@ -11,23 +11,24 @@ Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n"
 "fer", "fer_upper95", "frames", "round_trips", "mbit_s", "alice_ms", "bob_ms", "peak_mb", ...}``.
 
 - ``stage "cascade"``: frames of n uniformly random bits; Bob's copy passes a binary symmetric
-  channel of error rate Q, and Bob's ``qber_estimate`` is Q itself. f = parity bits disclosed /
-  (n h(Q_actual)) with Q_actual the realised error fraction of each frame, averaged over frames
+  channel of error rate Q, and Bob's ``qber_estimate`` is Q itself. f = parity bits disclosed / (n
+  h(Q_actual)) with Q_actual the realised error fraction of each frame, averaged over frames
   (Martinez-Mateo et al., arXiv:1407.3257, Eq. 1); fer = frames with any residual error / frames;
   f_se = standard error of that mean (sample std / sqrt(frames)); fer_upper95 = one-sided 95 %
-  Clopper-Pearson upper bound on the FER from (failures, frames) (0 failures in N frames gives
-  1 - 0.05**(1/N) ~ 3/N); round_trips = mean per frame; alice_ms / bob_ms = mean per frame of
-  the CPU time of this thread spent inside the responder / the reconciler (constructor and every
-  call; thread CPU time, so other processes on the machine do not count); ``mbit_s`` = n /
-  max(alice, bob) per frame, averaged as frames * n / sum of the per-frame maxima: one role per
-  core, as deployed; ``mbit_s_one_thread`` = n * frames / wall seconds of the whole exchange, both
-  roles in this single thread. ``permutation_cache``: ``cold`` = every frame with a fresh seed
-  and an empty permutation cache (the first frame of a session: permutations drawn); ``warm`` =
-  every frame with the session's seed after one untimed frame (Alice reuses the seed, so the
-  permutations of every pass are cached). The compiled kernels are loaded (or compiled) by an
-  untimed small frame of every variant before the first row. ``--implementation numpy`` runs
-  the numpy roles kept in the tests as the reference (``implementation`` column), for a
-  before/after ratio in the same run.
+  Clopper-Pearson upper bound on the FER from (failures, frames) (0 failures in N frames gives 1 -
+  0.05**(1/N) ~ 3/N); round_trips = mean per frame; alice_ms / bob_ms = mean per frame of the CPU
+  time of this thread spent inside the responder / the reconciler (constructor and every call;
+  thread CPU time: other processes' CPU time does not count, their cache and memory traffic
+  still does); ``mbit_s`` = n / max(alice, bob)
+  per frame, averaged as frames * n / sum of the per-frame maxima: one role per core, as deployed;
+  ``mbit_s_median`` = n / the median frame's max(alice, bob) (less sensitive to other processes on
+  the machine); ``mbit_s_one_thread`` = n * frames / wall seconds of the whole exchange, both roles
+  in this single thread. ``permutation_cache``: ``cold`` = every frame with a fresh seed and an
+  empty permutation cache (the first frame of a session: permutations drawn); ``warm`` = every frame
+  with the session's seed after one untimed frame (Alice reuses the seed, so the permutations of
+  every pass are cached). The compiled kernels are loaded (or compiled) by an untimed small frame of
+  every variant before the first row. ``--implementation numpy`` runs the numpy roles kept in the
+  tests as the reference (``implementation`` column), for a before/after ratio in the same run.
   ``--frames-10k N`` runs N frames at every n <= 10^4 (FER evidence), ``--frames N`` everywhere
   else.
 - ``stage "pa"``: privacy amplification of n input bits to n/2, one row per family and size
@@ -176,6 +177,7 @@ def bench_cascade(
     rounds = 0
     wall_s = 0.0
     deployed_s = 0.0
+    frame_max_s: list[float] = []
     role_s = [0.0, 0.0]
     session_seed = rng.bytes(32)
     if cache == "warm":  # one untimed frame fills the permutation cache for the session's seed
@@ -198,6 +200,7 @@ def bench_cascade(
         )
         wall_s += time.perf_counter() - start
         deployed_s += max(frame_role_s)
+        frame_max_s.append(max(frame_role_s))
         role_s[0] += frame_role_s[0]
         role_s[1] += frame_role_s[1]
         assert reconciler.parity_bits_received == responder.parity_bits_sent
@@ -229,6 +232,7 @@ def bench_cascade(
         "frames": frames,
         "round_trips": round(rounds / frames, 1),
         "mbit_s": round(n * frames / deployed_s / 1e6, 3),
+        "mbit_s_median": round(n / statistics.median(frame_max_s) / 1e6, 3),
         "mbit_s_one_thread": round(n * frames / wall_s / 1e6, 3),
         "alice_ms": round(role_s[0] / frames * 1e3, 2),
         "bob_ms": round(role_s[1] / frames * 1e3, 2),
@@ -407,7 +411,8 @@ def print_row(row: Row) -> None:
             f"{row['stage']:9} {row['variant']:15} Q={row['qber']:<5} n={row['n']:<8} "
             f"f={row['f']!s:7}±{row['f_se']!s:7} FER={row['fer']:<7.4f} "
             f"(<{row['fer_upper95']:.1e} @95%, {row['frames']:>4} frames) "
-            f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s "
+            f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s (median "
+            f"{row['mbit_s_median']:.3f}) "
             f"(alice {row['alice_ms']} ms, bob {row['bob_ms']} ms /frame; one thread "
             f"{row['mbit_s_one_thread']:.3f}) {row['implementation']} {row['permutation_cache']} "
             f"peak {row['peak_mb']} MB load {row['load_1min']}",
