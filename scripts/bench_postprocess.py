@@ -183,9 +183,8 @@ def bench_cascade(
     if cache == "warm":  # one untimed frame fills the permutation cache for the session's seed
         session_seed = rng.bytes(32)
         alice = rng.integers(0, 2, n, dtype=np.uint8)
-        run_cascade_frame(
-            alice, alice ^ (rng.random(n) < qber).astype(np.uint8), session_seed, variant, qber
-        )
+        bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
+        run_cascade_frame(alice, bob, session_seed, variant, qber, None, implementation)
     for _ in range(frames):
         alice = rng.integers(0, 2, n, dtype=np.uint8)
         bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
