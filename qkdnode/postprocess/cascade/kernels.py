@@ -11,14 +11,16 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two;
-- ``cross[g]`` (sub-block reuse, while exactly two passes are active): the position in the other
-  pass of the bit at ``g`` (pass-local), so the weights of that phase, where nearly all of them
-  are computed, cost one random load per bit;
+- ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
+  the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
+  where nearly all of them are computed, cost one random load per bit;
 - ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
   run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
   proportional to the passes' length / 4096 plus their number.
 
-Parts only ever split, so a start stays a start. Every decision (which parts are searched, where
+Parts only ever split, so a start stays a start. Alice's kernels answer from prefix parities of
+her permuted bits; ``pcg64_permutation`` draws the permutations of ``permutation``'s
+specification. Every decision (which parts are searched, where
 they are cut, what is deduced) is the one documented in ``reconciler``; these kernels only keep
 the state incrementally: a round costs the questions it asks and the bits it touches, not n.
 """
