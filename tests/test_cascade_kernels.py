@@ -214,3 +214,10 @@ def test_state_arrays_are_reused_by_the_next_frame_with_the_same_results() -> No
     _, bob, seed = _frame(3, 20_000, 0.04)  # as long as the last frame, of its variant
     reused = CascadeReconciler(bob, seed=seed, variant=ALL_VARIANTS[-1], qber_estimate=0.04)
     assert reused._workspace is pooled
+
+
+def test_warm_up_runs_every_variant_and_changes_no_later_result() -> None:
+    from qkdnode.postprocess.cascade.warmup import compile_kernels
+
+    compile_kernels()
+    assert _lock_step(30_000, 0.05, 0.05, CascadeVariant.SUBBLOCK_REUSE, 77) > 3
