@@ -2,9 +2,9 @@
 
 Compiling every kernel of both roles costs a process a few seconds of CPU the first time on a
 machine (docs/benchmarks.md, the ``jit`` rows); loading them from a filled cache well under a
-second. A node can call ``compile_kernels`` in a worker thread at start-up, so the first block
-does not wait for the compiler: the kernels release nothing a caller needs, and numba compiles
-under its own lock.
+second. A node can call ``compile_kernels`` in a worker thread at start-up, so that the first
+block does not wait for the compiler: numba compiles under its own lock, so a frame run meanwhile
+in another thread waits for a kernel still compiling, or uses it compiled.
 """
 
 from __future__ import annotations
