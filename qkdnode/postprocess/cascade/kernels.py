@@ -10,7 +10,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   and ``part_code[s]`` (length class and parity, see ``reconciler``);
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
-  random positions, and one load is cheaper than two;
+  random positions, and one load is cheaper than two. Codes are kept only once the weights need
+  them (``codes`` True: sub-block reuse from the second pass on; ``bob_codes_all`` fills them
+  then);
 - ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
   the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
   where nearly all of them are computed, cost one random load per bit;
@@ -73,7 +75,10 @@ def _set_code(
     odd: int,
     thresholds: NDArray[np.int64],
     mark_long: bool,
+    codes: bool,
 ) -> None:
+    if not codes:  # nothing reads the codes yet (module doc)
+        return
     code = _code(length, odd, thresholds)
     part_code[s] = code
     if length <= SHORT_PART:
@@ -152,6 +157,7 @@ def _correct(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    codes: bool,
 ) -> None:
     for k in range(positions.shape[0]):
         position = positions[k]
@@ -164,7 +170,7 @@ def _correct(
             s = base + local
             odd = 1 - part_odd[s]
             _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False)
+            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False, codes)
 
 
 @kernel
@@ -185,6 +191,7 @@ def bob_activate(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    codes: bool,
 ) -> None:
     """Pass ``p``: Bob's permuted bits and its top-level blocks as parts (``perm_all`` filled)."""
     base = p * n
@@ -200,7 +207,28 @@ def bob_activate(
         part_end[s] = end
         part_alice[s] = top_alice[j]
         _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-        _set_code(part_code, pos_code, s, end - start, odd, thresholds, True)
+        _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
+
+
+@kernel
+def bob_codes_all(
+    active: int,
+    n: int,
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    thresholds: NDArray[np.int64],
+) -> None:
+    """The codes of every part of the active passes, when the weights first need them (until
+    then the kernels skip them: ``codes`` False)."""
+    for p in range(active):
+        base = p * n
+        s = base
+        while s < base + n:
+            end = base + part_end[s]
+            _set_code(part_code, pos_code, s, end - s, part_odd[s], thresholds, True, True)
+            s = end
 
 
 @kernel
@@ -219,6 +247,7 @@ def bob_correct(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    codes: bool,
 ) -> None:
     """Flip Bob's bits at the distinct original ``positions``; update every active pass."""
     _correct(
@@ -236,6 +265,7 @@ def bob_correct(
         odd_count64,
         odd_count4096,
         thresholds,
+        codes,
     )
 
 
@@ -255,6 +285,7 @@ def bob_fix_known_errors(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    codes: bool,
     marks: NDArray[np.uint8],
 ) -> tuple[NDArray[np.int64], int]:
     """Flip every bit that is an odd part of length 1 in some pass, until none is left.
@@ -299,6 +330,7 @@ def bob_fix_known_errors(
             odd_count64,
             odd_count4096,
             thresholds,
+            codes,
         )
         corrected += positions.shape[0]
 
@@ -560,6 +592,7 @@ def bob_receive(
     odd_count64: NDArray[np.int32],
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
+    codes: bool,
 ) -> None:
     """Split every asked part at its cuts: each asked range becomes a part with Alice's parity;
     the rest of the part is derived (its parity xor the asked ones)."""
@@ -585,7 +618,7 @@ def bob_receive(
             part_end[start] = cut - base
             part_alice[start] = alice
             _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
-            _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False)
+            _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         for g in range(start, end):
@@ -593,7 +626,7 @@ def bob_receive(
         part_end[start] = end - base
         part_alice[start] = rest_alice
         _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
-        _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False)
+        _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j
 
 

@@ -247,6 +247,8 @@ class CascadeReconciler:
         # compiled signature).
         self._cross = _EMPTY_READ_ONLY
         self._thresholds = length_class_thresholds()
+        # Part codes are kept once the weights need them (``cascade.kernels``).
+        self._codes = False
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
         self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
@@ -441,6 +443,7 @@ class CascadeReconciler:
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
+            self._codes,
         )
         self._planned = None
 
@@ -466,10 +469,21 @@ class CascadeReconciler:
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
+            self._codes,
         )
         self._active = p + 1
-        if self._weighted and p == 1:  # the weights of the two-pass phase (``kernels``)
+        if self._weighted and p == 1:  # the weights are needed from now on (``kernels``)
             self._cross = self._perms.cross01()
+            kernels.bob_codes_all(
+                self._active,
+                n,
+                self._part_end,
+                self._part_odd,
+                self._part_code,
+                self._pos_code,
+                self._thresholds,
+            )
+            self._codes = True
 
     def _correct(self, positions: NDArray[np.int64]) -> None:
         """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
@@ -488,6 +502,7 @@ class CascadeReconciler:
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
+            self._codes,
         )
         self.errors_corrected += int(positions.shape[0])
 
@@ -511,6 +526,7 @@ class CascadeReconciler:
             self._odd_count64,
             self._odd_count4096,
             self._thresholds,
+            self._codes,
             self._marks,
         )
         self.errors_corrected += int(corrected)
