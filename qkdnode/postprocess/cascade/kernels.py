@@ -404,22 +404,30 @@ def bob_log_odds(
     pos_code: NDArray[np.uint8],
     table: NDArray[np.float32],
     prior: np.float32,
-) -> NDArray[np.float32]:
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Per bit of ``parts`` (concatenated): the log-odds of an error (prior plus the
     log-likelihood ratios of the parts holding that bit in every other active pass, added in
     pass order in float32), returned as ``_exponent`` of it. ``cross`` is used when exactly two
-    passes are active (else it may be empty)."""
+    passes are active (else it may be empty).
+
+    Also the global positions of the certain errors: the only bit of a part not known right
+    (``_exponent`` +inf: weight 0; every other bit has a positive weight). If there are any,
+    no cut is made this round and the weights are not needed (see ``bob_weighted_cuts``).
+    """
     m = parts.shape[0]
     total = 0
     for k in range(m):
         s = parts[k]
         total += part_end[s] - s % n
     out = np.empty(total, dtype=np.float32)
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
     j = 0
     for k in range(m):
         s = parts[k]
         own = s // n
         end = own * n + part_end[s]
+        first = j
         if active == 2:
             other = (1 - own) * n
             for g in range(s, end):
@@ -429,21 +437,31 @@ def bob_log_odds(
                     code = part_code[other + part_of[h]]
                 out[j] = _exponent(prior + table[code])
                 j += 1
-            continue
-        for g in range(s, end):
-            position = perm_all[g]
-            acc = prior
-            for p in range(active):
-                if p != own:
-                    base = p * n
-                    h = base + inverse_all[base + position]
-                    code = pos_code[h]
-                    if code == LONG_PART:
-                        code = part_code[base + part_of[h]]
-                    acc = acc + table[code]
-            out[j] = _exponent(acc)
-            j += 1
-    return out
+        else:
+            for g in range(s, end):
+                position = perm_all[g]
+                acc = prior
+                for p in range(active):
+                    if p != own:
+                        base = p * n
+                        h = base + inverse_all[base + position]
+                        code = pos_code[h]
+                        if code == LONG_PART:
+                            code = part_code[base + part_of[h]]
+                        acc = acc + table[code]
+                out[j] = _exponent(acc)
+                j += 1
+        opened = 0
+        at = 0
+        for i in range(first, j):
+            if out[i] != np.inf:
+                if opened == 0:
+                    at = i
+                opened += 1
+        if opened == 1:
+            found[singles] = s + at - first
+            singles += 1
+    return out, found[:singles]
 
 
 @kernel

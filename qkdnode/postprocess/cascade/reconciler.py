@@ -376,13 +376,17 @@ class CascadeReconciler:
         self._lr_cache = (q_now, table)
         return table
 
-    def _split_weights(self, part: NDArray[np.int64]) -> NDArray[np.float32]:
+    def _split_weights(
+        self, part: NDArray[np.int64]
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
         """Per bit of the parts: exp(-log-odds of an error given every other pass) (naive
         Bayes), the bit's error probability being 1 / (1 + that); +inf (probability exactly 0)
         for a bit known to be right: a part of length 1 in another pass (a corrected bit, or
-        the even sibling found when bisecting down to one bit)."""
+        the even sibling found when bisecting down to one bit). And the global positions of the
+        certain errors (an odd part's only bit not known right), if any: then the first array
+        is not exponentiated."""
         q = self._q_now()
-        exponent = kernels.bob_log_odds(
+        exponent, found = kernels.bob_log_odds(
             part,
             self._active,
             self._n,
@@ -396,11 +400,13 @@ class CascadeReconciler:
             self._lr_table(),
             np.float32(math.log(q / (1.0 - q))),
         )
+        if found.shape[0]:  # certain errors: no cut this round, the weights are not needed
+            return exponent, found
         # weight = 1 / (1 + exp(-clip(log_odds, -50, 50))), > 0 (>= ~2e-22) unless known (0).
         # numpy's own float32 exp here; the clip before and the rest after are exact float32
         # operations, done in the kernels.
         np.exp(exponent, out=exponent)
-        return exponent
+        return exponent, found
 
     def _cuts(
         self, part: NDArray[np.int64], arity: int
@@ -417,7 +423,9 @@ class CascadeReconciler:
         if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
             return cuts, np.zeros(0, dtype=np.int64)
         starts = part[small]
-        exp_exponent = self._split_weights(starts)
+        exp_exponent, found = self._split_weights(starts)
+        if found.shape[0]:
+            return cuts, found
         found = kernels.bob_weighted_cuts(
             cuts, small, starts, self._n, self._part_end, exp_exponent, arity
         )
