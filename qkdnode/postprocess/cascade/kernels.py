@@ -11,7 +11,7 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two. Codes are kept only once the weights need
-  them (``codes`` True: sub-block reuse from the second pass on; ``bob_codes_all`` fills them
+  them (``codes`` True: sub-block reuse from the second pass on; ``bob_activate`` fills them
   then);
 - ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
   the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
@@ -192,8 +192,13 @@ def bob_activate(
     odd_count4096: NDArray[np.int32],
     thresholds: NDArray[np.int64],
     codes: bool,
+    codes_all: bool,
 ) -> None:
-    """Pass ``p``: Bob's permuted bits and its top-level blocks as parts (``perm_all`` filled)."""
+    """Pass ``p``: Bob's permuted bits and its top-level blocks as parts (``perm_all`` filled).
+
+    ``codes_all``: then compute the codes of every part of passes 0..p, when the weights first
+    need them (until then the kernels skip them: ``codes`` False).
+    """
     base = p * n
     for i in range(n):
         pbits[base + i] = bits[perm_all[base + i]]
@@ -208,65 +213,15 @@ def bob_activate(
         part_alice[s] = top_alice[j]
         _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
-
-
-@kernel
-def bob_codes_all(
-    active: int,
-    n: int,
-    part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
-    part_code: NDArray[np.uint8],
-    pos_code: NDArray[np.uint8],
-    thresholds: NDArray[np.int64],
-) -> None:
-    """The codes of every part of the active passes, when the weights first need them (until
-    then the kernels skip them: ``codes`` False)."""
-    for p in range(active):
-        base = p * n
-        s = base
-        while s < base + n:
-            end = base + part_end[s]
-            _set_code(part_code, pos_code, s, end - s, part_odd[s], thresholds, True, True)
-            s = end
-
-
-@kernel
-def bob_correct(
-    positions: NDArray[np.int64],
-    active: int,
-    n: int,
-    bits: NDArray[np.uint8],
-    inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
-    part_code: NDArray[np.uint8],
-    pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
-    thresholds: NDArray[np.int64],
-    codes: bool,
-) -> None:
-    """Flip Bob's bits at the distinct original ``positions``; update every active pass."""
-    _correct(
-        positions,
-        active,
-        n,
-        bits,
-        inverse_all,
-        pbits,
-        part_of,
-        part_end,
-        part_odd,
-        part_code,
-        pos_code,
-        odd_count64,
-        odd_count4096,
-        thresholds,
-        codes,
-    )
+    if codes_all:
+        for q in range(p + 1):
+            start = q * n
+            while start < (q + 1) * n:
+                end = q * n + part_end[start]
+                _set_code(
+                    part_code, pos_code, start, end - start, part_odd[start], thresholds, True, True
+                )
+                start = end
 
 
 @kernel
@@ -287,14 +242,45 @@ def bob_fix_known_errors(
     thresholds: NDArray[np.int64],
     codes: bool,
     marks: NDArray[np.uint8],
+    first: NDArray[np.int64],
 ) -> tuple[NDArray[np.int64], int]:
-    """Flip every bit that is an odd part of length 1 in some pass, until none is left.
+    """Flip the bits at the global positions ``first`` (certain errors found by the cuts, maybe
+    repeated), then every bit that is an odd part of length 1 in some pass, until none is left.
 
     Returns the global starts of the odd parts left (increasing, none of length 1) and the
     number of bits flipped. ``marks`` (n zeros, left zero) deduplicates bits found in several
     passes.
     """
     corrected = 0
+    if first.shape[0]:
+        positions = np.empty(first.shape[0], dtype=np.int64)
+        j = 0
+        for k in range(first.shape[0]):
+            position = perm_all[first[k]]
+            if marks[position] == 0:
+                marks[position] = 1
+                positions[j] = position
+                j += 1
+        for k in range(j):
+            marks[positions[k]] = 0
+        _correct(
+            positions[:j],
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_of,
+            part_end,
+            part_odd,
+            part_code,
+            pos_code,
+            odd_count64,
+            odd_count4096,
+            thresholds,
+            codes,
+        )
+        corrected += j
     while True:
         parts = _odd_parts(part_odd, odd_count64, odd_count4096)
         singles = 0

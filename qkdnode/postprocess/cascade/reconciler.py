@@ -98,6 +98,7 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 
 
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
+_EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace).
 _POOL: Final = 2
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
@@ -460,6 +461,8 @@ class CascadeReconciler:
         p = self._active
         self._perms.perm(p)  # drawn into perm_all / inverse_all unless cached
         self._perms.inverse(p)
+        # the weights need the part codes from the second pass on (``kernels``)
+        codes_all = self._weighted and p == 1
         kernels.bob_activate(
             p,
             n,
@@ -478,44 +481,16 @@ class CascadeReconciler:
             self._odd_count4096,
             self._thresholds,
             self._codes,
+            codes_all,
         )
         self._active = p + 1
-        if self._weighted and p == 1:  # the weights are needed from now on (``kernels``)
+        if codes_all:
             self._cross = self._perms.cross01()
-            kernels.bob_codes_all(
-                self._active,
-                n,
-                self._part_end,
-                self._part_odd,
-                self._part_code,
-                self._pos_code,
-                self._thresholds,
-            )
             self._codes = True
 
-    def _correct(self, positions: NDArray[np.int64]) -> None:
-        """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
-        kernels.bob_correct(
-            positions,
-            self._active,
-            self._n,
-            self._bits,
-            self._inverse_all,
-            self._pbits,
-            self._part_of,
-            self._part_end,
-            self._part_odd,
-            self._part_code,
-            self._pos_code,
-            self._odd_count64,
-            self._odd_count4096,
-            self._thresholds,
-            self._codes,
-        )
-        self.errors_corrected += int(positions.shape[0])
-
-    def _fix_known_errors(self) -> NDArray[np.int64]:
-        """Flip every bit that is an odd part of length 1 in some pass, until none is left.
+    def _fix_known_errors(self, first: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Flip the bits at the global positions ``first`` (certain errors of the cuts), then
+        every bit that is an odd part of length 1 in some pass, until none is left.
 
         Returns the global starts of the odd parts left, none of length 1.
         """
@@ -536,6 +511,7 @@ class CascadeReconciler:
             self._thresholds,
             self._codes,
             self._marks,
+            first,
         )
         self.errors_corrected += int(corrected)
         return parts
@@ -551,13 +527,14 @@ class CascadeReconciler:
         return chosen
 
     def _plan(self) -> None:
+        found = _EMPTY_INT
         while True:
-            part = self._select(self._fix_known_errors())
+            part = self._select(self._fix_known_errors(found))
+            found = _EMPTY_INT
             if part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
                 cuts, found = self._cuts(part, arity)
-                if found.shape[0]:  # certain errors: correct them, no question needed
-                    self._correct(np.unique(self._perm_all[found].astype(np.int64)))
+                if found.shape[0]:  # certain errors: corrected first thing, no question needed
                     continue
                 rows, left, right, triples = kernels.bob_query(part, cuts, self._n)
                 self._planned = (rows, left, right)
