@@ -4,22 +4,31 @@
 Usage::
 
     .venv/bin/python scripts/bench_postprocess.py [--quick] [--n LIST] [--qber LIST]
-        [--variant LIST] [--frames-10k N] [--frames N] [--no-pa] [--pa-sizes LIST]
-        [--pa-family LIST] [--json OUT.json]
+        [--variant LIST] [--frames-10k N] [--frames N] [--cache cold,warm] [--no-jit-row]
+        [--no-pa] [--pa-sizes LIST] [--pa-family LIST] [--json OUT.json]
 
 Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n", "f", "f_se",
 "fer", "fer_upper95", "frames", "round_trips", "mbit_s", "alice_ms", "bob_ms", "peak_mb", ...}``.
 
 - ``stage "cascade"``: frames of n uniformly random bits; Bob's copy passes a binary symmetric
-  channel of error rate Q, and Bob's ``qber_estimate`` is Q itself. f = parity bits disclosed /
-  (n h(Q_actual)) with Q_actual the realised error fraction of each frame, averaged over frames
+  channel of error rate Q, and Bob's ``qber_estimate`` is Q itself. f = parity bits disclosed / (n
+  h(Q_actual)) with Q_actual the realised error fraction of each frame, averaged over frames
   (Martinez-Mateo et al., arXiv:1407.3257, Eq. 1); fer = frames with any residual error / frames;
   f_se = standard error of that mean (sample std / sqrt(frames)); fer_upper95 = one-sided 95 %
-  Clopper-Pearson upper bound on the FER from (failures, frames) (0 failures in N frames gives
-  1 - 0.05**(1/N) ~ 3/N); round_trips = mean per frame; mbit_s = n * frames / wall seconds of the
-  whole exchange, both roles in this single thread, constructors included; alice_ms / bob_ms =
-  mean per frame of the time spent inside the responder / the reconciler (constructor and every
-  call); permutations are computed fresh by each role for each frame (no cache: cold).
+  Clopper-Pearson upper bound on the FER from (failures, frames) (0 failures in N frames gives 1 -
+  0.05**(1/N) ~ 3/N); round_trips = mean per frame; alice_ms / bob_ms = mean per frame of the CPU
+  time of this thread spent inside the responder / the reconciler (constructor and every call;
+  thread CPU time: other processes' CPU time does not count, their cache and memory traffic
+  still does); ``mbit_s`` = n / max(alice, bob)
+  per frame, averaged as frames * n / sum of the per-frame maxima: one role per core, as deployed;
+  ``mbit_s_median`` = n / the median frame's max(alice, bob) (less sensitive to other processes on
+  the machine); ``mbit_s_one_thread`` = n * frames / wall seconds of the whole exchange, both roles
+  in this single thread. ``permutation_cache``: ``cold`` = every frame with a fresh seed and an
+  empty permutation cache (the first frame of a session: permutations drawn); ``warm`` = every frame
+  with the session's seed after one untimed frame (Alice reuses the seed, so the permutations of
+  every pass are cached). The compiled kernels are loaded (or compiled) by an untimed small frame of
+  every variant before the first row. ``--implementation numpy`` runs the numpy roles kept in the
+  tests as the reference (``implementation`` column), for a before/after ratio in the same run.
   ``--frames-10k N`` runs N frames at every n <= 10^4 (FER evidence), ``--frames N`` everywhere
   else.
 - ``stage "pa"``: privacy amplification of n input bits to n/2, one row per family and size
@@ -33,6 +42,10 @@ Prints a table and writes a JSON list of rows ``{"stage", "variant", "qber", "n"
   ru_maxrss. ``check``: bit-exact against a dense GF(2) product (Toeplitz) or against Python
   integers (Mersenne) on small sizes, in the parent. ``load_1min`` = the 1-minute load average
   when the row started.
+- ``stage "jit"``: seconds a fresh interpreter takes to run ``cascade.warmup.compile_kernels`` (one
+  small Cascade frame of every variant), with an empty numba cache (``numba_cache "empty"``: every
+  kernel compiled) and then with the cache it left (``"filled"``: kernels loaded from disk),
+  interpreter start and imports included; ``--no-jit-row`` skips it.
 - ``stage "baseline"``: ``numpy.sort`` of 10^6 random uint32, as Mbit/s of 10^6 "bits", to
   quote speed ratios against this machine in this run.
 
@@ -50,6 +63,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -65,6 +79,8 @@ from qkdnode.postprocess.cascade import (
     CascadeResponder,
     CascadeVariant,
 )
+from qkdnode.postprocess.cascade.permutation import clear_permutation_cache
+from qkdnode.postprocess.cascade.warmup import compile_kernels
 
 Row = dict[str, Any]
 
@@ -109,13 +125,23 @@ def run_cascade_frame(
     variant: CascadeVariant,
     qber: float,
     role_s: list[float] | None = None,
-) -> tuple[CascadeReconciler, CascadeResponder]:
-    """Both roles to the end; adds [responder seconds, reconciler seconds] to ``role_s``."""
-    clock = time.perf_counter
+    implementation: str = "compiled",
+) -> tuple[Any, Any]:
+    """Both roles to the end; adds [responder seconds, reconciler seconds] to ``role_s``.
+
+    ``implementation`` "numpy": the numpy roles the tests keep as the reference.
+    """
+    responder_class: Any = CascadeResponder
+    reconciler_class: Any = CascadeReconciler
+    if implementation == "numpy":
+        from tests.helpers_cascade_reference import ReferenceReconciler, ReferenceResponder
+
+        responder_class, reconciler_class = ReferenceResponder, ReferenceReconciler
+    clock = time.thread_time
     t0 = clock()
-    responder = CascadeResponder(alice, seed=seed, variant=variant)
+    responder = responder_class(alice, seed=seed, variant=variant)
     t1 = clock()
-    reconciler = CascadeReconciler(bob, seed=seed, variant=variant, qber_estimate=qber)
+    reconciler = reconciler_class(bob, seed=seed, variant=variant, qber_estimate=qber)
     t2 = clock()
     alice_s, bob_s = t1 - t0, t2 - t1
     while True:
@@ -137,20 +163,47 @@ def run_cascade_frame(
     return reconciler, responder
 
 
-def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, seed: int) -> Row:
+def bench_cascade(
+    variant: CascadeVariant,
+    qber: float,
+    n: int,
+    frames: int,
+    seed: int,
+    cache: str,
+    implementation: str = "compiled",
+) -> Row:
     rng = np.random.default_rng(seed)
     efficiencies: list[float] = []
     residual = 0
     rounds = 0
     wall_s = 0.0
+    deployed_s = 0.0
+    frame_max_s: list[float] = []
     role_s = [0.0, 0.0]
+    session_seed = b""
+    if cache == "warm":  # one untimed frame fills the permutation cache for the session's seed
+        session_seed = rng.bytes(32)
+        alice = rng.integers(0, 2, n, dtype=np.uint8)
+        bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
+        run_cascade_frame(alice, bob, session_seed, variant, qber, None, implementation)
     for _ in range(frames):
         alice = rng.integers(0, 2, n, dtype=np.uint8)
         bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
-        frame_seed = rng.bytes(32)
+        if cache == "warm":
+            frame_seed = session_seed
+        else:
+            frame_seed = rng.bytes(32)
+            clear_permutation_cache()
+        frame_role_s = [0.0, 0.0]
         start = time.perf_counter()
-        reconciler, responder = run_cascade_frame(alice, bob, frame_seed, variant, qber, role_s)
+        reconciler, responder = run_cascade_frame(
+            alice, bob, frame_seed, variant, qber, frame_role_s, implementation
+        )
         wall_s += time.perf_counter() - start
+        deployed_s += max(frame_role_s)
+        frame_max_s.append(max(frame_role_s))
+        role_s[0] += frame_role_s[0]
+        role_s[1] += frame_role_s[1]
         assert reconciler.parity_bits_received == responder.parity_bits_sent
         q_actual = float(np.count_nonzero(alice ^ bob)) / n
         if q_actual > 0:
@@ -161,7 +214,7 @@ def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, see
     alice = rng.integers(0, 2, n, dtype=np.uint8)
     bob = alice ^ (rng.random(n) < qber).astype(np.uint8)
     tracemalloc.start()
-    run_cascade_frame(alice, bob, rng.bytes(32), variant, qber)
+    run_cascade_frame(alice, bob, rng.bytes(32), variant, qber, implementation=implementation)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {
@@ -179,12 +232,42 @@ def bench_cascade(variant: CascadeVariant, qber: float, n: int, frames: int, see
         "fer_upper95": round(fer_upper95(residual, frames), 6),
         "frames": frames,
         "round_trips": round(rounds / frames, 1),
-        "mbit_s": round(n * frames / wall_s / 1e6, 3),
+        "mbit_s": round(n * frames / deployed_s / 1e6, 3),
+        "mbit_s_median": round(n / statistics.median(frame_max_s) / 1e6, 3),
+        "mbit_s_one_thread": round(n * frames / wall_s / 1e6, 3),
         "alice_ms": round(role_s[0] / frames * 1e3, 2),
         "bob_ms": round(role_s[1] / frames * 1e3, 2),
         "peak_mb": round(peak / 1e6, 1),
-        "permutation_cache": "cold",
+        "permutation_cache": cache,
+        "implementation": implementation,
+        "load_1min": round(os.getloadavg()[0], 2),
     }
+
+
+def warm_up_kernels() -> None:
+    """Load (or compile) every Cascade kernel: one small frame of every variant, untimed."""
+    compile_kernels()
+
+
+def bench_jit() -> list[Row]:
+    """Fresh interpreters running ``warm_up_kernels``: empty numba cache, then the one it left."""
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+        for state in ("empty", "filled"):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--warm-up-only"], env=env, check=True)
+            rows.append(
+                {
+                    "stage": "jit",
+                    "variant": "all-cascade-kernels",
+                    "n": 40_000,
+                    "numba_cache": state,
+                    "seconds": round(time.perf_counter() - start, 2),
+                    "load_1min": round(os.getloadavg()[0], 2),
+                }
+            )
+    return rows
 
 
 PA_FAMILIES = ("toeplitz-fft-v1", "mersenne-gmp-v1")
@@ -325,9 +408,17 @@ def print_row(row: Row) -> None:
             f"{row['stage']:9} {row['variant']:15} Q={row['qber']:<5} n={row['n']:<8} "
             f"f={row['f']!s:7}±{row['f_se']!s:7} FER={row['fer']:<7.4f} "
             f"(<{row['fer_upper95']:.1e} @95%, {row['frames']:>4} frames) "
-            f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s "
-            f"(alice {row['alice_ms']} ms, bob {row['bob_ms']} ms /frame) "
-            f"peak {row['peak_mb']} MB",
+            f"rt={row['round_trips']:<7} {row['mbit_s']:7.3f} Mbit/s (median "
+            f"{row['mbit_s_median']:.3f}) "
+            f"(alice {row['alice_ms']} ms, bob {row['bob_ms']} ms /frame; one thread "
+            f"{row['mbit_s_one_thread']:.3f}) {row['implementation']} {row['permutation_cache']} "
+            f"peak {row['peak_mb']} MB load {row['load_1min']}",
+            flush=True,
+        )
+    elif row["stage"] == "jit":
+        print(
+            f"{row['stage']:9} {row['variant']:15} numba cache {row['numba_cache']:6} "
+            f"{row['seconds']:6.2f} s (load {row['load_1min']})",
             flush=True,
         )
     elif "skipped" in row:
@@ -352,6 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", help="comma-separated Cascade variants (default all)")
     parser.add_argument("--frames-10k", type=int, help="frames per row at n <= 10^4 (FER runs)")
     parser.add_argument("--frames", type=int, help="frames per row at n > 10^4")
+    parser.add_argument(
+        "--cache", default="cold,warm", help="permutation cache states (default cold,warm)"
+    )
+    parser.add_argument("--no-jit-row", action="store_true", help="skip the numba compile rows")
+    parser.add_argument(
+        "--implementation",
+        default="compiled",
+        help="Cascade roles: compiled (default), numpy (the tests' reference), or both",
+    )
+    parser.add_argument("--warm-up-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-pa", action="store_true", help="skip privacy amplification rows")
     parser.add_argument("--no-cascade", action="store_true", help="skip the Cascade rows")
     parser.add_argument("--pa-sizes", help="comma-separated PA input sizes (default 1e6,1e7,1e8)")
@@ -361,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pa-row", help=argparse.SUPPRESS)  # FAMILY:N, one row (subprocess)
     parser.add_argument("--json", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.warm_up_only:
+        warm_up_kernels()
+        return 0
     if args.pa_row:
         family, n = args.pa_row.split(":")
         print(json.dumps(pa_row(family, int(float(n)))))
@@ -382,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = [bench_baseline()]
     print_row(rows[0])
+    if not args.no_cascade and not args.no_jit_row:
+        for row in bench_jit():
+            rows.append(row)
+            print_row(row)
+    if not args.no_cascade:
+        warm_up_kernels()
     for n in [] if args.no_cascade else sizes:
         for qber in qbers:
             for index, variant in enumerate(variants):
@@ -390,9 +500,19 @@ def main(argv: list[str] | None = None) -> int:
                     frames = args.frames_10k
                 elif n > 10**4 and args.frames:
                     frames = args.frames
-                row = bench_cascade(variant, qber, n, frames, seed=n + int(qber * 1e4) + index)
-                rows.append(row)
-                print_row(row)
+                for implementation in args.implementation.split(","):
+                    for cache in args.cache.split(","):
+                        row = bench_cascade(
+                            variant,
+                            qber,
+                            n,
+                            frames,
+                            seed=n + int(qber * 1e4) + index,
+                            cache=cache,
+                            implementation=implementation,
+                        )
+                        rows.append(row)
+                        print_row(row)
     if not args.no_pa:
         if args.pa_sizes:
             pa_sizes = [int(float(x)) for x in args.pa_sizes.split(",")]

@@ -22,8 +22,8 @@ from qkdnode.postprocess.cascade import (
     cascade_permutation,
 )
 from qkdnode.postprocess.cascade import permutation as permutation_module
-from qkdnode.postprocess.cascade import reconciler as reconciler_module
 from qkdnode.postprocess.cascade.messages import encode_triples
+from tests import helpers_cascade_reference as reference_module
 
 ALL_VARIANTS = list(CascadeVariant)
 SEED = bytes(range(32))
@@ -227,13 +227,20 @@ def test_permutation_at_full_size_matches_specification() -> None:
     assert perm.tolist() == _naive_permutation(b"\xa5" * 32, n, 2)
 
 
-def test_python_fallback_equals_numpy_path() -> None:
-    # The slow path used if numpy's shuffle ever changes must give the same permutation.
-    assert permutation_module.numpy_follows_specification()
+def test_python_specification_equals_compiled_path() -> None:
     state, inc = permutation_module.pcg64_state(SEED, 3000, 5)
     assert permutation_module._python_permutation(state, inc, 3000) == (
         cascade_permutation(SEED, 3000, 5).tolist()
     )
+
+
+def test_compiled_permutation_equals_numpy_at_a_million() -> None:
+    # numpy's Generator.permutation with PCG64 implements the same specification
+    assert permutation_module.numpy_follows_specification()
+    for pass_index in (0, 3):
+        state, inc = permutation_module.pcg64_state(b"\x5a" * 32, 10**6, pass_index)
+        expected = permutation_module._numpy_permutation(state, inc, 10**6)
+        assert np.array_equal(cascade_permutation(b"\x5a" * 32, 10**6, pass_index), expected)
 
 
 def test_permutation_is_uniform_on_small_sizes() -> None:
@@ -324,7 +331,7 @@ def test_insert_after_matches_numpy_insert(count: int) -> None:
     after = np.sort(rng.choice(size, count, replace=False)).astype(np.int64)
     new_starts = starts[after] + 1
     new_flags = rng.integers(0, 2, count, dtype=np.uint8)
-    got = reconciler_module._insert_after((starts, flags), after, (new_starts, new_flags))
+    got = reference_module._insert_after((starts, flags), after, (new_starts, new_flags))
     assert got[0].tolist() == np.insert(starts, after + 1, new_starts).tolist()
     assert got[1].tolist() == np.insert(flags, after + 1, new_flags).tolist()
 

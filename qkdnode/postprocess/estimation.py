@@ -20,6 +20,10 @@ After reconciliation, the QBER actually seen is ``errors_corrected / key_bits``
 (:func:`qber_after_reconciliation`).
 
 Abort decisions are events (:class:`~qkdnode.postprocess.events.BlockAborted`), never exceptions.
+
+Keys of at least ``KERNEL_MIN_BITS`` bits drop the sampled positions with a compiled kernel
+(``qkdnode.postprocess.kernels``: the runs between positions copied, no mask; same bits); the
+sample positions themselves stay numpy's ``Generator.choice``, so a seed gives the same sample.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess import kernels
 from qkdnode.postprocess.bitpack import (
     Bits,
     check_bits,
@@ -49,6 +54,8 @@ from qkdnode.postprocess.sifting import SiftedBlock
 RECONCILIATION_QBER_Z: Final = 1.0
 RECONCILIATION_QBER_FLOOR: Final = 1e-4
 RECONCILIATION_QBER_CEILING: Final = 0.49
+# From this key length on, sampled positions are removed by the compiled kernel (module doc).
+KERNEL_MIN_BITS: Final = 2**20
 
 
 def _check_count(value: int, *, field: str) -> None:
@@ -119,6 +126,10 @@ class SampleOutcome:
 
 
 def _remove_positions(key_bits: Bits, positions: NDArray[np.int64]) -> Bits:
+    """``key_bits`` without the (strictly increasing) ``positions``."""
+    if key_bits.shape[0] >= KERNEL_MIN_BITS:
+        kept: Bits = kernels.remove_sorted_positions(key_bits, positions)
+        return kept
     keep = np.ones(key_bits.shape[0], dtype=np.bool_)
     keep[positions] = False
     return key_bits[keep]

@@ -12,6 +12,11 @@ Flow for one block:
    key-basis and test-basis bits in pulse order; only the bit values differ (channel errors).
 
 Alice never sends her basis or any bit value here: the match bit is all Bob needs.
+
+Blocks of at least ``KERNEL_MIN_DETECTIONS`` detections are split by the numba kernels of
+``qkdnode.postprocess.kernels`` (one pass instead of several gathers and masks, about 1.5x
+faster, same arrays bit for bit); smaller blocks stay in numpy, where the difference is a few
+milliseconds and compiling the kernels would cost a fresh process seconds.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess import kernels
 from qkdnode.postprocess.bitpack import (
     Bits,
     decode_gaps,
@@ -43,6 +49,8 @@ from qkdnode.postprocess.records import (
 
 # Intensity classes 0..2 need two bits each on the wire.
 INTENSITY_WIDTH_BITS: Final = 2
+# From this many detections on, sifting runs the compiled kernels (module doc).
+KERNEL_MIN_DETECTIONS: Final = 2**20
 
 
 def _check_count(value: int, *, field: str) -> None:
@@ -240,16 +248,36 @@ def sift_alice(
         raise ProtocolError("does not match the emitted block", field="pulse_count")
     offsets = announcement.pulse_offsets()
     bob_basis = announcement.basis_bits()
-    match = emissions.basis[offsets] == bob_basis
-    matched = offsets[match]
-    intensity = emissions.intensity[matched]
+    if offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
+        match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
+            kernels.sift_alice_split(
+                offsets,
+                bob_basis,
+                emissions.basis,
+                emissions.bit,
+                emissions.intensity,
+                BASIS_KEY,
+            )
+        )
+        sifted = SiftedBlock(
+            key_bits=key_bits,
+            key_intensity=key_intensity,
+            test_bits=test_bits,
+            test_intensity=test_intensity,
+        )
+    else:
+        match = emissions.basis[offsets] == bob_basis
+        matched = offsets[match]
+        intensity = emissions.intensity[matched]
+        match_bits = match.view(np.uint8)
+        sifted = _split(emissions.bit[matched], intensity, bob_basis[match])
     reply = SiftReply(
         detection_count=announcement.detection_count,
-        matched_count=int(matched.shape[0]),
-        matches=pack_bits(match.view(np.uint8)),
+        matched_count=int(intensity.shape[0]),
+        matches=pack_bits(match_bits),
         intensities=pack_labels(intensity, INTENSITY_WIDTH_BITS),
     )
-    return reply, _split(emissions.bit[matched], intensity, bob_basis[match])
+    return reply, sifted
 
 
 def sift_bob(detections: DetectionRecords, reply: SiftReply) -> SiftedBlock:
@@ -259,5 +287,19 @@ def sift_bob(detections: DetectionRecords, reply: SiftReply) -> SiftedBlock:
     """
     if reply.detection_count != detections.detection_count:
         raise ProtocolError("does not match the announced detections", field="detection_count")
+    if detections.detection_count >= KERNEL_MIN_DETECTIONS:
+        key_bits, key_intensity, test_bits, test_intensity = kernels.sift_bob_split(
+            reply.match_bits(),
+            detections.bit,
+            detections.basis,
+            reply.intensity_labels(),
+            BASIS_KEY,
+        )
+        return SiftedBlock(
+            key_bits=key_bits,
+            key_intensity=key_intensity,
+            test_bits=test_bits,
+            test_intensity=test_intensity,
+        )
     match = reply.match_bits().view(np.bool_)
     return _split(detections.bit[match], reply.intensity_labels(), detections.basis[match])

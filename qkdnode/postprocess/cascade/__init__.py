@@ -1,4 +1,4 @@
-"""Cascade error reconciliation as two sans-IO roles (numpy only, no I/O).
+"""Cascade error reconciliation as two sans-IO roles (numpy and numba kernels, no I/O).
 
 Bob's ``CascadeReconciler`` asks parity questions, Alice's ``CascadeResponder`` answers; all the
 questions of one round travel in one ``ParityQuery``, answered by one ``ParityAnswer``::
@@ -9,6 +9,9 @@ questions of one round travel in one ``ParityQuery``, answered by one ``ParityAn
         reconciler.receive_answer(responder.answer(query))
 
 ``reconciler.parity_bits_received == responder.parity_bits_sent`` is the reconciliation leak.
+
+The roles' hot loops are numba kernels (``cascade.kernels``), compiled on first use and cached on
+disk; ``cascade.warmup.compile_kernels`` compiles them ahead of the first frame.
 """
 
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery

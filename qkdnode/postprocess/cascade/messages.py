@@ -26,7 +26,7 @@ against the frame. Both raise ``ProtocolError(field=...)``, never an IndexError.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,7 +51,7 @@ def _check_bytes(value: object, field: str) -> bytes:
     return value
 
 
-def encode_triples(triples: NDArray[np.int64]) -> bytes:
+def encode_triples(triples: NDArray[np.signedinteger[Any]]) -> bytes:
     """(k, 3) integer array -> int32 little-endian bytes."""
     return np.ascontiguousarray(triples, dtype=_WIRE_INT32).tobytes()
 

@@ -31,11 +31,19 @@ looks at the bits in the order ``bits[perm]``. The rejection sampling makes ever
 permutations equally likely given a uniform PCG stream (no ties, unlike the v1 sort of 32-bit
 keys). The v1 domain string is not accepted: a peer on v1 fails at verification, never silently.
 
-Implementation: this is exactly what numpy's ``Generator.permutation`` does with a ``PCG64`` bit
-generator (Fisher-Yates with ``random_interval`` on buffered 32-bit halves), in C, ~2.5x faster
-than the two 16-bit radix sorts of v1. numpy does not promise that stream across versions, so the
-first call checks numpy against the plain-Python specification on small sizes and falls back to
-the (slow, pure-Python) specification if they ever disagree.
+Implementation: the numba kernel ``kernels.pcg64_permutation`` follows the specification
+directly (128-bit state in two 64-bit words), on int32. It is exactly what numpy's
+``Generator.permutation`` does with a ``PCG64`` bit generator (Fisher-Yates with
+``random_interval`` on buffered 32-bit halves), which the tests use as a second reference with the
+plain-Python specification below; numpy does not promise that stream across versions, the
+kernel does not depend on it.
+
+Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, and
+a session reuses Alice's seed, so frames of the same length reuse the permutations of every pass.
+The permutations of the last (seed, n) pairs used are kept with their inverses (and the map
+between passes 0 and 1 that Bob's weights use) in ``PermutationSet`` objects, least recently
+used first out, within ``PERMUTATION_CACHE_BYTES``; returned arrays are read-only. It is a memo
+of a pure function: the result is the same with or without it.
 """
 
 from __future__ import annotations
@@ -43,16 +51,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
+from collections import OrderedDict
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.cascade import kernels
 
 SEED_BYTES: Final = 32
 PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v2"
 MAX_BITS: Final = 2**31 - 1  # permuted positions travel as int32
+
+# Permutations and inverses kept for reuse (module doc): 4 passes of a 10**6-bit frame take 32 MB.
+PERMUTATION_CACHE_BYTES: Final = 160 * 2**20
+# Passes of the largest variant (``CascadeVariant.passes``): the rows a permutation set reserves.
+MAX_PASSES: Final = 16
 
 _PCG_MULTIPLIER: Final = 0x2360ED051FC65DA44385DF649FCCF645
 _MASK64: Final = (1 << 64) - 1
@@ -94,7 +109,7 @@ def _numpy_permutation(state: int, inc: int, n: int) -> NDArray[np.int32]:
 
 
 def _python_permutation(state: int, inc: int, n: int) -> list[int]:
-    """The specification, literally, in Python integers (reference and fallback)."""
+    """The specification, literally, in Python integers (the tests' reference)."""
     perm = list(range(n))
     spare: int | None = None
     for i in range(n - 1, 0, -1):
@@ -117,7 +132,8 @@ def _python_permutation(state: int, inc: int, n: int) -> list[int]:
 
 @functools.cache
 def numpy_follows_specification() -> bool:
-    """Whether this numpy's ``Generator.permutation`` equals the specification (checked once)."""
+    """Whether this numpy's ``Generator.permutation`` equals the specification (checked once;
+    the tests then use numpy as a fast second reference)."""
     for n, pass_index in ((1, 0), (2, 1), (97, 2), (1000, 3)):
         state, inc = pcg64_state(bytes(range(32)), n, pass_index)
         if _numpy_permutation(state, inc, n).tolist() != _python_permutation(state, inc, n):
@@ -125,9 +141,131 @@ def numpy_follows_specification() -> bool:
     return True
 
 
-def cascade_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
-    """The permutation of the module specification: ``perm[i]`` = original index at position i."""
+def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
     state, inc = pcg64_state(seed, n, pass_index)
-    if numpy_follows_specification():
-        return _numpy_permutation(state, inc, n)
-    return np.array(_python_permutation(state, inc, n), dtype=np.int32)
+    perm: NDArray[np.int32] = kernels.pcg64_permutation(
+        np.uint64(state >> 64),
+        np.uint64(state & _MASK64),
+        np.uint64(inc >> 64),
+        np.uint64(inc & _MASK64),
+        n,
+    )
+    return perm
+
+
+class PermutationSet:
+    """The permutations of every pass for one (seed, n), drawn on first use, and their inverses.
+
+    Pass ``p`` occupies ``[p * n, (p + 1) * n)`` of the flat arrays ``perm_all`` and
+    ``inverse_all`` (``MAX_PASSES`` passes reserved; memory is only touched for the passes
+    drawn), so a role can index every pass through one array. Callers must not write them.
+    """
+
+    def __init__(self, seed: bytes, n: int) -> None:
+        self.seed = check_seed(seed)
+        pcg64_state(seed, n, 0)  # validates n
+        self.n = n
+        self.perm_all = np.empty(MAX_PASSES * n, dtype=np.int32)
+        self.inverse_all = np.empty(MAX_PASSES * n, dtype=np.int32)
+        self._drawn = [False] * MAX_PASSES
+        self._inverted = [False] * MAX_PASSES
+        self._cross: NDArray[np.int32] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the passes drawn, their inverses and the cross map so far."""
+        rows = sum(self._drawn) + sum(self._inverted)
+        return rows * self.n * 4 + (0 if self._cross is None else self._cross.nbytes)
+
+    def perm(self, pass_index: int) -> NDArray[np.int32]:
+        """The permutation of pass ``pass_index`` (< MAX_PASSES), read-only."""
+        n = self.n
+        row = self.perm_all[pass_index * n : (pass_index + 1) * n]
+        if not self._drawn[pass_index]:
+            row[:] = _draw_permutation(self.seed, n, pass_index)
+            self._drawn[pass_index] = True
+            _trim()
+        return _read_only(row)
+
+    def inverse(self, pass_index: int) -> NDArray[np.int32]:
+        """``inverse[perm[i]] = i`` for pass ``pass_index``, read-only."""
+        n = self.n
+        row = self.inverse_all[pass_index * n : (pass_index + 1) * n]
+        if not self._inverted[pass_index]:
+            row[self.perm(pass_index)] = np.arange(n, dtype=np.int32)
+            self._inverted[pass_index] = True
+            _trim()
+        return _read_only(row)
+
+    def cross01(self) -> NDArray[np.int32]:
+        """Pass-local position in the other pass of the bit at every position of passes 0 and
+        1 (``[0, n)``: pass 0 -> pass 1; ``[n, 2 n)``: pass 1 -> pass 0), read-only."""
+        if self._cross is None:
+            n = self.n
+            cross = np.empty(2 * n, dtype=np.int32)
+            cross[n:] = self.inverse(0)[self.perm(1)]
+            cross[cross[n:]] = np.arange(n, dtype=np.int32)
+            cross.flags.writeable = False
+            self._cross = cross
+            _trim()
+        return self._cross
+
+
+def _read_only(array: NDArray[np.int32]) -> NDArray[np.int32]:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+_cache: OrderedDict[tuple[bytes, int], PermutationSet] = OrderedDict()
+
+
+def _trim() -> None:
+    """Drop the least recently used sets until the rest fit in PERMUTATION_CACHE_BYTES (the
+    most recent one stays even if larger: its user holds it anyway)."""
+    used = sum(entry.nbytes for entry in list(_cache.values()))
+    while used > PERMUTATION_CACHE_BYTES and len(_cache) > 1:
+        try:
+            _, dropped = _cache.popitem(last=False)
+        except KeyError:  # emptied meanwhile
+            break
+        used -= dropped.nbytes
+    if used > PERMUTATION_CACHE_BYTES:
+        _cache.clear()
+
+
+def permutation_set(seed: bytes, n: int) -> PermutationSet:
+    """The (cached) permutation set of (seed, n); see the module doc for the cache."""
+    key = (check_seed(seed), n)
+    found = _cache.get(key)
+    if found is None:
+        found = PermutationSet(seed, n)
+        _cache[key] = found
+    else:
+        _cache.move_to_end(key)
+    return found
+
+
+def cascade_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
+    """The permutation of the module specification: ``perm[i]`` = original index at position i.
+
+    Read-only; repeated calls reuse a cached array (module doc).
+    """
+    if not 0 <= pass_index < MAX_PASSES:  # beyond any variant: drawn, never cached
+        return _draw_permutation(seed, n, pass_index)
+    return permutation_set(seed, n).perm(pass_index)
+
+
+def cascade_inverse_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
+    """``inverse[perm[i]] = i``: the permuted position of every original index (read-only)."""
+    if not 0 <= pass_index < MAX_PASSES:
+        perm = _draw_permutation(seed, n, pass_index)
+        inverse = np.empty(n, dtype=np.int32)
+        inverse[perm] = np.arange(n, dtype=np.int32)
+        return inverse
+    return permutation_set(seed, n).inverse(pass_index)
+
+
+def clear_permutation_cache() -> None:
+    """Drop every cached permutation (benchmarks measure the cold path with it)."""
+    _cache.clear()

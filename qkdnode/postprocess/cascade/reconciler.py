@@ -43,36 +43,40 @@ bits Alice sent. Passes activate one after the other as in Cascade: pass p+1 onl
 of passes 0..p is left to search.
 
 Implementation: all active passes live in one *global* position space, position ``i`` of pass
-``p`` being ``p * n + i``, so one round costs a fixed number of numpy calls whatever the number
-of passes: one sorted array of part starts (with Alice's parity and the syndrome of each part),
-one prefix-XOR array of Bob's permuted bits over all passes (taken when each pass is activated),
-and one sorted array of the global positions corrected since then — a range's correction is a
-difference of two ``searchsorted`` counts, never a rebuilt prefix.
+``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, the part holding each
+position, and at each part's start its end, Alice's parity, the syndrome and a length code) is
+kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
+the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
+added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
+only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, add and divide
+around it in the kernels, so every cut, and therefore every query, is the one of the numpy
+formulation kept in the tests as the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Final
+from typing import ClassVar, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.cascade import kernels
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery, encode_triples
-from qkdnode.postprocess.cascade.permutation import cascade_permutation, check_seed
+from qkdnode.postprocess.cascade.permutation import check_seed, permutation_set
 from qkdnode.postprocess.cascade.responder import check_frame_bits
 from qkdnode.postprocess.cascade.variants import CascadeVariant
 from qkdnode.postprocess.finitekey import binary_entropy
 
-_EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Sub-block reuse (see the module doc): weighted cuts for parts of at most this many bits.
 _WEIGHTED_LENGTH: Final = 64
 # ... and 4-way cuts while a round searches at most n h(Q) / _MULTI_DIVISOR parts.
 _MULTI_DIVISOR: Final = 16384.0
-# Part code (per bit of every active pass): bit 7 = odd; bits 0-6 = length class, the length
-# itself up to _EXACT_LENGTHS, then _CODES_PER_DOUBLING classes per doubling (up to ~2**22).
-_EXACT_LENGTHS: Final = 64
+# Part code (per part): bit 7 = odd; bits 0-6 = length class, the length itself up to
+# _EXACT_LENGTHS, then _CODES_PER_DOUBLING classes per doubling (up to ~2**22).
+_EXACT_LENGTHS: Final = kernels.EXACT_LENGTHS
 _CODES_PER_DOUBLING: Final = 4
 # Code of an even part of length 1: its bit is known right.
 _KNOWN_RIGHT: Final = 1
@@ -82,36 +86,110 @@ _LR_CAP: Final = 30.0
 _KNOWN_LR: Final = -1.0e4
 
 
-def _insert_after(
-    arrays: tuple[NDArray[Any], ...], after: NDArray[np.int64], values: tuple[NDArray[Any], ...]
-) -> list[NDArray[Any]]:
-    """Insert ``values[i][j]`` right after row ``after[j]`` of ``arrays[i]`` (``after`` sorted).
+def _class_length_minus_1() -> NDArray[np.float64]:
+    """s - 1 for the representative length s of every length class (the middle of the class in
+    log scale above _EXACT_LENGTHS)."""
+    cls = np.arange(128, dtype=np.float64)
+    steps = (cls - _EXACT_LENGTHS + 0.5) / _CODES_PER_DOUBLING
+    length = np.where(cls <= _EXACT_LENGTHS, np.maximum(cls, 1.0), _EXACT_LENGTHS * 2.0**steps)
+    minus_1: NDArray[np.float64] = length - 1.0
+    minus_1.flags.writeable = False
+    return minus_1
 
-    O(len) per array, like np.insert, but with the index work shared by the arrays; few rows
-    (the long tail of rounds) are spliced by memcpy, many by one boolean mask.
+
+_CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
+_EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
+# Bob's state arrays kept for the next frames (see _Workspace).
+_POOL: Final = 2
+_EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
+_EMPTY_READ_ONLY.flags.writeable = False
+
+
+def length_class(length: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Length class of parts: the length up to 64, then 64 + floor(4 log2(length / 64)), <= 127."""
+    with np.errstate(divide="ignore"):
+        log_class = _EXACT_LENGTHS + np.floor(
+            _CODES_PER_DOUBLING * np.log2(length / _EXACT_LENGTHS)
+        )
+    classes: NDArray[np.int64] = np.where(
+        length <= _EXACT_LENGTHS, length, np.minimum(log_class, 127)
+    ).astype(np.int64)
+    return classes
+
+
+@functools.cache
+def length_class_thresholds() -> NDArray[np.int64]:
+    """Entry k - 1: the smallest length whose ``length_class`` is at least 64 + k (k = 1..63).
+
+    The kernels classify a length by counting the thresholds at or below it, which gives exactly
+    ``length_class`` (evaluated here with numpy's own log2 around each boundary).
     """
-    count = after.shape[0]
-    if count <= 32:
-        cuts = (after + 1).tolist()
-        merged = []
-        for array, value in zip(arrays, values, strict=True):
-            pieces = np.split(array, cuts)
-            spliced = [pieces[0]]
-            for j in range(count):
-                spliced += [value[j : j + 1], pieces[j + 1]]
-            merged.append(np.concatenate(spliced))
-        return merged
-    size = arrays[0].shape[0] + count
-    new_at = after + 1 + np.arange(count)
-    old_at = np.ones(size, dtype=np.bool_)
-    old_at[new_at] = False
-    merged = []
-    for array, value in zip(arrays, values, strict=True):
-        out = np.empty(size, dtype=array.dtype)
-        out[old_at] = array
-        out[new_at] = value
-        merged.append(out)
-    return merged
+    out = np.empty(127 - _EXACT_LENGTHS, dtype=np.int64)
+    for k in range(1, 128 - _EXACT_LENGTHS):
+        guess = int(_EXACT_LENGTHS * 2.0 ** (k / _CODES_PER_DOUBLING))
+        candidates = np.arange(max(_EXACT_LENGTHS + 1, guess - 4), guess + 6, dtype=np.int64)
+        reached = length_class(candidates) >= _EXACT_LENGTHS + k
+        if reached[0] or not reached[-1]:
+            raise AssertionError(f"length class boundary {k} not bracketed")
+        out[k - 1] = candidates[int(np.argmax(reached))]
+    out.flags.writeable = False
+    return out
+
+
+class _Workspace:
+    """Bob's state arrays (``cascade.kernels``) for frames of up to ``capacity`` positions
+    over all passes, reused by the next frame once a frame has finished: fresh arrays of tens of
+    megabytes cost a frame its page faults. At most ``_POOL`` are kept."""
+
+    _pool: ClassVar[list[_Workspace]] = []
+
+    def __init__(self, capacity: int, n: int) -> None:
+        self.capacity = capacity
+        self.n = n
+        self.pbits = np.empty(capacity, dtype=np.uint8)
+        self.part_of = np.empty(capacity, dtype=np.int32)
+        self.part_end = np.empty(capacity, dtype=np.int32)
+        self.part_alice = np.empty(capacity, dtype=np.uint8)
+        self.part_code = np.empty(capacity, dtype=np.uint8)
+        self.pos_code = np.empty(capacity, dtype=np.uint8)
+        padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
+        self.part_odd = np.zeros(padded, dtype=np.uint8)
+        self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+        self.odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
+        self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
+
+    @classmethod
+    def take(cls, size: int, n: int) -> _Workspace:
+        """A pooled workspace of at least ``size`` positions (at most twice that), reset, or a
+        new one. Each pool operation is one atomic list call, so roles may live in threads."""
+        unfit = []
+        found = None
+        while found is None:
+            try:
+                work = cls._pool.pop()
+            except IndexError:
+                break
+            if size <= work.capacity <= 2 * size and n <= work.n <= 2 * n:
+                found = work
+            else:
+                unfit.append(work)
+        cls._pool.extend(unfit)
+        if found is None:
+            return cls(size, n)
+        # a classic Cascade frame may finish with odd parts left (in even blocks)
+        found.part_odd.fill(0)
+        found.odd_count64.fill(0)
+        found.odd_count4096.fill(0)
+        return found
+
+    def give_back(self) -> None:
+        """Return to the pool (its frame has finished and never touches it again)."""
+        self._pool.append(self)
+        while len(self._pool) > _POOL:
+            try:
+                self._pool.pop(0)
+            except IndexError:
+                break
 
 
 class CascadeReconciler:
@@ -144,32 +222,44 @@ class CascadeReconciler:
         blocks = -(-n // self._sizes)
         self._block_offset = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
         self._top_alice: list[NDArray[np.uint8]] = []
-        # Global arrays over all passes (filled pass by pass on activation, see module doc).
+        # Global state over all passes, filled pass by pass on activation (module doc and
+        # ``cascade.kernels``).
+        size = passes * n
         self._active = 0
-        self._perm_all = np.empty(passes * n, dtype=np.int32)
-        self._inverse_all = np.empty((passes, n), dtype=np.int32)
-        self._prefix = np.zeros(passes * n + 1, dtype=np.uint8)
-        self._pending = _EMPTY_INT
-        # Sorted part starts plus a sentinel part at active * n (Alice parity 0, never odd).
-        self._starts = np.zeros(1, dtype=np.int64)
-        self._alice = np.zeros(1, dtype=np.uint8)
-        self._odd = np.zeros(1, dtype=np.bool_)
-        # Weighted splits (sub-block reuse only, from 2 active passes on): at global position
-        # g, the code (length class, parity) of the part holding g; see _part_code.
+        # The session's permutations of every pass (cached per seed and n), indexed in place.
+        self._perms = permutation_set(self._seed, n)
+        self._perm_all = self._perms.perm_all
+        self._inverse_all = self._perms.inverse_all
+        self._workspace = _Workspace.take(size, n)
+        work = self._workspace
+        self._pbits, self._part_of, self._part_end = work.pbits, work.part_of, work.part_end
+        self._part_alice, self._part_code, self._pos_code = (
+            work.part_alice,
+            work.part_code,
+            work.pos_code,
+        )
+        self._part_odd, self._odd_count64, self._odd_count4096 = (
+            work.part_odd,
+            work.odd_count64,
+            work.odd_count4096,
+        )
+        self._marks = work.marks
+        # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
+        # compiled signature).
+        self._cross = _EMPTY_READ_ONLY
+        self._thresholds = length_class_thresholds()
+        # Part codes are kept once the weights need them (``cascade.kernels``).
+        self._codes = False
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
-        self._code_all: NDArray[np.uint8] | None = None
-        # Position in pass 0 of each position of pass 1 (most weights are of pass-1 parts).
-        self._pass1_to_0: NDArray[np.int32] | None = None
+        self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
         entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
         self._query: ParityQuery | None = None
         self._expected_bits = 0
-        # (part of each asked range, range start, range end = cut, whether some part has 2+ cuts)
-        self._planned: (
-            tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], bool] | None
-        ) = None
+        # (part start of each asked range, range start, range end = cut)
+        self._planned: tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]] | None = None
         self._finished = False
         self.errors_corrected = 0
         self.parity_bits_received = 0
@@ -263,37 +353,10 @@ class CascadeReconciler:
             self._top_alice.append(tops)
             offset += count
 
-    # ---------------------------------------------------------------- global helpers
-    def _bob_parity(self, starts: NDArray[np.int64], ends: NDArray[np.int64]) -> NDArray[np.uint8]:
-        """Bob's current parity of the global ranges [starts, ends) (each inside one pass)."""
-        parity = self._prefix[ends] ^ self._prefix[starts]
-        if self._pending.shape[0]:
-            flips = np.searchsorted(self._pending, ends) - np.searchsorted(self._pending, starts)
-            parity ^= (flips & 1).astype(np.uint8)
-        return parity
-
-    def _part_ends(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
-        # The last part of pass p ends where pass p + 1 starts, at (p + 1) * n; the sentinel
-        # start active * n (never odd) ends the last active pass.
-        ends: NDArray[np.int64] = self._starts[part + 1]
-        return ends
-
     # ---------------------------------------------------------------- weights
     def _q_now(self) -> float:
         """Error rate assumed for the bits not yet corrected (Q minus the corrected fraction)."""
         return max(self._q - self.errors_corrected / self._n, self._q / 100.0)
-
-    @staticmethod
-    def _part_code(length: NDArray[np.int64], odd: NDArray[np.bool_]) -> NDArray[np.uint8]:
-        """Code of parts: bit 7 = odd, bits 0-6 = length class (exact up to 64, then log)."""
-        with np.errstate(divide="ignore"):
-            log_class = _EXACT_LENGTHS + np.floor(
-                _CODES_PER_DOUBLING * np.log2(length / _EXACT_LENGTHS)
-            )
-        cls = np.where(length <= _EXACT_LENGTHS, length, np.minimum(log_class, 127))
-        code: NDArray[np.uint8] = cls.astype(np.uint8)
-        code[odd] |= np.uint8(128)
-        return code
 
     def _lr_table(self) -> NDArray[np.float32]:
         """log P(parity seen | bit wrong) / P(parity seen | bit right) for every part code.
@@ -303,68 +366,48 @@ class CascadeReconciler:
         bits by (1 + r**(s-1)) / (1 - r**(s-1)), an even one lowers them by the same factor.
         q is the current estimate of the uncorrected error rate (``_q_now``).
         """
-        cls = np.arange(128, dtype=np.float64)
-        steps = (cls - _EXACT_LENGTHS + 0.5) / _CODES_PER_DOUBLING
-        length = np.where(cls <= _EXACT_LENGTHS, np.maximum(cls, 1.0), _EXACT_LENGTHS * 2.0**steps)
-        rs = np.exp((length - 1.0) * math.log1p(-2.0 * self._q_now()))
+        q_now = self._q_now()
+        if self._lr_cache is not None and self._lr_cache[0] == q_now:
+            return self._lr_cache[1]
+        rs = np.exp(_CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q_now))
         with np.errstate(divide="ignore"):
             lr = np.minimum(np.log1p(rs) - np.log1p(-rs), _LR_CAP)
         table: NDArray[np.float32] = np.concatenate((-lr, lr)).astype(np.float32)
         table[_KNOWN_RIGHT] = _KNOWN_LR
+        self._lr_cache = (q_now, table)
         return table
 
-    def _range_positions(
-        self, starts: NDArray[np.int64], ends: NDArray[np.int64]
-    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        """Global positions of the ranges [starts, ends) concatenated, and each range's length."""
-        length = ends - starts
-        offset = np.cumsum(length) - length
-        total = int(length.sum())
-        return np.repeat(starts - offset, length) + np.arange(total, dtype=np.int64), length
-
-    def _set_code(self, part: NDArray[np.int64]) -> None:
-        """Rewrite the code of the bits of ``part`` after its parity or length changed."""
-        if self._code_all is None or part.shape[0] == 0:
-            return
-        glob, length = self._range_positions(self._starts[part], self._part_ends(part))
-        self._code_all[glob] = np.repeat(self._part_code(length, self._odd[part]), length)
-
-    def _split_weights(self, part: NDArray[np.int64]) -> NDArray[np.float32]:
-        """Per bit of the parts: probability of an error given every other pass (naive Bayes).
-
-        Exactly 0 for a bit known to be right: a part of length 1 in another pass (a corrected
-        bit, or the even sibling found when bisecting down to one bit).
-        """
-        code_all = self._code_all
-        assert code_all is not None
-        table = self._lr_table()
-        n = self._n
-        glob, _ = self._range_positions(self._starts[part], self._part_ends(part))
+    def _split_weights(
+        self, part: NDArray[np.int64]
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Per bit of the parts: exp(-log-odds of an error given every other pass) (naive
+        Bayes), the bit's error probability being 1 / (1 + that); +inf (probability exactly 0)
+        for a bit known to be right: a part of length 1 in another pass (a corrected bit, or
+        the even sibling found when bisecting down to one bit). And the global positions of the
+        certain errors (an odd part's only bit not known right), if any: then the first array
+        is not exponentiated."""
         q = self._q_now()
-        log_odds = np.full(glob.shape[0], math.log(q / (1.0 - q)), dtype=np.float32)
-        # glob is sorted: one slice per pass of the parts, each summing the other passes.
-        bounds = np.searchsorted(glob, np.arange(self._active + 1, dtype=np.int64) * n).tolist()
-        for own in range(self._active):
-            lo, hi = bounds[own], bounds[own + 1]
-            if hi == lo:
-                continue
-            if own == 1 and self._pass1_to_0 is not None and self._active == 2:
-                log_odds[lo:hi] += table[code_all[self._pass1_to_0[glob[lo:hi] - n]]]
-                continue
-            bits = self._perm_all[glob[lo:hi]]
-            for p in range(self._active):
-                if p != own:
-                    log_odds[lo:hi] += table[code_all[p * n + self._inverse_all[p, bits]]]
-        # A known bit's ratio (_KNOWN_LR) outweighs all others: its sum stays far below -1000.
-        known = log_odds < -1000.0
-        # weight = 1 / (1 + exp(-log_odds)), in place; > 0 (>= ~2e-22) unless known
-        np.clip(log_odds, -50.0, 50.0, out=log_odds)
-        np.negative(log_odds, out=log_odds)
-        np.exp(log_odds, out=log_odds)
-        log_odds += 1.0
-        weight: NDArray[np.float32] = np.reciprocal(log_odds, out=log_odds)
-        weight[known] = 0.0
-        return weight
+        exponent, found = kernels.bob_log_odds(
+            part,
+            self._active,
+            self._n,
+            self._perm_all,
+            self._inverse_all,
+            self._cross,
+            self._part_of,
+            self._part_end,
+            self._part_code,
+            self._pos_code,
+            self._lr_table(),
+            np.float32(math.log(q / (1.0 - q))),
+        )
+        if found.shape[0]:  # certain errors: no cut this round, the weights are not needed
+            return exponent, found
+        # weight = 1 / (1 + exp(-clip(log_odds, -50, 50))), > 0 (>= ~2e-22) unless known (0).
+        # numpy's own float32 exp here; the clip before and the rest after are exact float32
+        # operations, done in the kernels.
+        np.exp(exponent, out=exponent)
+        return exponent, found
 
     def _cuts(
         self, part: NDArray[np.int64], arity: int
@@ -377,222 +420,131 @@ class CascadeReconciler:
         bits not known right on both sides of every cut. If some part has a certain error, only
         those are returned (the cuts are then empty).
         """
-        starts = self._starts[part]
-        ends = self._part_ends(part)
-        length = ends - starts
-        fractions = np.arange(1, arity, dtype=np.int64)
-        even_cuts = starts[:, None] + (length[:, None] * fractions[None, :]) // arity
-        cuts: NDArray[np.int64] = np.clip(even_cuts, starts[:, None] + 1, ends[:, None] - 1)
-        small = np.flatnonzero(length <= _WEIGHTED_LENGTH)
-        if self._code_all is None or small.shape[0] == 0:
-            return cuts, _EMPTY_INT
-        part, starts, length = part[small], starts[small], length[small]
-        weight = self._split_weights(part)
-        offset = np.cumsum(length) - length
-        # Bits not known right: how many in each part, and the first and last one's index.
-        open_count = np.zeros(weight.shape[0] + 1, dtype=np.int32)
-        np.cumsum(weight > 0.0, out=open_count[1:])
-        open_before = open_count[offset]
-        opened = open_count[offset + length] - open_before
-        first_open = np.searchsorted(open_count, open_before + 1) - 1
-        last_open = np.searchsorted(open_count, open_before + np.maximum(opened, 1)) - 1
-        first_open = np.clip(first_open, offset, offset + length - 1)
-        last_open = np.clip(last_open, offset, offset + length - 1)
-        single = opened == 1
-        if bool(single.any()):
-            found: NDArray[np.int64] = starts[single] + first_open[single] - offset[single]
-            return cuts[:0], found
-        cum0 = np.zeros(weight.shape[0] + 1, dtype=np.float64)
-        np.cumsum(weight, out=cum0[1:])
-        cum = cum0[1:]
-        base = cum0[offset]
-        total = cum0[offset + length] - base
-        target = base[:, None] + total[:, None] * (fractions / arity)[None, :]
-        at = np.searchsorted(cum, target.ravel()).reshape(target.shape)
-        # Cut before or after the bit where the target is reached, whichever is nearer, with
-        # a bit not known right on each side.
-        at = np.clip(at, first_open[:, None], last_open[:, None])
-        before = np.abs(cum0[at] - target) <= np.abs(cum[at] - target)
-        at = np.clip(np.where(before, at, at + 1), first_open[:, None] + 1, last_open[:, None])
-        if arity > 2:  # cuts with the same open bits on their left are one question: merge them
-            at = np.searchsorted(open_count, open_count[at])
-        # No open bit at all (inconsistent parities): keep the plain halving, never a crash.
-        consistent = opened > 1
-        cuts[small[consistent]] = (starts[:, None] + at - offset[:, None])[consistent]
-        return cuts, _EMPTY_INT
+        cuts, small = kernels.bob_even_cuts(part, arity, self._n, self._part_end, _WEIGHTED_LENGTH)
+        if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
+            return cuts, np.zeros(0, dtype=np.int64)
+        starts = part[small]
+        exp_exponent, found = self._split_weights(starts)
+        if found.shape[0]:
+            return cuts, found
+        found = kernels.bob_weighted_cuts(
+            cuts, small, starts, self._n, self._part_end, exp_exponent, arity
+        )
+        return cuts, found
 
-    # ---------------------------------------------------------------- later rounds
+    # ---------------------------------------------------------------- state changes
     def _receive_splits(self, parities: NDArray[np.uint8]) -> None:
         assert self._planned is not None
-        part, left, cut, multi = self._planned
-        # Each asked range [left, cut) is a new part; the rest of each part [last cut, end) is
-        # derived. ``part`` is sorted; a part with several cuts appears on consecutive rows.
-        asked_odd = (parities ^ self._bob_parity(left, cut)).astype(np.bool_)
-        if not multi:
-            self._receive_halves(part, cut, parities, asked_odd)
-            return
-        count = part.shape[0]
-        first = np.ones(part.shape[0], dtype=np.bool_)
-        first[1:] = part[1:] != part[:-1]
-        last = np.ones(part.shape[0], dtype=np.bool_)
-        last[:-1] = first[1:]
-        group = np.cumsum(first) - 1
-        if bool(first.all()):
-            rest_alice = self._alice[part] ^ parities
-            rest_odd = self._odd[part] ^ asked_odd
-        else:
-            sum_alice = np.bitwise_xor.reduceat(parities, np.flatnonzero(first))
-            sum_odd = np.bitwise_xor.reduceat(asked_odd, np.flatnonzero(first))
-            rest_alice = (self._alice[part[first]] ^ sum_alice)[group]
-            rest_odd = (self._odd[part[first]] ^ sum_odd)[group]
-        # The part starting at each cut: the next asked range, or the derived rest.
-        next_alice = np.where(last, rest_alice, np.roll(parities, -1)).astype(np.uint8)
-        next_odd = np.where(last, rest_odd, np.roll(asked_odd, -1)).astype(np.bool_)
-        self._alice[part[first]] = parities[first]
-        self._odd[part[first]] = asked_odd[first]
-        self._starts, self._alice, self._odd = _insert_after(
-            (self._starts, self._alice, self._odd), part, (cut, next_alice, next_odd)
+        rows, left, right = self._planned
+        kernels.bob_receive(
+            parities,
+            rows,
+            right,
+            left,
+            self._n,
+            self._pbits,
+            self._part_of,
+            self._part_end,
+            self._part_alice,
+            self._part_odd,
+            self._part_code,
+            self._pos_code,
+            self._odd_count64,
+            self._odd_count4096,
+            self._thresholds,
+            self._codes,
         )
         self._planned = None
-        if self._code_all is not None:
-            # Rows of the new parts: each old part's row moved by the rows inserted before it.
-            row = part[first] + np.flatnonzero(first)
-            new_rows = np.concatenate((row, part + 1 + np.arange(count)))
-            new_rows.sort()
-            self._set_code(new_rows)
-
-    def _receive_halves(
-        self,
-        part: NDArray[np.int64],
-        middle: NDArray[np.int64],
-        left_alice: NDArray[np.uint8],
-        left_odd: NDArray[np.bool_],
-    ) -> None:
-        """``_receive_splits`` when every part was cut once (``part`` strictly increasing)."""
-        right_alice = self._alice[part] ^ left_alice
-        right_odd = self._odd[part] ^ left_odd
-        self._alice[part] = left_alice
-        self._odd[part] = left_odd
-        self._starts, self._alice, self._odd = _insert_after(
-            (self._starts, self._alice, self._odd), part, (middle, right_alice, right_odd)
-        )
-        self._planned = None
-        if self._code_all is not None:
-            count = part.shape[0]
-            rows = np.empty(2 * count, dtype=np.int64)
-            rows[0::2] = part + np.arange(count)  # each part's row moved by the rows before it
-            rows[1::2] = rows[0::2] + 1
-            self._set_code(rows)
 
     def _activate(self) -> None:
         n = self._n
         p = self._active
-        size = self._block_sizes[p]
-        base = p * n
-        perm = cascade_permutation(self._seed, n, p)
-        self._perm_all[base : base + n] = perm
-        self._inverse_all[p, perm] = np.arange(n, dtype=np.int32)
-        segment = self._prefix[base + 1 : base + n + 1]
-        np.bitwise_xor.accumulate(self._bits[perm], out=segment)
-        if self._prefix[base]:  # keep the prefix continuous across passes
-            np.bitwise_xor(segment, 1, out=segment)
-        starts = np.arange(base, base + n, size, dtype=np.int64)
-        ends = np.minimum(starts + size, base + n)
-        alice = self._top_alice[p]
-        odd = (alice ^ self._prefix[ends] ^ self._prefix[starts]).astype(np.bool_)
-        # Replace the sentinel by the new blocks and put it back after them.
-        self._starts = np.concatenate((self._starts[:-1], starts, [base + n]))
-        self._alice = np.concatenate((self._alice[:-1], alice, [0]))
-        self._odd = np.concatenate((self._odd[:-1], odd, [False]))
+        self._perms.perm(p)  # drawn into perm_all / inverse_all unless cached
+        self._perms.inverse(p)
+        # the weights need the part codes from the second pass on (``kernels``)
+        codes_all = self._weighted and p == 1
+        kernels.bob_activate(
+            p,
+            n,
+            self._block_sizes[p],
+            self._top_alice[p],
+            self._bits,
+            self._perm_all,
+            self._pbits,
+            self._part_of,
+            self._part_end,
+            self._part_alice,
+            self._part_odd,
+            self._part_code,
+            self._pos_code,
+            self._odd_count64,
+            self._odd_count4096,
+            self._thresholds,
+            self._codes,
+            codes_all,
+        )
         self._active = p + 1
-        if self._code_all is not None:
-            self._code_all[base : base + n] = np.repeat(self._part_code(ends - starts, odd), size)[
-                :n
-            ]
-        elif self._weighted and self._active >= 2:  # weights are first needed now
-            self._pass1_to_0 = self._inverse_all[0, perm]
-            self._code_all = np.empty(len(self._block_sizes) * n, dtype=np.uint8)
-            length = np.diff(self._starts)  # the parts tile [0, active * n)
-            self._code_all[: self._active * n] = np.repeat(
-                self._part_code(length, self._odd[:-1]), length
-            )
+        if codes_all:
+            self._cross = self._perms.cross01()
+            self._codes = True
 
-    def _correct(self, positions: NDArray[np.int64]) -> None:
-        """Flip Bob's bits at original ``positions`` (distinct) and update every active pass."""
-        self._bits[positions] ^= 1
-        self.errors_corrected += int(positions.shape[0])
-        active = self._active
-        offsets = np.arange(active, dtype=np.int64)[:, None] * self._n
-        keys = np.sort((self._inverse_all[:active, positions] + offsets).ravel())
-        part = np.searchsorted(self._starts, keys, side="right") - 1
-        # keys are sorted, so parts are too: count the hits of each part, flip the odd counts.
-        edges = np.flatnonzero(np.diff(part)) + 1
-        first = np.concatenate(([0], edges))
-        hits = np.diff(np.append(first, part.shape[0]))
-        flipped = part[first[(hits & 1) == 1]]
-        self._odd[flipped] ^= True
-        self._pending = np.insert(self._pending, np.searchsorted(self._pending, keys), keys)
-        self._set_code(flipped)
+    def _fix_known_errors(self, first: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Flip the bits at the global positions ``first`` (certain errors of the cuts), then
+        every bit that is an odd part of length 1 in some pass, until none is left.
 
-    def _fix_known_errors(self) -> NDArray[np.int64]:
-        """Flip every bit that is an odd part of length 1 in some pass, until none is left.
-
-        Returns the (global) indices of the odd parts left, none of length 1.
+        Returns the global starts of the odd parts left, none of length 1.
         """
-        while True:
-            part = np.flatnonzero(self._odd)
-            if part.shape[0] == 0:
-                return part
-            single = (self._starts[part + 1] - self._starts[part]) == 1
-            if not bool(single.any()):
-                return part
-            found = self._perm_all[self._starts[part[single]]].astype(np.int64)
-            self._correct(np.unique(found))
+        parts, corrected = kernels.bob_fix_known_errors(
+            self._active,
+            self._n,
+            self._bits,
+            self._perm_all,
+            self._inverse_all,
+            self._pbits,
+            self._part_of,
+            self._part_end,
+            self._part_odd,
+            self._part_code,
+            self._pos_code,
+            self._odd_count64,
+            self._odd_count4096,
+            self._thresholds,
+            self._codes,
+            self._marks,
+            first,
+        )
+        self.errors_corrected += int(corrected)
+        return parts
 
     def _select(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
-        """The odd parts (global indices) to binary-search this round."""
+        """The odd parts (global starts) to binary-search this round."""
         if part.shape[0] == 0 or self._variant.sub_block_reuse:
             return part
         # Classic Cascade: search an odd top-level block through its first odd part.
-        starts = self._starts[part]
-        pass_index = starts // self._n
-        block = (
-            self._block_offset[pass_index]
-            + (starts - pass_index * self._n) // self._sizes[pass_index]
+        chosen: NDArray[np.int64] = kernels.bob_select_classic(
+            part, self._n, self._sizes, self._block_offset
         )
-        _, first, count = np.unique(block, return_index=True, return_counts=True)
-        chosen: NDArray[np.int64] = part[first[(count & 1) == 1]]
         return chosen
 
     def _plan(self) -> None:
+        found = _EMPTY_INT
         while True:
-            part = self._select(self._fix_known_errors())
+            part = self._select(self._fix_known_errors(found))
+            found = _EMPTY_INT
             if part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
                 cuts, found = self._cuts(part, arity)
-                if found.shape[0]:  # certain errors: correct them, no question needed
-                    self._correct(np.unique(self._perm_all[found].astype(np.int64)))
+                if found.shape[0]:  # certain errors: corrected first thing, no question needed
                     continue
-                row = np.repeat(part, arity - 1)
-                cut = cuts.ravel()
-                # Drop repeated cuts (parts shorter than the arity); each range starts at the
-                # previous cut of its part, or at the part's start.
-                same = np.zeros(cut.shape[0], dtype=np.bool_)
-                same[1:] = row[1:] == row[:-1]
-                keep = ~same
-                keep[1:] |= same[1:] & (cut[1:] > cut[:-1])
-                row, cut, same = row[keep], cut[keep], same[keep]
-                left = np.where(same, np.roll(cut, 1), self._starts[row])
-                pass_index = left // self._n
-                local = pass_index * self._n
-                triples = np.column_stack((pass_index, left - local, cut - local))
-                self._planned = (row, left, cut, arity > 2)
-                self._expected_bits = int(row.shape[0])
+                rows, left, right, triples = kernels.bob_query(part, cuts, self._n)
+                self._planned = (rows, left, right)
+                self._expected_bits = int(rows.shape[0])
                 self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
                 return
             if self._active < len(self._block_sizes):
                 self._activate()
                 continue
             self._finished = True
+            self._workspace.give_back()
             self._query = None
             return

@@ -1,4 +1,4 @@
-"""Alice's side of Cascade: answers parity queries, nothing else (sans-IO, numpy only)."""
+"""Alice's side of Cascade: answers parity queries, nothing else (sans-IO; numba kernels)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess.cascade import kernels
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery
 from qkdnode.postprocess.cascade.permutation import MAX_BITS, cascade_permutation, check_seed
 from qkdnode.postprocess.cascade.variants import CascadeVariant
@@ -63,8 +64,9 @@ class CascadeResponder:
         n = self.n_bits
         prefix = self._prefix_all[pass_index * (n + 1) : (pass_index + 1) * (n + 1)]
         if not self._prefix_ready[pass_index]:
-            perm = cascade_permutation(self._seed, n, pass_index)
-            np.bitwise_xor.accumulate(self._bits[perm], out=prefix[1:])
+            kernels.responder_prefix(
+                self._bits, cascade_permutation(self._seed, n, pass_index), prefix
+            )
             self._prefix_ready[pass_index] = True
         return prefix
 
@@ -79,21 +81,12 @@ class CascadeResponder:
         n = self.n_bits
         tops, ranges, total = query.validate(n, self._variant.passes)
         out = np.empty(total, dtype=np.uint8)
-        offset = 0
-        for pass_index, block_size, count in tops.tolist():
-            prefix = self._pass_prefix(pass_index)
-            starts = np.arange(count, dtype=np.int64) * block_size
-            ends = np.minimum(starts + block_size, n)
-            out[offset : offset + count] = prefix[ends] ^ prefix[starts]
-            offset += count
-        if ranges.shape[0]:
-            passes = np.flatnonzero(np.bincount(ranges[:, 0], minlength=self._variant.passes))
-            for pass_index in passes[~self._prefix_ready[passes]].tolist():
-                self._pass_prefix(pass_index)
-            base = ranges[:, 0] * (n + 1)
-            out[offset:] = (
-                self._prefix_all[base + ranges[:, 2]] ^ self._prefix_all[base + ranges[:, 1]]
-            )
+        asked = np.zeros(self._variant.passes, dtype=np.bool_)
+        asked[tops[:, 0]] = True
+        asked[ranges[:, 0]] = True
+        for pass_index in np.flatnonzero(asked & ~self._prefix_ready).tolist():
+            self._pass_prefix(pass_index)
+        kernels.responder_answer(self._prefix_all, n, tops, ranges, out)
         self._next_round += 1
         self.parity_bits_sent += total
         return ParityAnswer.from_bits(round_index=query.round_index, bits=out)

@@ -1,0 +1,742 @@
+"""Compiled kernels of both Cascade roles (numba, see ``qkdnode.postprocess.jit``).
+
+Bob's state lives in flat arrays over the *global* position space of the active passes
+(position ``i`` of pass ``p`` is ``g = p * n + i``), so no kernel ever resizes an array:
+
+- ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
+- ``part_of[g]``: the pass-local start of the part holding ``g``;
+- at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
+  (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
+  and ``part_code[s]`` (length class and parity, see ``reconciler``);
+- ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
+  bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
+  random positions, and one load is cheaper than two. Codes are kept only once the weights need
+  them (``codes`` True: sub-block reuse from the second pass on; ``bob_activate`` fills them
+  then);
+- ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
+  the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
+  where nearly all of them are computed, cost one random load per bit;
+- ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
+  run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
+  proportional to the passes' length / 4096 plus their number.
+
+Parts only ever split, so a start stays a start. Alice's kernels answer from prefix parities of
+her permuted bits; ``pcg64_permutation`` draws the permutations of ``permutation``'s
+specification. Every decision (which parts are searched, where
+they are cut, what is deduced) is the one documented in ``reconciler``; these kernels only keep
+the state incrementally: a round costs the questions it asks and the bits it touches, not n.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from qkdnode.postprocess.jit import helper, kernel
+
+# Part code: bit 7 = odd; bits 0-6 = length class, the length itself up to EXACT_LENGTHS, then
+# classes by thresholds (see ``reconciler.length_class_thresholds``).
+EXACT_LENGTHS = 64
+ODD_CODE = 128
+SHORT_PART = 256
+LONG_PART = 255  # never the code of a part of at most SHORT_PART bits (class <= 72)
+
+
+@helper
+def _length_class(length: int, thresholds: NDArray[np.int64]) -> int:
+    if length <= EXACT_LENGTHS:
+        return length
+    above = 0
+    while above < thresholds.shape[0] and thresholds[above] <= length:
+        above += 1
+    return EXACT_LENGTHS + above
+
+
+@helper
+def _code(length: int, odd: int, thresholds: NDArray[np.int64]) -> np.uint8:
+    return np.uint8(_length_class(length, thresholds) | (ODD_CODE if odd else 0))
+
+
+@helper
+def _exponent(log_odds: np.float32) -> np.float32:
+    """-clip(log_odds, -50, 50) in float32, or +inf for a known-right bit (below -1000): then
+    1 / (1 + exp(.)) is the bit's weight, exactly 0 when known."""
+    if log_odds < -1000.0:
+        return np.float32(np.inf)
+    return -min(max(log_odds, np.float32(-50.0)), np.float32(50.0))
+
+
+@helper
+def _set_code(
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    s: int,
+    length: int,
+    odd: int,
+    thresholds: NDArray[np.int64],
+    mark_long: bool,
+    codes: bool,
+) -> None:
+    if not codes:  # nothing reads the codes yet (module doc)
+        return
+    code = _code(length, odd, thresholds)
+    part_code[s] = code
+    if length <= SHORT_PART:
+        for g in range(s, s + length):
+            pos_code[g] = code
+    elif mark_long:
+        for g in range(s, s + length):
+            pos_code[g] = LONG_PART
+
+
+@helper
+def _set_odd(
+    part_odd: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    g: int,
+    odd: int,
+) -> None:
+    if part_odd[g] != odd:
+        part_odd[g] = odd
+        step = 1 if odd else -1
+        odd_count64[g >> 6] += step
+        odd_count4096[g >> 12] += step
+
+
+@helper
+def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
+    acc = 0
+    for g in range(start, end):
+        acc ^= pbits[g]
+    return acc
+
+
+@helper
+def _odd_parts(
+    part_odd: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+) -> NDArray[np.int64]:
+    # part_odd's length is a multiple of 4096: read it 8 flags at a time
+    words = part_odd.view(np.uint64)
+    total = 0
+    for c in range(odd_count4096.shape[0]):
+        total += odd_count4096[c]
+    out = np.empty(total, dtype=np.int64)
+    k = 0
+    for c in range(odd_count4096.shape[0]):
+        if odd_count4096[c] == 0:
+            continue
+        for w in range(c << 6, (c + 1) << 6):
+            if odd_count64[w] == 0:
+                continue
+            for word in range(w << 3, (w + 1) << 3):
+                if words[word] == 0:
+                    continue
+                for g in range(word << 3, (word + 1) << 3):
+                    if part_odd[g]:
+                        out[k] = g
+                        k += 1
+    return out
+
+
+@helper
+def _correct(
+    positions: NDArray[np.int64],
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+    codes: bool,
+) -> None:
+    for k in range(positions.shape[0]):
+        position = positions[k]
+        bits[position] ^= 1
+        for p in range(active):
+            base = p * n
+            g = base + inverse_all[base + position]
+            pbits[g] ^= 1
+            local = part_of[g]
+            s = base + local
+            odd = 1 - part_odd[s]
+            _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False, codes)
+
+
+@kernel
+def bob_activate(
+    p: int,
+    n: int,
+    size: int,
+    top_alice: NDArray[np.uint8],
+    bits: NDArray[np.uint8],
+    perm_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_alice: NDArray[np.uint8],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+    codes: bool,
+    codes_all: bool,
+) -> None:
+    """Pass ``p``: Bob's permuted bits and its top-level blocks as parts (``perm_all`` filled).
+
+    ``codes_all``: then compute the codes of every part of passes 0..p, when the weights first
+    need them (until then the kernels skip them: ``codes`` False).
+    """
+    base = p * n
+    for i in range(n):
+        pbits[base + i] = bits[perm_all[base + i]]
+    for j in range(top_alice.shape[0]):
+        start = j * size
+        end = min(start + size, n)
+        for i in range(start, end):
+            part_of[base + i] = start
+        s = base + start
+        odd = top_alice[j] ^ _parity(pbits, s, base + end)
+        part_end[s] = end
+        part_alice[s] = top_alice[j]
+        _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+        _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
+    if codes_all:
+        for q in range(p + 1):
+            start = q * n
+            while start < (q + 1) * n:
+                end = q * n + part_end[start]
+                _set_code(
+                    part_code, pos_code, start, end - start, part_odd[start], thresholds, True, True
+                )
+                start = end
+
+
+@kernel
+def bob_fix_known_errors(
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    perm_all: NDArray[np.int32],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+    codes: bool,
+    marks: NDArray[np.uint8],
+    first: NDArray[np.int64],
+) -> tuple[NDArray[np.int64], int]:
+    """Flip the bits at the global positions ``first`` (certain errors found by the cuts, maybe
+    repeated), then every bit that is an odd part of length 1 in some pass, until none is left.
+
+    Returns the global starts of the odd parts left (increasing, none of length 1) and the
+    number of bits flipped. ``marks`` (n zeros, left zero) deduplicates bits found in several
+    passes.
+    """
+    corrected = 0
+    if first.shape[0]:
+        positions = np.empty(first.shape[0], dtype=np.int64)
+        j = 0
+        for k in range(first.shape[0]):
+            position = perm_all[first[k]]
+            if marks[position] == 0:
+                marks[position] = 1
+                positions[j] = position
+                j += 1
+        for k in range(j):
+            marks[positions[k]] = 0
+        _correct(
+            positions[:j],
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_of,
+            part_end,
+            part_odd,
+            part_code,
+            pos_code,
+            odd_count64,
+            odd_count4096,
+            thresholds,
+            codes,
+        )
+        corrected += j
+    while True:
+        parts = _odd_parts(part_odd, odd_count64, odd_count4096)
+        singles = 0
+        for k in range(parts.shape[0]):
+            s = parts[k]
+            if part_end[s] - (s % n) == 1:
+                singles += 1
+        if singles == 0:
+            return parts, corrected
+        found = np.empty(singles, dtype=np.int64)
+        j = 0
+        for k in range(parts.shape[0]):
+            s = parts[k]
+            if part_end[s] - (s % n) == 1 and marks[perm_all[s]] == 0:
+                marks[perm_all[s]] = 1
+                found[j] = perm_all[s]
+                j += 1
+        positions = found[:j]
+        for k in range(j):
+            marks[positions[k]] = 0
+        _correct(
+            positions,
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_of,
+            part_end,
+            part_odd,
+            part_code,
+            pos_code,
+            odd_count64,
+            odd_count4096,
+            thresholds,
+            codes,
+        )
+        corrected += positions.shape[0]
+
+
+@kernel
+def bob_select_classic(
+    parts: NDArray[np.int64],
+    n: int,
+    sizes: NDArray[np.int64],
+    block_offset: NDArray[np.int64],
+) -> NDArray[np.int64]:
+    """Classic Cascade: the first odd part of every top-level block holding an odd number."""
+    out = np.empty(parts.shape[0], dtype=np.int64)
+    k = 0
+    i = 0
+    m = parts.shape[0]
+    while i < m:
+        p = parts[i] // n
+        block = block_offset[p] + (parts[i] - p * n) // sizes[p]
+        j = i + 1
+        while j < m:
+            q = parts[j] // n
+            if block_offset[q] + (parts[j] - q * n) // sizes[q] != block:
+                break
+            j += 1
+        if (j - i) & 1:
+            out[k] = parts[i]
+            k += 1
+        i = j
+    return out[:k]
+
+
+@kernel
+def bob_even_cuts(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    part_end: NDArray[np.int32],
+    small_length: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
+    m = parts.shape[0]
+    cuts = np.empty((m, arity - 1), dtype=np.int64)
+    small = np.empty(m, dtype=np.int64)
+    count = 0
+    for k in range(m):
+        s = parts[k]
+        base = s - s % n
+        end = base + part_end[s]
+        length = end - s
+        for f in range(1, arity):
+            cuts[k, f - 1] = min(max(s + (length * f) // arity, s + 1), end - 1)
+        if length <= small_length:
+            small[count] = k
+            count += 1
+    return cuts, small[:count]
+
+
+@kernel
+def bob_log_odds(
+    parts: NDArray[np.int64],
+    active: int,
+    n: int,
+    perm_all: NDArray[np.int32],
+    inverse_all: NDArray[np.int32],
+    cross: NDArray[np.int32],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    table: NDArray[np.float32],
+    prior: np.float32,
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    """Per bit of ``parts`` (concatenated): the log-odds of an error (prior plus the
+    log-likelihood ratios of the parts holding that bit in every other active pass, added in
+    pass order in float32), returned as ``_exponent`` of it. ``cross`` is used when exactly two
+    passes are active (else it may be empty).
+
+    Also the global positions of the certain errors: the only bit of a part not known right
+    (``_exponent`` +inf: weight 0; every other bit has a positive weight). If there are any,
+    no cut is made this round and the weights are not needed (see ``bob_weighted_cuts``).
+    """
+    m = parts.shape[0]
+    total = 0
+    for k in range(m):
+        s = parts[k]
+        total += part_end[s] - s % n
+    out = np.empty(total, dtype=np.float32)
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    j = 0
+    for k in range(m):
+        s = parts[k]
+        own = s // n
+        end = own * n + part_end[s]
+        first = j
+        if active == 2:
+            other = (1 - own) * n
+            for g in range(s, end):
+                h = other + cross[g]
+                code = pos_code[h]
+                if code == LONG_PART:
+                    code = part_code[other + part_of[h]]
+                out[j] = _exponent(prior + table[code])
+                j += 1
+        else:
+            for g in range(s, end):
+                position = perm_all[g]
+                acc = prior
+                for p in range(active):
+                    if p != own:
+                        base = p * n
+                        h = base + inverse_all[base + position]
+                        code = pos_code[h]
+                        if code == LONG_PART:
+                            code = part_code[base + part_of[h]]
+                        acc = acc + table[code]
+                out[j] = _exponent(acc)
+                j += 1
+        opened = 0
+        at = 0
+        for i in range(first, j):
+            if out[i] != np.inf:
+                if opened == 0:
+                    at = i
+                opened += 1
+        if opened == 1:
+            found[singles] = s + at - first
+            singles += 1
+    return out, found[:singles]
+
+
+@kernel
+def bob_weighted_cuts(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    n: int,
+    part_end: NDArray[np.int32],
+    exp_exponent: NDArray[np.float32],
+    arity: int,
+) -> NDArray[np.int64]:
+    """Cut the small parts at their weight quantiles (``reconciler._cuts``), in place.
+
+    ``starts``: the small parts (global starts); ``exp_exponent``: numpy's float32 ``exp`` of
+    ``bob_log_odds``, so a bit's weight is 1 / (1 + that), in float32 as numpy computes it. If
+    some part has a single bit of positive weight, nothing is cut and the global positions of
+    those bits are returned (certain errors); else an empty array.
+    """
+    # Every search stays inside its part: the numpy formulation searched the concatenation of
+    # all parts, but after its clipping to the part's open bits the result is the same.
+    m = small.shape[0]
+    lengths = np.empty(m, dtype=np.int64)
+    for k in range(m):
+        lengths[k] = part_end[starts[k]] - starts[k] % n
+    total_bits = exp_exponent.shape[0]
+    weight = np.empty(total_bits, dtype=np.float32)
+    cum0 = np.empty(total_bits + 1, dtype=np.float64)
+    cum0[0] = 0.0
+    running = 0.0
+    for i in range(total_bits):
+        w = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
+        weight[i] = w
+        running += np.float64(w)
+        cum0[i + 1] = running
+    offset = np.empty(m, dtype=np.int64)
+    first_open = np.empty(m, dtype=np.int64)
+    last_open = np.empty(m, dtype=np.int64)
+    opened = np.empty(m, dtype=np.int64)
+    singles = 0
+    lo = 0
+    for k in range(m):
+        offset[k] = lo
+        hi = lo + lengths[k] - 1
+        first = -1
+        last = -1
+        count = 0
+        for i in range(lo, hi + 1):
+            if weight[i] > 0.0:
+                if first < 0:
+                    first = i
+                last = i
+                count += 1
+        # no open bit: both at the part's last bit
+        first_open[k] = first if first >= 0 else hi
+        last_open[k] = last if last >= 0 else hi
+        opened[k] = count
+        if count == 1:
+            singles += 1
+        lo = hi + 1
+    if singles:
+        found = np.empty(singles, dtype=np.int64)
+        j = 0
+        for k in range(m):
+            if opened[k] == 1:
+                found[j] = starts[k] + first_open[k] - offset[k]
+                j += 1
+        return found
+    for k in range(m):
+        if opened[k] <= 1:
+            continue  # no open bit (inconsistent parities): keep the plain halving
+        lo = offset[k]
+        end = lo + lengths[k]
+        base = cum0[lo]
+        total = cum0[end] - base
+        for f in range(1, arity):
+            target = base + total * (f / arity)
+            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
+            a = lo + 1
+            b = end + 1
+            while a < b:
+                middle = (a + b) >> 1
+                if cum0[middle] < target:
+                    a = middle + 1
+                else:
+                    b = middle
+            at = min(max(a - 1, first_open[k]), last_open[k])
+            # before or after the bit where the target is reached, whichever is nearer
+            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
+            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
+            if arity > 2:  # the leftmost cut with the same open bits on its left
+                while not weight[chosen - 1] > 0.0:
+                    chosen -= 1
+            cuts[small[k], f - 1] = starts[k] + chosen - lo
+    return np.empty(0, dtype=np.int64)
+
+
+@kernel
+def bob_query(
+    parts: NDArray[np.int64], cuts: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+    """The asked ranges of a round: (part start, range start, range end = cut) per question,
+    global, and the wire triples (pass, start, end), pass-local.
+
+    A part's ranges follow one another from its start; repeated cuts (parts shorter than the
+    arity) are dropped.
+    """
+    m, width = cuts.shape
+    rows = np.empty(m * width, dtype=np.int64)
+    left = np.empty(m * width, dtype=np.int64)
+    right = np.empty(m * width, dtype=np.int64)
+    triples = np.empty((m * width, 3), dtype=np.int32)
+    k = 0
+    for i in range(m):
+        previous = parts[i]
+        pass_index = previous // n
+        base = pass_index * n
+        for f in range(width):
+            cut = cuts[i, f]
+            if f == 0 or cut > cuts[i, f - 1]:
+                rows[k] = parts[i]
+                left[k] = previous
+                right[k] = cut
+                triples[k, 0] = pass_index
+                triples[k, 1] = previous - base
+                triples[k, 2] = cut - base
+                previous = cut
+                k += 1
+    return rows[:k], left[:k], right[:k], triples[:k]
+
+
+@kernel
+def bob_receive(
+    parities: NDArray[np.uint8],
+    rows: NDArray[np.int64],
+    right: NDArray[np.int64],
+    left: NDArray[np.int64],
+    n: int,
+    pbits: NDArray[np.uint8],
+    part_of: NDArray[np.int32],
+    part_end: NDArray[np.int32],
+    part_alice: NDArray[np.uint8],
+    part_odd: NDArray[np.uint8],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    odd_count64: NDArray[np.int32],
+    odd_count4096: NDArray[np.int32],
+    thresholds: NDArray[np.int64],
+    codes: bool,
+) -> None:
+    """Split every asked part at its cuts: each asked range becomes a part with Alice's parity;
+    the rest of the part is derived (its parity xor the asked ones)."""
+    m = rows.shape[0]
+    i = 0
+    while i < m:
+        s = rows[i]
+        base = s - s % n
+        end = base + part_end[s]
+        rest_alice = part_alice[s]
+        rest_odd = part_odd[s]
+        j = i
+        while j < m and rows[j] == s:
+            start = left[j]
+            cut = right[j]
+            alice = parities[j]
+            odd = alice ^ _parity(pbits, start, cut)
+            rest_alice ^= alice
+            rest_odd ^= odd
+            if start != s:
+                for g in range(start, cut):
+                    part_of[g] = start - base
+            part_end[start] = cut - base
+            part_alice[start] = alice
+            _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
+            _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
+            j += 1
+        start = right[j - 1]
+        for g in range(start, end):
+            part_of[g] = start - base
+        part_end[start] = end - base
+        part_alice[start] = rest_alice
+        _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
+        _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
+        i = j
+
+
+@kernel
+def responder_prefix(
+    bits: NDArray[np.uint8], perm: NDArray[np.int32], prefix: NDArray[np.uint8]
+) -> None:
+    """``prefix[i + 1]`` = parity of ``bits[perm[0..i]]``, ``prefix[0]`` = 0."""
+    acc = 0
+    prefix[0] = 0
+    for i in range(perm.shape[0]):
+        acc ^= bits[perm[i]]
+        prefix[i + 1] = acc
+
+
+@kernel
+def responder_answer(
+    prefix_all: NDArray[np.uint8],
+    n: int,
+    tops: NDArray[np.int64],
+    ranges: NDArray[np.int64],
+    out: NDArray[np.uint8],
+) -> None:
+    """Alice's parities: every requested top-level block of ``tops`` (pass, size, count) in
+    order, then every range of ``ranges`` (pass, start, end); pass ``p``'s prefix parities are
+    ``prefix_all[p * (n + 1):(p + 1) * (n + 1)]``."""
+    k = 0
+    for t in range(tops.shape[0]):
+        base = tops[t, 0] * (n + 1)
+        size = tops[t, 1]
+        for j in range(tops[t, 2]):
+            start = j * size
+            end = min(start + size, n)
+            out[k] = prefix_all[base + end] ^ prefix_all[base + start]
+            k += 1
+    for r in range(ranges.shape[0]):
+        base = ranges[r, 0] * (n + 1)
+        out[k] = prefix_all[base + ranges[r, 2]] ^ prefix_all[base + ranges[r, 1]]
+        k += 1
+
+
+@helper
+def _mul_64x64(a: np.uint64, b: np.uint64) -> tuple[np.uint64, np.uint64]:
+    """The 128-bit product of two 64-bit words as (high, low) words."""
+    low32 = np.uint64(0xFFFFFFFF)
+    half = np.uint64(32)
+    a0 = a & low32
+    a1 = a >> half
+    b0 = b & low32
+    b1 = b >> half
+    p00 = a0 * b0
+    p01 = a0 * b1
+    p10 = a1 * b0
+    p11 = a1 * b1
+    middle = (p00 >> half) + (p01 & low32) + (p10 & low32)
+    low = (middle << half) | (p00 & low32)
+    high = p11 + (p01 >> half) + (p10 >> half) + (middle >> half)
+    return high, low
+
+
+@kernel
+def pcg64_permutation(
+    state_high: np.uint64,
+    state_low: np.uint64,
+    inc_high: np.uint64,
+    inc_low: np.uint64,
+    n: int,
+) -> NDArray[np.int32]:
+    """The Fisher-Yates shuffle of ``permutation``'s specification v2, from the 128-bit PCG64
+    state and increment given as (high, low) 64-bit words: one XSL-RR word per step (state
+    advanced first), two 32-bit draws per word (low half first), masked rejection sampling."""
+    mult_high = np.uint64(0x2360ED051FC65DA4)
+    mult_low = np.uint64(0x4385DF649FCCF645)
+    one = np.uint64(1)
+    perm = np.arange(n).astype(np.int32)
+    spare = np.uint64(0)
+    have_spare = False
+    for i in range(n - 1, 0, -1):
+        bound = np.uint64(i)
+        mask = bound
+        mask |= mask >> one
+        mask |= mask >> np.uint64(2)
+        mask |= mask >> np.uint64(4)
+        mask |= mask >> np.uint64(8)
+        mask |= mask >> np.uint64(16)
+        while True:
+            if have_spare:
+                draw = spare
+                have_spare = False
+            else:
+                # state = state * multiplier + increment (mod 2**128)
+                high, low = _mul_64x64(state_low, mult_low)
+                high += state_low * mult_high + state_high * mult_low
+                state_low = low + inc_low
+                state_high = high + inc_high + (one if state_low < low else np.uint64(0))
+                x = state_high ^ state_low
+                rotation = state_high >> np.uint64(58)
+                word = (x >> rotation) | (x << ((np.uint64(64) - rotation) & np.uint64(63)))
+                draw = word & np.uint64(0xFFFFFFFF)
+                spare = word >> np.uint64(32)
+                have_spare = True
+            j = draw & mask
+            if j <= bound:
+                break
+        k = np.int64(j)
+        swap = perm[i]
+        perm[i] = perm[k]
+        perm[k] = swap
+    return perm
