@@ -134,11 +134,18 @@ def test_cached_permutations_are_read_only_and_equal_a_fresh_draw() -> None:
 def test_permutation_cache_stays_within_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     # one set of 1,000 bits holds 4,000 bytes per pass drawn: three sets of one pass fit
     monkeypatch.setattr(permutation_module, "PERMUTATION_CACHE_BYTES", 3 * 4_000)
+    monkeypatch.setattr(permutation_module, "PERMUTATION_CACHE_SETS", 8)
     permutation_module.clear_permutation_cache()
     for first_byte in range(5):
         cascade_permutation(bytes([first_byte]) + bytes(31), 1_000, 0)
     kept = sum(entry.nbytes for entry in permutation_module._cache.values())
     assert kept <= 3 * 4_000 and len(permutation_module._cache) == 3
+    # and at most PERMUTATION_CACHE_SETS sets, whatever their size: a node, which draws a fresh
+    # seed per block, keeps the last two
+    monkeypatch.setattr(permutation_module, "PERMUTATION_CACHE_SETS", 2)
+    for first_byte in range(5, 9):
+        cascade_permutation(bytes([first_byte]) + bytes(31), 100, 0)
+    assert [key[0][0] for key in permutation_module._cache] == [7, 8]
     # a set larger than the budget is not kept, but still answers
     perm = cascade_permutation(bytes(32), 10_000, 1)
     assert perm.shape == (10_000,) and len(permutation_module._cache) == 0

@@ -38,12 +38,14 @@ directly (128-bit state in two 64-bit words), on int32. It is exactly what numpy
 plain-Python specification below; numpy does not promise that stream across versions, the
 kernel does not depend on it.
 
-Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, and
-a session reuses Alice's seed, so frames of the same length reuse the permutations of every pass.
-The permutations of the last (seed, n) pairs used are kept with their inverses (and the map
-between passes 0 and 1 that Bob's weights use) in ``PermutationSet`` objects, least recently
+Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, so
+frames with the same seed and length reuse the permutations of every pass. The permutations of
+the last ``PERMUTATION_CACHE_SETS`` (seed, n) pairs used are kept with their inverses (and the
+map between passes 0 and 1 that Bob's weights use) in ``PermutationSet`` objects, least recently
 used first out, within ``PERMUTATION_CACHE_BYTES``; returned arrays are read-only. It is a memo
-of a pure function: the result is the same with or without it.
+of a pure function: the result is the same with or without it. The pipeline draws a fresh seed
+per block, so a node gains nothing from older sets: few are kept, and a node's memory does not
+grow with the blocks it has reconciled.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ MAX_BITS: Final = 2**31 - 1  # permuted positions travel as int32
 
 # Permutations and inverses kept for reuse (module doc): 4 passes of a 10**6-bit frame take 32 MB.
 PERMUTATION_CACHE_BYTES: Final = 160 * 2**20
+PERMUTATION_CACHE_SETS: Final = 2
 # Passes of the largest variant (``CascadeVariant.passes``): the rows a permutation set reserves.
 MAX_PASSES: Final = 16
 
@@ -221,10 +224,12 @@ _cache: OrderedDict[tuple[bytes, int], PermutationSet] = OrderedDict()
 
 
 def _trim() -> None:
-    """Drop the least recently used sets until the rest fit in PERMUTATION_CACHE_BYTES (the
-    most recent one stays even if larger: its user holds it anyway)."""
+    """Drop the least recently used sets until at most PERMUTATION_CACHE_SETS remain and they
+    fit in PERMUTATION_CACHE_BYTES (none stays if the most recent alone is larger)."""
     used = sum(entry.nbytes for entry in list(_cache.values()))
-    while used > PERMUTATION_CACHE_BYTES and len(_cache) > 1:
+    while len(_cache) > 1 and (
+        used > PERMUTATION_CACHE_BYTES or len(_cache) > PERMUTATION_CACHE_SETS
+    ):
         try:
             _, dropped = _cache.popitem(last=False)
         except KeyError:  # emptied meanwhile
@@ -241,6 +246,7 @@ def permutation_set(seed: bytes, n: int) -> PermutationSet:
     if found is None:
         found = PermutationSet(seed, n)
         _cache[key] = found
+        _trim()
     else:
         _cache.move_to_end(key)
     return found
