@@ -39,6 +39,8 @@ NAMED_ERRORS = frozenset(
         "SessionEnded",
     }
 )
+# what the other node of a refused frame may see: its peer hung up mid-send
+PEER_HUNG_UP = frozenset({"BrokenResourceError", "ClosedResourceError"})
 
 
 def wait_until_catches_sigterm(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.harness import NAMED_ERRORS, Pair, stores_agree
+from tests.reliability.harness import NAMED_ERRORS, PEER_HUNG_UP, Pair, stores_agree
 from tests.reliability.helpers_proxied import Proxied, committed_after_tampering
 from tests.reliability.memory import FRAME_OFFSETS, tamper_session_frames
 from tests.reliability.proxy import CODES, Direction, ProxyThread, Rule
 
-PEER_HUNG_UP = frozenset({"BrokenResourceError", "ClosedResourceError"})
 OFFSETS_PER_FRAME = int(os.environ.get("QKDNODE_SOAK_OFFSETS", "20"))
 
 

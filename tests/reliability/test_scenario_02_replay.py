@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.reliability.harness import NAMED_ERRORS, stores_agree
+from tests.reliability.harness import NAMED_ERRORS, PEER_HUNG_UP, stores_agree
 from tests.reliability.helpers_proxied import Proxied, committed_after_tampering
 from tests.reliability.proxy import CODES, Direction, Frame, Rule, Tampering
 
@@ -84,8 +84,11 @@ def test_replays_into_the_same_and_a_new_session_are_refused(proxied: Proxied) -
     proxied.sane(blocks=1)
     failures = pair.session_failures()[failures_before:]
     assert all(seconds < 20.0 for _, seconds in results), results
-    assert len(failures) >= len(results), failures
-    assert {error for _, error in failures} <= NAMED_ERRORS, failures
+    # each replay made a node fail its session with a named error (never a crash); the other
+    # node may only see its peer hang up
+    named = [error for _, error in failures if error in NAMED_ERRORS]
+    assert len(named) >= len(results), failures
+    assert {error for _, error in failures} <= NAMED_ERRORS | PEER_HUNG_UP, failures
     assert stores_agree(pair.store("alice"), pair.store("bob")) == []
     assert committed_after_tampering(proxied, [t for t, _ in results]) == []
 
