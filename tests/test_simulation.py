@@ -229,19 +229,30 @@ def test_no_reset_timeout_or_crash_after_the_first_commit_brings_bootstrap_back(
 # blocks of 32 kbit: the first commit closes the window (its pool share pays the rotation and
 # two blocks) but the bootstrap session goes on for two more before the pool holds the
 # rotation margin (65,792 bits above the 16,384-bit reserve)
-SMALL_BLOCKS = SimSettings(key_bits=32_768, faults=("cut", "crash_alice", "crash_bob", "drop"))
+SMALL_BLOCK_BITS = 32_768
 
 
-def _cut_between_first_commit_and_rotation(trace: list[str]) -> bool:
-    committed = next((i for i, t in enumerate(trace) if "commit" in t), None)
-    rotated = next((i for i, t in enumerate(trace) if "rotated" in t), len(trace))
-    return committed is not None and any(
-        t.split()[1:3] == ["end", "alice"] for t in trace[committed:rotated]
-    )
+@pytest.mark.parametrize(
+    ("faults", "cause"),
+    [
+        (("cut",), "connection lost"),
+        (("drop",), "timeout"),
+        (("crash_alice", "crash_bob"), "crash"),
+    ],
+)
+def test_a_reset_timeout_or_crash_before_the_rotation_comes_back_key_derived(
+    faults: tuple[str, ...], cause: str
+) -> None:
+    # the window closed at the first commit; the session that closed it ends by a reset, a
+    # timeout or a crash before it rotates, and every later session is key-derived
+    def shows(trace: list[str]) -> bool:
+        committed = next((i for i, t in enumerate(trace) if "commit" in t), None)
+        return committed is not None and any(
+            cause in t for t in trace[committed : _rotation(trace)]
+        )
 
-
-def test_a_cut_before_the_pool_holds_the_rotation_margin_comes_back_key_derived() -> None:
-    report = _first_run(SMALL_BLOCKS, _cut_between_first_commit_and_rotation)
+    settings = SimSettings(key_bits=SMALL_BLOCK_BITS, faults=faults, fault_probability=0.1)
+    report = _first_run(settings, shows)
     assert report.downgrades == 0 and report.liveness_failures == 0, report.violations
     committed = next(i for i, t in enumerate(report.trace) if "commit" in t)
     handshakes = [t for t in report.trace[committed:] if "handshake alice" in t]
@@ -250,7 +261,7 @@ def test_a_cut_before_the_pool_holds_the_rotation_margin_comes_back_key_derived(
 
 @pytest.mark.parametrize("in_flight", [1, 4])
 def test_blocks_smaller_than_the_rotation_margin_break_no_invariant(in_flight: int) -> None:
-    settings = SimSettings(key_bits=32_768, in_flight=in_flight)
+    settings = SimSettings(key_bits=SMALL_BLOCK_BITS, in_flight=in_flight)
     reports = [simulate_run(seed, settings, trace=True) for seed in range(60)]
     assert [v for r in reports for v in r.violations] == []
     # the bootstrap session commits more than one block before it rotates
