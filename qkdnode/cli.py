@@ -316,6 +316,17 @@ def _cmd_link(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.topology == "chain":
+        from qkdnode.demo.chain import run_chain_demo
+
+        if args.nodes < 3:
+            raise SystemExit("qkdnode demo: --topology chain needs --nodes 3 or more")
+        if args.eve or args.keep_running or args.bootstrap != "pki" or args.vouches is not None:
+            raise SystemExit(
+                "qkdnode demo: --topology chain runs with pre-shared keys per link and "
+                "without --eve, --keep-running, --bootstrap or --vouches"
+            )
+        return run_chain_demo(args)
     from qkdnode.demo.run import run_demo
 
     return run_demo(args)
@@ -428,7 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--seed", type=int, help="the simulator's seed (default: random)")
 
     demo = commands.add_parser("demo", help="run Alice and Bob on loopback and show keys grow")
-    demo.add_argument("--blocks", type=int, default=6, help="stop after N block attempts")
+    demo.add_argument(
+        "--topology",
+        choices=("pair", "chain"),
+        default="pair",
+        help="pair: Alice and Bob; chain: --nodes nodes in a line, keys relayed end to end",
+    )
+    demo.add_argument("--nodes", type=int, default=3, help="chain: how many nodes (>= 3)")
+    demo.add_argument(
+        "--relay-keys", type=int, default=4, help="chain: keys relayed each way at the end"
+    )
+    demo.add_argument(
+        "--blocks",
+        type=int,
+        default=6,
+        help="stop after N block attempts (chain: once every link committed N blocks)",
+    )
     demo.add_argument("--distance-km", type=float, default=25.0)
     demo.add_argument("--eve", type=float, default=0.0, help="intercept-resend fraction")
     demo.add_argument("--workdir", help="keep configs, PKI, stores and logs in this directory")

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import socket
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import h11
 import msgpack
 import numpy as np
 import trio
@@ -48,12 +46,14 @@ from qkdnode.config.delivery import DEFAULT_PREBIND_KEYS, ApiLimits, ServerLimit
 from qkdnode.delivery.fairuse import FairUse, FairUsePolicy
 from qkdnode.delivery.keys import KeyManager, reservation_from_wire, reservation_to_wire
 from qkdnode.delivery.server import DeliveryApp, DeliveryServer, server_ssl_context
+from qkdnode.demo.etsiclient import EtsiClient, sae_tls_context
 from qkdnode.errors import ProtocolError
 from qkdnode.ops import issuance
 from qkdnode.store.groupcommit import GroupCommit
 from qkdnode.store.keystore import DeliveryKey, KeyStore, ReservationRejected, StagedBlock
 
 CLIENTS = (1, 4, 8, 16)
+SAES = ("sae-a", "sae-b")
 KEYS_PER_REQUEST = (1, 8, 32)
 KEYS_PER_BLOCK = 10_000
 # the stand-in link's key: drawn fresh by the parent for each run, handed to both children
@@ -255,49 +255,6 @@ async def _serve(directory: Path, node: str, blocks: int, peer_fd: int, prebind_
 # ---- parent: SAE clients -------------------------------------------------------------------------
 
 
-class _Client:
-    """One keep-alive HTTPS connection driven by h11."""
-
-    def __init__(self, stream: trio.SSLStream[trio.SocketStream]) -> None:
-        self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT)
-
-    async def post(self, target: str, body: bytes) -> tuple[int, bytes]:
-        if self.conn.our_state is h11.DONE:
-            self.conn.start_next_cycle()
-        data = self.conn.send(
-            h11.Request(
-                method="POST",
-                target=target,
-                headers=[("host", "localhost"), ("content-length", str(len(body)))],
-            )
-        )
-        await self.stream.send_all(
-            (data or b"")
-            + (self.conn.send(h11.Data(data=body)) or b"")
-            + (self.conn.send(h11.EndOfMessage()) or b"")
-        )
-        status, chunks = 0, []
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(bytes(await self.stream.receive_some(65536)))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return status, b"".join(chunks)
-            else:
-                raise RuntimeError(f"unexpected {event!r}")
-
-
-def _context(directory: Path, sae: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(directory / "ca" / issuance.CA_CERT))
-    context.load_cert_chain(directory / f"{sae}.pem", directory / f"{sae}.key")
-    return context
-
-
 async def _run_row(
     directory: Path, ports: dict[str, int], clients: int, keys_per_request: int, seconds: float
 ) -> dict[str, object]:
@@ -305,22 +262,16 @@ async def _run_row(
     seen_ids: set[str] = set()
     seen_keys: set[str] = set()
     counters = {"duplicates": 0, "mismatches": 0, "errors": 0}
-    contexts = {sae: _context(directory, sae) for sae in ("sae-a", "sae-b")}
+    contexts = {
+        sae: sae_tls_context(directory / "ca", directory, sae) for sae in ("sae-a", "sae-b")
+    }
     deadline = trio.current_time() + seconds
 
     async def one(index: int) -> None:
         master, slave = ("sae-a", "sae-b") if index % 2 == 0 else ("sae-b", "sae-a")
         master_node, slave_node = ("alice", "bob") if master == "sae-a" else ("bob", "alice")
-        enc = _Client(
-            await trio.open_ssl_over_tcp_stream(
-                "127.0.0.1", ports[master_node], ssl_context=contexts[master]
-            )
-        )
-        dec = _Client(
-            await trio.open_ssl_over_tcp_stream(
-                "127.0.0.1", ports[slave_node], ssl_context=contexts[slave]
-            )
-        )
+        enc = await EtsiClient.connect(ports[master_node], contexts[master])
+        dec = await EtsiClient.connect(ports[slave_node], contexts[slave])
         request = json.dumps({"number": keys_per_request}).encode()
         while trio.current_time() < deadline:
             start = time.perf_counter()
@@ -339,8 +290,8 @@ async def _run_row(
                     counters["duplicates"] += 1
                 seen_ids.add(key["key_ID"])
                 seen_keys.add(key["key"])
-        await enc.stream.aclose()
-        await dec.stream.aclose()
+        await enc.aclose()
+        await dec.aclose()
 
     started, cpu_started = time.perf_counter(), time.process_time()
     async with trio.open_nursery() as nursery:

@@ -5,14 +5,20 @@ link has its own simulated fibre and pre-shared key. R's ETSI 014 server deliver
 link with A (``[delivery] peer = "A"``), as A's does. Both links commit key-derived blocks; then
 C stops, and the link A–R keeps committing and delivering while R's other link is down; C comes
 back and its link commits again. Each link's keys agree between its two stores.
+
+All three relay keys (``[relay]``): A's SAE ``sae-a`` and C's SAE ``sae-c`` get keys shared with
+each other through R, over the ETSI 014 API at both ends, also after R is killed (SIGKILL) while
+relays are in flight and restarted: no relay is left unfinished and both ends agree on every one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,17 +29,22 @@ from typing import Any
 import pytest
 
 from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS
+from qkdnode.demo.chain import Sae, keys_agree, take_relayed_keys
 from qkdnode.demo.progress import LogFollower
 from qkdnode.demo.run import (
     DemoLayout,
     decoy_settings_for,
+    etsi_call,
     free_port,
     make_pki,
     prove_keys_through_api,
     read_keys,
     stop_nodes,
 )
+from qkdnode.ops import issuance
 from qkdnode.postprocess.finitekey import DecoySettings
+from qkdnode.relay.events import RelayState
+from qkdnode.store.relaystore import RelayStore
 from tests.reliability.harness import REPO, wait_until_catches_sigterm
 
 pytestmark = pytest.mark.slow  # starts daemon processes
@@ -69,6 +80,31 @@ psk_file = "psk/{psk}.psk"
 pool_target_bits = {POOL_TARGET_BITS}
 pool_reserve_bits = {reserve}
 rotation_pool_bits = {rotation}
+"""
+
+
+def _relay(remote: str = "", sae: str = "") -> str:
+    """``[relay]``; at an end, the other end ``remote`` (its SAE ``sae``) through R."""
+    text = "\n[relay]\npad_target_bits = 65536\n"
+    if remote:
+        text += f'\n[[relay.remote]]\nnode = "{remote}"\nvia = ["R"]\nsaes = ["{sae}"]\n'
+    return text
+
+
+def _delivery_c(kme_port: int) -> str:
+    """C's KME: its SAE sae-c has no SAE at R to talk to, only relayed keys (the "bob" KME
+    certificate serves here too)."""
+    return f"""
+[delivery]
+listen = "127.0.0.1:{kme_port}"
+certificate = "pki/bob.pem"
+private_key = "pki/bob.key"
+sae_ca = "pki/sae-ca/ca.pem"
+kme_id = "C"
+peer_kme_id = "R"
+local_saes = ["sae-c"]
+peer_saes = []
+master_parity = 1
 """
 
 
@@ -118,6 +154,7 @@ class Chain:
     metrics_ports: dict[str, int]
     # the ETSI 014 servers of the link A–R, as the demo's "alice" (A) and "bob" (R)
     kmes: DemoLayout
+    kme_c_port: int
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     followers: dict[str, LogFollower] = field(default_factory=dict)
     events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -141,7 +178,8 @@ class Chain:
             metrics_ports={},
         )
         make_pki(kmes)
-        kme_a, kme_r = kmes.kme_ports["alice"], kmes.kme_ports["bob"]
+        issuance.issue_certificate(kmes.sae_ca_dir, "sae-c", kmes.pki_dir / "sae-c", purpose="sae")
+        kme_a, kme_r, kme_c = kmes.kme_ports["alice"], kmes.kme_ports["bob"], free_port()
         configs = {
             "A": f"""[node]
 name = "A"
@@ -156,7 +194,7 @@ reconnect_max_delay_s = 1.0
 
 {_link_table("[link]", fibre_ar, decoy)}
 {_auth_table("[auth]", "ar")}{_delivery("A", "R", kme_a, a_side=True)}\
-{_common("A", metrics["A"])}""",
+{_relay("C", "sae-c")}{_common("A", metrics["A"])}""",
             "R": f"""[node]
 name = "R"
 
@@ -179,7 +217,7 @@ reconnect_max_delay_s = 1.0
 
 {_link_table("[peers.link]", fibre_rc, decoy)}
 {_auth_table("[peers.auth]", "rc")}{_delivery("R", "A", kme_r, a_side=False)}\
-{_common("R", metrics["R"])}""",
+{_relay()}{_common("R", metrics["R"])}""",
             "C": f"""[node]
 name = "C"
 role = "bob"
@@ -191,11 +229,12 @@ io_timeout_s = 5.0
 keepalive_interval_s = 1.0
 
 {_link_table("[link]", fibre_rc, decoy)}
-{_auth_table("[auth]", "rc")}{_common("C", metrics["C"])}""",
+{_auth_table("[auth]", "rc")}{_delivery_c(kme_c)}{_relay("A", "sae-a")}\
+{_common("C", metrics["C"])}""",
         }
         for node, text in configs.items():
             (workdir / f"{node}.toml").write_text(text)
-        chain = cls(workdir, metrics, kmes)
+        chain = cls(workdir, metrics, kmes, kme_c)
         for node in NODES:
             chain.followers[node] = LogFollower(workdir / f"{node}.log")
             chain.events[node] = []
@@ -203,6 +242,14 @@ keepalive_interval_s = 1.0
 
     def config(self, node: str) -> Path:
         return self.workdir / f"{node}.toml"
+
+    @property
+    def sae_a(self) -> Sae:
+        return Sae(self.kmes.kme_ports["alice"], "sae-a")
+
+    @property
+    def sae_c(self) -> Sae:
+        return Sae(self.kme_c_port, "sae-c")
 
     def store(self, node: str, peer: str | None = None) -> Path:
         directory = self.workdir / f"{node.lower()}-store"
@@ -302,6 +349,91 @@ def _agree(left: Path, right: Path) -> int:
     return len(common)
 
 
+def _kill_the_middle_node_while_relays_are_in_flight(chain: Chain) -> None:
+    """SIGKILL of R while A's SAE asks for relayed keys; R restarts. Keys the master got are
+    then fetched at C by their IDs (once); relaying works again."""
+    handed_out: list[dict[str, Any]] = []
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def request_relays() -> None:
+        while not stop.is_set():
+            try:
+                issued = etsi_call(
+                    chain.kmes,
+                    port=chain.sae_a.kme_port,
+                    sae="sae-a",
+                    path="sae-c/enc_keys",
+                    body={"number": 8},
+                )
+            except RuntimeError as exc:
+                outcomes.append(str(exc)[:80])
+                time.sleep(0.2)
+                continue
+            handed_out.extend(issued["keys"])
+            outcomes.append("ok")
+
+    requests = threading.Thread(target=request_relays)
+    requests.start()
+    try:
+        time.sleep(0.3)
+        os.killpg(chain.processes["R"].pid, signal.SIGKILL)
+        chain.processes["R"].wait()
+        killed_at = len(outcomes)
+        time.sleep(1.0)
+        mark = len(chain.events["R"])
+        chain.start("R")
+        chain.wait(
+            lambda: (
+                all(
+                    "key_derived" in chain.commits("R", peer=peer, since=mark)
+                    for peer in ("A", "C")
+                )
+                and "ok" in outcomes[killed_at:]
+            ),
+            "key-derived commits on both of R's links and a relay after its restart",
+        )
+    finally:
+        stop.set()
+        requests.join(timeout=60)
+    assert handed_out
+    # every key A handed out before, during and after the crash is C's to fetch, the same bytes
+    for start in range(0, len(handed_out), 64):
+        batch = handed_out[start : start + 64]
+        fetched = etsi_call(
+            chain.kmes,
+            port=chain.sae_c.kme_port,
+            sae="sae-c",
+            path="sae-a/dec_keys",
+            body={"key_IDs": [{"key_ID": key["key_ID"]} for key in batch]},
+        )["keys"]
+        assert keys_agree(batch, fetched, len(batch))
+    time.sleep(3.0)  # retransmission finishes what the crash left in flight
+
+
+def _relay_stores_agree(chain: Chain) -> None:
+    """After quiet: no relay unfinished at any node; every relay finished the same way at
+    both ends (one that never reached C is aborted at A)."""
+    stores = {node: RelayStore.open(chain.store(node) / "relay", node_name=node) for node in NODES}
+    try:
+        records = {node: store.records() for node, store in stores.items()}
+        for node, store in stores.items():
+            assert store.unfinished_relays() == [], node
+        assert records["A"] and records["C"]
+        for origin, terminal in (("A", "C"), ("C", "A")):
+            for key_id, record in records[origin].items():
+                if record.route[0] != origin:
+                    continue
+                other = records[terminal].get(key_id)
+                if record.state is RelayState.COMMITTED:
+                    assert other is not None and other.state is RelayState.COMMITTED
+                else:
+                    assert other is None or other.state is RelayState.ABORTED
+    finally:
+        for store in stores.values():
+            store.close()
+
+
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[Chain]:
     workdir = tmp_path / "chain"
@@ -334,6 +466,17 @@ def test_a_relay_node_runs_two_links_and_one_peer_stopping_leaves_the_other_comm
     code, shown = chain.status("R")
     assert "node R (bob), peer A: healthy" in shown, shown
     assert "node R (alice), peer C: healthy" in shown, shown
+    # A's SAE and C's SAE share keys relayed through R, either one master, marked as relayed
+    for master, slave in ((chain.sae_a, chain.sae_c), (chain.sae_c, chain.sae_a)):
+        keys, fetched = take_relayed_keys(chain.kmes, master=master, slave=slave, number=4)
+        assert keys_agree(keys, fetched, 4), (keys, fetched)
+    status = etsi_call(chain.kmes, port=chain.sae_a.kme_port, sae="sae-a", path="sae-c/status")
+    assert status["target_KME_ID"] == "C"
+    assert status["status_extension"] == {
+        "key_kind": "qkd",
+        "relayed": True,
+        "route": ["A", "R", "C"],
+    }
 
     # C stops: R's link with C goes down, its link with A keeps committing key-derived blocks
     assert chain.stop("C") == [0]
@@ -366,7 +509,9 @@ def test_a_relay_node_runs_two_links_and_one_peer_stopping_leaves_the_other_comm
         lambda: "key_derived" in chain.commits("R", peer="C", since=mark),
         "a commit on R–C after C restarts",
     )
+    _kill_the_middle_node_while_relays_are_in_flight(chain)
     assert chain.stop(*NODES) == [0, 0, 0]
+    _relay_stores_agree(chain)
     # each link's two stores agree, and the stores of R's links are apart
     assert _agree(chain.store("A"), chain.store("R", "A")) > 0
     assert _agree(chain.store("C"), chain.store("R", "C")) > 0

@@ -26,6 +26,8 @@ from qkdnode.errors import ProtocolError
 # The channel protocol version, sent in the Hello; it names the block transcript tag family
 # (``BLOCK_TAG_FAMILIES``), so peers with different families refuse each other by name.
 PROTOCOL_VERSION: Final = 4
+# the body of a Control frame, checked against its kind's schema
+ControlBody = Mapping[str, int | float | bool | bytes]
 BLOCK_TAG_FAMILIES: Final = {3: "gf128-polyhash-v1", 4: "poly1305-v1"}
 NONCE_BYTES: Final = 32
 X25519_PUBLIC_BYTES: Final = 32

@@ -23,6 +23,7 @@ from qkdnode.config.node import NodeSection, PeerSection, read_node, read_node_n
 from qkdnode.config.ops import LoggingSection, read_logging, read_metrics_listen
 from qkdnode.config.peers import PeerLink, read_peers
 from qkdnode.config.postprocess import PostprocessSection, read_postprocess
+from qkdnode.config.relay import RelaySection, read_relay
 from qkdnode.config.store import StoreSection, read_store
 from qkdnode.config.table import Table
 from qkdnode.errors import ConfigError
@@ -55,6 +56,7 @@ class NodeConfig:
     logging: LoggingSection
     metrics_listen: tuple[str, int] | None
     peers: tuple[PeerLink, ...] = ()
+    relay: RelaySection | None = None
 
     @property
     def several_peers(self) -> bool:
@@ -136,6 +138,15 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
     if root.has("delivery"):
         delivery = read_delivery(delivery_table, base, store.key_size_bits)
         _check_delivery_peer(delivery, peers)
+    relay = None
+    if root.has("relay"):
+        relay = read_relay(
+            root.table("relay"),
+            node_name=node.name,
+            peer_names=tuple(link.name for link in peers),
+            local_saes=delivery.local_saes if delivery is not None else (),
+        )
+        _check_relay_parity(delivery, peers)
     logging = read_logging(root.table("logging", required=False), base)
     metrics_listen = read_metrics_listen(root.table("metrics", required=False))
     root.finish()
@@ -155,6 +166,7 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
         logging=logging,
         metrics_listen=metrics_listen,
         peers=peers,
+        relay=relay,
     )
 
 
@@ -194,6 +206,20 @@ def _check_delivery_peer(delivery: DeliveryConfig, peers: tuple[PeerLink, ...]) 
     if delivery.peer not in names:
         raise ConfigError(
             "delivery.peer", "the name of a configured peer: " + ", ".join(map(repr, names))
+        )
+
+
+def _check_relay_parity(delivery: DeliveryConfig | None, peers: tuple[PeerLink, ...]) -> None:
+    """The relay's pads come from this node's half of each link's keys (Alice's node: even
+    positions, Bob's: odd), the half delivery hands out as master: both must agree."""
+    if delivery is None:
+        return
+    link = next(link for link in peers if delivery.peer in (None, link.name))
+    role_parity = 0 if link.role == "alice" else 1
+    if delivery.master_parity != role_parity:
+        raise ConfigError(
+            "delivery.master_parity",
+            f"{role_parity} with [relay] (this node is {link.role} on its delivery link)",
         )
 
 

@@ -37,6 +37,8 @@ from qkdnode.channel.messages import (
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.block_messages import MESSAGE_TYPES, BlockMessage
 from qkdnode.postprocess.wire import decode_block_message, encode_block_message
+from qkdnode.relay.messages import register_relay_kinds
+from qkdnode.relay.padwire import register_pad_kinds
 
 MAX_BLOB_BYTES: Final = 64 << 20
 MAX_TURN_MESSAGES: Final = 16
@@ -125,6 +127,9 @@ def make_registry() -> KindRegistry:
         registry.register(kind, schema)
     for kind, schema in CONTROL_SCHEMAS.items():
         registry.register(kind, schema)
+    # key relay (qkdnode.relay): its four messages and the pad fill, on the same session
+    register_relay_kinds(registry)
+    register_pad_kinds(registry)
     return registry
 
 

@@ -140,12 +140,19 @@ def status_body(
     stored_key_count: int,
     max_key_count: int,
     key_kind: str,
+    relay_route: tuple[str, ...] = (),
 ) -> bytes:
     """The Status data format (ETSI GS QKD 014 V1.1.1, 6.1); additional slave SAEs: none.
 
     ``status_extension`` says which kind of key the pair gets: ``{"key_kind": "qkd"}`` (the
-    QKD key itself) or ``{"key_kind": "hybrid"}`` (combined with ML-KEM-768, computational).
+    QKD key itself) or ``{"key_kind": "hybrid"}`` (combined with ML-KEM-768, computational);
+    keys relayed through trusted nodes add ``"relayed": true`` and ``"route"`` (the node names,
+    every one of which learns the keys).
     """
+    extension: dict[str, object] = {"key_kind": key_kind}
+    if relay_route:
+        extension["relayed"] = True
+        extension["route"] = list(relay_route)
     return _dump(
         {
             "source_KME_ID": source_kme_id,
@@ -159,7 +166,7 @@ def status_body(
             "max_key_size": limits.max_key_size_bits,
             "min_key_size": limits.min_key_size_bits,
             "max_SAE_ID_count": 0,
-            "status_extension": {"key_kind": key_kind},
+            "status_extension": extension,
         }
     )
 

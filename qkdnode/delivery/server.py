@@ -31,11 +31,12 @@ import ssl
 import stat
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import h11
 import structlog
@@ -52,6 +53,7 @@ from qkdnode.delivery.api import (
     ApiError,
     DecKeysRequest,
     EncKeysRequest,
+    Request,
     StatusRequest,
     authorize,
     error_body,
@@ -148,6 +150,21 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+class RelayedKeys(Protocol):
+    """Keys shared with SAEs at other nodes, relayed through trusted nodes
+    (``qkdnode.node.relaying.RelayService``)."""
+
+    def serves(self, sae: str) -> bool: ...
+    def route_to(self, sae: str) -> tuple[str, ...]: ...
+    def stored_key_count(self, master_sae: str, slave_sae: str) -> int: ...
+    async def enc_keys(
+        self, *, master_sae: str, slave_sae: str, number: int, size_bits: int
+    ) -> list[tuple[uuid.UUID, bytes]]: ...
+    async def dec_keys(
+        self, *, slave_sae: str, master_sae: str, key_ids: Sequence[uuid.UUID]
+    ) -> list[tuple[uuid.UUID, bytes]]: ...
+
+
 class DeliveryApp:
     """Authorizes, parses, applies fair use and calls the key manager; never raises ApiError."""
 
@@ -173,6 +190,8 @@ class DeliveryApp:
         self._clock = clock
         # called with (caller SAE ID, HTTP status) for every answered request (metrics)
         self.observer: Callable[[str, int], None] | None = None
+        # SAEs at other nodes, reached by key relay (None: only the peer node's SAEs)
+        self.relay: RelayedKeys | None = None
 
     @classmethod
     def from_config(cls, config: DeliveryConfig, manager: KeyManager) -> DeliveryApp:
@@ -198,16 +217,20 @@ class DeliveryApp:
             if caller_sae not in self._local_saes:
                 raise ApiError(401, MSG_UNAUTHORIZED)
             request = parse_request(method, target, body, self.limits)
-            authorize(request, caller_sae, local_saes=self._local_saes, peer_saes=self._peer_saes)
+            relay = self._relay_for(request)
+            if relay is None:
+                authorize(
+                    request, caller_sae, local_saes=self._local_saes, peer_saes=self._peer_saes
+                )
             if isinstance(request, StatusRequest):
-                return Response(200, self._status(caller_sae, request.slave_sae))
+                return Response(200, self._status(caller_sae, request.slave_sae, relay))
             if isinstance(request, EncKeysRequest):
-                response = await self._enc_keys(caller_sae, request)
+                response = await self._enc_keys(caller_sae, request, relay)
                 if response.status != 200:
                     return await self._refused(response, caller_sae, method, target)
                 return response
             assert isinstance(request, DecKeysRequest)
-            keys = await self.manager.dec_keys(
+            keys = await (relay or self.manager).dec_keys(
                 slave_sae=caller_sae, master_sae=request.master_sae, key_ids=request.key_ids
             )
             return Response(200, key_container_body(keys), (("cache-control", "no-store"),))
@@ -237,7 +260,27 @@ class DeliveryApp:
             return Response(503, error_body("key store failure"))
         return response
 
-    def _status(self, master_sae: str, slave_sae: str) -> bytes:
+    def _relay_for(self, request: Request) -> RelayedKeys | None:
+        """The relay when the request's other SAE sits at a node reached by relay."""
+        other = request.master_sae if isinstance(request, DecKeysRequest) else request.slave_sae
+        if self.relay is None or other in self._peer_saes or not self.relay.serves(other):
+            return None
+        return self.relay
+
+    def _status(self, master_sae: str, slave_sae: str, relay: RelayedKeys | None) -> bytes:
+        if relay is not None:
+            route = relay.route_to(slave_sae)
+            return status_body(
+                source_kme_id=self._kme_id,
+                target_kme_id=route[-1],
+                master_sae=master_sae,
+                slave_sae=slave_sae,
+                limits=self.limits,
+                stored_key_count=relay.stored_key_count(master_sae, slave_sae),
+                max_key_count=self._max_key_count,
+                key_kind="qkd",
+                relay_route=route,
+            )
         return status_body(
             source_kme_id=self._kme_id,
             target_kme_id=self._peer_kme_id,
@@ -249,7 +292,9 @@ class DeliveryApp:
             key_kind=self.manager.key_kind(master_sae, slave_sae).value,
         )
 
-    async def _enc_keys(self, master_sae: str, request: EncKeysRequest) -> Response:
+    async def _enc_keys(
+        self, master_sae: str, request: EncKeysRequest, relay: RelayedKeys | None
+    ) -> Response:
         cost = self._fair_use.cost(number=request.number, size_bits=request.size_bits)
         try:
             self._fair_use.acquire(master_sae, cost, now=self._clock())
@@ -263,7 +308,7 @@ class DeliveryApp:
             )
             return Response(429, error_body(message), headers)  # recorded by ``respond``
         try:
-            keys = await self.manager.enc_keys(
+            keys = await (relay or self.manager).enc_keys(
                 master_sae=master_sae,
                 slave_sae=request.slave_sae,
                 number=request.number,

@@ -287,17 +287,22 @@ def compare_stores(layout: DemoLayout, *, exact: bool) -> tuple[bool, int]:
     return same and bool(common), len(common)
 
 
-def _api(
+def api_call(
     layout: DemoLayout, node: str, path: str, body: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """One ETSI 014 call to ``node``'s KME as that node's SAE, over mutual TLS."""
+    return etsi_call(layout, port=layout.kme_ports[node], sae=SAE_OF[node], path=path, body=body)
+
+
+def etsi_call(
+    layout: DemoLayout, *, port: int, sae: str, path: str, body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One ETSI 014 call to the KME on ``port`` as SAE ``sae`` (its certificate in the
+    demo PKI); RuntimeError naming the HTTP status unless it answers 200."""
     pki_dir = layout.pki_dir
-    sae = SAE_OF[node]
     context = ssl.create_default_context(cafile=str(layout.node_ca_dir / issuance.CA_CERT))
     context.load_cert_chain(str(pki_dir / f"{sae}.pem"), str(pki_dir / f"{sae}.key"))
-    connection = http.client.HTTPSConnection(
-        "localhost", layout.kme_ports[node], context=context, timeout=30
-    )
+    connection = http.client.HTTPSConnection("localhost", port, context=context, timeout=30)
     try:
         payload = None if body is None else json.dumps(body)
         connection.request(
@@ -309,9 +314,9 @@ def _api(
         response = connection.getresponse()
         data = json.loads(response.read() or b"{}")
         if response.status != 200:
-            raise RuntimeError(f"{node} {path}: HTTP {response.status} {data.get('message')}")
+            raise RuntimeError(f"{sae} {path}: HTTP {response.status} {data.get('message')}")
         if not isinstance(data, dict):
-            raise RuntimeError(f"{node} {path}: not a JSON object")
+            raise RuntimeError(f"{sae} {path}: not a JSON object")
         return data
     finally:
         connection.close()
@@ -321,13 +326,13 @@ def prove_keys_through_api(layout: DemoLayout, *, number: int = 4) -> tuple[bool
     """Each node as master gets keys for the other's SAE; the slave gets the same bytes."""
     compared = 0
     for master, slave in (("alice", "bob"), ("bob", "alice")):
-        status = _api(layout, master, f"{SAE_OF[slave]}/status")
+        status = api_call(layout, master, f"{SAE_OF[slave]}/status")
         if int(status.get("stored_key_count", 0)) < number:
             continue
-        issued = _api(layout, master, f"{SAE_OF[slave]}/enc_keys", {"number": number})
+        issued = api_call(layout, master, f"{SAE_OF[slave]}/enc_keys", {"number": number})
         keys = issued.get("keys", [])
         ids = [{"key_ID": key["key_ID"]} for key in keys]
-        fetched = _api(layout, slave, f"{SAE_OF[master]}/dec_keys", {"key_IDs": ids})
+        fetched = api_call(layout, slave, f"{SAE_OF[master]}/dec_keys", {"key_IDs": ids})
         by_id = {key["key_ID"]: key["key"] for key in fetched.get("keys", [])}
         if len(keys) != number or any(by_id.get(k["key_ID"]) != k["key"] for k in keys):
             return False, compared
@@ -336,11 +341,16 @@ def prove_keys_through_api(layout: DemoLayout, *, number: int = 4) -> tuple[bool
 
 
 def start_node(layout: DemoLayout, node: str) -> subprocess.Popen[bytes]:
-    stderr_path = layout.workdir / f"{node}.stderr"
+    return start_process(layout.workdir, layout.config(node), node)
+
+
+def start_process(workdir: Path, config: Path, node: str) -> subprocess.Popen[bytes]:
+    """``qkdnode run --config config`` in ``workdir``, its stderr in ``<node>.stderr``."""
+    stderr_path = workdir / f"{node}.stderr"
     with stderr_path.open("ab") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-m", "qkdnode", "run", "--config", str(layout.config(node))],
-            cwd=layout.workdir,
+            [sys.executable, "-m", "qkdnode", "run", "--config", str(config)],
+            cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -24,6 +24,7 @@ from qkdnode.audit import AuditKind
 from qkdnode.channel.auth import Role
 from qkdnode.channel.revocation import RevocationLists
 from qkdnode.config import NodeConfig
+from qkdnode.config.relay import RelaySection
 from qkdnode.delivery.server import (
     DeliveryApp,
     DeliveryServer,
@@ -35,6 +36,7 @@ from qkdnode.link.blocks import open_block_source
 from qkdnode.node.auditing import SessionFailureRecorder, config_in_force, leaf_exceptions
 from qkdnode.node.exchange import DaemonMustStop, Exchange, SessionEnded
 from qkdnode.node.loopsteps import StepTimer
+from qkdnode.node.relaying import RelayService
 from qkdnode.node.session import (
     PeerSession,
     SessionConfig,
@@ -45,6 +47,8 @@ from qkdnode.node.state import Node
 from qkdnode.ops.metrics import LinkMetricsSet, MetricsSource, serve_metrics
 from qkdnode.ops.systemd import watchdog_interval_s
 from qkdnode.store import KeyStore
+from qkdnode.store.relaystore import RelayStore
+from qkdnode.store.transaction import Database
 
 __all__ = [
     "DaemonMustStop",
@@ -62,6 +66,7 @@ LINK_RETRY_S: Final = 1.0
 LINK_RESTART_S: Final = 1.0
 LINK_RESTART_MAX_S: Final = 60.0
 LOOP_PROBE_INTERVAL_S: Final = 0.01
+RELAY_DIRECTORY: Final = "relay"  # under store.directory: the relay store (relay.db)
 
 
 # ---- sessions ----------------------------------------------------------------------------------
@@ -395,12 +400,15 @@ async def run_daemon(
                 │   ├── PeerSession.run  writer, keepalive, reader (qkdnode.node.session)
                 │   └── Exchange.run     event pump, link worker, post-processing threads,
                 │                        reservations answered, the session's retirement
+                ├── RelayService.run     with [relay]: relays through this node, pad fill,
+                │                        retransmission (qkdnode.node.relaying)
                 ├── KeyManager.run       delivery pools topped up ahead of requests
-                ├── serve_delivery       ETSI GS QKD 014 over mutual TLS (one link's keys)
+                ├── serve_delivery       ETSI GS QKD 014 over mutual TLS (one link's keys,
+                │                        and relayed keys for SAEs at other nodes)
                 └── serve_metrics        Prometheus, every link's metrics
     """
     nodes: list[Node] = []
-    stores: list[KeyStore] = []
+    stores: list[Database] = []
     try:
         async with contextlib.AsyncExitStack() as links:
             for link in config.peers:
@@ -411,16 +419,41 @@ async def run_daemon(
                 node = Node(view, store, blocks)
                 node.audit.record(AuditKind.DAEMON_STARTED, **config_in_force(view))
                 nodes.append(node)
-            await _serve(nodes, config, on_reopen, early_stops)
+            relay = None
+            if config.relay is not None:
+                relay_store = RelayStore.open(
+                    config.store.directory / RELAY_DIRECTORY, node_name=config.node.name
+                )
+                stores.append(relay_store)
+                relay = _relay_service(config, config.relay, relay_store, nodes)
+            await _serve(nodes, config, on_reopen, early_stops, relay)
     except BaseException as exc:
         # say why before the clean-up below: a signal may end the process during it
         log.critical("daemon.failed", errors=_leaf_errors(exc))
         raise
     finally:
-        for store in stores:
-            store.close()
+        for database in stores:
+            database.close()
         log.info("daemon.stopped", blocks_committed=sum(n.counters.blocks_committed for n in nodes))
     return 0
+
+
+def _relay_service(
+    config: NodeConfig, section: RelaySection, store: RelayStore, nodes: Sequence[Node]
+) -> RelayService:
+    """The key relay over every link; each link's sessions hand it their relay frames."""
+    delivering = next((n for n in nodes if n.config.delivery is not None), None)
+    service = RelayService(
+        section,
+        node_name=config.node.name,
+        store=store,
+        links={node.peer_name: node for node in nodes},
+        local_saes=config.delivery.local_saes if config.delivery is not None else (),
+        delivery_node=delivering,
+    )
+    for node in nodes:
+        node.relay = service
+    return service
 
 
 def _delivery_server(node: Node, config: NodeConfig) -> DeliveryServer | None:
@@ -442,6 +475,7 @@ async def _serve(
     config: NodeConfig,
     on_reopen: Callable[[], None],
     early_stops: Sequence[int],
+    relay: RelayService | None,
 ) -> None:
     several = len(nodes) > 1
     for node in nodes:
@@ -456,6 +490,8 @@ async def _serve(
         )
     delivering = next((n for n in nodes if n.config.delivery is not None), None)
     server = None if delivering is None else _delivery_server(delivering, config)
+    if server is not None:
+        server.app.relay = relay
     metrics: MetricsSource = (
         LinkMetricsSet(node=config.node.name, links=[n.metrics for n in nodes])
         if several
@@ -480,6 +516,9 @@ async def _serve(
                 # under its own supervisor
                 run = _supervise_link if several else _run_link
                 await nursery.start(run, node, node.session_config())
+            if relay is not None:
+                await nursery.start(relay.run)
+                log.info("relay.ready", remotes=sorted(relay.section.remotes))
             if delivering is not None and delivering.manager is not None and server is not None:
                 delivery = delivering.config.delivery
                 assert delivery is not None

@@ -35,7 +35,7 @@ from qkdnode.channel.connection import (
     Rotated,
 )
 from qkdnode.channel.ledger import ledger_state_to_bytes
-from qkdnode.channel.messages import Control, Data, SessionMode
+from qkdnode.channel.messages import Control, ControlBody, Data, SessionMode
 from qkdnode.coordination.events import (
     AnnounceRotation,
     BlockDone,
@@ -86,6 +86,7 @@ from qkdnode.errors import QkdError
 from qkdnode.node import rebootstrap
 from qkdnode.postprocess.pipeline import AliceBlock, BlockMessage, BobBlock
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.relay.padwire import RELAY_CONTROL_KINDS
 from qkdnode.store import StagedBlock
 from qkdnode.store.blocks import commit_op
 
@@ -153,6 +154,10 @@ class Exchange:
         kind, body = control_to_wire(message)
         await self.session.send(lambda c: c.send_control(kind, body))
 
+    async def send_control(self, kind: str, body: ControlBody) -> None:
+        """Send a control frame of another protocol on this session (the key relay)."""
+        await self.session.send(lambda c: c.send_control(kind, body))
+
     def request_stop(self) -> None:
         self._inputs_in.send_nowait(StopRequested())
 
@@ -215,6 +220,9 @@ class Exchange:
             elif isinstance(event, Data):
                 message = data_from_wire(event)
                 self._inputs_in.send_nowait(PeerBlockData(block_id=event.block_id, message=message))
+            elif isinstance(event, Control) and event.kind in RELAY_CONTROL_KINDS:
+                if self.node.relay is not None:
+                    self.node.relay.on_control(self.node.peer_name, event.kind, event.body)
             elif isinstance(event, Control):
                 coordination = control_from_wire(event)
                 if isinstance(coordination, Reserve):

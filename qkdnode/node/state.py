@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import structlog
@@ -16,7 +16,7 @@ from qkdnode.audit import AuditKind
 from qkdnode.channel.auth import BLOCK_DRAW_BITS, CertificateCredentials, Credentials, Role
 from qkdnode.channel.connection import ChannelConfig, PeerConnection
 from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledger_state_to_bytes
-from qkdnode.channel.messages import SessionMode
+from qkdnode.channel.messages import ControlBody, SessionMode
 from qkdnode.channel.revocation import RevocationLists
 from qkdnode.config import NodeConfig
 from qkdnode.coordination.events import StagedShare
@@ -49,12 +49,20 @@ from qkdnode.store.audit import AuditTrail
 log = structlog.get_logger("qkdnode.node")
 
 
+class RelayInbox(Protocol):
+    """Where a link's session hands the key relay's control frames (``qkdnode.node.relaying``)."""
+
+    def on_control(self, peer: str, kind: str, body: Mapping[str, object]) -> None: ...
+
+
 class SessionControl(Protocol):
-    """What the daemon needs of the session in progress to stop it gracefully."""
+    """What the daemon needs of the session in progress: stop it gracefully, and send the key
+    relay's control frames on it."""
 
     idle: trio.Event
 
     def request_stop(self) -> None: ...
+    async def send_control(self, kind: str, body: ControlBody) -> None: ...
 
 
 def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParameters:
@@ -178,6 +186,8 @@ class Node:
             rotation_pool_bits=config.auth.rotation_pool_bits,
         )
         self.exchange: SessionControl | None = None
+        # the daemon's key relay, told of the relay frames of this link's sessions
+        self.relay: RelayInbox | None = None
         # the session running now: its cancel scope and the event set once it has stopped
         self.current_session: tuple[trio.CancelScope, trio.Event] | None = None
         self._last_connection: PeerConnection | None = None

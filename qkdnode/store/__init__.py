@@ -1,4 +1,4 @@
-"""The crash-safe SQLite key store (I/O shell)."""
+"""The crash-safe SQLite key store and relay store (I/O shell)."""
 
 from qkdnode.store.keystore import (
     BlockState,
@@ -8,5 +8,17 @@ from qkdnode.store.keystore import (
     StoreCounts,
     StoredKey,
 )
+from qkdnode.store.relaystore import Deposit, PadChunk, RelayCounts, RelayStore
 
-__all__ = ["BlockState", "KeyState", "KeyStore", "StagedBlock", "StoreCounts", "StoredKey"]
+__all__ = [
+    "BlockState",
+    "Deposit",
+    "KeyState",
+    "KeyStore",
+    "PadChunk",
+    "RelayCounts",
+    "RelayStore",
+    "StagedBlock",
+    "StoreCounts",
+    "StoredKey",
+]
