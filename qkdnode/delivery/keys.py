@@ -463,6 +463,12 @@ class KeyManager:
 
         return self.audit.around(op, AuditKind.KEYS_DELIVERED, describe)
 
+    async def record_delivery(self, fields: Mapping[str, AuditValue]) -> None:
+        """Record keys handed out elsewhere (relayed keys) in the audit trail, durably, in the
+        next shared commit."""
+        if self.audit is not None:
+            await self._commits.run(self.audit.op(AuditKind.KEYS_DELIVERED, fields))
+
     async def record_refusal(self, sae: str, fields: Mapping[str, AuditValue]) -> None:
         """Record a refused request of ``sae`` in the audit trail, durably (refusals that
         arrive together share one commit); past the SAE's budget it is counted into its next

@@ -27,8 +27,6 @@ from typing import Final
 import structlog
 import trio
 
-from qkdnode.audit import AuditKind
-from qkdnode.audit.trail import AuditValue
 from qkdnode.channel.messages import ControlBody
 from qkdnode.config.relay import RelaySection
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, ApiError
@@ -52,7 +50,12 @@ from qkdnode.relay.events import (
     SendRelay,
 )
 from qkdnode.relay.machine import RelayMachine
-from qkdnode.relay.messages import message_from_wire, message_to_wire
+from qkdnode.relay.messages import (
+    MAX_KEY_BITS,
+    MIN_KEY_BITS,
+    message_from_wire,
+    message_to_wire,
+)
 from qkdnode.relay.padwire import (
     PAD_SCHEMAS,
     PadAnswer,
@@ -94,12 +97,27 @@ class _Request:
     refused: str = ""
 
 
+@dataclass(slots=True)
+class _Take:
+    """Hand relayed keys to an SAE in the relay task's next transaction: the keys ``key_ids``,
+    or (``key_ids`` empty) ``number`` keys relayed ahead for the pair, all or none."""
+
+    master_sae: str
+    slave_sae: str
+    key_bits: int = 0
+    number: int = 0
+    key_ids: Sequence[uuid.UUID] = ()
+    done: trio.Event = field(default_factory=trio.Event)
+    keys: list[tuple[uuid.UUID, bytes]] = field(default_factory=list)
+    refused: DeliveryRefused | None = None
+
+
 _Pool = tuple[str, str, int]  # (master SAE, slave SAE, key bits)
 MAX_POOLS: Final = 256
 POOL_BACKOFF_MAX_S: Final = 60.0
 
 # an input for the machine, a request with its answer, or a frame: (peer, kind, body)
-_InboxItem = Input | _Request | tuple[str, str, Mapping[str, object]]
+_InboxItem = Input | _Request | _Take | tuple[str, str, Mapping[str, object]]
 
 
 class RelayService:
@@ -135,10 +153,9 @@ class RelayService:
             send, receive = trio.open_memory_channel[tuple[str, ControlBody]](OUTBOX_FRAMES)
             parity = 0 if node.config.node.role == "alice" else 1
             self._links[name] = _Link(node, parity, send, receive)
-        self._audit_node = delivery_node or next(iter(links.values()))
-        self._inbox_in, self._inbox_out = trio.open_memory_channel[
-            Input | _Request | tuple[str, str, Mapping[str, object]]
-        ](INBOX_ITEMS)
+        # relayed deliveries are recorded in the audit trail of the delivery link
+        self._delivery_node = delivery_node
+        self._inbox_in, self._inbox_out = trio.open_memory_channel[_InboxItem](INBOX_ITEMS)
         # key ID -> set when the relay is decided here (origin) or finished (terminal)
         self._decided: dict[uuid.UUID, trio.Event] = {}
         self.relays_started = 0
@@ -149,10 +166,6 @@ class RelayService:
         self._pool_paused_until: dict[_Pool, float] = {}
         self._pool_backoff_s: dict[_Pool, float] = {}
         self._pool_wanted = trio.Event()
-        self._claimed: set[uuid.UUID] = set()  # pool keys a request is handing out
-        # held while a request picks pool keys and while one releases its claims: a key
-        # handed out meanwhile is still claimed when the other filters its (older) pick
-        self._claim_lock = trio.Lock()
 
     def __repr__(self) -> str:
         return f"RelayService(node={self.node_name}, links={sorted(self._links)})"
@@ -193,7 +206,7 @@ class RelayService:
             await self._post(RetransmitDue())
             await trio.sleep(self.section.retransmit_s)
 
-    async def _post(self, item: Input | _Request) -> None:
+    async def _post(self, item: Input | _Request | _Take) -> None:
         await self._inbox_in.send(item)
 
     # ---- the relay task ------------------------------------------------------------------------
@@ -201,8 +214,11 @@ class RelayService:
         """The pad messages first (each in its own transactions), then every machine input of
         ``items`` in one store transaction (group commit), then what they send and report."""
         inputs: list[tuple[Input, _Request | None]] = []
+        takes: list[_Take] = []
         for item in items:
-            if isinstance(item, _Request):
+            if isinstance(item, _Take):
+                takes.append(item)
+            elif isinstance(item, _Request):
                 inputs.append((item.event, item))
             elif isinstance(item, tuple):
                 peer, kind, body = item
@@ -214,14 +230,16 @@ class RelayService:
                     for name in self._links:
                         await self._fill_pad(name, resend=True)
                 inputs.append((item, None))
-        if not inputs:
+        if not inputs and not takes:
             return
-        outcomes = await trio.to_thread.run_sync(self._apply_batch, inputs)
+        outcomes = await trio.to_thread.run_sync(self._apply_batch, inputs, takes)
         for (_, request), effects in zip(inputs, outcomes, strict=True):
             for effect in effects:
                 self._report(effect, request)
             if request is not None:
                 request.done.set()
+        for take in takes:
+            take.done.set()
 
     async def _control(
         self, peer: str, kind: str, body: Mapping[str, object]
@@ -242,10 +260,13 @@ class RelayService:
             log.warning("relay.message_refused", peer=peer, kind=kind, error=str(exc)[:200])
             return None
 
-    def _apply_batch(self, inputs: Sequence[tuple[Input, _Request | None]]) -> list[list[Effect]]:
-        """(Worker thread.) Every input through the machine, each ``SaveRelay`` written at once
-        in one transaction committed at the end, so the machine reads what the inputs before
-        wrote; nothing is sent or reported before the commit. A refused input has no effect."""
+    def _apply_batch(
+        self, inputs: Sequence[tuple[Input, _Request | None]], takes: Sequence[_Take]
+    ) -> list[list[Effect]]:
+        """(Worker thread.) Every input through the machine, each ``SaveRelay`` written at once,
+        then the hand-outs, all in one transaction committed at the end, so the machine reads
+        what the inputs before wrote; nothing is sent, reported or handed out before the
+        commit. A refused input has no effect; a refused hand-out changes nothing."""
         outcomes: list[list[Effect]] = []
         with self.store.batch():
             for event, _ in inputs:
@@ -260,7 +281,25 @@ class RelayService:
                     if isinstance(effect, SaveRelay):
                         self.store.apply(effect)
                 outcomes.append(effects)
+            for take in takes:
+                self._take_now(take)
         return outcomes
+
+    def _take_now(self, take: _Take) -> None:
+        key_ids = take.key_ids or self.store.finished_origin_keys(
+            master_sae=take.master_sae,
+            slave_sae=take.slave_sae,
+            key_bits=take.key_bits,
+            limit=take.number,
+        )
+        if not take.key_ids and len(key_ids) < take.number:
+            return  # not enough relayed ahead: the request relays its keys now
+        try:
+            take.keys = self.store.hand_out(
+                key_ids, master_sae=take.master_sae, slave_sae=take.slave_sae
+            )
+        except DeliveryRefused as exc:
+            take.refused = exc
 
     def _report(self, effect: Effect, request: _Request | None) -> None:
         match effect:
@@ -459,28 +498,6 @@ class RelayService:
             self._pools.setdefault(pool, set())
             self._pool_wanted.set()
 
-    async def _claim_ready(
-        self, master_sae: str, slave_sae: str, key_bits: int, number: int
-    ) -> list[uuid.UUID]:
-        """Up to ``number`` keys relayed ahead for the pair, claimed for this request."""
-        async with self._claim_lock:
-            return await self._pick(master_sae, slave_sae, key_bits, number)
-
-    async def _pick(
-        self, master_sae: str, slave_sae: str, key_bits: int, number: int
-    ) -> list[uuid.UUID]:
-        ready = await trio.to_thread.run_sync(
-            lambda: self.store.finished_origin_keys(
-                master_sae=master_sae,
-                slave_sae=slave_sae,
-                key_bits=key_bits,
-                limit=number + len(self._claimed),
-            )
-        )
-        claimed = [key_id for key_id in ready if key_id not in self._claimed][:number]
-        self._claimed.update(claimed)
-        return claimed
-
     # ---- ETSI 014 ------------------------------------------------------------------------------
     def stored_key_count(self, master_sae: str, slave_sae: str) -> int:
         return self.store.relayed_key_count(master_sae=master_sae, slave_sae=slave_sae)
@@ -499,36 +516,33 @@ class RelayService:
         handed out once every one is confirmed at both ends. ApiError 503 otherwise (keys that
         were confirmed stay at both ends, for the pair's next request)."""
         route = self.route_to(slave_sae)
+        if not MIN_KEY_BITS <= size_bits <= MAX_KEY_BITS:
+            raise ApiError(
+                400,
+                f"relayed keys are {MIN_KEY_BITS}..{MAX_KEY_BITS} bits",
+                [{"size": "out of range for a relayed key"}],
+            )
         self._want_pool((master_sae, slave_sae, size_bits))
-        claims = await self._claim_ready(master_sae, slave_sae, size_bits, number)
-        try:
-            missing = number - len(claims)
-            await self._relay_now(route, master_sae, slave_sae, missing, size_bits, claims)
-            keys = await self._hand_out(list(claims), "master", master_sae, slave_sae, route)
-        except DeliveryRefused:  # not expected: every key here is claimed by this request
+        take = await self._take(_Take(master_sae, slave_sae, key_bits=size_bits, number=number))
+        if not take.keys:
+            key_ids = await self._relay_now(route, master_sae, slave_sae, number, size_bits)
+            take = await self._take(_Take(master_sae, slave_sae, key_ids=key_ids))
+        if take.refused is not None:  # not expected: nothing else hands these keys out
             log.error("relay.hand_out_refused", master_sae=master_sae, slave_sae=slave_sae)
-            raise ApiError(503, "relayed keys not available; retry later") from None
-        finally:
-            with trio.CancelScope(shield=True):
-                async with self._claim_lock:
-                    self._claimed.difference_update(claims)
-        return keys
+            raise ApiError(503, "relayed keys not available; retry later")
+        await self._record(take, "master", route)
+        return take.keys
+
+    async def _take(self, take: _Take) -> _Take:
+        await self._post(take)
+        await take.done.wait()
+        return take
 
     async def _relay_now(
-        self,
-        route: tuple[str, ...],
-        master_sae: str,
-        slave_sae: str,
-        number: int,
-        key_bits: int,
-        claims: list[uuid.UUID],
-    ) -> None:
-        """Relay ``number`` keys and wait for the origin's decision (up to the timeout). Each
-        key ID is appended to ``claims`` and claimed as its relay starts (no other request
-        takes it from the pool); ApiError 503 when not all are decided commit (the undecided
-        ones given up)."""
-        if number <= 0:
-            return
+        self, route: tuple[str, ...], master_sae: str, slave_sae: str, number: int, key_bits: int
+    ) -> list[uuid.UUID]:
+        """Relay ``number`` keys and wait for the origin's decision (up to the timeout): their
+        IDs, or ApiError 503 when not all are decided commit (the undecided ones given up)."""
         key_ids: list[uuid.UUID] = []
         refused = False
         with trio.move_on_after(self.section.timeout_s) as waited:
@@ -550,8 +564,6 @@ class RelayService:
                 refused = refused or bool(request.refused)
                 for key_id in request.started:
                     key_ids.append(key_id)
-                    claims.append(key_id)
-                    self._claimed.add(key_id)
                     self._decided.setdefault(key_id, trio.Event())
             await self._check_decided(key_ids)
             if not refused:
@@ -573,6 +585,7 @@ class RelayService:
         finally:
             for key_id in key_ids:
                 self._decided.pop(key_id, None)
+        return key_ids
 
     async def _records(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RelayRecord | None]:
         return await trio.to_thread.run_sync(lambda: {k: self.store.relay(k) for k in key_ids})
@@ -609,55 +622,29 @@ class RelayService:
         records = await self._records(key_ids)
         if not all(r is not None and r.deliverable and r.key for r in records.values()):
             raise ApiError(400, MSG_KEYS_NOT_FOUND)  # aborted, undecided or handed out already
-        try:
-            return await self._hand_out(key_ids, "slave", master_sae, slave_sae, route)
-        except DeliveryRefused:
-            raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
+        take = await self._take(_Take(master_sae, slave_sae, key_ids=key_ids))
+        if take.refused is not None:
+            raise ApiError(400, MSG_KEYS_NOT_FOUND)
+        await self._record(take, "slave", route)
+        return take.keys
 
-    async def _hand_out(
-        self,
-        key_ids: Sequence[uuid.UUID],
-        role: str,
-        master_sae: str,
-        slave_sae: str,
-        route: tuple[str, ...],
-    ) -> list[tuple[uuid.UUID, bytes]]:
-        """Hand the keys out (relay store) and record it in the audit trail (the delivery
-        link's store), the two writes at once: a crash between them can only leave an entry
-        for keys still here (handed out, and recorded, again later), never a delivery without
-        one. The caller checked that the keys are there: DeliveryRefused only after a race."""
-        audit = self._audit_node.audit
-        fields: dict[str, AuditValue] = {
-            "role": role,
-            "master_sae": master_sae,
-            "slave_sae": slave_sae,
-            "key_ids": tuple(str(key_id) for key_id in key_ids),
-            "relayed": True,
-            "route": "/".join(route),
-        }
-        keys: list[tuple[uuid.UUID, bytes]] = []
-        refused: list[DeliveryRefused] = []
-
-        async def hand_out() -> None:
-            try:
-                keys.extend(
-                    await trio.to_thread.run_sync(
-                        lambda: self.store.hand_out(
-                            key_ids, master_sae=master_sae, slave_sae=slave_sae
-                        )
-                    )
-                )
-            except DeliveryRefused as exc:
-                refused.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hand_out)
-            nursery.start_soon(
-                trio.to_thread.run_sync, lambda: audit.record(AuditKind.KEYS_DELIVERED, **fields)
-            )
-        if refused:  # the caller checked, so only a race: the answer records it
-            raise refused[0]
-        return keys
+    async def _record(self, take: _Take, role: str, route: tuple[str, ...]) -> None:
+        """Record keys handed out in the delivery link's audit trail, durably, before the
+        answer: a crash in between loses keys nobody received; an SAE never holds a relayed
+        key that has no entry."""
+        manager = self._delivery_node.manager if self._delivery_node is not None else None
+        if manager is None:
+            return
+        await manager.record_delivery(
+            {
+                "role": role,
+                "master_sae": take.master_sae,
+                "slave_sae": take.slave_sae,
+                "key_ids": tuple(str(key_id) for key_id, _ in take.keys),
+                "relayed": True,
+                "route": "/".join(route),
+            }
+        )
 
 
 def _decided(record: RelayRecord) -> bool:
