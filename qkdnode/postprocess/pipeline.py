@@ -90,7 +90,7 @@ from qkdnode.postprocess.finitekey import (
     binary_entropy,
 )
 from qkdnode.postprocess.leakage import LeakageLedger
-from qkdnode.postprocess.records import Bits, DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, Bits, DetectionRecords
 from qkdnode.postprocess.sifting import (
     SiftAnnouncement,
     SiftedBlock,
@@ -262,7 +262,7 @@ class AliceBlock(_BlockRole):
     role = "alice"
 
     def __init__(
-        self, emissions: EmissionRecords, params: PipelineParameters, rng: np.random.Generator
+        self, emissions: AliceRecords, params: PipelineParameters, rng: np.random.Generator
     ) -> None:
         super().__init__(params)
         self._emissions = emissions
@@ -572,7 +572,7 @@ class Transcript:
 
 
 def run_block(
-    emissions: EmissionRecords,
+    emissions: AliceRecords,
     detections: DetectionRecords,
     params: PipelineParameters,
     rng: np.random.Generator,

@@ -43,6 +43,7 @@ from qkdnode.postprocess.records import (
     BASIS_KEY,
     BASIS_TEST,
     INTENSITY_CLASSES,
+    AliceRecords,
     DetectionRecords,
     EmissionRecords,
 )
@@ -236,9 +237,13 @@ def announce_detections(detections: DetectionRecords) -> SiftAnnouncement:
 
 
 def sift_alice(
-    emissions: EmissionRecords, announcement: SiftAnnouncement
+    emissions: AliceRecords, announcement: SiftAnnouncement
 ) -> tuple[SiftReply, SiftedBlock]:
     """Alice: match Bob's bases against hers; return the reply for Bob and her sifted block.
+
+    With dense ``EmissionRecords`` her records are indexed at the announced offsets; any other
+    ``EmissionLookup`` gives the records of the announced pulses alone (streamed in chunks by
+    the lookup): the same reply and block, with no per-pulse array of the block.
 
     Raises ProtocolError if the announcement covers another pulse range than ``emissions``.
     """
@@ -248,7 +253,15 @@ def sift_alice(
         raise ProtocolError("does not match the emitted block", field="pulse_count")
     offsets = announcement.pulse_offsets()
     bob_basis = announcement.basis_bits()
-    if offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
+    if not isinstance(emissions, EmissionRecords):
+        # records of the announced pulses only, produced chunk by chunk by the lookup
+        alice_bit, alice_basis, alice_intensity = emissions.records_at(offsets)
+        del offsets
+        match = alice_basis == bob_basis
+        intensity = alice_intensity[match]
+        match_bits = match.view(np.uint8)
+        sifted = _split(alice_bit[match], intensity, bob_basis[match])
+    elif offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
         match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
             kernels.sift_alice_split(
                 offsets,
