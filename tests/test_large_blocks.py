@@ -7,6 +7,8 @@ and a whole block's outcome.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import trio
@@ -16,6 +18,14 @@ from qkdnode.errors import ConfigError, ProtocolError
 from qkdnode.link.physics import RedrawnEmissions, Source
 from qkdnode.link.recording import pack_block
 from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
+from qkdnode.postprocess import bitpack
+from qkdnode.postprocess.cascade import CascadeVariant
+from qkdnode.postprocess.cascade.frames import (
+    FramedReconciler,
+    FramedResponder,
+    frame_bounds,
+    frame_seed,
+)
 from qkdnode.postprocess.pipeline import BlockKey, run_block
 from qkdnode.postprocess.records import (
     AliceRecords,
@@ -242,3 +252,98 @@ def test_alice_records_setting() -> None:
     with pytest.raises(ConfigError) as info:
         SimulatedLinkConfig.from_mapping({"alice_records": "some"})
     assert info.value.key == "link.alice_records"
+
+
+def test_frame_bounds() -> None:
+    assert frame_bounds(10, 0) == [(0, 10)]
+    assert frame_bounds(10, 10) == [(0, 10)]
+    assert frame_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert frame_bounds(12, 4) == [(0, 4), (4, 8), (8, 12)]
+    assert frame_bounds(9, 8) == [(0, 5), (5, 9)]
+    seed = bytes(range(32))
+    assert frame_seed(seed, 0) == seed
+    assert len({frame_seed(seed, i) for i in range(4)}) == 4
+
+
+def test_framed_cascade_corrects_every_frame() -> None:
+    rng = np.random.default_rng(9)
+    alice = rng.integers(0, 2, 50_000, dtype=np.uint8)
+    bob = alice ^ (rng.random(alice.size) < 0.02).astype(np.uint8)
+    seed = bytes(32)
+    variant = CascadeVariant.SUBBLOCK_REUSE
+    responder = FramedResponder(alice, seed=seed, variant=variant, max_frame_bits=16_000)
+    reconciler = FramedReconciler(
+        bob, seed=seed, variant=variant, qber_estimate=0.02, max_frame_bits=16_000
+    )
+    assert reconciler.frames == responder.frames == 4
+    while (query := reconciler.next_query()) is not None:
+        reconciler.receive_answer(responder.answer(query))
+    assert reconciler.finished and responder.frames_started == 4
+    assert np.array_equal(reconciler.corrected_bits, alice)
+    assert reconciler.errors_corrected == int(np.count_nonzero(alice != bob))
+    assert reconciler.parity_bits_received == responder.parity_bits_sent
+    assert reconciler.round_trips == responder.rounds_answered
+    # one query too many: past the last frame
+    with pytest.raises(ProtocolError):
+        responder.answer(
+            FramedReconciler(
+                bob, seed=seed, variant=variant, qber_estimate=0.02, max_frame_bits=16_000
+            ).next_query()  # type: ignore[arg-type]
+        )
+
+
+def test_a_block_in_cascade_frames_gives_the_same_key_on_both_sides() -> None:
+    emissions, detections = make_block(
+        np.random.default_rng(21),
+        pulse_count=2_000_000,
+        qber=0.02,
+        vacuum_qber=0.02,
+        p_key_basis=0.7,
+    )
+    whole = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(8))
+    one_frame = run_block(
+        emissions,
+        detections,
+        dataclasses.replace(SINGLE_PHOTON, cascade_frame_bits=10**6),
+        np.random.default_rng(8),
+    )
+    framed = run_block(
+        emissions,
+        detections,
+        dataclasses.replace(SINGLE_PHOTON, cascade_frame_bits=12_000),
+        np.random.default_rng(8),
+    )
+    for reference, same, other in zip(whole, one_frame, framed, strict=True):
+        assert isinstance(reference, BlockKey) and isinstance(same, BlockKey)
+        assert isinstance(other, BlockKey)
+        # a key within one frame: plain Cascade, bit for bit
+        assert same.statistics == reference.statistics
+        assert np.array_equal(same.key, reference.key)
+        assert other.statistics.reconciled_bits == reference.statistics.reconciled_bits
+        assert other.statistics.round_trips > reference.statistics.round_trips
+    alice, bob = framed
+    assert isinstance(alice, BlockKey) and isinstance(bob, BlockKey)
+    assert np.array_equal(alice.key, bob.key) and alice.statistics == bob.statistics
+
+
+@pytest.mark.parametrize("chunk", [64, 1000])
+def test_gap_coding_in_chunks_equals_the_whole_array(
+    chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(chunk)
+    offsets = np.cumsum(rng.geometric(0.01, 20_000)).astype(np.int64)  # some gaps >= 128
+    offsets[100] = offsets[99] + 1  # a zero gap
+    limit = int(offsets[-1]) + 1
+    whole = bitpack.encode_gaps(offsets)
+    monkeypatch.setattr(bitpack, "GAP_CHUNK", chunk)
+    assert bitpack.encode_gaps(offsets) == whole
+    assert np.array_equal(bitpack.decode_gaps(whole, offsets.size, limit, field="f"), offsets)
+    for data, count, bad_limit in (
+        (whole[:-1], offsets.size, limit),  # truncated
+        (whole + b"\x00", offsets.size, limit),  # one varint too many
+        (whole, offsets.size + 1, limit),  # too few varints
+        (whole, offsets.size, limit - 1),  # the last offset out of range
+        (b"\x80" * 20 + whole[20:], offsets.size, limit),  # overlong varint
+    ):
+        with pytest.raises(ProtocolError):
+            bitpack.decode_gaps(data, count, bad_limit, field="f")

@@ -32,7 +32,7 @@ from qkdnode.link.recording import (
     read_manifest,
 )
 from qkdnode.link.replay import ReplayBlocks, ReplayLink, open_recording
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import DetectedEmissionRecords, DetectionRecords
 from tests.helpers_link import run_blocks
 
 # short fibre, efficient detector: many detections in small blocks
@@ -417,7 +417,7 @@ async def test_replay_link_conforms_to_the_link_interface(recording: Path) -> No
         await link.next_block(PULSES)
     alice = ReplayLink(config, read_manifest(recording), "alice")
     await alice.open()
-    assert isinstance(await alice.next_block(PULSES), EmissionRecords)
+    assert isinstance(await alice.next_block(PULSES), DetectedEmissionRecords)
     await alice.aclose()
     assert alice.status().state is LinkState.CLOSED and alice.status().pulses_sent == PULSES
 

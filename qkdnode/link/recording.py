@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 
 from qkdnode.config.link import LinkParameters
 from qkdnode.errors import BadDeviceData, QkdError
-from qkdnode.postprocess.records import AliceRecords, DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectedEmissionRecords, DetectionRecords
 
 FORMAT: Final = "qkdnode-link-recording"
 VERSION: Final = 1
@@ -354,15 +354,14 @@ def detection_records(
 
 def emission_records(
     offsets: U32, states: U8, first_pulse_index: int, pulses: int
-) -> EmissionRecords:
-    """Alice's records of a block starting at ``first_pulse_index``, dense as post-processing
-    takes them: the recorded pulses hold their values, the others zeros (never looked at)."""
-    bit = np.zeros(pulses, dtype=np.uint8)
-    basis = np.zeros(pulses, dtype=np.uint8)
-    intensity = np.zeros(pulses, dtype=np.uint8)
-    bit[offsets] = states & np.uint8(1)
-    basis[offsets] = (states >> 1) & np.uint8(1)
-    intensity[offsets] = states >> 2
-    return EmissionRecords(
-        first_pulse_index=first_pulse_index, bit=bit, basis=basis, intensity=intensity
+) -> DetectedEmissionRecords:
+    """Alice's records of a block starting at ``first_pulse_index``: those of the recorded
+    (detected) pulses only, as the recording holds them."""
+    return DetectedEmissionRecords(
+        first_pulse_index=first_pulse_index,
+        pulse_count=pulses,
+        offset=offsets.astype(np.int64),
+        bit=(states & 1).astype(np.uint8),
+        basis=((states >> 1) & 1).astype(np.uint8),
+        intensity=(states >> 2).astype(np.uint8),
     )
