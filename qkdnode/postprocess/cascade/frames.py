@@ -5,7 +5,8 @@ position of every pass, the permutations of every pass with their inverses, the 
 map), so a key of 10^7 bits would need about 0.9 GB for it alone. With ``max_frame_bits`` > 0 a
 key longer than that is cut into the fewest frames of at most ``max_frame_bits`` bits, of equal
 length but the last (``frame_bounds``), and each frame is one Cascade exchange of its own, with
-the seed ``frame_seed(seed, i)``, run after the previous frame's. Only one frame's state is held.
+the seed ``frame_seed(seed, i)``, run after the previous frame's. Only one frame's state is held:
+a finished frame's permutations leave the permutation cache too (its seed never recurs).
 
 On the wire nothing changes: the queries of frame i + 1 follow those of frame i, each frame
 numbering its rounds from 0; Alice moves to the next frame when a query of round 0 arrives
@@ -29,7 +30,7 @@ from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.cascade.messages import ParityAnswer, ParityQuery
-from qkdnode.postprocess.cascade.permutation import check_seed
+from qkdnode.postprocess.cascade.permutation import check_seed, forget_permutations
 from qkdnode.postprocess.cascade.reconciler import CascadeReconciler
 from qkdnode.postprocess.cascade.responder import CascadeResponder, check_frame_bits
 from qkdnode.postprocess.cascade.variants import CascadeVariant
@@ -139,6 +140,8 @@ class FramedReconciler:
             self._done_round_trips += finished.round_trips
             index = len(self._corrected)
             self._current = None  # its state is freed before the next frame's is made
+            start, end = self._bounds[index - 1]
+            forget_permutations(frame_seed(self._seed, index - 1), end - start)
             if index < len(self._bounds):
                 self._current = self._frame(index)
         return None
@@ -208,6 +211,8 @@ class FramedResponder:
                 raise ProtocolError("a query after the last frame", field="round_index")
             self._done_rounds += self._current.rounds_answered
             self._done_parity_bits += self._current.parity_bits_sent
+            start, end = self._bounds[self._index]
+            forget_permutations(frame_seed(self._seed, self._index), end - start)
             self._index += 1
             self._current = self._frame(self._index)
         return self._current.answer(query)
