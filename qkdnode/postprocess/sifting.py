@@ -13,6 +13,12 @@ Flow for one block:
 
 Alice never sends her basis or any bit value here: the match bit is all Bob needs.
 
+Alice's records may be dense (``EmissionRecords``, indexed at the announced offsets) or an
+``EmissionLookup`` that gives the records of the announced pulses alone, chunk by chunk (large
+blocks: ``qkdnode.link.physics.RedrawnEmissions``, ``records.DetectedEmissionRecords``); the
+reply and the sifted block are the same either way. The announcement's gaps are coded in runs
+of ``bitpack.GAP_CHUNK`` offsets, so no temporary array of the whole announcement is made.
+
 Blocks of at least ``KERNEL_MIN_DETECTIONS`` detections are split by the numba kernels of
 ``qkdnode.postprocess.kernels`` (one pass instead of several gathers and masks, about 1.5x
 faster, same arrays bit for bit); smaller blocks stay in numpy, where the difference is a few
