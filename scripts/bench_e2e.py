@@ -3,7 +3,14 @@ replaying a recording of it.
 
     python scripts/bench_e2e.py [--quick] [--km 10,25,50] [--blocks N] [--seconds S]
                                 [--sifted-bits N] [--in-flight K]
-                                [--link simulated,replay] [--replay-blocks B] --json OUT
+                                [--link simulated,replay] [--replay-blocks B]
+                                [--large-blocks] [--alice-records R] [--pa-family F]
+                                [--cascade-frame-bits N] --json OUT
+
+``--large-blocks``: blocks of 10^7 sifted bits with the settings that bound memory (Alice's
+simulated link keeps her source's state, not her records of every pulse; Cascade in frames of
+at most 2^22 bits; privacy amplification by ``mersenne-gmp-v1``); ``peak_mb`` then shows each
+daemon's peak resident memory against the 1 GB per process it must stay within.
 
 ``--link replay`` first records ``--replay-blocks`` blocks (20 by default) of the simulated link
 with the same config (``qkdnode link record``, before the daemons start), then both daemons
@@ -172,6 +179,9 @@ def run_distance(
     in_flight: int,
     link: str = "simulated",
     replay_blocks: int = 20,
+    alice_records: str | None = None,
+    pa_family: str | None = None,
+    cascade_frame_bits: int | None = None,
 ) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
     settings = decoy_settings_for(distance_km, block_pulses)
@@ -185,14 +195,23 @@ def run_distance(
         if link == "replay":
             configs = [layout.config(node) for node in NODES]
             recording_s = round(record_and_use_replay(workdir, configs, replay_blocks), 1)
-        if in_flight > 1:
-            for node in NODES:
-                path = layout.config(node)
-                path.write_text(
-                    path.read_text().replace(
-                        "[postprocess]\n", f"[postprocess]\nblocks_in_flight = {in_flight}\n", 1
-                    )
-                )
+        postprocess_lines = f"blocks_in_flight = {in_flight}\n" if in_flight > 1 else ""
+        if pa_family is not None:
+            postprocess_lines += f'pa_family = "{pa_family}"\n'
+        if cascade_frame_bits is not None:
+            postprocess_lines += f"cascade_frame_bits = {cascade_frame_bits}\n"
+        link_lines = (
+            f'alice_records = "{alice_records}"\n'
+            if link == "simulated" and alice_records is not None
+            else ""
+        )
+        for node in NODES:
+            path = layout.config(node)
+            path.write_text(
+                path.read_text()
+                .replace("[postprocess]\n", f"[postprocess]\n{postprocess_lines}", 1)
+                .replace("[link]\n", f"[link]\n{link_lines}", 1)
+            )
         processes = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
         followers = {node: LogFollower(layout.log(node)) for node in NODES}
         events: list[dict[str, Any]] = []
@@ -201,7 +220,8 @@ def run_distance(
         role_s: dict[str, dict[int, float]] = {node: {} for node in NODES}
         lags_s: dict[str, list[float]] = {node: [] for node in NODES}
         started = time.monotonic()
-        deadline = started + 120 + 60 * blocks + steady_s
+        # a minute per block of up to 10^6 sifted bits, proportionally more for larger ones
+        deadline = started + 120 + 60 * blocks * max(1.0, sifted_bits / 1e6) + steady_s
         cpu_first: dict[str, float] = {}
         wait_first: dict[str, dict[int, float]] = {}
         first_s = 0.0
@@ -292,6 +312,9 @@ def run_distance(
         "link": link,
         "distance_km": distance_km,
         "blocks_in_flight": in_flight,
+        "alice_records": alice_records,
+        "pa_family": pa_family,
+        "cascade_frame_bits": cascade_frame_bits,
         "blocks": len(committed),
         "blocks_aborted": len(events) - len(committed),
         "block_pulses": block_pulses,
@@ -377,6 +400,27 @@ def main() -> int:
     parser.add_argument(
         "--replay-blocks", type=int, default=20, help="blocks recorded for --link replay"
     )
+    parser.add_argument(
+        "--alice-records",
+        choices=("every_pulse", "detected_pulses"),
+        help="[link] alice_records of the simulated link (default: the config's default)",
+    )
+    parser.add_argument(
+        "--pa-family",
+        help="[postprocess] pa_family of both daemons (default: the config's default)",
+    )
+    parser.add_argument(
+        "--cascade-frame-bits",
+        type=int,
+        help="[postprocess] cascade_frame_bits of both daemons (default: the config's default)",
+    )
+    parser.add_argument(
+        "--large-blocks",
+        action="store_true",
+        help="10^7 sifted bits per block, Alice keeping only her source's state "
+        '(alice_records = "detected_pulses"), privacy amplification by mersenne-gmp-v1, '
+        "Cascade in frames of at most 2^22 bits",
+    )
     parser.add_argument("--quick", action="store_true", help="25 km, 3 blocks of 2.5e5 bits")
     parser.add_argument("--json", required=True, help="write the rows here")
     args = parser.parse_args()
@@ -387,6 +431,13 @@ def main() -> int:
     blocks, sifted_bits, steady_s = args.blocks, args.sifted_bits, args.seconds
     if args.quick:
         distances, blocks, sifted_bits, steady_s = [25.0], 3, 250_000, 0.0
+    alice_records, pa_family = args.alice_records, args.pa_family
+    cascade_frame_bits = args.cascade_frame_bits
+    if args.large_blocks:
+        sifted_bits = 10_000_000
+        alice_records = alice_records or "detected_pulses"
+        pa_family = pa_family or "mersenne-gmp-v1"
+        cascade_frame_bits = 1 << 22 if cascade_frame_bits is None else cascade_frame_bits
     rows = []
     print(
         f"{'link':>9} {'km':>5} {'blocks':>6} {'secret b/s':>11} {'b/pulse':>10} {'bound':>10} "
@@ -396,7 +447,16 @@ def main() -> int:
     )
     for link, distance in [(link, km) for km in distances for link in links]:
         row = run_distance(
-            distance, blocks, sifted_bits, steady_s, args.in_flight, link, args.replay_blocks
+            distance,
+            blocks,
+            sifted_bits,
+            steady_s,
+            args.in_flight,
+            link,
+            args.replay_blocks,
+            alice_records=alice_records,
+            pa_family=pa_family,
+            cascade_frame_bits=cascade_frame_bits,
         )
         rows.append(row)
         print(

@@ -39,7 +39,9 @@ async def run_blocks(
             sent: list[EmissionRecords] = []
 
             async def emit(sent: list[EmissionRecords] = sent) -> None:
-                sent.append(await alice.next_block(pulse_count))
+                records = await alice.next_block(pulse_count)
+                assert isinstance(records, EmissionRecords)  # dense records by default
+                sent.append(records)
 
             async with trio.open_nursery() as block:
                 block.start_soon(emit)

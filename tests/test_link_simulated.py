@@ -299,7 +299,9 @@ async def test_alice_and_bob_in_two_processes_over_loopback_tcp() -> None:
             nursery.start_soon(bob_process)
             await alice.open()
             for _ in range(blocks):
-                emitted.append(await alice.next_block(pulses))
+                records = await alice.next_block(pulses)
+                assert isinstance(records, EmissionRecords)  # dense records by default
+                emitted.append(records)
             await alice.aclose()
     received = json.loads(process[0].stdout)
     assert [b["first"] for b in received] == [a.first_pulse_index for a in emitted]
@@ -336,7 +338,9 @@ async def test_ends_built_from_config_meet_over_tcp() -> None:
     async with trio.open_nursery() as nursery:
 
         async def emit() -> None:
-            sent.append(await alice.next_block(20_000))
+            records = await alice.next_block(20_000)
+            assert isinstance(records, EmissionRecords)  # dense records by default
+            sent.append(records)
 
         nursery.start_soon(emit)
         received = await bob.next_block(20_000)
@@ -396,7 +400,9 @@ async def test_bob_keeps_blocks_read_ahead_until_alice_announces_them() -> None:
 
     async def emit(blocks: int) -> None:
         for _ in range(blocks):
-            sent.append(await alice.alice_block())
+            records = await alice.alice_block()
+            assert isinstance(records, EmissionRecords)  # dense records by default
+            sent.append(records)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(emit, 4)

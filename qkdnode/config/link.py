@@ -22,6 +22,8 @@ LinkBackend = Literal["simulated", "serial", "replay"]
 # mu <= MAX_MU the clipped tail has probability < 1e-25 per pulse.
 MAX_MU = 10.0
 _PROBABILITY_SUM_TOLERANCE = 1e-9
+# what Alice's end of the simulated link keeps of a block (SimulatedLinkConfig.alice_records)
+ALICE_RECORDS: Final = ("every_pulse", "detected_pulses")
 
 SERIAL_PROTOCOL_VERSION: Final = 1  # the device protocol this release speaks (device-protocol.md)
 DEFAULT_MODEL: Final = "qkdnode-emulator"
@@ -158,6 +160,11 @@ def _check_link(v: Mapping[str, Any], key: Key) -> None:
     _require(mu1 > mu2 + mu3, key("mu_signal"), f"a number > mu_decoy + mu_vacuum ({mu2 + mu3})")
     _require(mu1 <= MAX_MU, key("mu_signal"), f"a number <= {MAX_MU}")
     _require(1 <= v["chunk_pulses"] <= 1 << 24, key("chunk_pulses"), "an integer in [1, 2^24]")
+    _require(
+        v["alice_records"] in ALICE_RECORDS,
+        key("alice_records"),
+        " or ".join(f'"{choice}"' for choice in ALICE_RECORDS),
+    )
     _require(0 <= v["fibre_port"] <= 65535, key("fibre_port"), "an integer in [0, 65535]")
     _require(bool(v["fibre_host"]), key("fibre_host"), "a non-empty host name")
 
@@ -191,6 +198,10 @@ class SimulatedLinkConfig:
     fibre_port: int = 7330
     fibre_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # What Alice's end keeps of each block: "every_pulse", dense records (3 bytes per pulse,
+    # fastest), or "detected_pulses", her source's state only, the records of the pulses Bob
+    # announces drawn again at sifting (large blocks: 10^9 pulses in bounded memory)
+    alice_records: str = "every_pulse"
 
     def __post_init__(self) -> None:
         _check_link(_values(self), "link.{}".format)

@@ -31,6 +31,9 @@ class PostprocessSection:
     pa_family: str
     # Alice opens up to this many blocks at once once the session is key-derived (Bob follows)
     blocks_in_flight: int
+    # Cascade reconciles the key in frames of at most this many bits, one after another (0: one
+    # frame); both nodes must agree. Bounds Cascade's memory (about 90 bytes per frame bit)
+    cascade_frame_bits: int = 0
 
 
 def read_postprocess(table: Table) -> PostprocessSection:
@@ -63,6 +66,7 @@ def read_postprocess(table: Table) -> PostprocessSection:
         blocks_in_flight=table.integer(
             "blocks_in_flight", 1, minimum=1, maximum=MAX_BLOCKS_IN_FLIGHT
         ),
+        cascade_frame_bits=table.integer("cascade_frame_bits", 0, minimum=0),
     )
     table.finish()
     return section

@@ -27,7 +27,7 @@ from qkdnode.config.link import (
 )
 from qkdnode.errors import LinkError
 from qkdnode.link.interface import QuantumLink
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectionRecords
 
 if TYPE_CHECKING:
     from qkdnode.config import EveConfig, NodeConfig
@@ -46,7 +46,7 @@ class BlockSource(Protocol):
     async def reset(self) -> None:
         """A new session starts."""
 
-    async def alice_block(self) -> EmissionRecords: ...
+    async def alice_block(self) -> AliceRecords: ...
 
     async def bob_prefetch(self) -> None:
         """Bob, as soon as a block opens (before Alice's announcement arrives)."""
@@ -73,7 +73,7 @@ class SimulatedBlocks:
     def link(self) -> QuantumLink:
         return self._link
 
-    async def _records(self) -> EmissionRecords | DetectionRecords:
+    async def _records(self) -> AliceRecords | DetectionRecords:
         if not self._open:
             await self._link.open()
             self._open = True
@@ -92,9 +92,9 @@ class SimulatedBlocks:
             with trio.CancelScope(shield=True):
                 await self._link.aclose()
 
-    async def alice_block(self) -> EmissionRecords:
+    async def alice_block(self) -> AliceRecords:
         records = await self._records()
-        if not isinstance(records, EmissionRecords):
+        if isinstance(records, DetectionRecords):
             raise LinkError("the link gave Bob's records to Alice")
         return records
 
@@ -133,9 +133,9 @@ class SerialBlocks:
     async def reset(self) -> None:
         """Blocks are paired by pulse index: nothing to forget between sessions."""
 
-    async def alice_block(self) -> EmissionRecords:
+    async def alice_block(self) -> AliceRecords:
         records = await self._reader.take()
-        if not isinstance(records, EmissionRecords):
+        if records is None or isinstance(records, DetectionRecords):
             raise LinkError("the device gave Bob's records to Alice")
         return records
 

@@ -15,7 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from qkdnode.config.link import LinkParameters
 from qkdnode.config.node import Role
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectionRecords
 
 __all__ = ["LinkParameters", "LinkState", "LinkStatus", "QuantumLink", "Role"]
 
@@ -63,10 +63,11 @@ class QuantumLink(Protocol):
         """Release the device or fibre. Idempotent."""
         ...
 
-    async def next_block(self, pulse_count: int) -> EmissionRecords | DetectionRecords:
+    async def next_block(self, pulse_count: int) -> AliceRecords | DetectionRecords:
         """Records of the next ``pulse_count`` pulses for this side.
 
-        Alice gets ``EmissionRecords``, Bob ``DetectionRecords``. Raises ``LinkTimeout``,
+        Alice gets ``EmissionRecords`` or another ``AliceRecords`` (an ``EmissionLookup``),
+        Bob ``DetectionRecords``. Raises ``LinkTimeout``,
         ``LinkLost`` or ``BadDeviceData`` (also when the peer's block boundary disagrees).
         """
         ...

@@ -39,6 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.link.interface import LinkParameters
+from qkdnode.postprocess.records import check_offsets
 
 PHOTON_CAP: Final = 63
 _SHIFT_PHOTONS: Final = 2
@@ -125,7 +126,14 @@ class Source:
 
     def emit(self, count: int, rng: np.random.Generator) -> Emission:
         """Alice's choices and the fibre bytes of ``count`` consecutive pulses."""
-        raw = rng.bit_generator.random_raw(count)
+        bit, basis, intensity, photons = self.choices(rng.bit_generator.random_raw(count))
+        return Emission(
+            bit=bit, basis=basis, intensity=intensity, pulses=encode_pulses(photons, basis, bit)
+        )
+
+    def choices(self, raw: NDArray[np.uint64]) -> tuple[U8, U8, U8, U8]:
+        """(bit, basis, intensity, photon number) of the pulses drawn as ``raw``, one raw
+        64-bit draw per pulse (the whole of a pulse's randomness: see the class docstring)."""
         bit = (raw & np.uint64(1)).astype(np.uint8)
         basis = (((raw >> np.uint64(1)) & np.uint64(0x7FFFFFFF)) >= self._basis_threshold).astype(
             np.uint8
@@ -136,11 +144,69 @@ class Source:
         if ambiguous.size:
             outcome = np.searchsorted(self._thresholds, upper[ambiguous], side="right")
             code[ambiguous] = self._codes[outcome]
-        intensity = code >> 6
-        photons = code & np.uint8(PHOTON_CAP)
-        return Emission(
-            bit=bit, basis=basis, intensity=intensity, pulses=encode_pulses(photons, basis, bit)
+        return bit, basis, code >> 6, code & np.uint8(PHOTON_CAP)
+
+
+class RedrawnEmissions:
+    """Alice's records of one block of a ``Source`` held as the state of its random generator
+    at the block's first pulse (an ``EmissionLookup``: no per-pulse array).
+
+    Each pulse takes exactly one raw draw of the generator, so the records of the pulses Bob
+    announced are drawn again from that state when sifting asks for them, chunk by chunk
+    (``chunk_pulses`` raw draws held at a time) and kept at the asked offsets only: they are,
+    bit for bit, those of the pulses that went out on the fibre. The generator that emits the
+    block is not touched (the state is copied), so this may run in another thread.
+    """
+
+    __slots__ = ("_bit_generator", "_chunk_pulses", "_first", "_pulses", "_source", "_state")
+
+    def __init__(
+        self,
+        source: Source,
+        rng: np.random.Generator,
+        *,
+        first_pulse_index: int,
+        pulse_count: int,
+        chunk_pulses: int = 1 << 22,
+    ) -> None:
+        if first_pulse_index < 0 or pulse_count < 0 or chunk_pulses < 1:
+            raise ValueError("first_pulse_index, pulse_count >= 0 and chunk_pulses >= 1")
+        self._source = source
+        self._bit_generator = type(rng.bit_generator)
+        self._state = rng.bit_generator.state
+        self._first = first_pulse_index
+        self._pulses = pulse_count
+        self._chunk_pulses = chunk_pulses
+
+    @property
+    def first_pulse_index(self) -> int:
+        return self._first
+
+    @property
+    def pulse_count(self) -> int:
+        return self._pulses
+
+    def records_at(self, offsets: I64) -> tuple[U8, U8, U8]:
+        """(bit, basis, intensity) of the pulses at ``offsets`` (strictly increasing)."""
+        check_offsets(offsets, self._pulses)
+        generator = self._bit_generator()
+        generator.state = self._state
+        bit = np.empty(offsets.shape[0], dtype=np.uint8)
+        basis = np.empty_like(bit)
+        intensity = np.empty_like(bit)
+        end = int(offsets[-1]) + 1 if offsets.size else 0
+        bounds = np.searchsorted(
+            offsets, np.arange(0, end + self._chunk_pulses, self._chunk_pulses)
         )
+        for chunk, start in enumerate(range(0, end, self._chunk_pulses)):
+            raw = generator.random_raw(min(self._chunk_pulses, end - start))
+            lo, hi = int(bounds[chunk]), int(bounds[chunk + 1])
+            picked = self._source.choices(raw[offsets[lo:hi] - start])
+            bit[lo:hi], basis[lo:hi], intensity[lo:hi] = picked[0], picked[1], picked[2]
+        return bit, basis, intensity
+
+    def __repr__(self) -> str:  # the generator's state is key material
+        return f"RedrawnEmissions(first_pulse_index={self._first}, pulse_count={self._pulses})"
 
 
 def bernoulli_positions(trials: int, p: float, rng: np.random.Generator) -> I64:

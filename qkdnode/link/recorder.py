@@ -24,7 +24,7 @@ from qkdnode.link.recording import (
     write_block_file,
     write_manifest,
 )
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectionRecords
 
 
 def simulator_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -79,8 +79,8 @@ async def record_link(
 
 async def _both_ends(
     alice: QuantumLink, bob: QuantumLink, pulse_count: int
-) -> tuple[EmissionRecords, DetectionRecords]:
-    taken: dict[str, EmissionRecords | DetectionRecords] = {}
+) -> tuple[AliceRecords, DetectionRecords]:
+    taken: dict[str, AliceRecords | DetectionRecords] = {}
 
     async def take(name: str, end: QuantumLink) -> None:
         taken[name] = await end.next_block(pulse_count)
@@ -89,13 +89,13 @@ async def _both_ends(
         nursery.start_soon(take, "alice", alice)
         nursery.start_soon(take, "bob", bob)
     emissions, detections = taken["alice"], taken["bob"]
-    if not isinstance(emissions, EmissionRecords) or not isinstance(detections, DetectionRecords):
+    if isinstance(emissions, DetectionRecords) or not isinstance(detections, DetectionRecords):
         raise LinkError("the ends gave the wrong side's records")
     return emissions, detections
 
 
 def _save(
-    out: Path, number: int, emissions: EmissionRecords, detections: DetectionRecords
+    out: Path, number: int, emissions: AliceRecords, detections: DetectionRecords
 ) -> RecordedBlock:
     try:
         offsets, alice_states, bob_states = pack_block(emissions, detections)

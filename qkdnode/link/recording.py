@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 
 from qkdnode.config.link import LinkParameters
 from qkdnode.errors import BadDeviceData, QkdError
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectedEmissionRecords, DetectionRecords
 
 FORMAT: Final = "qkdnode-link-recording"
 VERSION: Final = 1
@@ -124,7 +124,7 @@ class Manifest:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def pack_block(emissions: EmissionRecords, detections: DetectionRecords) -> tuple[U32, U8, U8]:
+def pack_block(emissions: AliceRecords, detections: DetectionRecords) -> tuple[U32, U8, U8]:
     """(offsets, Alice's states, Bob's states) of one block, both sides' records in hand.
 
     Raises ``ValueError`` if the two sides' records cover different pulses."""
@@ -139,11 +139,8 @@ def pack_block(emissions: EmissionRecords, detections: DetectionRecords) -> tupl
     if detections.pulse_count > MAX_PULSES_PER_BLOCK:
         raise ValueError(f"blocks of more than {MAX_PULSES_PER_BLOCK} pulses cannot be recorded")
     offsets = detections.pulse_index - detections.first_pulse_index
-    alice = (
-        emissions.bit[offsets]
-        | (emissions.basis[offsets] << 1)
-        | (emissions.intensity[offsets] << 2)
-    ).astype(np.uint8)
+    bit, basis, intensity = emissions.records_at(offsets)
+    alice = (bit | (basis << 1) | (intensity << 2)).astype(np.uint8)
     bob = (detections.bit | (detections.basis << 1)).astype(np.uint8)
     return offsets.astype(np.uint32), alice, bob
 
@@ -357,15 +354,14 @@ def detection_records(
 
 def emission_records(
     offsets: U32, states: U8, first_pulse_index: int, pulses: int
-) -> EmissionRecords:
-    """Alice's records of a block starting at ``first_pulse_index``, dense as post-processing
-    takes them: the recorded pulses hold their values, the others zeros (never looked at)."""
-    bit = np.zeros(pulses, dtype=np.uint8)
-    basis = np.zeros(pulses, dtype=np.uint8)
-    intensity = np.zeros(pulses, dtype=np.uint8)
-    bit[offsets] = states & np.uint8(1)
-    basis[offsets] = (states >> 1) & np.uint8(1)
-    intensity[offsets] = states >> 2
-    return EmissionRecords(
-        first_pulse_index=first_pulse_index, bit=bit, basis=basis, intensity=intensity
+) -> DetectedEmissionRecords:
+    """Alice's records of a block starting at ``first_pulse_index``: those of the recorded
+    (detected) pulses only, as the recording holds them."""
+    return DetectedEmissionRecords(
+        first_pulse_index=first_pulse_index,
+        pulse_count=pulses,
+        offset=offsets.astype(np.int64),
+        bit=(states & 1).astype(np.uint8),
+        basis=((states >> 1) & 1).astype(np.uint8),
+        intensity=(states >> 2).astype(np.uint8),
     )

@@ -40,11 +40,11 @@ from qkdnode.link.recording import (
     read_block_file,
     read_manifest,
 )
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import DetectedEmissionRecords, DetectionRecords
 
 log = structlog.get_logger("qkdnode.link")
 
-Records = EmissionRecords | DetectionRecords
+Records = DetectedEmissionRecords | DetectionRecords
 
 
 def open_recording(config: ReplayLinkConfig, *, block_pulses: int) -> Manifest:
@@ -216,7 +216,7 @@ class ReplayBlocks:
         if not self._ended:
             await self._link.open()
 
-    async def alice_block(self) -> EmissionRecords:
+    async def alice_block(self) -> DetectedEmissionRecords:
         position = self._next
         if not self._link.has(position):
             if not self._ended:
@@ -230,7 +230,7 @@ class ReplayBlocks:
             await trio.sleep_forever()
         self._next = position + 1  # a bad block is skipped by the next session
         records = await self._take(position)
-        assert isinstance(records, EmissionRecords)
+        assert isinstance(records, DetectedEmissionRecords)
         return records
 
     async def bob_prefetch(self) -> None:

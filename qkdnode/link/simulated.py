@@ -12,6 +12,13 @@ chunk's physics (Alice's emission and its encoding, Bob's detection) runs in a w
 one chunk at a time and in order, so the event loop stays free and a seed gives the same
 records as a single thread would.
 
+Alice's records of a block are dense (3 bytes per pulse) by default. With ``[link]
+alice_records = "detected_pulses"`` she keeps only her source's generator state at the block's
+first pulse (``physics.RedrawnEmissions``); sifting draws the records of the pulses Bob
+announced again from it, chunk by chunk, and keeps those alone: the same pulses, bit for bit,
+with no per-pulse array of the block in memory (blocks of 10^9 pulses), for one more draw of
+the block's random numbers.
+
 The simulated fibre carries Alice's states (basis, bit) in clear, as a real fibre carries the
 photons: a simulated link is for tests, demos and benchmarks, never for keys that matter.
 """
@@ -35,7 +42,7 @@ from qkdnode.link.fibre import (
     encode_pulse_frame,
 )
 from qkdnode.link.interface import LinkParameters, LinkState, LinkStatus, Role
-from qkdnode.link.physics import U8, AfterpulseCarry, Receiver, Source
+from qkdnode.link.physics import U8, AfterpulseCarry, Receiver, RedrawnEmissions, Source
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
 
 SendOpener = Callable[[], Awaitable[trio.abc.SendStream]]
@@ -257,14 +264,25 @@ class SimulatedAliceLink(_SimulatedEnd):
         stream, self._stream = self._stream, None
         await self._close(stream)
 
-    async def next_block(self, pulse_count: int) -> EmissionRecords:
-        """Emit the next ``pulse_count`` pulses; returns Alice's records of them."""
+    async def next_block(self, pulse_count: int) -> EmissionRecords | RedrawnEmissions:
+        """Emit the next ``pulse_count`` pulses; returns Alice's records of them: dense, or
+        with ``alice_records = "detected_pulses"`` the source's state at the block's first
+        pulse, from which sifting draws the records of the pulses Bob detected again."""
         self._check_request(pulse_count)
         assert self._stream is not None
         first = self._next_pulse_index
-        bit = np.empty(pulse_count, dtype=np.uint8)
-        basis = np.empty(pulse_count, dtype=np.uint8)
-        intensity = np.empty(pulse_count, dtype=np.uint8)
+        redrawn: RedrawnEmissions | None = None
+        records: tuple[U8, U8, U8] | None = None
+        if self._config.alice_records == "detected_pulses":
+            redrawn = RedrawnEmissions(
+                self._source, self._rng, first_pulse_index=first, pulse_count=pulse_count
+            )
+        else:
+            records = (
+                np.empty(pulse_count, dtype=np.uint8),
+                np.empty(pulse_count, dtype=np.uint8),
+                np.empty(pulse_count, dtype=np.uint8),
+            )
         completed = False
         try:
             await self._send(
@@ -272,9 +290,7 @@ class SimulatedAliceLink(_SimulatedEnd):
             )
             for offset in range(0, pulse_count, self._config.chunk_pulses):
                 chunk = slice(offset, min(offset + self._config.chunk_pulses, pulse_count))
-                frame = await trio.to_thread.run_sync(
-                    self._emit, first, chunk, (bit, basis, intensity)
-                )
+                frame = await trio.to_thread.run_sync(self._emit, first, chunk, records)
                 await self._send(frame)
                 self._pulses += chunk.stop - chunk.start
             completed = True
@@ -284,16 +300,22 @@ class SimulatedAliceLink(_SimulatedEnd):
                 self._fail("interrupted", LinkError("block interrupted mid-way"))
         self._next_pulse_index = first + pulse_count
         self._blocks += 1
+        if redrawn is not None:
+            return redrawn
+        assert records is not None
+        bit, basis, intensity = records
         return EmissionRecords(first_pulse_index=first, bit=bit, basis=basis, intensity=intensity)
 
-    def _emit(self, first: int, chunk: slice, records: tuple[U8, U8, U8]) -> bytes:
+    def _emit(self, first: int, chunk: slice, records: tuple[U8, U8, U8] | None) -> bytes:
         """Emit the pulses of ``chunk`` (offsets in the block starting at pulse ``first``):
-        Alice's bit, basis and intensity go into ``records``, the fibre frame is returned."""
+        Alice's bit, basis and intensity go into ``records`` (if kept per pulse), the fibre
+        frame is returned."""
         emission = self._source.emit(chunk.stop - chunk.start, self._rng)
-        bit, basis, intensity = records
-        bit[chunk] = emission.bit
-        basis[chunk] = emission.basis
-        intensity[chunk] = emission.intensity
+        if records is not None:
+            bit, basis, intensity = records
+            bit[chunk] = emission.bit
+            basis[chunk] = emission.basis
+            intensity[chunk] = emission.intensity
         frame = PulseFrame(
             first_pulse_index=first + chunk.start,
             span_transmittance=self._parameters.fibre_transmittance,

@@ -85,7 +85,7 @@ from qkdnode.coordination.wire import (
 from qkdnode.errors import QkdError
 from qkdnode.node import rebootstrap
 from qkdnode.postprocess.pipeline import AliceBlock, BlockMessage, BobBlock
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, DetectionRecords
 from qkdnode.relay.padwire import RELAY_CONTROL_KINDS
 from qkdnode.store import StagedBlock
 from qkdnode.store.blocks import commit_op
@@ -142,7 +142,7 @@ class Exchange:
         self._link_jobs_in, self._link_jobs = trio.open_memory_channel[
             TakeRecords | PrefetchRecords
         ](math.inf)
-        self._records: dict[int, EmissionRecords | DetectionRecords] = {}
+        self._records: dict[int, AliceRecords | DetectionRecords] = {}
         self._roles: dict[int, AliceBlock | BobBlock] = {}
         # each staged block's security statement, reported when the block is done
         self._statements: dict[int, KeySecurityStatement] = {}
@@ -267,7 +267,7 @@ class Exchange:
                 await blocks.bob_prefetch()
                 continue
             if job.first_pulse_index is None:
-                records: EmissionRecords | DetectionRecords | None = await blocks.alice_block()
+                records: AliceRecords | DetectionRecords | None = await blocks.alice_block()
             else:
                 records = await blocks.bob_block(job.first_pulse_index)
             self.node.reporter.records_taken(job.block_id)
@@ -377,7 +377,7 @@ class Exchange:
         if head is not None:
             await self.send_message(AuditHead(seq=head.seq, chain_hash=head.chain_hash))
 
-    async def _start_role(self, block_id: int, records: EmissionRecords | DetectionRecords) -> None:
+    async def _start_role(self, block_id: int, records: AliceRecords | DetectionRecords) -> None:
         # off the event loop: Bob's first turn encodes every detection of the block
         self.node.reporter.role_called(block_id)
         role, first = await trio.to_thread.run_sync(self._new_role, records)
@@ -388,10 +388,10 @@ class Exchange:
         )
 
     def _new_role(
-        self, records: EmissionRecords | DetectionRecords
+        self, records: AliceRecords | DetectionRecords
     ) -> tuple[AliceBlock | BobBlock, list[BlockMessage]]:
         """A block's role and its first turn (Bob's; Alice waits for his)."""
-        if isinstance(records, EmissionRecords):
+        if not isinstance(records, DetectionRecords):
             return AliceBlock(records, self.node.params, _fresh_rng()), []
         role = BobBlock(records, self.node.params)
         return role, role.start()

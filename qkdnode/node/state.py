@@ -87,6 +87,7 @@ def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParam
         decoy=decoy,
         finite_key=FiniteKeyAnalysis(pp.finite_key),
         pa_family=AmplificationFamily(pp.pa_family),
+        cascade_frame_bits=pp.cascade_frame_bits,
     )
 
 

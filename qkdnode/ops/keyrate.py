@@ -96,7 +96,7 @@ async def simulate_counts(
     """Run the simulated link (Alice -> memory fibre -> Bob) for ``pulses``; rows per intensity
     class, columns: key-basis sifted, key-basis errors, test-basis sifted, test-basis errors."""
     from qkdnode.link.simulated import SimulatedAliceLink, SimulatedBobLink, memory_fibre
-    from qkdnode.postprocess.records import EmissionRecords
+    from qkdnode.postprocess.records import AliceRecords
 
     alice_seed, bob_seed = np.random.SeedSequence(seed).spawn(2)
     send, receive = memory_fibre()
@@ -109,9 +109,9 @@ async def simulate_counts(
     try:
         while remaining:
             size = min(SIMULATION_BLOCK_PULSES, remaining)
-            sent: list[EmissionRecords] = []
+            sent: list[AliceRecords] = []
 
-            async def emit(size: int = size, sent: list[EmissionRecords] = sent) -> None:
+            async def emit(size: int = size, sent: list[AliceRecords] = sent) -> None:
                 sent.append(await alice.next_block(size))
 
             async with trio.open_nursery() as nursery:
@@ -119,9 +119,9 @@ async def simulate_counts(
                 bob_block = await bob.next_block(size)
             alice_block = sent[0]
             offset = bob_block.pulse_index - alice_block.first_pulse_index
-            cls = alice_block.intensity[offset]
-            sifted = alice_block.basis[offset] == bob_block.basis
-            error = alice_block.bit[offset] != bob_block.bit
+            alice_bit, alice_basis, cls = alice_block.records_at(offset)
+            sifted = alice_basis == bob_block.basis
+            error = alice_bit != bob_block.bit
             for basis, column in ((0, 0), (1, 2)):
                 mine = sifted & (bob_block.basis == basis)
                 counts[:, column] += np.bincount(cls[mine], minlength=3)

@@ -29,6 +29,8 @@ Bits = NDArray[np.uint8]
 
 # 9 varint bytes carry 63 bits: every value fits in int64, so offsets never wrap.
 _MAX_VARINT_BYTES: Final = 9
+# Gap coding works through this many offsets (encoding) or varint bytes (decoding) at a time.
+GAP_CHUNK: Final = 1 << 20
 
 
 def check_bits(bits: NDArray[np.uint8], *, field: str) -> None:
@@ -138,17 +140,58 @@ def decode_varints(data: bytes, count: int, *, field: str) -> NDArray[np.uint64]
 
 
 def encode_gaps(offsets: NDArray[np.int64]) -> bytes:
-    """Encode strictly increasing non-negative offsets as varint gaps (module docstring)."""
+    """Encode strictly increasing non-negative offsets as varint gaps (module docstring).
+
+    Works through ``GAP_CHUNK`` offsets at a time (a large block announces 10^7 detections):
+    varints are self-delimiting, so the bytes are those of the whole array at once."""
     if offsets.size == 0:
         return b""
-    gaps = np.diff(offsets, prepend=np.int64(-1)) - 1
-    if int(gaps.min()) < 0:
-        raise ValueError("offsets must be non-negative and strictly increasing")
-    return encode_varints(gaps.astype(np.uint64))
+    parts = []
+    previous = -1
+    for start in range(0, offsets.shape[0], GAP_CHUNK):
+        chunk = offsets[start : start + GAP_CHUNK]
+        gaps = np.diff(chunk, prepend=np.int64(previous)) - 1
+        if int(gaps.min()) < 0:
+            raise ValueError("offsets must be non-negative and strictly increasing")
+        parts.append(encode_varints(gaps.astype(np.uint64)))
+        previous = int(chunk[-1])
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def decode_gaps(data: bytes, count: int, limit: int, *, field: str) -> NDArray[np.int64]:
-    """Decode ``count`` strictly increasing offsets, every one in ``[0, limit)``."""
+    """Decode ``count`` strictly increasing offsets, every one in ``[0, limit)``.
+
+    More than ``GAP_CHUNK`` offsets are decoded ``GAP_CHUNK`` bytes of varints at a time, so
+    the temporary arrays stay small beside the result."""
+    if count <= GAP_CHUNK:
+        return _decode_gap_run(data, count, limit, field=field)
+    if not isinstance(data, bytes):
+        raise ProtocolError("expected bytes", field=field)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.int64)
+    filled = 0
+    position = 0
+    after = 0  # the offset after the last one decoded: where the next gap counts from
+    while position < raw.shape[0]:
+        window = raw[position : position + GAP_CHUNK]
+        terminators = np.flatnonzero(window < 0x80)
+        if terminators.size == 0 or filled + terminators.size > count:
+            raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
+        cut = int(terminators[-1]) + 1
+        offsets = _decode_gap_run(
+            window[:cut].tobytes(), int(terminators.size), limit - after, field=field
+        )
+        out[filled : filled + offsets.shape[0]] = offsets
+        out[filled : filled + offsets.shape[0]] += after
+        filled += offsets.shape[0]
+        after = int(out[filled - 1]) + 1
+        position += cut
+    if filled != count:
+        raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
+    return out
+
+
+def _decode_gap_run(data: bytes, count: int, limit: int, *, field: str) -> NDArray[np.int64]:
     gaps = decode_varints(data, count, field=field)
     if count == 0:
         return np.zeros(0, dtype=np.int64)

@@ -48,6 +48,9 @@ class PipelineParameters:
     decoy: DecoySettings | None = None
     finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
     pa_family: AmplificationFamily = AmplificationFamily.TOEPLITZ_FFT_V1
+    # Cascade frames of at most this many bits, one after another (0: the whole key in one;
+    # ``cascade.frames``): bounds Cascade's memory for large blocks
+    cascade_frame_bits: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "finite_key", FiniteKeyAnalysis(self.finite_key))
@@ -56,6 +59,8 @@ class PipelineParameters:
             raise ValueError("qber_threshold must be in (0, 0.5)")
         if self.sample_bits < 0:
             raise ValueError("sample_bits must be >= 0")
+        if self.cascade_frame_bits < 0:
+            raise ValueError("cascade_frame_bits must be >= 0")
 
 
 def final_key_length(

@@ -71,6 +71,7 @@ from qkdnode.postprocess.cascade import (
     ParityAnswer,
     ParityQuery,
 )
+from qkdnode.postprocess.cascade.frames import FramedReconciler, FramedResponder, frame_bounds
 from qkdnode.postprocess.estimation import (
     SampleDisclosure,
     SampleOutcome,
@@ -90,7 +91,7 @@ from qkdnode.postprocess.finitekey import (
     binary_entropy,
 )
 from qkdnode.postprocess.leakage import LeakageLedger
-from qkdnode.postprocess.records import Bits, DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import AliceRecords, Bits, DetectionRecords
 from qkdnode.postprocess.sifting import (
     SiftAnnouncement,
     SiftedBlock,
@@ -262,7 +263,7 @@ class AliceBlock(_BlockRole):
     role = "alice"
 
     def __init__(
-        self, emissions: EmissionRecords, params: PipelineParameters, rng: np.random.Generator
+        self, emissions: AliceRecords, params: PipelineParameters, rng: np.random.Generator
     ) -> None:
         super().__init__(params)
         self._emissions = emissions
@@ -317,9 +318,18 @@ class AliceBlock(_BlockRole):
         )
         if decision is not None:
             return self._abort(decision.reason, decision.detail)
-        self._responder = CascadeResponder(
-            self._key, seed=self._seed, variant=self.params.cascade_variant
-        )
+        self._responder: CascadeResponder | FramedResponder
+        if len(frame_bounds(int(self._key.shape[0]), self.params.cascade_frame_bits)) > 1:
+            self._responder = FramedResponder(
+                self._key,
+                seed=self._seed,
+                variant=self.params.cascade_variant,
+                max_frame_bits=self.params.cascade_frame_bits,
+            )
+        else:
+            self._responder = CascadeResponder(
+                self._key, seed=self._seed, variant=self.params.cascade_variant
+            )
         self._state = "reconciling"
         return [self._statistics]
 
@@ -340,6 +350,11 @@ class AliceBlock(_BlockRole):
             )
         if done.errors_corrected > self._key.shape[0]:
             raise ProtocolError("exceeds the key length", field="errors_corrected")
+        if (
+            isinstance(self._responder, FramedResponder)
+            and self._responder.frames_started != self._responder.frames
+        ):
+            raise ProtocolError("reconciliation ended before the last frame", field="messages")
         self._errors_corrected = done.errors_corrected
         self.ledger.record_error_weight(done.errors_corrected)
         self._round_trips = self._responder.rounds_answered
@@ -413,13 +428,17 @@ class BobBlock(_BlockRole):
 
     def __init__(self, detections: DetectionRecords, params: PipelineParameters) -> None:
         super().__init__(params)
-        self._detections = detections
+        # held until sifting only: a large block's detections are 10 bytes each
+        self._detections: DetectionRecords | None = detections
+        self._pulse_count = detections.pulse_count
+        self._detection_count = detections.detection_count
 
     def start(self) -> list[BlockMessage]:
         """The block's first message (Bob's detections to sift)."""
         if self._state != "start":
             raise RuntimeError("start() called twice")
         self._state = "await_reply"
+        assert self._detections is not None
         return [announce_detections(self._detections)]
 
     def _receive(self, messages: list[BlockMessage]) -> list[BlockMessage]:
@@ -439,7 +458,9 @@ class BobBlock(_BlockRole):
         reply, disclosure, seed = messages
         assert isinstance(reply, SiftReply) and isinstance(disclosure, SampleDisclosure)
         assert isinstance(seed, ReconciliationSeed)
+        assert self._detections is not None
         self._sifted = sift_bob(self._detections, reply)
+        self._detections = None
         if disclosure.sample_count > self.params.sample_bits:
             raise ProtocolError("larger than the agreed sample size", field="sample_count")
         self._outcome, self._key = compare_key_sample(
@@ -473,9 +494,19 @@ class BobBlock(_BlockRole):
         errors = self._outcome.errors + statistics.errors[0] + statistics.errors[1]
         tested = self._outcome.sample_bits + statistics.counts[0] + statistics.counts[1]
         qber = qber_estimate_for_reconciliation(errors, max(tested, 1))
-        self._reconciler = CascadeReconciler(
-            self._key, seed=self._seed, variant=self.params.cascade_variant, qber_estimate=qber
-        )
+        self._reconciler: CascadeReconciler | FramedReconciler
+        if len(frame_bounds(int(self._key.shape[0]), self.params.cascade_frame_bits)) > 1:
+            self._reconciler = FramedReconciler(
+                self._key,
+                seed=self._seed,
+                variant=self.params.cascade_variant,
+                qber_estimate=qber,
+                max_frame_bits=self.params.cascade_frame_bits,
+            )
+        else:
+            self._reconciler = CascadeReconciler(
+                self._key, seed=self._seed, variant=self.params.cascade_variant, qber_estimate=qber
+            )
         self._state = "reconciling"
         return self._next_question()
 
@@ -540,8 +571,8 @@ class BobBlock(_BlockRole):
         self.outcome = BlockKey(
             key=key,
             statistics=BlockStatistics(
-                pulse_count=self._detections.pulse_count,
-                detections=self._detections.detection_count,
+                pulse_count=self._pulse_count,
+                detections=self._detection_count,
                 sifted_key_bits=self._sifted.key_length,
                 test_bits=self._sifted.test_length,
                 sample_bits=self.ledger.estimation_sample_bits,
@@ -572,7 +603,7 @@ class Transcript:
 
 
 def run_block(
-    emissions: EmissionRecords,
+    emissions: AliceRecords,
     detections: DetectionRecords,
     params: PipelineParameters,
     rng: np.random.Generator,

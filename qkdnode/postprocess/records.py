@@ -8,12 +8,18 @@ Conventions shared by every backend and every stage:
 - ``intensity``: 0 = signal (mu1), 1 = decoy (mu2), 2 = vacuum or weakest decoy (mu3).
 - Pulse indices are absolute and agreed by both ends; a block covers the half-open range
   ``[first_pulse_index, first_pulse_index + pulse_count)``.
+
+Alice's side comes in two shapes (``AliceRecords``): ``EmissionRecords``, dense, one entry per
+pulse (3 bytes per pulse: right for blocks of up to about 10^8 pulses), or any
+``EmissionLookup``, which holds no per-pulse array and gives the records of the pulses Bob
+announced when sifting asks for them (a block of 10^9 pulses, 10^7 sifted bits, would need
+3 GB of dense records).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -66,6 +72,11 @@ class EmissionRecords:
     def pulse_count(self) -> int:
         return int(self.bit.shape[0])
 
+    def records_at(self, offsets: NDArray[np.int64]) -> tuple[Bits, Bits, Bits]:
+        """(bit, basis, intensity) of the pulses at ``offsets`` from ``first_pulse_index``."""
+        check_offsets(offsets, self.pulse_count)
+        return self.bit[offsets], self.basis[offsets], self.intensity[offsets]
+
     def __repr__(self) -> str:  # never print key material
         return (
             f"EmissionRecords(first_pulse_index={self.first_pulse_index}, "
@@ -115,3 +126,85 @@ class DetectionRecords:
             f"DetectionRecords(first_pulse_index={self.first_pulse_index}, "
             f"pulse_count={self.pulse_count}, detections={self.detection_count})"
         )
+
+
+def check_offsets(offsets: NDArray[np.int64], pulse_count: int) -> None:
+    """Offsets of pulses in a block: 1-D int64, strictly increasing, in ``[0, pulse_count)``."""
+    if offsets.dtype != np.int64 or offsets.ndim != 1:
+        raise ProtocolError("must be a 1-D int64 array", field="offsets")
+    if offsets.size:
+        if int(offsets[0]) < 0 or int(offsets[-1]) >= pulse_count:
+            raise ProtocolError("outside the block's pulse range", field="offsets")
+        if offsets.size > 1 and not bool(np.all(offsets[1:] > offsets[:-1])):
+            raise ProtocolError("must be strictly increasing", field="offsets")
+
+
+@runtime_checkable
+class EmissionLookup(Protocol):
+    """Alice's side of a block without any per-pulse array: the records of the pulses Bob
+    announced are produced when sifting asks for them, streamed in chunks of the block.
+
+    ``records_at(offsets)`` takes strictly increasing offsets from ``first_pulse_index`` below
+    ``pulse_count`` and returns (bit, basis, intensity), one entry per offset, exactly what
+    dense ``EmissionRecords`` of the same block hold there. Raises ``ProtocolError`` for an
+    offset outside the block or one it has no record of.
+    """
+
+    @property
+    def first_pulse_index(self) -> int: ...
+
+    @property
+    def pulse_count(self) -> int: ...
+
+    def records_at(self, offsets: NDArray[np.int64]) -> tuple[Bits, Bits, Bits]: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DetectedEmissionRecords:
+    """Alice's records of the detected pulses of a block only (an ``EmissionLookup``).
+
+    Element ``i`` of ``bit``, ``basis`` and ``intensity`` describes pulse
+    ``first_pulse_index + offset[i]``; ``offset`` is strictly increasing. A pulse without a
+    record was not detected, so Bob never announces it: asking for one raises ProtocolError.
+    """
+
+    first_pulse_index: int
+    pulse_count: int
+    offset: NDArray[np.int64]
+    bit: Bits
+    basis: Bits
+    intensity: Bits
+
+    def __post_init__(self) -> None:
+        if self.first_pulse_index < 0 or self.pulse_count < 0:
+            raise ProtocolError("must be >= 0", field="first_pulse_index/pulse_count")
+        check_offsets(self.offset, self.pulse_count)
+        count = self.offset.shape[0]
+        for name, values, limit in (
+            ("bit", self.bit, 2),
+            ("basis", self.basis, 2),
+            ("intensity", self.intensity, INTENSITY_CLASSES),
+        ):
+            if values.ndim != 1 or values.shape[0] != count:
+                raise ProtocolError(f"must be 1-D of length {count}", field=name)
+            _check_binary(name, values, limit)
+
+    def records_at(self, offsets: NDArray[np.int64]) -> tuple[Bits, Bits, Bits]:
+        check_offsets(offsets, self.pulse_count)
+        where = np.searchsorted(self.offset, offsets)
+        # ``where`` is non-decreasing: only its last entry can fall past the records
+        if where.size and (
+            int(where[-1]) >= self.offset.shape[0]
+            or not np.array_equal(self.offset[where], offsets)
+        ):
+            raise ProtocolError("a pulse without a record of Alice's", field="offsets")
+        return self.bit[where], self.basis[where], self.intensity[where]
+
+    def __repr__(self) -> str:
+        return (
+            f"DetectedEmissionRecords(first_pulse_index={self.first_pulse_index}, "
+            f"pulse_count={self.pulse_count}, records={self.offset.shape[0]})"
+        )
+
+
+AliceRecords = EmissionRecords | EmissionLookup

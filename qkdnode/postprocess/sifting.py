@@ -13,6 +13,12 @@ Flow for one block:
 
 Alice never sends her basis or any bit value here: the match bit is all Bob needs.
 
+Alice's records may be dense (``EmissionRecords``, indexed at the announced offsets) or an
+``EmissionLookup`` that gives the records of the announced pulses alone, chunk by chunk (large
+blocks: ``qkdnode.link.physics.RedrawnEmissions``, ``records.DetectedEmissionRecords``); the
+reply and the sifted block are the same either way. The announcement's gaps are coded in runs
+of ``bitpack.GAP_CHUNK`` offsets, so its temporaries stay small beside the offsets themselves.
+
 Blocks of at least ``KERNEL_MIN_DETECTIONS`` detections are split by the numba kernels of
 ``qkdnode.postprocess.kernels`` (one pass instead of several gathers and masks, about 1.5x
 faster, same arrays bit for bit); smaller blocks stay in numpy, where the difference is a few
@@ -43,6 +49,7 @@ from qkdnode.postprocess.records import (
     BASIS_KEY,
     BASIS_TEST,
     INTENSITY_CLASSES,
+    AliceRecords,
     DetectionRecords,
     EmissionRecords,
 )
@@ -236,9 +243,13 @@ def announce_detections(detections: DetectionRecords) -> SiftAnnouncement:
 
 
 def sift_alice(
-    emissions: EmissionRecords, announcement: SiftAnnouncement
+    emissions: AliceRecords, announcement: SiftAnnouncement
 ) -> tuple[SiftReply, SiftedBlock]:
     """Alice: match Bob's bases against hers; return the reply for Bob and her sifted block.
+
+    With dense ``EmissionRecords`` her records are indexed at the announced offsets; any other
+    ``EmissionLookup`` gives the records of the announced pulses alone (streamed in chunks by
+    the lookup): the same reply and block, with no per-pulse array of the block.
 
     Raises ProtocolError if the announcement covers another pulse range than ``emissions``.
     """
@@ -248,7 +259,15 @@ def sift_alice(
         raise ProtocolError("does not match the emitted block", field="pulse_count")
     offsets = announcement.pulse_offsets()
     bob_basis = announcement.basis_bits()
-    if offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
+    if not isinstance(emissions, EmissionRecords):
+        # records of the announced pulses only, produced chunk by chunk by the lookup
+        alice_bit, alice_basis, alice_intensity = emissions.records_at(offsets)
+        del offsets
+        match = alice_basis == bob_basis
+        intensity = alice_intensity[match]
+        match_bits = match.view(np.uint8)
+        sifted = _split(alice_bit[match], intensity, bob_basis[match])
+    elif offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
         match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
             kernels.sift_alice_split(
                 offsets,

@@ -272,6 +272,12 @@ def cascade_inverse_permutation(seed: bytes, n: int, pass_index: int) -> NDArray
     return permutation_set(seed, n).inverse(pass_index)
 
 
+def forget_permutations(seed: bytes, n: int) -> None:
+    """Drop the cached set of (seed, n), if any: its frame is done and the seed never recurs
+    (the frames of ``cascade.frames``), so it would only hold memory."""
+    _cache.pop((seed, n), None)
+
+
 def clear_permutation_cache() -> None:
     """Drop every cached permutation (benchmarks measure the cold path with it)."""
     _cache.clear()

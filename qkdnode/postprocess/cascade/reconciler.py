@@ -99,8 +99,11 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
-# Bob's state arrays kept for the next frames (see _Workspace).
+# Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
+# a large frame's (13 bytes per position of every pass: 480 MB at 10^7 bits and 4 passes) would
+# stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
+_POOL_MAX_BYTES: Final = 128 * 2**20
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
 _EMPTY_READ_ONLY.flags.writeable = False
 
@@ -183,7 +186,10 @@ class _Workspace:
         return found
 
     def give_back(self) -> None:
-        """Return to the pool (its frame has finished and never touches it again)."""
+        """Return to the pool (its frame has finished and never touches it again), unless it
+        is larger than ``_POOL_MAX_BYTES``."""
+        if 13 * self.capacity > _POOL_MAX_BYTES:
+            return
         self._pool.append(self)
         while len(self._pool) > _POOL:
             try:
