@@ -352,7 +352,7 @@ def test_a_peer_name_unusable_on_a_route_is_refused_with_relay(chain: ChainLayou
         data["peers"][1]["name"] = "C" * 33
 
     error = refused(chain, "R", change)
-    assert error.key == "peers"
+    assert error.key == "peers[1].name"
     assert "relay" in error.expected
 
     def without_relay(data: Data) -> None:
@@ -364,12 +364,6 @@ def test_a_peer_name_unusable_on_a_route_is_refused_with_relay(chain: ChainLayou
     assert parse_config(data, chain.config("R")).peers[1].name == "C" * 33
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_relay checks remote SAEs against delivery.local_saes only: an SAE listed in "
-    "delivery.peer_saes and as a remote SAE loads, and DeliveryApp then serves it silently "
-    "from the link (peer SAEs take precedence) although [relay] says another node serves it",
-)
 def test_a_remote_sae_also_a_peer_sae_is_refused(chain: ChainLayout) -> None:
     def change(data: Data) -> None:
         data["delivery"]["peer_saes"] = ["sae-b"]  # also C's SAE in [[relay.remote]]

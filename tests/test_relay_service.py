@@ -12,19 +12,19 @@ import dataclasses
 import random
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import pytest
 import trio
 
 from qkdnode.audit import AuditKind
-from qkdnode.audit.trail import AuditEntry
+from qkdnode.audit.trail import AuditEntry, AuditValue
 from qkdnode.channel.messages import Control, decode_payload, encode_payload
 from qkdnode.config.relay import RelaySection, RemoteNode
 from qkdnode.coordination.wire import make_registry
@@ -87,6 +87,16 @@ class FakeSession:
 
 
 @dataclass
+class FakeManager:
+    """The key manager's part the service uses: relayed deliveries into the audit trail."""
+
+    audit: AuditTrail
+
+    async def record_delivery(self, fields: Mapping[str, AuditValue]) -> None:
+        self.audit.record(AuditKind.KEYS_DELIVERED, **fields)
+
+
+@dataclass
 class FakeLink:
     """What the service reads of a link's ``Node``."""
 
@@ -96,6 +106,10 @@ class FakeLink:
     directory: Path
     session: FakeSession
     exchange: FakeSession | None = None
+
+    @property
+    def manager(self) -> FakeManager:
+        return FakeManager(self.audit)
 
 
 @dataclass
@@ -425,24 +439,26 @@ async def race_two_dec_keys(
     chain: Chain, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[list[tuple[uuid.UUID, bytes]], list[list[tuple[uuid.UUID, bytes]] | ApiError]]:
     """Relay keys A -> C, then two dec_keys at C for them, both past their checks before
-    either hands out (held at a barrier in C's relay store): the keys and the two answers."""
+    either asks the relay task to hand the keys out: the keys and the two answers."""
     await eventually(pads_filled(chain, PAD_TARGET_BITS), "pads filled")
     keys = await chain.services["A"].enc_keys(
         master_sae="sae-a", slave_sae="sae-c", number=2, size_bits=KEY_BITS
     )
     ids = [key_id for key_id, _ in keys]
     await eventually(no_unfinished(chain), "the relays finished (deliverable at C)")
-    store = chain.relay_stores["C"]
-    barrier = threading.Barrier(2, timeout=WAIT_LIMIT_S)
-    hand_out = store.hand_out
+    service = chain.services["C"]
+    take = service._take
+    arrived: list[object] = []
+    both_checked = trio.Event()
 
-    def held(
-        key_ids: Sequence[uuid.UUID], *, master_sae: str, slave_sae: str
-    ) -> list[tuple[uuid.UUID, bytes]]:
-        barrier.wait()
-        return hand_out(key_ids, master_sae=master_sae, slave_sae=slave_sae)
+    async def held(request: Any) -> Any:
+        arrived.append(request)
+        if len(arrived) == 2:
+            both_checked.set()
+        await both_checked.wait()
+        return await take(request)
 
-    monkeypatch.setattr(store, "hand_out", held)
+    monkeypatch.setattr(service, "_take", held)
     answers: list[list[tuple[uuid.UUID, bytes]] | ApiError] = []
 
     async def dec() -> None:
@@ -473,13 +489,6 @@ async def test_two_racing_dec_keys_hand_the_keys_out_once(
         assert [e.status for e in refused] == [400]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RelayService._hand_out writes the KEYS_DELIVERED audit entry concurrently with the "
-    "relay store's hand_out and keeps it when hand_out refuses: of two racing dec_keys for the "
-    "same keys, the refused one (answered 400) still leaves an entry saying the keys were "
-    "delivered to the slave SAE, so the trail shows each key delivered twice",
-)
 async def test_a_refused_racing_dec_keys_leaves_no_delivery_in_the_audit_trail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -517,14 +526,6 @@ class RelayReadGate:
         return self.real(key_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RelayService.dec_keys: for a key still prepared at the terminal, each request does "
-    "_decided.setdefault(key), awaits _check_decided, then _decided[key].wait(), and pops the "
-    "key when it wakes; when one request wakes and pops while a second request for the same "
-    "key is inside its _check_decided, the second one's _decided[key] raises KeyError (an "
-    "unexpected exception out of the ETSI 014 request instead of the keys or a 400)",
-)
 async def test_two_dec_keys_for_a_key_still_prepared_at_the_terminal_do_not_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -145,6 +145,7 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
             node_name=node.name,
             peer_names=tuple(link.name for link in peers),
             local_saes=delivery.local_saes if delivery is not None else (),
+            peer_saes=delivery.peer_saes if delivery is not None else (),
         )
         _check_relay_parity(delivery, peers)
     logging = read_logging(root.table("logging", required=False), base)

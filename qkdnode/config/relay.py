@@ -67,20 +67,28 @@ class RelaySection:
 
 
 def read_relay(
-    table: Table, *, node_name: str, peer_names: tuple[str, ...], local_saes: tuple[str, ...]
+    table: Table,
+    *,
+    node_name: str,
+    peer_names: tuple[str, ...],
+    local_saes: tuple[str, ...],
+    peer_saes: tuple[str, ...] = (),
 ) -> RelaySection:
-    """Read and check ``[relay]``; ConfigError names the dotted key."""
+    """Read and check ``[relay]``; ConfigError names the dotted key. A remote SAE may be
+    neither one of this node's SAEs nor one of its delivery peer's (``delivery.peer_saes``):
+    an SAE is served by one node."""
     try:
         check_node_name(node_name, "node.name")
     except ProtocolError:
         raise ConfigError("node.name", _NODE_NAME) from None
-    for name in peer_names:
+    for index, name in enumerate(peer_names):
         try:
             check_node_name(name)
         except ProtocolError:
-            raise ConfigError("peers", f"peer names for relay routes ({_NODE_NAME})") from None
+            key = f"peers[{index}].name" if len(peer_names) > 1 else "peer.name"
+            raise ConfigError(key, f"a peer name for relay routes ({_NODE_NAME})") from None
     remotes: dict[str, RemoteNode] = {}
-    seen_saes: set[str] = set(local_saes)
+    seen_saes: set[str] = set(local_saes) | set(peer_saes)
     for entry in table.table_list("remote"):
         node = entry.string("node")
         via = entry.string_list("via", [])

@@ -154,10 +154,11 @@ class RelayService:
             parity = 0 if node.config.node.role == "alice" else 1
             self._links[name] = _Link(node, parity, send, receive)
         # relayed deliveries are recorded in the audit trail of the delivery link
-        self._delivery_node = delivery_node
+        self._delivery_node = delivery_node or next(iter(links.values()))
         self._inbox_in, self._inbox_out = trio.open_memory_channel[_InboxItem](INBOX_ITEMS)
         # key ID -> set when the relay is decided here (origin) or finished (terminal)
         self._decided: dict[uuid.UUID, trio.Event] = {}
+        self._waiting: dict[uuid.UUID, int] = {}  # dec_keys requests waiting per key
         self.relays_started = 0
         self.relays_committed = 0
         self.relays_aborted = 0
@@ -614,11 +615,18 @@ class RelayService:
                 raise ApiError(400, MSG_KEYS_NOT_FOUND)
             route = record.route
             if record.state is RelayState.PREPARED:
-                self._decided.setdefault(key_id, trio.Event())
-                await self._check_decided([key_id])
-                with trio.move_on_after(self.section.timeout_s):
-                    await self._decided[key_id].wait()
-                self._decided.pop(key_id, None)
+                # requests for the same key share its event; the last one to wake removes it
+                decided = self._decided.setdefault(key_id, trio.Event())
+                self._waiting[key_id] = self._waiting.get(key_id, 0) + 1
+                try:
+                    await self._check_decided([key_id])
+                    with trio.move_on_after(self.section.timeout_s):
+                        await decided.wait()
+                finally:
+                    self._waiting[key_id] -= 1
+                    if not self._waiting[key_id]:
+                        del self._waiting[key_id]
+                        self._decided.pop(key_id, None)
         records = await self._records(key_ids)
         if not all(r is not None and r.deliverable and r.key for r in records.values()):
             raise ApiError(400, MSG_KEYS_NOT_FOUND)  # aborted, undecided or handed out already
@@ -632,7 +640,7 @@ class RelayService:
         """Record keys handed out in the delivery link's audit trail, durably, before the
         answer: a crash in between loses keys nobody received; an SAE never holds a relayed
         key that has no entry."""
-        manager = self._delivery_node.manager if self._delivery_node is not None else None
+        manager = self._delivery_node.manager
         if manager is None:
             return
         await manager.record_delivery(
