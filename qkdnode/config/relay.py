@@ -21,19 +21,30 @@ and each link's peer name must be the neighbour's node name.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from qkdnode.config.table import Table
-from qkdnode.errors import ConfigError, ProtocolError
-from qkdnode.relay.messages import MAX_ROUTE_NODES, check_node_name
+from qkdnode.errors import ConfigError
 
+# node names on relay routes (the relay's wire checks the same rule: qkdnode.relay.messages)
+MAX_ROUTE_NODES: Final = 8
+MAX_NODE_NAME_CHARS: Final = 32
+NODE_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-_.")
 DEFAULT_PAD_TARGET_BITS: Final = 262_144
 MAX_PAD_TARGET_BITS: Final = 1 << 30
 DEFAULT_RELAY_PREBIND_KEYS: Final = 32
 MAX_RELAY_PREBIND_KEYS: Final = 4096
 _NODE_NAME: Final = "a name usable on a relay route: 1..32 letters, digits, '.', '-' or '_'"
+
+
+def is_node_name(name: object) -> bool:
+    """``name`` can stand on a relay route: 1..32 characters of [A-Za-z0-9._-]."""
+    return (
+        type(name) is str and 1 <= len(name) <= MAX_NODE_NAME_CHARS and set(name) <= NODE_NAME_CHARS
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,16 +88,12 @@ def read_relay(
     """Read and check ``[relay]``; ConfigError names the dotted key. A remote SAE may be
     neither one of this node's SAEs nor one of its delivery peer's (``delivery.peer_saes``):
     an SAE is served by one node."""
-    try:
-        check_node_name(node_name, "node.name")
-    except ProtocolError:
-        raise ConfigError("node.name", _NODE_NAME) from None
+    if not is_node_name(node_name):
+        raise ConfigError("node.name", _NODE_NAME)
     for index, name in enumerate(peer_names):
-        try:
-            check_node_name(name)
-        except ProtocolError:
+        if not is_node_name(name):
             key = f"peers[{index}].name" if len(peer_names) > 1 else "peer.name"
-            raise ConfigError(key, f"a peer name for relay routes ({_NODE_NAME})") from None
+            raise ConfigError(key, f"a peer name for relay routes ({_NODE_NAME})")
     remotes: dict[str, RemoteNode] = {}
     seen_saes: set[str] = set(local_saes) | set(peer_saes)
     for entry in table.table_list("remote"):
@@ -116,12 +123,10 @@ def read_relay(
                 )
             seen_saes.add(sae)
         for index, name in enumerate(route):
-            try:
-                check_node_name(name)
-            except ProtocolError:
+            if not is_node_name(name):
                 raise ConfigError(
                     entry.key("via" if 0 < index < len(route) - 1 else "node"), _NODE_NAME
-                ) from None
+                )
         entry.finish()
         remotes[node] = RemoteNode(node=node, route=route, saes=saes)
     section = RelaySection(

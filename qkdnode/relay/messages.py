@@ -18,7 +18,6 @@ form of the same, for the simulation and tests. Only ``ProtocolError`` escapes d
 
 from __future__ import annotations
 
-import string
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,18 +26,16 @@ from typing import Final
 import msgpack
 
 from qkdnode.channel.messages import FieldSpec, KindRegistry
+from qkdnode.config.relay import MAX_NODE_NAME_CHARS, MAX_ROUTE_NODES, is_node_name
 from qkdnode.errors import ProtocolError
 
 CONFIRMATION_KEY_BITS: Final = 256  # a 128-bit polynomial-hash key, then a 128-bit mask
 TAG_BYTES: Final = 16
 MIN_KEY_BITS: Final = 64
 MAX_KEY_BITS: Final = 65_536
-MAX_ROUTE_NODES: Final = 8
-MAX_NODE_NAME_CHARS: Final = 32
 MAX_SAE_ID_CHARS: Final = 128
 MAX_REASON_CHARS: Final = 200
 MAX_PAD_OFFSET_BITS: Final = 2**63 - 1
-_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-_.")
 _ROUTE_SEPARATOR: Final = "/"
 _MAX_PAYLOAD_BYTES: Final = (MAX_KEY_BITS + CONFIRMATION_KEY_BITS) // 8
 
@@ -52,7 +49,7 @@ def check_node_name(name: object, field: str = "route") -> None:
     """Raise ``ProtocolError`` unless ``name`` is 1..32 characters of [A-Za-z0-9._-]."""
     if type(name) is not str or not 1 <= len(name) <= MAX_NODE_NAME_CHARS:
         raise ProtocolError(f"a node name is 1..{MAX_NODE_NAME_CHARS} characters", field=field)
-    if not set(name) <= _NAME_CHARS:
+    if not is_node_name(name):
         raise ProtocolError("a node name is made of letters, digits, '.', '-', '_'", field=field)
 
 
