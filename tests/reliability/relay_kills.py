@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -345,10 +346,7 @@ def check_stores(layout: ChainLayout, ledgers: dict[str, Ledger]) -> StoreCheck:
     for ledger in ledgers.values():
         origin = ledger.name.split("->")[0]
         for key_id in ledger.issued:
-            record = next(
-                (r for k, r in records[origin].items() if str(k) == key_id),
-                None,
-            )
+            record = records[origin].get(uuid.UUID(key_id))
             if record is None or record.state is not RelayState.COMMITTED:
                 state = "absent" if record is None else record.state.value
                 check.lost.append(f"{key_id}: handed to the master, {state} at {origin}")
