@@ -345,11 +345,11 @@ def check_stores(layout: ChainLayout, ledgers: dict[str, Ledger]) -> StoreCheck:
                     )
     for ledger in ledgers.values():
         origin = ledger.name.split("->")[0]
-        for key_id in ledger.issued:
-            record = records[origin].get(uuid.UUID(key_id))
-            if record is None or record.state is not RelayState.COMMITTED:
-                state = "absent" if record is None else record.state.value
-                check.lost.append(f"{key_id}: handed to the master, {state} at {origin}")
+        for issued_id in ledger.issued:
+            held = records[origin].get(uuid.UUID(issued_id))
+            if held is None or held.state is not RelayState.COMMITTED:
+                state = "absent" if held is None else held.state.value
+                check.lost.append(f"{issued_id}: handed to the master, {state} at {origin}")
     return check
 
 
