@@ -85,6 +85,9 @@ READY_TIMEOUT_S: Final = 300.0
 LINKS_UP_TIMEOUT_S: Final = 90.0
 SETTLE_TIMEOUT_S: Final = 60.0
 SECOND_FETCH_SAMPLE: Final = 40  # per direction
+FAILURES_PER_ROUND: Final = 2  # a fetch round stops after this many failed calls
+ATTEMPTS_KEPT: Final = 12
+STUCK_REFUSALS: Final = 10  # the drain ends early when every key left met this many 400s
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Ledger:
     fetched_twice: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # fetched with other bytes
     master_requests_ok: int = 0
+    # per key not fetched yet: the outcomes of its slave fetches (the last ATTEMPTS_KEPT), and
+    # how many 400s in a row it met since the last other outcome
+    attempts: dict[str, list[str]] = field(default_factory=dict)
+    refused_in_a_row: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,17 +179,34 @@ def fetch_one(direction: Direction, key_id: str) -> tuple[int | str, bytes | Non
 
 
 def fetch_round(direction: Direction, ledger: Ledger) -> None:
-    """Fetch pending keys at the slave, oldest first, one per call; stop at the first failure
-    (the node is down or the key not decided there yet: the next round retries)."""
+    """Fetch pending keys at the slave, oldest first, one per call. A key that fails goes to
+    the back of the queue (a key refused for good blocks none behind it); the round stops
+    after FAILURES_PER_ROUND failures (the node is down or the keys not decided there yet:
+    the next round retries)."""
     with ledger.lock:
         batch = ledger.pending[:FETCH_BATCH]
+    failures = 0
     for key_id in batch:
         outcome, key_bytes = fetch_one(direction, key_id)
         with ledger.lock:
             if outcome != 200 or key_bytes is None:
                 kind = f"slave_http_{outcome}" if isinstance(outcome, int) else outcome
                 ledger.errors[kind] += 1
-                return
+                seen = ledger.attempts.setdefault(key_id, [])
+                seen.append(f"{time.time():.3f} {kind}")
+                del seen[:-ATTEMPTS_KEPT]
+                if outcome == 400:
+                    ledger.refused_in_a_row[key_id] += 1
+                else:
+                    ledger.refused_in_a_row.pop(key_id, None)
+                ledger.pending.remove(key_id)
+                ledger.pending.append(key_id)
+                failures += 1
+                if failures >= FAILURES_PER_ROUND:
+                    return
+                continue
+            ledger.attempts.pop(key_id, None)
+            ledger.refused_in_a_row.pop(key_id, None)
             if key_id in ledger.fetched:
                 ledger.fetched_twice.append(key_id)
             ledger.fetched[key_id] = key_bytes
@@ -391,6 +415,7 @@ class KillsReport:
     second_fetch: dict[str, list[int]]  # direction -> [asked, delivered again]
     client_errors: dict[str, dict[str, int]]
     orphans: int
+    answers_lost: int
     relays: dict[str, dict[str, int]]
     details: dict[str, list[str]]
     problems: list[str]
@@ -416,6 +441,55 @@ class KillsReport:
         out = {k: v for k, v in self.__dict__.items()}
         out["ok"] = self.ok
         return out
+
+
+def stuck(ledger: Ledger) -> bool:
+    """Every key the slave has not got was refused STUCK_REFUSALS times in a row."""
+    with ledger.lock:
+        return all(ledger.refused_in_a_row[k] >= STUCK_REFUSALS for k in ledger.pending)
+
+
+def slave_deliveries(layout: ChainLayout, node: str) -> dict[str, float]:
+    """Key ID -> time (Unix s) of every relayed key ``node``'s KME handed to a slave SAE, from
+    its audit trail (the store of its link)."""
+    path = layout.store(node) / "keys.db"
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute("SELECT body FROM audit_log").fetchall()
+    finally:
+        db.close()
+    found: dict[str, float] = {}
+    for (body,) in rows:
+        try:
+            entry = json.loads(bytes(body))
+        except ValueError:
+            continue
+        fields = entry.get("fields", {})
+        if entry.get("kind") == "keys_delivered" and fields.get("role") == "slave":
+            for key_id in fields.get("key_ids", []):
+                found[str(key_id)] = float(entry.get("time_s", 0.0))
+    return found
+
+
+def answer_lost(
+    key_id: str,
+    delivered_s: float,
+    terminal: str,
+    kill_log: list[dict[str, Any]],
+    attempts: list[str],
+) -> str:
+    """Why a key the terminal's KME handed out never reached the slave: the kill of the
+    terminal that followed the hand-out, and the client's last attempts."""
+    after = [k for k in kill_log if k["node"] == terminal and k["killed_at_unix"] >= delivered_s]
+    kill = (
+        f"{terminal} killed {after[0]['killed_at_unix'] - delivered_s:.3f} s after"
+        if after
+        else f"no kill of {terminal} after it"
+    )
+    return (
+        f"{key_id}: handed out at {terminal} at {delivered_s:.3f} (audit trail), {kill}; "
+        f"the client's fetches: {', '.join(attempts[-4:])}"
+    )
 
 
 def wait_ready(chain: Chain, problems: list[str], *, timeout_s: float) -> bool:
@@ -456,6 +530,7 @@ def kill_phase(
         chain.kill(name)
         kills[name] += 1
         killed_at = round(time.monotonic() - started, 2)
+        killed_unix = time.time()
         down_s = rng.uniform(*DOWN_S)
         time.sleep(down_s)
         chain.drain()
@@ -476,6 +551,7 @@ def kill_phase(
             {
                 "node": name,
                 "killed_at_s": killed_at,
+                "killed_at_unix": round(killed_unix, 3),
                 "down_s": round(down_s, 2),
                 "links_up_at_s": up_s,
             }
@@ -535,7 +611,7 @@ def run_relay_kills(
             masters_stop.set()
             deadline = time.monotonic() + drain_s
             while any(ledger.pending for ledger in ledgers.values()):
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or all(stuck(ledger) for ledger in ledgers.values()):
                     break
                 time.sleep(0.5)
             stop.set()
@@ -562,11 +638,19 @@ def run_relay_kills(
     twice: list[str] = []
     lost = list(check.lost)
     seen_bytes: dict[bytes, str] = {}
+    answers: list[str] = []
     for ledger in ledgers.values():
         twice += [f"{k} handed to the master twice ({ledger.name})" for k in ledger.issued_twice]
         twice += [f"{k} fetched twice at the slave ({ledger.name})" for k in ledger.fetched_twice]
         lost += [f"{k} fetched with other bytes ({ledger.name})" for k in ledger.mismatched]
-        lost += [f"{k} never fetched at the slave ({ledger.name})" for k in ledger.pending]
+        terminal = ledger.name.split("->")[1]
+        handed = slave_deliveries(layout, terminal) if ledger.pending else {}
+        for key_id in ledger.pending:
+            if key_id in handed:
+                attempts = ledger.attempts.get(key_id, [])
+                answers.append(answer_lost(key_id, handed[key_id], terminal, kill_log, attempts))
+            else:
+                lost.append(f"{key_id} never fetched at the slave ({ledger.name})")
         for key_id, key_bytes in ledger.issued.items():
             if key_bytes in seen_bytes:
                 twice.append(f"{key_id}: the bytes of {seen_bytes[key_bytes]}")
@@ -584,12 +668,14 @@ def run_relay_kills(
         second_fetch=second,
         client_errors={k: dict(sorted(v.errors.items())) for k, v in ledgers.items()},
         orphans=len(check.orphans),
+        answers_lost=len(answers),
         relays=check.relays,
         details={
             "delivered_twice": twice[:50],
             "lost": lost[:50],
             "half_relayed": check.half_relayed[:50],
             "orphans": check.orphans[:50],
+            "answers_lost": answers[:50],
         },
         problems=problems[:50],
         kill_log=kill_log,
