@@ -35,6 +35,14 @@ Counted (the JSON summary; all three must be 0):
   whose key is still deliverable at its terminal (or a middle node's decision that differs
   from the origin's).
 
+A key the slave's KME handed out (its relay store erased it, its audit trail records the
+delivery) whose HTTP answer never reached the client, because the node was killed between the
+durable hand-out and the answer, is counted apart as ``answers_lost``, with the kill that cut it
+off and the client's last attempts: ETSI 014 has no acknowledgement of a delivery, so a KME
+cannot tell an answer lost on the way from one received, and handing the key out again would
+break "once". It is not a fault of the relay (the same holds for a direct key) but the slave
+SAE never got the key: the issue's client-side "lost" is ``lost + answers_lost``.
+
 Reported beside them: kills per node, keys taken and fetched each way, client errors by kind,
 ``orphans`` (committed keys handed out at the origin that no master received, still
 deliverable at the terminal: an ETSI 014 answer lost to a kill; not a loss of the protocol,

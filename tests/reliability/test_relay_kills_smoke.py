@@ -21,6 +21,9 @@ def test_one_kill_of_each_node_leaves_no_key_twice_lost_or_half_relayed(tmp_path
     assert report.kills == {"A": 1, "R": 1, "C": 1}, summary
     assert (report.delivered_twice, report.lost, report.half_relayed) == (0, 0, 0), summary
     assert all(n > 0 for n in report.keys_taken.values()), summary
-    assert report.keys_fetched == report.keys_taken, summary
+    # every key a master got reached the slave, but for an answer a kill cut off after the
+    # slave's KME handed the key out (counted apart; ETSI 014 has no acknowledgement)
+    fetched = sum(report.keys_fetched.values())
+    assert fetched + report.answers_lost == sum(report.keys_taken.values()), summary
     assert all(again == 0 for _asked, again in report.second_fetch.values()), summary
     assert report.ok, summary
