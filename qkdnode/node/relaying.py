@@ -622,10 +622,12 @@ class RelayService:
         slave_sae: str,
         route: tuple[str, ...],
     ) -> list[tuple[uuid.UUID, bytes]]:
-        """Hand the keys out (relay store) and record it in the audit trail (the delivery
-        link's store), the two writes at once: a crash between them can only leave an entry
-        for keys still here (handed out, and recorded, again later), never a delivery without
-        one. The caller checked that the keys are there: DeliveryRefused only after a race."""
+        """Record the delivery in the audit trail (the delivery link's store), durably, then
+        hand the keys out (relay store): two stores, so no one transaction holds both, and in
+        this order a crash between them can only leave an entry for keys still here (handed
+        out, and recorded, again later), never a delivery without one. (Both writes at once
+        let a kill -9 land after the hand-out and before the entry: issue #19's kill run.) The
+        caller checked that the keys are there: DeliveryRefused only after a race."""
         audit = self._audit_node.audit
         fields: dict[str, AuditValue] = {
             "role": role,
@@ -635,29 +637,10 @@ class RelayService:
             "relayed": True,
             "route": "/".join(route),
         }
-        keys: list[tuple[uuid.UUID, bytes]] = []
-        refused: list[DeliveryRefused] = []
-
-        async def hand_out() -> None:
-            try:
-                keys.extend(
-                    await trio.to_thread.run_sync(
-                        lambda: self.store.hand_out(
-                            key_ids, master_sae=master_sae, slave_sae=slave_sae
-                        )
-                    )
-                )
-            except DeliveryRefused as exc:
-                refused.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hand_out)
-            nursery.start_soon(
-                trio.to_thread.run_sync, lambda: audit.record(AuditKind.KEYS_DELIVERED, **fields)
-            )
-        if refused:  # the caller checked, so only a race: the answer records it
-            raise refused[0]
-        return keys
+        await trio.to_thread.run_sync(lambda: audit.record(AuditKind.KEYS_DELIVERED, **fields))
+        return await trio.to_thread.run_sync(
+            lambda: self.store.hand_out(key_ids, master_sae=master_sae, slave_sae=slave_sae)
+        )
 
 
 def _decided(record: RelayRecord) -> bool:

@@ -202,7 +202,8 @@ def fetch_round(direction: Direction, ledger: Ledger) -> None:
                 ledger.errors[kind] += 1
                 seen = ledger.attempts.setdefault(key_id, [])
                 seen.append(f"{time.time():.3f} {kind}")
-                del seen[:-ATTEMPTS_KEPT]
+                if len(seen) > ATTEMPTS_KEPT:  # the first ones and the last
+                    del seen[ATTEMPTS_KEPT - 1 : -1]
                 if outcome == 400:
                     ledger.refused_in_a_row[key_id] += 1
                 else:
@@ -313,6 +314,7 @@ class StoreCheck:
     half_relayed: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     relays: dict[str, dict[str, int]] = field(default_factory=dict)
+    deliverable: dict[str, set[str]] = field(default_factory=dict)  # node -> key IDs
 
 
 def check_stores(layout: ChainLayout, ledgers: dict[str, Ledger]) -> StoreCheck:
@@ -323,6 +325,7 @@ def check_stores(layout: ChainLayout, ledgers: dict[str, Ledger]) -> StoreCheck:
     try:
         records = {n: s.records() for n, s in stores.items()}
         deliverable = {n: {str(k) for k in s.deliverable_ids()} for n, s in stores.items()}
+        check.deliverable = deliverable
         for name, store in stores.items():
             check.half_relayed += [
                 f"{r.key_id} unfinished at {name} ({r.position.value} {r.state.value})"
@@ -496,7 +499,7 @@ def answer_lost(
     )
     return (
         f"{key_id}: handed out at {terminal} at {delivered_s:.3f} (audit trail), {kill}; "
-        f"the client's fetches: {', '.join(attempts[-4:])}"
+        f"the client's fetches: {', '.join([*attempts[:3], '...', *attempts[-1:]])}"
     )
 
 
@@ -658,7 +661,12 @@ def run_relay_kills(
                 attempts = ledger.attempts.get(key_id, [])
                 answers.append(answer_lost(key_id, handed[key_id], terminal, kill_log, attempts))
             else:
-                lost.append(f"{key_id} never fetched at the slave ({ledger.name})")
+                where = (
+                    "still deliverable there"
+                    if key_id in check.deliverable.get(terminal, set())
+                    else "handed out there without an audit entry"
+                )
+                lost.append(f"{key_id} never fetched at the slave {terminal}, {where}")
         for key_id, key_bytes in ledger.issued.items():
             if key_bytes in seen_bytes:
                 twice.append(f"{key_id}: the bytes of {seen_bytes[key_bytes]}")
