@@ -7,7 +7,7 @@ directory are static::
     [relay]
     pad_target_bits = 262144   # unallocated pad kept ready per link and direction
     timeout_s = 5.0            # an ETSI 014 request waits this long for its relays
-    prebind_keys = 32          # keys relayed ahead for each SAE pair that asked for keys
+    prebind_keys = 64          # keys relayed ahead for each SAE pair that asked for keys
 
     [[relay.remote]]           # the SAEs at node "C", reached through "R"
     node = "C"
@@ -35,7 +35,7 @@ MAX_NODE_NAME_CHARS: Final = 32
 NODE_NAME_CHARS: Final = frozenset(string.ascii_letters + string.digits + "-_.")
 DEFAULT_PAD_TARGET_BITS: Final = 262_144
 MAX_PAD_TARGET_BITS: Final = 1 << 30
-DEFAULT_RELAY_PREBIND_KEYS: Final = 32
+DEFAULT_RELAY_PREBIND_KEYS: Final = 64
 MAX_RELAY_PREBIND_KEYS: Final = 4096
 _NODE_NAME: Final = "a name usable on a relay route: 1..32 letters, digits, '.', '-' or '_'"
 

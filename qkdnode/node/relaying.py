@@ -1,12 +1,13 @@
 """The key relay in the daemon: the trio shell of ``qkdnode.relay.RelayMachine`` (docs/relay.md).
 
 One ``RelayService`` per daemon drives the pure machine for every relay through this node. Its
-single task applies every input in turn (so the machine always reads the store as its last
-effects left it): relay messages from the links, ETSI 014 requests, the retransmission timer,
-and the pad fill. Each ``SaveRelay`` is one durable transaction of the relay store
-(``qkdnode.store.relaystore``) applied before the ``SendRelay`` that follows it; messages go
-out through a queue per link, sent on that link's authenticated session when one is up and
-dropped otherwise (the machine resends what matters on the next timer).
+relay task applies the inputs (relay messages from the links, ETSI 014 requests and hand-outs,
+the retransmission timer) in batches: all the inputs waiting at a time go through the machine,
+each ``SaveRelay`` written at once, in one transaction of the relay store
+(``qkdnode.store.relaystore``) committed before any ``SendRelay`` they cause is sent (so the
+machine always reads the store as its last effects left it). Messages go out through a queue
+per link, sent on that link's authenticated session when one is up and dropped otherwise (the
+machine resends what matters on the next timer). The pad fill runs in a task of its own.
 
 Pads: each link's outgoing stream is filled from this node's half of the link's stored keys
 (``qkdnode.store.padkeys``), chunk by chunk, each offered to the neighbour (``PadOffer``) and
@@ -29,7 +30,7 @@ import structlog
 import trio
 
 from qkdnode.channel.messages import ControlBody
-from qkdnode.config.relay import RelaySection
+from qkdnode.config.relay import MAX_RELAY_PREBIND_KEYS, RelaySection
 from qkdnode.delivery.api import MSG_KEYS_NOT_FOUND, ApiError
 from qkdnode.errors import ProtocolError
 from qkdnode.relay.events import (
@@ -155,6 +156,10 @@ class RelayService:
         # relayed deliveries are recorded in the audit trail of the delivery link
         self._delivery_node = delivery_node or next(iter(links.values()))
         self._inbox_in, self._inbox_out = trio.open_memory_channel[_InboxItem](INBOX_ITEMS)
+        # pad messages (peer, kind, body), and None for the timer's pass over every link
+        self._pad_inbox_in, self._pad_inbox_out = trio.open_memory_channel[
+            tuple[str, str, Mapping[str, object]] | None
+        ](INBOX_ITEMS)
         # key ID -> set when the relay is decided here (origin) or finished (terminal)
         self._decided: dict[uuid.UUID, trio.Event] = {}
         self._waiting: dict[uuid.UUID, int] = {}  # dec_keys requests waiting per key
@@ -163,6 +168,7 @@ class RelayService:
         self.relays_aborted = 0
         # keys relayed ahead: (master SAE, slave SAE, key bits) -> relays in flight for it
         self._pools: dict[_Pool, set[uuid.UUID]] = {}
+        self._ready: dict[_Pool, deque[uuid.UUID]] = {}  # relayed ahead, not picked yet
         self._pool_paused_until: dict[_Pool, float] = {}
         self._pool_backoff_s: dict[_Pool, float] = {}
         self._pool_wanted = trio.Event()
@@ -180,8 +186,9 @@ class RelayService:
     # ---- the shell's inputs --------------------------------------------------------------------
     def on_control(self, peer: str, kind: str, body: Mapping[str, object]) -> None:
         """A relay or pad control frame arrived on the link to ``peer`` (authenticated)."""
+        inbox = self._pad_inbox_in if kind in PAD_SCHEMAS else self._inbox_in
         try:
-            self._inbox_in.send_nowait((peer, kind, body))
+            inbox.send_nowait((peer, kind, body))
         except trio.WouldBlock:
             log.warning("relay.inbox_full", peer=peer, kind=kind)
 
@@ -195,6 +202,7 @@ class RelayService:
             for name, link in self._links.items():
                 nursery.start_soon(self._send_loop, name, link)
             nursery.start_soon(self._timer)
+            nursery.start_soon(self._pads)
             nursery.start_soon(self._keep_pools)
             task_status.started()
             while True:
@@ -211,15 +219,38 @@ class RelayService:
     async def _timer(self) -> None:
         while True:
             await self._post(RetransmitDue())
+            await self._pad_inbox_in.send(None)  # offer again, cut new chunks
             await trio.sleep(self.section.retransmit_s)
+
+    async def _pads(self) -> None:
+        """The pad fill, in a task of its own: its writes to the links' stores never hold up
+        the relays (the relay store's own lock orders its writes with the relay task's)."""
+        async for item in self._pad_inbox_out:
+            with trio.CancelScope(shield=True):
+                if item is None:
+                    for name in self._links:
+                        await self._fill_pad(name, resend=True)
+                    continue
+                peer, kind, body = item
+                if peer not in self._links:
+                    continue
+                try:
+                    pad = pad_from_wire(kind, body)
+                except ProtocolError as exc:
+                    log.warning("relay.message_refused", peer=peer, kind=kind, error=str(exc)[:200])
+                    continue
+                if isinstance(pad, PadOffer):
+                    await self._pad_offered(peer, pad)
+                else:
+                    await self._pad_answered(peer, pad)
 
     async def _post(self, item: Input | _Request | _Take) -> None:
         await self._inbox_in.send(item)
 
     # ---- the relay task ------------------------------------------------------------------------
     async def _handle(self, items: Sequence[_InboxItem]) -> None:
-        """The pad messages first (each in its own transactions), then every machine input of
-        ``items`` in one store transaction (group commit), then what they send and report."""
+        """Every machine input and hand-out of ``items`` in one store transaction (group
+        commit), then what they send and report."""
         inputs: list[tuple[Input, _Request | None]] = []
         takes: list[_Take] = []
         for item in items:
@@ -228,15 +259,16 @@ class RelayService:
             elif isinstance(item, _Request):
                 inputs.append((item.event, item))
             elif isinstance(item, tuple):
-                peer, kind, body = item
-                event = await self._control(peer, kind, body)
+                event = self._control(*item)
                 if event is not None:
                     inputs.append((event, None))
             else:
-                if isinstance(item, RetransmitDue):
-                    for name in self._links:
-                        await self._fill_pad(name, resend=True)
                 inputs.append((item, None))
+        if takes and inputs:  # an SAE waits for these: they do not wait for the relays' work
+            await trio.to_thread.run_sync(self._apply_batch, (), takes)
+            for take in takes:
+                take.done.set()
+            takes = []
         if not inputs and not takes:
             return
         outcomes = await trio.to_thread.run_sync(self._apply_batch, inputs, takes)
@@ -248,20 +280,11 @@ class RelayService:
         for take in takes:
             take.done.set()
 
-    async def _control(
-        self, peer: str, kind: str, body: Mapping[str, object]
-    ) -> PeerMessage | None:
-        """A pad message is handled here; a relay message is returned for the machine."""
+    def _control(self, peer: str, kind: str, body: Mapping[str, object]) -> PeerMessage | None:
+        """The machine's input of a relay message from ``peer`` (None: refused)."""
         if peer not in self._links:
             return None
         try:
-            if kind in PAD_SCHEMAS:
-                pad = pad_from_wire(kind, body)
-                if isinstance(pad, PadOffer):
-                    await self._pad_offered(peer, pad)
-                else:
-                    await self._pad_answered(peer, pad)
-                return None
             return PeerMessage(peer=peer, message=message_from_wire(kind, body))
         except ProtocolError as exc:
             log.warning("relay.message_refused", peer=peer, kind=kind, error=str(exc)[:200])
@@ -436,8 +459,9 @@ class RelayService:
 
     # ---- keys relayed ahead --------------------------------------------------------------------
     async def _keep_pools(self) -> None:
-        """Top up every pool that asked, when its keys ready and in flight fall to half of
-        ``prebind_keys``; a pool whose relays abort waits (doubling up to a minute)."""
+        """Top up every pool that asked, when its keys ready and in flight fall to three
+        quarters of ``prebind_keys``; a pool whose relays abort waits (doubling up to a
+        minute)."""
         while True:
             for pool in list(self._pools):
                 await self._top_up(pool)
@@ -450,14 +474,10 @@ class RelayService:
         if trio.current_time() < self._pool_paused_until.get(pool, 0.0):
             return
         master, slave, key_bits = pool
-        ready = await trio.to_thread.run_sync(
-            lambda: self.store.finished_origin_keys(
-                master_sae=master, slave_sae=slave, key_bits=key_bits, limit=target
-            )
-        )
+        ready = await self._ready_keys(pool)
         in_flight = self._pools[pool]
         missing = target - len(ready) - len(in_flight)
-        if missing < max(1, target // 2):
+        if missing < max(1, target // 4):
             return
         route = self.route_to(slave)
         requests = [
@@ -487,6 +507,9 @@ class RelayService:
                 in_flight.discard(key_id)
                 if committed:
                     self._pool_backoff_s.pop(pool, None)
+                    ready = self._ready.get(pool)
+                    if ready is not None:
+                        ready.append(key_id)
                 elif not in_flight:
                     self._pause(pool)
                 self._pool_wanted.set()
@@ -533,24 +556,38 @@ class RelayService:
         finally:
             self._claimed.difference_update(claims)
 
+    async def _ready_keys(self, pool: _Pool) -> deque[uuid.UUID]:
+        """The pool's keys relayed ahead and not picked yet, oldest first: read from the store
+        once (keys a previous run relayed ahead), then kept as relays finish."""
+        async with self._pick_lock:
+            ready = self._ready.get(pool)
+            if ready is None:
+                master, slave, key_bits = pool
+                stored = await trio.to_thread.run_sync(
+                    lambda: self.store.finished_origin_keys(
+                        master_sae=master,
+                        slave_sae=slave,
+                        key_bits=key_bits,
+                        limit=MAX_RELAY_PREBIND_KEYS + len(self._claimed),
+                    )
+                )
+                # a key handed out while that read ran is still in the list: skip it
+                ready = deque(
+                    k for k in stored if k not in self._claimed and k not in self._handed_out
+                )
+                self._ready[pool] = ready
+            return ready
+
     async def _claim_ready(
         self, master_sae: str, slave_sae: str, key_bits: int, number: int
     ) -> list[uuid.UUID]:
         """``number`` keys relayed ahead for the pair, claimed for this request, or none."""
-        async with self._pick_lock:  # one pick at a time: each sees the others' claims
-            ready = await trio.to_thread.run_sync(
-                lambda: self.store.finished_origin_keys(
-                    master_sae=master_sae,
-                    slave_sae=slave_sae,
-                    key_bits=key_bits,
-                    limit=number + len(self._claimed) + len(self._handed_out),
-                )
-            )
-            # a key handed out after that read is still in the list: _handed_out says so
-            free = [k for k in ready if k not in self._claimed and k not in self._handed_out]
-            picked = free[:number] if len(free) >= number else []
-            self._claimed.update(picked)
-            return picked
+        ready = await self._ready_keys((master_sae, slave_sae, key_bits))
+        if len(ready) < number:
+            return []
+        picked = [ready.popleft() for _ in range(number)]
+        self._claimed.update(picked)
+        return picked
 
     async def _deliver(
         self,
@@ -652,7 +689,9 @@ class RelayService:
         if len(set(key_ids)) != len(key_ids):
             raise ApiError(400, MSG_KEYS_NOT_FOUND)
         route: tuple[str, ...] = ()
-        for key_id, record in (await self._records(key_ids)).items():
+        records = await self._records(key_ids)
+        waited = False
+        for key_id, record in records.items():
             if (
                 record is None
                 or record.position is not Position.TERMINAL
@@ -662,6 +701,7 @@ class RelayService:
                 raise ApiError(400, MSG_KEYS_NOT_FOUND)
             route = record.route
             if record.state is RelayState.PREPARED:
+                waited = True
                 # requests for the same key share its event; the last one to wake removes it
                 decided = self._decided.setdefault(key_id, trio.Event())
                 self._waiting[key_id] = self._waiting.get(key_id, 0) + 1
@@ -674,7 +714,8 @@ class RelayService:
                     if not self._waiting[key_id]:
                         del self._waiting[key_id]
                         self._decided.pop(key_id, None)
-        records = await self._records(key_ids)
+        if waited:
+            records = await self._records(key_ids)
         if not all(r is not None and r.deliverable and r.key for r in records.values()):
             raise ApiError(400, MSG_KEYS_NOT_FOUND)  # aborted, undecided or handed out already
         if any(key_id in self._claimed for key_id in key_ids):
