@@ -26,6 +26,7 @@ from tests.reliability.harness import REPO, Pair
 pytestmark = pytest.mark.slow  # starts daemon processes
 
 RSS_LIMIT_KIB = 16 * 1024
+WARM_BLOCKS = 3
 ATTEMPTS_PER_KIND = 5
 IDLE_CONNECTIONS = 100
 
@@ -60,6 +61,10 @@ def test_attacks_before_authentication_are_refused_cheaply(tmp_path: Path) -> No
             timeout_s=120,
             what="a key-derived commit",
         )
+        # a few blocks more first, so that the baseline holds Bob's steady heap (the pair keeps
+        # distilling during the attacks): the growth measured is the attacks'
+        settled = pair.committed("alice") + WARM_BLOCKS
+        pair.wait(lambda p: p.committed("alice") >= settled, timeout_s=120, what="warm blocks")
         bob_pid = pair.processes["bob"].pid
         rss_before = max(_rss_kib(bob_pid) for _ in range(5))
         peak = [rss_before]
