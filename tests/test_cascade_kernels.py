@@ -228,3 +228,27 @@ def test_warm_up_runs_every_variant_and_changes_no_later_result() -> None:
 
     compile_kernels()
     assert _lock_step(30_000, 0.05, 0.05, CascadeVariant.SUBBLOCK_REUSE, 77) > 3
+
+
+def test_lowest_bit_of_every_single_and_mixed_word() -> None:
+    for i in range(64):
+        assert int(kernels._lowest_bit(np.uint64(1) << np.uint64(i))) == i
+        above = np.uint64(2**64 - 1) << np.uint64(i)
+        assert int(kernels._lowest_bit(above)) == i
+
+
+@pytest.mark.parametrize("positions", [0, 1, 4096, 3 * 4096])
+def test_odd_parts_lists_the_odd_flags_in_order(positions: int) -> None:
+    padded = max(4096, positions)
+    rng = np.random.default_rng(positions)
+    part_odd = np.zeros(padded, dtype=np.uint8)
+    odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+    odd_words = np.zeros(padded // 4096, dtype=np.uint64)
+    for odd, count in ((1, 3 * positions // 4), (0, positions // 2), (1, positions // 8)):
+        for g in rng.integers(0, max(positions, 1), count).tolist():
+            kernels._set_odd(part_odd, odd_count64, odd_words, g, odd)
+        listed = kernels._odd_parts(part_odd, odd_count64, odd_words)
+        assert listed.tolist() == np.flatnonzero(part_odd).tolist()
+    for g in np.flatnonzero(part_odd).tolist():  # every flag cleared: every summary bit too
+        kernels._set_odd(part_odd, odd_count64, odd_words, g, 0)
+    assert not odd_count64.any() and not odd_words.any()

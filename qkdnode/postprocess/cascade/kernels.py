@@ -16,9 +16,10 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
   the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
   where nearly all of them are computed, cost one random load per bit;
-- ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
-  run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
-  proportional to the passes' length / 4096 plus their number.
+- ``odd_count64[g >> 6]``: the number of odd part starts in each run of 64 positions, and bit
+  ``(g >> 6) & 63`` of ``odd_words[g >> 12]`` set when that number is not 0, so the odd parts are
+  listed in increasing order in time proportional to the passes' length / 4096 plus their
+  number.
 
 Parts only ever split, so a start stays a start. Alice's kernels answer from prefix parities of
 her permuted bits; ``pcg64_permutation`` draws the permutations of ``permutation``'s
@@ -93,15 +94,22 @@ def _set_code(
 def _set_odd(
     part_odd: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     g: int,
     odd: int,
 ) -> None:
     if part_odd[g] != odd:
         part_odd[g] = odd
-        step = 1 if odd else -1
-        odd_count64[g >> 6] += step
-        odd_count4096[g >> 12] += step
+        w = g >> 6
+        bit = np.uint64(1) << np.uint64(w & 63)
+        if odd:
+            if odd_count64[w] == 0:
+                odd_words[w >> 6] |= bit
+            odd_count64[w] += 1
+        else:
+            odd_count64[w] -= 1
+            if odd_count64[w] == 0:
+                odd_words[w >> 6] &= ~bit
 
 
 @helper
@@ -113,28 +121,43 @@ def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
 
 
 @helper
+def _lowest_bit(word: np.uint64) -> int:
+    """Index of the lowest set bit of a non-zero word."""
+    index = 0
+    for width in (32, 16, 8, 4, 2, 1):
+        shift = np.uint64(width)
+        if word & ((np.uint64(1) << shift) - np.uint64(1)) == 0:
+            word >>= shift
+            index += width
+    return index
+
+
+@helper
 def _odd_parts(
     part_odd: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
 ) -> NDArray[np.int64]:
-    # part_odd's length is a multiple of 4096: read it 8 flags at a time
+    # odd_words: a bit per run of 64 positions holding an odd part start; part_odd's length is a
+    # multiple of 4096, read 8 flags at a time
     words = part_odd.view(np.uint64)
     total = 0
-    for c in range(odd_count4096.shape[0]):
-        total += odd_count4096[c]
+    for c in range(odd_words.shape[0]):
+        word = odd_words[c]
+        while word:
+            total += odd_count64[(c << 6) + _lowest_bit(word)]
+            word &= word - np.uint64(1)
     out = np.empty(total, dtype=np.int64)
     k = 0
-    for c in range(odd_count4096.shape[0]):
-        if odd_count4096[c] == 0:
-            continue
-        for w in range(c << 6, (c + 1) << 6):
-            if odd_count64[w] == 0:
-                continue
-            for word in range(w << 3, (w + 1) << 3):
-                if words[word] == 0:
+    for c in range(odd_words.shape[0]):
+        word = odd_words[c]
+        while word:
+            w = (c << 6) + _lowest_bit(word)
+            word &= word - np.uint64(1)
+            for eight in range(w << 3, (w + 1) << 3):
+                if words[eight] == 0:
                     continue
-                for g in range(word << 3, (word + 1) << 3):
+                for g in range(eight << 3, (eight + 1) << 3):
                     if part_odd[g]:
                         out[k] = g
                         k += 1
@@ -155,22 +178,40 @@ def _correct(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
-    for k in range(positions.shape[0]):
+    # In phases, each a loop of independent random loads (the processor overlaps their cache
+    # misses): the position of every flipped bit in every active pass, then the part holding
+    # it, then the parts' updates in the order (bit, pass). A part's parity only toggles, so
+    # the result is the one of updating bit after bit.
+    m = positions.shape[0]
+    if m == 0:
+        return
+    total = m * active
+    at = np.empty(total, dtype=np.int64)
+    for k in range(m):
         position = positions[k]
         bits[position] ^= 1
         for p in range(active):
             base = p * n
-            g = base + inverse_all[base + position]
-            pbits[g] ^= 1
-            local = part_of[g]
-            s = base + local
-            odd = 1 - part_odd[s]
-            _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False, codes)
+            at[k * active + p] = base + inverse_all[base + position]
+    start = np.empty(total, dtype=np.int64)
+    for i in range(total):
+        g = at[i]
+        pbits[g] ^= 1
+        start[i] = g - g % n + part_of[g]
+    length = np.empty(total, dtype=np.int64)
+    for i in range(total):
+        s = start[i]
+        length[i] = s - s % n + part_end[s] - s
+        at[i] = part_odd[s]  # loaded here, with the others
+    for i in range(total):
+        s = start[i]
+        odd = 1 - part_odd[s]
+        _set_odd(part_odd, odd_count64, odd_words, s, odd)
+        _set_code(part_code, pos_code, s, length[i], odd, thresholds, False, codes)
 
 
 @kernel
@@ -189,7 +230,7 @@ def bob_activate(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
     codes_all: bool,
@@ -211,7 +252,7 @@ def bob_activate(
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
         part_end[s] = end
         part_alice[s] = top_alice[j]
-        _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+        _set_odd(part_odd, odd_count64, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
         for q in range(p + 1):
@@ -238,7 +279,7 @@ def bob_fix_known_errors(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
     marks: NDArray[np.uint8],
@@ -276,13 +317,13 @@ def bob_fix_known_errors(
             part_code,
             pos_code,
             odd_count64,
-            odd_count4096,
+            odd_words,
             thresholds,
             codes,
         )
         corrected += j
     while True:
-        parts = _odd_parts(part_odd, odd_count64, odd_count4096)
+        parts = _odd_parts(part_odd, odd_count64, odd_words)
         singles = 0
         for k in range(parts.shape[0]):
             s = parts[k]
@@ -314,7 +355,7 @@ def bob_fix_known_errors(
             part_code,
             pos_code,
             odd_count64,
-            odd_count4096,
+            odd_words,
             thresholds,
             codes,
         )
@@ -594,7 +635,7 @@ def bob_receive(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
@@ -621,7 +662,7 @@ def bob_receive(
                     part_of[g] = start - base
             part_end[start] = cut - base
             part_alice[start] = alice
-            _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
+            _set_odd(part_odd, odd_count64, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
@@ -629,7 +670,7 @@ def bob_receive(
             part_of[g] = start - base
         part_end[start] = end - base
         part_alice[start] = rest_alice
-        _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
+        _set_odd(part_odd, odd_count64, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j
 

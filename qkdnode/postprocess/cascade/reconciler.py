@@ -158,7 +158,7 @@ class _Workspace:
         padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
         self.part_odd = np.zeros(padded, dtype=np.uint8)
         self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
-        self.odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
+        self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
     @classmethod
@@ -182,7 +182,7 @@ class _Workspace:
         # a classic Cascade frame may finish with odd parts left (in even blocks)
         found.part_odd.fill(0)
         found.odd_count64.fill(0)
-        found.odd_count4096.fill(0)
+        found.odd_words.fill(0)
         return found
 
     def give_back(self) -> None:
@@ -244,10 +244,10 @@ class CascadeReconciler:
             work.part_code,
             work.pos_code,
         )
-        self._part_odd, self._odd_count64, self._odd_count4096 = (
+        self._part_odd, self._odd_count64, self._odd_words = (
             work.part_odd,
             work.odd_count64,
-            work.odd_count4096,
+            work.odd_words,
         )
         self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
@@ -456,7 +456,7 @@ class CascadeReconciler:
             self._part_code,
             self._pos_code,
             self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
         )
@@ -484,7 +484,7 @@ class CascadeReconciler:
             self._part_code,
             self._pos_code,
             self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
             codes_all,
@@ -513,7 +513,7 @@ class CascadeReconciler:
             self._part_code,
             self._pos_code,
             self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
             self._marks,
