@@ -390,16 +390,14 @@ def bob_select_classic(
     return out[:k]
 
 
-@kernel
-def bob_even_cuts(
+@helper
+def _even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
     part_end: NDArray[np.int32],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
-    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
     m = parts.shape[0]
     cuts = np.empty((m, arity - 1), dtype=np.int64)
     small = np.empty(m, dtype=np.int64)
@@ -415,6 +413,19 @@ def bob_even_cuts(
             small[count] = k
             count += 1
     return cuts, small[:count]
+
+
+@kernel
+def bob_even_cuts(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    part_end: NDArray[np.int32],
+    small_length: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
+    return _even_cuts(parts, arity, n, part_end, small_length)
 
 
 @kernel
@@ -508,21 +519,34 @@ def bob_weighted_cuts(
     some part has a single bit of positive weight, nothing is cut and the global positions of
     those bits are returned (certain errors); else an empty array.
     """
+    weight = np.empty(exp_exponent.shape[0], dtype=np.float32)
+    for i in range(exp_exponent.shape[0]):
+        weight[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
+    return _weighted_cuts(cuts, small, starts, n, part_end, weight, arity)
+
+
+@helper
+def _weighted_cuts(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    n: int,
+    part_end: NDArray[np.int32],
+    weight: NDArray[np.float32],
+    arity: int,
+) -> NDArray[np.int64]:
     # Every search stays inside its part: the numpy formulation searched the concatenation of
     # all parts, but after its clipping to the part's open bits the result is the same.
     m = small.shape[0]
     lengths = np.empty(m, dtype=np.int64)
     for k in range(m):
         lengths[k] = part_end[starts[k]] - starts[k] % n
-    total_bits = exp_exponent.shape[0]
-    weight = np.empty(total_bits, dtype=np.float32)
+    total_bits = weight.shape[0]
     cum0 = np.empty(total_bits + 1, dtype=np.float64)
     cum0[0] = 0.0
     running = 0.0
     for i in range(total_bits):
-        w = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
-        weight[i] = w
-        running += np.float64(w)
+        running += np.float64(weight[i])
         cum0[i + 1] = running
     offset = np.empty(m, dtype=np.int64)
     first_open = np.empty(m, dtype=np.int64)
@@ -584,6 +608,68 @@ def bob_weighted_cuts(
                     chosen -= 1
             cuts[small[k], f - 1] = starts[k] + chosen - lo
     return np.empty(0, dtype=np.int64)
+
+
+@kernel
+def bob_cuts_two_passes(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    part_end: NDArray[np.int32],
+    small_length: int,
+    cross: NDArray[np.int32],
+    part_of: NDArray[np.int32],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    weight_of_code: NDArray[np.float32],
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
+    passes are active: a bit's weight then depends only on the code of its part in the other
+    pass, ``weight_of_code[code]`` (1 / (1 + numpy's float32 exp of ``_exponent`` of the prior
+    plus the code's log-likelihood ratio), 0 for a known-right bit).
+
+    Returns the cuts and the global positions of the certain errors (then nothing is cut).
+    """
+    cuts, small = _even_cuts(parts, arity, n, part_end, small_length)
+    m = small.shape[0]
+    if m == 0:
+        return cuts, np.empty(0, dtype=np.int64)
+    starts = np.empty(m, dtype=np.int64)
+    total = 0
+    for k in range(m):
+        s = parts[small[k]]
+        starts[k] = s
+        total += part_end[s] - s % n
+    weight = np.empty(total, dtype=np.float32)
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    j = 0
+    for k in range(m):
+        s = starts[k]
+        own = s // n
+        end = own * n + part_end[s]
+        other = (1 - own) * n
+        first = j
+        opened = 0
+        at = 0
+        for g in range(s, end):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[other + part_of[h]]
+            w = weight_of_code[code]
+            weight[j] = w
+            if w > 0.0:
+                if opened == 0:
+                    at = j
+                opened += 1
+            j += 1
+        if opened == 1:
+            found[singles] = s + at - first
+            singles += 1
+    if singles:
+        return cuts, found[:singles]
+    return cuts, _weighted_cuts(cuts, small, starts, n, part_end, weight, arity)
 
 
 @kernel

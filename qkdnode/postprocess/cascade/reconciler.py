@@ -50,7 +50,11 @@ the bits it touches, not the frame length. The log-likelihood sums of the weight
 added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
 only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, add and divide
 around it in the kernels, so every cut, and therefore every query, is the one of the numpy
-formulation kept in the tests as the reference.
+formulation kept in the tests as the reference. While exactly two passes are active (where
+nearly all weights are computed) a bit's weight depends only on the code of its part in the
+other pass: the weight of each of the 256 codes is computed once per error-rate estimate with
+the same float32 operations in numpy (its ``exp`` is elementwise: the same value gives the same
+bits in any array), and one kernel looks the weights up and cuts.
 """
 
 from __future__ import annotations
@@ -259,6 +263,7 @@ class CascadeReconciler:
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
         self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
+        self._weight_cache: tuple[float, NDArray[np.float32]] | None = None
         entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
@@ -383,6 +388,25 @@ class CascadeReconciler:
         self._lr_cache = (q_now, table)
         return table
 
+    def _weight_of_code(self) -> NDArray[np.float32]:
+        """A bit's weight for every code of its part in the other pass, while exactly two passes
+        are active: 1 / (1 + exp(-clip(prior + log-likelihood ratio, -50, 50))) in float32, 0
+        for a known-right bit; the very operations of ``_split_weights`` and
+        ``kernels.bob_weighted_cuts`` on the same float32 values (numpy's exp is elementwise)."""
+        q = self._q_now()
+        if self._weight_cache is not None and self._weight_cache[0] == q:
+            return self._weight_cache[1]
+        log_odds = self._lr_table() + np.float32(math.log(q / (1.0 - q)))
+        # |log-odds| < 100 but for the known-right code (below -1000: exponent +inf, weight 0)
+        exponent = np.clip(log_odds, np.float32(-50.0), np.float32(50.0), out=log_odds)
+        np.negative(exponent, out=exponent)
+        np.exp(exponent, out=exponent)
+        exponent += np.float32(1.0)
+        weight: NDArray[np.float32] = np.divide(np.float32(1.0), exponent, out=exponent)
+        weight[_KNOWN_RIGHT] = 0.0
+        self._weight_cache = (q, weight)
+        return weight
+
     def _split_weights(
         self, part: NDArray[np.int64]
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
@@ -426,6 +450,19 @@ class CascadeReconciler:
         bits not known right on both sides of every cut. If some part has a certain error, only
         those are returned (the cuts are then empty).
         """
+        if self._weighted and self._active == 2:
+            return kernels.bob_cuts_two_passes(
+                part,
+                arity,
+                self._n,
+                self._part_end,
+                _WEIGHTED_LENGTH,
+                self._cross,
+                self._part_of,
+                self._part_code,
+                self._pos_code,
+                self._weight_of_code(),
+            )
         cuts, small = kernels.bob_even_cuts(part, arity, self._n, self._part_end, _WEIGHTED_LENGTH)
         if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
             return cuts, np.zeros(0, dtype=np.int64)
