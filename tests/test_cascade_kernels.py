@@ -269,3 +269,19 @@ def test_weight_of_code_is_the_weight_of_the_log_odds_kernels(qber: float) -> No
     got = reconciler._weight_of_code()
     assert got.dtype == np.float32
     assert got.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
+def test_part_start_is_the_nearest_marked_position_at_or_before() -> None:
+    rng = np.random.default_rng(11)
+    for size in (64, 4096, 3 * 4096):
+        part_starts = np.zeros(size // 64, dtype=np.uint64)
+        marked = np.unique(np.concatenate(([0], rng.integers(0, size, size // 50))))
+        for g in marked.tolist():
+            kernels._mark_start(part_starts, g)
+        for g in range(size):
+            expected = int(marked[np.searchsorted(marked, g, side="right") - 1])
+            assert int(kernels._part_start(part_starts, g)) == expected
+    for i in range(64):
+        assert int(kernels._highest_bit(np.uint64(1) << np.uint64(i))) == i
+        below = np.uint64(2**64 - 1) >> np.uint64(63 - i)
+        assert int(kernels._highest_bit(below)) == i

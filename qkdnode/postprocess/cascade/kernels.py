@@ -4,7 +4,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 (position ``i`` of pass ``p`` is ``g = p * n + i``), so no kernel ever resizes an array:
 
 - ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
-- ``part_of[g]``: the pass-local start of the part holding ``g``;
+- ``part_starts``: a bit per position, bit ``g & 63`` of word ``g >> 6`` set if a part starts
+  at ``g``: the part holding ``g`` starts at the nearest set bit at or before it (a split sets
+  one bit, where a per-position map of starts would be rewritten over the part);
 - at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
   (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
   and ``part_code[s]`` (length class and parity, see ``reconciler``);
@@ -113,6 +115,35 @@ def _set_odd(
 
 
 @helper
+def _highest_bit(word: np.uint64) -> int:
+    """Index of the highest set bit of a non-zero word."""
+    index = 0
+    for width in (32, 16, 8, 4, 2, 1):
+        shift = np.uint64(width)
+        if word >> shift:
+            word >>= shift
+            index += width
+    return index
+
+
+@helper
+def _mark_start(part_starts: NDArray[np.uint64], g: int) -> None:
+    part_starts[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+
+
+@helper
+def _part_start(part_starts: NDArray[np.uint64], g: int) -> int:
+    """Global start of the part holding ``g``: the nearest marked position at or before it (the
+    first position of every pass is a start, so the search stays in ``g``'s pass)."""
+    w = g >> 6
+    word = part_starts[w] & (np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(63 - (g & 63)))
+    while word == 0:
+        w -= 1
+        word = part_starts[w]
+    return (w << 6) + _highest_bit(word)
+
+
+@helper
 def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
     acc = 0
     for g in range(start, end):
@@ -172,7 +203,7 @@ def _correct(
     bits: NDArray[np.uint8],
     inverse_all: NDArray[np.int32],
     pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
@@ -201,12 +232,11 @@ def _correct(
     for i in range(total):
         g = at[i]
         pbits[g] ^= 1
-        start[i] = g - g % n + part_of[g]
+        start[i] = _part_start(part_starts, g)
     length = np.empty(total, dtype=np.int64)
     for i in range(total):
         s = start[i]
         length[i] = s - s % n + part_end[s] - s
-        at[i] = part_odd[s]  # loaded here, with the others
     for i in range(total):
         s = start[i]
         odd = 1 - part_odd[s]
@@ -223,7 +253,7 @@ def bob_activate(
     bits: NDArray[np.uint8],
     perm_all: NDArray[np.int32],
     pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
     part_odd: NDArray[np.uint8],
@@ -246,9 +276,8 @@ def bob_activate(
     for j in range(top_alice.shape[0]):
         start = j * size
         end = min(start + size, n)
-        for i in range(start, end):
-            part_of[base + i] = start
         s = base + start
+        _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
         part_end[s] = end
         part_alice[s] = top_alice[j]
@@ -273,7 +302,7 @@ def bob_fix_known_errors(
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
     pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_odd: NDArray[np.uint8],
     part_code: NDArray[np.uint8],
@@ -311,7 +340,7 @@ def bob_fix_known_errors(
             bits,
             inverse_all,
             pbits,
-            part_of,
+            part_starts,
             part_end,
             part_odd,
             part_code,
@@ -349,7 +378,7 @@ def bob_fix_known_errors(
             bits,
             inverse_all,
             pbits,
-            part_of,
+            part_starts,
             part_end,
             part_odd,
             part_code,
@@ -436,7 +465,7 @@ def bob_log_odds(
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
     cross: NDArray[np.int32],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -472,7 +501,7 @@ def bob_log_odds(
                 h = other + cross[g]
                 code = pos_code[h]
                 if code == LONG_PART:
-                    code = part_code[other + part_of[h]]
+                    code = part_code[_part_start(part_starts, h)]
                 out[j] = _exponent(prior + table[code])
                 j += 1
         else:
@@ -485,7 +514,7 @@ def bob_log_odds(
                         h = base + inverse_all[base + position]
                         code = pos_code[h]
                         if code == LONG_PART:
-                            code = part_code[base + part_of[h]]
+                            code = part_code[_part_start(part_starts, h)]
                         acc = acc + table[code]
                 out[j] = _exponent(acc)
                 j += 1
@@ -618,7 +647,7 @@ def bob_cuts_two_passes(
     part_end: NDArray[np.int32],
     small_length: int,
     cross: NDArray[np.int32],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     weight_of_code: NDArray[np.float32],
@@ -656,7 +685,7 @@ def bob_cuts_two_passes(
             h = other + cross[g]
             code = pos_code[h]
             if code == LONG_PART:
-                code = part_code[other + part_of[h]]
+                code = part_code[_part_start(part_starts, h)]
             w = weight_of_code[code]
             weight[j] = w
             if w > 0.0:
@@ -714,7 +743,7 @@ def bob_receive(
     left: NDArray[np.int64],
     n: int,
     pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
     part_odd: NDArray[np.uint8],
@@ -744,16 +773,14 @@ def bob_receive(
             rest_alice ^= alice
             rest_odd ^= odd
             if start != s:
-                for g in range(start, cut):
-                    part_of[g] = start - base
+                _mark_start(part_starts, start)
             part_end[start] = cut - base
             part_alice[start] = alice
             _set_odd(part_odd, odd_count64, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
-        for g in range(start, end):
-            part_of[g] = start - base
+        _mark_start(part_starts, start)
         part_end[start] = end - base
         part_alice[start] = rest_alice
         _set_odd(part_odd, odd_count64, odd_words, start, rest_odd)

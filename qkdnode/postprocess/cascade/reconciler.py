@@ -43,8 +43,8 @@ bits Alice sent. Passes activate one after the other as in Cascade: pass p+1 onl
 of passes 0..p is left to search.
 
 Implementation: all active passes live in one *global* position space, position ``i`` of pass
-``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, the part holding each
-position, and at each part's start its end, Alice's parity, the syndrome and a length code) is
+``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, a bit marking each part's
+start, and at each part's start its end, Alice's parity, the syndrome and a length code) is
 kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
 the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
 added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
@@ -104,7 +104,7 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (13 bytes per position of every pass: 480 MB at 10^7 bits and 4 passes) would
+# a large frame's (9 bytes per position of every pass: 360 MB at 10^7 bits and 4 passes) would
 # stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
 _POOL_MAX_BYTES: Final = 128 * 2**20
@@ -154,13 +154,13 @@ class _Workspace:
         self.capacity = capacity
         self.n = n
         self.pbits = np.empty(capacity, dtype=np.uint8)
-        self.part_of = np.empty(capacity, dtype=np.int32)
         self.part_end = np.empty(capacity, dtype=np.int32)
         self.part_alice = np.empty(capacity, dtype=np.uint8)
         self.part_code = np.empty(capacity, dtype=np.uint8)
         self.pos_code = np.empty(capacity, dtype=np.uint8)
         padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
         self.part_odd = np.zeros(padded, dtype=np.uint8)
+        self.part_starts = np.zeros(padded // 64, dtype=np.uint64)
         self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
@@ -185,6 +185,7 @@ class _Workspace:
             return cls(size, n)
         # a classic Cascade frame may finish with odd parts left (in even blocks)
         found.part_odd.fill(0)
+        found.part_starts.fill(0)
         found.odd_count64.fill(0)
         found.odd_words.fill(0)
         return found
@@ -192,7 +193,7 @@ class _Workspace:
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again), unless it
         is larger than ``_POOL_MAX_BYTES``."""
-        if 13 * self.capacity > _POOL_MAX_BYTES:
+        if 9 * self.capacity > _POOL_MAX_BYTES:
             return
         self._pool.append(self)
         while len(self._pool) > _POOL:
@@ -242,7 +243,11 @@ class CascadeReconciler:
         self._inverse_all = self._perms.inverse_all
         self._workspace = _Workspace.take(size, n)
         work = self._workspace
-        self._pbits, self._part_of, self._part_end = work.pbits, work.part_of, work.part_end
+        self._pbits, self._part_starts, self._part_end = (
+            work.pbits,
+            work.part_starts,
+            work.part_end,
+        )
         self._part_alice, self._part_code, self._pos_code = (
             work.part_alice,
             work.part_code,
@@ -424,7 +429,7 @@ class CascadeReconciler:
             self._perm_all,
             self._inverse_all,
             self._cross,
-            self._part_of,
+            self._part_starts,
             self._part_end,
             self._part_code,
             self._pos_code,
@@ -458,7 +463,7 @@ class CascadeReconciler:
                 self._part_end,
                 _WEIGHTED_LENGTH,
                 self._cross,
-                self._part_of,
+                self._part_starts,
                 self._part_code,
                 self._pos_code,
                 self._weight_of_code(),
@@ -486,7 +491,7 @@ class CascadeReconciler:
             left,
             self._n,
             self._pbits,
-            self._part_of,
+            self._part_starts,
             self._part_end,
             self._part_alice,
             self._part_odd,
@@ -514,7 +519,7 @@ class CascadeReconciler:
             self._bits,
             self._perm_all,
             self._pbits,
-            self._part_of,
+            self._part_starts,
             self._part_end,
             self._part_alice,
             self._part_odd,
@@ -544,7 +549,7 @@ class CascadeReconciler:
             self._perm_all,
             self._inverse_all,
             self._pbits,
-            self._part_of,
+            self._part_starts,
             self._part_end,
             self._part_odd,
             self._part_code,
