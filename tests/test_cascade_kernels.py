@@ -285,3 +285,13 @@ def test_part_start_is_the_nearest_marked_position_at_or_before() -> None:
         assert int(kernels._highest_bit(np.uint64(1) << np.uint64(i))) == i
         below = np.uint64(2**64 - 1) >> np.uint64(63 - i)
         assert int(kernels._highest_bit(below)) == i
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_gather_bits_equals_numpy_fancy_indexing(n: int) -> None:
+    rng = np.random.default_rng(n)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    perm = rng.permutation(n).astype(np.int32)
+    out = np.empty(n, dtype=np.uint8)
+    kernels._gather_bits(bits, perm, out)
+    assert np.array_equal(out, bits[perm])

@@ -244,6 +244,19 @@ def _correct(
         _set_code(part_code, pos_code, s, length[i], odd, thresholds, False, codes)
 
 
+@helper
+def _gather_bits(bits: NDArray[np.uint8], perm: NDArray[np.int32], out: NDArray[np.uint8]) -> None:
+    """``out[i] = bits[perm[i]]``, through a packed copy of ``bits`` (8 per byte): the random
+    reads then fall in an eighth of the memory, which the caches hold."""
+    n = bits.shape[0]
+    packed = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    for j in range(n):
+        packed[j >> 3] |= bits[j] << (j & 7)
+    for i in range(perm.shape[0]):
+        j = perm[i]
+        out[i] = (packed[j >> 3] >> (j & 7)) & 1
+
+
 @kernel
 def bob_activate(
     p: int,
@@ -271,8 +284,7 @@ def bob_activate(
     need them (until then the kernels skip them: ``codes`` False).
     """
     base = p * n
-    for i in range(n):
-        pbits[base + i] = bits[perm_all[base + i]]
+    _gather_bits(bits, perm_all[base : base + n], pbits[base : base + n])
     for j in range(top_alice.shape[0]):
         start = j * size
         end = min(start + size, n)
@@ -793,11 +805,12 @@ def responder_prefix(
     bits: NDArray[np.uint8], perm: NDArray[np.int32], prefix: NDArray[np.uint8]
 ) -> None:
     """``prefix[i + 1]`` = parity of ``bits[perm[0..i]]``, ``prefix[0]`` = 0."""
+    _gather_bits(bits, perm, prefix[1:])
     acc = 0
     prefix[0] = 0
-    for i in range(perm.shape[0]):
-        acc ^= bits[perm[i]]
-        prefix[i + 1] = acc
+    for i in range(1, perm.shape[0] + 1):
+        acc ^= prefix[i]
+        prefix[i] = acc
 
 
 @kernel
