@@ -5,8 +5,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 
 - ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
 - ``part_starts``: a bit per position, bit ``g & 63`` of word ``g >> 6`` set if a part starts
-  at ``g``: the part holding ``g`` starts at the nearest set bit at or before it (a split sets
-  one bit, where a per-position map of starts would be rewritten over the part);
+  at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
+  set bit at or before it, and ends before the next one (a split sets one bit, where a
+  per-position map of starts would be rewritten over the part);
 - at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
   (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
   and ``part_code[s]`` (length class and parity, see ``reconciler``);
@@ -129,6 +130,11 @@ def _highest_bit(word: np.uint64) -> int:
 @helper
 def _mark_start(part_starts: NDArray[np.uint64], g: int) -> None:
     part_starts[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+
+
+@helper
+def _is_start(part_starts: NDArray[np.uint64], g: int) -> bool:
+    return bool((part_starts[g >> 6] >> np.uint64(g & 63)) & np.uint64(1))
 
 
 @helper
@@ -285,6 +291,9 @@ def bob_activate(
     """
     base = p * n
     _gather_bits(bits, perm_all[base : base + n], pbits[base : base + n])
+    # the end of the pass too (the next pass's first start), so that a part of length 1 is one
+    # whose next position is marked
+    _mark_start(part_starts, base + n)
     for j in range(top_alice.shape[0]):
         start = j * size
         end = min(start + size, n)
@@ -367,8 +376,7 @@ def bob_fix_known_errors(
         parts = _odd_parts(part_odd, odd_count64, odd_words)
         singles = 0
         for k in range(parts.shape[0]):
-            s = parts[k]
-            if part_end[s] - (s % n) == 1:
+            if _is_start(part_starts, parts[k] + 1):  # a part of length 1
                 singles += 1
         if singles == 0:
             return parts, corrected
@@ -376,7 +384,7 @@ def bob_fix_known_errors(
         j = 0
         for k in range(parts.shape[0]):
             s = parts[k]
-            if part_end[s] - (s % n) == 1 and marks[perm_all[s]] == 0:
+            if _is_start(part_starts, s + 1) and marks[perm_all[s]] == 0:
                 marks[perm_all[s]] = 1
                 found[j] = perm_all[s]
                 j += 1

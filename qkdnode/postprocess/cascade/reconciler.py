@@ -160,7 +160,7 @@ class _Workspace:
         self.pos_code = np.empty(capacity, dtype=np.uint8)
         padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
         self.part_odd = np.zeros(padded, dtype=np.uint8)
-        self.part_starts = np.zeros(padded // 64, dtype=np.uint64)
+        self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
         self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
