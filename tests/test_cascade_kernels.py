@@ -241,17 +241,19 @@ def test_lowest_bit_of_every_single_and_mixed_word() -> None:
 def test_odd_parts_lists_the_odd_flags_in_order(positions: int) -> None:
     padded = max(4096, positions)
     rng = np.random.default_rng(positions)
-    part_odd = np.zeros(padded, dtype=np.uint8)
-    odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+    odd = np.zeros(padded, dtype=np.uint8)
+    odd_bits = np.zeros(padded // 64, dtype=np.uint64)
     odd_words = np.zeros(padded // 4096, dtype=np.uint64)
-    for odd, count in ((1, 3 * positions // 4), (0, positions // 2), (1, positions // 8)):
+    for value, count in ((1, 3 * positions // 4), (0, positions // 2), (1, positions // 8)):
         for g in rng.integers(0, max(positions, 1), count).tolist():
-            kernels._set_odd(part_odd, odd_count64, odd_words, g, odd)
-        listed = kernels._odd_parts(part_odd, odd_count64, odd_words)
-        assert listed.tolist() == np.flatnonzero(part_odd).tolist()
-    for g in np.flatnonzero(part_odd).tolist():  # every flag cleared: every summary bit too
-        kernels._set_odd(part_odd, odd_count64, odd_words, g, 0)
-    assert not odd_count64.any() and not odd_words.any()
+            kernels._set_odd(odd_bits, odd_words, g, value)
+            odd[g] = value
+            assert int(kernels._is_odd(odd_bits, g)) == value
+        listed = kernels._odd_parts(odd_bits, odd_words)
+        assert listed.tolist() == np.flatnonzero(odd).tolist()
+    for g in np.flatnonzero(odd).tolist():  # every flag cleared: every summary bit too
+        kernels._set_odd(odd_bits, odd_words, g, 0)
+    assert not odd_bits.any() and not odd_words.any()
 
 
 @pytest.mark.parametrize("qber", [5e-6, 0.001, 0.02, 0.1, 0.3, 0.49])

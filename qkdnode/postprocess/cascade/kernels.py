@@ -9,8 +9,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   set bit at or before it, and ends before the next one (a split sets one bit, where a
   per-position map of starts would be rewritten over the part);
 - at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
-  (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
-  and ``part_code[s]`` (length class and parity, see ``reconciler``);
+  (Alice's parity) and ``part_code[s]`` (length class and parity, see ``reconciler``);
+- ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
+  Alice's (an odd number of errors inside);
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two. Codes are kept only once the weights need
@@ -19,10 +20,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
   the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
   where nearly all of them are computed, cost one random load per bit;
-- ``odd_count64[g >> 6]``: the number of odd part starts in each run of 64 positions, and bit
-  ``(g >> 6) & 63`` of ``odd_words[g >> 12]`` set when that number is not 0, so the odd parts are
-  listed in increasing order in time proportional to the passes' length / 4096 plus their
-  number.
+- ``odd_words``: bit ``(g >> 6) & 63`` of ``odd_words[g >> 12]`` set when word ``g >> 6`` of
+  ``odd_bits`` is not 0, so the odd parts are listed in increasing order in time proportional
+  to the passes' length / 4096 plus their number.
 
 Parts only ever split, so a start stays a start. Alice's kernels answer from prefix parities of
 her permuted bits; ``pcg64_permutation`` draws the permutations of ``permutation``'s
@@ -94,25 +94,23 @@ def _set_code(
 
 
 @helper
-def _set_odd(
-    part_odd: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_words: NDArray[np.uint64],
-    g: int,
-    odd: int,
-) -> None:
-    if part_odd[g] != odd:
-        part_odd[g] = odd
-        w = g >> 6
-        bit = np.uint64(1) << np.uint64(w & 63)
-        if odd:
-            if odd_count64[w] == 0:
-                odd_words[w >> 6] |= bit
-            odd_count64[w] += 1
-        else:
-            odd_count64[w] -= 1
-            if odd_count64[w] == 0:
-                odd_words[w >> 6] &= ~bit
+def _set_odd(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64], g: int, odd: int) -> None:
+    w = g >> 6
+    word = odd_bits[w]
+    bit = np.uint64(1) << np.uint64(g & 63)
+    new = word | bit if odd else word & ~bit
+    if new != word:
+        odd_bits[w] = new
+        summary = np.uint64(1) << np.uint64(w & 63)
+        if word == 0:
+            odd_words[w >> 6] |= summary
+        elif new == 0:
+            odd_words[w >> 6] &= ~summary
+
+
+@helper
+def _is_odd(odd_bits: NDArray[np.uint64], g: int) -> int:
+    return 1 if (odd_bits[g >> 6] >> np.uint64(g & 63)) & np.uint64(1) else 0
 
 
 @helper
@@ -170,34 +168,28 @@ def _lowest_bit(word: np.uint64) -> int:
 
 
 @helper
-def _odd_parts(
-    part_odd: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_words: NDArray[np.uint64],
-) -> NDArray[np.int64]:
-    # odd_words: a bit per run of 64 positions holding an odd part start; part_odd's length is a
-    # multiple of 4096, read 8 flags at a time
-    words = part_odd.view(np.uint64)
+def _odd_parts(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64]) -> NDArray[np.int64]:
     total = 0
     for c in range(odd_words.shape[0]):
-        word = odd_words[c]
-        while word:
-            total += odd_count64[(c << 6) + _lowest_bit(word)]
-            word &= word - np.uint64(1)
+        summary = odd_words[c]
+        while summary:
+            word = odd_bits[(c << 6) + _lowest_bit(summary)]
+            summary &= summary - np.uint64(1)
+            while word:
+                total += 1
+                word &= word - np.uint64(1)
     out = np.empty(total, dtype=np.int64)
     k = 0
     for c in range(odd_words.shape[0]):
-        word = odd_words[c]
-        while word:
-            w = (c << 6) + _lowest_bit(word)
-            word &= word - np.uint64(1)
-            for eight in range(w << 3, (w + 1) << 3):
-                if words[eight] == 0:
-                    continue
-                for g in range(eight << 3, (eight + 1) << 3):
-                    if part_odd[g]:
-                        out[k] = g
-                        k += 1
+        summary = odd_words[c]
+        while summary:
+            w = (c << 6) + _lowest_bit(summary)
+            summary &= summary - np.uint64(1)
+            word = odd_bits[w]
+            while word:
+                out[k] = (w << 6) + _lowest_bit(word)
+                word &= word - np.uint64(1)
+                k += 1
     return out
 
 
@@ -211,10 +203,9 @@ def _correct(
     pbits: NDArray[np.uint8],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
     odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
@@ -245,8 +236,8 @@ def _correct(
         length[i] = s - s % n + part_end[s] - s
     for i in range(total):
         s = start[i]
-        odd = 1 - part_odd[s]
-        _set_odd(part_odd, odd_count64, odd_words, s, odd)
+        odd = 1 - _is_odd(odd_bits, s)
+        _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, length[i], odd, thresholds, False, codes)
 
 
@@ -275,10 +266,9 @@ def bob_activate(
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
-    part_odd: NDArray[np.uint8],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
     odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
@@ -302,7 +292,7 @@ def bob_activate(
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
         part_end[s] = end
         part_alice[s] = top_alice[j]
-        _set_odd(part_odd, odd_count64, odd_words, s, odd)
+        _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
         for q in range(p + 1):
@@ -310,7 +300,14 @@ def bob_activate(
             while start < (q + 1) * n:
                 end = q * n + part_end[start]
                 _set_code(
-                    part_code, pos_code, start, end - start, part_odd[start], thresholds, True, True
+                    part_code,
+                    pos_code,
+                    start,
+                    end - start,
+                    _is_odd(odd_bits, start),
+                    thresholds,
+                    True,
+                    True,
                 )
                 start = end
 
@@ -325,10 +322,9 @@ def bob_fix_known_errors(
     pbits: NDArray[np.uint8],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
     odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
@@ -363,17 +359,16 @@ def bob_fix_known_errors(
             pbits,
             part_starts,
             part_end,
-            part_odd,
+            odd_bits,
             part_code,
             pos_code,
-            odd_count64,
             odd_words,
             thresholds,
             codes,
         )
         corrected += j
     while True:
-        parts = _odd_parts(part_odd, odd_count64, odd_words)
+        parts = _odd_parts(odd_bits, odd_words)
         singles = 0
         for k in range(parts.shape[0]):
             if _is_start(part_starts, parts[k] + 1):  # a part of length 1
@@ -400,10 +395,9 @@ def bob_fix_known_errors(
             pbits,
             part_starts,
             part_end,
-            part_odd,
+            odd_bits,
             part_code,
             pos_code,
-            odd_count64,
             odd_words,
             thresholds,
             codes,
@@ -766,10 +760,9 @@ def bob_receive(
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
-    part_odd: NDArray[np.uint8],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
     odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
@@ -783,7 +776,7 @@ def bob_receive(
         base = s - s % n
         end = base + part_end[s]
         rest_alice = part_alice[s]
-        rest_odd = part_odd[s]
+        rest_odd = _is_odd(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
             start = left[j]
@@ -796,14 +789,14 @@ def bob_receive(
                 _mark_start(part_starts, start)
             part_end[start] = cut - base
             part_alice[start] = alice
-            _set_odd(part_odd, odd_count64, odd_words, start, odd)
+            _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         _mark_start(part_starts, start)
         part_end[start] = end - base
         part_alice[start] = rest_alice
-        _set_odd(part_odd, odd_count64, odd_words, start, rest_odd)
+        _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j
 

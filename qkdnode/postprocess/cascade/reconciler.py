@@ -104,7 +104,7 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (9 bytes per position of every pass: 360 MB at 10^7 bits and 4 passes) would
+# a large frame's (8 bytes per position of every pass: 320 MB at 10^7 bits and 4 passes) would
 # stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
 _POOL_MAX_BYTES: Final = 128 * 2**20
@@ -158,10 +158,9 @@ class _Workspace:
         self.part_alice = np.empty(capacity, dtype=np.uint8)
         self.part_code = np.empty(capacity, dtype=np.uint8)
         self.pos_code = np.empty(capacity, dtype=np.uint8)
-        padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
-        self.part_odd = np.zeros(padded, dtype=np.uint8)
+        padded = -(-capacity // 4096) * 4096  # bitmaps of whole summary words
         self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
-        self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
+        self.odd_bits = np.zeros(padded // 64, dtype=np.uint64)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
@@ -184,16 +183,15 @@ class _Workspace:
         if found is None:
             return cls(size, n)
         # a classic Cascade frame may finish with odd parts left (in even blocks)
-        found.part_odd.fill(0)
         found.part_starts.fill(0)
-        found.odd_count64.fill(0)
+        found.odd_bits.fill(0)
         found.odd_words.fill(0)
         return found
 
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again), unless it
         is larger than ``_POOL_MAX_BYTES``."""
-        if 9 * self.capacity > _POOL_MAX_BYTES:
+        if 8 * self.capacity > _POOL_MAX_BYTES:
             return
         self._pool.append(self)
         while len(self._pool) > _POOL:
@@ -253,11 +251,7 @@ class CascadeReconciler:
             work.part_code,
             work.pos_code,
         )
-        self._part_odd, self._odd_count64, self._odd_words = (
-            work.part_odd,
-            work.odd_count64,
-            work.odd_words,
-        )
+        self._odd_bits, self._odd_words = work.odd_bits, work.odd_words
         self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
         # compiled signature).
@@ -494,10 +488,9 @@ class CascadeReconciler:
             self._part_starts,
             self._part_end,
             self._part_alice,
-            self._part_odd,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
             self._odd_words,
             self._thresholds,
             self._codes,
@@ -522,10 +515,9 @@ class CascadeReconciler:
             self._part_starts,
             self._part_end,
             self._part_alice,
-            self._part_odd,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
             self._odd_words,
             self._thresholds,
             self._codes,
@@ -551,10 +543,9 @@ class CascadeReconciler:
             self._pbits,
             self._part_starts,
             self._part_end,
-            self._part_odd,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
             self._odd_words,
             self._thresholds,
             self._codes,
