@@ -297,3 +297,22 @@ def test_gather_bits_equals_numpy_fancy_indexing(n: int) -> None:
     out = np.empty(n, dtype=np.uint8)
     kernels._gather_bits(bits, perm, out)
     assert np.array_equal(out, bits[perm])
+
+
+def test_bitmap_gather_and_range_parities() -> None:
+    rng = np.random.default_rng(5)
+    for n, base in ((1, 0), (63, 1), (64, 64), (1000, 37), (4099, 4099)):
+        bits = rng.integers(0, 2, n, dtype=np.uint8)
+        perm = rng.permutation(n).astype(np.int32)
+        words = np.zeros((base + n + 63) // 64 + 1, dtype=np.uint64)
+        below = rng.integers(0, 2, base, dtype=np.uint8)  # bits of an earlier pass: kept
+        for g in np.flatnonzero(below).tolist():
+            words[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+        kernels._gather_bitmap(bits, perm, words, base)
+        unpacked = np.unpackbits(words.view(np.uint8), bitorder="little")
+        assert np.array_equal(unpacked[:base], below)
+        assert np.array_equal(unpacked[base : base + n], bits[perm])
+        assert not unpacked[base + n :].any()
+        for start, end in rng.integers(0, base + n + 1, (200, 2)).tolist():
+            expected = int(unpacked[start:end].sum() & 1) if start < end else 0
+            assert int(kernels._parity(words, start, end)) == expected

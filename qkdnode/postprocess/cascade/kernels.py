@@ -3,7 +3,8 @@
 Bob's state lives in flat arrays over the *global* position space of the active passes
 (position ``i`` of pass ``p`` is ``g = p * n + i``), so no kernel ever resizes an array:
 
-- ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
+- ``pbits``: a bitmap, bit ``g & 63`` of word ``g >> 6`` Bob's current bit at permuted position
+  ``i`` of pass ``p`` (a range's parity reads a word per 64 bits);
 - ``part_starts``: a bit per position, bit ``g & 63`` of word ``g >> 6`` set if a part starts
   at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
   set bit at or before it, and ends before the next one (a split sets one bit, where a
@@ -148,11 +149,23 @@ def _part_start(part_starts: NDArray[np.uint64], g: int) -> int:
 
 
 @helper
-def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
-    acc = 0
-    for g in range(start, end):
-        acc ^= pbits[g]
-    return acc
+def _parity(pbits: NDArray[np.uint64], start: int, end: int) -> int:
+    """Parity of the bits at positions [start, end) of the bitmap ``pbits``."""
+    if start >= end:
+        return 0
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    first = start >> 6
+    last = (end - 1) >> 6
+    x = pbits[first] & (ones << np.uint64(start & 63))
+    if first == last:
+        x &= ones >> np.uint64(63 - ((end - 1) & 63))
+    else:
+        for w in range(first + 1, last):
+            x ^= pbits[w]
+        x ^= pbits[last] & (ones >> np.uint64(63 - ((end - 1) & 63)))
+    for shift in (32, 16, 8, 4, 2, 1):
+        x ^= x >> np.uint64(shift)
+    return 1 if x & np.uint64(1) else 0
 
 
 @helper
@@ -200,7 +213,7 @@ def _correct(
     n: int,
     bits: NDArray[np.uint8],
     inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     odd_bits: NDArray[np.uint64],
@@ -228,7 +241,7 @@ def _correct(
     start = np.empty(total, dtype=np.int64)
     for i in range(total):
         g = at[i]
-        pbits[g] ^= 1
+        pbits[g >> 6] ^= np.uint64(1) << np.uint64(g & 63)
         start[i] = _part_start(part_starts, g)
     length = np.empty(total, dtype=np.int64)
     for i in range(total):
@@ -254,6 +267,29 @@ def _gather_bits(bits: NDArray[np.uint8], perm: NDArray[np.int32], out: NDArray[
         out[i] = (packed[j >> 3] >> (j & 7)) & 1
 
 
+@helper
+def _gather_bitmap(
+    bits: NDArray[np.uint8], perm: NDArray[np.int32], words: NDArray[np.uint64], base: int
+) -> None:
+    """Set bit ``base + i`` of the bitmap ``words`` to ``bits[perm[i]]`` (those bits are 0 before;
+    the bits below ``base`` are kept), through a packed copy of ``bits`` as ``_gather_bits``."""
+    n = bits.shape[0]
+    packed = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    for j in range(n):
+        packed[j >> 3] |= bits[j] << (j & 7)
+    w = base >> 6
+    word = words[w]
+    for i in range(perm.shape[0]):
+        g = base + i
+        if g >> 6 != w:
+            words[w] = word
+            w = g >> 6
+            word = words[w]
+        j = perm[i]
+        word |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
+    words[w] = word
+
+
 @kernel
 def bob_activate(
     p: int,
@@ -262,7 +298,7 @@ def bob_activate(
     top_alice: NDArray[np.uint8],
     bits: NDArray[np.uint8],
     perm_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
@@ -280,7 +316,7 @@ def bob_activate(
     need them (until then the kernels skip them: ``codes`` False).
     """
     base = p * n
-    _gather_bits(bits, perm_all[base : base + n], pbits[base : base + n])
+    _gather_bitmap(bits, perm_all[base : base + n], pbits, base)
     # the end of the pass too (the next pass's first start), so that a part of length 1 is one
     # whose next position is marked
     _mark_start(part_starts, base + n)
@@ -319,7 +355,7 @@ def bob_fix_known_errors(
     bits: NDArray[np.uint8],
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     odd_bits: NDArray[np.uint64],
@@ -756,7 +792,7 @@ def bob_receive(
     right: NDArray[np.int64],
     left: NDArray[np.int64],
     n: int,
-    pbits: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
     part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
