@@ -273,16 +273,21 @@ def test_weight_of_code_is_the_weight_of_the_log_odds_kernels(qber: float) -> No
     assert got.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
 
 
-def test_part_start_is_the_nearest_marked_position_at_or_before() -> None:
+def test_a_part_spans_from_its_marked_start_to_the_next_mark() -> None:
     rng = np.random.default_rng(11)
     for size in (64, 4096, 3 * 4096):
-        part_starts = np.zeros(size // 64, dtype=np.uint64)
+        part_starts = np.zeros(size // 64 + 1, dtype=np.uint64)
         marked = np.unique(np.concatenate(([0], rng.integers(0, size, size // 50))))
         for g in marked.tolist():
             kernels._mark_start(part_starts, g)
+        kernels._mark_start(part_starts, size)  # the end (``bob_activate``)
         for g in range(size):
             expected = int(marked[np.searchsorted(marked, g, side="right") - 1])
             assert int(kernels._part_start(part_starts, g)) == expected
+        ends = np.append(marked[1:], size)
+        for start, end in zip(marked.tolist(), ends.tolist(), strict=True):
+            assert int(kernels._part_end(part_starts, start)) == end
+            assert bool(kernels._is_start(part_starts, start + 1)) == (end == start + 1)
     for i in range(64):
         assert int(kernels._highest_bit(np.uint64(1) << np.uint64(i))) == i
         below = np.uint64(2**64 - 1) >> np.uint64(63 - i)

@@ -9,8 +9,8 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
   set bit at or before it, and ends before the next one (a split sets one bit, where a
   per-position map of starts would be rewritten over the part);
-- at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
-  (Alice's parity) and ``part_code[s]`` (length class and parity, see ``reconciler``);
+- at a part's global start ``s`` only: ``part_alice[s]`` (Alice's parity) and ``part_code[s]``
+  (length class and parity, see ``reconciler``);
 - ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
   Alice's (an odd number of errors inside);
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
@@ -137,6 +137,19 @@ def _is_start(part_starts: NDArray[np.uint64], g: int) -> bool:
 
 
 @helper
+def _part_end(part_starts: NDArray[np.uint64], s: int) -> int:
+    """Global end (exclusive) of the part starting at ``s``: the next marked position (the end
+    of every active pass is marked)."""
+    g = s + 1
+    w = g >> 6
+    word = part_starts[w] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(g & 63))
+    while word == 0:
+        w += 1
+        word = part_starts[w]
+    return (w << 6) + _lowest_bit(word)
+
+
+@helper
 def _part_start(part_starts: NDArray[np.uint64], g: int) -> int:
     """Global start of the part holding ``g``: the nearest marked position at or before it (the
     first position of every pass is a start, so the search stays in ``g``'s pass)."""
@@ -215,7 +228,6 @@ def _correct(
     inverse_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_end: NDArray[np.int32],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -246,7 +258,7 @@ def _correct(
     length = np.empty(total, dtype=np.int64)
     for i in range(total):
         s = start[i]
-        length[i] = s - s % n + part_end[s] - s
+        length[i] = _part_end(part_starts, s) - s
     for i in range(total):
         s = start[i]
         odd = 1 - _is_odd(odd_bits, s)
@@ -300,7 +312,6 @@ def bob_activate(
     perm_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
@@ -326,7 +337,6 @@ def bob_activate(
         s = base + start
         _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
-        part_end[s] = end
         part_alice[s] = top_alice[j]
         _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
@@ -334,7 +344,7 @@ def bob_activate(
         for q in range(p + 1):
             start = q * n
             while start < (q + 1) * n:
-                end = q * n + part_end[start]
+                end = _part_end(part_starts, start)
                 _set_code(
                     part_code,
                     pos_code,
@@ -357,7 +367,6 @@ def bob_fix_known_errors(
     inverse_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_end: NDArray[np.int32],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -394,7 +403,6 @@ def bob_fix_known_errors(
             inverse_all,
             pbits,
             part_starts,
-            part_end,
             odd_bits,
             part_code,
             pos_code,
@@ -430,7 +438,6 @@ def bob_fix_known_errors(
             inverse_all,
             pbits,
             part_starts,
-            part_end,
             odd_bits,
             part_code,
             pos_code,
@@ -474,7 +481,7 @@ def _even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     m = parts.shape[0]
@@ -483,8 +490,7 @@ def _even_cuts(
     count = 0
     for k in range(m):
         s = parts[k]
-        base = s - s % n
-        end = base + part_end[s]
+        end = _part_end(part_starts, s)
         length = end - s
         for f in range(1, arity):
             cuts[k, f - 1] = min(max(s + (length * f) // arity, s + 1), end - 1)
@@ -499,12 +505,12 @@ def bob_even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
     indices (into ``parts``) of the parts of at most ``small_length`` bits."""
-    return _even_cuts(parts, arity, n, part_end, small_length)
+    return _even_cuts(parts, arity, n, part_starts, small_length)
 
 
 @kernel
@@ -516,7 +522,6 @@ def bob_log_odds(
     inverse_all: NDArray[np.int32],
     cross: NDArray[np.int32],
     part_starts: NDArray[np.uint64],
-    part_end: NDArray[np.int32],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     table: NDArray[np.float32],
@@ -535,7 +540,7 @@ def bob_log_odds(
     total = 0
     for k in range(m):
         s = parts[k]
-        total += part_end[s] - s % n
+        total += _part_end(part_starts, s) - s
     out = np.empty(total, dtype=np.float32)
     found = np.empty(m, dtype=np.int64)
     singles = 0
@@ -543,7 +548,7 @@ def bob_log_odds(
     for k in range(m):
         s = parts[k]
         own = s // n
-        end = own * n + part_end[s]
+        end = _part_end(part_starts, s)
         first = j
         if active == 2:
             other = (1 - own) * n
@@ -587,7 +592,7 @@ def bob_weighted_cuts(
     small: NDArray[np.int64],
     starts: NDArray[np.int64],
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     exp_exponent: NDArray[np.float32],
     arity: int,
 ) -> NDArray[np.int64]:
@@ -601,7 +606,7 @@ def bob_weighted_cuts(
     weight = np.empty(exp_exponent.shape[0], dtype=np.float32)
     for i in range(exp_exponent.shape[0]):
         weight[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
-    return _weighted_cuts(cuts, small, starts, n, part_end, weight, arity)
+    return _weighted_cuts(cuts, small, starts, n, part_starts, weight, arity)
 
 
 @helper
@@ -610,7 +615,7 @@ def _weighted_cuts(
     small: NDArray[np.int64],
     starts: NDArray[np.int64],
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     weight: NDArray[np.float32],
     arity: int,
 ) -> NDArray[np.int64]:
@@ -619,7 +624,7 @@ def _weighted_cuts(
     m = small.shape[0]
     lengths = np.empty(m, dtype=np.int64)
     for k in range(m):
-        lengths[k] = part_end[starts[k]] - starts[k] % n
+        lengths[k] = _part_end(part_starts, starts[k]) - starts[k]
     total_bits = weight.shape[0]
     cum0 = np.empty(total_bits + 1, dtype=np.float64)
     cum0[0] = 0.0
@@ -694,7 +699,6 @@ def bob_cuts_two_passes(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
-    part_end: NDArray[np.int32],
     small_length: int,
     cross: NDArray[np.int32],
     part_starts: NDArray[np.uint64],
@@ -709,7 +713,7 @@ def bob_cuts_two_passes(
 
     Returns the cuts and the global positions of the certain errors (then nothing is cut).
     """
-    cuts, small = _even_cuts(parts, arity, n, part_end, small_length)
+    cuts, small = _even_cuts(parts, arity, n, part_starts, small_length)
     m = small.shape[0]
     if m == 0:
         return cuts, np.empty(0, dtype=np.int64)
@@ -718,7 +722,7 @@ def bob_cuts_two_passes(
     for k in range(m):
         s = parts[small[k]]
         starts[k] = s
-        total += part_end[s] - s % n
+        total += _part_end(part_starts, s) - s
     weight = np.empty(total, dtype=np.float32)
     found = np.empty(m, dtype=np.int64)
     singles = 0
@@ -726,7 +730,7 @@ def bob_cuts_two_passes(
     for k in range(m):
         s = starts[k]
         own = s // n
-        end = own * n + part_end[s]
+        end = _part_end(part_starts, s)
         other = (1 - own) * n
         first = j
         opened = 0
@@ -748,7 +752,7 @@ def bob_cuts_two_passes(
             singles += 1
     if singles:
         return cuts, found[:singles]
-    return cuts, _weighted_cuts(cuts, small, starts, n, part_end, weight, arity)
+    return cuts, _weighted_cuts(cuts, small, starts, n, part_starts, weight, arity)
 
 
 @kernel
@@ -794,7 +798,6 @@ def bob_receive(
     n: int,
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_end: NDArray[np.int32],
     part_alice: NDArray[np.uint8],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
@@ -809,8 +812,7 @@ def bob_receive(
     i = 0
     while i < m:
         s = rows[i]
-        base = s - s % n
-        end = base + part_end[s]
+        end = _part_end(part_starts, s)
         rest_alice = part_alice[s]
         rest_odd = _is_odd(odd_bits, s)
         j = i
@@ -823,14 +825,12 @@ def bob_receive(
             rest_odd ^= odd
             if start != s:
                 _mark_start(part_starts, start)
-            part_end[start] = cut - base
             part_alice[start] = alice
             _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         _mark_start(part_starts, start)
-        part_end[start] = end - base
         part_alice[start] = rest_alice
         _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)

@@ -104,7 +104,7 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (7 bytes per position of every pass: 280 MB at 10^7 bits and 4 passes) would
+# a large frame's (3 bytes per position of every pass: 120 MB at 10^7 bits and 4 passes) would
 # stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
 _POOL_MAX_BYTES: Final = 128 * 2**20
@@ -153,7 +153,6 @@ class _Workspace:
     def __init__(self, capacity: int, n: int) -> None:
         self.capacity = capacity
         self.n = n
-        self.part_end = np.empty(capacity, dtype=np.int32)
         self.part_alice = np.empty(capacity, dtype=np.uint8)
         self.part_code = np.empty(capacity, dtype=np.uint8)
         self.pos_code = np.empty(capacity, dtype=np.uint8)
@@ -192,7 +191,7 @@ class _Workspace:
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again), unless it
         is larger than ``_POOL_MAX_BYTES``."""
-        if 7 * self.capacity > _POOL_MAX_BYTES:
+        if 3 * self.capacity > _POOL_MAX_BYTES:
             return
         self._pool.append(self)
         while len(self._pool) > _POOL:
@@ -242,11 +241,7 @@ class CascadeReconciler:
         self._inverse_all = self._perms.inverse_all
         self._workspace = _Workspace.take(size, n)
         work = self._workspace
-        self._pbits, self._part_starts, self._part_end = (
-            work.pbits,
-            work.part_starts,
-            work.part_end,
-        )
+        self._pbits, self._part_starts = work.pbits, work.part_starts
         self._part_alice, self._part_code, self._pos_code = (
             work.part_alice,
             work.part_code,
@@ -425,7 +420,6 @@ class CascadeReconciler:
             self._inverse_all,
             self._cross,
             self._part_starts,
-            self._part_end,
             self._part_code,
             self._pos_code,
             self._lr_table(),
@@ -455,7 +449,6 @@ class CascadeReconciler:
                 part,
                 arity,
                 self._n,
-                self._part_end,
                 _WEIGHTED_LENGTH,
                 self._cross,
                 self._part_starts,
@@ -463,7 +456,9 @@ class CascadeReconciler:
                 self._pos_code,
                 self._weight_of_code(),
             )
-        cuts, small = kernels.bob_even_cuts(part, arity, self._n, self._part_end, _WEIGHTED_LENGTH)
+        cuts, small = kernels.bob_even_cuts(
+            part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
+        )
         if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
             return cuts, np.zeros(0, dtype=np.int64)
         starts = part[small]
@@ -471,7 +466,7 @@ class CascadeReconciler:
         if found.shape[0]:
             return cuts, found
         found = kernels.bob_weighted_cuts(
-            cuts, small, starts, self._n, self._part_end, exp_exponent, arity
+            cuts, small, starts, self._n, self._part_starts, exp_exponent, arity
         )
         return cuts, found
 
@@ -487,7 +482,6 @@ class CascadeReconciler:
             self._n,
             self._pbits,
             self._part_starts,
-            self._part_end,
             self._part_alice,
             self._odd_bits,
             self._part_code,
@@ -514,7 +508,6 @@ class CascadeReconciler:
             self._perm_all,
             self._pbits,
             self._part_starts,
-            self._part_end,
             self._part_alice,
             self._odd_bits,
             self._part_code,
@@ -543,7 +536,6 @@ class CascadeReconciler:
             self._inverse_all,
             self._pbits,
             self._part_starts,
-            self._part_end,
             self._odd_bits,
             self._part_code,
             self._pos_code,
