@@ -248,7 +248,7 @@ def test_odd_parts_lists_the_odd_flags_in_order(positions: int) -> None:
         for g in rng.integers(0, max(positions, 1), count).tolist():
             kernels._set_odd(odd_bits, odd_words, g, value)
             odd[g] = value
-            assert int(kernels._is_odd(odd_bits, g)) == value
+            assert int(kernels._bit(odd_bits, g)) == value
         listed = kernels._odd_parts(odd_bits, odd_words)
         assert listed.tolist() == np.flatnonzero(odd).tolist()
     for g in np.flatnonzero(odd).tolist():  # every flag cleared: every summary bit too

@@ -9,8 +9,8 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
   set bit at or before it, and ends before the next one (a split sets one bit, where a
   per-position map of starts would be rewritten over the part);
-- at a part's global start ``s`` only: ``part_alice[s]`` (Alice's parity) and ``part_code[s]``
-  (length class and parity, see ``reconciler``);
+- ``part_alice``: a bitmap, at a part's global start Alice's parity of the part;
+- ``part_code[s]`` at a part's start ``s``: its length class and parity (see ``reconciler``);
 - ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
   Alice's (an odd number of errors inside);
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
@@ -110,8 +110,17 @@ def _set_odd(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64], g: int
 
 
 @helper
-def _is_odd(odd_bits: NDArray[np.uint64], g: int) -> int:
-    return 1 if (odd_bits[g >> 6] >> np.uint64(g & 63)) & np.uint64(1) else 0
+def _bit(words: NDArray[np.uint64], g: int) -> int:
+    return 1 if (words[g >> 6] >> np.uint64(g & 63)) & np.uint64(1) else 0
+
+
+@helper
+def _put_bit(words: NDArray[np.uint64], g: int, value: int) -> None:
+    bit = np.uint64(1) << np.uint64(g & 63)
+    if value:
+        words[g >> 6] |= bit
+    else:
+        words[g >> 6] &= ~bit
 
 
 @helper
@@ -261,7 +270,7 @@ def _correct(
         length[i] = _part_end(part_starts, s) - s
     for i in range(total):
         s = start[i]
-        odd = 1 - _is_odd(odd_bits, s)
+        odd = 1 - _bit(odd_bits, s)
         _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, length[i], odd, thresholds, False, codes)
 
@@ -312,7 +321,7 @@ def bob_activate(
     perm_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint8],
+    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -337,7 +346,7 @@ def bob_activate(
         s = base + start
         _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
-        part_alice[s] = top_alice[j]
+        _put_bit(part_alice, s, top_alice[j])
         _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
@@ -350,7 +359,7 @@ def bob_activate(
                     pos_code,
                     start,
                     end - start,
-                    _is_odd(odd_bits, start),
+                    _bit(odd_bits, start),
                     thresholds,
                     True,
                     True,
@@ -798,7 +807,7 @@ def bob_receive(
     n: int,
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint8],
+    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -813,8 +822,8 @@ def bob_receive(
     while i < m:
         s = rows[i]
         end = _part_end(part_starts, s)
-        rest_alice = part_alice[s]
-        rest_odd = _is_odd(odd_bits, s)
+        rest_alice = _bit(part_alice, s)
+        rest_odd = _bit(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
             start = left[j]
@@ -825,13 +834,13 @@ def bob_receive(
             rest_odd ^= odd
             if start != s:
                 _mark_start(part_starts, start)
-            part_alice[start] = alice
+            _put_bit(part_alice, start, alice)
             _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         _mark_start(part_starts, start)
-        part_alice[start] = rest_alice
+        _put_bit(part_alice, start, rest_alice)
         _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j

@@ -104,10 +104,10 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (3 bytes per position of every pass: 120 MB at 10^7 bits and 4 passes) would
+# a large frame's (2.5 bytes per position of every pass: 100 MB at 10^7 bits and 4 passes) would
 # stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
-_POOL_MAX_BYTES: Final = 128 * 2**20
+_POOL_MAX_BYTES: Final = 32 * 2**20
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
 _EMPTY_READ_ONLY.flags.writeable = False
 
@@ -153,13 +153,13 @@ class _Workspace:
     def __init__(self, capacity: int, n: int) -> None:
         self.capacity = capacity
         self.n = n
-        self.part_alice = np.empty(capacity, dtype=np.uint8)
         self.part_code = np.empty(capacity, dtype=np.uint8)
         self.pos_code = np.empty(capacity, dtype=np.uint8)
         padded = -(-capacity // 4096) * 4096  # bitmaps of whole summary words
         self.pbits = np.zeros(padded // 64, dtype=np.uint64)
         self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
         self.odd_bits = np.zeros(padded // 64, dtype=np.uint64)
+        self.part_alice = np.zeros(padded // 64, dtype=np.uint64)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
@@ -191,7 +191,7 @@ class _Workspace:
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again), unless it
         is larger than ``_POOL_MAX_BYTES``."""
-        if 3 * self.capacity > _POOL_MAX_BYTES:
+        if 5 * self.capacity // 2 > _POOL_MAX_BYTES:
             return
         self._pool.append(self)
         while len(self._pool) > _POOL:
