@@ -619,6 +619,50 @@ def bob_weighted_cuts(
 
 
 @helper
+def _cut_at_quantiles(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    offset: NDArray[np.int64],
+    lengths: NDArray[np.int64],
+    first_open: NDArray[np.int64],
+    last_open: NDArray[np.int64],
+    opened: NDArray[np.int64],
+    cum0: NDArray[np.float64],
+    weight: NDArray[np.float32],
+    arity: int,
+) -> None:
+    """The weighted cuts of the small parts (``_weighted_cuts``), in place."""
+    m = small.shape[0]
+    for k in range(m):
+        if opened[k] <= 1:
+            continue  # no open bit (inconsistent parities): keep the plain halving
+        lo = offset[k]
+        end = lo + lengths[k]
+        base = cum0[lo]
+        total = cum0[end] - base
+        for f in range(1, arity):
+            target = base + total * (f / arity)
+            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
+            a = lo + 1
+            b = end + 1
+            while a < b:
+                middle = (a + b) >> 1
+                if cum0[middle] < target:
+                    a = middle + 1
+                else:
+                    b = middle
+            at = min(max(a - 1, first_open[k]), last_open[k])
+            # before or after the bit where the target is reached, whichever is nearer
+            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
+            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
+            if arity > 2:  # the leftmost cut with the same open bits on its left
+                while not weight[chosen - 1] > 0.0:
+                    chosen -= 1
+            cuts[small[k], f - 1] = starts[k] + chosen - lo
+
+
+@helper
 def _weighted_cuts(
     cuts: NDArray[np.int64],
     small: NDArray[np.int64],
@@ -674,32 +718,9 @@ def _weighted_cuts(
                 found[j] = starts[k] + first_open[k] - offset[k]
                 j += 1
         return found
-    for k in range(m):
-        if opened[k] <= 1:
-            continue  # no open bit (inconsistent parities): keep the plain halving
-        lo = offset[k]
-        end = lo + lengths[k]
-        base = cum0[lo]
-        total = cum0[end] - base
-        for f in range(1, arity):
-            target = base + total * (f / arity)
-            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
-            a = lo + 1
-            b = end + 1
-            while a < b:
-                middle = (a + b) >> 1
-                if cum0[middle] < target:
-                    a = middle + 1
-                else:
-                    b = middle
-            at = min(max(a - 1, first_open[k]), last_open[k])
-            # before or after the bit where the target is reached, whichever is nearer
-            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
-            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
-            if arity > 2:  # the leftmost cut with the same open bits on its left
-                while not weight[chosen - 1] > 0.0:
-                    chosen -= 1
-            cuts[small[k], f - 1] = starts[k] + chosen - lo
+    _cut_at_quantiles(
+        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
+    )
     return np.empty(0, dtype=np.int64)
 
 
@@ -727,41 +748,61 @@ def bob_cuts_two_passes(
     if m == 0:
         return cuts, np.empty(0, dtype=np.int64)
     starts = np.empty(m, dtype=np.int64)
+    lengths = np.empty(m, dtype=np.int64)
     total = 0
     for k in range(m):
         s = parts[small[k]]
         starts[k] = s
-        total += _part_end(part_starts, s) - s
+        lengths[k] = _part_end(part_starts, s) - s
+        total += lengths[k]
+    # one pass over the bits: their weights, the running sum over all parts (in the order of
+    # ``_weighted_cuts``), each part's first and last open bit and their number
     weight = np.empty(total, dtype=np.float32)
+    cum0 = np.empty(total + 1, dtype=np.float64)
+    cum0[0] = 0.0
+    running = 0.0
+    offset = np.empty(m, dtype=np.int64)
+    first_open = np.empty(m, dtype=np.int64)
+    last_open = np.empty(m, dtype=np.int64)
+    opened = np.empty(m, dtype=np.int64)
     found = np.empty(m, dtype=np.int64)
     singles = 0
     j = 0
     for k in range(m):
         s = starts[k]
-        own = s // n
-        end = _part_end(part_starts, s)
-        other = (1 - own) * n
-        first = j
-        opened = 0
-        at = 0
-        for g in range(s, end):
+        other = (1 - s // n) * n
+        offset[k] = j
+        first = -1
+        last = -1
+        count = 0
+        for g in range(s, s + lengths[k]):
             h = other + cross[g]
             code = pos_code[h]
             if code == LONG_PART:
                 code = part_code[_part_start(part_starts, h)]
             w = weight_of_code[code]
             weight[j] = w
+            running += np.float64(w)
+            cum0[j + 1] = running
             if w > 0.0:
-                if opened == 0:
-                    at = j
-                opened += 1
+                if first < 0:
+                    first = j
+                last = j
+                count += 1
             j += 1
-        if opened == 1:
-            found[singles] = s + at - first
+        # no open bit: both at the part's last bit
+        first_open[k] = first if first >= 0 else j - 1
+        last_open[k] = last if last >= 0 else j - 1
+        opened[k] = count
+        if count == 1:
+            found[singles] = s + first - offset[k]
             singles += 1
     if singles:
         return cuts, found[:singles]
-    return cuts, _weighted_cuts(cuts, small, starts, n, part_starts, weight, arity)
+    _cut_at_quantiles(
+        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
+    )
+    return cuts, np.empty(0, dtype=np.int64)
 
 
 @kernel
