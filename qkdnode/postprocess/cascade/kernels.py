@@ -298,17 +298,25 @@ def _gather_bitmap(
     packed = np.zeros((n + 7) >> 3, dtype=np.uint8)
     for j in range(n):
         packed[j >> 3] |= bits[j] << (j & 7)
-    w = base >> 6
-    word = words[w]
-    for i in range(perm.shape[0]):
-        g = base + i
-        if g >> 6 != w:
-            words[w] = word
-            w = g >> 6
-            word = words[w]
+    count = perm.shape[0]
+    i = 0
+    while i < count and (base + i) & 63:  # up to the first whole word
         j = perm[i]
-        word |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
-    words[w] = word
+        g = base + i
+        words[g >> 6] |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
+        i += 1
+    while i + 64 <= count:  # whole words, built in a register
+        word = np.uint64(0)
+        for b in range(64):
+            j = perm[i + b]
+            word |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(b)
+        words[(base + i) >> 6] = word
+        i += 64
+    while i < count:
+        j = perm[i]
+        g = base + i
+        words[g >> 6] |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
+        i += 1
 
 
 @kernel
