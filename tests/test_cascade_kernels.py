@@ -9,8 +9,6 @@ are right, too low and too high.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -323,23 +321,3 @@ def test_bitmap_gather_and_range_parities() -> None:
         for start, end in rng.integers(0, base + n + 1, (200, 2)).tolist():
             expected = int(unpacked[start:end].sum() & 1) if start < end else 0
             assert int(kernels._parity(words, start, end)) == expected
-
-
-@pytest.mark.parametrize("qber", [1e-17, 5e-6, 0.001, 0.02, 0.1, 0.3, 0.49])
-def test_lr_table_equals_its_numpy_formulation(qber: float) -> None:
-    from qkdnode.postprocess.cascade import reconciler as module
-
-    bob = np.zeros(1000, dtype=np.uint8)
-    variant = CascadeVariant.SUBBLOCK_REUSE
-    reconciler = CascadeReconciler(bob, seed=bytes(32), variant=variant, qber_estimate=qber)
-    for errors in (0, 3, 10):
-        reconciler.errors_corrected = errors
-        q = reconciler._q_now()
-        rs = np.exp(module._CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q))
-        with np.errstate(divide="ignore"):
-            lr = np.minimum(np.log1p(rs) - np.log1p(-rs), module._LR_CAP)
-        expected = np.concatenate((-lr, lr)).astype(np.float32)
-        expected[module._KNOWN_RIGHT] = module._KNOWN_LR
-        got = reconciler._lr_table()
-        assert got.dtype == np.float32
-        assert got.view(np.uint32).tolist() == expected.view(np.uint32).tolist()

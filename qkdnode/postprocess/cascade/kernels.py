@@ -814,63 +814,6 @@ def bob_cuts_two_passes(
 
 
 @kernel
-def lr_scaled(minus_1: NDArray[np.float64], log_r: float) -> NDArray[np.float64]:
-    """``minus_1 * log_r`` (the exponents of r**(s - 1), ``reconciler._lr_table``)."""
-    out = np.empty(minus_1.shape[0], dtype=np.float64)
-    for i in range(minus_1.shape[0]):
-        out[i] = minus_1[i] * log_r
-    return out
-
-
-@kernel
-def lr_negated(rs: NDArray[np.float64]) -> NDArray[np.float64]:
-    """``-rs``, but 0 where ``rs`` is 1 (whose log1p would be -inf: ``lr_code_table``)."""
-    out = np.empty(rs.shape[0], dtype=np.float64)
-    for i in range(rs.shape[0]):
-        out[i] = 0.0 if rs[i] == 1.0 else -rs[i]
-    return out
-
-
-@kernel
-def lr_code_table(
-    rs: NDArray[np.float64],
-    log1p_rs: NDArray[np.float64],
-    log1p_negated: NDArray[np.float64],
-    cap: float,
-    known_code: int,
-    known_lr: float,
-) -> NDArray[np.float32]:
-    """The log-likelihood ratio of every part code in float32: -lr for the even classes, lr for
-    the odd ones, lr = min(log1p(r**(s-1)) - log1p(-r**(s-1)), cap), which is cap where
-    r**(s-1) is 1 (then the difference is +inf); ``known_lr`` at ``known_code``."""
-    classes = rs.shape[0]
-    out = np.empty(2 * classes, dtype=np.float32)
-    for i in range(classes):
-        lr = cap if rs[i] == 1.0 else min(log1p_rs[i] - log1p_negated[i], cap)
-        out[i] = np.float32(-lr)
-        out[classes + i] = np.float32(lr)
-    out[known_code] = np.float32(known_lr)
-    return out
-
-
-@kernel
-def weight_exponents(table: NDArray[np.float32], prior: np.float32) -> NDArray[np.float32]:
-    """-clip(prior + table, -50, 50) in float32 (before numpy's exp: ``weights_from_exp``)."""
-    out = np.empty(table.shape[0], dtype=np.float32)
-    for i in range(table.shape[0]):
-        out[i] = -min(max(table[i] + prior, np.float32(-50.0)), np.float32(50.0))
-    return out
-
-
-@kernel
-def weights_from_exp(exp_exponent: NDArray[np.float32], known_code: int) -> None:
-    """In place: 1 / (1 + exp_exponent) in float32, 0 at ``known_code``."""
-    for i in range(exp_exponent.shape[0]):
-        exp_exponent[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
-    exp_exponent[known_code] = 0.0
-
-
-@kernel
 def bob_query(
     parts: NDArray[np.int64], cuts: NDArray[np.int64], n: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:

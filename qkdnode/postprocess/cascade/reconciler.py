@@ -375,14 +375,11 @@ class CascadeReconciler:
         q_now = self._q_now()
         if self._lr_cache is not None and self._lr_cache[0] == q_now:
             return self._lr_cache[1]
-        # numpy's exp and log1p; the exact arithmetic around them in kernels (fewer calls)
-        rs = kernels.lr_scaled(_CLASS_LENGTH_MINUS_1, math.log1p(-2.0 * q_now))
-        np.exp(rs, out=rs)
-        negated = kernels.lr_negated(rs)
-        np.log1p(negated, out=negated)
-        table: NDArray[np.float32] = kernels.lr_code_table(
-            rs, np.log1p(rs), negated, _LR_CAP, _KNOWN_RIGHT, _KNOWN_LR
-        )
+        rs = np.exp(_CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q_now))
+        with np.errstate(divide="ignore"):
+            lr = np.minimum(np.log1p(rs) - np.log1p(-rs), _LR_CAP)
+        table: NDArray[np.float32] = np.concatenate((-lr, lr)).astype(np.float32)
+        table[_KNOWN_RIGHT] = _KNOWN_LR
         self._lr_cache = (q_now, table)
         return table
 
@@ -394,10 +391,14 @@ class CascadeReconciler:
         q = self._q_now()
         if self._weight_cache is not None and self._weight_cache[0] == q:
             return self._weight_cache[1]
+        log_odds = self._lr_table() + np.float32(math.log(q / (1.0 - q)))
         # |log-odds| < 100 but for the known-right code (below -1000: exponent +inf, weight 0)
-        weight = kernels.weight_exponents(self._lr_table(), np.float32(math.log(q / (1.0 - q))))
-        np.exp(weight, out=weight)
-        kernels.weights_from_exp(weight, _KNOWN_RIGHT)
+        exponent = np.clip(log_odds, np.float32(-50.0), np.float32(50.0), out=log_odds)
+        np.negative(exponent, out=exponent)
+        np.exp(exponent, out=exponent)
+        exponent += np.float32(1.0)
+        weight: NDArray[np.float32] = np.divide(np.float32(1.0), exponent, out=exponent)
+        weight[_KNOWN_RIGHT] = 0.0
         self._weight_cache = (q, weight)
         return weight
 
