@@ -145,7 +145,7 @@ def length_class_thresholds() -> NDArray[np.int64]:
 
 class _Workspace:
     """Bob's state arrays (``cascade.kernels``) for frames of up to ``capacity`` positions
-    over all passes, reused by the next frame once a frame has finished: fresh arrays of tens of
+    over all passes, reused by the next frame once a frame has finished: fresh arrays of
     megabytes cost a frame its page faults. At most ``_POOL`` are kept."""
 
     _pool: ClassVar[list[_Workspace]] = []
