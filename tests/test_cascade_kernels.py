@@ -228,3 +228,96 @@ def test_warm_up_runs_every_variant_and_changes_no_later_result() -> None:
 
     compile_kernels()
     assert _lock_step(30_000, 0.05, 0.05, CascadeVariant.SUBBLOCK_REUSE, 77) > 3
+
+
+def test_lowest_bit_of_every_single_and_mixed_word() -> None:
+    for i in range(64):
+        assert int(kernels._lowest_bit(np.uint64(1) << np.uint64(i))) == i
+        above = np.uint64(2**64 - 1) << np.uint64(i)
+        assert int(kernels._lowest_bit(above)) == i
+
+
+@pytest.mark.parametrize("positions", [0, 1, 4096, 3 * 4096])
+def test_odd_parts_lists_the_odd_flags_in_order(positions: int) -> None:
+    padded = max(4096, positions)
+    rng = np.random.default_rng(positions)
+    odd = np.zeros(padded, dtype=np.uint8)
+    odd_bits = np.zeros(padded // 64, dtype=np.uint64)
+    odd_words = np.zeros(padded // 4096, dtype=np.uint64)
+    for value, count in ((1, 3 * positions // 4), (0, positions // 2), (1, positions // 8)):
+        for g in rng.integers(0, max(positions, 1), count).tolist():
+            kernels._set_odd(odd_bits, odd_words, g, value)
+            odd[g] = value
+            assert int(kernels._bit(odd_bits, g)) == value
+        listed = kernels._odd_parts(odd_bits, odd_words)
+        assert listed.tolist() == np.flatnonzero(odd).tolist()
+    for g in np.flatnonzero(odd).tolist():  # every flag cleared: every summary bit too
+        kernels._set_odd(odd_bits, odd_words, g, 0)
+    assert not odd_bits.any() and not odd_words.any()
+
+
+@pytest.mark.parametrize("qber", [5e-6, 0.001, 0.02, 0.1, 0.3, 0.49])
+def test_weight_of_code_is_the_weight_of_the_log_odds_kernels(qber: float) -> None:
+    """While two passes are active a bit's weight depends only on its part's code in the other
+    pass: the table must hold what ``bob_log_odds``, numpy's exp and ``bob_weighted_cuts`` give
+    for the log-odds of that code."""
+    bob = np.zeros(1000, dtype=np.uint8)
+    variant = CascadeVariant.SUBBLOCK_REUSE
+    reconciler = CascadeReconciler(bob, seed=bytes(32), variant=variant, qber_estimate=qber)
+    q = reconciler._q_now()
+    log_odds = reconciler._lr_table() + np.float32(np.log(q / (1.0 - q)))
+    exponent = np.array([kernels._exponent(x) for x in log_odds], dtype=np.float32)
+    expected = np.float32(1.0) / (np.exp(exponent) + np.float32(1.0))
+    got = reconciler._weight_of_code()
+    assert got.dtype == np.float32
+    assert got.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+
+
+def test_a_part_spans_from_its_marked_start_to_the_next_mark() -> None:
+    rng = np.random.default_rng(11)
+    for size in (64, 4096, 3 * 4096):
+        part_starts = np.zeros(size // 64 + 1, dtype=np.uint64)
+        marked = np.unique(np.concatenate(([0], rng.integers(0, size, size // 50))))
+        for g in marked.tolist():
+            kernels._mark_start(part_starts, g)
+        kernels._mark_start(part_starts, size)  # the end (``bob_activate``)
+        for g in range(size):
+            expected = int(marked[np.searchsorted(marked, g, side="right") - 1])
+            assert int(kernels._part_start(part_starts, g)) == expected
+        ends = np.append(marked[1:], size)
+        for start, end in zip(marked.tolist(), ends.tolist(), strict=True):
+            assert int(kernels._part_end(part_starts, start)) == end
+            assert bool(kernels._is_start(part_starts, start + 1)) == (end == start + 1)
+    for i in range(64):
+        assert int(kernels._highest_bit(np.uint64(1) << np.uint64(i))) == i
+        below = np.uint64(2**64 - 1) >> np.uint64(63 - i)
+        assert int(kernels._highest_bit(below)) == i
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_gather_bits_equals_numpy_fancy_indexing(n: int) -> None:
+    rng = np.random.default_rng(n)
+    bits = rng.integers(0, 2, n, dtype=np.uint8)
+    perm = rng.permutation(n).astype(np.int32)
+    out = np.empty(n, dtype=np.uint8)
+    kernels._gather_bits(bits, perm, out)
+    assert np.array_equal(out, bits[perm])
+
+
+def test_bitmap_gather_and_range_parities() -> None:
+    rng = np.random.default_rng(5)
+    for n, base in ((1, 0), (63, 1), (64, 64), (1000, 37), (4099, 4099)):
+        bits = rng.integers(0, 2, n, dtype=np.uint8)
+        perm = rng.permutation(n).astype(np.int32)
+        words = np.zeros((base + n + 63) // 64 + 1, dtype=np.uint64)
+        below = rng.integers(0, 2, base, dtype=np.uint8)  # bits of an earlier pass: kept
+        for g in np.flatnonzero(below).tolist():
+            words[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+        kernels._gather_bitmap(bits, perm, words, base)
+        unpacked = np.unpackbits(words.view(np.uint8), bitorder="little")
+        assert np.array_equal(unpacked[:base], below)
+        assert np.array_equal(unpacked[base : base + n], bits[perm])
+        assert not unpacked[base + n :].any()
+        for start, end in rng.integers(0, base + n + 1, (200, 2)).tolist():
+            expected = int(unpacked[start:end].sum() & 1) if start < end else 0
+            assert int(kernels._parity(words, start, end)) == expected

@@ -1,8 +1,8 @@
 """Cascade over a key cut into frames reconciled one after another (bounded memory).
 
-Bob's Cascade state costs about 90 bytes per key bit at 4 passes (``reconciler``: 13 bytes per
+Bob's Cascade state costs about 50 bytes per key bit at 4 passes (``reconciler``: 2.5 bytes per
 position of every pass, the permutations of every pass with their inverses, the pass 0 <-> 1
-map), so a key of 10^7 bits would need about 0.9 GB for it alone. With ``max_frame_bits`` > 0 a
+map), so a key of 10^7 bits would need about 0.5 GB for it alone. With ``max_frame_bits`` > 0 a
 key longer than that is cut into the fewest frames of at most ``max_frame_bits`` bits, of equal
 length but the last (``frame_bounds``), and each frame is one Cascade exchange of its own, with
 the seed ``frame_seed(seed, i)``, run after the previous frame's. Only one frame's state is held:

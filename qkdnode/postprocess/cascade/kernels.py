@@ -3,11 +3,16 @@
 Bob's state lives in flat arrays over the *global* position space of the active passes
 (position ``i`` of pass ``p`` is ``g = p * n + i``), so no kernel ever resizes an array:
 
-- ``pbits[g]``: Bob's current bit at permuted position ``i`` of pass ``p``;
-- ``part_of[g]``: the pass-local start of the part holding ``g``;
-- at a part's global start ``s`` only: ``part_end[s]`` (pass-local, exclusive), ``part_alice[s]``
-  (Alice's parity), ``part_odd[s]`` (1 if Bob's parity differs: an odd number of errors inside)
-  and ``part_code[s]`` (length class and parity, see ``reconciler``);
+- ``pbits``: a bitmap, bit ``g & 63`` of word ``g >> 6`` Bob's current bit at permuted position
+  ``i`` of pass ``p`` (a range's parity reads a word per 64 bits);
+- ``part_starts``: a bit per position, bit ``g & 63`` of word ``g >> 6`` set if a part starts
+  at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
+  set bit at or before it, and ends before the next one (a split sets one bit, where a
+  per-position map of starts would be rewritten over the part);
+- ``part_alice``: a bitmap, at a part's global start Alice's parity of the part;
+- ``part_code[s]`` at a part's start ``s``: its length class and parity (see ``reconciler``);
+- ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
+  Alice's (an odd number of errors inside);
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two. Codes are kept only once the weights need
@@ -16,9 +21,9 @@ Bob's state lives in flat arrays over the *global* position space of the active 
 - ``cross[g]`` (sub-block reuse, while exactly two passes are active; ``PermutationSet.cross01``):
   the position in the other pass of the bit at ``g`` (pass-local), so the weights of that phase,
   where nearly all of them are computed, cost one random load per bit;
-- ``odd_count64[g >> 6]`` and ``odd_count4096[g >> 12]``: the number of odd part starts in each
-  run of 64 and 4096 positions, so the odd parts are listed in increasing order in time
-  proportional to the passes' length / 4096 plus their number.
+- ``odd_words``: bit ``(g >> 6) & 63`` of ``odd_words[g >> 12]`` set when word ``g >> 6`` of
+  ``odd_bits`` is not 0, so the odd parts are listed in increasing order in time proportional
+  to the passes' length / 4096 plus their number.
 
 Parts only ever split, so a start stays a start. Alice's kernels answer from prefix parities of
 her permuted bits; ``pcg64_permutation`` draws the permutations of ``permutation``'s
@@ -90,54 +95,136 @@ def _set_code(
 
 
 @helper
-def _set_odd(
-    part_odd: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
-    g: int,
-    odd: int,
-) -> None:
-    if part_odd[g] != odd:
-        part_odd[g] = odd
-        step = 1 if odd else -1
-        odd_count64[g >> 6] += step
-        odd_count4096[g >> 12] += step
+def _set_odd(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64], g: int, odd: int) -> None:
+    w = g >> 6
+    word = odd_bits[w]
+    bit = np.uint64(1) << np.uint64(g & 63)
+    new = word | bit if odd else word & ~bit
+    if new != word:
+        odd_bits[w] = new
+        summary = np.uint64(1) << np.uint64(w & 63)
+        if word == 0:
+            odd_words[w >> 6] |= summary
+        elif new == 0:
+            odd_words[w >> 6] &= ~summary
 
 
 @helper
-def _parity(pbits: NDArray[np.uint8], start: int, end: int) -> int:
-    acc = 0
-    for g in range(start, end):
-        acc ^= pbits[g]
-    return acc
+def _bit(words: NDArray[np.uint64], g: int) -> int:
+    return 1 if (words[g >> 6] >> np.uint64(g & 63)) & np.uint64(1) else 0
 
 
 @helper
-def _odd_parts(
-    part_odd: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
-) -> NDArray[np.int64]:
-    # part_odd's length is a multiple of 4096: read it 8 flags at a time
-    words = part_odd.view(np.uint64)
+def _put_bit(words: NDArray[np.uint64], g: int, value: int) -> None:
+    bit = np.uint64(1) << np.uint64(g & 63)
+    if value:
+        words[g >> 6] |= bit
+    else:
+        words[g >> 6] &= ~bit
+
+
+@helper
+def _highest_bit(word: np.uint64) -> int:
+    """Index of the highest set bit of a non-zero word."""
+    index = 0
+    for width in (32, 16, 8, 4, 2, 1):
+        shift = np.uint64(width)
+        if word >> shift:
+            word >>= shift
+            index += width
+    return index
+
+
+@helper
+def _mark_start(part_starts: NDArray[np.uint64], g: int) -> None:
+    part_starts[g >> 6] |= np.uint64(1) << np.uint64(g & 63)
+
+
+@helper
+def _is_start(part_starts: NDArray[np.uint64], g: int) -> bool:
+    return bool((part_starts[g >> 6] >> np.uint64(g & 63)) & np.uint64(1))
+
+
+@helper
+def _part_end(part_starts: NDArray[np.uint64], s: int) -> int:
+    """Global end (exclusive) of the part starting at ``s``: the next marked position (the end
+    of every active pass is marked)."""
+    g = s + 1
+    w = g >> 6
+    word = part_starts[w] & (np.uint64(0xFFFFFFFFFFFFFFFF) << np.uint64(g & 63))
+    while word == 0:
+        w += 1
+        word = part_starts[w]
+    return (w << 6) + _lowest_bit(word)
+
+
+@helper
+def _part_start(part_starts: NDArray[np.uint64], g: int) -> int:
+    """Global start of the part holding ``g``: the nearest marked position at or before it (the
+    first position of every pass is a start, so the search stays in ``g``'s pass)."""
+    w = g >> 6
+    word = part_starts[w] & (np.uint64(0xFFFFFFFFFFFFFFFF) >> np.uint64(63 - (g & 63)))
+    while word == 0:
+        w -= 1
+        word = part_starts[w]
+    return (w << 6) + _highest_bit(word)
+
+
+@helper
+def _parity(pbits: NDArray[np.uint64], start: int, end: int) -> int:
+    """Parity of the bits at positions [start, end) of the bitmap ``pbits``."""
+    if start >= end:
+        return 0
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    first = start >> 6
+    last = (end - 1) >> 6
+    x = pbits[first] & (ones << np.uint64(start & 63))
+    if first == last:
+        x &= ones >> np.uint64(63 - ((end - 1) & 63))
+    else:
+        for w in range(first + 1, last):
+            x ^= pbits[w]
+        x ^= pbits[last] & (ones >> np.uint64(63 - ((end - 1) & 63)))
+    for shift in (32, 16, 8, 4, 2, 1):
+        x ^= x >> np.uint64(shift)
+    return 1 if x & np.uint64(1) else 0
+
+
+@helper
+def _lowest_bit(word: np.uint64) -> int:
+    """Index of the lowest set bit of a non-zero word."""
+    index = 0
+    for width in (32, 16, 8, 4, 2, 1):
+        shift = np.uint64(width)
+        if word & ((np.uint64(1) << shift) - np.uint64(1)) == 0:
+            word >>= shift
+            index += width
+    return index
+
+
+@helper
+def _odd_parts(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64]) -> NDArray[np.int64]:
     total = 0
-    for c in range(odd_count4096.shape[0]):
-        total += odd_count4096[c]
+    for c in range(odd_words.shape[0]):
+        summary = odd_words[c]
+        while summary:
+            word = odd_bits[(c << 6) + _lowest_bit(summary)]
+            summary &= summary - np.uint64(1)
+            while word:
+                total += 1
+                word &= word - np.uint64(1)
     out = np.empty(total, dtype=np.int64)
     k = 0
-    for c in range(odd_count4096.shape[0]):
-        if odd_count4096[c] == 0:
-            continue
-        for w in range(c << 6, (c + 1) << 6):
-            if odd_count64[w] == 0:
-                continue
-            for word in range(w << 3, (w + 1) << 3):
-                if words[word] == 0:
-                    continue
-                for g in range(word << 3, (word + 1) << 3):
-                    if part_odd[g]:
-                        out[k] = g
-                        k += 1
+    for c in range(odd_words.shape[0]):
+        summary = odd_words[c]
+        while summary:
+            w = (c << 6) + _lowest_bit(summary)
+            summary &= summary - np.uint64(1)
+            word = odd_bits[w]
+            while word:
+                out[k] = (w << 6) + _lowest_bit(word)
+                word &= word - np.uint64(1)
+                k += 1
     return out
 
 
@@ -148,29 +235,88 @@ def _correct(
     n: int,
     bits: NDArray[np.uint8],
     inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
+    part_starts: NDArray[np.uint64],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
-    for k in range(positions.shape[0]):
+    # In phases, each a loop of independent random loads (the processor overlaps their cache
+    # misses): the position of every flipped bit in every active pass, then the part holding
+    # it, then the parts' updates in the order (bit, pass). A part's parity only toggles, so
+    # the result is the one of updating bit after bit.
+    m = positions.shape[0]
+    if m == 0:
+        return
+    total = m * active
+    at = np.empty(total, dtype=np.int64)
+    for k in range(m):
         position = positions[k]
         bits[position] ^= 1
         for p in range(active):
             base = p * n
-            g = base + inverse_all[base + position]
-            pbits[g] ^= 1
-            local = part_of[g]
-            s = base + local
-            odd = 1 - part_odd[s]
-            _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
-            _set_code(part_code, pos_code, s, part_end[s] - local, odd, thresholds, False, codes)
+            at[k * active + p] = base + inverse_all[base + position]
+    start = np.empty(total, dtype=np.int64)
+    for i in range(total):
+        g = at[i]
+        pbits[g >> 6] ^= np.uint64(1) << np.uint64(g & 63)
+        start[i] = _part_start(part_starts, g)
+    length = np.empty(total, dtype=np.int64)
+    for i in range(total):
+        s = start[i]
+        length[i] = _part_end(part_starts, s) - s
+    for i in range(total):
+        s = start[i]
+        odd = 1 - _bit(odd_bits, s)
+        _set_odd(odd_bits, odd_words, s, odd)
+        _set_code(part_code, pos_code, s, length[i], odd, thresholds, False, codes)
+
+
+@helper
+def _gather_bits(bits: NDArray[np.uint8], perm: NDArray[np.int32], out: NDArray[np.uint8]) -> None:
+    """``out[i] = bits[perm[i]]``, through a packed copy of ``bits`` (8 per byte): the random
+    reads then fall in an eighth of the memory, which the caches hold."""
+    n = bits.shape[0]
+    packed = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    for j in range(n):
+        packed[j >> 3] |= bits[j] << (j & 7)
+    for i in range(perm.shape[0]):
+        j = perm[i]
+        out[i] = (packed[j >> 3] >> (j & 7)) & 1
+
+
+@helper
+def _gather_bitmap(
+    bits: NDArray[np.uint8], perm: NDArray[np.int32], words: NDArray[np.uint64], base: int
+) -> None:
+    """Set bit ``base + i`` of the bitmap ``words`` to ``bits[perm[i]]`` (those bits are 0 before;
+    the bits below ``base`` are kept), through a packed copy of ``bits`` as ``_gather_bits``."""
+    n = bits.shape[0]
+    packed = np.zeros((n + 7) >> 3, dtype=np.uint8)
+    for j in range(n):
+        packed[j >> 3] |= bits[j] << (j & 7)
+    count = perm.shape[0]
+    i = 0
+    while i < count and (base + i) & 63:  # up to the first whole word
+        j = perm[i]
+        g = base + i
+        words[g >> 6] |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
+        i += 1
+    while i + 64 <= count:  # whole words, built in a register
+        word = np.uint64(0)
+        for b in range(64):
+            j = perm[i + b]
+            word |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(b)
+        words[(base + i) >> 6] = word
+        i += 64
+    while i < count:
+        j = perm[i]
+        g = base + i
+        words[g >> 6] |= np.uint64((packed[j >> 3] >> (j & 7)) & 1) << np.uint64(g & 63)
+        i += 1
 
 
 @kernel
@@ -181,15 +327,13 @@ def bob_activate(
     top_alice: NDArray[np.uint8],
     bits: NDArray[np.uint8],
     perm_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
-    part_alice: NDArray[np.uint8],
-    part_odd: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
+    part_starts: NDArray[np.uint64],
+    part_alice: NDArray[np.uint64],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
     codes_all: bool,
@@ -200,26 +344,33 @@ def bob_activate(
     need them (until then the kernels skip them: ``codes`` False).
     """
     base = p * n
-    for i in range(n):
-        pbits[base + i] = bits[perm_all[base + i]]
+    _gather_bitmap(bits, perm_all[base : base + n], pbits, base)
+    # the end of the pass too (the next pass's first start), so that a part of length 1 is one
+    # whose next position is marked
+    _mark_start(part_starts, base + n)
     for j in range(top_alice.shape[0]):
         start = j * size
         end = min(start + size, n)
-        for i in range(start, end):
-            part_of[base + i] = start
         s = base + start
+        _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
-        part_end[s] = end
-        part_alice[s] = top_alice[j]
-        _set_odd(part_odd, odd_count64, odd_count4096, s, odd)
+        _put_bit(part_alice, s, top_alice[j])
+        _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
         for q in range(p + 1):
             start = q * n
             while start < (q + 1) * n:
-                end = q * n + part_end[start]
+                end = _part_end(part_starts, start)
                 _set_code(
-                    part_code, pos_code, start, end - start, part_odd[start], thresholds, True, True
+                    part_code,
+                    pos_code,
+                    start,
+                    end - start,
+                    _bit(odd_bits, start),
+                    thresholds,
+                    True,
+                    True,
                 )
                 start = end
 
@@ -231,14 +382,12 @@ def bob_fix_known_errors(
     bits: NDArray[np.uint8],
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
-    part_odd: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
+    part_starts: NDArray[np.uint64],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
     marks: NDArray[np.uint8],
@@ -270,23 +419,20 @@ def bob_fix_known_errors(
             bits,
             inverse_all,
             pbits,
-            part_of,
-            part_end,
-            part_odd,
+            part_starts,
+            odd_bits,
             part_code,
             pos_code,
-            odd_count64,
-            odd_count4096,
+            odd_words,
             thresholds,
             codes,
         )
         corrected += j
     while True:
-        parts = _odd_parts(part_odd, odd_count64, odd_count4096)
+        parts = _odd_parts(odd_bits, odd_words)
         singles = 0
         for k in range(parts.shape[0]):
-            s = parts[k]
-            if part_end[s] - (s % n) == 1:
+            if _is_start(part_starts, parts[k] + 1):  # a part of length 1
                 singles += 1
         if singles == 0:
             return parts, corrected
@@ -294,7 +440,7 @@ def bob_fix_known_errors(
         j = 0
         for k in range(parts.shape[0]):
             s = parts[k]
-            if part_end[s] - (s % n) == 1 and marks[perm_all[s]] == 0:
+            if _is_start(part_starts, s + 1) and marks[perm_all[s]] == 0:
                 marks[perm_all[s]] = 1
                 found[j] = perm_all[s]
                 j += 1
@@ -308,13 +454,11 @@ def bob_fix_known_errors(
             bits,
             inverse_all,
             pbits,
-            part_of,
-            part_end,
-            part_odd,
+            part_starts,
+            odd_bits,
             part_code,
             pos_code,
-            odd_count64,
-            odd_count4096,
+            odd_words,
             thresholds,
             codes,
         )
@@ -349,24 +493,21 @@ def bob_select_classic(
     return out[:k]
 
 
-@kernel
-def bob_even_cuts(
+@helper
+def _even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
-    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
     m = parts.shape[0]
     cuts = np.empty((m, arity - 1), dtype=np.int64)
     small = np.empty(m, dtype=np.int64)
     count = 0
     for k in range(m):
         s = parts[k]
-        base = s - s % n
-        end = base + part_end[s]
+        end = _part_end(part_starts, s)
         length = end - s
         for f in range(1, arity):
             cuts[k, f - 1] = min(max(s + (length * f) // arity, s + 1), end - 1)
@@ -377,6 +518,19 @@ def bob_even_cuts(
 
 
 @kernel
+def bob_even_cuts(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    part_starts: NDArray[np.uint64],
+    small_length: int,
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
+    return _even_cuts(parts, arity, n, part_starts, small_length)
+
+
+@kernel
 def bob_log_odds(
     parts: NDArray[np.int64],
     active: int,
@@ -384,8 +538,7 @@ def bob_log_odds(
     perm_all: NDArray[np.int32],
     inverse_all: NDArray[np.int32],
     cross: NDArray[np.int32],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     table: NDArray[np.float32],
@@ -404,7 +557,7 @@ def bob_log_odds(
     total = 0
     for k in range(m):
         s = parts[k]
-        total += part_end[s] - s % n
+        total += _part_end(part_starts, s) - s
     out = np.empty(total, dtype=np.float32)
     found = np.empty(m, dtype=np.int64)
     singles = 0
@@ -412,7 +565,7 @@ def bob_log_odds(
     for k in range(m):
         s = parts[k]
         own = s // n
-        end = own * n + part_end[s]
+        end = _part_end(part_starts, s)
         first = j
         if active == 2:
             other = (1 - own) * n
@@ -420,7 +573,7 @@ def bob_log_odds(
                 h = other + cross[g]
                 code = pos_code[h]
                 if code == LONG_PART:
-                    code = part_code[other + part_of[h]]
+                    code = part_code[_part_start(part_starts, h)]
                 out[j] = _exponent(prior + table[code])
                 j += 1
         else:
@@ -433,7 +586,7 @@ def bob_log_odds(
                         h = base + inverse_all[base + position]
                         code = pos_code[h]
                         if code == LONG_PART:
-                            code = part_code[base + part_of[h]]
+                            code = part_code[_part_start(part_starts, h)]
                         acc = acc + table[code]
                 out[j] = _exponent(acc)
                 j += 1
@@ -456,7 +609,7 @@ def bob_weighted_cuts(
     small: NDArray[np.int64],
     starts: NDArray[np.int64],
     n: int,
-    part_end: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
     exp_exponent: NDArray[np.float32],
     arity: int,
 ) -> NDArray[np.int64]:
@@ -467,21 +620,78 @@ def bob_weighted_cuts(
     some part has a single bit of positive weight, nothing is cut and the global positions of
     those bits are returned (certain errors); else an empty array.
     """
+    weight = np.empty(exp_exponent.shape[0], dtype=np.float32)
+    for i in range(exp_exponent.shape[0]):
+        weight[i] = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
+    return _weighted_cuts(cuts, small, starts, n, part_starts, weight, arity)
+
+
+@helper
+def _cut_at_quantiles(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    offset: NDArray[np.int64],
+    lengths: NDArray[np.int64],
+    first_open: NDArray[np.int64],
+    last_open: NDArray[np.int64],
+    opened: NDArray[np.int64],
+    cum0: NDArray[np.float64],
+    weight: NDArray[np.float32],
+    arity: int,
+) -> None:
+    """The weighted cuts of the small parts (``_weighted_cuts``), in place."""
+    m = small.shape[0]
+    for k in range(m):
+        if opened[k] <= 1:
+            continue  # no open bit (inconsistent parities): keep the plain halving
+        lo = offset[k]
+        end = lo + lengths[k]
+        base = cum0[lo]
+        total = cum0[end] - base
+        for f in range(1, arity):
+            target = base + total * (f / arity)
+            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
+            a = lo + 1
+            b = end + 1
+            while a < b:
+                middle = (a + b) >> 1
+                if cum0[middle] < target:
+                    a = middle + 1
+                else:
+                    b = middle
+            at = min(max(a - 1, first_open[k]), last_open[k])
+            # before or after the bit where the target is reached, whichever is nearer
+            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
+            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
+            if arity > 2:  # the leftmost cut with the same open bits on its left
+                while not weight[chosen - 1] > 0.0:
+                    chosen -= 1
+            cuts[small[k], f - 1] = starts[k] + chosen - lo
+
+
+@helper
+def _weighted_cuts(
+    cuts: NDArray[np.int64],
+    small: NDArray[np.int64],
+    starts: NDArray[np.int64],
+    n: int,
+    part_starts: NDArray[np.uint64],
+    weight: NDArray[np.float32],
+    arity: int,
+) -> NDArray[np.int64]:
     # Every search stays inside its part: the numpy formulation searched the concatenation of
     # all parts, but after its clipping to the part's open bits the result is the same.
     m = small.shape[0]
     lengths = np.empty(m, dtype=np.int64)
     for k in range(m):
-        lengths[k] = part_end[starts[k]] - starts[k] % n
-    total_bits = exp_exponent.shape[0]
-    weight = np.empty(total_bits, dtype=np.float32)
+        lengths[k] = _part_end(part_starts, starts[k]) - starts[k]
+    total_bits = weight.shape[0]
     cum0 = np.empty(total_bits + 1, dtype=np.float64)
     cum0[0] = 0.0
     running = 0.0
     for i in range(total_bits):
-        w = np.float32(1.0) / (exp_exponent[i] + np.float32(1.0))
-        weight[i] = w
-        running += np.float64(w)
+        running += np.float64(weight[i])
         cum0[i + 1] = running
     offset = np.empty(m, dtype=np.int64)
     first_open = np.empty(m, dtype=np.int64)
@@ -516,33 +726,91 @@ def bob_weighted_cuts(
                 found[j] = starts[k] + first_open[k] - offset[k]
                 j += 1
         return found
-    for k in range(m):
-        if opened[k] <= 1:
-            continue  # no open bit (inconsistent parities): keep the plain halving
-        lo = offset[k]
-        end = lo + lengths[k]
-        base = cum0[lo]
-        total = cum0[end] - base
-        for f in range(1, arity):
-            target = base + total * (f / arity)
-            # first bit i of the part with cum0[i + 1] >= target (or the part's end)
-            a = lo + 1
-            b = end + 1
-            while a < b:
-                middle = (a + b) >> 1
-                if cum0[middle] < target:
-                    a = middle + 1
-                else:
-                    b = middle
-            at = min(max(a - 1, first_open[k]), last_open[k])
-            # before or after the bit where the target is reached, whichever is nearer
-            chosen = at if abs(cum0[at] - target) <= abs(cum0[at + 1] - target) else at + 1
-            chosen = min(max(chosen, first_open[k] + 1), last_open[k])
-            if arity > 2:  # the leftmost cut with the same open bits on its left
-                while not weight[chosen - 1] > 0.0:
-                    chosen -= 1
-            cuts[small[k], f - 1] = starts[k] + chosen - lo
+    _cut_at_quantiles(
+        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
+    )
     return np.empty(0, dtype=np.int64)
+
+
+@kernel
+def bob_cuts_two_passes(
+    parts: NDArray[np.int64],
+    arity: int,
+    n: int,
+    small_length: int,
+    cross: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    weight_of_code: NDArray[np.float32],
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
+    passes are active: a bit's weight then depends only on the code of its part in the other
+    pass, ``weight_of_code[code]`` (1 / (1 + numpy's float32 exp of ``_exponent`` of the prior
+    plus the code's log-likelihood ratio), 0 for a known-right bit).
+
+    Returns the cuts and the global positions of the certain errors (then nothing is cut).
+    """
+    cuts, small = _even_cuts(parts, arity, n, part_starts, small_length)
+    m = small.shape[0]
+    if m == 0:
+        return cuts, np.empty(0, dtype=np.int64)
+    starts = np.empty(m, dtype=np.int64)
+    lengths = np.empty(m, dtype=np.int64)
+    total = 0
+    for k in range(m):
+        s = parts[small[k]]
+        starts[k] = s
+        lengths[k] = _part_end(part_starts, s) - s
+        total += lengths[k]
+    # one pass over the bits: their weights, the running sum over all parts (in the order of
+    # ``_weighted_cuts``), each part's first and last open bit and their number
+    weight = np.empty(total, dtype=np.float32)
+    cum0 = np.empty(total + 1, dtype=np.float64)
+    cum0[0] = 0.0
+    running = 0.0
+    offset = np.empty(m, dtype=np.int64)
+    first_open = np.empty(m, dtype=np.int64)
+    last_open = np.empty(m, dtype=np.int64)
+    opened = np.empty(m, dtype=np.int64)
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    j = 0
+    for k in range(m):
+        s = starts[k]
+        other = (1 - s // n) * n
+        offset[k] = j
+        first = -1
+        last = -1
+        count = 0
+        for g in range(s, s + lengths[k]):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[_part_start(part_starts, h)]
+            w = weight_of_code[code]
+            weight[j] = w
+            running += np.float64(w)
+            cum0[j + 1] = running
+            if w > 0.0:
+                if first < 0:
+                    first = j
+                last = j
+                count += 1
+            j += 1
+        # no open bit: both at the part's last bit
+        first_open[k] = first if first >= 0 else j - 1
+        last_open[k] = last if last >= 0 else j - 1
+        opened[k] = count
+        if count == 1:
+            found[singles] = s + first - offset[k]
+            singles += 1
+    if singles:
+        return cuts, found[:singles]
+    _cut_at_quantiles(
+        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
+    )
+    return cuts, np.empty(0, dtype=np.int64)
 
 
 @kernel
@@ -586,15 +854,13 @@ def bob_receive(
     right: NDArray[np.int64],
     left: NDArray[np.int64],
     n: int,
-    pbits: NDArray[np.uint8],
-    part_of: NDArray[np.int32],
-    part_end: NDArray[np.int32],
-    part_alice: NDArray[np.uint8],
-    part_odd: NDArray[np.uint8],
+    pbits: NDArray[np.uint64],
+    part_starts: NDArray[np.uint64],
+    part_alice: NDArray[np.uint64],
+    odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    odd_count64: NDArray[np.int32],
-    odd_count4096: NDArray[np.int32],
+    odd_words: NDArray[np.uint64],
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
@@ -604,10 +870,9 @@ def bob_receive(
     i = 0
     while i < m:
         s = rows[i]
-        base = s - s % n
-        end = base + part_end[s]
-        rest_alice = part_alice[s]
-        rest_odd = part_odd[s]
+        end = _part_end(part_starts, s)
+        rest_alice = _bit(part_alice, s)
+        rest_odd = _bit(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
             start = left[j]
@@ -617,19 +882,15 @@ def bob_receive(
             rest_alice ^= alice
             rest_odd ^= odd
             if start != s:
-                for g in range(start, cut):
-                    part_of[g] = start - base
-            part_end[start] = cut - base
-            part_alice[start] = alice
-            _set_odd(part_odd, odd_count64, odd_count4096, start, odd)
+                _mark_start(part_starts, start)
+            _put_bit(part_alice, start, alice)
+            _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
-        for g in range(start, end):
-            part_of[g] = start - base
-        part_end[start] = end - base
-        part_alice[start] = rest_alice
-        _set_odd(part_odd, odd_count64, odd_count4096, start, rest_odd)
+        _mark_start(part_starts, start)
+        _put_bit(part_alice, start, rest_alice)
+        _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j
 
@@ -639,11 +900,12 @@ def responder_prefix(
     bits: NDArray[np.uint8], perm: NDArray[np.int32], prefix: NDArray[np.uint8]
 ) -> None:
     """``prefix[i + 1]`` = parity of ``bits[perm[0..i]]``, ``prefix[0]`` = 0."""
+    _gather_bits(bits, perm, prefix[1:])
     acc = 0
     prefix[0] = 0
-    for i in range(perm.shape[0]):
-        acc ^= bits[perm[i]]
-        prefix[i + 1] = acc
+    for i in range(1, perm.shape[0] + 1):
+        acc ^= prefix[i]
+        prefix[i] = acc
 
 
 @kernel

@@ -43,14 +43,18 @@ bits Alice sent. Passes activate one after the other as in Cascade: pass p+1 onl
 of passes 0..p is left to search.
 
 Implementation: all active passes live in one *global* position space, position ``i`` of pass
-``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, the part holding each
-position, and at each part's start its end, Alice's parity, the syndrome and a length code) is
+``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, a bit marking each part's
+start, and at each part's start its end, Alice's parity, the syndrome and a length code) is
 kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
 the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
 added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
 only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, add and divide
 around it in the kernels, so every cut, and therefore every query, is the one of the numpy
-formulation kept in the tests as the reference.
+formulation kept in the tests as the reference. While exactly two passes are active (where
+nearly all weights are computed) a bit's weight depends only on the code of its part in the
+other pass: the weight of each of the 256 codes is computed once per error-rate estimate with
+the same float32 operations in numpy (its ``exp`` is elementwise: the same value gives the same
+bits in any array), and one kernel looks the weights up and cuts.
 """
 
 from __future__ import annotations
@@ -100,10 +104,10 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (13 bytes per position of every pass: 480 MB at 10^7 bits and 4 passes) would
+# a large frame's (2.5 bytes per position of every pass: 100 MB at 10^7 bits and 4 passes) would
 # stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
-_POOL_MAX_BYTES: Final = 128 * 2**20
+_POOL_MAX_BYTES: Final = 32 * 2**20
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
 _EMPTY_READ_ONLY.flags.writeable = False
 
@@ -141,7 +145,7 @@ def length_class_thresholds() -> NDArray[np.int64]:
 
 class _Workspace:
     """Bob's state arrays (``cascade.kernels``) for frames of up to ``capacity`` positions
-    over all passes, reused by the next frame once a frame has finished: fresh arrays of tens of
+    over all passes, reused by the next frame once a frame has finished: fresh arrays of
     megabytes cost a frame its page faults. At most ``_POOL`` are kept."""
 
     _pool: ClassVar[list[_Workspace]] = []
@@ -149,16 +153,14 @@ class _Workspace:
     def __init__(self, capacity: int, n: int) -> None:
         self.capacity = capacity
         self.n = n
-        self.pbits = np.empty(capacity, dtype=np.uint8)
-        self.part_of = np.empty(capacity, dtype=np.int32)
-        self.part_end = np.empty(capacity, dtype=np.int32)
-        self.part_alice = np.empty(capacity, dtype=np.uint8)
         self.part_code = np.empty(capacity, dtype=np.uint8)
         self.pos_code = np.empty(capacity, dtype=np.uint8)
-        padded = -(-capacity // 4096) * 4096  # the kernels scan it by 64-bit words
-        self.part_odd = np.zeros(padded, dtype=np.uint8)
-        self.odd_count64 = np.zeros(padded // 64, dtype=np.int32)
-        self.odd_count4096 = np.zeros(padded // 4096, dtype=np.int32)
+        padded = -(-capacity // 4096) * 4096  # bitmaps of whole summary words
+        self.pbits = np.zeros(padded // 64, dtype=np.uint64)
+        self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
+        self.odd_bits = np.zeros(padded // 64, dtype=np.uint64)
+        self.part_alice = np.zeros(padded // 64, dtype=np.uint64)
+        self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
     @classmethod
@@ -180,15 +182,16 @@ class _Workspace:
         if found is None:
             return cls(size, n)
         # a classic Cascade frame may finish with odd parts left (in even blocks)
-        found.part_odd.fill(0)
-        found.odd_count64.fill(0)
-        found.odd_count4096.fill(0)
+        found.pbits.fill(0)
+        found.part_starts.fill(0)
+        found.odd_bits.fill(0)
+        found.odd_words.fill(0)
         return found
 
     def give_back(self) -> None:
         """Return to the pool (its frame has finished and never touches it again), unless it
         is larger than ``_POOL_MAX_BYTES``."""
-        if 13 * self.capacity > _POOL_MAX_BYTES:
+        if 5 * self.capacity // 2 > _POOL_MAX_BYTES:
             return
         self._pool.append(self)
         while len(self._pool) > _POOL:
@@ -238,17 +241,13 @@ class CascadeReconciler:
         self._inverse_all = self._perms.inverse_all
         self._workspace = _Workspace.take(size, n)
         work = self._workspace
-        self._pbits, self._part_of, self._part_end = work.pbits, work.part_of, work.part_end
+        self._pbits, self._part_starts = work.pbits, work.part_starts
         self._part_alice, self._part_code, self._pos_code = (
             work.part_alice,
             work.part_code,
             work.pos_code,
         )
-        self._part_odd, self._odd_count64, self._odd_count4096 = (
-            work.part_odd,
-            work.odd_count64,
-            work.odd_count4096,
-        )
+        self._odd_bits, self._odd_words = work.odd_bits, work.odd_words
         self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
         # compiled signature).
@@ -259,6 +258,7 @@ class CascadeReconciler:
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
         self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
+        self._weight_cache: tuple[float, NDArray[np.float32]] | None = None
         entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
@@ -383,6 +383,25 @@ class CascadeReconciler:
         self._lr_cache = (q_now, table)
         return table
 
+    def _weight_of_code(self) -> NDArray[np.float32]:
+        """A bit's weight for every code of its part in the other pass, while exactly two passes
+        are active: 1 / (1 + exp(-clip(prior + log-likelihood ratio, -50, 50))) in float32, 0
+        for a known-right bit; the very operations of ``_split_weights`` and
+        ``kernels.bob_weighted_cuts`` on the same float32 values (numpy's exp is elementwise)."""
+        q = self._q_now()
+        if self._weight_cache is not None and self._weight_cache[0] == q:
+            return self._weight_cache[1]
+        log_odds = self._lr_table() + np.float32(math.log(q / (1.0 - q)))
+        # |log-odds| < 100 but for the known-right code (below -1000: exponent +inf, weight 0)
+        exponent = np.clip(log_odds, np.float32(-50.0), np.float32(50.0), out=log_odds)
+        np.negative(exponent, out=exponent)
+        np.exp(exponent, out=exponent)
+        exponent += np.float32(1.0)
+        weight: NDArray[np.float32] = np.divide(np.float32(1.0), exponent, out=exponent)
+        weight[_KNOWN_RIGHT] = 0.0
+        self._weight_cache = (q, weight)
+        return weight
+
     def _split_weights(
         self, part: NDArray[np.int64]
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
@@ -400,8 +419,7 @@ class CascadeReconciler:
             self._perm_all,
             self._inverse_all,
             self._cross,
-            self._part_of,
-            self._part_end,
+            self._part_starts,
             self._part_code,
             self._pos_code,
             self._lr_table(),
@@ -426,7 +444,21 @@ class CascadeReconciler:
         bits not known right on both sides of every cut. If some part has a certain error, only
         those are returned (the cuts are then empty).
         """
-        cuts, small = kernels.bob_even_cuts(part, arity, self._n, self._part_end, _WEIGHTED_LENGTH)
+        if self._weighted and self._active == 2:
+            return kernels.bob_cuts_two_passes(
+                part,
+                arity,
+                self._n,
+                _WEIGHTED_LENGTH,
+                self._cross,
+                self._part_starts,
+                self._part_code,
+                self._pos_code,
+                self._weight_of_code(),
+            )
+        cuts, small = kernels.bob_even_cuts(
+            part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
+        )
         if not (self._weighted and self._active >= 2) or small.shape[0] == 0:
             return cuts, np.zeros(0, dtype=np.int64)
         starts = part[small]
@@ -434,7 +466,7 @@ class CascadeReconciler:
         if found.shape[0]:
             return cuts, found
         found = kernels.bob_weighted_cuts(
-            cuts, small, starts, self._n, self._part_end, exp_exponent, arity
+            cuts, small, starts, self._n, self._part_starts, exp_exponent, arity
         )
         return cuts, found
 
@@ -449,14 +481,12 @@ class CascadeReconciler:
             left,
             self._n,
             self._pbits,
-            self._part_of,
-            self._part_end,
+            self._part_starts,
             self._part_alice,
-            self._part_odd,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
         )
@@ -477,14 +507,12 @@ class CascadeReconciler:
             self._bits,
             self._perm_all,
             self._pbits,
-            self._part_of,
-            self._part_end,
+            self._part_starts,
             self._part_alice,
-            self._part_odd,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
             codes_all,
@@ -507,13 +535,11 @@ class CascadeReconciler:
             self._perm_all,
             self._inverse_all,
             self._pbits,
-            self._part_of,
-            self._part_end,
-            self._part_odd,
+            self._part_starts,
+            self._odd_bits,
             self._part_code,
             self._pos_code,
-            self._odd_count64,
-            self._odd_count4096,
+            self._odd_words,
             self._thresholds,
             self._codes,
             self._marks,
