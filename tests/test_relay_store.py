@@ -487,12 +487,11 @@ def test_reopening_keeps_records_cursor_spent_ranges_chunks_and_relayed_keys(
         store.spent_ranges("R", Direction.OUT),
         store.spent_ranges("R", Direction.IN),
         store.unacked_out_chunks("R"),
-        store.chunks_with_unconsumed_sources(),
         store.counts(),
         store.relayed_key_count(master_sae="sae-a", slave_sae="sae-c"),
         store.pad(PadRange(peer="R", direction=Direction.OUT, offset_bits=768, bits=800)),
     )
-    assert before[1] == 768 and before[9] == 1
+    assert before[1] == 768 and before[8] == 1
     store.close()
     store = _open(tmp_path)
     after = (
@@ -503,7 +502,6 @@ def test_reopening_keeps_records_cursor_spent_ranges_chunks_and_relayed_keys(
         store.spent_ranges("R", Direction.OUT),
         store.spent_ranges("R", Direction.IN),
         store.unacked_out_chunks("R"),
-        store.chunks_with_unconsumed_sources(),
         store.counts(),
         store.relayed_key_count(master_sae="sae-a", slave_sae="sae-c"),
         store.pad(PadRange(peer="R", direction=Direction.OUT, offset_bits=768, bits=800)),
@@ -576,11 +574,6 @@ def test_every_refused_write_leaves_the_store_unchanged(tmp_path: Path) -> None:
             lambda: store.deposit_in_chunk("R", 0, 64, b"\x00" * 8, ("q-3",)),
             KeyStoreError,
             "differs",
-        ),
-        (
-            lambda: store.mark_sources_consumed("R", Direction.IN, 7),
-            KeyStoreError,
-            "no pad chunk",
         ),
         (lambda: store.add_out_chunk("R", b"", ()), KeyStoreError, "whole bytes"),
         (lambda: store.deposit_in_chunk("R", 1, 12, None, ()), KeyStoreError, "whole bytes"),
@@ -779,30 +772,6 @@ def test_bits_spent_before_they_arrive_are_erased_on_arrival(tmp_path: Path) -> 
     store.close()
 
 
-def test_sources_stay_listed_until_marked_consumed(tmp_path: Path) -> None:
-    store = _open(tmp_path)
-    out = store.add_out_chunk("R", b"\x05" * 16, ("k1", "k2"))
-    store.deposit_in_chunk("R", 0, 128, b"\x06" * 16, ("k3",))
-    listed = store.chunks_with_unconsumed_sources()
-    assert [(c.direction, c.index, c.sources) for c in listed] == [
-        (Direction.IN, 0, ("k3",)),
-        (Direction.OUT, 0, ("k1", "k2")),
-    ]
-    assert out in listed
-    store.mark_sources_consumed("R", Direction.OUT, 0)
-    store.close()
-    store = _open(tmp_path)
-    assert [(c.direction, c.index) for c in store.chunks_with_unconsumed_sources()] == [
-        (Direction.IN, 0)
-    ]
-    store.mark_sources_consumed("R", Direction.IN, 0)
-    assert store.chunks_with_unconsumed_sources() == []
-    store.close()
-
-
-# ---- relayed keys --------------------------------------------------------------------------------
-
-
 def test_a_relayed_key_is_handed_out_once_to_its_pair_and_erased(tmp_path: Path) -> None:
     rng = random.Random(11)
     store = _filled(tmp_path, rng)
@@ -889,7 +858,6 @@ def test_no_key_pad_or_tag_appears_in_reprs_or_error_messages(tmp_path: Path) ->
         repr(store.relay(origin.record.key_id)),
         repr(store.counts()),
         repr(store.unacked_out_chunks("R")),
-        repr(store.chunks_with_unconsumed_sources()),
         repr(store.add_out_chunk("R", pad, ("q",))),
     ]
     for call in (

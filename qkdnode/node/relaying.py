@@ -163,9 +163,6 @@ class RelayService:
         # key ID -> set when the relay is decided here (origin) or finished (terminal)
         self._decided: dict[uuid.UUID, trio.Event] = {}
         self._waiting: dict[uuid.UUID, int] = {}  # dec_keys requests waiting per key
-        self.relays_started = 0
-        self.relays_committed = 0
-        self.relays_aborted = 0
         # keys relayed ahead: (master SAE, slave SAE, key bits) -> relays in flight for it
         self._pools: dict[_Pool, set[uuid.UUID]] = {}
         self._ready: dict[_Pool, deque[uuid.UUID]] = {}  # relayed ahead, not picked yet
@@ -330,7 +327,6 @@ class RelayService:
             case SendRelay(peer=peer, message=message):
                 self._queue(peer, message_to_wire(message))
             case RelayStarted(key_id=key_id):
-                self.relays_started += 1
                 if request is not None:
                     request.started.append(key_id)
             case RelayRefused(reason=reason):
@@ -339,10 +335,6 @@ class RelayService:
             case RelayFinished(key_id=key_id, committed=committed, position=position):
                 if position is Position.ORIGIN:
                     self._pool_relay_finished(key_id, committed)
-                if committed:
-                    self.relays_committed += 1
-                else:
-                    self.relays_aborted += 1
                 log.debug(
                     "relay.finished",
                     key_id=str(key_id),

@@ -109,7 +109,6 @@ CREATE TABLE IF NOT EXISTS pad_chunks (
     -- SHA-256 of the material as it arrived (incoming duplicates are recognised by it)
     digest      BLOB,
     sources     TEXT NOT NULL,
-    sources_consumed INTEGER NOT NULL DEFAULT 0 CHECK (sources_consumed IN (0, 1)),
     PRIMARY KEY (peer, direction, idx)
 ) STRICT;
 CREATE INDEX IF NOT EXISTS chunks_by_offset ON pad_chunks (peer, direction, offset_bits);
@@ -834,28 +833,6 @@ class RelayStore(Database):
     def next_in_index(self, peer: str) -> int:
         """The index of the next incoming chunk from ``peer`` to deposit."""
         return self._read(lambda tx: _chunk_count(tx, peer, Direction.IN))
-
-    def chunks_with_unconsumed_sources(self) -> list[PadChunk]:
-        """Chunks whose source keys are not marked consumed yet (by peer, direction, index)."""
-        rows = self._query(
-            "SELECT peer, direction, idx, offset_bits, bits, accepted, sources FROM pad_chunks"
-            " WHERE sources_consumed = 0 ORDER BY peer, direction, idx"
-        )
-        return [_chunk_from(row[0], Direction(row[1]), row[2:]) for row in rows]
-
-    def mark_sources_consumed(self, peer: str, direction: Direction, index: int) -> None:
-        """The chunk's source keys are erased in the link's store (KeyStoreError if unknown)."""
-
-        def body(tx: Tx) -> None:
-            changed = tx.execute(
-                "UPDATE pad_chunks SET sources_consumed = 1"
-                " WHERE peer = ? AND direction = ? AND idx = ?",
-                (peer, direction.value, index),
-            ).rowcount
-            if not changed:
-                raise KeyStoreError(f"no pad chunk {index} of {peer} ({direction.value})")
-
-        self._write(body)
 
     # ---- relayed keys -----------------------------------------------------------------------
 
