@@ -21,16 +21,27 @@ class Proxied:
         self.thread = thread
         self.proxy: MitmProxy = thread.proxy
 
-    def tamper_once(self, rule: Rule, *, timeout_s: float = 30.0) -> tuple[Tampering, float]:
-        """Arm ``rule`` (times=1); wait until it fired and its connection ended.
+    def tamper_once(
+        self, rule: Rule, *, timeout_s: float = 30.0, stall: Rule | None = None
+    ) -> tuple[Tampering, float]:
+        """Arm ``rule`` (times=1); wait until it fired and its connection ended. ``stall``: a
+        delay rule armed first (times=1), e.g. to leave a node's session idle long enough for
+        a keepalive ping while the pair distils without pause.
 
         Returns the tampering and the seconds from the tampering to the end of the connection.
         """
         rule.times = 1
         before = len(self.proxy.tamperings())
+        if stall is not None:
+            stall.times = 1
+            self.proxy.add(stall)
         self.proxy.add(rule)
         deadline = time.monotonic() + timeout_s
-        while len(self.proxy.tamperings()) == before:
+
+        def fired() -> list[Tampering]:
+            return [t for t in self.proxy.tamperings()[before:] if t.action == rule.action]
+
+        while not fired():
             self.pair.poll()
             self._alive()
             if time.monotonic() > deadline:
@@ -38,7 +49,7 @@ class Proxied:
                 raise AssertionError(f"rule never fired: {rule}")
             time.sleep(0.02)
         self.proxy.clear()
-        tampering = self.proxy.tamperings()[before]
+        tampering = fired()[0]
         number = tampering.frame.connection
         while True:
             ends = [e for e in self.proxy.ends() if e.connection == number]

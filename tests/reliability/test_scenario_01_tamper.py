@@ -53,8 +53,14 @@ def test_daemons_behind_proxy_reject_flipped_frames(proxied: Proxied) -> None:
         ("a2b", "control", 5),
         ("a2b", "ping", 30),
     ]
+    # Bob's next data frame held for a second: Alice's session then idles long enough for the
+    # keepalive ping the last rule flips (a pair distilling without pause sends no ping)
+    stall = Rule("delay", direction="b2a", code=CODES["data"], delay_s=1.0)
     results = [
-        proxied.tamper_once(Rule("flip", direction=direction, code=CODES[name], offset=offset))
+        proxied.tamper_once(
+            Rule("flip", direction=direction, code=CODES[name], offset=offset),
+            stall=stall if name == "ping" else None,
+        )
         for direction, name, offset in keyed
     ]
     proxied.sane(blocks=1)
