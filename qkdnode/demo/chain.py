@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from qkdnode.demo.progress import LogFollower
 from qkdnode.demo.run import (
     DemoLayout,
     decoy_settings_for,
+    demo_workdir,
     etsi_call,
     free_port,
     make_pki,
@@ -385,12 +385,7 @@ class ChainProgress:
 def run_chain_demo(args: argparse.Namespace) -> int:
     """The chain demo (module docstring); ``--json`` prints one summary object."""
     out: TextIO = sys.stderr if args.json else sys.stdout
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        workdir = Path(tempfile.mkdtemp(prefix="qkdnode-chain-"))
-    os.chmod(workdir, 0o700)
+    workdir = demo_workdir(args.workdir, prefix="qkdnode-chain-")
     layout = prepare_chain(
         workdir,
         nodes=args.nodes,

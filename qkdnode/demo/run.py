@@ -375,14 +375,20 @@ def stop_nodes(
     return codes
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    out: TextIO = sys.stderr if args.json else sys.stdout
-    if args.workdir:
-        workdir = Path(args.workdir).resolve()
+def demo_workdir(requested: str | None, *, prefix: str) -> Path:
+    """``requested`` (created if needed) or a fresh temporary directory, private to the owner."""
+    if requested:
+        workdir = Path(requested).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
     else:
-        workdir = Path(tempfile.mkdtemp(prefix="qkdnode-demo-"))
+        workdir = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(workdir, 0o700)
+    return workdir
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    out: TextIO = sys.stderr if args.json else sys.stdout
+    workdir = demo_workdir(args.workdir, prefix="qkdnode-demo-")
     layout = prepare_workdir(
         workdir,
         distance_km=args.distance_km,

@@ -13,7 +13,6 @@ later call: after a failed write or fsync the daemon must stop, never carry on.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -43,7 +42,15 @@ from qkdnode.store.deliveries import (
     ReservationRejected,
 )
 from qkdnode.store.schema import DATABASE_NAME, SCHEMA_VERSION, install_schema
-from qkdnode.store.transaction import Database, OpOutcome, StoreOp, Tx, TxOptions
+from qkdnode.store.transaction import (
+    Database,
+    OpOutcome,
+    StoreOp,
+    Tx,
+    TxOptions,
+    connect_private,
+    restrict_files,
+)
 
 # key ids per lookup: far below SQLite's limit on bound parameters
 _IDS_PER_QUERY = 500
@@ -95,35 +102,17 @@ class KeyStore(Database):
         Raises KeyStoreError if the directory holds another node's store or an unknown schema.
         """
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = directory / DATABASE_NAME
-            old_umask = os.umask(0o077)  # database, WAL and shm files are created 0600
-            try:
-                # a short busy timeout: the daemon is the only writer, and a reader elsewhere
-                # must never block its event loop for long (sqlite3's default is 5 s)
-                connection = sqlite3.connect(
-                    path, isolation_level=None, check_same_thread=False, timeout=0.2
-                )
-            finally:
-                os.umask(old_umask)
+            connection, path = connect_private(directory, DATABASE_NAME)
             store = cls(connection, path)
             store._configure(node_name)
         except sqlite3.Error as exc:
             raise KeyStoreError(f"cannot open key store in {directory}: {exc}") from exc
-        for suffix in ("", "-wal", "-shm"):
-            candidate = Path(f"{path}{suffix}")
-            if candidate.exists():
-                os.chmod(candidate, 0o600)
+        restrict_files(path)
         return store
 
     def _configure(self, node_name: str) -> None:
-        db = self._conn
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise KeyStoreError(f"key store {self.path}: WAL mode refused (got {mode})")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA secure_delete=ON")
-        db.execute("PRAGMA foreign_keys=ON")
+        self._durable_wal("key store")
+        self._conn.execute("PRAGMA foreign_keys=ON")
         with self._transaction() as tx:
             install_schema(tx, self.path, node_name)
 

@@ -22,7 +22,6 @@ import contextlib
 import enum
 import hashlib
 import json
-import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -47,7 +46,7 @@ from qkdnode.relay.messages import (
     payload_bits,
 )
 from qkdnode.store.deliveries import DeliveryRefused
-from qkdnode.store.transaction import Database, Tx
+from qkdnode.store.transaction import Database, Tx, connect_private, restrict_files
 
 T = TypeVar("T")
 
@@ -489,16 +488,7 @@ class RelayStore(Database):
         """Open (creating if needed) ``directory/relay.db``; the directory is created 0700 and
         the files 0600. Raises KeyStoreError for another node's store or an unknown schema."""
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = directory / RELAY_DATABASE_NAME
-            old_umask = os.umask(0o077)  # database, WAL and shm files are created 0600
-            try:
-                # short busy timeout: a reader elsewhere must not block the event loop for long
-                connection = sqlite3.connect(
-                    path, isolation_level=None, check_same_thread=False, timeout=0.2
-                )
-            finally:
-                os.umask(old_umask)
+            connection, path = connect_private(directory, RELAY_DATABASE_NAME)
             store = cls(connection, path)
             try:
                 store._configure(node_name)
@@ -507,19 +497,11 @@ class RelayStore(Database):
                 raise
         except sqlite3.Error as exc:
             raise KeyStoreError(f"cannot open relay store in {directory}: {exc}") from exc
-        for suffix in ("", "-wal", "-shm"):
-            candidate = Path(f"{path}{suffix}")
-            if candidate.exists():
-                os.chmod(candidate, 0o600)
+        restrict_files(path)
         return store
 
     def _configure(self, node_name: str) -> None:
-        db = self._conn
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise KeyStoreError(f"relay store {self.path}: WAL mode refused (got {mode})")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA secure_delete=ON")
+        self._durable_wal("relay store")
         with self._transaction() as tx:
             _install(tx, self.path, node_name)
 

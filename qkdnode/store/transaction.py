@@ -8,6 +8,7 @@ every later call is refused (after a failed write or fsync the daemon must stop,
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -103,6 +104,30 @@ class TxOptions:
     notify: bool = True
 
 
+def connect_private(directory: Path, file_name: str) -> tuple[sqlite3.Connection, Path]:
+    """A connection to ``directory/file_name``: the directory created 0700, the database, WAL
+    and shm files 0600, and a short busy timeout (the daemon is the only writer, and a reader
+    elsewhere must never block its event loop for long; sqlite3's default is 5 s)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / file_name
+    old_umask = os.umask(0o077)
+    try:
+        connection = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=0.2
+        )
+    finally:
+        os.umask(old_umask)
+    return connection, path
+
+
+def restrict_files(path: Path) -> None:
+    """Make the database's files private to the owner (files created by an older version)."""
+    for suffix in ("", "-wal", "-shm"):
+        candidate = Path(f"{path}{suffix}")
+        if candidate.exists():
+            os.chmod(candidate, 0o600)
+
+
 class Database:
     """A SQLite connection shared by the owner's task and a group-commit worker thread; a lock
     serialises every use of it (a transaction or query waits for the one in progress)."""
@@ -117,6 +142,16 @@ class Database:
         self._lock = threading.RLock()
         # a batch run with fold_wal=False erased key material: fold_wal() is due
         self.wal_holds_erased = False
+
+    def _durable_wal(self, what: str) -> None:
+        """WAL mode, an fsync at every commit, freed pages zeroed; KeyStoreError naming
+        ``what`` if SQLite refuses WAL."""
+        db = self._conn
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise KeyStoreError(f"{what} {self.path}: WAL mode refused (got {mode})")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA secure_delete=ON")
 
     def close(self) -> None:
         with self._lock:
