@@ -175,7 +175,10 @@ def test_both_nodes_get_the_same_key_of_the_two_universal_length() -> None:
     )
     # two-universal: no charge, the key is as long as with Toeplitz hashing
     assert stats.final_key_bits == bound == alice.key.shape[0] > 0
-    toeplitz, _ = run_block(emissions, detections, SINGLE_PHOTON, np.random.default_rng(52))
+    toeplitz_params = dataclasses.replace(
+        SINGLE_PHOTON, pa_family=AmplificationFamily.TOEPLITZ_FFT_V1
+    )
+    toeplitz, _ = run_block(emissions, detections, toeplitz_params, np.random.default_rng(52))
     assert isinstance(toeplitz, BlockKey)
     assert toeplitz.statistics == stats
     assert not np.array_equal(toeplitz.key, alice.key)

@@ -176,16 +176,20 @@ def test_property_small_frames(
 
 
 def _naive_permutation(seed: bytes, n: int, pass_index: int) -> list[int]:
-    """The module docstring's specification v2, in plain Python integers, written from the text.
+    """The module docstring's specification v3, in plain Python integers, written from the text.
 
     PCG64 XSL-RR (O'Neill 2014) 32-bit draws (low half of each word first), then Fisher-Yates
-    (Durstenfeld) from the top with masked rejection sampling.
+    (Durstenfeld) of the power-of-two base from the top with masked rejection sampling, then the
+    values below n in their order.
     """
+    size = 1
+    while size < n:
+        size *= 2
     digest = hashlib.sha256(
-        b"qkdnode/cascade/permutation/v2"
+        b"qkdnode/cascade/permutation/v3"
         + seed
         + struct.pack("<I", pass_index)
-        + struct.pack("<Q", n)
+        + struct.pack("<Q", size)
     ).digest()
     state = int.from_bytes(digest[:16], "little")
     inc = int.from_bytes(digest[16:], "little") | 1
@@ -202,19 +206,21 @@ def _naive_permutation(seed: bytes, n: int, pass_index: int) -> list[int]:
             draws.extend([word >> 32, word & 0xFFFFFFFF])  # popped from the end: low first
         return draws.pop()
 
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
+    base = list(range(size))
+    for i in range(size - 1, 0, -1):
         mask = 1
         while mask < i:
             mask = 2 * mask + 1
         j = draw32() & mask
         while j > i:
             j = draw32() & mask
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
+        base[i], base[j] = base[j], base[i]
+    return [value for value in base if value < n]
 
 
-@pytest.mark.parametrize(("n", "pass_index"), [(1, 0), (2, 1), (7, 3), (1000, 0), (4097, 15)])
+@pytest.mark.parametrize(
+    ("n", "pass_index"), [(1, 0), (2, 1), (3, 2), (7, 3), (1000, 0), (1024, 4), (4097, 15)]
+)
 def test_permutation_matches_naive_specification(n: int, pass_index: int) -> None:
     perm = cascade_permutation(SEED, n, pass_index)
     assert perm.dtype == np.int32
@@ -228,41 +234,70 @@ def test_permutation_at_full_size_matches_specification() -> None:
 
 
 def test_python_specification_equals_compiled_path() -> None:
-    state, inc = permutation_module.pcg64_state(SEED, 3000, 5)
-    assert permutation_module._python_permutation(state, inc, 3000) == (
-        cascade_permutation(SEED, 3000, 5).tolist()
-    )
+    state, inc = permutation_module.pcg64_state(SEED, 4096, 5)
+    base = permutation_module._python_permutation(state, inc, 4096)
+    assert base == permutation_module.base_permutation(SEED, 4096, 5).tolist()
+    assert [v for v in base if v < 3000] == cascade_permutation(SEED, 3000, 5).tolist()
 
 
 def test_compiled_permutation_equals_numpy_at_a_million() -> None:
-    # numpy's Generator.permutation with PCG64 implements the same specification
+    # numpy's Generator.permutation with PCG64 implements the same base shuffle
     assert permutation_module.numpy_follows_specification()
+    size = 2**20
     for pass_index in (0, 3):
-        state, inc = permutation_module.pcg64_state(b"\x5a" * 32, 10**6, pass_index)
-        expected = permutation_module._numpy_permutation(state, inc, 10**6)
-        assert np.array_equal(cascade_permutation(b"\x5a" * 32, 10**6, pass_index), expected)
+        state, inc = permutation_module.pcg64_state(b"\x5a" * 32, size, pass_index)
+        expected = permutation_module._numpy_permutation(state, inc, size)
+        assert np.array_equal(
+            cascade_permutation(b"\x5a" * 32, 10**6, pass_index), expected[expected < 10**6]
+        )
 
 
-def test_permutation_is_uniform_on_small_sizes() -> None:
-    # Fisher-Yates with exact rejection: each of the 4! orders equally likely over many seeds
-    # (chi-square, 23 degrees of freedom; 60 is far beyond the 0.9999 quantile, ~50).
+@pytest.mark.parametrize("n", [3, 4])
+def test_permutation_is_uniform_on_small_sizes(n: int) -> None:
+    # Fisher-Yates with exact rejection, restricted from the base of 4: each of the n! orders
+    # equally likely over many seeds (chi-square with n! - 1 degrees of freedom; the bound is
+    # far beyond the 0.9999 quantile, ~21 for 5 and ~50 for 23).
     counts: dict[tuple[int, ...], int] = {}
-    trials = 4800
+    orders = math.factorial(n)
+    trials = 200 * orders
     for t in range(trials):
-        key = tuple(cascade_permutation(t.to_bytes(32, "little"), 4, 0).tolist())
+        key = tuple(cascade_permutation(t.to_bytes(32, "little"), n, 0).tolist())
         counts[key] = counts.get(key, 0) + 1
-    assert len(counts) == 24
-    expected = trials / 24
+    assert len(counts) == orders
+    expected = trials / orders
     chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
-    assert chi2 < 60
+    assert chi2 < (30 if n == 3 else 60)
 
 
-def test_permutations_differ_by_seed_pass_and_size() -> None:
+def test_permutations_differ_by_seed_and_pass_and_restrict_one_base() -> None:
     base = cascade_permutation(SEED, 1000, 1)
     assert not np.array_equal(base, cascade_permutation(SEED, 1000, 2))
     assert not np.array_equal(base, cascade_permutation(b"\x01" + SEED[1:], 1000, 1))
-    assert not np.array_equal(base[:999], cascade_permutation(SEED, 999, 1))
     assert np.array_equal(np.sort(base), np.arange(1000))
+    # lengths within one power of two restrict the same base (what a session's blocks reuse)
+    assert np.array_equal(cascade_permutation(SEED, 999, 1), base[base < 999])
+    full = cascade_permutation(SEED, 1024, 1)
+    assert np.array_equal(full[full < 1000], base)
+    # the next power of two is another base
+    other = cascade_permutation(SEED, 1025, 1)
+    assert not np.array_equal(other[other < 1000], base)
+
+
+def test_base_permutations_are_kept_across_lengths_within_budget() -> None:
+    permutation_module.clear_permutation_cache()
+    seed = bytes(range(32))
+    first = cascade_permutation(seed, 900_000, 0)
+    base = permutation_module.base_permutation(seed, 2**20, 0)
+    assert not base.flags.writeable
+    # another length of the same power of two reuses the kept base, drawing nothing
+    permutation_module.forget_permutations(seed, 900_000)
+    assert np.shares_memory(permutation_module.base_permutation(seed, 2**20, 0), base)
+    assert np.array_equal(cascade_permutation(seed, 950_000, 0), base[base < 950_000])
+    assert np.array_equal(first, base[base < 900_000])
+    # bases above the largest kept size are drawn per use
+    large = permutation_module.BASE_CACHE_MAX_SIZE * 2
+    drawn = permutation_module.base_permutation(seed, large, 0)
+    assert not np.shares_memory(permutation_module.base_permutation(seed, large, 0), drawn)
 
 
 # ------------------------------------------------------------------ variants

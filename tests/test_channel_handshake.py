@@ -16,7 +16,12 @@ from qkdnode.channel.connection import (
     PeerConnection,
 )
 from qkdnode.channel.ledger import HANDSHAKE_KEYS_PER_SLOT, AuthKeyLedger
-from qkdnode.channel.messages import BLOCK_TAG_FAMILIES, PROTOCOL_VERSION, SessionMode
+from qkdnode.channel.messages import (
+    BLOCK_TAG_FAMILIES,
+    CASCADE_PERMUTATIONS,
+    PROTOCOL_VERSION,
+    SessionMode,
+)
 from qkdnode.channel.revocation import parse_revocation_lists
 from qkdnode.errors import (
     AuthenticationFailed,
@@ -26,6 +31,7 @@ from qkdnode.errors import (
     ProtocolError,
     RevocationUnknown,
 )
+from qkdnode.postprocess.cascade import permutation
 from tests import helpers_pki
 from tests.helpers_channel import (
     NAMED_ERRORS,
@@ -335,11 +341,12 @@ def test_every_key_derived_hello_uses_up_its_own_handshake_slot_and_no_pool_bit(
 
 
 @pytest.mark.parametrize("mode", ["psk", "key_derived"])
-def test_a_peer_with_another_block_tag_family_is_refused_by_name(
+def test_a_peer_of_another_protocol_version_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """A Hello of protocol version 3 (GF(2^128) block tags) is refused before anything else,
-    naming both versions and both tag families; a key-derived one uses up no handshake key."""
+    """A Hello of protocol version 3 (GF(2^128) block tags, Cascade permutations v2) is refused
+    before anything else, naming both versions and what each computes; a key-derived one uses
+    up no handshake key."""
     if mode == "psk":
         pair = make_pair("psk")
     else:
@@ -354,10 +361,15 @@ def test_a_peer_with_another_block_tag_family_is_refused_by_name(
     before = None if bob_ledger is None else bob_ledger.state
     error = assert_rejected(pair.bob, hello, ProtocolError)
     assert isinstance(error, ProtocolError) and error.field == "protocol_version"
-    for part in ("version 3", "gf128-polyhash-v1", "version 4", "poly1305-v1"):
+    for part in (
+        "version 3 (block tag gf128-polyhash-v1, Cascade permutations v2)",
+        "version 5 (block tag poly1305-v1, Cascade permutations v3)",
+    ):
         assert part in str(error)
-    # the version names the family the blocks use
+    # the version names the tag family and the permutation specification the blocks use
     assert BLOCK_TAG_FAMILIES[PROTOCOL_VERSION] == wegman_carter.FAMILY == "poly1305-v1"
+    domain = f"qkdnode/cascade/permutation/{CASCADE_PERMUTATIONS[PROTOCOL_VERSION]}".encode()
+    assert domain == permutation.PERMUTATION_DOMAIN
     assert (None if bob_ledger is None else bob_ledger.state) == before
     # the same pair at one version completes
     fresh = make_pair("psk")

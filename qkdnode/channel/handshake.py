@@ -46,9 +46,9 @@ from qkdnode.channel.auth import (
 )
 from qkdnode.channel.ledger import AuthKeyLedger
 from qkdnode.channel.messages import (
-    BLOCK_TAG_FAMILIES,
     DIGEST_BYTES,
     PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
     Finish,
     Hello,
     HelloReply,
@@ -124,15 +124,15 @@ def check_rotation_announce(
 
 
 def check_protocol_version(peer_version: int) -> None:
-    """Raises ``ProtocolError`` (field ``protocol_version``) naming both versions and their
-    block transcript tag families unless the peer speaks this node's version."""
+    """Raises ``ProtocolError`` (field ``protocol_version``) naming both versions and what they
+    compute (block transcript tag family, Cascade permutations) unless the peer speaks this
+    node's version."""
     if peer_version != PROTOCOL_VERSION:
-        theirs = BLOCK_TAG_FAMILIES.get(peer_version, "unknown here")
-        ours = BLOCK_TAG_FAMILIES[PROTOCOL_VERSION]
+        theirs = PROTOCOL_VERSIONS.get(peer_version, "unknown here")
+        ours = PROTOCOL_VERSIONS[PROTOCOL_VERSION]
         raise ProtocolError(
-            f"peer speaks channel protocol version {peer_version} (block tag {theirs}), this "
-            f"node version {PROTOCOL_VERSION} (block tag {ours}): both nodes need the same "
-            "protocol version",
+            f"peer speaks channel protocol version {peer_version} ({theirs}), this node version "
+            f"{PROTOCOL_VERSION} ({ours}): both nodes need the same protocol version",
             field="protocol_version",
         )
 

@@ -23,12 +23,18 @@ import msgpack
 
 from qkdnode.errors import ProtocolError
 
-# The channel protocol version, sent in the Hello; it names the block transcript tag family
-# (``BLOCK_TAG_FAMILIES``), so peers with different families refuse each other by name.
-PROTOCOL_VERSION: Final = 4
+# The channel protocol version, sent in the Hello; it names what both nodes must compute alike
+# (``PROTOCOL_VERSIONS``), so peers that differ refuse each other by name.
+PROTOCOL_VERSION: Final = 5
 # the body of a Control frame, checked against its kind's schema
 ControlBody = Mapping[str, int | float | bool | bytes]
-BLOCK_TAG_FAMILIES: Final = {3: "gf128-polyhash-v1", 4: "poly1305-v1"}
+BLOCK_TAG_FAMILIES: Final = {3: "gf128-polyhash-v1", 4: "poly1305-v1", 5: "poly1305-v1"}
+CASCADE_PERMUTATIONS: Final = {3: "v2", 4: "v2", 5: "v3"}  # ``cascade.permutation``'s specification
+PROTOCOL_VERSIONS: Final = {
+    version: f"block tag {BLOCK_TAG_FAMILIES[version]}, Cascade permutations "
+    f"{CASCADE_PERMUTATIONS[version]}"
+    for version in BLOCK_TAG_FAMILIES
+}
 NONCE_BYTES: Final = 32
 X25519_PUBLIC_BYTES: Final = 32
 MLKEM768_PUBLIC_BYTES: Final = 1184

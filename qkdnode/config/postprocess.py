@@ -61,7 +61,7 @@ def read_postprocess(table: Table) -> PostprocessSection:
         eps_cor=open_interval("eps_cor", 1e-12, 1),
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
         sample_bits=table.integer("sample_bits", 1024, minimum=0),
-        pa_family=table.string("pa_family", "toeplitz-fft-v1", choices=PA_FAMILIES),
+        pa_family=table.string("pa_family", "mersenne-gmp-v1", choices=PA_FAMILIES),
         # at most the channel's limit on open blocks (qkdnode.channel.rules.ChannelConfig)
         blocks_in_flight=table.integer(
             "blocks_in_flight", 1, minimum=1, maximum=MAX_BLOCKS_IN_FLIGHT

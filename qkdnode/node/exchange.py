@@ -84,6 +84,7 @@ from qkdnode.coordination.wire import (
 )
 from qkdnode.errors import QkdError
 from qkdnode.node import rebootstrap
+from qkdnode.postprocess.block_messages import RECONCILIATION_SEED_BYTES
 from qkdnode.postprocess.pipeline import AliceBlock, BlockMessage, BobBlock
 from qkdnode.postprocess.records import AliceRecords, DetectionRecords
 from qkdnode.relay.padwire import RELAY_CONTROL_KINDS
@@ -146,6 +147,9 @@ class Exchange:
         self._roles: dict[int, AliceBlock | BobBlock] = {}
         # each staged block's security statement, reported when the block is done
         self._statements: dict[int, KeySecurityStatement] = {}
+        # Alice's Cascade seed for every block of this session, so blocks reuse their
+        # permutations (``cascade.permutation``); public, never a secret
+        self._reconciliation_seed = os.urandom(RECONCILIATION_SEED_BYTES)
         self.idle = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -392,9 +396,15 @@ class Exchange:
     ) -> tuple[AliceBlock | BobBlock, list[BlockMessage]]:
         """A block's role and its first turn (Bob's; Alice waits for his)."""
         if not isinstance(records, DetectionRecords):
-            return AliceBlock(records, self.node.params, _fresh_rng()), []
-        role = BobBlock(records, self.node.params)
-        return role, role.start()
+            alice = AliceBlock(
+                records,
+                self.node.params,
+                _fresh_rng(),
+                reconciliation_seed=self._reconciliation_seed,
+            )
+            return alice, []
+        bob = BobBlock(records, self.node.params)
+        return bob, bob.start()
 
     def _staged_block(self, effect: StageBlock, statement: KeySecurityStatement) -> StagedBlock:
         stats = effect.key.statistics

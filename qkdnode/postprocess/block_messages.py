@@ -30,7 +30,8 @@ RECONCILIATION_SEED_BYTES: Final = 32
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconciliationSeed:
-    """Alice's fresh seed for the Cascade permutations of this block (public, not a secret)."""
+    """Alice's seed for the Cascade permutations of this block (public, not a secret; a node
+    announces one per session, see ``cascade.permutation``)."""
 
     seed: bytes
 

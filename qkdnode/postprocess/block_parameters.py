@@ -47,7 +47,7 @@ class PipelineParameters:
     sample_bits: int = 1024
     decoy: DecoySettings | None = None
     finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
-    pa_family: AmplificationFamily = AmplificationFamily.TOEPLITZ_FFT_V1
+    pa_family: AmplificationFamily = AmplificationFamily.MERSENNE_GMP_V1
     # Cascade frames of at most this many bits, one after another (0: the whole key in one;
     # ``cascade.frames``): bounds Cascade's memory for large blocks
     cascade_frame_bits: int = 0

@@ -26,7 +26,8 @@ which the decoy bound accounts for on the entropy side, see ``leakage``).
 
 Randomness (sample positions, Cascade seed, verification hash key, amplification seed) is
 Alice's and comes from the injected generator, which the caller must seed from OS entropy for
-every block.
+every block. The Cascade seed may instead be given: the node passes one per session, so blocks
+reuse their Cascade permutations (``cascade.permutation`` says why that is sound).
 
 The messages the pipeline defines are in ``block_messages``; the parameters, the early abort and
 the key length both sides compute in ``block_parameters``; this module holds the two roles.
@@ -72,6 +73,7 @@ from qkdnode.postprocess.cascade import (
     ParityQuery,
 )
 from qkdnode.postprocess.cascade.frames import FramedReconciler, FramedResponder, frame_bounds
+from qkdnode.postprocess.cascade.permutation import check_seed
 from qkdnode.postprocess.estimation import (
     SampleDisclosure,
     SampleOutcome,
@@ -263,11 +265,19 @@ class AliceBlock(_BlockRole):
     role = "alice"
 
     def __init__(
-        self, emissions: AliceRecords, params: PipelineParameters, rng: np.random.Generator
+        self,
+        emissions: AliceRecords,
+        params: PipelineParameters,
+        rng: np.random.Generator,
+        *,
+        reconciliation_seed: bytes | None = None,
     ) -> None:
+        """``reconciliation_seed``: the Cascade seed to announce (32 bytes; the session's), or
+        None to draw a fresh one from ``rng``."""
         super().__init__(params)
         self._emissions = emissions
         self._rng = rng
+        self._given_seed = None if reconciliation_seed is None else check_seed(reconciliation_seed)
         self._state = "await_announcement"
 
     def _receive(self, messages: list[BlockMessage]) -> list[BlockMessage]:
@@ -298,7 +308,7 @@ class AliceBlock(_BlockRole):
             self._sifted.key_bits, sample_bits=sample_bits, rng=self._rng, ledger=self.ledger
         )
         self._key_counts, _ = _remaining_counts(self._sifted, self._disclosure)
-        self._seed = self._rng.bytes(RECONCILIATION_SEED_BYTES)
+        self._seed = self._given_seed or self._rng.bytes(RECONCILIATION_SEED_BYTES)
         self._state = "await_outcome"
         return [reply, self._disclosure, ReconciliationSeed(seed=self._seed)]
 
@@ -610,12 +620,14 @@ def run_block(
     *,
     transcript: Transcript | None = None,
     tamper: Callable[[BlockMessage], BlockMessage] | None = None,
+    reconciliation_seed: bytes | None = None,
 ) -> tuple[BlockOutcome, BlockOutcome]:
     """Run both roles against each other in memory; returns (Alice's, Bob's) outcome.
 
-    ``tamper`` (tests) may replace any message in flight, as a faulty or hostile peer would.
+    ``tamper`` (tests) may replace any message in flight, as a faulty or hostile peer would;
+    ``reconciliation_seed`` is Alice's (``AliceBlock``).
     """
-    alice = AliceBlock(emissions, params, rng)
+    alice = AliceBlock(emissions, params, rng, reconciliation_seed=reconciliation_seed)
     bob = BobBlock(detections, params)
     outgoing: list[BlockMessage] = bob.start()
     sender: _BlockRole = bob

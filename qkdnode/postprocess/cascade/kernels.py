@@ -961,7 +961,7 @@ def pcg64_permutation(
     inc_low: np.uint64,
     n: int,
 ) -> NDArray[np.int32]:
-    """The Fisher-Yates shuffle of ``permutation``'s specification v2, from the 128-bit PCG64
+    """The base Fisher-Yates shuffle of ``permutation``'s specification, from the 128-bit PCG64
     state and increment given as (high, low) 64-bit words: one XSL-RR word per step (state
     advanced first), two 32-bit draws per word (low half first), masked rejection sampling."""
     mult_high = np.uint64(0x2360ED051FC65DA4)

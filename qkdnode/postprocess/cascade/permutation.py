@@ -3,12 +3,13 @@
 Both roles must compute bit-identical permutations, possibly in different implementations, so
 the function is specified here completely, independently of any library.
 
-Specification v2 (``seed``: 32 bytes, ``n`` >= 1 bits, ``pass_index`` >= 0)::
+Specification v3 (``seed``: 32 bytes, ``n`` >= 1 bits, ``pass_index`` >= 0). Let
+``size`` = the smallest power of two >= n. The *base* permutation of (seed, size, pass_index)::
 
-    digest = SHA-256( b"qkdnode/cascade/permutation/v2"
+    digest = SHA-256( b"qkdnode/cascade/permutation/v3"
                       || seed
                       || pass_index as 4 bytes, little-endian unsigned
-                      || n as 8 bytes, little-endian unsigned )
+                      || size as 8 bytes, little-endian unsigned )
     state  = int.from_bytes(digest[0:16],  "little")          # 128-bit PCG state
     inc    = int.from_bytes(digest[16:32], "little") | 1      # 128-bit odd increment
 
@@ -19,37 +20,55 @@ Specification v2 (``seed``: 32 bytes, ``n`` >= 1 bits, ``pass_index`` >= 0)::
 
     32-bit draws: each word gives two draws, its low half first, then its high half.
 
-    Fisher-Yates (Durstenfeld) shuffle of perm = [0, 1, ..., n-1]:
-        for i = n-1 down to 1:
+    Fisher-Yates (Durstenfeld) shuffle of base = [0, 1, ..., size-1]:
+        for i = size-1 down to 1:
             mask = smallest 2**b - 1 >= i
             repeat: j = (next 32-bit draw) AND mask   until j <= i     # rejection: exact
-            swap perm[i], perm[j]
-    (n < 2**31, so every i fits in a 32-bit draw.)
+            swap base[i], base[j]
+    (size <= 2**31, so every i fits in a 32-bit draw.)
+
+The permutation of (seed, n, pass_index) is the base permutation with the values >= n left
+out, in their order: ``perm = [v for v in base if v < n]``.
 
 ``perm[i]`` is the original index of the bit at permuted position ``i``: pass ``pass_index``
-looks at the bits in the order ``bits[perm]``. The rejection sampling makes every one of the n!
-permutations equally likely given a uniform PCG stream (no ties, unlike the v1 sort of 32-bit
-keys). The v1 domain string is not accepted: a peer on v1 fails at verification, never silently.
+looks at the bits in the order ``bits[perm]``. The rejection sampling makes every one of the
+size! base permutations equally likely given a uniform PCG stream, and leaving values out of a
+uniform permutation keeps the relative order of the rest uniform, so every one of the n!
+permutations is equally likely. The v2 domain (one shuffle of exactly n positions) is not
+accepted: peers on different versions are refused at the handshake (the channel protocol
+version names this one).
 
-Implementation: the numba kernel ``kernels.pcg64_permutation`` follows the specification
-directly (128-bit state in two 64-bit words), on int32. It is exactly what numpy's
+Why a base of a power-of-two size: a node's blocks vary in length (whatever sifting leaves), so a
+shuffle of exactly n positions could never be reused. Alice keeps one reconciliation seed per
+session (the seed is public; Cascade's leakage is counted bit by bit and the verification hash,
+keyed after Cascade, catches whatever the passes leave, so a seed known in advance lets an
+attacker at most make a block fail verification, which cutting the channel does anyway). Blocks
+of lengths within one power of two then share their base permutations, and only the cheap
+restriction is computed per block.
+
+Implementation: the numba kernel ``kernels.pcg64_permutation`` follows the base shuffle directly
+(128-bit state in two 64-bit words), on int32. It is exactly what numpy's
 ``Generator.permutation`` does with a ``PCG64`` bit generator (Fisher-Yates with
 ``random_interval`` on buffered 32-bit halves), which the tests use as a second reference with the
 plain-Python specification below; numpy does not promise that stream across versions, the
 kernel does not depend on it.
 
-Cache: drawing a permutation of 10**6 positions costs more than a whole warm Cascade frame, so
-frames with the same seed and length reuse the permutations of every pass. The permutations of
-the last ``PERMUTATION_CACHE_SETS`` (seed, n) pairs used are kept with their inverses (and the
-map between passes 0 and 1 that Bob's weights use) in ``PermutationSet`` objects, least recently
-used first out, within ``PERMUTATION_CACHE_BYTES``; returned arrays are read-only. It is a memo
-of a pure function: the result is the same with or without it. The pipeline draws a fresh seed
-per block, so a node gains nothing from older sets: few are kept, and a node's memory does not
-grow with the blocks it has reconciled.
+Caches (memos of a pure function: results are the same with or without them; returned arrays
+are read-only):
+
+- Base permutations per (seed, size), each pass drawn on first use, the last
+  ``BASE_CACHE_SETS`` pairs used within ``BASE_CACHE_BYTES``, least recently used first out.
+  Bases above ``BASE_CACHE_MAX_SIZE`` are drawn per use and not kept (frames of 2^22 bits, whose
+  drawing is small beside their reconciliation; keeping them would raise a large block's peak).
+- Restricted permutations per (seed, n) with their inverses (and the map between passes 0 and
+  1 that Bob's weights use) in ``PermutationSet`` objects: the last ``PERMUTATION_CACHE_SETS``
+  within ``PERMUTATION_CACHE_BYTES``. A role holds its set while it runs and forgets it when its
+  frame is done (``forget_permutations``), so a node's memory does not grow with its blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import struct
@@ -63,12 +82,18 @@ from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.cascade import kernels
 
 SEED_BYTES: Final = 32
-PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v2"
-MAX_BITS: Final = 2**31 - 1  # permuted positions travel as int32
+PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v3"
+MAX_BITS: Final = 2**31 - 1  # permuted positions travel as int32 (base size <= 2**31)
 
-# Permutations and inverses kept for reuse (module doc): 4 passes of a 10**6-bit frame take 32 MB.
+# Restricted permutations and inverses kept for reuse (module doc): 4 passes of a 10**6-bit frame
+# take 32 MB.
 PERMUTATION_CACHE_BYTES: Final = 160 * 2**20
 PERMUTATION_CACHE_SETS: Final = 2
+# Base permutations kept across blocks (module doc): a 2**20 base of 8 passes, or of 2**21 and 4;
+# larger bases are drawn per use.
+BASE_CACHE_BYTES: Final = 32 * 2**20
+BASE_CACHE_SETS: Final = 2
+BASE_CACHE_MAX_SIZE: Final = 2**21
 # Passes of the largest variant (``CascadeVariant.passes``): the rows a permutation set reserves.
 MAX_PASSES: Final = 16
 
@@ -84,15 +109,28 @@ def check_seed(seed: bytes) -> bytes:
     return bytes(seed)
 
 
-def pcg64_state(seed: bytes, n: int, pass_index: int) -> tuple[int, int]:
-    """The (state, increment) pair of the specification for this pass."""
-    check_seed(seed)
-    if not 1 <= n <= MAX_BITS:
+def check_length(n: int) -> int:
+    """Return ``n`` if it is a valid permutation length, else raise ProtocolError (n_bits)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BITS:
         raise ProtocolError(f"must be in [1, {MAX_BITS}]", field="n_bits")
+    return n
+
+
+def base_size(n: int) -> int:
+    """The size of the base permutation of an ``n``-position permutation: the smallest power
+    of two >= n (module doc)."""
+    return 1 << (check_length(n) - 1).bit_length()
+
+
+def pcg64_state(seed: bytes, size: int, pass_index: int) -> tuple[int, int]:
+    """The (state, increment) pair of the base shuffle of ``size`` positions for this pass."""
+    check_seed(seed)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BITS + 1:
+        raise ProtocolError(f"must be in [1, {MAX_BITS + 1}]", field="n_bits")
     if not 0 <= pass_index < 2**32:
         raise ProtocolError("must be in [0, 2**32)", field="pass_index")
     digest = hashlib.sha256(
-        PERMUTATION_DOMAIN + seed + struct.pack("<I", pass_index) + struct.pack("<Q", n)
+        PERMUTATION_DOMAIN + seed + struct.pack("<I", pass_index) + struct.pack("<Q", size)
     ).digest()
     return int.from_bytes(digest[:16], "little"), int.from_bytes(digest[16:], "little") | 1
 
@@ -112,7 +150,8 @@ def _numpy_permutation(state: int, inc: int, n: int) -> NDArray[np.int32]:
 
 
 def _python_permutation(state: int, inc: int, n: int) -> list[int]:
-    """The specification, literally, in Python integers (the tests' reference)."""
+    """The base shuffle of the specification, literally, in Python integers (the tests'
+    reference)."""
     perm = list(range(n))
     spare: int | None = None
     for i in range(n - 1, 0, -1):
@@ -144,16 +183,68 @@ def numpy_follows_specification() -> bool:
     return True
 
 
-def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
-    state, inc = pcg64_state(seed, n, pass_index)
-    perm: NDArray[np.int32] = kernels.pcg64_permutation(
+def _draw_base(seed: bytes, size: int, pass_index: int) -> NDArray[np.int32]:
+    state, inc = pcg64_state(seed, size, pass_index)
+    base: NDArray[np.int32] = kernels.pcg64_permutation(
         np.uint64(state >> 64),
         np.uint64(state & _MASK64),
         np.uint64(inc >> 64),
         np.uint64(inc & _MASK64),
-        n,
+        size,
     )
-    return perm
+    return base
+
+
+def _restrict(base: NDArray[np.int32], n: int) -> NDArray[np.int32]:
+    """The values of ``base`` below ``n``, in their order (the base itself if it has n)."""
+    if base.shape[0] == n:
+        return base
+    restricted: NDArray[np.int32] = base[base < n]
+    return restricted
+
+
+def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
+    return _restrict(_draw_base(seed, base_size(n), pass_index), n)
+
+
+# (seed, size) -> {pass index: read-only base permutation}, least recently used first
+_base_cache: OrderedDict[tuple[bytes, int], dict[int, NDArray[np.int32]]] = OrderedDict()
+
+
+def base_permutation(seed: bytes, size: int, pass_index: int) -> NDArray[np.int32]:
+    """The base permutation of (seed, size, pass_index), read-only, kept for later blocks if
+    the base cache's budget allows (module doc)."""
+    key = (check_seed(seed), size)
+    rows = _base_cache.get(key)
+    if rows is not None:
+        found = rows.get(pass_index)
+        if found is not None:
+            with contextlib.suppress(KeyError):  # dropped meanwhile by another thread
+                _base_cache.move_to_end(key)
+            return found
+    drawn = _draw_base(seed, size, pass_index)
+    drawn.flags.writeable = False
+    if size <= BASE_CACHE_MAX_SIZE:
+        _base_cache.setdefault(key, {})[pass_index] = drawn
+        _trim_base()
+    return drawn
+
+
+def _trim_base() -> None:
+    """Drop the least recently used base sets until at most BASE_CACHE_SETS remain within
+    BASE_CACHE_BYTES (the most recent one stays)."""
+
+    def set_bytes(item: tuple[tuple[bytes, int], dict[int, NDArray[np.int32]]]) -> int:
+        (_, size), rows = item
+        return size * 4 * len(rows)
+
+    used = sum(set_bytes(item) for item in list(_base_cache.items()))
+    while len(_base_cache) > 1 and (used > BASE_CACHE_BYTES or len(_base_cache) > BASE_CACHE_SETS):
+        try:
+            dropped = _base_cache.popitem(last=False)
+        except KeyError:  # emptied meanwhile
+            break
+        used -= set_bytes(dropped)
 
 
 class PermutationSet:
@@ -166,8 +257,8 @@ class PermutationSet:
 
     def __init__(self, seed: bytes, n: int) -> None:
         self.seed = check_seed(seed)
-        pcg64_state(seed, n, 0)  # validates n
-        self.n = n
+        self.n = check_length(n)
+        self._base_size = base_size(n)
         self.perm_all = np.empty(MAX_PASSES * n, dtype=np.int32)
         self.inverse_all = np.empty(MAX_PASSES * n, dtype=np.int32)
         self._drawn = [False] * MAX_PASSES
@@ -185,7 +276,7 @@ class PermutationSet:
         n = self.n
         row = self.perm_all[pass_index * n : (pass_index + 1) * n]
         if not self._drawn[pass_index]:
-            row[:] = _draw_permutation(self.seed, n, pass_index)
+            row[:] = _restrict(base_permutation(self.seed, self._base_size, pass_index), n)
             self._drawn[pass_index] = True
             _trim()
         return _read_only(row)
@@ -279,5 +370,7 @@ def forget_permutations(seed: bytes, n: int) -> None:
 
 
 def clear_permutation_cache() -> None:
-    """Drop every cached permutation (benchmarks measure the cold path with it)."""
+    """Drop every cached permutation, base and restricted (benchmarks measure the cold path
+    with it)."""
     _cache.clear()
+    _base_cache.clear()
