@@ -283,6 +283,43 @@ def test_permutations_differ_by_seed_and_pass_and_restrict_one_base() -> None:
     assert not np.array_equal(other[other < 1000], base)
 
 
+@pytest.mark.parametrize(("size", "n"), [(1, 1), (8, 8), (8, 5), (1024, 1000), (2**16, 40_001)])
+def test_restriction_kernel_equals_numpy(size: int, n: int) -> None:
+    base = np.random.default_rng(size + n).permutation(size).astype(np.int32)
+    expected = base[base < n]
+    expected_inverse = np.empty(n, dtype=np.int32)
+    expected_inverse[expected] = np.arange(n, dtype=np.int32)
+    perm, inverse = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    permutation_module.restrict_permutation(base, n, perm, inverse)
+    assert np.array_equal(perm, expected) and np.array_equal(inverse, expected_inverse)
+    # without an inverse, and inverting a drawn permutation in place
+    only = np.full(n, -1, np.int32)
+    permutation_module.restrict_permutation(base, n, only, np.empty(0, np.int32))
+    assert np.array_equal(only, expected)
+    inverse_again = np.full(n, -1, np.int32)
+    permutation_module.restrict_permutation(only, n, only, inverse_again)
+    assert np.array_equal(only, expected) and np.array_equal(inverse_again, expected_inverse)
+
+
+def test_cross_map_kernel_equals_numpy() -> None:
+    rng = np.random.default_rng(7)
+    n = 10_007
+    perm0, perm1 = (rng.permutation(n).astype(np.int32) for _ in range(2))
+    inverse0 = np.empty(n, dtype=np.int32)
+    inverse0[perm0] = np.arange(n, dtype=np.int32)
+    expected = np.empty(2 * n, dtype=np.int32)
+    expected[n:] = inverse0[perm1]
+    expected[expected[n:]] = np.arange(n, dtype=np.int32)
+    cross = np.full(2 * n, -1, np.int32)
+    permutation_module.cross_map(inverse0, perm1, cross)
+    assert np.array_equal(cross, expected)
+    # through the set: pass 0's bit at j sits at cross[j] in pass 1, and back
+    sets = permutation_module.permutation_set(SEED, 3000)
+    cross01 = sets.cross01()
+    assert np.array_equal(sets.perm(1)[cross01[:3000]], sets.perm(0))
+    assert np.array_equal(sets.perm(0)[cross01[3000:]], sets.perm(1))
+
+
 def test_base_permutations_are_kept_across_lengths_within_budget() -> None:
     permutation_module.clear_permutation_cache()
     seed = bytes(range(32))

@@ -80,6 +80,7 @@ from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
 from qkdnode.postprocess.cascade import kernels
+from qkdnode.postprocess.jit import kernel
 
 SEED_BYTES: Final = 32
 PERMUTATION_DOMAIN: Final = b"qkdnode/cascade/permutation/v3"
@@ -195,16 +196,44 @@ def _draw_base(seed: bytes, size: int, pass_index: int) -> NDArray[np.int32]:
     return base
 
 
-def _restrict(base: NDArray[np.int32], n: int) -> NDArray[np.int32]:
-    """The values of ``base`` below ``n``, in their order (the base itself if it has n)."""
-    if base.shape[0] == n:
-        return base
-    restricted: NDArray[np.int32] = base[base < n]
-    return restricted
+@kernel
+def restrict_permutation(
+    base: NDArray[np.int32], n: int, perm: NDArray[np.int32], inverse: NDArray[np.int32]
+) -> None:
+    """``perm`` = the values of ``base`` below ``n``, in their order, and ``inverse[perm[i]] =
+    i`` unless ``inverse`` is empty; in one pass. ``perm`` may be ``base`` itself (of n values:
+    the permutation is then only inverted)."""
+    want_inverse = inverse.shape[0] > 0
+    kept = 0
+    for position in range(base.shape[0]):
+        value = base[position]
+        if value < n:
+            perm[kept] = value
+            if want_inverse:
+                inverse[value] = kept
+            kept += 1
+
+
+@kernel
+def cross_map(
+    inverse0: NDArray[np.int32], perm1: NDArray[np.int32], cross: NDArray[np.int32]
+) -> None:
+    """``cross[n + i]`` = the pass-0 position of pass 1's position ``i``, and ``cross[j]`` = the
+    pass-1 position of pass 0's position ``j`` (``PermutationSet.cross01``)."""
+    n = perm1.shape[0]
+    for position in range(n):
+        other = inverse0[perm1[position]]
+        cross[n + position] = other
+        cross[other] = position
+
+
+_NO_INVERSE: Final = np.empty(0, dtype=np.int32)
 
 
 def _draw_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
-    return _restrict(_draw_base(seed, base_size(n), pass_index), n)
+    perm = np.empty(n, dtype=np.int32)
+    restrict_permutation(_draw_base(seed, base_size(n), pass_index), n, perm, _NO_INVERSE)
+    return perm
 
 
 # (seed, size) -> {pass index: read-only base permutation}, least recently used first
@@ -273,32 +302,35 @@ class PermutationSet:
 
     def perm(self, pass_index: int) -> NDArray[np.int32]:
         """The permutation of pass ``pass_index`` (< MAX_PASSES), read-only."""
-        n = self.n
-        row = self.perm_all[pass_index * n : (pass_index + 1) * n]
         if not self._drawn[pass_index]:
-            row[:] = _restrict(base_permutation(self.seed, self._base_size, pass_index), n)
-            self._drawn[pass_index] = True
-            _trim()
-        return _read_only(row)
+            self._fill(pass_index, with_inverse=False)
+        n = self.n
+        return _read_only(self.perm_all[pass_index * n : (pass_index + 1) * n])
 
     def inverse(self, pass_index: int) -> NDArray[np.int32]:
         """``inverse[perm[i]] = i`` for pass ``pass_index``, read-only."""
-        n = self.n
-        row = self.inverse_all[pass_index * n : (pass_index + 1) * n]
         if not self._inverted[pass_index]:
-            row[self.perm(pass_index)] = np.arange(n, dtype=np.int32)
-            self._inverted[pass_index] = True
-            _trim()
-        return _read_only(row)
+            self._fill(pass_index, with_inverse=True)
+        n = self.n
+        return _read_only(self.inverse_all[pass_index * n : (pass_index + 1) * n])
+
+    def _fill(self, pass_index: int, *, with_inverse: bool) -> None:
+        n = self.n
+        row = self.perm_all[pass_index * n : (pass_index + 1) * n]
+        inverse = self.inverse_all[pass_index * n : (pass_index + 1) * n]
+        drawn = self._drawn[pass_index]
+        source = row if drawn else base_permutation(self.seed, self._base_size, pass_index)
+        restrict_permutation(source, n, row, inverse if with_inverse else _NO_INVERSE)
+        self._drawn[pass_index] = True
+        self._inverted[pass_index] = self._inverted[pass_index] or with_inverse
+        _trim()
 
     def cross01(self) -> NDArray[np.int32]:
         """Pass-local position in the other pass of the bit at every position of passes 0 and
         1 (``[0, n)``: pass 0 -> pass 1; ``[n, 2 n)``: pass 1 -> pass 0), read-only."""
         if self._cross is None:
-            n = self.n
-            cross = np.empty(2 * n, dtype=np.int32)
-            cross[n:] = self.inverse(0)[self.perm(1)]
-            cross[cross[n:]] = np.arange(n, dtype=np.int32)
+            cross = np.empty(2 * self.n, dtype=np.int32)
+            cross_map(self.inverse(0), self.perm(1), cross)
             cross.flags.writeable = False
             self._cross = cross
             _trim()
@@ -356,16 +388,16 @@ def cascade_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int3
 def cascade_inverse_permutation(seed: bytes, n: int, pass_index: int) -> NDArray[np.int32]:
     """``inverse[perm[i]] = i``: the permuted position of every original index (read-only)."""
     if not 0 <= pass_index < MAX_PASSES:
-        perm = _draw_permutation(seed, n, pass_index)
-        inverse = np.empty(n, dtype=np.int32)
-        inverse[perm] = np.arange(n, dtype=np.int32)
+        perm, inverse = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int32)
+        restrict_permutation(_draw_base(seed, base_size(n), pass_index), n, perm, inverse)
         return inverse
     return permutation_set(seed, n).inverse(pass_index)
 
 
 def forget_permutations(seed: bytes, n: int) -> None:
-    """Drop the cached set of (seed, n), if any: its frame is done and the seed never recurs
-    (the frames of ``cascade.frames``), so it would only hold memory."""
+    """Drop the cached set of (seed, n), if any: its frame is done and another frame of the
+    same seed and length is unlikely (blocks vary in length), so it would only hold memory. The
+    base permutations stay kept for the session's next blocks."""
     _cache.pop((seed, n), None)
 
 
