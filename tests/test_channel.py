@@ -217,6 +217,27 @@ def test_ledger_deposit_takes_only_what_reaches_target_and_draw_respects_reserve
         assert key[:8].hex() not in text and "pool=" not in text
 
 
+def test_draw_many_takes_consecutive_keys_in_one_reported_draw() -> None:
+    records: list[DrawRecord] = []
+    ledger = AuthKeyLedger(target_bits=1024, reserve_bits=256, observer=records.append)
+    key = bytes(range(128))
+    ledger.deposit(key, mark_consumed_bits=0)
+    ledger.draw(64, "first")
+    keys = ledger.draw_many([128, 256, 64], "block keys")
+    assert keys == [key[8:24], key[24:56], key[56:64]]
+    # one write-ahead for the three keys: one record covering them, after the first draw
+    assert records == [
+        DrawRecord(offset_bits=0, nbits=64, purpose="first"),
+        DrawRecord(offset_bits=64, nbits=448, purpose="block keys"),
+    ]
+    before = ledger.state
+    with pytest.raises(AuthKeyExhausted, match="needs 512 bits"):
+        ledger.draw_many([256, 256], "block keys")  # 512 > 512 - 256 reserve
+    with pytest.raises(ValueError):
+        ledger.draw_many([8, 12], "block keys")  # not whole bytes: nothing is drawn
+    assert ledger.state == before and len(records) == 2
+
+
 def test_a_ledger_advanced_past_its_deposits_burns_them_as_they_arrive() -> None:
     """Bob has only staged the block Alice committed and drew from: the handshake moves him to
     her offset all the same, and the limbo commit's deposit leaves both with the same bits."""

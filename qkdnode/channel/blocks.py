@@ -93,9 +93,11 @@ def key_derived_block(
     ledger: AuthKeyLedger,
     tag_forgery_bound: float,
 ) -> OpenBlock:
-    """A block keyed by six keys drawn now from the pool (sizes and order of ``BLOCK_DRAWS``);
+    """A block keyed by six keys drawn now from the pool in one draw (one write-ahead; sizes
+    and order of ``BLOCK_DRAWS``);
     records its two one-time transcript tags, each with ``tag_forgery_bound``, in the ledger."""
-    keys = {name: ledger.draw(bits, f"block {name}") for name, bits in BLOCK_DRAWS}
+    drawn = ledger.draw_many([bits for _, bits in BLOCK_DRAWS], "block keys")
+    keys = {name: key for (name, _), key in zip(BLOCK_DRAWS, drawn, strict=True)}
     ledger.record_tags(2, tag_forgery_bound)
     mine, theirs = ("a2b", "b2a") if role is Role.ALICE else ("b2a", "a2b")
     return OpenBlock(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Final
 
@@ -341,19 +341,33 @@ class AuthKeyLedger:
 
     def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
         """Consume ``nbits`` fresh bits; ``AuthKeyExhausted`` (state untouched) if unaffordable."""
-        self._check_size(nbits)
-        if not self.can_pay(nbits, allow_reserve=allow_reserve):
+        return self.draw_many((nbits,), purpose, allow_reserve=allow_reserve)[0]
+
+    def draw_many(
+        self, sizes_bits: Sequence[int], purpose: str, *, allow_reserve: bool = False
+    ) -> list[bytes]:
+        """Consume consecutive keys of ``sizes_bits`` bits in one step, reported to the observer
+        as one draw (one write-ahead for all of them); ``AuthKeyExhausted`` (state untouched)
+        if their total is unaffordable."""
+        for nbits in sizes_bits:
+            self._check_size(nbits)
+        total_bits = sum(sizes_bits)
+        if not self.can_pay(total_bits, allow_reserve=allow_reserve):
             raise AuthKeyExhausted(
-                f"{purpose}: needs {nbits} bits, level {self.level_bits}, "
+                f"{purpose}: needs {total_bits} bits, level {self.level_bits}, "
                 f"reserve {self._state.reserve_bits}"
             )
         s = self._state
-        nbytes = nbits // 8
-        out = s.pool[:nbytes]
-        self._state = replace(s, pool=s.pool[nbytes:], consumed_bits=s.consumed_bits + nbits)
+        keys, start = [], 0
+        for nbits in sizes_bits:
+            keys.append(s.pool[start : start + nbits // 8])
+            start += nbits // 8
+        self._state = replace(s, pool=s.pool[start:], consumed_bits=s.consumed_bits + total_bits)
         if self.observer is not None:
-            self.observer(DrawRecord(offset_bits=s.consumed_bits, nbits=nbits, purpose=purpose))
-        return out
+            self.observer(
+                DrawRecord(offset_bits=s.consumed_bits, nbits=total_bits, purpose=purpose)
+            )
+        return keys
 
     def advance_to(self, offset_bits: int, *, tags_issued: int, forgery_bound: float) -> None:
         """Burn everything before ``offset_bits`` and raise the counters to at least the given.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -378,11 +378,15 @@ class RecordingLedger(AuthKeyLedger):
         self.stream += key[: (self.state.deposited_bits - before_bits) // 8]
         return taken
 
-    def draw(self, nbits: int, purpose: str, *, allow_reserve: bool = False) -> bytes:
+    def draw_many(
+        self, sizes_bits: Sequence[int], purpose: str, *, allow_reserve: bool = False
+    ) -> list[bytes]:
         offset = self.consumed_bits
-        out = super().draw(nbits, purpose, allow_reserve=allow_reserve)
-        self.drawn.append((offset, out))
-        return out
+        keys = super().draw_many(sizes_bits, purpose, allow_reserve=allow_reserve)
+        for key in keys:  # ``draw`` comes here too
+            self.drawn.append((offset, key))
+            offset += len(key) * 8
+        return keys
 
 
 def ledger_pair(
