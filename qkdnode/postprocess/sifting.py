@@ -16,8 +16,8 @@ Alice never sends her basis or any bit value here: the match bit is all Bob need
 Alice's records may be dense (``EmissionRecords``, indexed at the announced offsets) or an
 ``EmissionLookup`` that gives the records of the announced pulses alone, chunk by chunk (large
 blocks: ``qkdnode.link.physics.RedrawnEmissions``, ``records.DetectedEmissionRecords``); the
-reply and the sifted block are the same either way. The announcement's gaps are coded in runs
-of ``bitpack.GAP_CHUNK`` offsets, so its temporaries stay small beside the offsets themselves.
+reply and the sifted block are the same either way. The announcement's gaps are coded by
+compiled kernels with no temporary array beside the offsets themselves.
 
 Blocks of at least ``KERNEL_MIN_DETECTIONS`` detections are split by the numba kernels of
 ``qkdnode.postprocess.kernels`` (one pass instead of several gathers and masks, about 1.5x
