@@ -85,6 +85,33 @@ def test_kernel_sifting_equals_numpy_sifting(
     assert alice.key_length == bob.key_length and alice.test_length == bob.test_length
 
 
+@settings(max_examples=100, derandomize=True, deadline=None)
+@given(
+    pulses=st.integers(min_value=1, max_value=5_000),
+    fraction=st.floats(min_value=0.0, max_value=1.0),
+    p_test=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    data_seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_kernel_sifting_of_detected_records_equals_numpy_sifting(
+    pulses: int, fraction: float, p_test: float, data_seed: int
+) -> None:
+    emissions, detected = _records(data_seed, pulses, int(pulses * fraction), p_test)
+    offsets = detected.pulse_index - detected.first_pulse_index
+    lookup = DetectedEmissionRecords(
+        first_pulse_index=emissions.first_pulse_index,
+        pulse_count=emissions.pulse_count,
+        offset=offsets,
+        bit=emissions.bit[offsets],
+        basis=emissions.basis[offsets],
+        intensity=emissions.intensity[offsets],
+    )
+    reply, alice, bob = _sift(lookup, detected, threshold=0)
+    expected_reply, expected_alice, expected_bob = _sift(emissions, detected, threshold=2**62)
+    assert reply == expected_reply
+    _assert_same(alice, expected_alice)
+    _assert_same(bob, expected_bob)
+
+
 def test_large_block_uses_the_kernels_and_matches_numpy() -> None:
     emissions, detected = _records(7, 3 * 2**21, sifting.KERNEL_MIN_DETECTIONS, 0.1)
     reply, alice, bob = _sift(emissions, detected, threshold=sifting.KERNEL_MIN_DETECTIONS)

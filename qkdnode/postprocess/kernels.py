@@ -81,15 +81,16 @@ def sift_alice_split(
 
 
 @kernel
-def sift_bob_split(
+def split_matched(
     match: NDArray[np.uint8],
     bits: NDArray[np.uint8],
     basis: NDArray[np.uint8],
     intensity: NDArray[np.uint8],
     key_basis: int,
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8], NDArray[np.uint8], NDArray[np.uint8]]:
-    """Bob's sifting: his matched detections split by basis, in pulse order, with the
-    intensities of the reply (one per matched detection). Returns (key bits, key intensities,
+    """The matched detections split by basis, in pulse order: ``bits`` and ``basis`` hold one
+    entry per detection, ``intensity`` one per matched detection (Bob's from the reply,
+    Alice's from her records of the announced pulses). Returns (key bits, key intensities,
     test bits, test intensities)."""
     keys = 0
     matched = 0

@@ -266,7 +266,18 @@ def sift_alice(
         match = alice_basis == bob_basis
         intensity = alice_intensity[match]
         match_bits = match.view(np.uint8)
-        sifted = _split(alice_bit[match], intensity, bob_basis[match])
+        if match_bits.shape[0] >= KERNEL_MIN_DETECTIONS:
+            key_bits, key_intensity, test_bits, test_intensity = kernels.split_matched(
+                match_bits, alice_bit, bob_basis, intensity, BASIS_KEY
+            )
+            sifted = SiftedBlock(
+                key_bits=key_bits,
+                key_intensity=key_intensity,
+                test_bits=test_bits,
+                test_intensity=test_intensity,
+            )
+        else:
+            sifted = _split(alice_bit[match], intensity, bob_basis[match])
     elif offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
         match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
             kernels.sift_alice_split(
@@ -307,7 +318,7 @@ def sift_bob(detections: DetectionRecords, reply: SiftReply) -> SiftedBlock:
     if reply.detection_count != detections.detection_count:
         raise ProtocolError("does not match the announced detections", field="detection_count")
     if detections.detection_count >= KERNEL_MIN_DETECTIONS:
-        key_bits, key_intensity, test_bits, test_intensity = kernels.sift_bob_split(
+        key_bits, key_intensity, test_bits, test_intensity = kernels.split_matched(
             reply.match_bits(),
             detections.bit,
             detections.basis,
