@@ -227,6 +227,19 @@ def test_gap_encoding_cannot_express_unsorted_or_duplicate_indices() -> None:
     assert offsets.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("indices", [[3, 3], [5, 4], [2, 7, 6, 9]])
+def test_detections_out_of_order_are_rejected(indices: list[int]) -> None:
+    with pytest.raises(ProtocolError, match="strictly increasing") as info:
+        DetectionRecords(
+            first_pulse_index=0,
+            pulse_count=10,
+            pulse_index=np.array(indices, dtype=np.int64),
+            basis=np.zeros(len(indices), dtype=np.uint8),
+            bit=np.zeros(len(indices), dtype=np.uint8),
+        )
+    assert info.value.field == "pulse_index"
+
+
 def test_announcement_for_another_block_is_rejected_by_alice() -> None:
     emissions, detections, _ = good_announcement()
     shifted = DetectionRecords(

@@ -115,7 +115,9 @@ class DetectionRecords:
                 or int(self.pulse_index[-1]) >= end
             ):
                 raise ProtocolError("outside the block's pulse range", field="pulse_index")
-            if count > 1 and not bool(np.all(np.diff(self.pulse_index) > 0)):
+            # compared in place: no int64 array of differences beside the indices
+            index = self.pulse_index
+            if count > 1 and not bool(np.all(index[1:] > index[:-1])):
                 raise ProtocolError("must be strictly increasing", field="pulse_index")
 
     @property
