@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess import pipeline
 from qkdnode.postprocess.amplification import ToeplitzSeed
 from qkdnode.postprocess.amplification_mersenne import AmplificationSeed
 from qkdnode.postprocess.cascade import CascadeVariant, ParityAnswer, permutation
-from qkdnode.postprocess.estimation import SampleDisclosure
+from qkdnode.postprocess.estimation import SampleDisclosure, disclose_key_sample
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
     DEFAULT_FINITE_KEY_ANALYSIS,
@@ -23,6 +24,7 @@ from qkdnode.postprocess.finitekey import (
     decoy_key_length_for,
     tomamichel_key_length,
 )
+from qkdnode.postprocess.leakage import LeakageLedger
 from qkdnode.postprocess.pipeline import (
     BlockKey,
     BlockMessage,
@@ -35,6 +37,7 @@ from qkdnode.postprocess.pipeline import (
     run_block,
 )
 from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.sifting import SiftedBlock
 from qkdnode.postprocess.verification import VerificationTag
 from tests.helpers_blocks import DECOY, SECURITY, SINGLE_PHOTON, make_block
 
@@ -359,3 +362,23 @@ def test_outcomes_are_equal_keys_or_aborts_on_both_sides(
         _assert_same_key(alice, bob)
     else:
         assert alice.reason is bob.reason or AbortReason.PEER_ABORTED in (alice.reason, bob.reason)
+
+
+@pytest.mark.parametrize("sample_bits", [0, 1, 700, 5_000])
+def test_remaining_key_counts_leave_out_exactly_the_disclosed_sample(sample_bits: int) -> None:
+    rng = np.random.default_rng(sample_bits)
+    intensity = rng.integers(0, 3, 5_000, dtype=np.uint8)
+    none = np.zeros(0, dtype=np.uint8)
+    sifted = SiftedBlock(
+        key_bits=rng.integers(0, 2, 5_000, dtype=np.uint8),
+        key_intensity=intensity,
+        test_bits=none,
+        test_intensity=none,
+    )
+    disclosure, _ = disclose_key_sample(
+        sifted.key_bits, sample_bits=sample_bits, rng=rng, ledger=LeakageLedger()
+    )
+    keep = np.ones(5_000, dtype=np.bool_)
+    keep[disclosure.sample_positions()] = False
+    expected = np.bincount(intensity[keep], minlength=3)
+    assert pipeline._remaining_key_counts(sifted, disclosure) == tuple(expected.tolist())

@@ -227,6 +227,19 @@ def test_gap_encoding_cannot_express_unsorted_or_duplicate_indices() -> None:
     assert offsets.tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("indices", [[3, 3], [5, 4], [2, 7, 6, 9]])
+def test_detections_out_of_order_are_rejected(indices: list[int]) -> None:
+    with pytest.raises(ProtocolError, match="strictly increasing") as info:
+        DetectionRecords(
+            first_pulse_index=0,
+            pulse_count=10,
+            pulse_index=np.array(indices, dtype=np.int64),
+            basis=np.zeros(len(indices), dtype=np.uint8),
+            bit=np.zeros(len(indices), dtype=np.uint8),
+        )
+    assert info.value.field == "pulse_index"
+
+
 def test_announcement_for_another_block_is_rejected_by_alice() -> None:
     emissions, detections, _ = good_announcement()
     shifted = DetectionRecords(
@@ -304,18 +317,20 @@ def test_unpack_bits_rejects_nonzero_padding_and_wrong_length() -> None:
         bitpack.unpack_bits(b"\x00\x00", 3, field="x")
 
 
-@given(st.lists(st.integers(0, 2**63 - 1), max_size=50))
-def test_varints_round_trip_and_match_leb128(values: list[int]) -> None:
-    data = bitpack.encode_varints(np.array(values, dtype=np.uint64))
+@given(st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=50))
+def test_gaps_are_leb128_varints(values: list[int]) -> None:
+    offsets = sorted(set(values))
+    data = bitpack.encode_gaps(np.array(offsets, dtype=np.int64))
     expected = bytearray()
-    for value in values:  # naive LEB128
+    for previous, offset in zip([-1, *offsets[:-1]], offsets, strict=True):  # naive LEB128 gaps
+        value = offset - previous - 1
         while True:
             group, value = value & 0x7F, value >> 7
             expected.append(group | (0x80 if value else 0))
             if not value:
                 break
     assert data == bytes(expected)
-    assert bitpack.decode_varints(data, len(values), field="x").tolist() == values
+    assert bitpack.decode_gaps(data, len(offsets), 2**63, field="x").tolist() == offsets
 
 
 @given(st.lists(st.integers(0, 3), max_size=60))
@@ -335,14 +350,13 @@ def test_labels_round_trip(values: list[int]) -> None:
         (b"\x01", 0, "no data"),
     ],
 )
-def test_decode_varints_rejects_malformed_data(data: bytes, count: int, message: str) -> None:
+def test_decode_gaps_rejects_malformed_varints(data: bytes, count: int, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
-        bitpack.decode_varints(data, count, field="x")
+        bitpack.decode_gaps(data, count, 2**63, field="x")
 
 
 def test_decode_gaps_rejects_sums_that_would_wrap() -> None:
     # Each gap is below the limit, but their running sum overflows 64 bits.
-    huge = 2**62
-    data = bitpack.encode_varints(np.array([huge] * 5, dtype=np.uint64))
+    huge = bytes([0x80] * 8 + [0x40])  # the varint of 2**62
     with pytest.raises(ProtocolError, match="below"):
-        bitpack.decode_gaps(data, 5, 2**63 - 1, field="x")
+        bitpack.decode_gaps(huge * 5, 5, 2**63 - 1, field="x")

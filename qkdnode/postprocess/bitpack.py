@@ -24,13 +24,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess import bitpack_kernels
 
 Bits = NDArray[np.uint8]
-
-# 9 varint bytes carry 63 bits: every value fits in int64, so offsets never wrap.
-_MAX_VARINT_BYTES: Final = 9
-# Gap coding works through this many offsets (encoding) or varint bytes (decoding) at a time.
-GAP_CHUNK: Final = 1 << 20
 
 
 def check_bits(bits: NDArray[np.uint8], *, field: str) -> None:
@@ -53,6 +49,13 @@ def pack_bits(bits: Bits) -> bytes:
 
 def unpack_bits(data: bytes, bit_count: int, *, field: str) -> Bits:
     """Inverse of :func:`pack_bits`; checks the byte length and that padding bits are zero."""
+    return np.unpackbits(
+        _packed_bytes(data, bit_count, field=field), count=bit_count, bitorder="little"
+    )
+
+
+def _packed_bytes(data: bytes, bit_count: int, *, field: str) -> Bits:
+    """``data`` as a uint8 array after checking it holds exactly ``bit_count`` packed bits."""
     if not isinstance(data, bytes):
         raise ProtocolError("expected bytes", field=field)
     if bit_count < 0:
@@ -66,144 +69,69 @@ def unpack_bits(data: bytes, bit_count: int, *, field: str) -> Bits:
     spare = len(data) * 8 - bit_count
     if spare and int(raw[-1]) >> (8 - spare):
         raise ProtocolError("padding bits of the last byte must be zero", field=field)
-    return np.unpackbits(raw, count=bit_count, bitorder="little")
+    return raw
 
 
 def pack_labels(values: NDArray[np.uint8], width: int) -> bytes:
-    """Pack small unsigned labels (each < 2**width) ``width`` bits each, LSB first."""
-    shifts = np.arange(width, dtype=np.uint8)
-    bits = ((values[:, None] >> shifts) & 1).astype(np.uint8).ravel()
-    return pack_bits(bits)
+    """Pack the low ``width`` bits (1..8) of each label, LSB first (module docstring)."""
+    if not 1 <= width <= 8:
+        raise ValueError("label width must be 1..8 bits")
+    packed = np.empty(packed_length(values.shape[0] * width), dtype=np.uint8)
+    bitpack_kernels.pack_label_bits(values, width, packed)
+    return packed.tobytes()
 
 
 def unpack_labels(data: bytes, count: int, width: int, limit: int, *, field: str) -> Bits:
     """Inverse of :func:`pack_labels`; every label must be below ``limit``."""
-    bits = unpack_bits(data, count * width, field=field).reshape(count, width)
-    weights = (1 << np.arange(width, dtype=np.uint8)).astype(np.uint8)
-    values: Bits = (bits * weights).sum(axis=1, dtype=np.uint8)
-    if values.size and int(values.max()) >= limit:
+    if not 1 <= width <= 8:
+        raise ValueError("label width must be 1..8 bits")
+    raw = _packed_bytes(data, count * width, field=field)
+    values = np.empty(count, dtype=np.uint8)
+    largest = bitpack_kernels.unpack_label_bits(raw, width, values)
+    if count and largest >= limit:
         raise ProtocolError(f"labels must be below {limit}", field=field)
-    return values
-
-
-def encode_varints(values: NDArray[np.uint64]) -> bytes:
-    """Encode non-negative integers (< 2**63) as concatenated unsigned LEB128 varints."""
-    if values.size == 0:
-        return b""
-    values = values.astype(np.uint64, copy=False)
-    lengths = np.ones(values.shape[0], dtype=np.int64)
-    for k in range(1, _MAX_VARINT_BYTES + 1):
-        lengths += values >= np.uint64(1 << (7 * k))
-    if int(lengths.max()) > _MAX_VARINT_BYTES:
-        raise ValueError("varint values must be below 2**63")
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    for k in range(int(lengths.max())):
-        if k == 0:
-            sel_values, sel_lengths, sel_starts = values, lengths, starts
-        else:
-            sel = np.flatnonzero(lengths > k)
-            sel_values, sel_lengths, sel_starts = values[sel], lengths[sel], starts[sel]
-        group = ((sel_values >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        group |= (sel_lengths > k + 1).astype(np.uint8) << 7
-        out[sel_starts + k] = group
-    return out.tobytes()
-
-
-def decode_varints(data: bytes, count: int, *, field: str) -> NDArray[np.uint64]:
-    """Decode exactly ``count`` canonical LEB128 varints filling ``data``, each < 2**63."""
-    if not isinstance(data, bytes):
-        raise ProtocolError("expected bytes", field=field)
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if count == 0:
-        if raw.size:
-            raise ProtocolError("expected no data for zero values", field=field)
-        return np.zeros(0, dtype=np.uint64)
-    ends = np.flatnonzero(raw < 0x80)
-    if ends.size != count or int(ends[-1]) != raw.size - 1:
-        raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    longest = int(lengths.max())
-    if longest > _MAX_VARINT_BYTES:
-        raise ProtocolError("varint longer than 9 bytes", field=field)
-    if longest > 1 and bool(np.any((lengths > 1) & (raw[ends] == 0))):
-        raise ProtocolError("non-canonical varint (trailing zero group)", field=field)
-    values = (raw[starts] & 0x7F).astype(np.uint64)
-    for k in range(1, longest):
-        sel = np.flatnonzero(lengths > k)
-        values[sel] |= (raw[starts[sel] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
     return values
 
 
 def encode_gaps(offsets: NDArray[np.int64]) -> bytes:
     """Encode strictly increasing non-negative offsets as varint gaps (module docstring).
 
-    Works through ``GAP_CHUNK`` offsets at a time (a large block announces 10^7 detections):
-    varints are self-delimiting, so the bytes are those of the whole array at once."""
-    if offsets.size == 0:
-        return b""
-    parts = []
-    previous = -1
-    for start in range(0, offsets.shape[0], GAP_CHUNK):
-        chunk = offsets[start : start + GAP_CHUNK]
-        gaps = np.diff(chunk, prepend=np.int64(previous)) - 1
-        if int(gaps.min()) < 0:
-            raise ValueError("offsets must be non-negative and strictly increasing")
-        parts.append(encode_varints(gaps.astype(np.uint64)))
-        previous = int(chunk[-1])
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    Raises ValueError for negative or not strictly increasing offsets."""
+    coded, increasing = bitpack_kernels.encode_gap_varints(offsets.astype(np.int64, copy=False))
+    if not increasing:
+        raise ValueError("offsets must be non-negative and strictly increasing")
+    data: bytes = coded.tobytes()
+    return data
+
+
+# ProtocolError messages of the decode_gap_varints statuses.
+_GAP_ERRORS: Final = {
+    bitpack_kernels.GAPS_OVERLONG: "varint longer than 9 bytes",
+    bitpack_kernels.GAPS_NON_CANONICAL: "non-canonical varint (trailing zero group)",
+}
 
 
 def decode_gaps(data: bytes, count: int, limit: int, *, field: str) -> NDArray[np.int64]:
     """Decode ``count`` strictly increasing offsets, every one in ``[0, limit)``.
 
-    More than ``GAP_CHUNK`` offsets are decoded ``GAP_CHUNK`` bytes of varints at a time, so
-    the temporary arrays stay small beside the result."""
-    if count <= GAP_CHUNK:
-        return _decode_gap_run(data, count, limit, field=field)
+    ``data`` must be exactly ``count`` canonical varints (module docstring), each at most 9
+    bytes; offsets are int64, so a ``limit`` above 2**63 allows no more than 2**63."""
     if not isinstance(data, bytes):
         raise ProtocolError("expected bytes", field=field)
-    raw = np.frombuffer(data, dtype=np.uint8)
-    out = np.empty(count, dtype=np.int64)
-    filled = 0
-    position = 0
-    after = 0  # the offset after the last one decoded: where the next gap counts from
-    while position < raw.shape[0]:
-        window = raw[position : position + GAP_CHUNK]
-        terminators = np.flatnonzero(window < 0x80)
-        if terminators.size == 0 or filled + terminators.size > count:
-            raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
-        cut = int(terminators[-1]) + 1
-        offsets = _decode_gap_run(
-            window[:cut].tobytes(), int(terminators.size), limit - after, field=field
-        )
-        out[filled : filled + offsets.shape[0]] = offsets
-        out[filled : filled + offsets.shape[0]] += after
-        filled += offsets.shape[0]
-        after = int(out[filled - 1]) + 1
-        position += cut
-    if filled != count:
+    if count == 0 and data:
+        raise ProtocolError("expected no data for zero values", field=field)
+    # every varint takes a byte at least: no array for more values than there are bytes
+    if not 0 <= count <= len(data):
         raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
-    return out
-
-
-def _decode_gap_run(data: bytes, count: int, limit: int, *, field: str) -> NDArray[np.int64]:
-    gaps = decode_varints(data, count, field=field)
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    # Each gap below limit keeps every step <= 2**63; a wrap of the uint64 running sum would
-    # show as a decrease, which is checked only when the sum could overflow at all.
-    if int(gaps.max()) >= limit:
+    max_offset = max(min(limit, 1 << 63) - 1, -1)
+    offsets = np.empty(count, dtype=np.int64)
+    status = bitpack_kernels.decode_gap_varints(
+        np.frombuffer(data, dtype=np.uint8), max_offset, offsets
+    )
+    if status == bitpack_kernels.GAPS_WRONG_COUNT:
+        raise ProtocolError(f"expected exactly {count} varints filling the data", field=field)
+    if status == bitpack_kernels.GAPS_OUT_OF_RANGE:
         raise ProtocolError(f"offsets must be below {limit}", field=field)
-    steps = gaps + np.uint64(1)
-    ends = np.cumsum(steps, dtype=np.uint64)
-    if count * limit >= 1 << 64 and count > 1 and bool(np.any(ends[1:] <= ends[:-1])):
-        raise ProtocolError(f"offsets must be below {limit}", field=field)
-    if int(ends[-1]) > limit:
-        raise ProtocolError(f"offsets must be below {limit}", field=field)
-    ends -= np.uint64(1)
-    return ends.astype(np.int64)
+    if status != bitpack_kernels.GAPS_OK:
+        raise ProtocolError(_GAP_ERRORS[status], field=field)
+    return offsets

@@ -7,10 +7,17 @@ for bit (checked against the numpy formulation in the tests).
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 from numpy.typing import NDArray
 
-from qkdnode.postprocess.jit import kernel
+from qkdnode.postprocess.jit import helper, kernel
+
+# Statuses of gather_records_at.
+RECORDS_FOUND: Final = 0
+RECORDS_NOT_INCREASING: Final = 1  # the offsets asked for are not strictly increasing
+RECORDS_MISSING: Final = 2  # an offset asked for has no record
 
 
 @kernel
@@ -74,15 +81,16 @@ def sift_alice_split(
 
 
 @kernel
-def sift_bob_split(
+def split_matched(
     match: NDArray[np.uint8],
     bits: NDArray[np.uint8],
     basis: NDArray[np.uint8],
     intensity: NDArray[np.uint8],
     key_basis: int,
 ) -> tuple[NDArray[np.uint8], NDArray[np.uint8], NDArray[np.uint8], NDArray[np.uint8]]:
-    """Bob's sifting: his matched detections split by basis, in pulse order, with the
-    intensities of the reply (one per matched detection). Returns (key bits, key intensities,
+    """The matched detections split by basis, in pulse order: ``bits`` and ``basis`` hold one
+    entry per detection, ``intensity`` one per matched detection (Bob's from the reply,
+    Alice's from her records of the announced pulses). Returns (key bits, key intensities,
     test bits, test intensities)."""
     keys = 0
     matched = 0
@@ -129,3 +137,59 @@ def remove_sorted_positions(
             out[k] = bits[i]
             k += 1
     return out
+
+
+@helper
+def _first_at_least(values: NDArray[np.int64], start: int, target: int) -> int:
+    """The first index ``>= start`` of sorted ``values`` holding at least ``target`` (or the
+    length): a galloping search, O(1) when it is ``start`` and O(log d) for a distance d."""
+    end: int = values.shape[0]
+    if start >= end or values[start] >= target:
+        return start
+    below = start  # values[below] < target
+    step = 1
+    above = start + 1
+    while above < end and values[above] < target:
+        below = above
+        step *= 2
+        above = below + step
+    above = min(above, end)  # above == end or values[above] >= target
+    while above - below > 1:
+        middle = (below + above) // 2
+        if values[middle] < target:
+            below = middle
+        else:
+            above = middle
+    return above
+
+
+@kernel
+def gather_records_at(
+    record_offsets: NDArray[np.int64],
+    bit: NDArray[np.uint8],
+    basis: NDArray[np.uint8],
+    intensity: NDArray[np.uint8],
+    offsets: NDArray[np.int64],
+    found: NDArray[np.uint8],
+) -> int:
+    """Fill ``found`` (shape (3, len(offsets))) with the ``bit``, ``basis`` and ``intensity``
+    records at ``offsets``, looked up in the sorted ``record_offsets`` by one forward walk (the
+    offsets asked for are sorted too).
+
+    Returns RECORDS_FOUND, or RECORDS_NOT_INCREASING if ``offsets`` are not strictly increasing
+    (checked over all of them first), else RECORDS_MISSING if one has no record.
+    """
+    missing = False
+    at = 0
+    for i in range(offsets.shape[0]):
+        offset = offsets[i]
+        if i and offset <= offsets[i - 1]:
+            return RECORDS_NOT_INCREASING
+        at = _first_at_least(record_offsets, at, offset)
+        if at == record_offsets.shape[0] or record_offsets[at] != offset:
+            missing = True
+            continue
+        found[0, i] = bit[at]
+        found[1, i] = basis[at]
+        found[2, i] = intensity[at]
+    return RECORDS_MISSING if missing else RECORDS_FOUND

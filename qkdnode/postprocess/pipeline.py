@@ -194,14 +194,15 @@ def _query_ranges(query: ParityQuery) -> int:
     return len(query.ranges) // RANGE_TRIPLE_BYTES
 
 
-def _remaining_counts(
+def _remaining_key_counts(
     sifted: SiftedBlock, disclosure: SampleDisclosure
-) -> tuple[tuple[int, int, int], int]:
-    keep = np.ones(sifted.key_length, dtype=bool)
-    keep[disclosure.sample_positions()] = False
-    labels = sifted.key_intensity[keep]
-    counts = np.bincount(labels, minlength=3)
-    return (int(counts[0]), int(counts[1]), int(counts[2])), int(keep.sum())
+) -> tuple[int, int, int]:
+    """Key-basis detections per intensity class left after the disclosed sample."""
+    # the sampled positions are distinct and in range: their counts come off the whole key's
+    counts = np.bincount(sifted.key_intensity, minlength=3) - np.bincount(
+        sifted.key_intensity[disclosure.sample_positions()], minlength=3
+    )
+    return int(counts[0]), int(counts[1]), int(counts[2])
 
 
 # ---- the roles --------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ class AliceBlock(_BlockRole):
         self._disclosure, self._key = disclose_key_sample(
             self._sifted.key_bits, sample_bits=sample_bits, rng=self._rng, ledger=self.ledger
         )
-        self._key_counts, _ = _remaining_counts(self._sifted, self._disclosure)
+        self._key_counts = _remaining_key_counts(self._sifted, self._disclosure)
         self._seed = self._given_seed or self._rng.bytes(RECONCILIATION_SEED_BYTES)
         self._state = "await_outcome"
         return [reply, self._disclosure, ReconciliationSeed(seed=self._seed)]
@@ -476,7 +477,7 @@ class BobBlock(_BlockRole):
         self._outcome, self._key = compare_key_sample(
             self._sifted.key_bits, disclosure, ledger=self.ledger
         )
-        self._key_counts, _ = _remaining_counts(self._sifted, disclosure)
+        self._key_counts = _remaining_key_counts(self._sifted, disclosure)
         self._seed = seed.seed
         self._state = "await_statistics"
         return [self._outcome, disclose_test_basis(self._sifted)]

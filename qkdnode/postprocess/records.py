@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from qkdnode.errors import ProtocolError
+from qkdnode.postprocess import kernels
 
 BASIS_KEY: Final = 0
 BASIS_TEST: Final = 1
@@ -114,7 +115,9 @@ class DetectionRecords:
                 or int(self.pulse_index[-1]) >= end
             ):
                 raise ProtocolError("outside the block's pulse range", field="pulse_index")
-            if count > 1 and not bool(np.all(np.diff(self.pulse_index) > 0)):
+            # compared in place: no int64 array of differences beside the indices
+            index = self.pulse_index
+            if count > 1 and not bool(np.all(index[1:] > index[:-1])):
                 raise ProtocolError("must be strictly increasing", field="pulse_index")
 
     @property
@@ -130,13 +133,17 @@ class DetectionRecords:
 
 def check_offsets(offsets: NDArray[np.int64], pulse_count: int) -> None:
     """Offsets of pulses in a block: 1-D int64, strictly increasing, in ``[0, pulse_count)``."""
+    _check_offset_bounds(offsets, pulse_count)
+    if offsets.size > 1 and not bool(np.all(offsets[1:] > offsets[:-1])):
+        raise ProtocolError("must be strictly increasing", field="offsets")
+
+
+def _check_offset_bounds(offsets: NDArray[np.int64], pulse_count: int) -> None:
+    """:func:`check_offsets` but for the order: 1-D int64, first and last in the block."""
     if offsets.dtype != np.int64 or offsets.ndim != 1:
         raise ProtocolError("must be a 1-D int64 array", field="offsets")
-    if offsets.size:
-        if int(offsets[0]) < 0 or int(offsets[-1]) >= pulse_count:
-            raise ProtocolError("outside the block's pulse range", field="offsets")
-        if offsets.size > 1 and not bool(np.all(offsets[1:] > offsets[:-1])):
-            raise ProtocolError("must be strictly increasing", field="offsets")
+    if offsets.size and (int(offsets[0]) < 0 or int(offsets[-1]) >= pulse_count):
+        raise ProtocolError("outside the block's pulse range", field="offsets")
 
 
 @runtime_checkable
@@ -190,15 +197,17 @@ class DetectedEmissionRecords:
             _check_binary(name, values, limit)
 
     def records_at(self, offsets: NDArray[np.int64]) -> tuple[Bits, Bits, Bits]:
-        check_offsets(offsets, self.pulse_count)
-        where = np.searchsorted(self.offset, offsets)
-        # ``where`` is non-decreasing: only its last entry can fall past the records
-        if where.size and (
-            int(where[-1]) >= self.offset.shape[0]
-            or not np.array_equal(self.offset[where], offsets)
-        ):
+        _check_offset_bounds(offsets, self.pulse_count)
+        # one walk through both sorted arrays; it checks that offsets increase as it goes
+        found = np.empty((3, offsets.shape[0]), dtype=np.uint8)
+        status = kernels.gather_records_at(
+            self.offset, self.bit, self.basis, self.intensity, offsets, found
+        )
+        if status == kernels.RECORDS_NOT_INCREASING:
+            raise ProtocolError("must be strictly increasing", field="offsets")
+        if status == kernels.RECORDS_MISSING:
             raise ProtocolError("a pulse without a record of Alice's", field="offsets")
-        return self.bit[where], self.basis[where], self.intensity[where]
+        return found[0], found[1], found[2]
 
     def __repr__(self) -> str:
         return (

@@ -16,8 +16,8 @@ Alice never sends her basis or any bit value here: the match bit is all Bob need
 Alice's records may be dense (``EmissionRecords``, indexed at the announced offsets) or an
 ``EmissionLookup`` that gives the records of the announced pulses alone, chunk by chunk (large
 blocks: ``qkdnode.link.physics.RedrawnEmissions``, ``records.DetectedEmissionRecords``); the
-reply and the sifted block are the same either way. The announcement's gaps are coded in runs
-of ``bitpack.GAP_CHUNK`` offsets, so its temporaries stay small beside the offsets themselves.
+reply and the sifted block are the same either way. The announcement's gaps are coded by
+compiled kernels with no temporary array beside the offsets themselves.
 
 Blocks of at least ``KERNEL_MIN_DETECTIONS`` detections are split by the numba kernels of
 ``qkdnode.postprocess.kernels`` (one pass instead of several gathers and masks, about 1.5x
@@ -266,7 +266,18 @@ def sift_alice(
         match = alice_basis == bob_basis
         intensity = alice_intensity[match]
         match_bits = match.view(np.uint8)
-        sifted = _split(alice_bit[match], intensity, bob_basis[match])
+        if match_bits.shape[0] >= KERNEL_MIN_DETECTIONS:
+            key_bits, key_intensity, test_bits, test_intensity = kernels.split_matched(
+                match_bits, alice_bit, bob_basis, intensity, BASIS_KEY
+            )
+            sifted = SiftedBlock(
+                key_bits=key_bits,
+                key_intensity=key_intensity,
+                test_bits=test_bits,
+                test_intensity=test_intensity,
+            )
+        else:
+            sifted = _split(alice_bit[match], intensity, bob_basis[match])
     elif offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
         match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
             kernels.sift_alice_split(
@@ -307,7 +318,7 @@ def sift_bob(detections: DetectionRecords, reply: SiftReply) -> SiftedBlock:
     if reply.detection_count != detections.detection_count:
         raise ProtocolError("does not match the announced detections", field="detection_count")
     if detections.detection_count >= KERNEL_MIN_DETECTIONS:
-        key_bits, key_intensity, test_bits, test_intensity = kernels.sift_bob_split(
+        key_bits, key_intensity, test_bits, test_intensity = kernels.split_matched(
             reply.match_bits(),
             detections.bit,
             detections.basis,
