@@ -59,7 +59,7 @@ def test_example_configs_load(example_dir: Path) -> None:
     assert alice.postprocess.finite_key == DEFAULT_FINITE_KEY_ANALYSIS.value
     # the config names exactly the pipeline's privacy-amplification families
     assert set(PA_FAMILIES) == {family.value for family in AmplificationFamily}
-    assert alice.postprocess.pa_family == bob.postprocess.pa_family == "toeplitz-fft-v1"
+    assert alice.postprocess.pa_family == bob.postprocess.pa_family == "mersenne-gmp-v1"
     # one block at a time unless configured; never more than the channel lets open at once
     assert alice.postprocess.blocks_in_flight == 1
     assert ChannelConfig().max_open_blocks == MAX_BLOCKS_IN_FLIGHT
@@ -82,7 +82,7 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         (
-            'pa_family = "toeplitz-fft-v1"',
+            'pa_family = "mersenne-gmp-v1"',
             'pa_family = "mersenne-gmp-v2"',
             "postprocess.pa_family",
             "mersenne-gmp-v1",
