@@ -749,19 +749,58 @@ def bob_cuts_two_passes(
     pass, ``weight_of_code[code]`` (1 / (1 + numpy's float32 exp of ``_exponent`` of the prior
     plus the code's log-likelihood ratio), 0 for a known-right bit).
 
-    Returns the cuts and the global positions of the certain errors (then nothing is cut).
+    Returns the cuts and the global positions of the certain errors (then nothing is cut and
+    the cuts are empty).
     """
-    cuts, small = _even_cuts(parts, arity, n, part_starts, small_length)
-    m = small.shape[0]
+    m_all = parts.shape[0]
+    ends = np.empty(m_all, dtype=np.int64)
+    small = np.empty(m_all, dtype=np.int64)
+    starts = np.empty(m_all, dtype=np.int64)
+    lengths = np.empty(m_all, dtype=np.int64)
+    m = 0
+    for k in range(m_all):
+        s = parts[k]
+        ends[k] = _part_end(part_starts, s)
+        length = ends[k] - s
+        if length <= small_length:
+            small[m] = k
+            starts[m] = s
+            lengths[m] = length
+            m += 1
+    # The certain errors first, each part read only up to its second open bit: a round that
+    # has some corrects them and lists its parts again, so their weights would be thrown away.
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    for k in range(m):
+        s = starts[k]
+        other = (1 - s // n) * n
+        count = 0
+        at = 0
+        for g in range(s, s + lengths[k]):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[_part_start(part_starts, h)]
+            if weight_of_code[code] > 0.0:
+                count += 1
+                if count == 2:
+                    break
+                at = g
+        if count == 1:
+            found[singles] = at
+            singles += 1
+    if singles:
+        return np.empty((0, arity - 1), dtype=np.int64), found[:singles]
+    cuts = np.empty((m_all, arity - 1), dtype=np.int64)
+    for k in range(m_all):
+        s = parts[k]
+        for f in range(1, arity):
+            cuts[k, f - 1] = min(max(s + ((ends[k] - s) * f) // arity, s + 1), ends[k] - 1)
     if m == 0:
-        return cuts, np.empty(0, dtype=np.int64)
-    starts = np.empty(m, dtype=np.int64)
-    lengths = np.empty(m, dtype=np.int64)
+        return cuts, found[:0]
+    small = small[:m]
     total = 0
     for k in range(m):
-        s = parts[small[k]]
-        starts[k] = s
-        lengths[k] = _part_end(part_starts, s) - s
         total += lengths[k]
     # one pass over the bits: their weights, the running sum over all parts (in the order of
     # ``_weighted_cuts``), each part's first and last open bit and their number
@@ -773,8 +812,6 @@ def bob_cuts_two_passes(
     first_open = np.empty(m, dtype=np.int64)
     last_open = np.empty(m, dtype=np.int64)
     opened = np.empty(m, dtype=np.int64)
-    found = np.empty(m, dtype=np.int64)
-    singles = 0
     j = 0
     for k in range(m):
         s = starts[k]
@@ -802,15 +839,11 @@ def bob_cuts_two_passes(
         first_open[k] = first if first >= 0 else j - 1
         last_open[k] = last if last >= 0 else j - 1
         opened[k] = count
-        if count == 1:
-            found[singles] = s + first - offset[k]
-            singles += 1
-    if singles:
-        return cuts, found[:singles]
     _cut_at_quantiles(
-        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
+        cuts, small, starts[:m], offset, lengths[:m], first_open, last_open, opened, cum0, weight,
+        arity
     )
-    return cuts, np.empty(0, dtype=np.int64)
+    return cuts, found[:0]
 
 
 @kernel
