@@ -44,6 +44,8 @@ from qkdnode.postprocess.jit import helper, kernel
 EXACT_LENGTHS = 64
 ODD_CODE = 128
 SHORT_PART = 256
+# Code of an even part of length 1: its bit is known right.
+KNOWN_RIGHT = 1
 LONG_PART = 255  # never the code of a part of at most SHORT_PART bits (class <= 72)
 
 
@@ -742,16 +744,20 @@ def bob_cuts_two_passes(
     part_starts: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    weight_of_code: NDArray[np.float32],
+    exp_exponent_of_code: NDArray[np.float32],
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
     passes are active: a bit's weight then depends only on the code of its part in the other
-    pass, ``weight_of_code[code]`` (1 / (1 + numpy's float32 exp of ``_exponent`` of the prior
-    plus the code's log-likelihood ratio), 0 for a known-right bit).
+    pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of ``_exponent`` of the
+    prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
     Returns the cuts and the global positions of the certain errors (then nothing is cut and
     the cuts are empty).
     """
+    weight_of_code = np.empty(256, dtype=np.float32)
+    for code in range(256):
+        weight_of_code[code] = np.float32(1.0) / (exp_exponent_of_code[code] + np.float32(1.0))
+    weight_of_code[KNOWN_RIGHT] = 0.0
     m_all = parts.shape[0]
     ends = np.empty(m_all, dtype=np.int64)
     small = np.empty(m_all, dtype=np.int64)

@@ -52,9 +52,10 @@ only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, ad
 around it in the kernels, so every cut, and therefore every query, is the one of the numpy
 formulation kept in the tests as the reference. While exactly two passes are active (where
 nearly all weights are computed) a bit's weight depends only on the code of its part in the
-other pass: the weight of each of the 256 codes is computed once per error-rate estimate with
-the same float32 operations in numpy (its ``exp`` is elementwise: the same value gives the same
-bits in any array), and one kernel looks the weights up and cuts.
+other pass: the exponent of each of the 256 codes goes through numpy's ``exp`` once per
+error-rate estimate, with the same float32 operations around it (its ``exp`` is elementwise:
+the same value gives the same bits in any array), and one kernel turns them into weights, looks
+the weights up and cuts.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ _MULTI_DIVISOR: Final = 16384.0
 _EXACT_LENGTHS: Final = kernels.EXACT_LENGTHS
 _CODES_PER_DOUBLING: Final = 4
 # Code of an even part of length 1: its bit is known right.
-_KNOWN_RIGHT: Final = 1
+_KNOWN_RIGHT: Final = kernels.KNOWN_RIGHT
 # Largest |log-likelihood ratio| of a part; a known-right bit's is _KNOWN_LR, far below any sum of
 # the others (>= -_LR_CAP each over <= 15 other passes, plus the prior log(q / (1 - q)) > -50).
 _LR_CAP: Final = 30.0
@@ -257,8 +258,17 @@ class CascadeReconciler:
         self._codes = False
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
-        self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
-        self._weight_cache: tuple[float, NDArray[np.float32]] | None = None
+        # The tables of ``_negated_lr_table``, ``_lr_table`` and ``_exp_exponent_of_code``, each
+        # rewritten in place when the error-rate estimate it was computed for (NaN: none yet)
+        # changes.
+        self._rs = np.empty(128, dtype=np.float64)
+        self._lr_even = np.empty(128, dtype=np.float64)
+        self._negated_lr = np.empty(256, dtype=np.float32)
+        self._negated_lr_q = math.nan
+        self._lr = np.empty(256, dtype=np.float32)
+        self._lr_q = math.nan
+        self._exp_exponent = np.empty(256, dtype=np.float32)
+        self._exp_exponent_q = math.nan
         entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
@@ -364,6 +374,30 @@ class CascadeReconciler:
         """Error rate assumed for the bits not yet corrected (Q minus the corrected fraction)."""
         return max(self._q - self.errors_corrected / self._n, self._q / 100.0)
 
+    def _negated_lr_table(self) -> NDArray[np.float32]:
+        """Minus ``_lr_table``, computed first: the two-pass weights need this sign."""
+        q_now = self._q_now()
+        if q_now == self._negated_lr_q:
+            return self._negated_lr
+        # np.exp(s_minus_1 * log1p(-2 q)), then np.minimum(log1p(rs) - log1p(-rs), _LR_CAP) in
+        # float64 (a part's log-likelihood ratio if odd), cast to float32: numpy's own ufuncs,
+        # each in place (their call overhead, not the 128 values, is the cost). Negating is
+        # exact, in either precision.
+        rs, even, table = self._rs, self._lr_even, self._negated_lr
+        np.multiply(_CLASS_LENGTH_MINUS_1, math.log1p(-2.0 * q_now), out=rs)
+        np.exp(rs, out=rs)
+        np.negative(rs, out=even)
+        with np.errstate(divide="ignore"):  # rs = 1 for parts of one bit
+            np.log1p(even, out=even)
+        np.log1p(rs, out=rs)
+        np.subtract(rs, even, out=rs)
+        np.minimum(rs, _LR_CAP, out=rs)
+        table[:128] = rs
+        np.negative(table[:128], out=table[128:])
+        table[_KNOWN_RIGHT] = -_KNOWN_LR
+        self._negated_lr_q = q_now
+        return table
+
     def _lr_table(self) -> NDArray[np.float32]:
         """log P(parity seen | bit wrong) / P(parity seen | bit right) for every part code.
 
@@ -373,34 +407,31 @@ class CascadeReconciler:
         q is the current estimate of the uncorrected error rate (``_q_now``).
         """
         q_now = self._q_now()
-        if self._lr_cache is not None and self._lr_cache[0] == q_now:
-            return self._lr_cache[1]
-        rs = np.exp(_CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q_now))
-        with np.errstate(divide="ignore"):
-            lr = np.minimum(np.log1p(rs) - np.log1p(-rs), _LR_CAP)
-        table: NDArray[np.float32] = np.concatenate((-lr, lr)).astype(np.float32)
-        table[_KNOWN_RIGHT] = _KNOWN_LR
-        self._lr_cache = (q_now, table)
-        return table
+        if q_now != self._lr_q:
+            np.negative(self._negated_lr_table(), out=self._lr)
+            self._lr_q = q_now
+        return self._lr
 
-    def _weight_of_code(self) -> NDArray[np.float32]:
-        """A bit's weight for every code of its part in the other pass, while exactly two passes
-        are active: 1 / (1 + exp(-clip(prior + log-likelihood ratio, -50, 50))) in float32, 0
-        for a known-right bit; the very operations of ``_split_weights`` and
-        ``kernels.bob_weighted_cuts`` on the same float32 values (numpy's exp is elementwise)."""
+    def _exp_exponent_of_code(self) -> NDArray[np.float32]:
+        """While exactly two passes are active, for every code of a bit's part in the other
+        pass: numpy's float32 exp of ``kernels._exponent`` of the bit's log-odds (the prior plus
+        the code's log-likelihood ratio), so that ``kernels.bob_cuts_two_passes`` finds the
+        weight 1 / (1 + that) of ``_split_weights`` and ``kernels.bob_weighted_cuts`` (numpy's
+        exp is elementwise). Not the known-right code's: its weight is 0.
+
+        The exponent -clip(lr + prior, -50, 50) is computed as clip(-lr - prior, -50, 50):
+        negating is exact and rounding symmetric, so it is the same float32.
+        """
         q = self._q_now()
-        if self._weight_cache is not None and self._weight_cache[0] == q:
-            return self._weight_cache[1]
-        log_odds = self._lr_table() + np.float32(math.log(q / (1.0 - q)))
-        # |log-odds| < 100 but for the known-right code (below -1000: exponent +inf, weight 0)
-        exponent = np.clip(log_odds, np.float32(-50.0), np.float32(50.0), out=log_odds)
-        np.negative(exponent, out=exponent)
+        if q == self._exp_exponent_q:
+            return self._exp_exponent
+        exponent = self._exp_exponent
+        np.add(self._negated_lr_table(), -math.log(q / (1.0 - q)), out=exponent)
+        np.maximum(exponent, -50.0, out=exponent)
+        np.minimum(exponent, 50.0, out=exponent)
         np.exp(exponent, out=exponent)
-        exponent += np.float32(1.0)
-        weight: NDArray[np.float32] = np.divide(np.float32(1.0), exponent, out=exponent)
-        weight[_KNOWN_RIGHT] = 0.0
-        self._weight_cache = (q, weight)
-        return weight
+        self._exp_exponent_q = q
+        return exponent
 
     def _split_weights(
         self, part: NDArray[np.int64]
@@ -454,7 +485,7 @@ class CascadeReconciler:
                 self._part_starts,
                 self._part_code,
                 self._pos_code,
-                self._weight_of_code(),
+                self._exp_exponent_of_code(),
             )
         cuts, small = kernels.bob_even_cuts(
             part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
