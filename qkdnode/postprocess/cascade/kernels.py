@@ -468,31 +468,46 @@ def bob_fix_known_errors(
 
 
 @kernel
-def bob_select_classic(
+def bob_plan_classic(
     parts: NDArray[np.int64],
     n: int,
     sizes: NDArray[np.int64],
-    block_offset: NDArray[np.int64],
-) -> NDArray[np.int64]:
-    """Classic Cascade: the first odd part of every top-level block holding an odd number."""
-    out = np.empty(parts.shape[0], dtype=np.int64)
-    k = 0
-    i = 0
+    part_starts: NDArray[np.uint64],
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+    """Classic Cascade's round: the first odd part of every top-level block holding an odd
+    number of them (``parts``: every odd part, increasing), halved as ``bob_even_cuts`` with
+    arity 2. Returns the chosen parts, their cuts and the wire triples of ``bob_query``."""
     m = parts.shape[0]
-    while i < m:
-        p = parts[i] // n
-        block = block_offset[p] + (parts[i] - p * n) // sizes[p]
-        j = i + 1
-        while j < m:
-            q = parts[j] // n
-            if block_offset[q] + (parts[j] - q * n) // sizes[q] != block:
-                break
-            j += 1
-        if (j - i) & 1:
-            out[k] = parts[i]
-            k += 1
-        i = j
-    return out[:k]
+    chosen = np.empty(m, dtype=np.int64)
+    k = 0
+    block_end = -1  # the parts come in order: a block's end tells when the next begins
+    in_block = 0
+    for i in range(m):
+        s = parts[i]
+        if s >= block_end:
+            if in_block & 1:
+                k += 1
+            p = s // n
+            base = p * n
+            size = sizes[p]
+            block_end = min(base + (s - base) // size * size + size, base + n)
+            chosen[k] = s
+            in_block = 0
+        in_block += 1
+    if in_block & 1:
+        k += 1
+    cuts = np.empty(k, dtype=np.int64)
+    triples = np.empty((k, 3), dtype=np.int32)
+    for i in range(k):
+        s = chosen[i]
+        end = _part_end(part_starts, s)
+        cut = min(max(s + (end - s) // 2, s + 1), end - 1)
+        p = s // n
+        cuts[i] = cut
+        triples[i, 0] = p
+        triples[i, 1] = s - p * n
+        triples[i, 2] = cut - p * n
+    return chosen[:k], cuts, triples
 
 
 @helper

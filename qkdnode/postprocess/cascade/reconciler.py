@@ -228,9 +228,6 @@ class CascadeReconciler:
         self._block_sizes = variant.block_sizes(qber_estimate, n)
         passes = len(self._block_sizes)
         self._sizes = np.array(self._block_sizes, dtype=np.int64)
-        # First global top-level block index of every pass (classic Cascade needs block ids).
-        blocks = -(-n // self._sizes)
-        self._block_offset = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
         self._top_alice: list[NDArray[np.uint8]] = []
         # Global state over all passes, filled pass by pass on activation (module doc and
         # ``cascade.kernels``).
@@ -579,30 +576,25 @@ class CascadeReconciler:
         self.errors_corrected += int(corrected)
         return parts
 
-    def _select(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
-        """The odd parts (global starts) to binary-search this round."""
-        if part.shape[0] == 0 or self._variant.sub_block_reuse:
-            return part
-        # Classic Cascade: search an odd top-level block through its first odd part.
-        chosen: NDArray[np.int64] = kernels.bob_select_classic(
-            part, self._n, self._sizes, self._block_offset
-        )
-        return chosen
-
     def _plan(self) -> None:
         found = _EMPTY_INT
         while True:
-            part = self._select(self._fix_known_errors(found))
+            part = self._fix_known_errors(found)
             found = _EMPTY_INT
-            if part.shape[0]:
+            if not self._weighted:
+                # Classic Cascade: halve the first odd part of every odd top-level block.
+                part, cuts, triples = kernels.bob_plan_classic(
+                    part, self._n, self._sizes, self._part_starts
+                )
+                if part.shape[0]:
+                    self._ask(part, part, cuts, triples)
+                    return
+            elif part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
-                cuts, found = self._cuts(part, arity)
+                cuts2d, found = self._cuts(part, arity)
                 if found.shape[0]:  # certain errors: corrected first thing, no question needed
                     continue
-                rows, left, right, triples = kernels.bob_query(part, cuts, self._n)
-                self._planned = (rows, left, right)
-                self._expected_bits = int(rows.shape[0])
-                self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
+                self._ask(*kernels.bob_query(part, cuts2d, self._n))
                 return
             if self._active < len(self._block_sizes):
                 self._activate()
@@ -611,3 +603,16 @@ class CascadeReconciler:
             self._workspace.give_back()
             self._query = None
             return
+
+    def _ask(
+        self,
+        rows: NDArray[np.int64],
+        left: NDArray[np.int64],
+        right: NDArray[np.int64],
+        triples: NDArray[np.int32],
+    ) -> None:
+        """Make the round's query: the ranges [left, right) of the parts starting at ``rows``
+        (global), ``triples`` on the wire."""
+        self._planned = (rows, left, right)
+        self._expected_bits = int(rows.shape[0])
+        self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
