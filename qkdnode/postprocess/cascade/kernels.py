@@ -386,6 +386,96 @@ def bob_activate(
                 start = end
 
 
+@helper
+def _flip_once(
+    found: NDArray[np.int64],
+    active: int,
+    n: int,
+    bits: NDArray[np.uint8],
+    perm_all: NDArray[np.int32],
+    inverse_all: NDArray[np.int32],
+    pbits: NDArray[np.uint64],
+    part_starts: NDArray[np.uint64],
+    odd_bits: NDArray[np.uint64],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+    odd_words: NDArray[np.uint64],
+    thresholds: NDArray[np.int64],
+    codes: bool,
+    marks: NDArray[np.uint8],
+) -> int:
+    """Flip the bits at the global positions ``found`` (a bit found in several passes once, in
+    the order first found); returns how many were flipped."""
+    positions = np.empty(found.shape[0], dtype=np.int64)
+    j = 0
+    for k in range(found.shape[0]):
+        position = perm_all[found[k]]
+        if marks[position] == 0:
+            marks[position] = 1
+            positions[j] = position
+            j += 1
+    for k in range(j):
+        marks[positions[k]] = 0
+    _correct(
+        positions[:j],
+        active,
+        n,
+        bits,
+        inverse_all,
+        pbits,
+        part_starts,
+        odd_bits,
+        part_code,
+        pos_code,
+        odd_words,
+        thresholds,
+        codes,
+    )
+    return j
+
+
+@helper
+def _certain_errors_two_passes(
+    parts: NDArray[np.int64],
+    n: int,
+    small_length: int,
+    cross: NDArray[np.int32],
+    part_starts: NDArray[np.uint64],
+    part_code: NDArray[np.uint8],
+    pos_code: NDArray[np.uint8],
+) -> NDArray[np.int64]:
+    """While exactly two passes are active: of every odd part of at most ``small_length`` bits
+    (those the weights cut) whose bits are all known right but one, that one, in the order of
+    ``parts`` (global positions). A known-right bit's part in the other pass has the code
+    ``KNOWN_RIGHT`` (weight 0; every other code's weight is positive); each part is read only up
+    to its second bit not known right."""
+    m = parts.shape[0]
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    for k in range(m):
+        s = parts[k]
+        end = _part_end(part_starts, s)
+        if end - s > small_length:
+            continue
+        other = (1 - s // n) * n
+        count = 0
+        at = 0
+        for g in range(s, end):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[_part_start(part_starts, h)]
+            if code != KNOWN_RIGHT:
+                count += 1
+                if count == 2:
+                    break
+                at = g
+        if count == 1:
+            found[singles] = at
+            singles += 1
+    return found[:singles]
+
+
 @kernel
 def bob_fix_known_errors(
     active: int,
@@ -403,77 +493,56 @@ def bob_fix_known_errors(
     codes: bool,
     marks: NDArray[np.uint8],
     first: NDArray[np.int64],
+    cross: NDArray[np.int32],
+    small_length: int,
 ) -> tuple[NDArray[np.int64], int]:
     """Flip the bits at the global positions ``first`` (certain errors found by the cuts, maybe
-    repeated), then every bit that is an odd part of length 1 in some pass, until none is left.
+    repeated), then every bit that is an odd part of length 1 in some pass, and, if ``cross``
+    is given (sub-block reuse while exactly two passes are active), the certain errors of the
+    weighted cuts (``_certain_errors_two_passes``); until none is left.
 
     Returns the global starts of the odd parts left (increasing, none of length 1) and the
     number of bits flipped. ``marks`` (n zeros, left zero) deduplicates bits found in several
     passes.
     """
     corrected = 0
-    if first.shape[0]:
-        positions = np.empty(first.shape[0], dtype=np.int64)
-        j = 0
-        for k in range(first.shape[0]):
-            position = perm_all[first[k]]
-            if marks[position] == 0:
-                marks[position] = 1
-                positions[j] = position
-                j += 1
-        for k in range(j):
-            marks[positions[k]] = 0
-        _correct(
-            positions[:j],
-            active,
-            n,
-            bits,
-            inverse_all,
-            pbits,
-            part_starts,
-            odd_bits,
-            part_code,
-            pos_code,
-            odd_words,
-            thresholds,
-            codes,
-        )
-        corrected += j
+    found = first
     while True:
+        if found.shape[0]:
+            corrected += _flip_once(
+                found,
+                active,
+                n,
+                bits,
+                perm_all,
+                inverse_all,
+                pbits,
+                part_starts,
+                odd_bits,
+                part_code,
+                pos_code,
+                odd_words,
+                thresholds,
+                codes,
+                marks,
+            )
         parts = _odd_parts(odd_bits, odd_words)
         singles = 0
         for k in range(parts.shape[0]):
             if _is_start(part_starts, parts[k] + 1):  # a part of length 1
                 singles += 1
-        if singles == 0:
-            return parts, corrected
         found = np.empty(singles, dtype=np.int64)
         j = 0
         for k in range(parts.shape[0]):
-            s = parts[k]
-            if _is_start(part_starts, s + 1) and marks[perm_all[s]] == 0:
-                marks[perm_all[s]] = 1
-                found[j] = perm_all[s]
+            if _is_start(part_starts, parts[k] + 1):
+                found[j] = parts[k]
                 j += 1
-        positions = found[:j]
-        for k in range(j):
-            marks[positions[k]] = 0
-        _correct(
-            positions,
-            active,
-            n,
-            bits,
-            inverse_all,
-            pbits,
-            part_starts,
-            odd_bits,
-            part_code,
-            pos_code,
-            odd_words,
-            thresholds,
-            codes,
-        )
-        corrected += positions.shape[0]
+        if singles == 0 and cross.shape[0]:
+            found = _certain_errors_two_passes(
+                parts, n, small_length, cross, part_starts, part_code, pos_code
+            )
+        if found.shape[0] == 0:
+            return parts, corrected
 
 
 @kernel
@@ -769,14 +838,14 @@ def bob_cuts_two_passes(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     exp_exponent_of_code: NDArray[np.float32],
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+) -> NDArray[np.int64]:
     """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
     passes are active: a bit's weight then depends only on the code of its part in the other
     pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of ``_exponent`` of the
     prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
-    Returns the cuts and the global positions of the certain errors (then nothing is cut and
-    the cuts are empty).
+    Returns the cuts. ``bob_fix_known_errors`` has corrected the certain errors before: every
+    small part has two bits not known right or more, or none (inconsistent parities).
     """
     weight_of_code = np.empty(256, dtype=np.float32)
     for code in range(256):
@@ -797,37 +866,13 @@ def bob_cuts_two_passes(
             starts[m] = s
             lengths[m] = length
             m += 1
-    # The certain errors first, each part read only up to its second open bit: a round that
-    # has some corrects them and lists its parts again, so their weights would be thrown away.
-    found = np.empty(m, dtype=np.int64)
-    singles = 0
-    for k in range(m):
-        s = starts[k]
-        other = (1 - s // n) * n
-        count = 0
-        at = 0
-        for g in range(s, s + lengths[k]):
-            h = other + cross[g]
-            code = pos_code[h]
-            if code == LONG_PART:
-                code = part_code[_part_start(part_starts, h)]
-            if weight_of_code[code] > 0.0:
-                count += 1
-                if count == 2:
-                    break
-                at = g
-        if count == 1:
-            found[singles] = at
-            singles += 1
-    if singles:
-        return np.empty((0, arity - 1), dtype=np.int64), found[:singles]
     cuts = np.empty((m_all, arity - 1), dtype=np.int64)
     for k in range(m_all):
         s = parts[k]
         for f in range(1, arity):
             cuts[k, f - 1] = min(max(s + ((ends[k] - s) * f) // arity, s + 1), ends[k] - 1)
     if m == 0:
-        return cuts, found[:0]
+        return cuts
     small = small[:m]
     total = 0
     for k in range(m):
@@ -870,10 +915,9 @@ def bob_cuts_two_passes(
         last_open[k] = last if last >= 0 else j - 1
         opened[k] = count
     _cut_at_quantiles(
-        cuts, small, starts[:m], offset, lengths[:m], first_open, last_open, opened, cum0, weight,
-        arity
+        cuts, small, starts[:m], offset, lengths[:m], first_open, last_open, opened, cum0, weight, arity
     )
-    return cuts, found[:0]
+    return cuts
 
 
 @kernel

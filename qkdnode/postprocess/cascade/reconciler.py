@@ -473,7 +473,8 @@ class CascadeReconciler:
         those are returned (the cuts are then empty).
         """
         if self._weighted and self._active == 2:
-            return kernels.bob_cuts_two_passes(
+            # ``_fix_known_errors`` has corrected the certain errors of this phase already
+            cuts: NDArray[np.int64] = kernels.bob_cuts_two_passes(
                 part,
                 arity,
                 self._n,
@@ -484,6 +485,7 @@ class CascadeReconciler:
                 self._pos_code,
                 self._exp_exponent_of_code(),
             )
+            return cuts, _EMPTY_INT
         cuts, small = kernels.bob_even_cuts(
             part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
         )
@@ -552,7 +554,9 @@ class CascadeReconciler:
 
     def _fix_known_errors(self, first: NDArray[np.int64]) -> NDArray[np.int64]:
         """Flip the bits at the global positions ``first`` (certain errors of the cuts), then
-        every bit that is an odd part of length 1 in some pass, until none is left.
+        every bit that is an odd part of length 1 in some pass, and while exactly two passes
+        are active with sub-block reuse the certain errors of the weighted cuts (found in the
+        kernel: no weights computed for a round that has some), until none is left.
 
         Returns the global starts of the odd parts left, none of length 1.
         """
@@ -572,6 +576,8 @@ class CascadeReconciler:
             self._codes,
             self._marks,
             first,
+            self._cross if self._active == 2 else _EMPTY_READ_ONLY,
+            _WEIGHTED_LENGTH,
         )
         self.errors_corrected += int(corrected)
         return parts
