@@ -9,10 +9,10 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
   set bit at or before it, and ends before the next one (a split sets one bit, where a
   per-position map of starts would be rewritten over the part);
-- ``part_alice``: a bitmap, at a part's global start Alice's parity of the part;
 - ``part_code[s]`` at a part's start ``s``: its length class and parity (see ``reconciler``);
 - ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
-  Alice's (an odd number of errors inside);
+  Alice's (an odd number of errors inside): all Bob needs of Alice's parities, which are not
+  kept;
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two. Codes are kept only once the weights need
@@ -114,15 +114,6 @@ def _set_odd(odd_bits: NDArray[np.uint64], odd_words: NDArray[np.uint64], g: int
 @helper
 def _bit(words: NDArray[np.uint64], g: int) -> int:
     return 1 if (words[g >> 6] >> np.uint64(g & 63)) & np.uint64(1) else 0
-
-
-@helper
-def _put_bit(words: NDArray[np.uint64], g: int, value: int) -> None:
-    bit = np.uint64(1) << np.uint64(g & 63)
-    if value:
-        words[g >> 6] |= bit
-    else:
-        words[g >> 6] &= ~bit
 
 
 @helper
@@ -340,7 +331,6 @@ def bob_activate(
     perm_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -365,7 +355,6 @@ def bob_activate(
         s = base + start
         _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
-        _put_bit(part_alice, s, top_alice[j])
         _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
@@ -963,7 +952,6 @@ def bob_receive(
     n: int,
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -971,14 +959,13 @@ def bob_receive(
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
-    """Split every asked part at its cuts: each asked range becomes a part with Alice's parity;
-    the rest of the part is derived (its parity xor the asked ones)."""
+    """Split every asked part at its cuts: each asked range becomes a part whose syndrome is
+    Alice's parity xor Bob's; the rest's is derived (the part's xor the asked ones)."""
     m = rows.shape[0]
     i = 0
     while i < m:
         s = rows[i]
         end = _part_end(part_starts, s)
-        rest_alice = _bit(part_alice, s)
         rest_odd = _bit(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
@@ -986,17 +973,14 @@ def bob_receive(
             cut = right[j]
             alice = parities[j]
             odd = alice ^ _parity(pbits, start, cut)
-            rest_alice ^= alice
             rest_odd ^= odd
             if start != s:
                 _mark_start(part_starts, start)
-            _put_bit(part_alice, start, alice)
             _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         _mark_start(part_starts, start)
-        _put_bit(part_alice, start, rest_alice)
         _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j

@@ -44,7 +44,7 @@ of passes 0..p is left to search.
 
 Implementation: all active passes live in one *global* position space, position ``i`` of pass
 ``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, a bit marking each part's
-start, and at each part's start its end, Alice's parity, the syndrome and a length code) is
+start, and at each part's start the syndrome and a length code) is
 kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
 the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
 added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
@@ -105,8 +105,8 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (2.5 bytes per position of every pass: 100 MB at 10^7 bits and 4 passes) would
-# stay in memory beside the next frame's, whose length differs.
+# a large frame's (under 2.5 bytes per position of every pass: 95 MB at 10^7 bits and 4 passes)
+# would stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
 _POOL_MAX_BYTES: Final = 32 * 2**20
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
@@ -160,7 +160,6 @@ class _Workspace:
         self.pbits = np.zeros(padded // 64, dtype=np.uint64)
         self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
         self.odd_bits = np.zeros(padded // 64, dtype=np.uint64)
-        self.part_alice = np.zeros(padded // 64, dtype=np.uint64)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
@@ -240,11 +239,7 @@ class CascadeReconciler:
         self._workspace = _Workspace.take(size, n)
         work = self._workspace
         self._pbits, self._part_starts = work.pbits, work.part_starts
-        self._part_alice, self._part_code, self._pos_code = (
-            work.part_alice,
-            work.part_code,
-            work.pos_code,
-        )
+        self._part_code, self._pos_code = work.part_code, work.pos_code
         self._odd_bits, self._odd_words = work.odd_bits, work.odd_words
         self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
@@ -512,7 +507,6 @@ class CascadeReconciler:
             self._n,
             self._pbits,
             self._part_starts,
-            self._part_alice,
             self._odd_bits,
             self._part_code,
             self._pos_code,
@@ -538,7 +532,6 @@ class CascadeReconciler:
             self._perm_all,
             self._pbits,
             self._part_starts,
-            self._part_alice,
             self._odd_bits,
             self._part_code,
             self._pos_code,
