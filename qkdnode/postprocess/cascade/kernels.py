@@ -266,10 +266,11 @@ def _correct(
         g = at[i]
         pbits[g >> 6] ^= np.uint64(1) << np.uint64(g & 63)
         start[i] = _part_start(part_starts, g)
-    length = np.empty(total, dtype=np.int64)
-    for i in range(total):
-        s = start[i]
-        length[i] = _part_end(part_starts, s) - s
+    length = np.zeros(total, dtype=np.int64)
+    if codes:  # only the codes need the lengths
+        for i in range(total):
+            s = start[i]
+            length[i] = _part_end(part_starts, s) - s
     for i in range(total):
         s = start[i]
         odd = 1 - _bit(odd_bits, s)
@@ -516,16 +517,13 @@ def bob_fix_known_errors(
                 marks,
             )
         parts = _odd_parts(odd_bits, odd_words)
+        found = np.empty(parts.shape[0], dtype=np.int64)
         singles = 0
         for k in range(parts.shape[0]):
             if _is_start(part_starts, parts[k] + 1):  # a part of length 1
+                found[singles] = parts[k]
                 singles += 1
-        found = np.empty(singles, dtype=np.int64)
-        j = 0
-        for k in range(parts.shape[0]):
-            if _is_start(part_starts, parts[k] + 1):
-                found[j] = parts[k]
-                j += 1
+        found = found[:singles]
         if singles == 0 and cross.shape[0]:
             found = _certain_errors_two_passes(
                 parts, n, small_length, cross, part_starts, part_code, pos_code
@@ -965,7 +963,7 @@ def bob_receive(
     i = 0
     while i < m:
         s = rows[i]
-        end = _part_end(part_starts, s)
+        end = _part_end(part_starts, s) if codes else 0  # only the codes need the end
         rest_odd = _bit(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
