@@ -544,19 +544,28 @@ def bob_plan_classic(
     arity 2. Returns the chosen parts, their cuts and the wire triples of ``bob_query``."""
     m = parts.shape[0]
     chosen = np.empty(m, dtype=np.int64)
+    chosen_pass = np.empty(m, dtype=np.int64)
     k = 0
-    block_end = -1  # the parts come in order: a block's end tells when the next begins
+    # the parts come in order: a block's end tells when the next begins, a pass's the next pass
+    block_end = -1
+    pass_end = -1
+    p = -1
+    base = 0
+    size = 1
     in_block = 0
     for i in range(m):
         s = parts[i]
         if s >= block_end:
             if in_block & 1:
                 k += 1
-            p = s // n
-            base = p * n
-            size = sizes[p]
-            block_end = min(base + (s - base) // size * size + size, base + n)
+            if s >= pass_end:
+                p = s // n
+                base = p * n
+                pass_end = base + n
+                size = sizes[p]
+            block_end = min(base + (s - base) // size * size + size, pass_end)
             chosen[k] = s
+            chosen_pass[k] = p
             in_block = 0
         in_block += 1
     if in_block & 1:
@@ -567,11 +576,11 @@ def bob_plan_classic(
         s = chosen[i]
         end = _part_end(part_starts, s)
         cut = min(max(s + (end - s) // 2, s + 1), end - 1)
-        p = s // n
+        base = chosen_pass[i] * n
         cuts[i] = cut
-        triples[i, 0] = p
-        triples[i, 1] = s - p * n
-        triples[i, 2] = cut - p * n
+        triples[i, 0] = chosen_pass[i]
+        triples[i, 1] = s - base
+        triples[i, 2] = cut - base
     return chosen[:k], cuts, triples
 
 
