@@ -834,14 +834,15 @@ def bob_cuts_two_passes(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     exp_exponent_of_code: NDArray[np.float32],
-) -> NDArray[np.int64]:
-    """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
-    passes are active: a bit's weight then depends only on the code of its part in the other
-    pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of ``_exponent`` of the
-    prior plus the code's log-likelihood ratio), 0 for a known-right bit.
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+    """``bob_even_cuts``, ``bob_log_odds``, ``bob_weighted_cuts`` and ``bob_query`` in one,
+    while exactly two passes are active: a bit's weight then depends only on the code of its
+    part in the other pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of
+    ``_exponent`` of the prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
-    Returns the cuts. ``bob_fix_known_errors`` has corrected the certain errors before: every
-    small part has two bits not known right or more, or none (inconsistent parities).
+    Returns the asked ranges as ``bob_query``. ``bob_fix_known_errors`` has corrected the
+    certain errors before: every small part has two bits not known right or more, or none
+    (inconsistent parities).
     """
     weight_of_code = np.empty(256, dtype=np.float32)
     for code in range(256):
@@ -868,7 +869,7 @@ def bob_cuts_two_passes(
         for f in range(1, arity):
             cuts[k, f - 1] = min(max(s + ((ends[k] - s) * f) // arity, s + 1), ends[k] - 1)
     if m == 0:
-        return cuts
+        return _query(parts, cuts, n)
     small = small[:m]
     total = 0
     for k in range(m):
@@ -913,7 +914,7 @@ def bob_cuts_two_passes(
     _cut_at_quantiles(
         cuts, small, starts[:m], offset, lengths[:m], first_open, last_open, opened, cum0, weight, arity
     )
-    return cuts
+    return _query(parts, cuts, n)
 
 
 @kernel
@@ -926,6 +927,13 @@ def bob_query(
     A part's ranges follow one another from its start; repeated cuts (parts shorter than the
     arity) are dropped.
     """
+    return _query(parts, cuts, n)
+
+
+@helper
+def _query(
+    parts: NDArray[np.int64], cuts: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
     m, width = cuts.shape
     rows = np.empty(m * width, dtype=np.int64)
     left = np.empty(m * width, dtype=np.int64)

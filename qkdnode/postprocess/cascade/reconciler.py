@@ -465,22 +465,9 @@ class CascadeReconciler:
         Middle (equal lengths) without weights; else at the weight quantiles, so each piece is
         about equally likely to hold the error (the likelier piece is the shorter one), with
         bits not known right on both sides of every cut. If some part has a certain error, only
-        those are returned (the cuts are then empty).
+        those are returned (the cuts are then empty). (While exactly two passes are active,
+        ``_plan`` cuts with ``kernels.bob_cuts_two_passes`` instead.)
         """
-        if self._weighted and self._active == 2:
-            # ``_fix_known_errors`` has corrected the certain errors of this phase already
-            cuts: NDArray[np.int64] = kernels.bob_cuts_two_passes(
-                part,
-                arity,
-                self._n,
-                _WEIGHTED_LENGTH,
-                self._cross,
-                self._part_starts,
-                self._part_code,
-                self._pos_code,
-                self._exp_exponent_of_code(),
-            )
-            return cuts, _EMPTY_INT
         cuts, small = kernels.bob_even_cuts(
             part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
         )
@@ -590,10 +577,25 @@ class CascadeReconciler:
                     return
             elif part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
-                cuts2d, found = self._cuts(part, arity)
+                if self._active == 2:  # its certain errors are corrected: cut, ask
+                    self._ask(
+                        *kernels.bob_cuts_two_passes(
+                            part,
+                            arity,
+                            self._n,
+                            _WEIGHTED_LENGTH,
+                            self._cross,
+                            self._part_starts,
+                            self._part_code,
+                            self._pos_code,
+                            self._exp_exponent_of_code(),
+                        )
+                    )
+                    return
+                cuts, found = self._cuts(part, arity)
                 if found.shape[0]:  # certain errors: corrected first thing, no question needed
                     continue
-                self._ask(*kernels.bob_query(part, cuts2d, self._n))
+                self._ask(*kernels.bob_query(part, cuts, self._n))
                 return
             if self._active < len(self._block_sizes):
                 self._activate()
