@@ -376,56 +376,8 @@ def bob_activate(
                 start = end
 
 
-@helper
-def _flip_once(
-    found: NDArray[np.int64],
-    active: int,
-    n: int,
-    bits: NDArray[np.uint8],
-    perm_all: NDArray[np.int32],
-    inverse_all: NDArray[np.int32],
-    pbits: NDArray[np.uint64],
-    part_starts: NDArray[np.uint64],
-    odd_bits: NDArray[np.uint64],
-    part_code: NDArray[np.uint8],
-    pos_code: NDArray[np.uint8],
-    odd_words: NDArray[np.uint64],
-    thresholds: NDArray[np.int64],
-    codes: bool,
-    marks: NDArray[np.uint8],
-) -> int:
-    """Flip the bits at the global positions ``found`` (a bit found in several passes once, in
-    the order first found); returns how many were flipped."""
-    positions = np.empty(found.shape[0], dtype=np.int64)
-    j = 0
-    for k in range(found.shape[0]):
-        position = perm_all[found[k]]
-        if marks[position] == 0:
-            marks[position] = 1
-            positions[j] = position
-            j += 1
-    for k in range(j):
-        marks[positions[k]] = 0
-    _correct(
-        positions[:j],
-        active,
-        n,
-        bits,
-        inverse_all,
-        pbits,
-        part_starts,
-        odd_bits,
-        part_code,
-        pos_code,
-        odd_words,
-        thresholds,
-        codes,
-    )
-    return j
-
-
-@helper
-def _certain_errors_two_passes(
+@kernel
+def bob_certain_errors_two_passes(
     parts: NDArray[np.int64],
     n: int,
     small_length: int,
@@ -434,11 +386,12 @@ def _certain_errors_two_passes(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
 ) -> NDArray[np.int64]:
-    """While exactly two passes are active: of every odd part of at most ``small_length`` bits
-    (those the weights cut) whose bits are all known right but one, that one, in the order of
-    ``parts`` (global positions). A known-right bit's part in the other pass has the code
-    ``KNOWN_RIGHT`` (weight 0; every other code's weight is positive); each part is read only up
-    to its second bit not known right."""
+    """While exactly two passes are active (sub-block reuse): of every odd part of at most
+    ``small_length`` bits (those the weights cut) whose bits are all known right but one, that
+    one, in the order of ``parts`` (global positions): the certain errors of
+    ``bob_cuts_two_passes``, found before any weight is computed. A known-right bit's part in
+    the other pass has the code ``KNOWN_RIGHT`` (weight 0; every other code's weight is
+    positive); each part is read only up to its second bit not known right."""
     m = parts.shape[0]
     found = np.empty(m, dtype=np.int64)
     singles = 0
@@ -483,53 +436,77 @@ def bob_fix_known_errors(
     codes: bool,
     marks: NDArray[np.uint8],
     first: NDArray[np.int64],
-    cross: NDArray[np.int32],
-    small_length: int,
 ) -> tuple[NDArray[np.int64], int]:
     """Flip the bits at the global positions ``first`` (certain errors found by the cuts, maybe
-    repeated), then every bit that is an odd part of length 1 in some pass, and, if ``cross``
-    is given (sub-block reuse while exactly two passes are active), the certain errors of the
-    weighted cuts (``_certain_errors_two_passes``); until none is left.
+    repeated), then every bit that is an odd part of length 1 in some pass, until none is left.
 
     Returns the global starts of the odd parts left (increasing, none of length 1) and the
     number of bits flipped. ``marks`` (n zeros, left zero) deduplicates bits found in several
     passes.
     """
     corrected = 0
-    found = first
+    if first.shape[0]:
+        positions = np.empty(first.shape[0], dtype=np.int64)
+        j = 0
+        for k in range(first.shape[0]):
+            position = perm_all[first[k]]
+            if marks[position] == 0:
+                marks[position] = 1
+                positions[j] = position
+                j += 1
+        for k in range(j):
+            marks[positions[k]] = 0
+        _correct(
+            positions[:j],
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_starts,
+            odd_bits,
+            part_code,
+            pos_code,
+            odd_words,
+            thresholds,
+            codes,
+        )
+        corrected += j
     while True:
-        if found.shape[0]:
-            corrected += _flip_once(
-                found,
-                active,
-                n,
-                bits,
-                perm_all,
-                inverse_all,
-                pbits,
-                part_starts,
-                odd_bits,
-                part_code,
-                pos_code,
-                odd_words,
-                thresholds,
-                codes,
-                marks,
-            )
         parts = _odd_parts(odd_bits, odd_words)
-        found = np.empty(parts.shape[0], dtype=np.int64)
         singles = 0
         for k in range(parts.shape[0]):
             if _is_start(part_starts, parts[k] + 1):  # a part of length 1
-                found[singles] = parts[k]
                 singles += 1
-        found = found[:singles]
-        if singles == 0 and cross.shape[0]:
-            found = _certain_errors_two_passes(
-                parts, n, small_length, cross, part_starts, part_code, pos_code
-            )
-        if found.shape[0] == 0:
+        if singles == 0:
             return parts, corrected
+        found = np.empty(singles, dtype=np.int64)
+        j = 0
+        for k in range(parts.shape[0]):
+            s = parts[k]
+            if _is_start(part_starts, s + 1) and marks[perm_all[s]] == 0:
+                marks[perm_all[s]] = 1
+                found[j] = perm_all[s]
+                j += 1
+        positions = found[:j]
+        for k in range(j):
+            marks[positions[k]] = 0
+        _correct(
+            positions,
+            active,
+            n,
+            bits,
+            inverse_all,
+            pbits,
+            part_starts,
+            odd_bits,
+            part_code,
+            pos_code,
+            odd_words,
+            thresholds,
+            codes,
+        )
+        corrected += positions.shape[0]
 
 
 @kernel
@@ -840,9 +817,9 @@ def bob_cuts_two_passes(
     part in the other pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of
     ``_exponent`` of the prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
-    Returns the asked ranges as ``bob_query``. ``bob_fix_known_errors`` has corrected the
-    certain errors before: every small part has two bits not known right or more, or none
-    (inconsistent parities).
+    Returns the asked ranges as ``bob_query``. The parts have no certain error
+    (``bob_certain_errors_two_passes``): every small part has two bits not known right or more,
+    or none (inconsistent parities).
     """
     weight_of_code = np.empty(256, dtype=np.float32)
     for code in range(256):

@@ -534,9 +534,7 @@ class CascadeReconciler:
 
     def _fix_known_errors(self, first: NDArray[np.int64]) -> NDArray[np.int64]:
         """Flip the bits at the global positions ``first`` (certain errors of the cuts), then
-        every bit that is an odd part of length 1 in some pass, and while exactly two passes
-        are active with sub-block reuse the certain errors of the weighted cuts (found in the
-        kernel: no weights computed for a round that has some), until none is left.
+        every bit that is an odd part of length 1 in some pass, until none is left.
 
         Returns the global starts of the odd parts left, none of length 1.
         """
@@ -556,8 +554,6 @@ class CascadeReconciler:
             self._codes,
             self._marks,
             first,
-            self._cross if self._active == 2 else _EMPTY_READ_ONLY,
-            _WEIGHTED_LENGTH,
         )
         self.errors_corrected += int(corrected)
         return parts
@@ -577,7 +573,19 @@ class CascadeReconciler:
                     return
             elif part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
-                if self._active == 2:  # its certain errors are corrected: cut, ask
+                if self._active == 2:
+                    # certain errors first: no weights for a round that corrects some
+                    found = kernels.bob_certain_errors_two_passes(
+                        part,
+                        self._n,
+                        _WEIGHTED_LENGTH,
+                        self._cross,
+                        self._part_starts,
+                        self._part_code,
+                        self._pos_code,
+                    )
+                    if found.shape[0]:
+                        continue
                     self._ask(
                         *kernels.bob_cuts_two_passes(
                             part,
