@@ -840,6 +840,7 @@ def bob_cuts_two_passes(
             starts[m] = s
             lengths[m] = length
             m += 1
+    # equal lengths as ``_even_cuts``; the small parts' are replaced by their weighted cuts
     cuts = np.empty((m_all, arity - 1), dtype=np.int64)
     for k in range(m_all):
         s = parts[k]
@@ -848,6 +849,8 @@ def bob_cuts_two_passes(
     if m == 0:
         return _query(parts, cuts, n)
     small = small[:m]
+    starts = starts[:m]
+    lengths = lengths[:m]
     total = 0
     for k in range(m):
         total += lengths[k]
@@ -889,7 +892,7 @@ def bob_cuts_two_passes(
         last_open[k] = last if last >= 0 else j - 1
         opened[k] = count
     _cut_at_quantiles(
-        cuts, small, starts[:m], offset, lengths[:m], first_open, last_open, opened, cum0, weight, arity
+        cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
     )
     return _query(parts, cuts, n)
 
