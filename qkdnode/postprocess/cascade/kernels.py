@@ -377,49 +377,6 @@ def bob_activate(
 
 
 @kernel
-def bob_certain_errors_two_passes(
-    parts: NDArray[np.int64],
-    n: int,
-    small_length: int,
-    cross: NDArray[np.int32],
-    part_starts: NDArray[np.uint64],
-    part_code: NDArray[np.uint8],
-    pos_code: NDArray[np.uint8],
-) -> NDArray[np.int64]:
-    """While exactly two passes are active (sub-block reuse): of every odd part of at most
-    ``small_length`` bits (those the weights cut) whose bits are all known right but one, that
-    one, in the order of ``parts`` (global positions): the certain errors of
-    ``bob_cuts_two_passes``, found before any weight is computed. A known-right bit's part in
-    the other pass has the code ``KNOWN_RIGHT`` (weight 0; every other code's weight is
-    positive); each part is read only up to its second bit not known right."""
-    m = parts.shape[0]
-    found = np.empty(m, dtype=np.int64)
-    singles = 0
-    for k in range(m):
-        s = parts[k]
-        end = _part_end(part_starts, s)
-        if end - s > small_length:
-            continue
-        other = (1 - s // n) * n
-        count = 0
-        at = 0
-        for g in range(s, end):
-            h = other + cross[g]
-            code = pos_code[h]
-            if code == LONG_PART:
-                code = part_code[_part_start(part_starts, h)]
-            if code != KNOWN_RIGHT:
-                count += 1
-                if count == 2:
-                    break
-                at = g
-        if count == 1:
-            found[singles] = at
-            singles += 1
-    return found[:singles]
-
-
-@kernel
 def bob_fix_known_errors(
     active: int,
     n: int,
@@ -811,15 +768,16 @@ def bob_cuts_two_passes(
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
     exp_exponent_of_code: NDArray[np.float32],
-) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+) -> tuple[
+    NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int64]
+]:
     """``bob_even_cuts``, ``bob_log_odds``, ``bob_weighted_cuts`` and ``bob_query`` in one,
     while exactly two passes are active: a bit's weight then depends only on the code of its
     part in the other pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of
     ``_exponent`` of the prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
-    Returns the asked ranges as ``bob_query``. The parts have no certain error
-    (``bob_certain_errors_two_passes``): every small part has two bits not known right or more,
-    or none (inconsistent parities).
+    Returns the asked ranges as ``bob_query``, then the global positions of the certain errors
+    (if there are any, nothing is asked: the ranges are empty).
     """
     weight_of_code = np.empty(256, dtype=np.float32)
     for code in range(256):
@@ -840,6 +798,31 @@ def bob_cuts_two_passes(
             starts[m] = s
             lengths[m] = length
             m += 1
+    # The certain errors first, each part read only up to its second open bit: a round that
+    # has some corrects them and lists its parts again, so their weights would be thrown away.
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    for k in range(m):
+        s = starts[k]
+        other = (1 - s // n) * n
+        count = 0
+        at = 0
+        for g in range(s, s + lengths[k]):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[_part_start(part_starts, h)]
+            if weight_of_code[code] > 0.0:
+                count += 1
+                if count == 2:
+                    break
+                at = g
+        if count == 1:
+            found[singles] = at
+            singles += 1
+    if singles:
+        none = np.empty(0, dtype=np.int64)
+        return none, none, none, np.empty((0, 3), dtype=np.int32), found[:singles]
     # equal lengths as ``_even_cuts``; the small parts' are replaced by their weighted cuts
     cuts = np.empty((m_all, arity - 1), dtype=np.int64)
     for k in range(m_all):
@@ -847,7 +830,8 @@ def bob_cuts_two_passes(
         for f in range(1, arity):
             cuts[k, f - 1] = min(max(s + ((ends[k] - s) * f) // arity, s + 1), ends[k] - 1)
     if m == 0:
-        return _query(parts, cuts, n)
+        rows, left, right, triples = _query(parts, cuts, n)
+        return rows, left, right, triples, found
     small = small[:m]
     starts = starts[:m]
     lengths = lengths[:m]
@@ -894,7 +878,8 @@ def bob_cuts_two_passes(
     _cut_at_quantiles(
         cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
     )
-    return _query(parts, cuts, n)
+    rows, left, right, triples = _query(parts, cuts, n)
+    return rows, left, right, triples, found[:0]
 
 
 @kernel

@@ -574,31 +574,20 @@ class CascadeReconciler:
             elif part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
                 if self._active == 2:
-                    # certain errors first: no weights for a round that corrects some
-                    found = kernels.bob_certain_errors_two_passes(
+                    rows, left, right, triples, found = kernels.bob_cuts_two_passes(
                         part,
+                        arity,
                         self._n,
                         _WEIGHTED_LENGTH,
                         self._cross,
                         self._part_starts,
                         self._part_code,
                         self._pos_code,
+                        self._exp_exponent_of_code(),
                     )
-                    if found.shape[0]:
+                    if found.shape[0]:  # certain errors: corrected first, nothing asked
                         continue
-                    self._ask(
-                        *kernels.bob_cuts_two_passes(
-                            part,
-                            arity,
-                            self._n,
-                            _WEIGHTED_LENGTH,
-                            self._cross,
-                            self._part_starts,
-                            self._part_code,
-                            self._pos_code,
-                            self._exp_exponent_of_code(),
-                        )
-                    )
+                    self._ask(rows, left, right, triples)
                     return
                 cuts, found = self._cuts(part, arity)
                 if found.shape[0]:  # certain errors: corrected first thing, no question needed
