@@ -117,29 +117,24 @@ def _bit(words: NDArray[np.uint64], g: int) -> int:
 
 
 @helper
-def _ones(word: np.uint64) -> int:
-    """Number of set bits of a word, without a branch (the bit tricks of a popcount; no
-    multiply, which would overflow numpy's scalars when run as plain Python)."""
-    x = word - ((word >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    x += x >> np.uint64(8)
-    x += x >> np.uint64(16)
-    x += x >> np.uint64(32)
-    return int(x & np.uint64(127))
-
-
-@helper
 def _highest_bit(word: np.uint64) -> int:
-    """Index of the highest set bit of a non-zero word: the bits below it set too, counted
-    (branches on the bits would be mispredicted half the time: parts sit anywhere)."""
+    """Index of the highest set bit of a non-zero word: the bits below it set too, then counted
+    with the bit tricks of a popcount, without a branch (branches on the bits would be
+    mispredicted half the time: parts sit anywhere) and without a multiply (which would
+    overflow numpy's scalars when run as plain Python)."""
     x = word | (word >> np.uint64(1))
     x |= x >> np.uint64(2)
     x |= x >> np.uint64(4)
     x |= x >> np.uint64(8)
     x |= x >> np.uint64(16)
     x |= x >> np.uint64(32)
-    return _ones(x) - 1
+    x -= (x >> np.uint64(1)) & np.uint64(0x5555555555555555)
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    x += x >> np.uint64(8)
+    x += x >> np.uint64(16)
+    x += x >> np.uint64(32)
+    return int(x & np.uint64(127)) - 1
 
 
 @helper
@@ -199,9 +194,8 @@ def _parity(pbits: NDArray[np.uint64], start: int, end: int) -> int:
 
 @helper
 def _lowest_bit(word: np.uint64) -> int:
-    """Index of the lowest set bit of a non-zero word: the bits below it, counted (without a
-    branch, as ``_highest_bit``)."""
-    return _ones((word & (~word + np.uint64(1))) - np.uint64(1))
+    """Index of the lowest set bit of a non-zero word: the highest of that bit alone."""
+    return _highest_bit(word & (~word + np.uint64(1)))
 
 
 @helper
@@ -518,14 +512,16 @@ def bob_plan_classic(
     return chosen[:k], cuts, triples
 
 
-@helper
-def _even_cuts(
+@kernel
+def bob_even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
     part_starts: NDArray[np.uint64],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
     m = parts.shape[0]
     cuts = np.empty((m, arity - 1), dtype=np.int64)
     small = np.empty(m, dtype=np.int64)
@@ -540,19 +536,6 @@ def _even_cuts(
             small[count] = k
             count += 1
     return cuts, small[:count]
-
-
-@kernel
-def bob_even_cuts(
-    parts: NDArray[np.int64],
-    arity: int,
-    n: int,
-    part_starts: NDArray[np.uint64],
-    small_length: int,
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
-    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
-    return _even_cuts(parts, arity, n, part_starts, small_length)
 
 
 @kernel
@@ -823,7 +806,7 @@ def bob_cuts_two_passes(
     if singles:
         none = np.empty(0, dtype=np.int64)
         return none, none, none, np.empty((0, 3), dtype=np.int32), found[:singles]
-    # equal lengths as ``_even_cuts``; the small parts' are replaced by their weighted cuts
+    # equal lengths as ``bob_even_cuts``; the small parts' are replaced by their weighted cuts
     cuts = np.empty((m_all, arity - 1), dtype=np.int64)
     for k in range(m_all):
         s = parts[k]
