@@ -88,12 +88,11 @@ def _set_code(
         return
     code = _code(length, odd, thresholds)
     part_code[s] = code
+    # slice fills: an indexing loop checks each index for wrap-around, a slice is one fill
     if length <= SHORT_PART:
-        for g in range(s, s + length):
-            pos_code[g] = code
+        pos_code[s : s + length] = code
     elif mark_long:
-        for g in range(s, s + length):
-            pos_code[g] = LONG_PART
+        pos_code[s : s + length] = LONG_PART
 
 
 @helper
