@@ -257,20 +257,22 @@ def test_odd_parts_lists_the_odd_flags_in_order(positions: int) -> None:
 
 
 @pytest.mark.parametrize("qber", [5e-6, 0.001, 0.02, 0.1, 0.3, 0.49])
-def test_weight_of_code_is_the_weight_of_the_log_odds_kernels(qber: float) -> None:
+def test_exp_exponent_of_code_is_the_exp_of_the_log_odds_kernels(qber: float) -> None:
     """While two passes are active a bit's weight depends only on its part's code in the other
-    pass: the table must hold what ``bob_log_odds``, numpy's exp and ``bob_weighted_cuts`` give
-    for the log-odds of that code."""
+    pass: the table must hold numpy's exp of what ``bob_log_odds`` gives for the log-odds of
+    that code (but for the known-right code, whose weight is 0 whatever the table holds)."""
     bob = np.zeros(1000, dtype=np.uint8)
     variant = CascadeVariant.SUBBLOCK_REUSE
     reconciler = CascadeReconciler(bob, seed=bytes(32), variant=variant, qber_estimate=qber)
     q = reconciler._q_now()
     log_odds = reconciler._lr_table() + np.float32(np.log(q / (1.0 - q)))
     exponent = np.array([kernels._exponent(x) for x in log_odds], dtype=np.float32)
-    expected = np.float32(1.0) / (np.exp(exponent) + np.float32(1.0))
-    got = reconciler._weight_of_code()
+    expected = np.exp(exponent)
+    got = reconciler._exp_exponent_of_code()
     assert got.dtype == np.float32
-    assert got.view(np.uint32).tolist() == expected.view(np.uint32).tolist()
+    others = np.arange(256) != kernels.KNOWN_RIGHT
+    assert got[others].view(np.uint32).tolist() == expected[others].view(np.uint32).tolist()
+    assert np.array_equal(reconciler._lr_table(), -reconciler._negated_lr_table())
 
 
 def test_a_part_spans_from_its_marked_start_to_the_next_mark() -> None:

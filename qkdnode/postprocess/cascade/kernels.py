@@ -9,10 +9,10 @@ Bob's state lives in flat arrays over the *global* position space of the active 
   at ``g``, and at the end of every active pass: the part holding ``g`` starts at the nearest
   set bit at or before it, and ends before the next one (a split sets one bit, where a
   per-position map of starts would be rewritten over the part);
-- ``part_alice``: a bitmap, at a part's global start Alice's parity of the part;
 - ``part_code[s]`` at a part's start ``s``: its length class and parity (see ``reconciler``);
 - ``odd_bits``: a bit per position, set at the start of each part whose parity differs from
-  Alice's (an odd number of errors inside);
+  Alice's (an odd number of errors inside): all Bob needs of Alice's parities, which are not
+  kept;
 - ``pos_code[g]``: the code of the part holding ``g`` if that part has at most ``SHORT_PART``
   bits, else ``LONG_PART`` (then read ``part_code`` at its start): the weights look codes up at
   random positions, and one load is cheaper than two. Codes are kept only once the weights need
@@ -44,6 +44,8 @@ from qkdnode.postprocess.jit import helper, kernel
 EXACT_LENGTHS = 64
 ODD_CODE = 128
 SHORT_PART = 256
+# Code of an even part of length 1: its bit is known right.
+KNOWN_RIGHT = 1
 LONG_PART = 255  # never the code of a part of at most SHORT_PART bits (class <= 72)
 
 
@@ -86,12 +88,11 @@ def _set_code(
         return
     code = _code(length, odd, thresholds)
     part_code[s] = code
+    # slice fills: an indexing loop checks each index for wrap-around, a slice is one fill
     if length <= SHORT_PART:
-        for g in range(s, s + length):
-            pos_code[g] = code
+        pos_code[s : s + length] = code
     elif mark_long:
-        for g in range(s, s + length):
-            pos_code[g] = LONG_PART
+        pos_code[s : s + length] = LONG_PART
 
 
 @helper
@@ -115,24 +116,24 @@ def _bit(words: NDArray[np.uint64], g: int) -> int:
 
 
 @helper
-def _put_bit(words: NDArray[np.uint64], g: int, value: int) -> None:
-    bit = np.uint64(1) << np.uint64(g & 63)
-    if value:
-        words[g >> 6] |= bit
-    else:
-        words[g >> 6] &= ~bit
-
-
-@helper
 def _highest_bit(word: np.uint64) -> int:
-    """Index of the highest set bit of a non-zero word."""
-    index = 0
-    for width in (32, 16, 8, 4, 2, 1):
-        shift = np.uint64(width)
-        if word >> shift:
-            word >>= shift
-            index += width
-    return index
+    """Index of the highest set bit of a non-zero word: the bits below it set too, then counted
+    with the bit tricks of a popcount, without a branch (branches on the bits would be
+    mispredicted half the time: parts sit anywhere) and without a multiply (which would
+    overflow numpy's scalars when run as plain Python)."""
+    x = word | (word >> np.uint64(1))
+    x |= x >> np.uint64(2)
+    x |= x >> np.uint64(4)
+    x |= x >> np.uint64(8)
+    x |= x >> np.uint64(16)
+    x |= x >> np.uint64(32)
+    x -= (x >> np.uint64(1)) & np.uint64(0x5555555555555555)
+    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
+    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
+    x += x >> np.uint64(8)
+    x += x >> np.uint64(16)
+    x += x >> np.uint64(32)
+    return int(x & np.uint64(127)) - 1
 
 
 @helper
@@ -192,14 +193,8 @@ def _parity(pbits: NDArray[np.uint64], start: int, end: int) -> int:
 
 @helper
 def _lowest_bit(word: np.uint64) -> int:
-    """Index of the lowest set bit of a non-zero word."""
-    index = 0
-    for width in (32, 16, 8, 4, 2, 1):
-        shift = np.uint64(width)
-        if word & ((np.uint64(1) << shift) - np.uint64(1)) == 0:
-            word >>= shift
-            index += width
-    return index
+    """Index of the lowest set bit of a non-zero word: the highest of that bit alone."""
+    return _highest_bit(word & (~word + np.uint64(1)))
 
 
 @helper
@@ -264,10 +259,11 @@ def _correct(
         g = at[i]
         pbits[g >> 6] ^= np.uint64(1) << np.uint64(g & 63)
         start[i] = _part_start(part_starts, g)
-    length = np.empty(total, dtype=np.int64)
-    for i in range(total):
-        s = start[i]
-        length[i] = _part_end(part_starts, s) - s
+    length = np.zeros(total, dtype=np.int64)
+    if codes:  # only the codes need the lengths
+        for i in range(total):
+            s = start[i]
+            length[i] = _part_end(part_starts, s) - s
     for i in range(total):
         s = start[i]
         odd = 1 - _bit(odd_bits, s)
@@ -329,7 +325,6 @@ def bob_activate(
     perm_all: NDArray[np.int32],
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -354,7 +349,6 @@ def bob_activate(
         s = base + start
         _mark_start(part_starts, s)
         odd = top_alice[j] ^ _parity(pbits, s, base + end)
-        _put_bit(part_alice, s, top_alice[j])
         _set_odd(odd_bits, odd_words, s, odd)
         _set_code(part_code, pos_code, s, end - start, odd, thresholds, True, codes)
     if codes_all:
@@ -466,41 +460,67 @@ def bob_fix_known_errors(
 
 
 @kernel
-def bob_select_classic(
+def bob_plan_classic(
     parts: NDArray[np.int64],
     n: int,
     sizes: NDArray[np.int64],
-    block_offset: NDArray[np.int64],
-) -> NDArray[np.int64]:
-    """Classic Cascade: the first odd part of every top-level block holding an odd number."""
-    out = np.empty(parts.shape[0], dtype=np.int64)
-    k = 0
-    i = 0
+    part_starts: NDArray[np.uint64],
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
+    """Classic Cascade's round: the first odd part of every top-level block holding an odd
+    number of them (``parts``: every odd part, increasing), halved as ``bob_even_cuts`` with
+    arity 2. Returns the chosen parts, their cuts and the wire triples of ``bob_query``."""
     m = parts.shape[0]
-    while i < m:
-        p = parts[i] // n
-        block = block_offset[p] + (parts[i] - p * n) // sizes[p]
-        j = i + 1
-        while j < m:
-            q = parts[j] // n
-            if block_offset[q] + (parts[j] - q * n) // sizes[q] != block:
-                break
-            j += 1
-        if (j - i) & 1:
-            out[k] = parts[i]
-            k += 1
-        i = j
-    return out[:k]
+    chosen = np.empty(m, dtype=np.int64)
+    chosen_pass = np.empty(m, dtype=np.int64)
+    k = 0
+    # the parts come in order: a block's end tells when the next begins, a pass's the next pass
+    block_end = -1
+    pass_end = -1
+    p = -1
+    base = 0
+    size = 1
+    in_block = 0
+    for i in range(m):
+        s = parts[i]
+        if s >= block_end:
+            if in_block & 1:
+                k += 1
+            if s >= pass_end:
+                p = s // n
+                base = p * n
+                pass_end = base + n
+                size = sizes[p]
+            block_end = min(base + (s - base) // size * size + size, pass_end)
+            chosen[k] = s
+            chosen_pass[k] = p
+            in_block = 0
+        in_block += 1
+    if in_block & 1:
+        k += 1
+    cuts = np.empty(k, dtype=np.int64)
+    triples = np.empty((k, 3), dtype=np.int32)
+    for i in range(k):
+        s = chosen[i]
+        end = _part_end(part_starts, s)
+        cut = min(max(s + (end - s) // 2, s + 1), end - 1)
+        base = chosen_pass[i] * n
+        cuts[i] = cut
+        triples[i, 0] = chosen_pass[i]
+        triples[i, 1] = s - base
+        triples[i, 2] = cut - base
+    return chosen[:k], cuts, triples
 
 
-@helper
-def _even_cuts(
+@kernel
+def bob_even_cuts(
     parts: NDArray[np.int64],
     arity: int,
     n: int,
     part_starts: NDArray[np.uint64],
     small_length: int,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
+    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
     m = parts.shape[0]
     cuts = np.empty((m, arity - 1), dtype=np.int64)
     small = np.empty(m, dtype=np.int64)
@@ -515,19 +535,6 @@ def _even_cuts(
             small[count] = k
             count += 1
     return cuts, small[:count]
-
-
-@kernel
-def bob_even_cuts(
-    parts: NDArray[np.int64],
-    arity: int,
-    n: int,
-    part_starts: NDArray[np.uint64],
-    small_length: int,
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """Cuts at equal lengths (parts, arity - 1), clipped strictly inside each part; and the
-    indices (into ``parts``) of the parts of at most ``small_length`` bits."""
-    return _even_cuts(parts, arity, n, part_starts, small_length)
 
 
 @kernel
@@ -742,26 +749,76 @@ def bob_cuts_two_passes(
     part_starts: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
-    weight_of_code: NDArray[np.float32],
-) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-    """``bob_even_cuts``, ``bob_log_odds`` and ``bob_weighted_cuts`` in one, while exactly two
-    passes are active: a bit's weight then depends only on the code of its part in the other
-    pass, ``weight_of_code[code]`` (1 / (1 + numpy's float32 exp of ``_exponent`` of the prior
-    plus the code's log-likelihood ratio), 0 for a known-right bit).
+    exp_exponent_of_code: NDArray[np.float32],
+) -> tuple[
+    NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32], NDArray[np.int64]
+]:
+    """``bob_even_cuts``, ``bob_log_odds``, ``bob_weighted_cuts`` and ``bob_query`` in one,
+    while exactly two passes are active: a bit's weight then depends only on the code of its
+    part in the other pass, 1 / (1 + ``exp_exponent_of_code[code]``) (numpy's float32 exp of
+    ``_exponent`` of the prior plus the code's log-likelihood ratio), 0 for a known-right bit.
 
-    Returns the cuts and the global positions of the certain errors (then nothing is cut).
+    Returns the asked ranges as ``bob_query``, then the global positions of the certain errors
+    (if there are any, nothing is asked: the ranges are empty).
     """
-    cuts, small = _even_cuts(parts, arity, n, part_starts, small_length)
-    m = small.shape[0]
+    weight_of_code = np.empty(256, dtype=np.float32)
+    for code in range(256):
+        weight_of_code[code] = np.float32(1.0) / (exp_exponent_of_code[code] + np.float32(1.0))
+    weight_of_code[KNOWN_RIGHT] = 0.0
+    m_all = parts.shape[0]
+    ends = np.empty(m_all, dtype=np.int64)
+    small = np.empty(m_all, dtype=np.int64)
+    starts = np.empty(m_all, dtype=np.int64)
+    lengths = np.empty(m_all, dtype=np.int64)
+    m = 0
+    for k in range(m_all):
+        s = parts[k]
+        ends[k] = _part_end(part_starts, s)
+        length = ends[k] - s
+        if length <= small_length:
+            small[m] = k
+            starts[m] = s
+            lengths[m] = length
+            m += 1
+    # The certain errors first, each part read only up to its second open bit: a round that
+    # has some corrects them and lists its parts again, so their weights would be thrown away.
+    found = np.empty(m, dtype=np.int64)
+    singles = 0
+    for k in range(m):
+        s = starts[k]
+        other = (1 - s // n) * n
+        count = 0
+        at = 0
+        for g in range(s, s + lengths[k]):
+            h = other + cross[g]
+            code = pos_code[h]
+            if code == LONG_PART:
+                code = part_code[_part_start(part_starts, h)]
+            if weight_of_code[code] > 0.0:
+                count += 1
+                if count == 2:
+                    break
+                at = g
+        if count == 1:
+            found[singles] = at
+            singles += 1
+    if singles:
+        none = np.empty(0, dtype=np.int64)
+        return none, none, none, np.empty((0, 3), dtype=np.int32), found[:singles]
+    # equal lengths as ``bob_even_cuts``; the small parts' are replaced by their weighted cuts
+    cuts = np.empty((m_all, arity - 1), dtype=np.int64)
+    for k in range(m_all):
+        s = parts[k]
+        for f in range(1, arity):
+            cuts[k, f - 1] = min(max(s + ((ends[k] - s) * f) // arity, s + 1), ends[k] - 1)
     if m == 0:
-        return cuts, np.empty(0, dtype=np.int64)
-    starts = np.empty(m, dtype=np.int64)
-    lengths = np.empty(m, dtype=np.int64)
+        rows, left, right, triples = _query(parts, cuts, n)
+        return rows, left, right, triples, found
+    small = small[:m]
+    starts = starts[:m]
+    lengths = lengths[:m]
     total = 0
     for k in range(m):
-        s = parts[small[k]]
-        starts[k] = s
-        lengths[k] = _part_end(part_starts, s) - s
         total += lengths[k]
     # one pass over the bits: their weights, the running sum over all parts (in the order of
     # ``_weighted_cuts``), each part's first and last open bit and their number
@@ -773,8 +830,6 @@ def bob_cuts_two_passes(
     first_open = np.empty(m, dtype=np.int64)
     last_open = np.empty(m, dtype=np.int64)
     opened = np.empty(m, dtype=np.int64)
-    found = np.empty(m, dtype=np.int64)
-    singles = 0
     j = 0
     for k in range(m):
         s = starts[k]
@@ -802,15 +857,11 @@ def bob_cuts_two_passes(
         first_open[k] = first if first >= 0 else j - 1
         last_open[k] = last if last >= 0 else j - 1
         opened[k] = count
-        if count == 1:
-            found[singles] = s + first - offset[k]
-            singles += 1
-    if singles:
-        return cuts, found[:singles]
     _cut_at_quantiles(
         cuts, small, starts, offset, lengths, first_open, last_open, opened, cum0, weight, arity
     )
-    return cuts, np.empty(0, dtype=np.int64)
+    rows, left, right, triples = _query(parts, cuts, n)
+    return rows, left, right, triples, found[:0]
 
 
 @kernel
@@ -823,6 +874,13 @@ def bob_query(
     A part's ranges follow one another from its start; repeated cuts (parts shorter than the
     arity) are dropped.
     """
+    return _query(parts, cuts, n)
+
+
+@helper
+def _query(
+    parts: NDArray[np.int64], cuts: NDArray[np.int64], n: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64], NDArray[np.int32]]:
     m, width = cuts.shape
     rows = np.empty(m * width, dtype=np.int64)
     left = np.empty(m * width, dtype=np.int64)
@@ -856,7 +914,6 @@ def bob_receive(
     n: int,
     pbits: NDArray[np.uint64],
     part_starts: NDArray[np.uint64],
-    part_alice: NDArray[np.uint64],
     odd_bits: NDArray[np.uint64],
     part_code: NDArray[np.uint8],
     pos_code: NDArray[np.uint8],
@@ -864,14 +921,13 @@ def bob_receive(
     thresholds: NDArray[np.int64],
     codes: bool,
 ) -> None:
-    """Split every asked part at its cuts: each asked range becomes a part with Alice's parity;
-    the rest of the part is derived (its parity xor the asked ones)."""
+    """Split every asked part at its cuts: each asked range becomes a part whose syndrome is
+    Alice's parity xor Bob's; the rest's is derived (the part's xor the asked ones)."""
     m = rows.shape[0]
     i = 0
     while i < m:
         s = rows[i]
-        end = _part_end(part_starts, s)
-        rest_alice = _bit(part_alice, s)
+        end = _part_end(part_starts, s) if codes else 0  # only the codes need the end
         rest_odd = _bit(odd_bits, s)
         j = i
         while j < m and rows[j] == s:
@@ -879,17 +935,14 @@ def bob_receive(
             cut = right[j]
             alice = parities[j]
             odd = alice ^ _parity(pbits, start, cut)
-            rest_alice ^= alice
             rest_odd ^= odd
             if start != s:
                 _mark_start(part_starts, start)
-            _put_bit(part_alice, start, alice)
             _set_odd(odd_bits, odd_words, start, odd)
             _set_code(part_code, pos_code, start, cut - start, odd, thresholds, False, codes)
             j += 1
         start = right[j - 1]
         _mark_start(part_starts, start)
-        _put_bit(part_alice, start, rest_alice)
         _set_odd(odd_bits, odd_words, start, rest_odd)
         _set_code(part_code, pos_code, start, end - start, rest_odd, thresholds, False, codes)
         i = j

@@ -44,7 +44,7 @@ of passes 0..p is left to search.
 
 Implementation: all active passes live in one *global* position space, position ``i`` of pass
 ``p`` being ``p * n + i``; the state (Bob's permuted bits per pass, a bit marking each part's
-start, and at each part's start its end, Alice's parity, the syndrome and a length code) is
+start, and at each part's start the syndrome and a length code) is
 kept incrementally by the numba kernels of ``cascade.kernels``, so a round costs what it asks and
 the bits it touches, not the frame length. The log-likelihood sums of the weighted cuts are
 added in float32 in the kernel, in pass order; of the logistic step from log-odds to weights
@@ -52,9 +52,10 @@ only the float32 ``exp`` runs in numpy (numpy's own), the exact float32 clip, ad
 around it in the kernels, so every cut, and therefore every query, is the one of the numpy
 formulation kept in the tests as the reference. While exactly two passes are active (where
 nearly all weights are computed) a bit's weight depends only on the code of its part in the
-other pass: the weight of each of the 256 codes is computed once per error-rate estimate with
-the same float32 operations in numpy (its ``exp`` is elementwise: the same value gives the same
-bits in any array), and one kernel looks the weights up and cuts.
+other pass: the exponent of each of the 256 codes goes through numpy's ``exp`` once per
+error-rate estimate, with the same float32 operations around it (its ``exp`` is elementwise:
+the same value gives the same bits in any array), and one kernel turns them into weights, looks
+the weights up and cuts.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ _MULTI_DIVISOR: Final = 16384.0
 _EXACT_LENGTHS: Final = kernels.EXACT_LENGTHS
 _CODES_PER_DOUBLING: Final = 4
 # Code of an even part of length 1: its bit is known right.
-_KNOWN_RIGHT: Final = 1
+_KNOWN_RIGHT: Final = kernels.KNOWN_RIGHT
 # Largest |log-likelihood ratio| of a part; a known-right bit's is _KNOWN_LR, far below any sum of
 # the others (>= -_LR_CAP each over <= 15 other passes, plus the prior log(q / (1 - q)) > -50).
 _LR_CAP: Final = 30.0
@@ -104,8 +105,8 @@ def _class_length_minus_1() -> NDArray[np.float64]:
 _CLASS_LENGTH_MINUS_1: Final = _class_length_minus_1()
 _EMPTY_INT: Final = np.zeros(0, dtype=np.int64)
 # Bob's state arrays kept for the next frames (see _Workspace), if they are at most this large:
-# a large frame's (2.5 bytes per position of every pass: 100 MB at 10^7 bits and 4 passes) would
-# stay in memory beside the next frame's, whose length differs.
+# a large frame's (under 2.5 bytes per position of every pass: 95 MB at 10^7 bits and 4 passes)
+# would stay in memory beside the next frame's, whose length differs.
 _POOL: Final = 2
 _POOL_MAX_BYTES: Final = 32 * 2**20
 _EMPTY_READ_ONLY: Final = np.zeros(0, dtype=np.int32)
@@ -159,7 +160,6 @@ class _Workspace:
         self.pbits = np.zeros(padded // 64, dtype=np.uint64)
         self.part_starts = np.zeros(padded // 64 + 1, dtype=np.uint64)  # + the end
         self.odd_bits = np.zeros(padded // 64, dtype=np.uint64)
-        self.part_alice = np.zeros(padded // 64, dtype=np.uint64)
         self.odd_words = np.zeros(padded // 4096, dtype=np.uint64)
         self.marks = np.zeros(n, dtype=np.uint8)  # the kernels leave it zero
 
@@ -227,9 +227,6 @@ class CascadeReconciler:
         self._block_sizes = variant.block_sizes(qber_estimate, n)
         passes = len(self._block_sizes)
         self._sizes = np.array(self._block_sizes, dtype=np.int64)
-        # First global top-level block index of every pass (classic Cascade needs block ids).
-        blocks = -(-n // self._sizes)
-        self._block_offset = np.concatenate(([0], np.cumsum(blocks)[:-1])).astype(np.int64)
         self._top_alice: list[NDArray[np.uint8]] = []
         # Global state over all passes, filled pass by pass on activation (module doc and
         # ``cascade.kernels``).
@@ -242,11 +239,7 @@ class CascadeReconciler:
         self._workspace = _Workspace.take(size, n)
         work = self._workspace
         self._pbits, self._part_starts = work.pbits, work.part_starts
-        self._part_alice, self._part_code, self._pos_code = (
-            work.part_alice,
-            work.part_code,
-            work.pos_code,
-        )
+        self._part_code, self._pos_code = work.part_code, work.pos_code
         self._odd_bits, self._odd_words = work.odd_bits, work.odd_words
         self._marks = work.marks
         # The pass 0 <-> 1 map once pass 1 is active (read-only like the map itself: one
@@ -257,8 +250,17 @@ class CascadeReconciler:
         self._codes = False
         self._weighted = variant.sub_block_reuse
         self._q = float(qber_estimate)
-        self._lr_cache: tuple[float, NDArray[np.float32]] | None = None
-        self._weight_cache: tuple[float, NDArray[np.float32]] | None = None
+        # The tables of ``_negated_lr_table``, ``_lr_table`` and ``_exp_exponent_of_code``, each
+        # rewritten in place when the error-rate estimate it was computed for (NaN: none yet)
+        # changes.
+        self._rs = np.empty(128, dtype=np.float64)
+        self._lr_even = np.empty(128, dtype=np.float64)
+        self._negated_lr = np.empty(256, dtype=np.float32)
+        self._negated_lr_q = math.nan
+        self._lr = np.empty(256, dtype=np.float32)
+        self._lr_q = math.nan
+        self._exp_exponent = np.empty(256, dtype=np.float32)
+        self._exp_exponent_q = math.nan
         entropy = binary_entropy(self._q)
         self._multi_parts = int(n * entropy / _MULTI_DIVISOR) if self._weighted else 0
         self._round = 0
@@ -364,6 +366,30 @@ class CascadeReconciler:
         """Error rate assumed for the bits not yet corrected (Q minus the corrected fraction)."""
         return max(self._q - self.errors_corrected / self._n, self._q / 100.0)
 
+    def _negated_lr_table(self) -> NDArray[np.float32]:
+        """Minus ``_lr_table``, computed first: the two-pass weights need this sign."""
+        q_now = self._q_now()
+        if q_now == self._negated_lr_q:
+            return self._negated_lr
+        # np.exp(s_minus_1 * log1p(-2 q)), then np.minimum(log1p(rs) - log1p(-rs), _LR_CAP) in
+        # float64 (a part's log-likelihood ratio if odd), cast to float32: numpy's own ufuncs,
+        # each in place (their call overhead, not the 128 values, is the cost). Negating is
+        # exact, in either precision.
+        rs, even, table = self._rs, self._lr_even, self._negated_lr
+        np.multiply(_CLASS_LENGTH_MINUS_1, math.log1p(-2.0 * q_now), out=rs)
+        np.exp(rs, out=rs)
+        np.negative(rs, out=even)
+        with np.errstate(divide="ignore"):  # rs = 1 for parts of one bit
+            np.log1p(even, out=even)
+        np.log1p(rs, out=rs)
+        np.subtract(rs, even, out=rs)
+        np.minimum(rs, _LR_CAP, out=rs)
+        table[:128] = rs
+        np.negative(table[:128], out=table[128:])
+        table[_KNOWN_RIGHT] = -_KNOWN_LR
+        self._negated_lr_q = q_now
+        return table
+
     def _lr_table(self) -> NDArray[np.float32]:
         """log P(parity seen | bit wrong) / P(parity seen | bit right) for every part code.
 
@@ -373,34 +399,31 @@ class CascadeReconciler:
         q is the current estimate of the uncorrected error rate (``_q_now``).
         """
         q_now = self._q_now()
-        if self._lr_cache is not None and self._lr_cache[0] == q_now:
-            return self._lr_cache[1]
-        rs = np.exp(_CLASS_LENGTH_MINUS_1 * math.log1p(-2.0 * q_now))
-        with np.errstate(divide="ignore"):
-            lr = np.minimum(np.log1p(rs) - np.log1p(-rs), _LR_CAP)
-        table: NDArray[np.float32] = np.concatenate((-lr, lr)).astype(np.float32)
-        table[_KNOWN_RIGHT] = _KNOWN_LR
-        self._lr_cache = (q_now, table)
-        return table
+        if q_now != self._lr_q:
+            np.negative(self._negated_lr_table(), out=self._lr)
+            self._lr_q = q_now
+        return self._lr
 
-    def _weight_of_code(self) -> NDArray[np.float32]:
-        """A bit's weight for every code of its part in the other pass, while exactly two passes
-        are active: 1 / (1 + exp(-clip(prior + log-likelihood ratio, -50, 50))) in float32, 0
-        for a known-right bit; the very operations of ``_split_weights`` and
-        ``kernels.bob_weighted_cuts`` on the same float32 values (numpy's exp is elementwise)."""
+    def _exp_exponent_of_code(self) -> NDArray[np.float32]:
+        """While exactly two passes are active, for every code of a bit's part in the other
+        pass: numpy's float32 exp of ``kernels._exponent`` of the bit's log-odds (the prior plus
+        the code's log-likelihood ratio), so that ``kernels.bob_cuts_two_passes`` finds the
+        weight 1 / (1 + that) of ``_split_weights`` and ``kernels.bob_weighted_cuts`` (numpy's
+        exp is elementwise). Not the known-right code's: its weight is 0.
+
+        The exponent -clip(lr + prior, -50, 50) is computed as clip(-lr - prior, -50, 50):
+        negating is exact and rounding symmetric, so it is the same float32.
+        """
         q = self._q_now()
-        if self._weight_cache is not None and self._weight_cache[0] == q:
-            return self._weight_cache[1]
-        log_odds = self._lr_table() + np.float32(math.log(q / (1.0 - q)))
-        # |log-odds| < 100 but for the known-right code (below -1000: exponent +inf, weight 0)
-        exponent = np.clip(log_odds, np.float32(-50.0), np.float32(50.0), out=log_odds)
-        np.negative(exponent, out=exponent)
+        if q == self._exp_exponent_q:
+            return self._exp_exponent
+        exponent = self._exp_exponent
+        np.add(self._negated_lr_table(), -math.log(q / (1.0 - q)), out=exponent)
+        np.maximum(exponent, -50.0, out=exponent)
+        np.minimum(exponent, 50.0, out=exponent)
         np.exp(exponent, out=exponent)
-        exponent += np.float32(1.0)
-        weight: NDArray[np.float32] = np.divide(np.float32(1.0), exponent, out=exponent)
-        weight[_KNOWN_RIGHT] = 0.0
-        self._weight_cache = (q, weight)
-        return weight
+        self._exp_exponent_q = q
+        return exponent
 
     def _split_weights(
         self, part: NDArray[np.int64]
@@ -442,20 +465,9 @@ class CascadeReconciler:
         Middle (equal lengths) without weights; else at the weight quantiles, so each piece is
         about equally likely to hold the error (the likelier piece is the shorter one), with
         bits not known right on both sides of every cut. If some part has a certain error, only
-        those are returned (the cuts are then empty).
+        those are returned (the cuts are then empty). (While exactly two passes are active,
+        ``_plan`` cuts with ``kernels.bob_cuts_two_passes`` instead.)
         """
-        if self._weighted and self._active == 2:
-            return kernels.bob_cuts_two_passes(
-                part,
-                arity,
-                self._n,
-                _WEIGHTED_LENGTH,
-                self._cross,
-                self._part_starts,
-                self._part_code,
-                self._pos_code,
-                self._weight_of_code(),
-            )
         cuts, small = kernels.bob_even_cuts(
             part, arity, self._n, self._part_starts, _WEIGHTED_LENGTH
         )
@@ -482,7 +494,6 @@ class CascadeReconciler:
             self._n,
             self._pbits,
             self._part_starts,
-            self._part_alice,
             self._odd_bits,
             self._part_code,
             self._pos_code,
@@ -508,7 +519,6 @@ class CascadeReconciler:
             self._perm_all,
             self._pbits,
             self._part_starts,
-            self._part_alice,
             self._odd_bits,
             self._part_code,
             self._pos_code,
@@ -548,30 +558,41 @@ class CascadeReconciler:
         self.errors_corrected += int(corrected)
         return parts
 
-    def _select(self, part: NDArray[np.int64]) -> NDArray[np.int64]:
-        """The odd parts (global starts) to binary-search this round."""
-        if part.shape[0] == 0 or self._variant.sub_block_reuse:
-            return part
-        # Classic Cascade: search an odd top-level block through its first odd part.
-        chosen: NDArray[np.int64] = kernels.bob_select_classic(
-            part, self._n, self._sizes, self._block_offset
-        )
-        return chosen
-
     def _plan(self) -> None:
         found = _EMPTY_INT
         while True:
-            part = self._select(self._fix_known_errors(found))
+            part = self._fix_known_errors(found)
             found = _EMPTY_INT
-            if part.shape[0]:
+            if not self._weighted:
+                # Classic Cascade: halve the first odd part of every odd top-level block.
+                part, cuts, triples = kernels.bob_plan_classic(
+                    part, self._n, self._sizes, self._part_starts
+                )
+                if part.shape[0]:
+                    self._ask(part, part, cuts, triples)
+                    return
+            elif part.shape[0]:
                 arity = 4 if part.shape[0] <= self._multi_parts else 2
+                if self._active == 2:
+                    rows, left, right, triples, found = kernels.bob_cuts_two_passes(
+                        part,
+                        arity,
+                        self._n,
+                        _WEIGHTED_LENGTH,
+                        self._cross,
+                        self._part_starts,
+                        self._part_code,
+                        self._pos_code,
+                        self._exp_exponent_of_code(),
+                    )
+                    if found.shape[0]:  # certain errors: corrected first, nothing asked
+                        continue
+                    self._ask(rows, left, right, triples)
+                    return
                 cuts, found = self._cuts(part, arity)
                 if found.shape[0]:  # certain errors: corrected first thing, no question needed
                     continue
-                rows, left, right, triples = kernels.bob_query(part, cuts, self._n)
-                self._planned = (rows, left, right)
-                self._expected_bits = int(rows.shape[0])
-                self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
+                self._ask(*kernels.bob_query(part, cuts, self._n))
                 return
             if self._active < len(self._block_sizes):
                 self._activate()
@@ -580,3 +601,16 @@ class CascadeReconciler:
             self._workspace.give_back()
             self._query = None
             return
+
+    def _ask(
+        self,
+        rows: NDArray[np.int64],
+        left: NDArray[np.int64],
+        right: NDArray[np.int64],
+        triples: NDArray[np.int32],
+    ) -> None:
+        """Make the round's query: the ranges [left, right) of the parts starting at ``rows``
+        (global), ``triples`` on the wire."""
+        self._planned = (rows, left, right)
+        self._expected_bits = int(rows.shape[0])
+        self._query = ParityQuery(round_index=self._round, ranges=encode_triples(triples))
