@@ -27,6 +27,7 @@ milliseconds and compiling the kernels would cost a fresh process seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -242,6 +243,17 @@ def announce_detections(detections: DetectionRecords) -> SiftAnnouncement:
     )
 
 
+def _from_split(split: Sequence[Bits]) -> SiftedBlock:
+    """The block of a split kernel's (key bits, key intensities, test bits, test intensities)."""
+    key_bits, key_intensity, test_bits, test_intensity = split
+    return SiftedBlock(
+        key_bits=key_bits,
+        key_intensity=key_intensity,
+        test_bits=test_bits,
+        test_intensity=test_intensity,
+    )
+
+
 def sift_alice(
     emissions: AliceRecords, announcement: SiftAnnouncement
 ) -> tuple[SiftReply, SiftedBlock]:
@@ -267,34 +279,16 @@ def sift_alice(
         intensity = alice_intensity[match]
         match_bits = match.view(np.uint8)
         if match_bits.shape[0] >= KERNEL_MIN_DETECTIONS:
-            key_bits, key_intensity, test_bits, test_intensity = kernels.split_matched(
-                match_bits, alice_bit, bob_basis, intensity, BASIS_KEY
-            )
-            sifted = SiftedBlock(
-                key_bits=key_bits,
-                key_intensity=key_intensity,
-                test_bits=test_bits,
-                test_intensity=test_intensity,
+            sifted = _from_split(
+                kernels.split_matched(match_bits, alice_bit, bob_basis, intensity, BASIS_KEY)
             )
         else:
             sifted = _split(alice_bit[match], intensity, bob_basis[match])
     elif offsets.shape[0] >= KERNEL_MIN_DETECTIONS:
-        match_bits, intensity, key_bits, key_intensity, test_bits, test_intensity = (
-            kernels.sift_alice_split(
-                offsets,
-                bob_basis,
-                emissions.basis,
-                emissions.bit,
-                emissions.intensity,
-                BASIS_KEY,
-            )
+        match_bits, intensity, *split = kernels.sift_alice_split(
+            offsets, bob_basis, emissions.basis, emissions.bit, emissions.intensity, BASIS_KEY
         )
-        sifted = SiftedBlock(
-            key_bits=key_bits,
-            key_intensity=key_intensity,
-            test_bits=test_bits,
-            test_intensity=test_intensity,
-        )
+        sifted = _from_split(split)
     else:
         match = emissions.basis[offsets] == bob_basis
         matched = offsets[match]
