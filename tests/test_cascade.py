@@ -331,6 +331,16 @@ def test_base_permutations_are_kept_across_lengths_within_budget() -> None:
     assert np.shares_memory(permutation_module.base_permutation(seed, 2**20, 0), base)
     assert np.array_equal(cascade_permutation(seed, 950_000, 0), base[base < 950_000])
     assert np.array_equal(first, base[base < 900_000])
+    # a set keeps no more passes than the budget holds: the others are drawn per use
+    size = permutation_module.BASE_CACHE_MAX_SIZE
+    fit = permutation_module.BASE_CACHE_BYTES // (4 * size)
+    kept = [permutation_module.base_permutation(seed, size, index) for index in range(fit)]
+    assert all(
+        np.shares_memory(permutation_module.base_permutation(seed, size, index), kept[index])
+        for index in range(fit)
+    )
+    beyond = permutation_module.base_permutation(seed, size, fit)
+    assert not np.shares_memory(permutation_module.base_permutation(seed, size, fit), beyond)
     # bases above the largest kept size are drawn per use
     large = permutation_module.BASE_CACHE_MAX_SIZE * 2
     drawn = permutation_module.base_permutation(seed, large, 0)

@@ -57,7 +57,8 @@ Caches (memos of a pure function: results are the same with or without them; ret
 are read-only):
 
 - Base permutations per (seed, size), each pass drawn on first use, the last
-  ``BASE_CACHE_SETS`` pairs used within ``BASE_CACHE_BYTES``, least recently used first out.
+  ``BASE_CACHE_SETS`` pairs used within ``BASE_CACHE_BYTES``, least recently used first out (the
+  passes of one set beyond that budget are drawn per use).
   Bases above ``BASE_CACHE_MAX_SIZE`` are drawn per use and not kept (frames of 2^22 bits, whose
   drawing is small beside their reconciliation; keeping them would raise a large block's peak).
 - Restricted permutations per (seed, n) with their inverses (and the map between passes 0 and
@@ -253,7 +254,9 @@ def base_permutation(seed: bytes, size: int, pass_index: int) -> NDArray[np.int3
             return found
     drawn = _draw_base(seed, size, pass_index)
     drawn.flags.writeable = False
-    if size <= BASE_CACHE_MAX_SIZE:
+    kept = 0 if rows is None else len(rows)
+    # a set never outgrows the budget alone: passes beyond it are drawn per use
+    if size <= BASE_CACHE_MAX_SIZE and size * 4 * (kept + 1) <= BASE_CACHE_BYTES:
         _base_cache.setdefault(key, {})[pass_index] = drawn
         _trim_base()
     return drawn
@@ -261,7 +264,7 @@ def base_permutation(seed: bytes, size: int, pass_index: int) -> NDArray[np.int3
 
 def _trim_base() -> None:
     """Drop the least recently used base sets until at most BASE_CACHE_SETS remain within
-    BASE_CACHE_BYTES (the most recent one stays)."""
+    BASE_CACHE_BYTES (the most recent one, within the budget by itself, stays)."""
 
     def set_bytes(item: tuple[tuple[bytes, int], dict[int, NDArray[np.int32]]]) -> int:
         (_, size), rows = item
