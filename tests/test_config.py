@@ -21,7 +21,10 @@ from qkdnode.errors import ConfigError
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
 from qkdnode.postprocess.amplification_family import AmplificationFamily
+from qkdnode.postprocess.block_parameters import PipelineParameters
+from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
+from tests.helpers_blocks import SECURITY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +66,15 @@ def test_example_configs_load(example_dir: Path) -> None:
     # one block at a time unless configured; never more than the channel lets open at once
     assert alice.postprocess.blocks_in_flight == 1
     assert ChannelConfig().max_open_blocks == MAX_BLOCKS_IN_FLIGHT
+
+
+def test_an_unnamed_pa_family_is_the_pipelines_default(example_dir: Path) -> None:
+    path = example_dir / "alice.toml"
+    text = path.read_text()
+    path.write_text(re.sub(r"(?m)^pa_family = .*\n", "", text))
+    assert "pa_family" not in path.read_text().split("[postprocess]")[1].split("\n[")[0]
+    default = PipelineParameters(cascade_variant=CascadeVariant.ORIGINAL, security=SECURITY)
+    assert load_config(path).postprocess.pa_family == default.pa_family.value
 
 
 def _edit(path: Path, old: str, new: str) -> None:
