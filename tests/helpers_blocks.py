@@ -8,6 +8,7 @@ and (when bases match) the bit flipped with probability ``qber``; random bit oth
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import NDArray
 
 from qkdnode.postprocess.cascade import CascadeVariant
 from qkdnode.postprocess.finitekey import (
@@ -17,7 +18,11 @@ from qkdnode.postprocess.finitekey import (
 from qkdnode.postprocess.pipeline import (
     PipelineParameters,
 )
-from qkdnode.postprocess.records import DetectionRecords, EmissionRecords
+from qkdnode.postprocess.records import (
+    DetectedEmissionRecords,
+    DetectionRecords,
+    EmissionRecords,
+)
 
 
 def make_block(
@@ -75,3 +80,17 @@ DECOY = DecoySettings(
     p_vacuum=0.15,
     p_key_basis=0.5,
 )
+
+
+def detected_records(
+    emissions: EmissionRecords, offsets: NDArray[np.int64]
+) -> DetectedEmissionRecords:
+    """Alice's records of the pulses at ``offsets`` only, taken from her dense ``emissions``."""
+    return DetectedEmissionRecords(
+        first_pulse_index=emissions.first_pulse_index,
+        pulse_count=emissions.pulse_count,
+        offset=offsets,
+        bit=emissions.bit[offsets],
+        basis=emissions.basis[offsets],
+        intensity=emissions.intensity[offsets],
+    )

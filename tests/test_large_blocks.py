@@ -36,7 +36,7 @@ from qkdnode.postprocess.records import (
 )
 from qkdnode.postprocess.sifting import announce_detections, sift_alice
 from tests import helpers_bitpack_reference as bitpack_reference
-from tests.helpers_blocks import SINGLE_PHOTON, make_block
+from tests.helpers_blocks import SINGLE_PHOTON, detected_records, make_block
 
 PARAMS = SimulatedLinkConfig().nominal_parameters()
 
@@ -102,14 +102,7 @@ def test_lookups_refuse_bad_offsets(offsets: np.ndarray) -> None:
 def test_detected_records_give_their_pulses_and_refuse_others() -> None:
     dense = _dense(3, 10_000, 4096)
     kept = np.arange(0, 10_000, 7, dtype=np.int64)
-    detected = DetectedEmissionRecords(
-        first_pulse_index=0,
-        pulse_count=10_000,
-        offset=kept,
-        bit=dense.bit[kept],
-        basis=dense.basis[kept],
-        intensity=dense.intensity[kept],
-    )
+    detected = detected_records(dense, kept)
     asked = kept[::3]
     for mine, theirs in zip(detected.records_at(asked), dense.records_at(asked), strict=True):
         assert np.array_equal(mine, theirs)
@@ -194,28 +187,14 @@ def _assert_same_sifting(
 def test_sifting_from_a_lookup_equals_sifting_the_dense_records(seed: int) -> None:
     emissions, detections = make_block(np.random.default_rng(seed), pulse_count=200_000)
     offsets = detections.pulse_index - detections.first_pulse_index
-    detected = DetectedEmissionRecords(
-        first_pulse_index=emissions.first_pulse_index,
-        pulse_count=emissions.pulse_count,
-        offset=offsets,
-        bit=emissions.bit[offsets],
-        basis=emissions.basis[offsets],
-        intensity=emissions.intensity[offsets],
-    )
+    detected = detected_records(emissions, offsets)
     _assert_same_sifting(emissions, detected, detections)
 
 
 def test_sifting_refuses_an_announcement_of_pulses_alice_has_no_record_of() -> None:
     emissions, detections = make_block(np.random.default_rng(4), pulse_count=50_000)
     offsets = detections.pulse_index - detections.first_pulse_index
-    detected = DetectedEmissionRecords(
-        first_pulse_index=0,
-        pulse_count=emissions.pulse_count,
-        offset=offsets[1:],
-        bit=emissions.bit[offsets[1:]],
-        basis=emissions.basis[offsets[1:]],
-        intensity=emissions.intensity[offsets[1:]],
-    )
+    detected = detected_records(emissions, offsets[1:])
     with pytest.raises(ProtocolError):
         sift_alice(detected, announce_detections(detections))
 
@@ -229,14 +208,7 @@ def test_a_block_from_the_detected_records_gives_the_same_key() -> None:
         p_key_basis=0.7,
     )
     offsets = detections.pulse_index - detections.first_pulse_index
-    detected = DetectedEmissionRecords(
-        first_pulse_index=0,
-        pulse_count=emissions.pulse_count,
-        offset=offsets,
-        bit=emissions.bit[offsets],
-        basis=emissions.basis[offsets],
-        intensity=emissions.intensity[offsets],
-    )
+    detected = detected_records(emissions, offsets)
     params = SINGLE_PHOTON
     for dense, sparse in zip(
         run_block(emissions, detections, params, np.random.default_rng(8)),

@@ -26,6 +26,7 @@ from qkdnode.postprocess.records import (
     DetectionRecords,
     EmissionRecords,
 )
+from tests.helpers_blocks import detected_records
 
 
 def _records(
@@ -97,14 +98,7 @@ def test_kernel_sifting_of_detected_records_equals_numpy_sifting(
 ) -> None:
     emissions, detected = _records(data_seed, pulses, int(pulses * fraction), p_test)
     offsets = detected.pulse_index - detected.first_pulse_index
-    lookup = DetectedEmissionRecords(
-        first_pulse_index=emissions.first_pulse_index,
-        pulse_count=emissions.pulse_count,
-        offset=offsets,
-        bit=emissions.bit[offsets],
-        basis=emissions.basis[offsets],
-        intensity=emissions.intensity[offsets],
-    )
+    lookup = detected_records(emissions, offsets)
     reply, alice, bob = _sift(lookup, detected, threshold=0)
     expected_reply, expected_alice, expected_bob = _sift(emissions, detected, threshold=2**62)
     assert reply == expected_reply

@@ -44,6 +44,18 @@ def _check_binary(name: str, values: NDArray[np.uint8], limit: int) -> None:
         raise ProtocolError(f"values must be below {limit}", field=name)
 
 
+def _check_emission_columns(bit: Bits, basis: Bits, intensity: Bits, *, count: int) -> None:
+    """Each of Alice's record columns 1-D of ``count`` uint8 values within its range."""
+    for name, values, limit in (
+        ("bit", bit, 2),
+        ("basis", basis, 2),
+        ("intensity", intensity, INTENSITY_CLASSES),
+    ):
+        if values.ndim != 1 or values.shape[0] != count:
+            raise ProtocolError(f"must be 1-D of length {count}", field=name)
+        _check_binary(name, values, limit)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EmissionRecords:
     """Alice's side of a block: what she sent in every pulse of the range, densely indexed.
@@ -59,15 +71,7 @@ class EmissionRecords:
     def __post_init__(self) -> None:
         if self.first_pulse_index < 0:
             raise ProtocolError("must be >= 0", field="first_pulse_index")
-        count = self.bit.shape[0]
-        for name, values, limit in (
-            ("bit", self.bit, 2),
-            ("basis", self.basis, 2),
-            ("intensity", self.intensity, INTENSITY_CLASSES),
-        ):
-            if values.ndim != 1 or values.shape[0] != count:
-                raise ProtocolError(f"must be 1-D of length {count}", field=name)
-            _check_binary(name, values, limit)
+        _check_emission_columns(self.bit, self.basis, self.intensity, count=self.bit.shape[0])
 
     @property
     def pulse_count(self) -> int:
@@ -186,15 +190,7 @@ class DetectedEmissionRecords:
         if self.first_pulse_index < 0 or self.pulse_count < 0:
             raise ProtocolError("must be >= 0", field="first_pulse_index/pulse_count")
         check_offsets(self.offset, self.pulse_count)
-        count = self.offset.shape[0]
-        for name, values, limit in (
-            ("bit", self.bit, 2),
-            ("basis", self.basis, 2),
-            ("intensity", self.intensity, INTENSITY_CLASSES),
-        ):
-            if values.ndim != 1 or values.shape[0] != count:
-                raise ProtocolError(f"must be 1-D of length {count}", field=name)
-            _check_binary(name, values, limit)
+        _check_emission_columns(self.bit, self.basis, self.intensity, count=self.offset.shape[0])
 
     def records_at(self, offsets: NDArray[np.int64]) -> tuple[Bits, Bits, Bits]:
         _check_offset_bounds(offsets, self.pulse_count)
