@@ -5,7 +5,8 @@ the analytic curves (selected analysis and Lim et al. 2014) and the PLOB bound, 
 Usage::
 
     .venv/bin/python scripts/plot_keyrate.py --out keyrate.png [--json points.json]
-        [--pulses N] [--step-km 10] [--max-km 150] [--finite-key lim2014-kl|zhang2017|lim2014]
+        [--pulses N] [--step-km 10] [--max-km 150]
+        [--finite-key lim2014-kl|lim2014-chernoff|lim2014]
 
 Channel: the default ``SimulatedLinkConfig`` (the example of Lim et al., PRA 89, 022307 (2014):
 0.2 dB/km, eta_Bob = 10 %, p_dc = 6e-7, e_mis = 0.5 %). At each distance the decoy settings are

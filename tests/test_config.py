@@ -94,6 +94,12 @@ def _edit(path: Path, old: str, new: str) -> None:
         ("qber_threshold = 0.11", "qber_threshold = 0.6", "postprocess.qber_threshold", "< 0.5"),
         ('finite_key = "lim2014-kl"', 'finite_key = "gauss"', "postprocess.finite_key", "lim2014"),
         (
+            'finite_key = "lim2014-kl"',
+            'finite_key = "zhang2017"',
+            "postprocess.finite_key",
+            "'lim2014-chernoff': 'zhang2017' is that analysis's former name",
+        ),
+        (
             'pa_family = "mersenne-gmp-v1"',
             'pa_family = "mersenne-gmp-v2"',
             "postprocess.pa_family",

@@ -4,9 +4,9 @@ against realised counts of a simulated photon-number model, and the key-rate pic
 
 Paper reproductions live in test_finitekey.py (Tomamichel et al. 2012 Fig. 2; Lim et al. 2014
 Fig. 1) and at the end of this file (Rusca et al. 2018: its stated 1- vs 2-decoy result and the
-reach of its Fig. 1 at n_Z = 10^7, with the paper's parameters). No figure of Zhang et al. 2017
-is reproduced (``keylength.zhang2017`` says why); the deviations of ``zhang2017`` and
-``lim2014-kl`` are checked here against exact Poisson and binomial tails.
+reach of its Fig. 1 at n_Z = 10^7, with the paper's parameters). ``lim2014-chernoff`` and
+``lim2014-kl`` are Lim et al. 2014 with another deviation; their deviations are checked here
+against exact Poisson and binomial tails.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from qkdnode.postprocess.finitekey import (
     tomamichel_key_length,
 )
 from qkdnode.postprocess.keylength.decoy import no_deviation
+from qkdnode.postprocess.keylength.lim2014_chernoff import chernoff_mean_lower, chernoff_mean_upper
 from qkdnode.postprocess.keylength.lim2014_kl import (
     binary_relative_entropy,
     relative_entropy_mean_lower,
     relative_entropy_mean_upper,
 )
 from qkdnode.postprocess.keylength.selection import deviation_for
-from qkdnode.postprocess.keylength.zhang2017 import chernoff_mean_lower, chernoff_mean_upper
 from tests.helpers_decoy_mc import mc_failures
 from tests.helpers_finitekey import LIM_SECURITY, SETTINGS
 
@@ -291,7 +291,7 @@ def _optimum(analysis: FiniteKeyAnalysis, pulses: int) -> float:
 @pytest.mark.parametrize("pulses", [10**8, 10**10])
 def test_per_class_analyses_give_more_key_than_lim_at_25_km(pulses: int) -> None:
     lim = _optimum(FiniteKeyAnalysis.LIM2014, pulses)
-    chernoff = _optimum(FiniteKeyAnalysis.ZHANG2017, pulses)
+    chernoff = _optimum(FiniteKeyAnalysis.LIM2014_CHERNOFF, pulses)
     relative_entropy = _optimum(FiniteKeyAnalysis.LIM2014_KL, pulses)
     eta = channel_transmittance(fiber_km=25.0, attenuation_db_per_km=0.2, detector_efficiency=0.1)
     asymptotic = asymptotic_decoy_bits_per_pulse(
@@ -377,7 +377,8 @@ def test_keyrate_picture_uses_the_selected_analysis_and_draws_lim_beside_it(
     # `qkdnode report` and scripts/plot_keyrate.py both draw from these two functions.
     pytest.importorskip("matplotlib")
     pulses = 1 << 22
-    analysis = FiniteKeyAnalysis.ZHANG2017  # not the default, to see the selection go through
+    # not the default, to see the selection go through
+    analysis = FiniteKeyAnalysis.LIM2014_CHERNOFF
     points, curve = simulate_keyrate_versus_distance(
         SimulatedLinkConfig(),
         distances_km=[0.0],

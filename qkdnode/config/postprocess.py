@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qkdnode.config.table import Table
+from qkdnode.errors import ConfigError
 
 SecurityModel = Literal["decoy", "single_photon"]
 # the decoy finite-key analyses (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values)
-FiniteKey = Literal["lim2014", "zhang2017", "lim2014-kl"]
-FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "zhang2017", "lim2014-kl")
+FiniteKey = Literal["lim2014", "lim2014-chernoff", "lim2014-kl"]
+FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "lim2014-chernoff", "lim2014-kl")
+# former names, refused with the new one named: the analysis is unchanged, only its name
+RENAMED_FINITE_KEY_ANALYSES: dict[str, FiniteKey] = {"zhang2017": "lim2014-chernoff"}
 # the privacy-amplification families (qkdnode.postprocess.amplification_family values); both
 # nodes must name the same one
 PA_FAMILIES: tuple[str, ...] = ("toeplitz-fft-v1", "mersenne-gmp-v1")
@@ -54,9 +57,7 @@ def read_postprocess(table: Table) -> PostprocessSection:
             "cascade_variant", "subblock-reuse", choices=("original", "yan", "subblock-reuse")
         ),
         security_model="decoy" if model == "decoy" else "single_photon",
-        finite_key=_finite_key(
-            table.string("finite_key", "lim2014-kl", choices=FINITE_KEY_ANALYSES)
-        ),
+        finite_key=_finite_key(table),
         eps_sec=open_interval("eps_sec", 1e-10, 1),
         eps_cor=open_interval("eps_cor", 1e-12, 1),
         qber_threshold=open_interval("qber_threshold", 0.11, 0.5),
@@ -72,7 +73,16 @@ def read_postprocess(table: Table) -> PostprocessSection:
     return section
 
 
-def _finite_key(name: str) -> FiniteKey:
+def _finite_key(table: Table) -> FiniteKey:
+    name = table.string("finite_key", "lim2014-kl")
+    renamed = RENAMED_FINITE_KEY_ANALYSES.get(name)
+    if renamed is not None:
+        raise ConfigError(
+            table.key("finite_key"),
+            f"{renamed!r}: {name!r} is that analysis's former name (Lim 2014 with per-class"
+            " Chernoff bounds, not the key-rate formula of Zhang et al. 2017)",
+        )
+    name = table.string("finite_key", "lim2014-kl", choices=FINITE_KEY_ANALYSES)
     for analysis in FINITE_KEY_ANALYSES:
         if analysis == name:
             return analysis

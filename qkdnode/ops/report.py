@@ -3,7 +3,7 @@
 Usage::
 
     qkdnode report --store DIR [--log FILE [--peer NAME]] --out DIR [--no-distance] [--pulses N]
-        [--finite-key lim2014-kl|zhang2017|lim2014]
+        [--finite-key lim2014-kl|lim2014-chernoff|lim2014]
 
 From the store's ``blocks`` table (committed blocks and their ``stats``) and/or the node's JSON
 log (``block.committed`` / ``block.aborted`` events; journald's ``<6>`` prefix is accepted):

@@ -1,7 +1,7 @@
 """Finite-key secret-key length: the public names of ``qkdnode.postprocess.keylength``.
 
 One module per analysis lives in ``keylength``: ``tomamichel2012`` (single-photon BB84),
-``lim2014``, ``zhang2017`` and ``lim2014_kl`` (decoy-state BB84 in the same framework,
+``lim2014``, ``lim2014_chernoff`` and ``lim2014_kl`` (decoy-state BB84 in the same framework,
 ``decoy``, with Hoeffding, per-class Chernoff and per-class relative-entropy deviations),
 ``theory`` (channel model, curves, PLOB) and ``optimiser``.
 ``FiniteKeyAnalysis`` selects the decoy analysis (config ``[postprocess] finite_key``);
@@ -26,7 +26,6 @@ from qkdnode.postprocess.keylength.common import (
 )
 from qkdnode.postprocess.keylength.decoy import asymptotic_decoy_length
 from qkdnode.postprocess.keylength.lim2014 import lim_key_length
-from qkdnode.postprocess.keylength.lim2014_kl import lim_kl_key_length
 from qkdnode.postprocess.keylength.optimiser import DecoyOptimum, optimise_decoy_settings
 from qkdnode.postprocess.keylength.selection import decoy_key_length_for
 from qkdnode.postprocess.keylength.theory import (
@@ -45,7 +44,6 @@ from qkdnode.postprocess.keylength.tomamichel2012 import (
     tomamichel_key_length,
     tomamichel_statistical_deviation,
 )
-from qkdnode.postprocess.keylength.zhang2017 import zhang_key_length
 
 __all__ = [
     "DEFAULT_FINITE_KEY_ANALYSIS",
@@ -66,7 +64,6 @@ __all__ = [
     "expected_error_gain",
     "expected_gain",
     "lim_key_length",
-    "lim_kl_key_length",
     "optimal_sample_bits",
     "optimise_decoy_settings",
     "plob_bound_bits_per_pulse",
@@ -74,5 +71,4 @@ __all__ = [
     "tomamichel_key_length",
     "tomamichel_statistical_deviation",
     "vacuum_yield",
-    "zhang_key_length",
 ]

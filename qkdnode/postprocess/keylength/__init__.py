@@ -3,7 +3,7 @@
 - ``common``: entropy, validation, security parameters, decoy settings and observations;
 - ``tomamichel2012``: single-photon BB84;
 - ``decoy``: the decoy-state estimation Lim et al. 2014 Eqs. (1)-(5), shared by:
-- ``lim2014`` (Hoeffding deviations), ``zhang2017`` (per-class Chernoff deviations) and
+- ``lim2014`` (Hoeffding deviations), ``lim2014_chernoff`` (per-class Chernoff deviations) and
   ``lim2014_kl`` (per-class relative-entropy Hoeffding deviations);
 - ``one_decoy``: one-decoy BB84 (two intensities), Rusca et al. 2018 Appendix A (A16)-(A25),
   theory and optimiser; not selectable in the node (it needs two intensities and the key-basis

@@ -24,12 +24,8 @@ class FiniteKeyAnalysis(StrEnum):
 
     - ``lim2014``: the paper as published, Hoeffding's quadratic bound with the total basis
       count for every class;
-    - ``zhang2017``: the multiplicative Chernoff bound inverted at the observed count, in the
-      E_L/E_U form a public re-implementation of Zhang, Zhao, Razavi, Ma, PRA 95, 012333
-      (2017) uses (the paper's own equations could not be read), per class, inside the
-      [LCWXZ14] framework: "Lim 2014 with Zhang 2017's Chernoff inversion". It is not the
-      key-rate formula of that paper (a GLLP-type rate in another framework, see
-      ``zhang2017``), and no figure or table of that paper is reproduced;
+    - ``lim2014-chernoff``: the multiplicative Chernoff bound per class, inverted at the class's
+      observed count (Mitzenmacher & Upfal, Probability and Computing, Thms 4.4 and 4.5);
     - ``lim2014-kl``: Hoeffding's Theorem 1 in its relative-entropy form ([H63] W. Hoeffding,
       J. Am. Stat. Assoc. 58, 13 (1963), Eq. (2.1)) per class over the basis count.
 
@@ -43,12 +39,12 @@ class FiniteKeyAnalysis(StrEnum):
     no published key-rate figure of its own: the shared code path (``decoy.decoy_bound``) is
     checked against [LCWXZ14] Fig. 1 with the paper's deviation, and the Eq. (2.1) deviation
     against exact binomial tails (tests/test_finitekey.py, tests/test_keylength_analyses.py).
-    ``zhang2017`` is not the default: its deviation is looser than ``lim2014-kl``'s, and it
-    reproduces no published point of its own paper either.
+    ``lim2014-chernoff`` is not the default: its interval is wider than ``lim2014-kl``'s. Neither
+    is the key-rate formula of another paper, so neither has a published figure of its own.
     """
 
     LIM2014 = "lim2014"
-    ZHANG2017 = "zhang2017"
+    LIM2014_CHERNOFF = "lim2014-chernoff"
     LIM2014_KL = "lim2014-kl"
 
 

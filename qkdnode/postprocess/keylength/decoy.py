@@ -7,11 +7,12 @@ The analyses differ only in how they bound the expected count n*_k of each inten
 the observed n_k (a *deviation*): conditioned on the photon number of every detected pulse, the
 intensity labels are independent with P(k | n) = p_k e^-k k^n / (n! tau_n) (Alice's choice is
 hidden in the photon-number mixture), so n_k is a sum of independent Bernoulli trials with mean
-n*_k = sum_n P(k | n) s_n. [LCWXZ14] bound it with Hoeffding (``lim2014``), Zhang et al. 2017
-with per-class multiplicative Chernoff bounds (``zhang2017``), ``lim2014_kl`` with Hoeffding's
-relative-entropy bound per class. Every one-sided deviation fails with probability at most
-eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it counts 12 one-sided
-deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m- of mu3).
+n*_k = sum_n P(k | n) s_n. [LCWXZ14] bound it with Hoeffding (``lim2014``),
+``lim2014_chernoff`` with per-class multiplicative Chernoff bounds, ``lim2014_kl`` with
+Hoeffding's relative-entropy bound per class. Every one-sided deviation fails with probability
+at most eps_sec/21, so the eps split of [LCWXZ14] Eq. (B4) holds for all three: it counts 12
+one-sided deviations (n+-_k of classes mu2, mu3 and n+ of mu1 in each basis, m+ of mu2 and m-
+of mu3).
 
 Two-way reconciliation (Cascade): Tupkary & Lutkenhaus, "Using Cascade in Quantum Key
 Distribution", arXiv:2307.00576, PRApplied 20, 064040 (2023). What could be checked here, and

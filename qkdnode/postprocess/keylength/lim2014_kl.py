@@ -12,8 +12,8 @@ and D(a || b) >= 2 (a - b)^2 gives the quadratic form ([H63] Eq. (2.3)). The tri
 same as in [LCWXZ14]: conditioned on the photon numbers, the n detections carry independent
 labels, X_i = 1 when detection i has intensity k, with mean of means n*_k / n (see ``decoy``).
 Also D(a || b) >= a ln(a/b) - a + b (from ln x >= 1 - 1/x), the exponent of the
-multiplicative Chernoff bound of ``zhang2017`` at the same mean, so each class interval here lies
-inside both the Hoeffding and the Chernoff interval (the key length grows as they narrow).
+multiplicative Chernoff bound of ``lim2014_chernoff`` at the same mean, so each class interval
+here lies inside both the Hoeffding and the Chernoff interval (the key length grows as they narrow).
 
 Inversion, with q = n_k / n and L = ln(1/eps): the threshold q_U(p) > p with n D(q_U || p) = L
 is strictly increasing in p (D(q || p) grows with q and falls with p on q > p), so
@@ -33,14 +33,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from typing import Final
-
-from qkdnode.postprocess.keylength.common import (
-    DecoyKeyBound,
-    DecoyObservation,
-    DecoySettings,
-    SecurityParameters,
-)
-from qkdnode.postprocess.keylength.decoy import decoy_key_length
 
 _BISECTION_STEPS: Final = 200
 _RELATIVE_TOLERANCE: Final = 1e-13
@@ -111,22 +103,3 @@ def relative_entropy_deviation(
     lower = [relative_entropy_mean_lower(c, trials, log_inverse_eps) for c in counts]
     upper = [relative_entropy_mean_upper(c, trials, log_inverse_eps) for c in counts]
     return lower, upper
-
-
-def lim_kl_key_length(
-    observation: DecoyObservation,
-    settings: DecoySettings,
-    *,
-    leak_ec_bits: int,
-    security: SecurityParameters,
-    error_positions_disclosed: bool = True,
-) -> DecoyKeyBound:
-    """[LCWXZ14] Eq. (1) with relative-entropy Hoeffding deviations; as ``lim_key_length``."""
-    return decoy_key_length(
-        observation,
-        settings,
-        leak_ec_bits=leak_ec_bits,
-        security=security,
-        deviation=relative_entropy_deviation,
-        error_positions_disclosed=error_positions_disclosed,
-    )

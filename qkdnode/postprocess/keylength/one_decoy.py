@@ -17,10 +17,10 @@ paper's equation; the code is ours. Paper notation: Z is the key basis, X the te
       class k given the photon numbers (s_n detections with n photons, v_n errors among them).
       The paper bounds |n*_k - n_k| <= delta(n_basis, eps), delta(n, eps) = sqrt(n ln(1/eps)/2)
       (Hoeffding with the basis total, = ``lim2014``); here the deviation is that of the
-      selected statistics (``lim2014``, ``zhang2017`` or ``lim2014_kl``), each side failing with
-      probability <= eps = eps_sec / 19. n^{+-}_k = (e^k / p_k) (bound on n*_k): the weighted
-      form of (A18) (as printed, (A18) lacks the e^k / p_k factor that (A10) and [LCWXZ14]
-      need; we use the weighted form).
+      selected statistics (``lim2014``, ``lim2014_chernoff`` or ``lim2014_kl``), each side
+      failing with probability <= eps = eps_sec / 19. n^{+-}_k = (e^k / p_k) (bound on n*_k):
+      the weighted form of (A18) (as printed, (A18) lacks the e^k / p_k factor that (A10) and
+      [LCWXZ14] need; we use the weighted form).
 (A19) vacuum, lower bound: s_0 >= tau_0 (mu1 n^-_mu2 - mu2 n^+_mu1) / (mu1 - mu2).
 (A16) vacuum, upper bound (the paper's "second route", from the errors of one intensity class):
       m*_k >= P(k | 0) v_0 (A15), and errors on vacuum detections occur with probability 1/2

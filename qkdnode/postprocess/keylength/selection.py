@@ -11,12 +11,12 @@ from qkdnode.postprocess.keylength.common import (
 )
 from qkdnode.postprocess.keylength.decoy import Deviation, decoy_key_length
 from qkdnode.postprocess.keylength.lim2014 import hoeffding_deviation
+from qkdnode.postprocess.keylength.lim2014_chernoff import chernoff_deviation
 from qkdnode.postprocess.keylength.lim2014_kl import relative_entropy_deviation
-from qkdnode.postprocess.keylength.zhang2017 import chernoff_deviation
 
 _DEVIATIONS: dict[FiniteKeyAnalysis, Deviation] = {
     FiniteKeyAnalysis.LIM2014: hoeffding_deviation,
-    FiniteKeyAnalysis.ZHANG2017: chernoff_deviation,
+    FiniteKeyAnalysis.LIM2014_CHERNOFF: chernoff_deviation,
     FiniteKeyAnalysis.LIM2014_KL: relative_entropy_deviation,
 }
 
