@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import trio
 
 from qkdnode.config.link import SerialLinkConfig, SimulatedLinkConfig
 from qkdnode.config.table import Table
+from qkdnode.demo.run import free_port
 from qkdnode.errors import BadDeviceData, ConfigError, LinkLost, LinkTimeout
 from qkdnode.link import LinkState, QuantumLink
 from qkdnode.link.emulator import DeviceEmulator
@@ -450,16 +450,9 @@ def test_config_from_table() -> None:
 # ---- the emulator as a process ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.mark.slow  # runs long
 async def test_emulator_processes_over_tcp_fibre(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     processes: dict[str, trio.Process] = {}
 
     async def start(role: str) -> str:

@@ -83,11 +83,29 @@ def prepare_workdir(
     return layout
 
 
+# Every port free_port has returned in this process: a layout takes several ports one after
+# another, each free when picked but not yet bound, so the kernel may offer one of them again.
+_PORTS_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback TCP port free now and never returned before by this process.
+
+    The port is not held: another process may still take it before the caller binds it."""
+    held: list[socket.socket] = []
+    try:
+        while True:
+            # sockets of refused picks stay bound until the end, so no pick repeats
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+            if port not in _PORTS_HANDED_OUT:
+                _PORTS_HANDED_OUT.add(port)
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 SAE_OF = {"alice": "sae-a", "bob": "sae-b"}
