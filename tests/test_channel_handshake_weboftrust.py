@@ -226,10 +226,13 @@ def test_a_flipped_byte_in_a_web_of_trust_reply_or_finish_never_completes(
             pair.bob.receive_data(pair.alice.start_handshake())
             pair.bob.next_event(now_s=now_s)
             reply = pair.bob.data_to_send()
-            pair.alice.receive_data(flip(reply, offset) if which == 1 else reply)
+            # the signatures' integers, hence the frames, can be a byte shorter at another seed
+            reply = flip(reply, min(offset, len(reply) - 1)) if which == 1 else reply
+            pair.alice.receive_data(reply)
             pair.alice.next_event(now_s=now_s)
             finish = pair.alice.data_to_send()
-            pair.bob.receive_data(flip(finish, offset) if which == 2 else finish)
+            finish = flip(finish, min(offset, len(finish) - 1)) if which == 2 else finish
+            pair.bob.receive_data(finish)
             while pair.bob.next_event(now_s=now_s) is not NEED_DATA:
                 pass
         except NAMED_ERRORS:
