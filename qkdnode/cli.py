@@ -457,6 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--distance-km", type=float, default=25.0)
     demo.add_argument("--eve", type=float, default=0.0, help="intercept-resend fraction")
+    demo.add_argument(
+        "--decoys",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="decoy intensities besides the signal: 2 (decoy and vacuum) or 1 (one-decoy BB84)",
+    )
     demo.add_argument("--workdir", help="keep configs, PKI, stores and logs in this directory")
     demo.add_argument("--keep-running", action="store_true", help="leave the nodes up until Ctrl-C")
     demo.add_argument("--json", action="store_true", help="print one JSON summary on stdout")

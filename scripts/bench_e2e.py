@@ -5,7 +5,7 @@ replaying a recording of it.
                                 [--sifted-bits N] [--in-flight K]
                                 [--link simulated,replay] [--replay-blocks B]
                                 [--large-blocks] [--alice-records R] [--pa-family F]
-                                [--cascade-frame-bits N] --json OUT
+                                [--cascade-frame-bits N] [--decoys 1|2] --json OUT
 
 ``--large-blocks``: blocks of 10^7 sifted bits with the settings that bound memory (Alice's
 simulated link keeps her source's state, not her records of every pulse; Cascade in frames of
@@ -19,14 +19,16 @@ costs a file read instead of the simulator's CPU, and a steady state longer than
 reuses its raw data (right for throughput; ``replay_laps`` says how often it was reused).
 
 For each distance the block size is chosen for about ``--sifted-bits`` sifted key bits per block
-(10^6 by default) with decoy settings optimised for that distance and block size. A distance runs
+(10^6 by default) with two-decoy settings; then the decoy settings are optimised for that
+distance and block size, with two decoys or, ``--decoys 1``, with one (the same block size, so
+the two rows compare per pulse). A distance runs
 until ``--blocks`` blocks are done and ``--seconds`` (120 by default) have passed since the first
 committed block. Each row reports secret bits per second and per pulse (counted after the
-authentication-key pool took its share), the finite-key bound (the daemons' default analysis,
-vacuum term dropped for two-way Cascade) for the *same observed counts* with reconciliation at the
-Shannon limit (f = 1, leak = n h(Q)), their ratio, the mean QBER, each daemon's CPU seconds, and
-the seconds to the first committed block. Measured in the same run, over the steady state (from
-the first committed block to the last block):
+authentication-key pool took its share), the finite-key bound (the daemons' default statistics,
+two decoys or one, vacuum term dropped for two-way Cascade) for the *same observed counts* with
+reconciliation at the Shannon limit (f = 1, leak = n h(Q)), their ratio, the mean QBER, each
+daemon's CPU seconds, and the seconds to the first committed block. Measured in the same run,
+over the steady state (from the first committed block to the last block):
 
 - ``sifted_bits_per_s``: committed sifted bits after the first block / that wall time;
 - ``round_trip_ms_p50`` / ``_p99``: Bob's round trips inside a block (his reply queued to
@@ -61,15 +63,25 @@ from typing import Any
 
 from qkdnode.config.link import SimulatedLinkConfig
 from qkdnode.demo.progress import LogFollower
-from qkdnode.demo.run import decoy_settings_for, prepare_workdir, start_node, stop_nodes
+from qkdnode.demo.run import (
+    decoy_settings_for,
+    one_decoy_settings_for,
+    prepare_workdir,
+    start_node,
+    stop_nodes,
+)
 from qkdnode.postprocess.finitekey import (
     DEFAULT_FINITE_KEY_ANALYSIS,
     DecoyObservation,
+    DecoySettings,
+    OneDecoyObservation,
+    OneDecoySettings,
     SecurityParameters,
     binary_entropy,
     channel_transmittance,
     decoy_key_length_for,
     expected_decoy_observation,
+    one_decoy_key_length,
 )
 
 SECURITY = SecurityParameters(eps_sec=1e-10, eps_cor=1e-12)
@@ -97,6 +109,42 @@ def pulses_for_sifted_bits(distance_km: float, sifted_bits: int) -> int:
         per_pulse = sum(expected.key_basis_counts) / pulses
         pulses = int(sifted_bits / per_pulse)
     return pulses
+
+
+def bound_bits_of(event: dict[str, Any], settings: DecoySettings | OneDecoySettings) -> int:
+    """The daemons' bound for a committed block's logged counts, with the leak at the Shannon
+    limit (f = 1) for the QBER the block corrected."""
+    n = int(event["reconciled_bits"])
+    qber = int(event["errors_corrected"]) / n
+    shannon_leak = math.ceil(n * binary_entropy(qber)) if 0 < qber < 1 else 0
+    key, errors = event["key_counts"], event["key_errors"]
+    test, test_errors = event["test_counts"], event["test_errors"]
+    if isinstance(settings, OneDecoySettings):
+        observation = OneDecoyObservation(
+            key_basis_counts=(key[0], key[1]),
+            key_basis_errors=(errors[0], errors[1]),
+            test_basis_counts=(test[0], test[1]),
+            test_basis_errors=(test_errors[0], test_errors[1]),
+        )
+        return one_decoy_key_length(
+            observation,
+            settings,
+            leak_ec_bits=shannon_leak,
+            security=SECURITY,
+            statistics=DEFAULT_FINITE_KEY_ANALYSIS,
+        ).length_bits
+    # the daemons' analysis (the pipeline default) and their two-way Cascade
+    return decoy_key_length_for(
+        DEFAULT_FINITE_KEY_ANALYSIS,
+        DecoyObservation(
+            key_basis_counts=(key[0], key[1], key[2]),
+            test_basis_counts=(test[0], test[1], test[2]),
+            test_basis_errors=(test_errors[0], test_errors[1], test_errors[2]),
+        ),
+        settings,
+        leak_ec_bits=shannon_leak,
+        security=SECURITY,
+    ).length_bits
 
 
 def cpu_seconds(pid: int) -> float:
@@ -182,14 +230,23 @@ def run_distance(
     alice_records: str | None = None,
     pa_family: str | None = None,
     cascade_frame_bits: int | None = None,
+    decoys: int = 2,
 ) -> dict[str, Any]:
     block_pulses = pulses_for_sifted_bits(distance_km, sifted_bits)
-    settings = decoy_settings_for(distance_km, block_pulses)
+    settings: DecoySettings | OneDecoySettings = (
+        one_decoy_settings_for(distance_km, block_pulses)
+        if decoys == 1
+        else decoy_settings_for(distance_km, block_pulses)
+    )
     with tempfile.TemporaryDirectory(prefix="qkdnode-bench-") as tmp:
         workdir = Path(tmp)
         os.chmod(workdir, 0o700)
         layout = prepare_workdir(
-            workdir, distance_km=distance_km, block_pulses=block_pulses, pool_target_bits=65536
+            workdir,
+            distance_km=distance_km,
+            block_pulses=block_pulses,
+            pool_target_bits=65536,
+            decoys=decoys,
         )
         recording_s = None
         if link == "replay":
@@ -275,25 +332,7 @@ def run_distance(
         value for block in steady_blocks for value in turns["bob"].get(block, [])
     )
     secret_bits = sum(int(e["secret_bits"]) for e in committed)
-    bound_bits = 0
-    for event in committed:
-        observation = DecoyObservation(
-            key_basis_counts=tuple(event["key_counts"]),
-            test_basis_counts=tuple(event["test_counts"]),
-            test_basis_errors=tuple(event["test_errors"]),
-        )
-        n = int(event["reconciled_bits"])
-        qber = int(event["errors_corrected"]) / n
-        shannon_leak = math.ceil(n * binary_entropy(qber)) if 0 < qber < 1 else 0
-        # the daemons' analysis (the pipeline default) and their two-way Cascade
-        bound = decoy_key_length_for(
-            DEFAULT_FINITE_KEY_ANALYSIS,
-            observation,
-            settings,
-            leak_ec_bits=shannon_leak,
-            security=SECURITY,
-        )
-        bound_bits += bound.length_bits
+    bound_bits = sum(bound_bits_of(event, settings) for event in committed)
     # rate over the steady state: from the first block's end to the last block's end
     span_s = events[-1]["t_s"] - events[0]["t_s"]
     steady_secret = secret_bits - (int(committed[0]["secret_bits"]) if committed else 0)
@@ -310,6 +349,7 @@ def run_distance(
     steady = events[1:]
     return {
         "link": link,
+        "decoys": decoys,
         "distance_km": distance_km,
         "blocks_in_flight": in_flight,
         "alice_records": alice_records,
@@ -415,6 +455,13 @@ def main() -> int:
         help="[postprocess] cascade_frame_bits of both daemons (default: the config's default)",
     )
     parser.add_argument(
+        "--decoys",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help='decoy intensities: 2 (security_model = "decoy") or 1 ("one_decoy")',
+    )
+    parser.add_argument(
         "--large-blocks",
         action="store_true",
         help="10^7 sifted bits per block, Alice keeping only her source's state "
@@ -457,6 +504,7 @@ def main() -> int:
             alice_records=alice_records,
             pa_family=pa_family,
             cascade_frame_bits=cascade_frame_bits,
+            decoys=args.decoys,
         )
         rows.append(row)
         print(

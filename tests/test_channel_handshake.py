@@ -355,15 +355,17 @@ def test_a_peer_of_another_protocol_version_is_refused_by_name(
         ledgers = (rotated.alice.ledger, rotated.bob.ledger)
         pair = make_pair("psk", ledgers=ledgers)
     with monkeypatch.context() as patched:
-        patched.setattr("qkdnode.channel.handshake.PROTOCOL_VERSION", 3)
+        patched.setattr("qkdnode.channel.handshake.PROTOCOL_VERSION", 5)
         hello = pair.alice.start_handshake()
     bob_ledger = pair.bob.ledger
     before = None if bob_ledger is None else bob_ledger.state
     error = assert_rejected(pair.bob, hello, ProtocolError)
     assert isinstance(error, ProtocolError) and error.field == "protocol_version"
     for part in (
-        "version 3 (block tag gf128-polyhash-v1, Cascade permutations v2)",
-        "version 5 (block tag poly1305-v1, Cascade permutations v3)",
+        "version 5 (block tag poly1305-v1, Cascade permutations v3, reconciliation report "
+        "error count)",
+        "version 6 (block tag poly1305-v1, Cascade permutations v3, reconciliation report "
+        "errors per intensity class)",
     ):
         assert part in str(error)
     # the version names the tag family and the permutation specification the blocks use

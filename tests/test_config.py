@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import re
@@ -10,20 +11,28 @@ import subprocess
 import sys
 import typing
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from qkdnode.channel.rules import ChannelConfig
 from qkdnode.config import FiniteKey, SimulatedLinkConfig, load_config
 from qkdnode.config.delivery import KeyKind
+from qkdnode.config.link import LinkParameters
 from qkdnode.config.postprocess import MAX_BLOCKS_IN_FLIGHT, PA_FAMILIES
 from qkdnode.errors import ConfigError
+from qkdnode.link.interface import QuantumLink
+from qkdnode.node.state import _pipeline_parameters
 from qkdnode.node.weboftrust_files import load_web_of_trust_credentials
 from qkdnode.ops import issuance, pgp
 from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.block_parameters import PipelineParameters
 from qkdnode.postprocess.cascade import CascadeVariant
-from qkdnode.postprocess.finitekey import DEFAULT_FINITE_KEY_ANALYSIS, FiniteKeyAnalysis
+from qkdnode.postprocess.finitekey import (
+    DEFAULT_FINITE_KEY_ANALYSIS,
+    FiniteKeyAnalysis,
+    OneDecoySettings,
+)
 from tests.helpers_blocks import SECURITY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +92,37 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+class _OpenLink:
+    """What ``_pipeline_parameters`` asks of an open link: its nominal parameters."""
+
+    def __init__(self, parameters: LinkParameters) -> None:
+        self._parameters = parameters
+
+    def nominal_parameters(self) -> LinkParameters:
+        return self._parameters
+
+
+def test_one_decoy_takes_a_two_intensity_link_and_a_device_must_fit_it(example_dir: Path) -> None:
+    path = example_dir / "alice.toml"
+    _edit(path, 'security_model = "decoy"', 'security_model = "one_decoy"')
+    _edit(path, "p_decoy = 0.489\np_vacuum = 0.256", "p_decoy = 0.745\np_vacuum = 0.0")
+    config = load_config(path)
+    assert config.postprocess.security_model == "one_decoy"
+    assert isinstance(config.link, SimulatedLinkConfig)
+    nominal = config.link.nominal_parameters()
+    params = _pipeline_parameters(config, cast(QuantumLink, _OpenLink(nominal)))
+    assert params.decoy == OneDecoySettings(
+        mu_signal=0.667, mu_decoy=0.284, p_signal=0.255, p_key_basis=0.762
+    )
+    assert params.finite_key == DEFAULT_FINITE_KEY_ANALYSIS
+    # a device (or recording) known only once open must fit the model too
+    three = dataclasses.replace(nominal, p_decoy=0.489, p_vacuum=0.256)
+    with pytest.raises(ConfigError) as info:
+        _pipeline_parameters(config, cast(QuantumLink, _OpenLink(three)))
+    assert "link.p_vacuum (as the simulated link reports it)" in str(info.value)
+    assert 'security_model = "one_decoy"' in str(info.value) and "got 0.256" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("old", "new", "key", "expected"),
     [
@@ -104,6 +144,18 @@ def _edit(path: Path, old: str, new: str) -> None:
             'pa_family = "mersenne-gmp-v2"',
             "postprocess.pa_family",
             "mersenne-gmp-v1",
+        ),
+        (
+            'security_model = "decoy"',
+            'security_model = "one_decoy"',
+            "link.p_vacuum",
+            '0 with [postprocess] security_model = "one_decoy" (one decoy sends two intensities)',
+        ),
+        (
+            "p_decoy = 0.489\np_vacuum = 0.256",
+            "p_decoy = 0.745\np_vacuum = 0.0",
+            "link.p_vacuum",
+            '> 0 with [postprocess] security_model = "decoy"',
         ),
         ('mode = "pki"', 'mode = "kerberos"', "auth.mode", "'pki', 'psk'"),
         (

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from etsi_qkd_014_client import QKD014Client
 
+from qkdnode.config import SimulatedLinkConfig, load_config
 from qkdnode.demo.progress import LogFollower, Progress
 from qkdnode.demo.run import (
     DemoLayout,
@@ -33,6 +34,13 @@ from qkdnode.demo.run import (
     read_keys,
     start_node,
     stop_nodes,
+)
+from qkdnode.postprocess.finitekey import (
+    FiniteKeyAnalysis,
+    OneDecoyObservation,
+    OneDecoySettings,
+    SecurityParameters,
+    one_decoy_key_length,
 )
 from tests.reliability.harness import scan, windows
 
@@ -75,6 +83,12 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out: {progress}")
         time.sleep(0.1)
+
+
+def committed_blocks(layout: DemoLayout) -> list[dict[str, Any]]:
+    """Alice's ``block.committed`` log events, in order."""
+    events = map(json.loads, layout.log("alice").read_text().splitlines())
+    return [event for event in events if event.get("event") == "block.committed"]
 
 
 def scrape(layout: DemoLayout, node: str) -> dict[str, float]:
@@ -156,12 +170,7 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     text = layout.log("alice").read_text()
     # every committed block states its keys' security: key-derived ones sum the tag terms,
     # which only grow along the chain that starts at the certificate bootstrap
-    statements = [
-        event
-        for event in map(json.loads, text.splitlines())
-        if event.get("event") == "block.committed"
-    ]
-    derived = [e for e in statements if e["authentication"] == "key_derived"]
+    derived = [e for e in committed_blocks(layout) if e["authentication"] == "key_derived"]
     assert derived and all(e["chain_root"] == "pki" and e["computational_root"] for e in derived)
     assert all(e["epsilon_total"] > e["epsilon_block"] for e in derived)
     totals = [e["epsilon_total"] for e in derived]
@@ -170,6 +179,50 @@ def test_two_daemons_distil_identical_keys_and_rotate_to_key_derived_auth(
     for key in list(read_keys(layout.store("alice")).values())[:50]:
         assert key.hex() not in text
     audit_trails_verify_and_an_altered_entry_is_named(layout)
+
+
+def test_a_one_decoy_pair_distils_identical_keys_sized_by_rusca(tmp_path: Path) -> None:
+    workdir = tmp_path / "one-decoy"
+    workdir.mkdir(mode=0o700)
+    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=BLOCK_PULSES, decoys=1)
+    config = load_config(layout.config("alice"))
+    assert config.postprocess.security_model == "one_decoy"
+    assert isinstance(config.link, SimulatedLinkConfig) and config.link.p_vacuum == 0.0
+    settings = OneDecoySettings(
+        mu_signal=config.link.mu_signal,
+        mu_decoy=config.link.mu_decoy,
+        p_signal=config.link.p_signal,
+        p_key_basis=config.link.p_key_basis,
+    )
+    running = {"bob": start_node(layout, "bob"), "alice": start_node(layout, "alice")}
+    try:
+        progress, follower = Progress(), LogFollower(layout.log("alice"))
+        wait_for(layout, progress, follower, lambda p: p.committed >= 2, running)
+    finally:
+        assert stop_nodes(list(running.values()), timeout_s=GRACE_S + 5) == [0, 0]
+    match, compared = compare_stores(layout, exact=True)
+    assert match and compared > 100
+    committed = committed_blocks(layout)
+    assert len(committed) >= 2
+    for event in committed:
+        # no third class was sent, and the key is (A25) of the block's own logged counts
+        assert event["key_counts"][2] == event["test_counts"][2] == event["key_errors"][2] == 0
+        assert sum(event["key_errors"]) == event["errors_corrected"] > 0
+        bound = one_decoy_key_length(
+            OneDecoyObservation(
+                key_basis_counts=(event["key_counts"][0], event["key_counts"][1]),
+                key_basis_errors=(event["key_errors"][0], event["key_errors"][1]),
+                test_basis_counts=(event["test_counts"][0], event["test_counts"][1]),
+                test_basis_errors=(event["test_errors"][0], event["test_errors"][1]),
+            ),
+            settings,
+            leak_ec_bits=event["leak_bits"],
+            security=SecurityParameters(
+                eps_sec=config.postprocess.eps_sec, eps_cor=config.postprocess.eps_cor
+            ),
+            statistics=FiniteKeyAnalysis(config.postprocess.finite_key),
+        )
+        assert event["final_key_bits"] == bound.length_bits > 0
 
 
 def test_with_two_blocks_in_flight_the_next_block_opens_before_this_one_commits(
@@ -190,11 +243,7 @@ def test_with_two_blocks_in_flight_the_next_block_opens_before_this_one_commits(
     assert progress.aborted == 0
     match, compared = compare_stores(layout, exact=True)
     assert match and compared > 100
-    committed = [
-        event
-        for event in map(json.loads, layout.log("alice").read_text().splitlines())
-        if event.get("event") == "block.committed"
-    ]
+    committed = committed_blocks(layout)
     assert [e["block"] for e in committed] == sorted(e["block"] for e in committed)
 
     def seconds(event: dict[str, Any]) -> float:

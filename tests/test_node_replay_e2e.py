@@ -27,13 +27,19 @@ BLOCK_PULSES = 40_000_000  # the demo's blocks: key at 25 km from the decoy boun
 
 
 def _recorded_pair(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, blocks: int, loop: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    blocks: int,
+    loop: bool,
+    decoys: int = 2,
+    block_pulses: int = BLOCK_PULSES,
 ) -> DemoLayout:
     """A demo work directory whose two configs replay a fresh recording of ``blocks`` blocks."""
     monkeypatch.setenv("PYTHONPATH", str(REPO))  # the daemons run this tree's code
     workdir = tmp_path / "replay"
     workdir.mkdir(mode=0o700)
-    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=BLOCK_PULSES)
+    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=block_pulses, decoys=decoys)
     record = ["link", "record", "--config", "alice.toml", "--blocks", str(blocks), "--out", "rec"]
     recorded = subprocess.run(
         [sys.executable, "-m", "qkdnode", *record, "--seed", "17"],
@@ -44,7 +50,7 @@ def _recorded_pair(
         env=os.environ,
     )
     assert recorded.returncode == 0, recorded.stderr
-    assert f"recorded {blocks} blocks of 40000000 pulses" in recorded.stdout
+    assert f"recorded {blocks} blocks of {block_pulses} pulses" in recorded.stdout
     link = f'[link]\nbackend = "replay"\ndirectory = "rec"\nloop = {str(loop).lower()}\n\n'
     for node in ("alice", "bob"):
         config = layout.config(node)
@@ -120,3 +126,27 @@ def test_a_corrupt_block_ends_a_session_and_the_recordings_end_stops_blocks(
     assert len(committed) == 2
     match, compared = compare_stores(layout, exact=True)
     assert match and compared > 0
+
+
+def test_a_recording_of_two_intensities_is_refused_under_the_two_decoy_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the recording's parameters are known once its link opens: the check is made then
+    layout = _recorded_pair(
+        tmp_path, monkeypatch, blocks=1, loop=False, decoys=1, block_pulses=1 << 20
+    )
+    config = layout.config("alice")
+    text = config.read_text()
+    assert 'security_model = "one_decoy"' in text
+    config.write_text(text.replace('security_model = "one_decoy"', 'security_model = "decoy"'))
+    result = subprocess.run(
+        [sys.executable, "-m", "qkdnode", "run", "--config", str(config)],
+        cwd=layout.workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "configuration error: link.p_vacuum (as the replay link reports it)" in result.stderr
+    assert 'needs security_model = "one_decoy"' in result.stderr

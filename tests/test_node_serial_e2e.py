@@ -57,9 +57,9 @@ def _use_serial_backend(config: Path, device: Path) -> None:
     text = re.sub(r"\[link\]\n.*?\n(?=\[postprocess\])", link, text, flags=re.S)
     # blocks of 2^21 pulses: the single-photon bound gives key from ~10^5 sifted bits
     text = re.sub(r"block_pulses = \d+", "block_pulses = 2097152", text)
+    assert 'security_model = "decoy"\n' in text
     text = text.replace(
-        "[postprocess]\n",
-        '[postprocess]\nsecurity_model = "single_photon"\nqber_threshold = 0.05\n',
+        'security_model = "decoy"\n', 'security_model = "single_photon"\nqber_threshold = 0.05\n'
     )
     config.write_text(text)
 

@@ -25,14 +25,26 @@ from qkdnode.errors import ProtocolError
 
 # The channel protocol version, sent in the Hello; it names what both nodes must compute alike
 # (``PROTOCOL_VERSIONS``), so peers that differ refuse each other by name.
-PROTOCOL_VERSION: Final = 5
+PROTOCOL_VERSION: Final = 6
 # the body of a Control frame, checked against its kind's schema
 ControlBody = Mapping[str, int | float | bool | bytes]
-BLOCK_TAG_FAMILIES: Final = {3: "gf128-polyhash-v1", 4: "poly1305-v1", 5: "poly1305-v1"}
-CASCADE_PERMUTATIONS: Final = {3: "v2", 4: "v2", 5: "v3"}  # ``cascade.permutation``'s specification
+BLOCK_TAG_FAMILIES: Final = {
+    3: "gf128-polyhash-v1",
+    4: "poly1305-v1",
+    5: "poly1305-v1",
+    6: "poly1305-v1",
+}
+CASCADE_PERMUTATIONS: Final = {3: "v2", 4: "v2", 5: "v3", 6: "v3"}  # ``cascade.permutation``'s
+# what Bob reports when Cascade ends (``postprocess.block_messages.ReconciliationDone``)
+RECONCILIATION_REPORTS: Final = {
+    3: "error count",
+    4: "error count",
+    5: "error count",
+    6: "errors per intensity class",
+}
 PROTOCOL_VERSIONS: Final = {
     version: f"block tag {BLOCK_TAG_FAMILIES[version]}, Cascade permutations "
-    f"{CASCADE_PERMUTATIONS[version]}"
+    f"{CASCADE_PERMUTATIONS[version]}, reconciliation report {RECONCILIATION_REPORTS[version]}"
     for version in BLOCK_TAG_FAMILIES
 }
 NONCE_BYTES: Final = 32

@@ -17,12 +17,17 @@ from qkdnode.config.link import (
     EveConfig,
     LinkBackend,
     LinkConfig,
+    SimulatedLinkConfig,
     read_link,
 )
 from qkdnode.config.node import NodeSection, PeerSection, read_node, read_node_name, read_peer
 from qkdnode.config.ops import LoggingSection, read_logging, read_metrics_listen
 from qkdnode.config.peers import PeerLink, read_peers
-from qkdnode.config.postprocess import PostprocessSection, read_postprocess
+from qkdnode.config.postprocess import (
+    PostprocessSection,
+    read_postprocess,
+    security_model_mismatch,
+)
 from qkdnode.config.relay import RelaySection, read_relay
 from qkdnode.config.store import StoreSection, read_store
 from qkdnode.config.table import Table
@@ -152,6 +157,7 @@ def _parse(data: Mapping[str, object], file: Path) -> NodeConfig:
     metrics_listen = read_metrics_listen(root.table("metrics", required=False))
     root.finish()
     first = peers[0]
+    _check_security_model(postprocess, peers, several=root.has("peers"))
     _refuse_replayed_keys_for_delivery(peers, delivery)
     return NodeConfig(
         file=file,
@@ -189,6 +195,20 @@ def _read_several(root: Table, base: Path, store: StoreSection) -> tuple[PeerLin
         default_link=default_link,
         default_auth=default_auth,
     )
+
+
+def _check_security_model(
+    postprocess: PostprocessSection, peers: tuple[PeerLink, ...], *, several: bool
+) -> None:
+    """A simulated link's intensity classes fit the security model (a device's or a
+    recording's are checked when the link opens, ``qkdnode.node.state``)."""
+    for index, link in enumerate(peers):
+        if not isinstance(link.link, SimulatedLinkConfig):
+            continue
+        expected = security_model_mismatch(postprocess.security_model, link.link.p_vacuum)
+        if expected is not None:
+            where = f"peers[{index}].link" if several else "link"
+            raise ConfigError(f"{where}.p_vacuum", expected)
 
 
 def _check_delivery_peer(delivery: DeliveryConfig, peers: tuple[PeerLink, ...]) -> None:

@@ -9,7 +9,10 @@ from typing import Literal
 from qkdnode.config.table import Table
 from qkdnode.errors import ConfigError
 
-SecurityModel = Literal["decoy", "single_photon"]
+# "decoy": two decoys (signal, decoy, vacuum or weakest decoy); "one_decoy": signal and one decoy
+# (the link's p_vacuum is 0); "single_photon": no decoy states
+SecurityModel = Literal["decoy", "one_decoy", "single_photon"]
+SECURITY_MODELS: tuple[SecurityModel, ...] = ("decoy", "one_decoy", "single_photon")
 # the decoy finite-key analyses (qkdnode.postprocess.finitekey.FiniteKeyAnalysis values)
 FiniteKey = Literal["lim2014", "lim2014-chernoff", "lim2014-kl"]
 FINITE_KEY_ANALYSES: tuple[FiniteKey, ...] = ("lim2014", "lim2014-chernoff", "lim2014-kl")
@@ -50,13 +53,13 @@ def read_postprocess(table: Table) -> PostprocessSection:
             exclusive_maximum=True,
         )
 
-    model = table.string("security_model", "decoy", choices=("decoy", "single_photon"))
+    model = table.string("security_model", "decoy", choices=SECURITY_MODELS)
     section = PostprocessSection(
         block_pulses=table.integer("block_pulses", 50_000_000, minimum=1000),
         cascade_variant=table.string(
             "cascade_variant", "subblock-reuse", choices=("original", "yan", "subblock-reuse")
         ),
-        security_model="decoy" if model == "decoy" else "single_photon",
+        security_model=next(choice for choice in SECURITY_MODELS if choice == model),
         finite_key=_finite_key(table),
         eps_sec=open_interval("eps_sec", 1e-10, 1),
         eps_cor=open_interval("eps_cor", 1e-12, 1),
@@ -87,3 +90,20 @@ def _finite_key(table: Table) -> FiniteKey:
         if analysis == name:
             return analysis
     raise AssertionError(name)  # the table reader refused anything else
+
+
+def security_model_mismatch(model: SecurityModel, p_vacuum: float) -> str | None:
+    """What ``model`` needs of the link's ``p_vacuum`` (the probability of the third intensity
+    class), as a ConfigError's "expected" text, or None when they fit: two decoys need that
+    class, one decoy sends none."""
+    if model == "one_decoy" and p_vacuum != 0.0:
+        return (
+            f'0 with [postprocess] security_model = "one_decoy" (one decoy sends two '
+            f"intensities), got {p_vacuum!r}"
+        )
+    if model == "decoy" and p_vacuum == 0.0:
+        return (
+            '> 0 with [postprocess] security_model = "decoy" (two decoys need the third, '
+            'weakest class; a source of two intensities needs security_model = "one_decoy")'
+        )
+    return None

@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypedDict
 
 from qkdnode.config.auth import DEFAULT_ROTATION_POOL_BITS
 from qkdnode.config.link import SimulatedLinkConfig
@@ -36,12 +36,16 @@ from qkdnode.demo.progress import LogFollower, Progress
 from qkdnode.ops import issuance
 from qkdnode.postprocess.finitekey import (
     DecoySettings,
+    OneDecoySettings,
     SecurityParameters,
     channel_transmittance,
     optimise_decoy_settings,
 )
+from qkdnode.postprocess.keylength.one_decoy import optimise_one_decoy_settings
 
 DEFAULT_BLOCK_PULSES = 40_000_000
+# the reconciliation efficiency the demo's settings are optimised for (Cascade's, measured)
+DEMO_RECONCILIATION_EFFICIENCY: Final = 1.06
 
 
 def prepare_workdir(
@@ -53,10 +57,12 @@ def prepare_workdir(
     pool_target_bits: int = 32768,
     bootstrap: Bootstrap = "pki",
     vouches: int | None = None,
+    decoys: int = 2,
 ) -> DemoLayout:
     """Fresh ports, PKI, the bootstrap trust anchor and the two node configs in ``workdir``
     (also used by the tests). ``vouches``: web of trust only, how many introducers vouch for
-    each node (default: all of them)."""
+    each node (default: all of them). ``decoys``: 2 (signal, decoy, vacuum) or 1 (signal and
+    one decoy, ``security_model = "one_decoy"``)."""
     layout = DemoLayout(
         workdir=workdir,
         peer_port=free_port(),
@@ -66,7 +72,13 @@ def prepare_workdir(
     )
     make_pki(layout)
     make_bootstrap(workdir, bootstrap, vouches=vouches)
-    decoy = decoy_settings_for(distance_km, block_pulses)
+    if decoys not in (1, 2):
+        raise ValueError(f"decoys: 1 or 2, got {decoys!r}")
+    decoy = (
+        one_decoy_settings_for(distance_km, block_pulses)
+        if decoys == 1
+        else decoy_settings_for(distance_km, block_pulses)
+    )
     for node in ("alice", "bob"):
         layout.config(node).write_text(
             node_config_text(
@@ -168,26 +180,64 @@ def make_pki(layout: DemoLayout) -> None:
         issuance.issue_crl(ca, validity_days=DEMO_CRL_DAYS)
 
 
-def decoy_settings_for(distance_km: float, block_pulses: int) -> DecoySettings:
-    """Intensities and probabilities that maximise the expected finite-key rate for the demo's
-    simulated link (its default fibre and detector) at this distance and block size."""
+class _DemoChannel(TypedDict):
+    """What both decoy optimisers take of the demo's simulated link."""
+
+    transmittance: float
+    dark_count_probability: float
+    misalignment_error: float
+    reconciliation_efficiency: float
+    security: SecurityParameters
+
+
+def _demo_channel(distance_km: float) -> _DemoChannel:
+    """The demo's simulated link (default fibre and detector) at ``distance_km``."""
     link = SimulatedLinkConfig(fiber_km=distance_km)
-    transmittance = channel_transmittance(
-        fiber_km=distance_km,
-        attenuation_db_per_km=link.attenuation_db_per_km,
-        detector_efficiency=link.detector_efficiency,
-        insertion_loss_db=link.insertion_loss_db,
-    )
-    optimum = optimise_decoy_settings(
-        transmittance=transmittance,
+    return _DemoChannel(
+        transmittance=channel_transmittance(
+            fiber_km=distance_km,
+            attenuation_db_per_km=link.attenuation_db_per_km,
+            detector_efficiency=link.detector_efficiency,
+            insertion_loss_db=link.insertion_loss_db,
+        ),
         dark_count_probability=link.dark_count_probability_per_gate,
         misalignment_error=link.misalignment_error,
-        reconciliation_efficiency=1.06,
+        reconciliation_efficiency=DEMO_RECONCILIATION_EFFICIENCY,
         security=SecurityParameters(eps_sec=1e-10, eps_cor=1e-12),
-        pulses=block_pulses,
-        mu_vacuum=link.mu_vacuum,
     )
-    return optimum.settings
+
+
+def decoy_settings_for(distance_km: float, block_pulses: int) -> DecoySettings:
+    """Intensities and probabilities that maximise the expected finite-key rate for the demo's
+    simulated link at this distance and block size."""
+    mu_vacuum = SimulatedLinkConfig().mu_vacuum
+    channel = _demo_channel(distance_km)
+    return optimise_decoy_settings(**channel, pulses=block_pulses, mu_vacuum=mu_vacuum).settings
+
+
+def one_decoy_settings_for(distance_km: float, block_pulses: int) -> OneDecoySettings:
+    """As ``decoy_settings_for``, for a source of two intensities (one-decoy BB84)."""
+    channel = _demo_channel(distance_km)
+    return optimise_one_decoy_settings(**channel, pulses=block_pulses).settings
+
+
+def _intensity_lines(decoy: DecoySettings | OneDecoySettings) -> str:
+    """The ``[link]`` lines of the source's intensities (a one-decoy source sends no third
+    class: p_vacuum = 0, mu_vacuum left at the link's default)."""
+    if isinstance(decoy, OneDecoySettings):
+        return f"""mu_signal = {decoy.mu_signal:.6f}
+mu_decoy = {decoy.mu_decoy:.6f}
+p_signal = {decoy.p_signal:.6f}
+p_decoy = {1.0 - round(decoy.p_signal, 6):.6f}
+p_vacuum = 0.0
+p_key_basis = {decoy.p_key_basis:.6f}"""
+    return f"""mu_signal = {decoy.mu_signal:.6f}
+mu_decoy = {decoy.mu_decoy:.6f}
+mu_vacuum = {decoy.mu_vacuum:.6f}
+p_signal = {decoy.p_signal:.6f}
+p_decoy = {decoy.p_decoy:.6f}
+p_vacuum = {1.0 - round(decoy.p_signal, 6) - round(decoy.p_decoy, 6):.6f}
+p_key_basis = {decoy.p_key_basis:.6f}"""
 
 
 def node_config_text(
@@ -197,7 +247,7 @@ def node_config_text(
     distance_km: float,
     block_pulses: int,
     eve: float,
-    decoy: DecoySettings,
+    decoy: DecoySettings | OneDecoySettings,
     pool_target_bits: int = 32768,
     bootstrap: Bootstrap = "pki",
 ) -> str:
@@ -221,18 +271,13 @@ backend = "simulated"
 fiber_km = {distance_km}
 fibre_host = "127.0.0.1"
 fibre_port = {layout.fibre_port}
-# decoy settings optimised for this distance and block size (finitekey.optimise_decoy_settings)
-mu_signal = {decoy.mu_signal:.6f}
-mu_decoy = {decoy.mu_decoy:.6f}
-mu_vacuum = {decoy.mu_vacuum:.6f}
-p_signal = {decoy.p_signal:.6f}
-p_decoy = {decoy.p_decoy:.6f}
-p_vacuum = {1.0 - round(decoy.p_signal, 6) - round(decoy.p_decoy, 6):.6f}
-p_key_basis = {decoy.p_key_basis:.6f}
+# decoy settings optimised for this distance and block size
+{_intensity_lines(decoy)}
 {eve_table}
 [postprocess]
 block_pulses = {block_pulses}
 cascade_variant = "subblock-reuse"
+security_model = "{"one_decoy" if isinstance(decoy, OneDecoySettings) else "decoy"}"
 
 [auth]
 {auth_lines(bootstrap, node)}pool_target_bits = {pool_target_bits}
@@ -414,6 +459,7 @@ def run_demo(args: argparse.Namespace) -> int:
         eve=args.eve,
         bootstrap=args.bootstrap,
         vouches=args.vouches,
+        decoys=args.decoys,
     )
     # a SIGTERM to the demo must still stop both nodes (the finally below)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))

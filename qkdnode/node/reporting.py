@@ -231,6 +231,7 @@ class BlockReporter:
                 pool_level_bits=self.ledger.level_bits,
                 keys=keys,
                 key_counts=list(stats.key_counts),
+                key_errors=list(stats.key_errors_per_intensity),
                 test_counts=list(stats.test_counts),
                 test_errors=list(stats.test_errors_per_intensity),
                 reconciled_bits=stats.reconciled_bits,

@@ -19,6 +19,7 @@ from qkdnode.channel.ledger import AuthKeyLedger, ledger_state_from_bytes, ledge
 from qkdnode.channel.messages import ControlBody, SessionMode
 from qkdnode.channel.revocation import RevocationLists
 from qkdnode.config import NodeConfig
+from qkdnode.config.postprocess import security_model_mismatch
 from qkdnode.coordination.events import StagedShare
 from qkdnode.coordination.planner import AttemptDecision, AuthPlanner, HandshakeAdmission
 from qkdnode.coordination.security import KeySecurityStatement, key_security_statement
@@ -41,7 +42,12 @@ from qkdnode.ops.metrics import NodeMetrics
 from qkdnode.ops.systemd import SystemdNotifier
 from qkdnode.postprocess.amplification_family import AmplificationFamily
 from qkdnode.postprocess.cascade import CascadeVariant
-from qkdnode.postprocess.finitekey import DecoySettings, FiniteKeyAnalysis, SecurityParameters
+from qkdnode.postprocess.finitekey import (
+    DecoySettings,
+    FiniteKeyAnalysis,
+    OneDecoySettings,
+    SecurityParameters,
+)
 from qkdnode.postprocess.pipeline import PipelineParameters
 from qkdnode.store import BlockState, KeyStore
 from qkdnode.store.audit import AuditTrail
@@ -66,10 +72,15 @@ class SessionControl(Protocol):
 
 
 def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParameters:
+    """The block parameters of ``config`` over ``link``'s nominal parameters (a device's or a
+    recording's, known once it is open); ConfigError when they do not fit the security model."""
     pp = config.postprocess
-    decoy = None
+    nominal = link.nominal_parameters()
+    expected = security_model_mismatch(pp.security_model, nominal.p_vacuum)
+    if expected is not None:
+        raise ConfigError(f"link.p_vacuum (as the {config.link_backend} link reports it)", expected)
+    decoy: DecoySettings | OneDecoySettings | None = None
     if pp.security_model == "decoy":
-        nominal = link.nominal_parameters()
         decoy = DecoySettings(
             mu_signal=nominal.mu_signal,
             mu_decoy=nominal.mu_decoy,
@@ -77,6 +88,13 @@ def _pipeline_parameters(config: NodeConfig, link: QuantumLink) -> PipelineParam
             p_signal=nominal.p_signal,
             p_decoy=nominal.p_decoy,
             p_vacuum=nominal.p_vacuum,
+            p_key_basis=nominal.p_key_basis,
+        )
+    elif pp.security_model == "one_decoy":
+        decoy = OneDecoySettings(
+            mu_signal=nominal.mu_signal,
+            mu_decoy=nominal.mu_decoy,
+            p_signal=nominal.p_signal,
             p_key_basis=nominal.p_key_basis,
         )
     return PipelineParameters(

@@ -42,16 +42,33 @@ class ReconciliationSeed:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReconciliationDone:
-    """Bob has no more parity questions; ``errors_corrected`` is the number of bits he flipped."""
+    """Bob has no more parity questions; ``errors_<class>`` are the bits he flipped among the
+    key-basis bits of each intensity class (signal, decoy, vacuum).
 
-    errors_corrected: int
+    Their sum is the weight of W = X xor Y. Per class they are a function of W and the public
+    intensity labels, so they disclose nothing W does not (``leakage``); the one-decoy bound
+    needs them (``keylength.one_decoy``, [RBGMZ18] (A16)).
+    """
+
+    errors_signal: int
+    errors_decoy: int
+    errors_vacuum: int
     parity_bits: int
 
     def __post_init__(self) -> None:
-        for name in ("errors_corrected", "parity_bits"):
+        for name in ("errors_signal", "errors_decoy", "errors_vacuum", "parity_bits"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ProtocolError("must be an integer >= 0", field=name)
+
+    @property
+    def errors_per_intensity(self) -> tuple[int, int, int]:
+        return self.errors_signal, self.errors_decoy, self.errors_vacuum
+
+    @property
+    def errors_corrected(self) -> int:
+        """The weight of W: every bit Bob flipped."""
+        return self.errors_signal + self.errors_decoy + self.errors_vacuum
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -22,9 +22,12 @@ from qkdnode.postprocess.finitekey import (
     DecoyObservation,
     DecoySettings,
     FiniteKeyAnalysis,
+    OneDecoyObservation,
+    OneDecoySettings,
     SecurityParameters,
     binary_entropy,
     decoy_key_length_for,
+    one_decoy_key_length,
     tomamichel_key_length,
 )
 
@@ -33,10 +36,12 @@ from qkdnode.postprocess.finitekey import (
 class PipelineParameters:
     """What both sides must agree on before a block starts (from config and the link).
 
-    ``decoy`` selects a decoy-state bound, the one ``finite_key`` names; ``None`` selects the
-    single-photon BB84 bound of Tomamichel et al. 2012, where ``qber_threshold`` is also the
-    tolerated QBER Q_tol that sizes the key and the sample size k is the number of test-basis
-    bits compared (a block with none aborts). ``sample_bits`` is the key-basis QBER sample.
+    ``decoy`` selects a decoy-state bound with the statistics ``finite_key`` names: two decoys
+    (``DecoySettings``, Lim et al. 2014) or one (``OneDecoySettings``, Rusca et al. 2018, whose
+    link sends no third intensity class); ``None`` selects the single-photon BB84 bound of
+    Tomamichel et al. 2012, where ``qber_threshold`` is also the tolerated QBER Q_tol that sizes
+    the key and the sample size k is the number of test-basis bits compared (a block with none
+    aborts). ``sample_bits`` is the key-basis QBER sample.
     ``pa_family`` is the privacy-amplification family (``amplification_family``); both are
     two-universal, and an input longer than the family hashes aborts the block.
     """
@@ -45,7 +50,7 @@ class PipelineParameters:
     security: SecurityParameters
     qber_threshold: float = 0.11
     sample_bits: int = 1024
-    decoy: DecoySettings | None = None
+    decoy: DecoySettings | OneDecoySettings | None = None
     finite_key: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS
     pa_family: AmplificationFamily = AmplificationFamily.MERSENNE_GMP_V1
     # Cascade frames of at most this many bits, one after another (0: the whole key in one;
@@ -70,11 +75,15 @@ def final_key_length(
     key_counts_per_intensity: tuple[int, int, int],
     statistics: TestBasisStatistics,
     leak_ec_bits: int,
+    key_errors_per_intensity: tuple[int, int, int] | None = None,
     error_positions_disclosed: bool = True,
 ) -> int:
     """The secret key length the finite-key bound allows (0 = none), from public data only.
 
-    ``error_positions_disclosed``: the reconciliation transcript reveals W (Cascade does).
+    ``key_errors_per_intensity``: the errors reconciliation corrected per intensity class, which
+    the one-decoy bound needs; ``None`` before reconciliation, taken as none (the longest key,
+    as the early check wants). ``error_positions_disclosed``: the reconciliation transcript
+    reveals W (Cascade does).
     """
     if params.decoy is None:
         # [TLGR12] Eq. (2): k is the number of test-basis bits whose errors were counted, the
@@ -86,6 +95,24 @@ def final_key_length(
             leak_ec_bits=leak_ec_bits,
             security=params.security,
         )
+    if isinstance(params.decoy, OneDecoySettings):
+        if key_counts_per_intensity[2] or statistics.counts[2]:
+            return 0  # a third intensity class: not the configured source (see the early check)
+        errors = key_errors_per_intensity or (0, 0, 0)
+        one_decoy = one_decoy_key_length(
+            OneDecoyObservation(
+                key_basis_counts=key_counts_per_intensity[:2],
+                key_basis_errors=errors[:2],
+                test_basis_counts=statistics.counts[:2],
+                test_basis_errors=statistics.errors[:2],
+            ),
+            params.decoy,
+            leak_ec_bits=leak_ec_bits,
+            security=params.security,
+            statistics=params.finite_key,
+            error_positions_disclosed=error_positions_disclosed,
+        )
+        return min(one_decoy.length_bits, key_bits)
     observation = DecoyObservation(
         key_basis_counts=key_counts_per_intensity,
         test_basis_counts=statistics.counts,
@@ -126,6 +153,13 @@ def estimation_decision(
     if outcome.sample_bits and (high := check_qber(outcome.qber, params.qber_threshold)):
         return high
     test_bits = sum(statistics.counts)
+    third_class = key_counts[2] + statistics.counts[2]
+    if isinstance(params.decoy, OneDecoySettings) and third_class:
+        return BlockAborted(
+            reason=AbortReason.NO_POSITIVE_KEY,
+            detail=f"{third_class} detections of a third intensity class: the one-decoy protocol"
+            " sends two (the link's p_vacuum must be 0)",
+        )
     if params.decoy is None and test_bits == 0:
         return BlockAborted(
             reason=AbortReason.NO_POSITIVE_KEY,

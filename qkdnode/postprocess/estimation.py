@@ -125,14 +125,15 @@ class SampleOutcome:
         return self.errors / self.sample_bits
 
 
-def _remove_positions(key_bits: Bits, positions: NDArray[np.int64]) -> Bits:
-    """``key_bits`` without the (strictly increasing) ``positions``."""
-    if key_bits.shape[0] >= KERNEL_MIN_BITS:
-        kept: Bits = kernels.remove_sorted_positions(key_bits, positions)
+def remove_positions(values: Bits, positions: NDArray[np.int64]) -> Bits:
+    """``values`` (key bits, or their intensity classes) without the strictly increasing
+    ``positions``."""
+    if values.shape[0] >= KERNEL_MIN_BITS:
+        kept: Bits = kernels.remove_sorted_positions(values, positions)
         return kept
-    keep = np.ones(key_bits.shape[0], dtype=np.bool_)
+    keep = np.ones(values.shape[0], dtype=np.bool_)
     keep[positions] = False
-    return key_bits[keep]
+    return values[keep]
 
 
 def disclose_key_sample(
@@ -157,7 +158,7 @@ def disclose_key_sample(
         bits=pack_bits(key_bits[positions]),
     )
     ledger.record_estimation_sample(sample_bits)
-    return disclosure, _remove_positions(key_bits, positions)
+    return disclosure, remove_positions(key_bits, positions)
 
 
 def compare_key_sample(
@@ -174,7 +175,7 @@ def compare_key_sample(
     errors = int(np.count_nonzero(key_bits[positions] != disclosure.sample_bits()))
     ledger.record_estimation_sample(disclosure.sample_count)
     outcome = SampleOutcome(sample_bits=disclosure.sample_count, errors=errors)
-    return outcome, _remove_positions(key_bits, positions)
+    return outcome, remove_positions(key_bits, positions)
 
 
 def confirm_sample_outcome(disclosure: SampleDisclosure, outcome: SampleOutcome) -> None:

@@ -6,8 +6,8 @@ One module per analysis lives in ``keylength``: ``tomamichel2012`` (single-photo
 ``theory`` (channel model, curves, PLOB) and ``optimiser``.
 ``FiniteKeyAnalysis`` selects the decoy analysis (config ``[postprocess] finite_key``);
 ``DEFAULT_FINITE_KEY_ANALYSIS`` is ``lim2014-kl``, the tightest of the three (why it is sound:
-``keylength.common.FiniteKeyAnalysis``). ``keylength.one_decoy`` (one-decoy BB84, Rusca et al.
-2018) serves theory curves only.
+``keylength.common.FiniteKeyAnalysis``). ``keylength.one_decoy`` is one-decoy BB84 (Rusca et
+al. 2018) with the same three choices of statistics (config ``security_model = "one_decoy"``).
 
 Pure: ``math`` only; no I/O, no clock, no randomness.
 """
@@ -26,6 +26,11 @@ from qkdnode.postprocess.keylength.common import (
 )
 from qkdnode.postprocess.keylength.decoy import asymptotic_decoy_length
 from qkdnode.postprocess.keylength.lim2014 import lim_key_length
+from qkdnode.postprocess.keylength.one_decoy import (
+    OneDecoyObservation,
+    OneDecoySettings,
+    one_decoy_key_length,
+)
 from qkdnode.postprocess.keylength.optimiser import DecoyOptimum, optimise_decoy_settings
 from qkdnode.postprocess.keylength.selection import decoy_key_length_for
 from qkdnode.postprocess.keylength.theory import (
@@ -52,6 +57,8 @@ __all__ = [
     "DecoyOptimum",
     "DecoySettings",
     "FiniteKeyAnalysis",
+    "OneDecoyObservation",
+    "OneDecoySettings",
     "SecurityParameters",
     "asymptotic_bb84_rate",
     "asymptotic_decoy_bits_per_pulse",
@@ -64,6 +71,7 @@ __all__ = [
     "expected_error_gain",
     "expected_gain",
     "lim_key_length",
+    "one_decoy_key_length",
     "optimal_sample_bits",
     "optimise_decoy_settings",
     "plob_bound_bits_per_pulse",

@@ -10,7 +10,9 @@ of W on it), so H(X | E, transcript) >= H(X | E, W) - (Alice's parity bits). Hen
 
 - lambda_EC (subtracted from the key length): Alice's parity bits and the verification tag;
 - the entropy side (the key term is a bound on H(X | E, W)): Bob's binary-search queries, which
-  reveal which half of an odd block held an error, and ``errors_corrected``, the weight of W.
+  reveal which half of an odd block held an error, and his report of the errors corrected per
+  intensity class, the weight of W on each class (a function of W and the public class labels,
+  so it reveals nothing W does not; the ledger records its sum).
   Their number of bits is not subtracted; W being public changes the bound itself (the vacuum
   term is dropped, see ``qkdnode.postprocess.keylength.decoy``).
 
@@ -38,8 +40,8 @@ class LeakageLedger:
     - ``verification_bits``: verification tag bits, lambda_EC;
     - ``query_ranges``: Bob's binary-search ranges (each reveals a parity of W), entropy side;
       his top-level block requests are fixed by public data (variant, length, QBER estimate);
-    - ``error_weight``: ``errors_corrected`` as disclosed (the weight of W), entropy side;
-      ``None`` until disclosed.
+    - ``error_weight``: the errors corrected as disclosed (the weight of W; Bob reports it
+      per intensity class), entropy side; ``None`` until disclosed.
     """
 
     estimation_sample_bits: int = 0

@@ -8,7 +8,7 @@ message flow of one block (B = Bob, A = Alice):
 3. B -> A  ``SampleOutcome``, ``TestBasisDisclosure``
 4. A -> B  ``TestBasisStatistics``  or ``BlockAbort``   (A decides; B re-checks the same decision)
 5. B -> A  ``ParityQuery``  /  A -> B ``ParityAnswer``   (one round trip per Cascade level) ...
-6. B -> A  ``ReconciliationDone``
+6. B -> A  ``ReconciliationDone``                    (the errors corrected per intensity class)
 7. A -> B  ``VerificationTag``, the seed, ``KeyLength``   (A sizes the key from the ledger; the seed
    is a ``ToeplitzSeed`` or an ``AmplificationSeed`` by ``params.pa_family``)
 8. B -> A  ``VerificationResult``                    (B checks the tag and the length)
@@ -21,7 +21,7 @@ never raises out of :meth:`receive` and never yields a key.
 
 Everything the transcript discloses about the key is recorded in the role's
 :class:`LeakageLedger`; privacy amplification is sized from it (lambda_EC = Alice's parity bits
-+ verification tag bits; Bob's queries and ``errors_corrected`` disclose the error positions,
++ verification tag bits; Bob's queries and the errors corrected disclose the error positions,
 which the decoy bound accounts for on the entropy side, see ``leakage``).
 
 Randomness (sample positions, Cascade seed, verification hash key, amplification seed) is
@@ -87,6 +87,7 @@ from qkdnode.postprocess.estimation import (
     disclose_test_basis,
     qber_after_reconciliation,
     qber_estimate_for_reconciliation,
+    remove_positions,
 )
 from qkdnode.postprocess.events import AbortReason, BlockAborted
 from qkdnode.postprocess.finitekey import (
@@ -99,6 +100,7 @@ from qkdnode.postprocess.sifting import (
     SiftedBlock,
     SiftReply,
     announce_detections,
+    counts_per_intensity,
     sift_alice,
     sift_bob,
 )
@@ -147,15 +149,20 @@ class BlockStatistics:
     sample_errors: int
     test_errors: int
     reconciled_bits: int
-    errors_corrected: int
     reconciliation_bits: int
     verification_bits: int
     round_trips: int
     final_key_bits: int
-    # the decoy statistics the key length came from (n_X,k after the sample; n_Z,k; m_Z,k)
+    # the decoy statistics the key length came from (n_X,k after the sample and the errors
+    # corrected among them; n_Z,k; m_Z,k)
     key_counts: tuple[int, int, int]
+    key_errors_per_intensity: tuple[int, int, int]
     test_counts: tuple[int, int, int]
     test_errors_per_intensity: tuple[int, int, int]
+
+    @property
+    def errors_corrected(self) -> int:
+        return sum(self.key_errors_per_intensity)
 
     @property
     def qber(self) -> float:
@@ -199,10 +206,9 @@ def _remaining_key_counts(
 ) -> tuple[int, int, int]:
     """Key-basis detections per intensity class left after the disclosed sample."""
     # the sampled positions are distinct and in range: their counts come off the whole key's
-    counts = np.bincount(sifted.key_intensity, minlength=3) - np.bincount(
-        sifted.key_intensity[disclosure.sample_positions()], minlength=3
-    )
-    return int(counts[0]), int(counts[1]), int(counts[2])
+    whole = sifted.key_counts_per_intensity()
+    sampled = counts_per_intensity(sifted.key_intensity[disclosure.sample_positions()])
+    return whole[0] - sampled[0], whole[1] - sampled[1], whole[2] - sampled[2]
 
 
 # ---- the roles --------------------------------------------------------------------------------
@@ -359,14 +365,20 @@ class AliceBlock(_BlockRole):
                 f"{self.ledger.reconciliation_bits}",
                 field="parity_bits",
             )
-        if done.errors_corrected > self._key.shape[0]:
-            raise ProtocolError("exceeds the key length", field="errors_corrected")
+        for name, errors, count in zip(
+            ("errors_signal", "errors_decoy", "errors_vacuum"),
+            done.errors_per_intensity,
+            self._key_counts,
+            strict=True,
+        ):
+            if errors > count:
+                raise ProtocolError(f"exceeds the class's {count} key bits", field=name)
         if (
             isinstance(self._responder, FramedResponder)
             and self._responder.frames_started != self._responder.frames
         ):
             raise ProtocolError("reconciliation ended before the last frame", field="messages")
-        self._errors_corrected = done.errors_corrected
+        self._key_errors = done.errors_per_intensity
         self.ledger.record_error_weight(done.errors_corrected)
         self._round_trips = self._responder.rounds_answered
         tag = make_verification_tag(
@@ -394,6 +406,7 @@ class AliceBlock(_BlockRole):
             key_counts_per_intensity=self._key_counts,
             statistics=self._statistics,
             leak_ec_bits=self.ledger.leak_ec_bits,
+            key_errors_per_intensity=self._key_errors,
             error_positions_disclosed=self.ledger.error_positions_disclosed,
         )
 
@@ -421,12 +434,12 @@ class AliceBlock(_BlockRole):
             sample_errors=self._sample_errors,
             test_errors=sum(self._statistics.errors),
             reconciled_bits=int(self._key.shape[0]),
-            errors_corrected=self._errors_corrected,
             reconciliation_bits=self.ledger.reconciliation_bits,
             verification_bits=self.ledger.verification_bits,
             round_trips=self._round_trips,
             final_key_bits=int(key.shape[0]),
             key_counts=self._key_counts,
+            key_errors_per_intensity=self._key_errors,
             test_counts=self._statistics.counts,
             test_errors_per_intensity=self._statistics.errors,
         )
@@ -477,6 +490,7 @@ class BobBlock(_BlockRole):
         self._outcome, self._key = compare_key_sample(
             self._sifted.key_bits, disclosure, ledger=self.ledger
         )
+        self._sample_positions = disclosure.sample_positions()
         self._key_counts = _remaining_key_counts(self._sifted, disclosure)
         self._seed = seed.seed
         self._state = "await_statistics"
@@ -527,13 +541,19 @@ class BobBlock(_BlockRole):
             self.ledger.record_query(_query_ranges(query))
             return [query]
         self._state = "await_confirmation"
-        self.ledger.record_error_weight(self._reconciler.errors_corrected)
-        return [
-            ReconciliationDone(
-                errors_corrected=self._reconciler.errors_corrected,
-                parity_bits=self.ledger.reconciliation_bits,
-            )
-        ]
+        self._corrected = self._reconciler.corrected_bits
+        # the intensity class of each key bit left after the sample, for the errors per class
+        key_intensity = remove_positions(self._sifted.key_intensity, self._sample_positions)
+        flipped = np.flatnonzero(self._corrected != self._key)
+        self._key_errors = counts_per_intensity(key_intensity[flipped])
+        done = ReconciliationDone(
+            errors_signal=self._key_errors[0],
+            errors_decoy=self._key_errors[1],
+            errors_vacuum=self._key_errors[2],
+            parity_bits=self.ledger.reconciliation_bits,
+        )
+        self.ledger.record_error_weight(done.errors_corrected)
+        return [done]
 
     def _on_answer(self, messages: list[BlockMessage]) -> list[BlockMessage]:
         self._expect(messages, ParityAnswer)
@@ -552,7 +572,7 @@ class BobBlock(_BlockRole):
         assert isinstance(tag, VerificationTag) and isinstance(length, KeyLength)
         assert isinstance(seed, ToeplitzSeed | AmplificationSeed)
         amplification: AmplificationMessage = seed
-        corrected = self._reconciler.corrected_bits
+        corrected = self._corrected
         check_amplification_seed(
             amplification, self.params.pa_family, input_bits=int(corrected.shape[0])
         )
@@ -571,6 +591,7 @@ class BobBlock(_BlockRole):
             key_counts_per_intensity=self._key_counts,
             statistics=self._statistics,
             leak_ec_bits=self.ledger.leak_ec_bits,
+            key_errors_per_intensity=self._key_errors,
             error_positions_disclosed=self.ledger.error_positions_disclosed,
         )
         if length.final_key_bits != expected or amplification.output_bits != expected:
@@ -590,12 +611,12 @@ class BobBlock(_BlockRole):
                 sample_errors=self._outcome.errors,
                 test_errors=sum(self._statistics.errors),
                 reconciled_bits=int(corrected.shape[0]),
-                errors_corrected=self._reconciler.errors_corrected,
                 reconciliation_bits=self.ledger.reconciliation_bits,
                 verification_bits=self.ledger.verification_bits,
                 round_trips=self._reconciler.round_trips,
                 final_key_bits=expected,
                 key_counts=self._key_counts,
+                key_errors_per_intensity=self._key_errors,
                 test_counts=self._statistics.counts,
                 test_errors_per_intensity=self._statistics.errors,
             ),

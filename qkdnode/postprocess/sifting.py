@@ -201,11 +201,11 @@ class SiftedBlock:
 
     def key_counts_per_intensity(self) -> tuple[int, int, int]:
         """Matched key-basis detections per intensity class (signal, decoy, vacuum)."""
-        return _counts(self.key_intensity)
+        return counts_per_intensity(self.key_intensity)
 
     def test_counts_per_intensity(self) -> tuple[int, int, int]:
         """Matched test-basis detections per intensity class (signal, decoy, vacuum)."""
-        return _counts(self.test_intensity)
+        return counts_per_intensity(self.test_intensity)
 
     def __repr__(self) -> str:
         return (
@@ -215,7 +215,8 @@ class SiftedBlock:
         )
 
 
-def _counts(labels: Bits) -> tuple[int, int, int]:
+def counts_per_intensity(labels: Bits) -> tuple[int, int, int]:
+    """How many of ``labels`` (intensity classes) are signal, decoy and vacuum."""
     counts = np.bincount(labels, minlength=INTENSITY_CLASSES)
     return int(counts[0]), int(counts[1]), int(counts[2])
 

@@ -35,12 +35,12 @@ def _statistics(key_bits: int) -> BlockStatistics:
         sample_errors=0,
         test_errors=0,
         reconciled_bits=key_bits,
-        errors_corrected=0,
         reconciliation_bits=0,
         verification_bits=0,
         round_trips=1,
         final_key_bits=key_bits,
         key_counts=(0, 0, 0),
+        key_errors_per_intensity=(0, 0, 0),
         test_counts=(0, 0, 0),
         test_errors_per_intensity=(0, 0, 0),
     )

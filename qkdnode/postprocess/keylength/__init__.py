@@ -6,8 +6,7 @@
 - ``lim2014`` (Hoeffding deviations), ``lim2014_chernoff`` (per-class Chernoff deviations) and
   ``lim2014_kl`` (per-class relative-entropy Hoeffding deviations);
 - ``one_decoy``: one-decoy BB84 (two intensities), Rusca et al. 2018 Appendix A (A16)-(A25),
-  theory and optimiser; not selectable in the node (it needs two intensities and the key-basis
-  errors per intensity);
+  theory and optimiser, with the statistics of any of the three above;
 - ``selection``: from a ``FiniteKeyAnalysis`` to its bound;
 - ``theory``: channel model and expected counts, theory curves, PLOB bound;
 - ``optimiser``: decoy-setting optimisation for a selected analysis.

@@ -34,13 +34,14 @@ ours, written to be followed line by line:
 
 1. The transcript T is a function of Alice's parities P_A, W and public randomness: Bob's parity
    of a range is Alice's xor the parity of W on it, so his choice of which half to search next,
-   and hence each query, is a function of (P_A, W); ``errors_corrected`` is the weight of W.
+   and hence each query, is a function of (P_A, W); Bob's closing report, the errors corrected
+   per intensity class, is the weight of W on each class (W and the public class labels).
 2. Chain rule for the smooth min-entropy (a classical register C of |C| bits lowers it by at most
    |C|): H(X_A | E T V) >= H(X_A | E W) - |P_A| - |V|, V the verification tag.
 3. lambda_EC = |P_A| + |V|: every ``ParityAnswer`` bit and the tag bits
    (``LeakageLedger.leak_ec_bits``), subtracted in Eq. (1) as in [LCWXZ14].
-4. The entropy term bounds H(X_A | E W) (their register F). Bob's queries and
-   ``errors_corrected`` add no bits to lambda_EC (counting them there as well would count W
+4. The entropy term bounds H(X_A | E W) (their register F). Bob's queries and his error
+   report add no bits to lambda_EC (counting them there as well would count W
    twice); they change the bound itself:
    - vacuum rounds: Bob's bit may be Eve's (she may have caused the click), so W gives her
      Alice's bit (H(X | E W) = 0 in the same tests); the s_X0 term of Eq. (1) is dropped

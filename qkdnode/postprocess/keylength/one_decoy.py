@@ -58,10 +58,13 @@ tests/test_keylength_analyses.py).
 Wiesemann et al. (arXiv:2405.16578, abstract) single out the 1-decoy protocol as one "where
 statistics are computed after error correction": (A16) uses the key-basis errors per class,
 known only after error correction, to size the key. Their treatment of that step is not applied
-here (see ``decoy``). This module sizes no key in the node (the simulated link and the pipeline
-send three intensities, and the pipeline does not disclose the key-basis errors per intensity
-that (A16) needs); it serves the theory curves, ``scripts/bench_keyrate.py`` and the
-reproduction test of [RBGMZ18]'s stated result (tests/test_keylength_analyses.py).
+here (see ``decoy``). In the node (``security_model = "one_decoy"``, a link with p_vacuum = 0)
+Bob reports the errors Cascade corrected per intensity class when it ends
+(``ReconciliationDone``): a function of the error positions W, which two-way Cascade discloses
+anyway, and the public class labels, so the report discloses nothing more (``leakage``).
+Alice sizes the key from it and Bob re-derives the length from his own count. The module also
+serves the theory curves, ``scripts/bench_keyrate.py`` and the reproduction test of
+[RBGMZ18]'s stated result (tests/test_keylength_analyses.py).
 """
 
 from __future__ import annotations
