@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdnode.config.link import SimulatedLinkConfig
-from qkdnode.ops.keyrate import simulate_keyrate_versus_distance
+from qkdnode.ops.keyrate import one_decoy_theory_bits_per_pulse, simulate_keyrate_versus_distance
 from qkdnode.ops.report import plot_keyrate_versus_distance
 from qkdnode.postprocess.finitekey import (
     DecoyObservation,
@@ -392,11 +392,17 @@ def test_keyrate_picture_uses_the_selected_analysis_and_draws_lim_beside_it(
     assert point["key_bits"] > 0
     # the point's theory and the curve's come from the same analysis and settings
     assert point["theory_bits_per_pulse"] == pytest.approx(line["theory"], rel=1e-12)
-    # Lim 2014 with its own optimised settings, beside it and below it
+    # Lim 2014 with its own optimised settings, beside it and below it; one decoy with the
+    # same statistics beside it
     for c in curve:
         assert 0 < c["theory_lim2014"] < c["theory"]
+        assert c["theory_one_decoy"] == one_decoy_theory_bits_per_pulse(
+            SimulatedLinkConfig(), c["distance_km"], pulses, analysis
+        )
+        assert 0 < c["theory_one_decoy"] < c["theory"]
     labels = plot_keyrate_versus_distance(points, curve, pulses, tmp_path / "a.png", analysis)
     assert f"{analysis.value} theory, N = {pulses:.2e}" in labels
+    assert f"{analysis.value} one decoy, same N" in labels
     assert "lim2014 theory, same N" in labels
     lim_only = plot_keyrate_versus_distance(
         points, curve, pulses, tmp_path / "b.png", FiniteKeyAnalysis.LIM2014

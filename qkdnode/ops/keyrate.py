@@ -1,5 +1,6 @@
 """The simulated link versus distance: counts from the simulated link fed into the selected
-finite-key analysis, the analytic curves of that analysis and of Lim et al. 2014, PLOB.
+finite-key analysis, the analytic curves of that analysis (two decoys and one decoy) and of Lim
+et al. 2014, PLOB.
 
 Used by ``qkdnode report`` and ``scripts/plot_keyrate.py``.
 """
@@ -28,6 +29,7 @@ from qkdnode.postprocess.finitekey import (
     optimise_decoy_settings,
     plob_bound_bits_per_pulse,
 )
+from qkdnode.postprocess.keylength.one_decoy import optimise_one_decoy_settings
 
 RECONCILIATION_EFFICIENCY: Final = 1.16
 SECURITY: Final = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
@@ -186,6 +188,31 @@ def theory_bits_per_pulse(
     )
 
 
+def one_decoy_theory_bits_per_pulse(
+    base: SimulatedLinkConfig,
+    km: float,
+    pulses: int,
+    analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
+) -> float:
+    """Expected finite-key rate of one-decoy BB84 (Rusca et al. 2018) on the same channel with
+    the statistics of ``analysis``, its settings optimised for ``km`` and ``pulses``."""
+    eta = channel_transmittance(
+        fiber_km=km,
+        attenuation_db_per_km=base.attenuation_db_per_km,
+        detector_efficiency=base.detector_efficiency,
+        insertion_loss_db=base.insertion_loss_db,
+    )
+    return optimise_one_decoy_settings(
+        transmittance=eta,
+        dark_count_probability=base.dark_count_probability_per_gate,
+        misalignment_error=base.misalignment_error,
+        reconciliation_efficiency=RECONCILIATION_EFFICIENCY,
+        security=SECURITY,
+        pulses=pulses,
+        statistics=analysis,
+    ).bits_per_pulse
+
+
 def simulate_keyrate_versus_distance(
     base: SimulatedLinkConfig,
     *,
@@ -197,10 +224,11 @@ def simulate_keyrate_versus_distance(
 ) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
     """(points, curve): at each of ``distances_km`` the simulated link runs ``pulses`` with the
     decoy settings optimised for ``analysis`` and its counts go into that bound; along
-    ``curve_km`` the analytic rate of ``analysis`` ("theory"), of Lim et al. 2014 with its own
-    optimised settings ("theory_lim2014") and the PLOB bound -log2(1 - eta_fibre) (Pirandola et
-    al., Nat. Commun. 8, 15043 (2017)), eta_fibre = 10^(-alpha L / 10). Deterministic given
-    ``seed``.
+    ``curve_km`` the analytic rate of ``analysis`` ("theory"), of one-decoy BB84 with the same
+    statistics ("theory_one_decoy", ``one_decoy_theory_bits_per_pulse``), of Lim et al. 2014
+    with its own optimised settings ("theory_lim2014") and the PLOB bound -log2(1 - eta_fibre)
+    (Pirandola et al., Nat. Commun. 8, 15043 (2017)), eta_fibre = 10^(-alpha L / 10).
+    Deterministic given ``seed``.
     """
     points: list[dict[str, Any]] = []
     settings: DecoySettings | None = None
@@ -225,6 +253,9 @@ def simulate_keyrate_versus_distance(
                 "distance_km": float(km),
                 "theory": theory_bits_per_pulse(
                     link_config_for(base, float(km), settings), float(km), pulses, analysis
+                ),
+                "theory_one_decoy": one_decoy_theory_bits_per_pulse(
+                    base, float(km), pulses, analysis
                 ),
                 "theory_lim2014": theory_bits_per_pulse(
                     link_config_for(base, float(km), lim_settings), float(km), pulses, lim

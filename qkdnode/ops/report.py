@@ -225,8 +225,8 @@ def plot_keyrate_versus_distance(
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> list[str]:
     """Write the key rate versus distance to ``out``: the PLOB bound, the theory line of
-    ``analysis``, the Lim et al. 2014 theory line beside it (unless ``analysis`` is Lim's) and
-    the simulated points. Returns the legend labels drawn."""
+    ``analysis`` with two decoys and with one, the Lim et al. 2014 theory line beside them
+    (unless ``analysis`` is Lim's) and the simulated points. Returns the legend labels drawn."""
     name = FiniteKeyAnalysis(analysis).value
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
@@ -235,6 +235,11 @@ def plot_keyrate_versus_distance(
     theory = [(c["distance_km"], c["theory"]) for c in curve if c["theory"] > 0]
     if theory:
         ax.semilogy(*zip(*theory, strict=True), "C0-", label=f"{name} theory, N = {pulses:.2e}")
+    one_decoy = [
+        (c["distance_km"], c["theory_one_decoy"]) for c in curve if c.get("theory_one_decoy", 0) > 0
+    ]
+    if one_decoy:
+        ax.semilogy(*zip(*one_decoy, strict=True), "C1-.", label=f"{name} one decoy, same N")
     lim_theory = [
         (c["distance_km"], c["theory_lim2014"]) for c in curve if c.get("theory_lim2014", 0) > 0
     ]
