@@ -36,6 +36,16 @@ SECURITY: Final = SecurityParameters(eps_sec=1e-10, eps_cor=1e-15)
 SIMULATION_BLOCK_PULSES: Final = 1 << 22
 
 
+def _transmittance(base: SimulatedLinkConfig, km: float) -> float:
+    """eta of ``base``'s fibre, receiver and detector at ``km``."""
+    return channel_transmittance(
+        fiber_km=km,
+        attenuation_db_per_km=base.attenuation_db_per_km,
+        detector_efficiency=base.detector_efficiency,
+        insertion_loss_db=base.insertion_loss_db,
+    )
+
+
 def optimised_settings(
     base: SimulatedLinkConfig,
     km: float,
@@ -44,12 +54,7 @@ def optimised_settings(
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> DecoySettings:
     """Decoy settings maximising the expected rate of ``analysis`` at ``km`` for ``pulses``."""
-    eta = channel_transmittance(
-        fiber_km=km,
-        attenuation_db_per_km=base.attenuation_db_per_km,
-        detector_efficiency=base.detector_efficiency,
-        insertion_loss_db=base.insertion_loss_db,
-    )
+    eta = _transmittance(base, km)
     return optimise_decoy_settings(
         transmittance=eta,
         dark_count_probability=base.dark_count_probability_per_gate,
@@ -195,13 +200,9 @@ def one_decoy_theory_bits_per_pulse(
     analysis: FiniteKeyAnalysis = DEFAULT_FINITE_KEY_ANALYSIS,
 ) -> float:
     """Expected finite-key rate of one-decoy BB84 (Rusca et al. 2018) on the same channel with
-    the statistics of ``analysis``, its settings optimised for ``km`` and ``pulses``."""
-    eta = channel_transmittance(
-        fiber_km=km,
-        attenuation_db_per_km=base.attenuation_db_per_km,
-        detector_efficiency=base.detector_efficiency,
-        insertion_loss_db=base.insertion_loss_db,
-    )
+    the statistics of ``analysis``, its settings optimised for ``km`` and ``pulses`` (its
+    channel model has no after-pulses: ``one_decoy.expected_one_decoy_counts``)."""
+    eta = _transmittance(base, km)
     return optimise_one_decoy_settings(
         transmittance=eta,
         dark_count_probability=base.dark_count_probability_per_gate,
