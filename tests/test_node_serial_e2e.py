@@ -19,8 +19,10 @@ pytestmark = pytest.mark.slow  # starts daemon processes
 EMULATOR_PARAMS = ("fiber_km=0", "detector_efficiency=0.5", "p_key_basis=0.8")
 
 
-def _start_emulator(workdir: Path, role: str, fibre_port: int) -> subprocess.Popen[bytes]:
-    params = [item for p in EMULATOR_PARAMS for item in ("--param", p)]
+def _start_emulator(
+    workdir: Path, role: str, fibre_port: int, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    params = [item for p in (*EMULATOR_PARAMS, *extra) for item in ("--param", p)]
     process = subprocess.Popen(
         [
             sys.executable,
@@ -97,3 +99,34 @@ def test_two_daemons_with_serial_devices_distil_identical_keys(tmp_path: Path) -
     assert codes == [0, 0]
     match, compared = compare_stores(layout, exact=True)
     assert match and compared > 0
+
+
+def test_a_device_of_two_intensities_is_refused_under_the_two_decoy_model(
+    tmp_path: Path,
+) -> None:
+    # the device's parameters are known once its link opens: the daemon checks them then
+    workdir = tmp_path / "serial"
+    workdir.mkdir(mode=0o700)
+    layout = prepare_workdir(workdir, distance_km=25.0, block_pulses=2_097_152)
+    two_intensities = ("p_signal=0.5", "p_decoy=0.5", "p_vacuum=0")
+    emulator = _start_emulator(workdir, "alice", free_port(), two_intensities)
+    try:
+        config = layout.config("alice")
+        _use_serial_backend(config, workdir / "alice.tty")
+        text = config.read_text()
+        config.write_text(
+            text.replace('security_model = "single_photon"', 'security_model = "decoy"')
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "qkdnode", "run", "--config", str(config)],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        emulator.terminate()
+        emulator.communicate(timeout=10)
+    assert result.returncode == 2, result.stderr
+    assert "configuration error: link.p_vacuum (as the serial link reports it)" in result.stderr
+    assert 'needs security_model = "one_decoy"' in result.stderr
